@@ -1,0 +1,26 @@
+"""mpnn: multi-process neural-network training on plain CPUs, with a PyTorch-shaped API.
+
+    import mpnn
+    x = mpnn.tensor([[1.0, 2.0]], requires_grad=True)
+    model = mpnn.nn.Sequential(mpnn.nn.Linear(2, 8), mpnn.nn.ReLU(), mpnn.nn.Linear(8, 1))
+"""
+from mpnn.core import (GradcheckError, OpError, Tensor, bool_, enable_grad, float16, float32, float64,
+                       gradcheck, int32, int64, is_grad_enabled, no_grad, tensor)
+from mpnn.core.activation import dropout, log_softmax, softmax
+from mpnn.core.factory import (arange, empty, eye, from_numpy, full, linspace, ones, ones_like, rand, randint,
+                               randn, randperm, zeros, zeros_like)
+from mpnn.core.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clip, concat, exp, flatten, log,
+                           matmul, max, maximum, mean, min, minimum, permute, relu, reshape, sigmoid, split,
+                           sqrt, squeeze, stack, sum, tanh, transpose, unsqueeze, where)
+from mpnn.core.random import manual_seed
+# TEMP (lead): enabled once the helpers' modules land
+# from mpnn.core.serialize import load, save
+# from mpnn import nn, optim, data  # noqa: E402
+
+clamp = clip
+long = int64
+float = float32
+double = float64
+half = float16
+
+__version__ = "0.1.0"
