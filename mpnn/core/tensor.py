@@ -239,7 +239,13 @@ class Tensor:
             if g.shape != self.data.shape:
                 raise RuntimeError(f"backward: gradient has shape {g.shape} but the output has shape "
                                    f"{self.data.shape}")
+        for pre, _ in _backward_hooks:
+            if pre is not None:
+                pre(self)
         run_backward(self, g, retain_graph)
+        for _, post in _backward_hooks:
+            if post is not None:
+                post(self)
 
     # Operators and methods are attached by mpnn.core.ops (kept beside their backward there).
 
@@ -275,7 +281,34 @@ def _toposort(root):
     return order
 
 
+_backward_hooks = []  # (pre, post) pairs around every Tensor.backward: telemetry times it
+_end_callbacks = []  # run once when the backward in progress ends: DataParallel's final bucket wait
+
+
+def register_backward_hooks(pre=None, post=None):
+    """Call ``pre(root)`` before and ``post(root)`` after every ``Tensor.backward``; returns a handle."""
+    entry = (pre, post)
+    _backward_hooks.append(entry)
+    return _HookHandle(_backward_hooks, entry)
+
+
+def queue_callback(fn):
+    """Run ``fn()`` once when the backward now in progress has visited every node (torch's
+    Variable._execution_engine.queue_callback): a grad hook uses it to act after the last gradient."""
+    _end_callbacks.append(fn)
+
+
 def run_backward(root, grad, retain_graph=False):
+    try:
+        _run_backward(root, grad, retain_graph)
+    finally:
+        callbacks = _end_callbacks[:]
+        _end_callbacks.clear()
+    for fn in callbacks:
+        fn()
+
+
+def _run_backward(root, grad, retain_graph):
     order = _toposort(root)
     grads = {id(root): grad}
     for t in reversed(order):
