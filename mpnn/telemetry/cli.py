@@ -1,0 +1,73 @@
+"""`mpnn telemetry show|trace|plot RUN_DIR`: read a run's worker-<rank>.jsonl files and answer in a table, a
+Perfetto trace or a PNG; any problem ends in one line naming the path and a non-zero exit."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mpnn.telemetry.reader import TelemetryError, load_run
+
+
+def _load(run_dir: Path):
+    try:
+        return load_run(run_dir)
+    except TelemetryError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.group("telemetry")
+def telemetry():
+    """Read a run's telemetry: per-rank table, Perfetto trace, plots."""
+
+
+@telemetry.command("show")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+def show(run_dir: Path, as_json: bool):
+    """Per-rank table: steps, median/p95 step time, compute/comm share, bytes, peak RSS, events; the straggler."""
+    from mpnn.telemetry.summary import format_text, print_rich, summarize
+
+    summary = summarize(_load(run_dir))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif sys.stdout.isatty():
+        print_rich(summary)
+    else:
+        click.echo(format_text(summary))
+
+
+@telemetry.command("trace")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Trace file to write [default: RUN_DIR/trace.json].")
+def trace(run_dir: Path, output: Path | None):
+    """Write a Chrome trace (open it in https://ui.perfetto.dev): one process per rank, one thread per lane."""
+    from mpnn.telemetry.trace import write_trace
+
+    run = _load(run_dir)
+    try:
+        path = write_trace(run, output or run_dir / "trace.json")
+    except OSError as error:
+        raise click.ClickException(f"{error.filename}: {error.strerror}") from None
+    click.echo(f"wrote {path}")
+
+
+@telemetry.command("plot")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write [default: RUN_DIR/run.png].")
+def plot(run_dir: Path, output: Path | None):
+    """Plot loss and step time per rank to a PNG (needs matplotlib)."""
+    from mpnn.telemetry.plot import plot_run
+
+    run = _load(run_dir)
+    try:
+        path = plot_run(run, output or run_dir / "run.png")
+    except TelemetryError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"{error.filename}: {error.strerror}") from None
+    click.echo(f"wrote {path}")

@@ -1,0 +1,78 @@
+"""Ties the recorder to a training loop the user writes as in PyTorch, with no extra calls in it.
+
+A step is what lies between two optimizer steps: "forward" is the time from the end of the previous step
+(or of the data fetch) to the start of loss.backward(), "backward" is backward itself (DataParallel's final
+wait on the ring shows as "comm_wait"), "step" is optimizer.step(); the step record closes after it, with
+the loss backward was called on.
+"""
+from __future__ import annotations
+
+from time import perf_counter
+
+
+
+class _StepTimer:
+    def __init__(self, recorder, comm=None):
+        self.rec = recorder
+        self.comm = comm if comm is not None and comm.world_size > 1 else None
+        self.sent = self.recv = 0
+        self.mark = perf_counter()  # where the current compute phase began
+        self.t_opt = 0.0
+
+    def data_done(self, t0, t1):
+        self.rec.add_span("data", "next batch", t0, t1)
+        self.mark = t1
+
+    def backward_pre(self, root):
+        now = perf_counter()
+        self.rec.add_span("compute", "forward", self.mark, now)
+        if root.data.size == 1:
+            self.rec.set_loss(root.data)
+        self.mark = now
+
+    def backward_post(self, root):
+        now = perf_counter()
+        self.rec.add_span("compute", "backward", self.mark, now)
+        self.mark = now
+
+    def opt_pre(self, optimizer, args, kwargs):
+        self.t_opt = perf_counter()
+
+    def opt_post(self, optimizer, args, kwargs):
+        now = perf_counter()
+        self.rec.add_span("optimizer", "step", self.t_opt, now)
+        if self.comm is not None:
+            sent, recv = self.comm.bytes_sent, self.comm.bytes_recv
+            self.rec.add_bytes(sent - self.sent, recv - self.recv)
+            self.sent, self.recv = sent, recv
+        self.rec.step_end()
+        self.mark = perf_counter()
+
+
+_installed = None
+
+
+def instrument(recorder, comm=None):
+    """Record every backward and optimizer step of this process into ``recorder`` (once per process),
+    with the bytes ``comm`` moved in each step."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    from mpnn.core.tensor import register_backward_hooks
+    from mpnn.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    timer = _StepTimer(recorder, comm)
+    register_backward_hooks(timer.backward_pre, timer.backward_post)
+    register_optimizer_step_pre_hook(timer.opt_pre)
+    register_optimizer_step_post_hook(timer.opt_post)
+    _installed = timer
+    return timer
+
+
+def is_recording() -> bool:
+    return _installed is not None
+
+
+def data_span(t0, t1):
+    """Called by the DataLoader after fetching a batch, when a run is being recorded."""
+    if _installed is not None:
+        _installed.data_done(t0, t1)
