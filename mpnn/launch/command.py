@@ -1,0 +1,47 @@
+"""The `mpnn launch` click command: parse the flags into a LaunchConfig, run it, exit with its code."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mpnn.launch.errors import LaunchError
+from mpnn.launch.launcher import DEFAULT_TIMEOUT_S, LaunchConfig, launch
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.option("-n", "--nproc-per-node", "nproc", type=click.IntRange(min=1), default=None,
+              help="Workers on this node [default: usable cores].")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+              show_default=True, help="Parent of the run directory <log-dir>/<run-id>/.")
+@click.option("--run-id", help="Name of the run directory [default: start time + random].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT_S,
+              show_default=True, help="Collective timeout in seconds, passed to workers (not a wall limit).")
+@click.option("--plugin", "plugins", multiple=True, metavar="SPEC",
+              help="Plugin spec name[:key=value,...] or package.module:Class; repeatable.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Number of nodes.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank.")
+@click.option("--master-addr", help="Host of node 0 (its rank 0 serves the rendezvous).")
+@click.option("--master-port", type=click.IntRange(1, 65535),
+              help="Rendezvous port on the master [default: 29500 with --nnodes > 1, else a free port].")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Shared 0600 secret file (multi-node; else MPNN_SECRET_FILE) [default on one node: a fresh one].")
+@click.option("-m", "--module", is_flag=True, help="SCRIPT is a module name, run as `python -m SCRIPT`.")
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def launch_command(ctx, nproc, log_dir, run_id, timeout, plugins, nnodes, node_rank, master_addr, master_port,
+                   secret_file, module, script, script_args):
+    """Start one pinned worker process per core running SCRIPT [SCRIPT_ARGS]..., watch them, stop all on failure."""
+    if not module and not Path(script).is_file():
+        raise click.BadParameter(f"no such file: {script}", param_hint="SCRIPT")
+    config = LaunchConfig(
+        command=(["-m", script] if module else [script]) + list(script_args), nproc_per_node=nproc,
+        log_dir=log_dir, run_id=run_id, timeout=timeout, plugins=plugins, nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr, master_port=master_port, secret_file=secret_file, command_line=sys.orig_argv)
+    try:
+        result = launch(config)
+    except LaunchError as e:
+        raise click.ClickException(str(e)) from None
+    ctx.exit(result.exit_code)

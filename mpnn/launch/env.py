@@ -1,0 +1,80 @@
+"""The environment each worker starts with: its place in the world, where the run lives, the rendezvous
+address and secret, and one thread per math library (DESIGN: set before NumPy is imported, as torchrun does)."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class World:
+    """nnodes launchers each start nproc_per_node workers; this launcher is node node_rank."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def global_rank(self, local_rank: int) -> int:
+        return self.node_rank * self.nproc_per_node + local_rank
+
+    def local_global_ranks(self) -> list[int]:
+        """The global ranks this node runs, in local-rank order."""
+        return [self.global_rank(local) for local in range(self.nproc_per_node)]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every worker of one run shares: its id and directory, rendezvous, secret, timeout and plugin specs."""
+
+    run_id: str
+    run_dir: Path
+    rendezvous: str
+    secret_file: Path
+    timeout: float
+    plugins: Sequence[str] = ()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_address(master_addr: str | None, master_port: int | None) -> str:
+    """tcp://<addr>:<port> of rank 0's rendezvous; one node defaults to loopback and a free port."""
+    addr = master_addr or "127.0.0.1"
+    port = master_port or free_port()
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"tcp://{host}:{port}"
+
+
+def worker_env(base: Mapping[str, str], world: World, local_rank: int, run: RunContext) -> dict[str, str]:
+    """The full environment of one worker: `base` plus the MPNN_* contract; thread counts only where unset."""
+    env = dict(base)
+    for var in THREAD_VARS:
+        env.setdefault(var, "1")
+    env.update(
+        PYTHONUNBUFFERED="1",
+        MPNN_RANK=str(world.global_rank(local_rank)),
+        MPNN_WORLD_SIZE=str(world.world_size),
+        MPNN_LOCAL_RANK=str(local_rank),
+        MPNN_LOCAL_WORLD_SIZE=str(world.nproc_per_node),
+        MPNN_NNODES=str(world.nnodes),
+        MPNN_NODE_RANK=str(world.node_rank),
+        MPNN_RUN_ID=run.run_id,
+        MPNN_RUN_DIR=str(run.run_dir),
+        MPNN_RENDEZVOUS=run.rendezvous,
+        MPNN_SECRET_FILE=str(run.secret_file),
+        MPNN_TIMEOUT=f"{run.timeout:g}",
+        MPNN_PLUGINS=";".join(run.plugins),
+    )
+    return env

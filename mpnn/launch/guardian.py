@@ -1,0 +1,73 @@
+"""A watchman for the case the launcher cannot handle itself: killed with SIGKILL (or crashed), it leaves its
+workers running in their own process groups. The guardian, a tiny process started first in its own session,
+learns each worker's process group; when its stdin reaches EOF without "done" (the kernel closed the dead
+launcher's end), it stops those groups: SIGTERM, then SIGKILL after a grace period.
+
+The launcher runs this file by path with `python -I` (no mpnn import, no user site, no script dir on sys.path).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_S = 2.0
+
+
+class Guardian:
+    """The launcher's handle on its guardian: watch(pgid) for each worker, close() once they are all stopped."""
+
+    def __init__(self, env: dict[str, str]):
+        self._proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                      env=env, start_new_session=True, text=True)
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"{pgid}\n")
+
+    def close(self) -> None:
+        """Tell the guardian the launcher stopped everything itself, and wait for it to exit."""
+        self._send("done\n")
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        self._proc.wait(timeout=5)
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
+        except OSError:  # the guardian is gone: the launcher still stops its workers itself
+            pass
+
+    def __enter__(self) -> "Guardian":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _signal_groups(groups: list[int], sig: int) -> None:
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def main() -> None:
+    """Read process group ids until "done" (exit quietly) or EOF (the launcher died: stop every group)."""
+    groups = []
+    for line in sys.stdin:
+        if line.strip() == "done":
+            return
+        groups.append(int(line))
+    _signal_groups(groups, signal.SIGTERM)
+    time.sleep(GRACE_S)
+    _signal_groups(groups, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""launch(config): the one code path behind `mpnn launch` and mpnn.launch.run. It checks the flags, warms the
+kernel cache, makes the run dir and per-run secret, starts one pinned worker per local rank, supervises them,
+prints the failure report, and closes run.json with the status and exit codes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mpnn.launch.env import RunContext, World, rendezvous_address, worker_env
+from mpnn.launch.errors import LaunchError
+from mpnn.launch.guardian import Guardian
+from mpnn.launch.liveview import make_view
+from mpnn.launch.output import tail_lines
+from mpnn.launch.payload import write_private
+from mpnn.launch.pinning import pin_plan, usable_cores
+from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
+from mpnn.launch.rundir import (RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name,
+                                utc_now)
+from mpnn.launch.secret import check_secret_file, fresh_secret_file
+from mpnn.launch.signals import StopSignals
+from mpnn.launch.supervise import describe_returncode, exit_status, spawn_worker, stop_all, watch
+from mpnn.launch.warmup import warm_numba_cache
+
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node of a multi-node run computes the same
+KILL_GRACE_S = 2.0
+READER_JOIN_S = 2.0
+
+
+@dataclass
+class LaunchConfig:
+    """Everything one launcher needs; the fields mirror `mpnn launch`'s flags."""
+
+    command: Sequence[str]                    # what follows sys.executable: [script, *args] or ["-m", module, ...]
+    nproc_per_node: int | None = None         # None: one worker per usable core
+    log_dir: Path = Path("runs")
+    run_id: str | None = None
+    timeout: float = DEFAULT_TIMEOUT_S        # collective timeout handed to workers (MPNN_TIMEOUT), not a wall limit
+    plugins: Sequence[str] = ()
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    secret_file: Path | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    run_files: Mapping[str, bytes] = field(default_factory=dict)  # written (0600) into the run dir before spawning
+    command_line: Sequence[str] = field(default_factory=lambda: list(sys.argv))
+    kill_grace_s: float = KILL_GRACE_S
+    live: bool | None = None                  # None: the rich status line when stdout is a TTY
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """How a launch ended: status ok / failed / interrupted, the exit code for the shell, and the failure if any."""
+
+    run_id: str
+    run_dir: Path
+    status: str
+    exit_code: int
+    failure: WorkerFailure | None = None
+    signal: int | None = None
+
+
+def _check(config: LaunchConfig) -> tuple[World, str]:
+    if config.nnodes < 1:
+        raise LaunchError(f"--nnodes {config.nnodes}: must be at least 1")
+    if not 0 <= config.node_rank < config.nnodes:
+        raise LaunchError(f"--node-rank {config.node_rank}: must be in [0, {config.nnodes}) "
+                          f"for --nnodes {config.nnodes}")
+    if config.timeout <= 0:
+        raise LaunchError(f"--timeout {config.timeout}: must be positive (seconds)")
+    if not config.command:
+        raise LaunchError("nothing to launch: give a script")
+    nproc = len(usable_cores()) if config.nproc_per_node is None else config.nproc_per_node
+    if nproc < 1:
+        raise LaunchError(f"-n {nproc}: must be at least 1")
+    if config.nnodes > 1:
+        if not config.master_addr:
+            raise LaunchError(f"--nnodes {config.nnodes} needs --master-addr (the host of node 0) on every node")
+        if not config.run_id:
+            raise LaunchError(f"--nnodes {config.nnodes} needs --run-id, the same on every node")
+    run_id = check_run_id(config.run_id) if config.run_id else new_run_id()
+    return World(nproc, config.nnodes, config.node_rank), run_id
+
+
+def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
+    if config.secret_file:
+        return check_secret_file(config.secret_file)
+    if config.nnodes > 1:
+        shared = os.environ.get("MPNN_SECRET_FILE")
+        if not shared:
+            raise LaunchError(f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
+                              "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)")
+        return check_secret_file(Path(shared))
+    return stack.enter_context(fresh_secret_file())
+
+
+def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, cores: int) -> dict:
+    return {
+        "run_id": run_id,
+        "status": "starting",
+        "command_line": list(config.command_line),
+        "script": config.command[0] if config.command[0] != "-m" else " ".join(config.command[:2]),
+        "args": list(config.command[2 if config.command[0] == "-m" else 1:]),
+        "config": {
+            "nproc_per_node": world.nproc_per_node, "nnodes": world.nnodes, "node_rank": world.node_rank,
+            "master_addr": config.master_addr, "master_port": config.master_port, "rendezvous": rendezvous,
+            "timeout": config.timeout, "plugins": list(config.plugins), "log_dir": str(config.log_dir),
+            "pinning": "round-robin over usable cores", "usable_cores": cores,
+        },
+        "world": {"world_size": world.world_size, "nnodes": world.nnodes, "nproc_per_node": world.nproc_per_node},
+        "host": socket.gethostname(),
+        "mpnn_version": mpnn_version(),
+        "python": sys.version.split()[0],
+        "start_time": utc_now(),
+    }
+
+
+def launch(config: LaunchConfig) -> LaunchResult:
+    """Run the workers of one node to the end; never leaves a process behind. Raises LaunchError on bad config."""
+    world, run_id = _check(config)
+    cores = usable_cores()
+    if world.nproc_per_node > len(cores):
+        print(f"mpnn launch: warning: -n {world.nproc_per_node} is more than the {len(cores)} usable cores; "
+              "workers will share cores", file=sys.stderr)
+    warm_numba_cache()
+    with contextlib.ExitStack() as stack:
+        secret_file = _secret(config, stack)
+        record_file = record_name(world.node_rank)
+        run_dir = create_run_dir(config.log_dir, run_id, record_file)
+        for name, data in config.run_files.items():
+            write_private(run_dir / name, data)
+        master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
+        rendezvous = rendezvous_address(config.master_addr, master_port)
+        record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, len(cores)))
+        run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins))
+        try:
+            return _supervise(config, world, run, cores, record, stack)
+        except BaseException:
+            record.update(status="error", end_time=utc_now())
+            raise
+
+
+def _supervise(config: LaunchConfig, world: World, run: RunContext, cores: list[int], record: RunRecord,
+               stack: contextlib.ExitStack) -> LaunchResult:
+    stop = stack.enter_context(StopSignals())
+    base_env = {**os.environ, **config.extra_env}
+    guardian = stack.enter_context(Guardian({**base_env, "MPNN_RUN_ID": run.run_id}))
+    view = make_view(run.run_dir, world.local_global_ranks(), config.live)
+    argv = [sys.executable, *config.command]
+    workers = []
+    failed = None
+    try:
+        for local_rank, core in enumerate(pin_plan(world.nproc_per_node, cores)):
+            if stop.received is not None:
+                break
+            rank = world.global_rank(local_rank)
+            env = worker_env(base_env, world, local_rank, run)
+            workers.append(spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log",
+                                        view.line))
+            guardian.watch(workers[-1].pid)
+        record.update(status="running", workers=[
+            {"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers])
+        if stop.received is None:
+            failed = watch(workers, stop, view.refresh)
+    finally:
+        still_running = sum(w.proc.poll() is None for w in workers)
+        sigkilled = stop_all(workers, config.kill_grace_s, hurry=lambda: stop.count >= (2 if failed is None else 1))
+        deadline = time.monotonic() + READER_JOIN_S
+        for w in workers:
+            w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        view.close()
+    return _finish(workers, failed, stop, still_running, sigkilled, record, run)
+
+
+def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: list[int], record: RunRecord,
+            run: RunContext) -> LaunchResult:
+    failure = None
+    if failed is not None:
+        failure = WorkerFailure(failed.rank, failed.pid, failed.proc.returncode,
+                                describe_returncode(failed.proc.returncode), failed.log_path,
+                                tuple(tail_lines(failed.log_path, TAIL_LINES)))
+        print(failure_block(failure, still_running, len(sigkilled)), file=sys.stderr, flush=True)
+        status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None
+    elif stop.received is not None:
+        sig = stop.received
+        print(f"mpnn launch: got {signal.Signals(sig).name}; stopped {still_running} running worker(s)",
+              file=sys.stderr, flush=True)
+        status, exit_code = "interrupted", 128 + sig
+    else:
+        status, exit_code, sig = "ok", 0, None
+    record.update(
+        status=status, exit_code=exit_code, end_time=utc_now(),
+        failure=None if failure is None else {"rank": failure.rank, "how": failure.how},
+        signal=None if sig is None else signal.Signals(sig).name,
+        workers=[{"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid,
+                  "returncode": w.proc.returncode,
+                  "how": None if w.proc.returncode is None else describe_returncode(w.proc.returncode),
+                  "sigkilled": w.rank in sigkilled} for w in workers])
+    return LaunchResult(run.run_id, run.run_dir, status, exit_code, failure, sig)
