@@ -1,0 +1,116 @@
+"""Same-host all-reduce through shared memory: copy in, reduce your own segment, copy out.
+
+Measured on the 2-core machine (2 ranks, 16 MB float32): the socket ring spends ~7.5-9 ms of CPU per rank
+(two kernel copies per byte plus the user-space add/copy), this path ~4.8 ms (copy in, one reduction pass, copy
+out), and 1 MB ran at ~2.7 GB/s against ~1.4 GB/s. Synchronisation stays on the ring: a "sync" is an empty
+frame passed n-1 hops, carrying the all-reduce's header, so mismatches, timeouts and aborts behave exactly as
+on the socket path.
+
+Each rank owns one file in /dev/shm (0600, created O_EXCL, space reserved with posix_fallocate so a full
+tmpfs fails at startup instead of with SIGBUS later), holding two slots of BLOCK_BYTES. Buffers go through in
+blocks; block k uses slot k % 2. Rank r rewrites a slot only after passing the first sync of the block before,
+which every rank enters only after finishing the block before that, so nobody still reads it. Files are
+unlinked as soon as every rank has mapped them: nothing is left in /dev/shm even after a crash.
+"""
+
+import mmap
+import os
+
+import numpy as np
+
+BLOCK_BYTES = 4 * 1024 * 1024
+SHM_DIR = "/dev/shm"
+
+
+class SharedSlots:
+    """This rank's two shared slots and, once attached, views of every rank's."""
+
+    def __init__(self, tag, rank, block_bytes=BLOCK_BYTES):
+        self.rank, self.block_bytes = rank, block_bytes
+        self.path = os.path.join(SHM_DIR, f"mpnn-{tag}-r{rank}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, 2 * block_bytes)
+            self._maps = {rank: mmap.mmap(fd, 2 * block_bytes)}
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.counter = 0  # blocks done so far: block k uses slot k % 2
+
+    def attach(self, paths):
+        """Map every other rank's file (paths[rank]); they must be private files of this user of the right size."""
+        for rank, path in enumerate(paths):
+            if rank == self.rank:
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                info = os.fstat(fd)
+                if info.st_uid != os.getuid() or info.st_mode & 0o077 or info.st_size != 2 * self.block_bytes:
+                    raise PermissionError(f"shared-memory file {path} of rank {rank} is not a private "
+                                          f"{2 * self.block_bytes}-byte file of this user")
+                self._maps[rank] = mmap.mmap(fd, 2 * self.block_bytes)
+            finally:
+                os.close(fd)
+
+    def unlink(self):
+        """Remove this rank's file name (the mappings stay valid)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def slot(self, rank, parity, dtype, count):
+        """The first `count` items of `rank`'s slot `parity` as a `dtype` array."""
+        return np.frombuffer(self._maps[rank], dtype, count, parity * self.block_bytes)
+
+    def close(self):
+        """Drop the mappings (views into them must be gone) and the file name."""
+        self.unlink()
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes when it does
+        self._maps.clear()
+
+
+def sync(link):
+    """Return once every rank has reached the same point: an empty frame travels n-1 hops around the ring."""
+    empty = np.empty(0, np.uint8)
+    link.send(empty)
+    for k in range(link.world_size - 1):
+        link.recv_into(empty)
+        if k < link.world_size - 2:
+            link.send(empty)
+
+
+def allreduce(link, slots, flat, ufunc, accumulate, divide_by):
+    """All-reduce the flat contiguous `flat` in place block by block through the shared slots.
+    Rank r reduces segment r of each block: its own data first, then the others' in rank order, in the
+    `accumulate` dtype, divided by `divide_by` if given; every rank then copies every segment out."""
+    n, r = link.world_size, link.rank
+    per_block = slots.block_bytes // flat.itemsize
+    for low in range(0, max(flat.size, 1), per_block):
+        high = min(low + per_block, flat.size)
+        count = high - low
+        parity = slots.counter % 2
+        slots.counter += 1
+        views = [slots.slot(rank, parity, flat.dtype, count) for rank in range(n)]
+        views[r][:] = flat[low:high]
+        sync(link)
+        bounds = [(count * i // n, count * (i + 1) // n) for i in range(n)]
+        start, stop = bounds[r]
+        own = views[r][start:stop]
+        total = own if accumulate == flat.dtype else own.astype(accumulate)
+        for rank in range(n):
+            if rank != r:
+                ufunc(total, views[rank][start:stop], out=total)
+        if divide_by:
+            np.divide(total, divide_by, out=total)
+        if total is not own:
+            own[:] = total
+        sync(link)
+        for rank, (start, stop) in enumerate(bounds):
+            flat[low + start:low + stop] = views[rank][start:stop]

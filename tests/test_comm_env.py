@@ -1,0 +1,131 @@
+"""Who-am-I from each launcher's environment, the secret file's checks, and bad input to the collectives."""
+
+import os
+
+import numpy as np
+import pytest
+
+from mpnn.comm import AuthError, CommError, Communicator, get_comm, init_from_env, spec_from_env
+from mpnn.comm.env import _derived_port
+from mpnn.comm.secret import read_secret, temp_secret_path
+
+
+def test_no_launcher_is_a_world_of_one():
+    spec = spec_from_env({})
+    assert (spec.rank, spec.world_size, spec.timeout, spec.launcher) == (0, 1, 300.0, "none")
+
+
+def test_mpnn_launcher():
+    spec = spec_from_env({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "4", "MPNN_LOCAL_RANK": "0",
+                          "MPNN_LOCAL_WORLD_SIZE": "2", "MPNN_NNODES": "2", "MPNN_NODE_RANK": "1",
+                          "MPNN_RUN_ID": "r1", "MPNN_RUN_DIR": "/runs/r1", "MPNN_RENDEZVOUS": "tcp://10.0.0.1:5000",
+                          "MPNN_SECRET_FILE": "/s", "MPNN_TIMEOUT": "12.5"})
+    assert (spec.rank, spec.world_size, spec.local_rank, spec.local_world_size) == (2, 4, 0, 2)
+    assert (spec.nnodes, spec.node_rank, spec.multi_host, spec.run_id) == (2, 1, True, "r1")
+    assert spec.rendezvous_host_port() == ("10.0.0.1", 5000) and spec.timeout == 12.5 and spec.secret_file == "/s"
+
+
+def test_torchrun_rendezvous_is_next_to_master_port_never_on_it():
+    spec = spec_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc"})
+    assert spec.rendezvous == "tcp://127.0.0.1:29501" and spec.launcher == "torchrun"
+    assert (spec.rank, spec.world_size, spec.nnodes) == (1, 2, 1) and "abc" in spec.run_id
+
+
+def test_openmpi_on_one_host_derives_a_loopback_port_from_the_job():
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_MCA_ess_base_jobid": "12345"}
+    spec = spec_from_env(env)
+    assert spec.rendezvous == f"tcp://127.0.0.1:{_derived_port(spec.run_id)}" and spec.nnodes == 1
+    assert 20000 <= _derived_port(spec.run_id) < 40000 and spec.rank == 3
+
+
+def test_openmpi_across_hosts_needs_an_address():
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(ValueError, match="MPNN_RENDEZVOUS"):
+        spec_from_env(env)
+    spec = spec_from_env({**env, "MASTER_ADDR": "node1", "MASTER_PORT": "7000"})
+    assert spec.nnodes == 2 and spec.rendezvous == "tcp://node1:7000"
+
+
+def test_slurm_step_and_batch_script():
+    env = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "11", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+           "SLURM_STEP_NUM_NODES": "3", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3", "SLURM_JOB_ID": "77",
+           "SLURM_STEP_ID": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "6000"}
+    spec = spec_from_env(env)
+    assert (spec.rank, spec.world_size, spec.local_world_size, spec.node_rank, spec.nnodes) == (9, 11, 3, 2, 3)
+    assert spec.run_id == "slurm-77.0" and spec.rendezvous == "tcp://n0:6000"
+    # inside an sbatch script (no srun step) there is one process, whatever the allocation holds
+    assert spec_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1", "MPNN_TIMEOUT": "-1"},
+     "MPNN_TIMEOUT"),
+    ({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1"}, "rank 2 is outside"),
+    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "h:1"}, "tcp://HOST:PORT"),
+    ({"MPNN_RANK": "x", "MPNN_WORLD_SIZE": "2"}, "MPNN_RANK must be an integer"),
+])
+def test_bad_environment_is_one_clear_error(env, message):
+    with pytest.raises(ValueError, match=message):
+        spec_from_env(env)
+
+
+def test_many_hosts_without_a_secret_are_refused_in_one_line(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("MPNN_", "OMPI_", "SLURM_")) or name in ("RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(name)
+    for name, value in {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                        "MPNN_RENDEZVOUS": "tcp://127.0.0.1:1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(AuthError) as caught:
+        init_from_env()
+    message = str(caught.value)
+    assert "\n" not in message and "MPNN_SECRET_FILE" in message and "mpirun -x" in message
+
+
+def _write(path, text, mode):
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_secret_file_must_be_private_long_and_hex(tmp_path):
+    good = os.urandom(32).hex()
+    assert read_secret(_write(tmp_path / "ok", good + "\n", 0o600)) == bytes.fromhex(good)
+    with pytest.raises(AuthError, match="chmod 600"):
+        read_secret(_write(tmp_path / "open", good, 0o644))
+    with pytest.raises(AuthError, match="at least 32"):
+        read_secret(_write(tmp_path / "short", good[:40], 0o600))
+    with pytest.raises(AuthError, match="hex"):
+        read_secret(_write(tmp_path / "text", "correct horse battery staple" * 3, 0o600))
+    with pytest.raises(AuthError, match="cannot read"):
+        read_secret(str(tmp_path / "missing"))
+    assert os.path.dirname(temp_secret_path("a/b c")) and "a_b_c" in temp_secret_path("a/b c")
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda c: c.allreduce([1.0, 2.0]), TypeError, "allreduce: expected a NumPy array, got list"),
+    (lambda c: c.allreduce(np.ones(3, np.complex64)), TypeError, "allreduce: dtype complex64 is not supported"),
+    (lambda c: c.allreduce(np.ones(3), op="min"), ValueError, "allreduce: op must be"),
+    (lambda c: c.allreduce(np.ones(3, np.int32), op="mean"), TypeError, "needs a floating dtype, got int32"),
+    (lambda c: c.allreduce(np.broadcast_to(np.ones(1), (3,))), ValueError, "read-only"),
+    (lambda c: c.broadcast(np.ones(3), root=1), ValueError, "broadcast: root must be a rank in 0..0, got 1"),
+    (lambda c: c.reduce_scatter(np.ones(())), ValueError, "at least one dimension"),
+    (lambda c: c.allgather("x"), TypeError, "allgather: expected a NumPy array"),
+])
+def test_bad_input_names_the_collective(call, error, message):
+    with pytest.raises(error, match=message):
+        call(Communicator())
+
+
+def test_a_world_needs_a_secret():
+    from mpnn.comm import WorldSpec
+
+    with pytest.raises(AuthError, match="MPNN_SECRET_FILE"):
+        Communicator(WorldSpec(rank=0, world_size=2, rendezvous="tcp://127.0.0.1:1"))
+
+
+def test_get_comm_before_joining_says_what_to_call():
+    with pytest.raises(CommError, match=r"call mpnn.init\(\)"):
+        get_comm()
