@@ -16,6 +16,7 @@ class _StepTimer:
         self.rec = recorder
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.sent = self.recv = 0
+        self.wait = None  # (t0, t1) of DataParallel's wait on the ring at the end of this backward
         self.mark = perf_counter()  # where the current compute phase began
         self.t_opt = 0.0
 
@@ -32,7 +33,15 @@ class _StepTimer:
 
     def backward_post(self, root):
         now = perf_counter()
-        self.rec.add_span("compute", "backward", self.mark, now)
+        wait = self.wait
+        if wait is None:
+            self.rec.add_span("compute", "backward", self.mark, now)
+        else:  # backward ended by waiting on the ring: that part is communication, not compute
+            self.rec.add_span("compute", "backward", self.mark, wait[0])
+            self.rec.add_span("comm_wait", "allreduce wait", wait[0], wait[1])
+            if now > wait[1]:
+                self.rec.add_span("compute", "backward tail", wait[1], now)
+            self.wait = None
         self.mark = now
 
     def opt_pre(self, optimizer, args, kwargs):
@@ -70,6 +79,12 @@ def instrument(recorder, comm=None):
 
 def is_recording() -> bool:
     return _installed is not None
+
+
+def comm_wait(t0, t1):
+    """Called by DataParallel with the time backward spent waiting for its all-reduces to finish."""
+    if _installed is not None:
+        _installed.wait = (t0, t1)
 
 
 def data_span(t0, t1):

@@ -1,0 +1,159 @@
+"""DataParallel: every rank holds a replica; gradients are averaged over the ring, bucket by bucket,
+while backward is still running (as torch's DistributedDataParallel).
+
+- At wrap time rank 0's parameters and buffers are broadcast, so every replica starts identical.
+- Parameters are grouped into buckets of about ``bucket_mb`` in reverse registration order (the order in
+  which backward produces their gradients). A post-accumulate hook on each parameter copies its gradient
+  into the bucket's flat buffer; a full bucket is handed to the communicator's background thread.
+- Buckets are launched strictly in bucket order on every rank (a bucket that fills early waits for the ones
+  before it), so all ranks issue the same sequence of collectives whatever order backward visits leaves in.
+- When backward ends, the remaining buckets are launched (a parameter that got no gradient contributes
+  zeros), every bucket is awaited, and each ``.grad`` becomes a view of its averaged slice: any optimizer
+  can then step. ``no_sync()`` skips all of this, for gradient accumulation.
+- BatchNorm running statistics (buffers) are broadcast from rank 0 before each forward, as torch does.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+from mpnn.core.tensor import Tensor, queue_callback
+from mpnn.nn.module import Module
+
+
+class _Bucket:
+    __slots__ = ("index", "params", "offsets", "flat", "ready", "work")
+
+    def __init__(self, index, params):
+        self.index = index
+        self.params = params
+        self.offsets = np.cumsum([0] + [p.data.size for p in params])
+        self.flat = np.zeros(int(self.offsets[-1]), dtype=params[0].data.dtype)
+        self.ready = 0
+        self.work = None
+
+    def slot(self, i):
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _build_buckets(params, bucket_bytes):
+    """Group parameters (already in reverse registration order) into same-dtype buckets of ~bucket_bytes."""
+    buckets, current, size = [], [], 0
+    for p in params:
+        if current and (size + p.data.nbytes > bucket_bytes or p.data.dtype != current[0].data.dtype):
+            buckets.append(_Bucket(len(buckets), current))
+            current, size = [], 0
+        current.append(p)
+        size += p.data.nbytes
+    if current:
+        buckets.append(_Bucket(len(buckets), current))
+    return buckets
+
+
+class DataParallel(Module):
+    """Wrap ``module`` so that ``loss.backward()`` leaves gradients averaged over every rank."""
+
+    def __init__(self, module: Module, bucket_mb: float = 25, comm=None, broadcast_buffers: bool = True):
+        super().__init__()
+        if not isinstance(module, Module):
+            raise TypeError(f"DataParallel: expects an mpnn.nn.Module, got {type(module).__name__}")
+        if not bucket_mb > 0:
+            raise ValueError(f"DataParallel: bucket_mb must be positive, got {bucket_mb}")
+        if comm is None:
+            from mpnn.comm import get_comm
+            comm = get_comm()
+        self.module = module
+        self.comm = comm
+        self.broadcast_buffers = broadcast_buffers
+        self._sync = True
+        self._pending = False
+        params = [p for p in module.parameters() if p.requires_grad]
+        self._buckets = _build_buckets(params[::-1], int(bucket_mb * 2**20))
+        where = {}
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                where[id(p)] = (b, i)
+        self._where = where
+        self._next_launch = 0
+        self._broadcast_state(module.parameters())
+        self._broadcast_state(module.buffers())
+        if comm.world_size > 1:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    # ----- setup ------------------------------------------------------------------------------
+    def _broadcast_state(self, tensors):
+        if self.comm.world_size == 1:
+            return
+        for t in tensors:
+            self.comm.broadcast(t.data, root=0)
+
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self.module.training:
+            self._broadcast_state(self.module.buffers())
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Inside this block backward only accumulates local gradients; the next synced backward averages
+        the accumulated sum."""
+        prev = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    # ----- the hook path during backward -----------------------------------------------------
+    def _grad_ready(self, p: Tensor):
+        if not self._sync:
+            return
+        if not self._pending:
+            self._pending = True
+            queue_callback(self._finish)
+        bucket, i = self._where[id(p)]
+        slot = bucket.slot(i)
+        g = p.grad.data
+        if not np.shares_memory(g, slot):
+            np.copyto(slot, g.reshape(-1))
+        bucket.ready += 1
+        self._launch_ready()
+
+    def _launch_ready(self, force=False):
+        buckets = self._buckets
+        while self._next_launch < len(buckets):
+            b = buckets[self._next_launch]
+            if not force and b.ready < len(b.params):
+                return
+            if force:
+                for i, p in enumerate(b.params):
+                    if p.grad is None:
+                        b.slot(i)[...] = 0
+            b.work = self.comm.allreduce_async(b.flat, op="mean")
+            self._next_launch = self._next_launch + 1
+
+    def _finish(self):
+        """End of backward: launch what is left, wait for every bucket, point each .grad at its slice."""
+        from mpnn import telemetry
+        from mpnn.telemetry import instrument
+        rec = telemetry.get_recorder()
+        self._launch_ready(force=True)
+        t_wait = time.perf_counter()
+        for b in self._buckets:
+            b.work.wait()
+            if rec is not None:
+                rec.add_span("comm", f"allreduce bucket {b.index}", b.work.t_start, b.work.t_end)
+            for i, p in enumerate(b.params):
+                view = b.slot(i).reshape(p.data.shape)
+                if p.grad is None:
+                    p.grad = Tensor._from_array(view)
+                else:
+                    p.grad.data = view
+            b.ready = 0
+            b.work = None
+        if rec is not None:
+            instrument.comm_wait(t_wait, time.perf_counter())
+        self._next_launch = 0
+        self._pending = False
