@@ -1,0 +1,401 @@
+"""conv1d/conv2d (im2col and Winograd paths), pooling and pad: forward values against straightforward NumPy
+references written here, float64 finite-difference gradients, and clear errors for bad input."""
+import numpy as np
+import pytest
+
+import mpnn.core  # noqa: F401  (attaches the Tensor operators gradcheck uses)
+from mpnn.core import conv as conv_module
+from mpnn.core import OpError, Tensor, gradcheck
+from mpnn.core.conv import conv1d, conv2d
+from mpnn.core.pad import pad
+from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
+
+RNG = np.random.default_rng(7)
+
+
+def leaf(arr, requires_grad=True):
+    """A float64 (or the array's float dtype) leaf that keeps the given array, strided views included."""
+    t = Tensor(np.zeros(1), requires_grad=requires_grad)
+    t.data = arr
+    return t
+
+
+def randn(*shape, dtype=np.float64):
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+# ----- references ---------------------------------------------------------------------------------------------
+def ref_conv2d(x, w, b, stride, pad_lo, pad_hi, dilation, groups):
+    """Direct convolution: zero-pad, then for every output position an einsum over (channel, tap)."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    xp = np.zeros((n, c, h + pad_lo[0] + pad_hi[0], wd + pad_lo[1] + pad_hi[1]))
+    xp[:, :, pad_lo[0]:pad_lo[0] + h, pad_lo[1]:pad_lo[1] + wd] = x
+    oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    og = o // groups
+    out = np.zeros((n, o, oh, ow))
+    for g in range(groups):
+        for i in range(oh):
+            for j in range(ow):
+                r0, c0 = i * stride[0], j * stride[1]
+                patch = xp[:, g * cg:(g + 1) * cg, r0:r0 + dilation[0] * (kh - 1) + 1:dilation[0],
+                           c0:c0 + dilation[1] * (kw - 1) + 1:dilation[1]]
+                out[:, g * og:(g + 1) * og, i, j] = np.einsum("nckl,ockl->no", patch, w[g * og:(g + 1) * og])
+    if b is not None:
+        out += b[None, :, None, None]
+    return out
+
+
+def pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# ----- conv forward -------------------------------------------------------------------------------------------
+CONV2D_GRID = [
+    # (N, C, H, W, O, kernel, stride, padding, dilation, groups, bias)
+    (2, 4, 7, 9, 6, (3, 2), (1, 2), (1, 0), (1, 2), 2, True),
+    (3, 3, 8, 8, 4, (3, 3), 1, 1, 1, 1, True),  # 3x3 stride 1: Winograd once channels allow (forced below)
+    (1, 2, 5, 6, 2, (2, 3), (2, 1), (2, 1), (2, 1), 1, False),
+    (2, 6, 6, 5, 3, (1, 1), 1, 0, 1, 3, True),
+    (2, 16, 6, 9, 16, (3, 3), 1, 1, 1, 1, True),  # Winograd by the default rule
+    (2, 4, 9, 8, 4, (3, 3), 2, 1, 2, 2, False),
+    (1, 2, 4, 4, 3, (4, 4), 1, 0, 1, 1, True),  # the kernel covers the whole input
+]
+
+
+@pytest.mark.parametrize("case", CONV2D_GRID)
+@pytest.mark.parametrize("batched", [True, False])
+def test_conv2d_matches_reference(case, batched):
+    n, c, h, w_, o, k, s, p, d, g, with_bias = case
+    x, w = randn(n, c, h, w_), randn(o, c // g, *k)
+    b = randn(o) if with_bias else None
+    if not batched:
+        x = x[:1]
+    out = conv2d(leaf(x[0] if not batched else x), leaf(w), None if b is None else leaf(b), s, p, d, g)
+    want = ref_conv2d(x, w, b, pair(s), pair(p), pair(p), pair(d), g)
+    np.testing.assert_allclose(out.data, want if batched else want[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,c,length,o,k,s,p,d,g", [
+    (100, 1, 40, 25, 5, 2, 1, 1, 1),  # the MNIST-1D CNN's layers
+    (100, 25, 19, 25, 3, 2, 1, 1, 1),
+    (3, 4, 11, 6, 3, 1, 2, 2, 2),
+    (2, 3, 7, 3, 7, 1, 0, 1, 3),
+])
+@pytest.mark.parametrize("batched", [True, False])
+def test_conv1d_matches_reference(n, c, length, o, k, s, p, d, g, batched):
+    x, w, b = randn(n, c, length), randn(o, c // g, k), randn(o)
+    xs = x if batched else x[0]
+    out = conv1d(leaf(xs), leaf(w), leaf(b), s, p, d, g)
+    want = ref_conv2d(x[:, :, None, :], w[:, :, None, :], b, (1, s), (0, p), (0, p), (1, d), g)[:, :, 0, :]
+    np.testing.assert_allclose(out.data, want if batched else want[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,dilation", [((4, 4), 1), ((3, 2), (2, 1)), ((2, 5), 1)])
+def test_conv2d_same_and_valid_padding(kernel, dilation):
+    x, w = randn(2, 3, 7, 8), randn(4, 3, *kernel)
+    dil = pair(dilation)
+    total = [dd * (kk - 1) for kk, dd in zip(kernel, dil)]
+    lo = tuple(t // 2 for t in total)
+    hi = tuple(t - t // 2 for t in total)  # torch puts the odd extra on the bottom/right
+    same = conv2d(leaf(x), leaf(w), None, 1, "same", dilation)
+    assert same.shape == (2, 4, 7, 8)
+    np.testing.assert_allclose(same.data, ref_conv2d(x, w, None, (1, 1), lo, hi, dil, 1), atol=1e-10)
+    valid = conv2d(leaf(x), leaf(w), None, 1, "valid", dilation)
+    np.testing.assert_allclose(valid.data, ref_conv2d(x, w, None, (1, 1), (0, 0), (0, 0), dil, 1), atol=1e-10)
+
+
+def test_algorithm_choice_covers_both_paths():
+    """The grid above runs both algorithms: Winograd for wide-enough 3x3 stride-1 ungrouped convs."""
+    fits = conv_module._winograd_fits
+    assert fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 16, 16, 9)  # the "default rule" grid case
+    assert fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 32, 64, 64)  # the benchmark's layer
+    assert not fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 3, 16, 32)  # too few channels
+    assert not fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 64, 64, 4)  # too narrow
+    assert not fits((3, 3, 2, 2, 1, 1, 1, 1, 1), 64, 64, 32)  # strided
+    assert not fits((3, 3, 1, 1, 1, 1, 1, 1, 2), 64, 64, 32)  # grouped
+
+
+def test_winograd_path_forced_and_chunked_matches_reference(monkeypatch):
+    """Few channels and many small chunks: the Winograd transforms' edges, odd sizes and chunk seams."""
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 5)
+    for (n, c, h, w_, o, p) in [(2, 3, 7, 9, 4, 1), (3, 2, 8, 6, 3, 0), (1, 3, 6, 7, 2, 2)]:
+        x, w, b = randn(n, c, h, w_), randn(o, c, 3, 3), randn(o)
+        assert conv_module._winograd_fits((3, 3, 1, 1, p, p, 1, 1, 1), c, o, w_ + 2 * p - 2)
+        out = conv2d(leaf(x), leaf(w), leaf(b), 1, p)
+        np.testing.assert_allclose(out.data, ref_conv2d(x, w, b, (1, 1), (p, p), (p, p), (1, 1), 1), atol=1e-10)
+
+
+def test_im2col_tiles_split_samples_and_positions(monkeypatch):
+    """A tile budget smaller than one sample's columns: tiles cut output rows mid-way."""
+    monkeypatch.setattr(conv_module, "_TILE_BYTES", 700)
+    x, w, b = randn(3, 4, 9, 8), randn(6, 2, 3, 2), randn(6)
+    out = conv2d(leaf(x), leaf(w), leaf(b), (2, 1), (1, 2), (2, 1), 2)
+    np.testing.assert_allclose(out.data, ref_conv2d(x, w, b, (2, 1), (1, 2), (1, 2), (2, 1), 2), atol=1e-10)
+    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, (2, 1), (1, 2), (2, 1), 2),
+              [leaf(randn(2, 4, 5, 4)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))])
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_conv2d_float32_close_to_float64(winograd):
+    x, w, b = randn(2, 32, 12, 12), randn(64, 32, 3, 3) / 17, randn(64)
+    stride = 1 if winograd else 2
+    out = conv2d(leaf(x.astype(np.float32)), leaf(w.astype(np.float32)), leaf(b.astype(np.float32)), stride, 1)
+    assert out.dtype == np.float32
+    want = ref_conv2d(x, w, b, (stride,) * 2, (1, 1), (1, 1), (1, 1), 1)
+    np.testing.assert_allclose(out.data, want, rtol=1e-4, atol=1e-4)
+
+
+# ----- conv gradients -----------------------------------------------------------------------------------------
+def test_conv2d_gradcheck_im2col_with_groups_stride_dilation():
+    gradcheck(lambda a, w, b: conv2d(a, w, b, (2, 1), (1, 2), (1, 2), 2),
+              [leaf(randn(2, 4, 5, 6)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))])
+
+
+def test_conv2d_gradcheck_winograd(monkeypatch):
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 4)
+    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 2, 5, 6)), leaf(randn(3, 2, 3, 3)),
+                                                      leaf(randn(3))])
+    gradcheck(lambda a, w: conv2d(a, w, None, 1, 0), [leaf(randn(1, 2, 6, 5)), leaf(randn(2, 2, 3, 3))])
+
+
+def test_conv2d_gradcheck_noncontiguous_unbatched_and_size_one_dims():
+    transposed = randn(2, 3, 6, 5).transpose(0, 1, 3, 2)  # (2, 3, 5, 6) strided view
+    assert not transposed.flags.c_contiguous
+    gradcheck(lambda a, w: conv2d(a, w, None, 1, 1), [leaf(transposed), leaf(randn(2, 3, 3, 3))])
+    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, "same"), [leaf(randn(2, 4, 5)), leaf(randn(3, 2, 2, 2)),
+                                                           leaf(randn(3))])
+    gradcheck(lambda a, w, b: conv2d(a, w, b), [leaf(randn(1, 1, 1, 4)), leaf(randn(1, 1, 1, 2)), leaf(randn(1))])
+
+
+def test_conv2d_gradients_with_some_inputs_frozen():
+    """Only the weight (bias frozen: the kept columns' bias row is dropped), then only input and bias."""
+    x, w, b = randn(3, 2, 4, 5), randn(4, 2, 3, 3), randn(4)
+    gradcheck(lambda ww: conv2d(leaf(x, False), ww, leaf(b, False), 1, 1), [leaf(w)])
+    gradcheck(lambda a, bb: conv2d(a, leaf(w, False), bb, 2, 1), [leaf(x), leaf(b)])
+
+
+def test_conv1d_gradcheck():
+    gradcheck(lambda a, w, b: conv1d(a, w, b, 2, 1, 2, 2), [leaf(randn(2, 4, 9)), leaf(randn(6, 2, 3)),
+                                                            leaf(randn(6))])
+    gradcheck(lambda a, w, b: conv1d(a, w, b, 2, 1), [leaf(randn(3, 8)), leaf(randn(2, 3, 5)), leaf(randn(2))])
+    strided = randn(7, 3).T  # (3, 7) unbatched, non-contiguous
+    gradcheck(lambda a, w: conv1d(a, w, None, 1, "same"), [leaf(strided), leaf(randn(2, 3, 4))])
+
+
+# ----- pooling ------------------------------------------------------------------------------------------------
+def ref_pool2d(x, kernel, stride, padding, dilation, ceil_mode, reduce):
+    """Windows by PyTorch's output-size rule; reduce(values, taps_in_padded_input) per window."""
+    n, c, h, w = x.shape
+    sizes = []
+    for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation):
+        out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        sizes.append(out)
+    out = np.zeros((n, c, *sizes))
+    for i in range(sizes[0]):
+        for j in range(sizes[1]):
+            rows = [i * stride[0] - padding[0] + t * dilation[0] for t in range(kernel[0])]
+            cols = [j * stride[1] - padding[1] + t * dilation[1] for t in range(kernel[1])]
+            inside = [(r, q) for r in rows for q in cols if 0 <= r < h and 0 <= q < w]
+            vals = np.stack([x[:, :, r, q] for r, q in inside], axis=-1)
+            out[:, :, i, j] = reduce(vals, rows, cols)
+    return out
+
+
+def avg_reduce(kernel, stride, padding, h, w, count_include_pad, divisor_override=None):
+    def reduce(vals, rows, cols):
+        if divisor_override:
+            return vals.sum(-1) / divisor_override
+        if count_include_pad:  # the window clipped to the padded input
+            nr = min(rows[-1] + 1, h + padding[0]) - rows[0]
+            nc = min(cols[-1] + 1, w + padding[1]) - cols[0]
+            return vals.sum(-1) / (nr * nc)
+        return vals.mean(-1)
+    return reduce
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [
+    ((2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((3, 3), (2, 2), (1, 1), (1, 1), False),
+    ((3, 2), (2, 1), (1, 1), (2, 1), False),
+    ((3, 3), (2, 2), (0, 0), (1, 1), True),
+    ((3, 3), (2, 2), (1, 1), (1, 1), True),
+])
+def test_max_pool2d_matches_reference_with_ties(kernel, stride, padding, dilation, ceil_mode):
+    x = leaf(np.round(randn(2, 3, 9, 8)))  # many ties
+    out, idx = max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    want = ref_pool2d(x.data, kernel, stride, padding, dilation, ceil_mode, lambda v, r, c: v.max(-1))
+    np.testing.assert_array_equal(out.data, want)
+    # each index points at a maximum, the first one in window order (row-major), and only it gets gradient
+    plane = x.data.reshape(2, 3, -1)
+    flat_idx = idx.data.reshape(2, 3, -1)
+    np.testing.assert_array_equal(np.take_along_axis(plane, flat_idx, -1), want.reshape(2, 3, -1))
+    h, w = x.shape[2:]
+    for nn, cc, i, j in np.ndindex(*out.shape):
+        r0, c0 = i * stride[0] - padding[0], j * stride[1] - padding[1]
+        taps = [(r0 + a * dilation[0], c0 + b * dilation[1]) for a in range(kernel[0]) for b in range(kernel[1])]
+        inside = [(r, q) for r, q in taps if 0 <= r < h and 0 <= q < w]
+        maxima = [r * w + q for r, q in inside if x.data[nn, cc, r, q] == want[nn, cc, i, j]]
+        assert idx.data[nn, cc, i, j] == maxima[0]
+    g = randn(*out.shape)
+    out.backward(g)
+    expect = np.zeros_like(plane)
+    for nn in range(2):
+        for cc in range(3):
+            np.add.at(expect[nn, cc], flat_idx[nn, cc], g[nn, cc].ravel())
+    np.testing.assert_allclose(x.grad.data, expect.reshape(x.shape))
+
+
+def test_max_pool_first_maximum_wins_ties():
+    x = leaf(np.array([[[[1.0, 3.0, 3.0], [3.0, 0.0, 2.0]]]]))
+    out, idx = max_pool2d(x, (2, 3), return_indices=True)
+    assert out.data.ravel().tolist() == [3.0] and idx.data.ravel().tolist() == [1]
+    out.backward(np.ones((1, 1, 1, 1)))
+    np.testing.assert_array_equal(x.grad.data, [[[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]])
+    y = leaf(np.array([[2.0, 5.0, 5.0, 1.0, 5.0]]))
+    out1, idx1 = max_pool1d(y, 3, 2, 1, return_indices=True)
+    assert out1.data.tolist() == [[5.0, 5.0, 5.0]] and idx1.data.tolist() == [[1, 1, 4]]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode,count_include_pad,divisor", [
+    ((2, 2), (2, 2), (0, 0), False, True, None),
+    ((3, 3), (2, 2), (1, 1), False, True, None),
+    ((3, 3), (2, 2), (1, 1), False, False, None),
+    ((3, 3), (2, 2), (1, 1), True, True, None),  # the last window hangs past the padding
+    ((3, 2), (2, 1), (1, 1), True, False, None),
+    ((3, 2), (1, 2), (0, 1), False, True, 5),
+])
+def test_avg_pool2d_matches_reference(kernel, stride, padding, ceil_mode, count_include_pad, divisor):
+    x = randn(2, 3, 9, 8)
+    out = avg_pool2d(leaf(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+    reduce = avg_reduce(kernel, stride, padding, 9, 8, count_include_pad, divisor)
+    np.testing.assert_allclose(out.data, ref_pool2d(x, kernel, stride, padding, (1, 1), ceil_mode, reduce),
+                               rtol=1e-12)
+
+
+def test_pool1d_match_reference_and_unbatched():
+    x = randn(2, 3, 11)
+    x4 = x[:, :, None, :]
+    out = max_pool1d(leaf(x), 3, 2, 1, 2, True)
+    want = ref_pool2d(x4, (1, 3), (1, 2), (0, 1), (1, 2), True, lambda v, r, c: v.max(-1))[:, :, 0]
+    np.testing.assert_array_equal(out.data, want)
+    out = avg_pool1d(leaf(x), 4, 3, 2, True, False)
+    reduce = avg_reduce((1, 4), (1, 3), (0, 2), 1, 11, False)
+    np.testing.assert_allclose(out.data, ref_pool2d(x4, (1, 4), (1, 3), (0, 2), (1, 1), True, reduce)[:, :, 0])
+    np.testing.assert_array_equal(max_pool1d(leaf(x[0]), 2).data, max_pool1d(leaf(x), 2).data[0])
+    np.testing.assert_array_equal(max_pool2d(leaf(x4[0]), (1, 2), 1).data, max_pool2d(leaf(x4), (1, 2), 1).data[0])
+    np.testing.assert_allclose(avg_pool2d(leaf(x4[1]), (1, 3)).data, avg_pool2d(leaf(x4), (1, 3)).data[1])
+
+
+@pytest.mark.parametrize("output_size", [1, 3, (4, 5), (None, 3), (9, 8), (12, 11), (7, None)])
+def test_adaptive_avg_pool2d_matches_reference(output_size):
+    x = randn(2, 3, 9, 8)
+    sizes = pair(output_size)
+    oh, ow = (9 if sizes[0] is None else sizes[0]), (8 if sizes[1] is None else sizes[1])
+    want = np.zeros((2, 3, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            r0, r1 = (i * 9) // oh, -((-(i + 1) * 9) // oh)
+            c0, c1 = (j * 8) // ow, -((-(j + 1) * 8) // ow)
+            want[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    np.testing.assert_allclose(adaptive_avg_pool2d(leaf(x), output_size).data, want, rtol=1e-12)
+    np.testing.assert_allclose(adaptive_avg_pool2d(leaf(x[0]), output_size).data, want[0], rtol=1e-12)
+
+
+def distinct(*shape):
+    """Values at least 0.01 apart, shuffled: no ties, so a max's finite differences stay in one window."""
+    return RNG.permutation(np.arange(np.prod(shape)) * 0.01 + 0.3).reshape(shape)
+
+
+def test_pool_gradchecks():
+    gradcheck(lambda a: max_pool2d(a, 3, 2, 1, 1, True), [leaf(distinct(2, 2, 5, 6))])
+    gradcheck(lambda a: max_pool2d(a, (2, 2), 1, 0, (2, 1)), [leaf(distinct(1, 2, 5, 4).transpose(0, 1, 3, 2))])
+    gradcheck(lambda a: max_pool1d(a, 2), [leaf(distinct(3, 7))])
+    gradcheck(lambda a: avg_pool2d(a, 3, 2, 1, True, False), [leaf(randn(2, 2, 5, 6))])
+    gradcheck(lambda a: avg_pool2d(a, (2, 3), 1, (1, 0), False, True, 4), [leaf(randn(1, 1, 4, 5))])
+    gradcheck(lambda a: avg_pool1d(a, 3, 2, 1, True, True), [leaf(randn(2, 3, 8).transpose(1, 0, 2))])
+    gradcheck(lambda a: adaptive_avg_pool2d(a, (3, 4)), [leaf(randn(2, 5, 7))])
+    gradcheck(lambda a: adaptive_avg_pool2d(a, 1), [leaf(randn(1, 2, 1, 3))])
+
+
+# ----- pad ----------------------------------------------------------------------------------------------------
+NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("shape,widths", [((2, 3, 5), (2, 3)), ((2, 3, 4, 5), (1, 2, 3, 1)),
+                                          ((3, 4, 5), (0, 2, 1, 1)), ((1, 2, 3, 4, 5), (1, 2, 2, 1, 1, 1))])
+def test_pad_matches_numpy(mode, shape, widths):
+    x = randn(*shape)
+    pairs = [(widths[2 * i], widths[2 * i + 1]) for i in reversed(range(len(widths) // 2))]
+    numpy_widths = [(0, 0)] * (len(shape) - len(pairs)) + pairs
+    kwargs = {"constant_values": 1.5} if mode == "constant" else {}
+    out = pad(leaf(x), widths, mode, 1.5 if mode == "constant" else None)
+    np.testing.assert_array_equal(out.data, np.pad(x, numpy_widths, NUMPY_MODE[mode], **kwargs))
+    gradcheck(lambda a: pad(a, widths, mode), [leaf(randn(*shape))])
+
+
+def test_pad_negative_widths_crop():
+    x = randn(2, 4, 6)
+    np.testing.assert_array_equal(pad(leaf(x), (-1, 2, 1, -2)).data,
+                                  np.pad(x[:, :2, 1:], [(0, 0), (1, 0), (0, 2)]))
+    row = leaf(np.arange(5.0)[None, None])
+    assert pad(row, (-1, 2), "circular").data.ravel().tolist() == [1, 2, 3, 4, 1, 2]
+    assert pad(row, (2, -1), "reflect").data.ravel().tolist() == [2, 1, 0, 1, 2, 3]
+    gradcheck(lambda a: pad(a, (-1, 2), "circular"), [leaf(randn(2, 3, 5))])
+    gradcheck(lambda a: pad(a, (2, -1, -1, 1)), [leaf(randn(1, 3, 4))])
+
+
+# ----- bad input ----------------------------------------------------------------------------------------------
+def raises(fn, *parts):
+    with pytest.raises(OpError) as info:
+        fn()
+    for part in parts:
+        assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
+
+
+def test_conv_bad_input_errors():
+    x, w = leaf(randn(2, 4, 6, 6)), leaf(randn(8, 4, 3, 3))
+    raises(lambda: conv2d(leaf(randn(4, 6)), w), "conv2d", "(4, 6)")
+    raises(lambda: conv2d(x, leaf(randn(8, 4, 3))), "conv2d", "weight", "(8, 4, 3)")
+    raises(lambda: conv2d(x, leaf(randn(8, 3, 3, 3))), "conv2d", "(2, 4, 6, 6)", "(8, 3, 3, 3)", "channels")
+    raises(lambda: conv2d(x, leaf(randn(9, 2, 3, 3)), groups=2), "conv2d", "groups=2", "9")
+    raises(lambda: conv2d(x, leaf(randn(8, 2, 3, 3)), groups=3), "conv2d", "groups=3")
+    raises(lambda: conv2d(x, leaf(randn(8, 4, 7, 7))), "conv2d", "(7, 7)", "(2, 4, 6, 6)")
+    raises(lambda: conv2d(x, leaf(randn(8, 4, 4, 4)), dilation=2, padding=0), "conv2d", "dilation")
+    raises(lambda: conv2d(leaf(np.ones((2, 4, 6, 6), np.int64), False), w), "conv2d", "int64", "float32")
+    raises(lambda: conv2d(leaf(randn(2, 4, 6, 6, dtype=np.float32)), w), "conv2d", "float32", "float64")
+    raises(lambda: conv2d(x, w, leaf(randn(4))), "conv2d", "bias", "(4,)")
+    raises(lambda: conv2d(x, w, stride=0), "conv2d", "stride")
+    raises(lambda: conv2d(x, w, stride=(1, 2, 3)), "conv2d", "stride", "(1, 2, 3)")
+    raises(lambda: conv2d(x, w, stride=2, padding="same"), "conv2d", "same", "stride")
+    raises(lambda: conv2d(x, w, padding="full"), "conv2d", "full")
+    raises(lambda: conv1d(leaf(randn(2, 4, 6, 6)), leaf(randn(8, 4, 3))), "conv1d", "(N, C, L)", "(2, 4, 6, 6)")
+    raises(lambda: conv1d(leaf(randn(4, 2)), leaf(randn(8, 4, 3))), "conv1d", "(4, 2)")
+
+
+def test_pool_and_pad_bad_input_errors():
+    x = leaf(randn(2, 3, 6, 6))
+    raises(lambda: max_pool2d(leaf(randn(6, 6)), 2), "max_pool2d", "(6, 6)")
+    raises(lambda: max_pool2d(x, 2, padding=2), "max_pool2d", "half the kernel")
+    raises(lambda: max_pool2d(x, 7), "max_pool2d", "too small", "(2, 3, 6, 6)")
+    raises(lambda: avg_pool2d(leaf(np.ones((2, 3, 6, 6), np.int32), False), 2), "avg_pool2d", "int32")
+    raises(lambda: avg_pool2d(x, 2, divisor_override=0), "avg_pool2d", "divisor_override")
+    raises(lambda: avg_pool1d(x, 2), "avg_pool1d", "(2, 3, 6, 6)")
+    raises(lambda: max_pool1d(leaf(randn(2, 3, 5)), 0), "max_pool1d", "kernel_size")
+    raises(lambda: adaptive_avg_pool2d(x, (2, -1)), "adaptive_avg_pool2d", "output_size")
+    raises(lambda: pad(x, (1, 2, 3)), "pad", "even")
+    raises(lambda: pad(leaf(randn(3)), (1, 1, 1, 1)), "pad", "(3,)")
+    raises(lambda: pad(x, (6, 0, 0, 0), "reflect"), "pad", "reflect", "smaller", "(2, 3, 6, 6)")
+    raises(lambda: pad(x, (7, 0, 0, 0), "circular"), "pad", "circular", "at most")
+    raises(lambda: pad(x, (1, 1), "mirror"), "pad", "mirror")
+    raises(lambda: pad(x, (1, 1, 1, 1), "reflect", 2.0), "pad", "value")
+    raises(lambda: pad(leaf(randn(5)), (1, 1), "replicate"), "pad", "replicate", "(5,)")
+    raises(lambda: pad(x, (-4, -3)), "pad", "size -1")
