@@ -12,10 +12,12 @@ from mpnn.core.factory import (arange, empty, eye, from_numpy, full, linspace, o
 from mpnn.core.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clip, concat, exp, flatten, log,
                            matmul, max, maximum, mean, min, minimum, permute, relu, reshape, sigmoid, split,
                            sqrt, squeeze, stack, sum, tanh, transpose, unsqueeze, where)
+from mpnn.core.fpenv import set_flush_denormal
 from mpnn.core.random import manual_seed
-# TEMP (lead): enabled once the helpers' modules land
-# from mpnn.core.serialize import load, save
-# from mpnn import nn, optim, data  # noqa: E402
+from mpnn.core.serialize import load, save
+from mpnn import data, launch, nn, optim  # noqa: E402  (subpackages after the engine they build on)
+from mpnn.parallel import DataParallel  # noqa: E402
+from mpnn.runtime import get_comm, init  # noqa: E402
 
 clamp = clip
 long = int64

@@ -2,8 +2,9 @@
 from mpnn.core import ops  # noqa: F401  (attaches operators and methods to Tensor)
 from mpnn.core.errors import OpError
 from mpnn.core.gradcheck import GradcheckError, gradcheck
+from mpnn.core.warmup import warmup
 from mpnn.core.tensor import (Tensor, bool_, enable_grad, float16, float32, float64, int32, int64,
                               is_grad_enabled, no_grad, tensor)
 
 __all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
-           "OpError", "float16", "float32", "float64", "int32", "int64", "bool_"]
+           "OpError", "warmup", "float16", "float32", "float64", "int32", "int64", "bool_"]

@@ -1,0 +1,40 @@
+"""Compile (or load from the on-disk cache) the float32 Numba kernels a training step uses, once.
+
+The launcher calls this before it starts any worker, so the workers find a warm cache instead of racing
+to compile the same functions into it (DESIGN.md: concurrent cache=True compiles can race).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def warmup() -> None:
+    """Run each kernel-backed op once on tiny float32 inputs, forward and backward."""
+    from mpnn.core.activation import log_softmax
+    from mpnn.core.conv import conv1d, conv2d
+    from mpnn.core.ops import gelu
+    from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
+    from mpnn.core.tensor import Tensor
+    from mpnn.optim import SGD, Adam
+
+    rng = np.random.default_rng(0)
+
+    def leaf(*shape):
+        return Tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=True)
+
+    x1, w1 = leaf(2, 3, 12), leaf(4, 3, 3)
+    x2, w2, w3 = leaf(2, 8, 10, 10), leaf(8, 8, 3, 3), leaf(4, 8, 3, 3)
+    outs = [
+        conv1d(x1, w1, leaf(4), stride=2, padding=1),
+        conv2d(x2, w2, leaf(8), padding=1),            # the Winograd path
+        conv2d(x2, w3, None, stride=2, padding=1),     # the im2col path
+        max_pool1d(x1, 2), avg_pool1d(x1, 2), max_pool2d(x2, 2), avg_pool2d(x2, 2),
+        adaptive_avg_pool2d(x2, 3), gelu(x1), log_softmax(x1, 1),
+    ]
+    loss = outs[0].sum()
+    for out in outs[1:]:
+        loss = loss + out.sum()
+    loss.backward()
+    params = [w1, w2, w3]
+    for opt in (Adam(params, lr=1e-3), Adam(params, lr=1e-3, amsgrad=True), SGD(params, lr=1e-3, momentum=0.9)):
+        opt.step()
