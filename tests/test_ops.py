@@ -372,6 +372,10 @@ def test_errors_name_op_and_shapes():
         ops.cat([a, b], 0)
     with pytest.raises(OpError, match="linear: input of shape"):
         ops.linear(a, mpnn.ones(4, 5))
+    with pytest.raises(OpError, match="linear: input dtype int64 does not match weight dtype float32"):
+        ops.linear(mpnn.tensor([[1, 2, 3]]), mpnn.ones(4, 3))
+    with pytest.raises(OpError, match="matmul: operands have different dtypes float32 and float64"):
+        a @ mpnn.ones(3, 2, dtype="float64")
     with pytest.raises(OpError, match=r"cross_entropy: target label 7 is out of range for 3 classes"):
         cross_entropy(mpnn.ones(2, 3), mpnn.tensor([0, 7]))
     with pytest.raises(OpError, match=r"cross_entropy: target of shape \(3,\) does not match"):

@@ -698,6 +698,9 @@ def matmul(a, b):
     ad, bd = a.data, b.data
     if ad.ndim == 0 or bd.ndim == 0:
         raise OpError("matmul", f"both operands need at least 1 dimension, got shapes {ad.shape} and {bd.shape}")
+    if ad.dtype != bd.dtype:
+        raise OpError("matmul", f"operands have different dtypes {ad.dtype} and {bd.dtype} (shapes {ad.shape} "
+                                f"and {bd.shape}); cast one with .to(...) first")
     try:
         out = ad @ bd
     except ValueError:
@@ -728,6 +731,9 @@ def matmul(a, b):
 def linear(x, weight, bias=None):
     """x @ weight.T + bias in one node (one GEMM forward, two backward), as torch.nn.functional.linear."""
     xd, wd = x.data, weight.data
+    if xd.dtype != wd.dtype:
+        raise OpError("linear", f"input dtype {xd.dtype} does not match weight dtype {wd.dtype} "
+                                f"(input shape {xd.shape}, weight shape {wd.shape})")
     if wd.ndim != 2 or xd.shape[-1:] != wd.shape[1:]:
         raise OpError("linear", f"input of shape {xd.shape} does not match weight of shape {wd.shape} "
                                 f"(expects last dim {wd.shape[-1] if wd.ndim else '?'})")
