@@ -92,6 +92,7 @@ def main(argv=None):
     loader = DataLoader(train, batch_size=args.batch_size // world, sampler=sampler, drop_last=True)
     opt = mpnn.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
+    mpnn.telemetry.plan(total_steps=args.steps)
     step, epoch, start = 0, 0, time.perf_counter()
     while step < args.steps:
         sampler.set_epoch(epoch)

@@ -15,7 +15,7 @@ from mpnn.core.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clip, co
 from mpnn.core.fpenv import set_flush_denormal
 from mpnn.core.random import manual_seed
 from mpnn.core.serialize import load, save
-from mpnn import data, launch, nn, optim  # noqa: E402  (subpackages after the engine they build on)
+from mpnn import data, launch, nn, optim, telemetry  # noqa: E402  (subpackages after the engine they build on)
 from mpnn.parallel import DataParallel  # noqa: E402
 from mpnn.runtime import get_comm, init  # noqa: E402
 

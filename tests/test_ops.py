@@ -257,6 +257,11 @@ def test_dropout_scales_and_masks():
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.data, y.data)
     assert dropout(x, 0.3, training=False) is x
+
+    def reseeded_dropout(a):  # the same mask on every finite-difference evaluation
+        mpnn.manual_seed(5)
+        return dropout(a, 0.4)
+    assert gradcheck(reseeded_dropout, [T(4, 6)])
     with pytest.raises(OpError, match="dropout"):
         dropout(x, 1.5)
 

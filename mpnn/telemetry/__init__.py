@@ -23,6 +23,13 @@ def get_recorder() -> Recorder | None:
     return _recorder if _recorder is not None and not _recorder.closed else None
 
 
+def plan(total_steps: int) -> None:
+    """Tell the run how many steps it will take (the launcher's live view shows "step N/total")."""
+    rec = get_recorder()
+    if rec is not None:
+        rec.event("plan", total_steps=int(total_steps))
+
+
 def stop() -> None:
     """Close this process's recorder (writes the "end" event and flushes); a no-op when none is running."""
     global _recorder
@@ -31,4 +38,4 @@ def stop() -> None:
         _recorder = None
 
 
-__all__ = ["Recorder", "get_recorder", "start", "stop"]
+__all__ = ["Recorder", "get_recorder", "plan", "start", "stop"]
