@@ -3,7 +3,8 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/conv2d.py [--reps 15]
 
 Both run in this one process, interleaved repetition by repetition (so load from other processes hits both
-alike); each figure is the median after a warm-up.
+alike); each figure is the median after a warm-up, of wall time and of this thread's CPU time (which leaves
+out the time the thread waited for a core: on a shared, loaded machine the steadier of the two).
 """
 import os
 
@@ -43,17 +44,18 @@ def openblas_core():
 
 
 def side_by_side(fns, reps, warmup=3):
-    """Median seconds of each function, run alternately so that both see the same machine load."""
+    """Median (wall, thread CPU) seconds of each function, run alternately so that both see the same load."""
     for _ in range(warmup):
         for fn in fns:
             fn()
-    times = [[] for _ in fns]
+    times = [([], []) for _ in fns]
     for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+        for fn, (wall, cpu) in zip(fns, times):
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [float(np.median(ts)) for ts in times]
+            cpu.append(time.thread_time() - c0)
+            wall.append(time.perf_counter() - t0)
+    return [(float(np.median(wall)), float(np.median(cpu))) for wall, cpu in times]
 
 
 def train_step(op, x, w, b, g, **kw):
@@ -92,14 +94,15 @@ def main():
     mine = train_step(conv2d, *(Tensor(a, requires_grad=True) for a in (x, w, b)), g, padding=1)
     theirs = train_step(F.conv2d, *(torch.tensor(a, requires_grad=True) for a in (x, w, b)),
                         torch.from_numpy(g), padding=1)
-    t_mine, t_torch = side_by_side([mine, theirs], args.reps)
+    (w_mine, c_mine), (w_torch, c_torch) = side_by_side([mine, theirs], args.reps)
     print(f"\nconv2d 3x3 32->64 64x64 batch 8 pad 1, forward+backward ({flops / 1e9:.2f} GFLOP):")
-    print(f"  mpnn  {t_mine * 1e3:8.2f} ms  {flops / t_mine / 1e9:7.1f} GFLOP/s")
-    print(f"  torch {t_torch * 1e3:8.2f} ms  {flops / t_torch / 1e9:7.1f} GFLOP/s")
-    print(f"  mpnn/torch throughput ratio {t_torch / t_mine:.2f}x")
+    print(f"  {'':6}{'wall ms':>9}{'GFLOP/s':>9}{'cpu ms':>9}{'GFLOP/s':>9}")
+    for name, wall, cpu in (("mpnn", w_mine, c_mine), ("torch", w_torch, c_torch)):
+        print(f"  {name:<6}{wall * 1e3:9.2f}{flops / wall / 1e9:9.1f}{cpu * 1e3:9.2f}{flops / cpu / 1e9:9.1f}")
+    print(f"  mpnn/torch throughput ratio {w_torch / w_mine:.2f}x wall, {c_torch / c_mine:.2f}x cpu")
 
     # Target 2: the MNIST-1D CNN's three conv1d layers, batch 100.
-    print("\nMNIST-1D conv1d layers, batch 100 (median microseconds):")
+    print("\nMNIST-1D conv1d layers, batch 100 (median microseconds of thread CPU time):")
     print(f"  {'layer':<34}{'mpnn fwd':>10}{'torch fwd':>11}{'mpnn f+b':>10}{'torch f+b':>11}{'ratio f+b':>11}")
     total_mine = total_torch = 0.0
     for c_in, length, k in ((1, 40, 5), (25, 19, 3), (25, 10, 3)):
@@ -116,9 +119,10 @@ def main():
             with torch.no_grad():
                 F.conv1d(*tt, stride=2, padding=1)
 
-        fwd = side_by_side([mine_fwd, torch_fwd], 20 * args.reps)
-        both = side_by_side([train_step(conv1d, *mt, g, stride=2, padding=1),
-                             train_step(F.conv1d, *tt, torch.from_numpy(g), stride=2, padding=1)], 20 * args.reps)
+        fwd = [cpu for _, cpu in side_by_side([mine_fwd, torch_fwd], 20 * args.reps)]
+        both = [cpu for _, cpu in side_by_side([train_step(conv1d, *mt, g, stride=2, padding=1),
+                                                train_step(F.conv1d, *tt, torch.from_numpy(g), stride=2,
+                                                           padding=1)], 20 * args.reps)]
         total_mine += both[0]
         total_torch += both[1]
         name = f"({c_in}->25, k{k}, s2, p1) {length}->{out_len}"

@@ -122,7 +122,9 @@ def test_winograd_path_forced_and_chunked_matches_reference(monkeypatch):
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 5)
-    for (n, c, h, w_, o, p) in [(2, 3, 7, 9, 4, 1), (3, 2, 8, 6, 3, 0), (1, 3, 6, 7, 2, 2)]:
+    # 4x4 tiles: widths and heights off a multiple of 4, a map smaller than one tile, padding 0-3
+    for (n, c, h, w_, o, p) in [(2, 3, 7, 9, 4, 1), (3, 2, 8, 6, 3, 0), (1, 3, 6, 7, 2, 2), (2, 2, 13, 11, 3, 1),
+                                (1, 2, 3, 3, 2, 1), (2, 3, 9, 9, 2, 3)]:
         x, w, b = randn(n, c, h, w_), randn(o, c, 3, 3), randn(o)
         assert conv_module._winograd_fits((3, 3, 1, 1, p, p, 1, 1, 1), c, o, w_ + 2 * p - 2)
         out = conv2d(leaf(x), leaf(w), leaf(b), 1, p)
@@ -141,12 +143,24 @@ def test_im2col_tiles_split_samples_and_positions(monkeypatch):
 
 @pytest.mark.parametrize("winograd", [False, True])
 def test_conv2d_float32_close_to_float64(winograd):
+    """float32 output and gradients within 1e-4 of the largest value: Winograd F(4x4, 3x3) rounds more
+    (interpolation points up to +-2) than im2col, but not by that much."""
     x, w, b = randn(2, 32, 12, 12), randn(64, 32, 3, 3) / 17, randn(64)
     stride = 1 if winograd else 2
+    assert conv_module._winograd_fits((3, 3, stride, stride, 1, 1, 1, 1, 1), 32, 64, 12 // stride) == winograd
     out = conv2d(leaf(x.astype(np.float32)), leaf(w.astype(np.float32)), leaf(b.astype(np.float32)), stride, 1)
     assert out.dtype == np.float32
     want = ref_conv2d(x, w, b, (stride,) * 2, (1, 1), (1, 1), (1, 1), 1)
     np.testing.assert_allclose(out.data, want, rtol=1e-4, atol=1e-4)
+    g = randn(*out.shape)
+    grads = []
+    for dtype in (np.float32, np.float64):
+        leaves = [leaf(a.astype(dtype)) for a in (x, w, b)]
+        conv2d(*leaves, stride, 1).backward(g.astype(dtype))
+        grads.append([t.grad.data for t in leaves])
+    for low, high in zip(*grads):
+        assert low.dtype == np.float32
+        np.testing.assert_allclose(low, high, rtol=0, atol=1e-4 * np.abs(high).max())
 
 
 # ----- conv gradients -----------------------------------------------------------------------------------------
@@ -162,6 +176,19 @@ def test_conv2d_gradcheck_winograd(monkeypatch):
     gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 2, 5, 6)), leaf(randn(3, 2, 3, 3)),
                                                       leaf(randn(3))])
     gradcheck(lambda a, w: conv2d(a, w, None, 1, 0), [leaf(randn(1, 2, 6, 5)), leaf(randn(2, 2, 3, 3))])
+    gradcheck(lambda a, w: conv2d(a, w, None, 1, 2), [leaf(randn(1, 1, 3, 2)), leaf(randn(1, 1, 3, 3))])
+
+
+def test_conv2d_gradcheck_winograd_default_rule():
+    """8 channels, maps 9-10 wide: Winograd by the default rule, with partial 4x4 tiles on both edges
+    and several tile rows per chunk; then each of input, weight and bias alone."""
+    assert conv_module._winograd_fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 8, 8, 10)
+    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 8, 9, 10)), leaf(randn(8, 8, 3, 3)),
+                                                      leaf(randn(8))])
+    x, w, b = randn(1, 8, 10, 9), randn(8, 8, 3, 3), randn(8)
+    gradcheck(lambda ww: conv2d(leaf(x, False), ww, leaf(b, False), 1, 1), [leaf(w)])
+    gradcheck(lambda a, bb: conv2d(a, leaf(w, False), bb, 1, 1), [leaf(x), leaf(b)])
+    gradcheck(lambda bb: conv2d(leaf(x, False), leaf(w, False), bb, 1, 1), [leaf(b)])
 
 
 def test_conv2d_gradcheck_noncontiguous_unbatched_and_size_one_dims():

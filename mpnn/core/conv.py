@@ -7,9 +7,12 @@ to its input only, as torch's does:
   sample's slice of positions (its GEMM lands straight in NCHW) or, for small maps, several whole samples
   (then one transposing copy). A bias rides in the GEMM as a row of ones (forward adds it, backward sums
   it for free).
-- Winograd F(2x2, 3x3) for 3x3, stride 1, dilation 1, ungrouped convs with enough channels: 2.25x fewer
-  multiplies; with im2col the three GEMMs alone (~27 ms on the 32->64, 64x64, batch 8 benchmark) took
-  longer than torch's (oneDNN) whole forward+backward (~22 ms).
+- Winograd F(4x4, 3x3) for 3x3, stride 1, dilation 1, ungrouped convs with enough channels: 4x fewer
+  multiplies than im2col, whose three GEMMs alone (~27 ms on the 32->64, 64x64, batch 8 benchmark) took
+  longer than torch's (oneDNN) whole forward+backward (~23 ms). F(2x2, 3x3) (2.25x) came to ~21.5 ms
+  there, F(4x4, 3x3) to ~17 ms (kernels alone, one thread). Its price is float32 rounding: ~5e-6 of the
+  largest output against ~3e-7 for F(2x2, 3x3) (interpolation points up to +-2); MKL-DNN (oneDNN) trains
+  with the same F(4x4, 3x3).
 conv1d is conv2d with a height of 1 (same kernels, same specializations).
 """
 from __future__ import annotations
@@ -26,10 +29,13 @@ from mpnn.core.tensor import as_tensor, is_grad_enabled, make_result
 # Measured (3x3, 32->64, 64x64 maps, one thread): 512-1024-column tiles run the GEMMs at 140-175 GFLOP/s,
 # and an im2col that stays in L2 copies ~100 GB/s against ~15 GB/s once it spills to memory.
 _TILE_BYTES = 1 << 20
-# Winograd: ~100-130-tile chunks ran the 16 GEMMs at 150-200 GFLOP/s (512: ~110). Against im2col
-# (forward+backward, batch 8-64): it won from 8 channels and 8 output columns on (1.1-1.7x) and lost
-# with 3-4 channels (0.7-0.8x) or maps 4-7 wide (0.3-0.9x: a tile row's junk slot and set-up dominate).
-_WINOGRAD_TILES = 128
+# Winograd chunks of ~72 tile slots (4 tile rows of a 64-wide map) ran forward+backward ~1 ms (6%) faster
+# than 51 or 128 on the benchmark layer (the work arrays stay in L2; the GEMMs run at 130-155 GFLOP/s).
+# Against im2col (forward+backward, batch 16-32, 8-128 channels): it won from 8 channels and 8 output
+# columns on (1.5-2.0x; 1.0x at 8 channels, 8x8; 1.1-1.25x with 3-4 channels on 32x32 maps) and lost or
+# tied on maps 4-6 wide (0.7-1.0x: a tile row's junk slot and 6x6 patches over 4-6 columns waste most
+# of the work).
+_WINOGRAD_TILES = 72
 _WINOGRAD_MIN_CHANNELS = 8
 _WINOGRAD_MIN_WIDTH = 8
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -218,7 +224,7 @@ def _forward(x4, w4, b, geom, ow, plan, out, keep):
         else:  # several whole samples in one GEMM, then (O, nb, L) -> (nb, O, L)
             res = _scratch("res", (g_, og, nb * t), x4.dtype)
             np.matmul(wg, cols, out=res)
-            out[n0:n1] = res.reshape(out_ch, nb, t).transpose(1, 0, 2)
+            K.swap_leading_axes(res.reshape(out_ch, nb, t), out[n0:n1])
     return kept if keep else None
 
 
@@ -243,7 +249,7 @@ def _backward(g3, x4, w4, geom, ow, plan, need_x, need_w, need_b, kept):
             gc = g3[n0, :, p0:p1].reshape(groups, og, t)
         else:
             gc = _scratch("grad", (out_ch, nb, t), dtype)
-            gc[...] = g3[n0:n1].transpose(1, 0, 2)
+            K.swap_leading_axes(g3[n0:n1], gc)
             gc = gc.reshape(groups, og, nb * t)
         if need_w and kept is not None:
             cols = kept.reshape(groups, -1, nb * t)[:, :rows]
@@ -272,8 +278,11 @@ def _backward(g3, x4, w4, geom, ow, plan, need_x, need_w, need_b, kept):
     return dx, dw, db
 
 
-# ----- Winograd F(2x2, 3x3) ---------------------------------------------------------------------------------
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# ----- Winograd F(4x4, 3x3) ---------------------------------------------------------------------------------
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_GG = np.kron(_G, _G)  # (36, 9): entry 6a + b of G w G^T from the 9 taps of w, for all channel pairs in one GEMM
+_WINOGRAD_BLOCK = 36  # entries of a tile's transformed 6x6 block
 
 
 def _winograd_fits(geom, channels, out_ch, ow):
@@ -284,33 +293,33 @@ def _winograd_fits(geom, channels, out_ch, ow):
 
 
 def _winograd_weight(w4):
-    """U (16, O, C): entry 4a + b of G w G^T for every (out, in) channel pair."""
-    g = _G.astype(w4.dtype)
-    u = np.matmul(np.matmul(g, w4), g.T)  # (O, C, 4, 4)
-    return np.ascontiguousarray(u.reshape(w4.shape[0], w4.shape[1], 16).transpose(2, 0, 1))
+    """U (36, O, C): entry 6a + b of G w G^T for every (out, in) channel pair. One GEMM: a batched
+    np.matmul of 6x3 matrices per channel pair took ~3 ms at 128x128 channels."""
+    o, c = w4.shape[:2]
+    return (_GG.astype(w4.dtype) @ w4.reshape(o * c, 9).T).reshape(_WINOGRAD_BLOCK, o, c)
 
 
 def _winograd_buffer(slot, channels, tiles, dtype):
-    """A (16, P) work buffer and its (16, channels, tiles) GEMM view; P*itemsize is 64 bytes past a
-    multiple of 4 KiB so that the 16 rows the kernels stream together fall in different L1 sets."""
+    """A (36, P) work buffer and its (36, channels, tiles) GEMM view; P*itemsize is 64 bytes past a
+    multiple of 4 KiB so that the rows the kernels stream together fall in different L1 sets."""
     itemsize = np.dtype(dtype).itemsize
     page = 4096 // itemsize
     p = -(-channels * tiles // page) * page + 64 // itemsize
-    buf = _scratch(slot, (16, p), dtype)
-    return buf, buf[:, :channels * tiles].reshape(16, channels, tiles)
+    buf = _scratch(slot, (_WINOGRAD_BLOCK, p), dtype)
+    return buf, buf[:, :channels * tiles].reshape(_WINOGRAD_BLOCK, channels, tiles)
 
 
 def _winograd_chunks(n, out_h, out_w):
     """(tiles_h, tiles_w, [(r0, rows)]): chunks of whole tile rows, ~_WINOGRAD_TILES tile slots each
     (a tile row has tiles_w + 1 slots, see conv_kernels)."""
-    tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+    tiles_h, tiles_w = (out_h + 3) // 4, (out_w + 3) // 4
     step = max(1, _WINOGRAD_TILES // (tiles_w + 1))
     total = n * tiles_h
     return tiles_h, tiles_w, [(r, min(step, total - r)) for r in range(0, total, step)]
 
 
 def _winograd_forward(x4, u, b, ph, pw, out):
-    """out (N, O, OH, OW) = conv(x4) + b: per chunk input transform (Numba), 16 GEMMs (BLAS), output transform."""
+    """out (N, O, OH, OW) = conv(x4) + b: per chunk input transform (Numba), 36 GEMMs (BLAS), output transform."""
     n, c = x4.shape[:2]
     o = u.shape[1]
     tiles_h, tiles_w, chunks = _winograd_chunks(n, out.shape[2], out.shape[3])
@@ -329,7 +338,7 @@ def _winograd_forward(x4, u, b, ph, pw, out):
 def _winograd_backward(g4, x4, u, ph, pw, need_x, need_w, need_b):
     """Gradients of the Winograd conv for output gradient g4 (N, O, OH, OW), chunk by chunk:
     dM = A dY A^T, then dU += dM V^T and dV = U^T dM (BLAS), dx from B dV B^T, dw = G^T dU G.
-    The bias gradient is summed from dM's entry 5 = (1, 1), which is the sum of each tile's dY."""
+    The bias gradient is summed from dM's entry 7 = (1, 1), which is the sum of each tile's dY."""
     dtype = x4.dtype
     n, c = x4.shape[:2]
     o = u.shape[1]
@@ -337,21 +346,21 @@ def _winograd_backward(g4, x4, u, ph, pw, need_x, need_w, need_b):
         return None, None, (g4.sum(axis=(0, 2, 3)) if need_b else None)
     tiles_h, tiles_w, chunks = _winograd_chunks(n, g4.shape[2], g4.shape[3])
     dx = np.zeros(x4.shape, dtype) if need_x else None
-    du = np.zeros((16, o, c), dtype) if need_w else None
+    du = np.zeros((_WINOGRAD_BLOCK, o, c), dtype) if need_w else None
     sums = np.zeros((o, chunks[0][1] * (tiles_w + 1)))  # the bias gradient's partial sums (float64)
     ut = u.transpose(0, 2, 1)
-    part = _scratch("du", (16, o, c), dtype)
+    part = _scratch("du", (_WINOGRAD_BLOCK, o, c), dtype)
     height = None
     for r0, rows in chunks:
         if rows != height:  # the work buffers change only for the last, shorter chunk
             height, t = rows, rows * (tiles_w + 1)
             dmbuf, dm = _winograd_buffer("dm", o, t, dtype)
-            vtbuf, vt = _winograd_buffer("v", t, c, dtype)  # (16, T, C): channels innermost
+            vtbuf, vt = _winograd_buffer("v", t, c, dtype)  # (36, T, C): channels innermost
             dvbuf, dv = _winograd_buffer("dv", c, t, dtype)
         K.winograd_grad_output(g4, tiles_h, tiles_w, r0, rows, dmbuf, sums)
         if need_w:
-            # V^T laid out (T, C) makes dM @ V^T a plain NN product: OpenBLAS ran it at ~175 GFLOP/s
-            # against ~100 for the NT product on a (C, T) layout (measured, 128-tile chunks)
+            # V^T laid out (T, C) makes dM @ V^T a plain NN product: OpenBLAS ran it at ~160-175 GFLOP/s
+            # against ~90 for the NT product on a (C, T) layout (measured, 100-130-tile chunks)
             K.winograd_input_t(x4, ph, pw, tiles_h, tiles_w, r0, rows, vtbuf)
             np.matmul(dm, vt, out=part)
             du += part
@@ -360,6 +369,5 @@ def _winograd_backward(g4, x4, u, ph, pw, need_x, need_w, need_b):
             K.winograd_grad_input(dvbuf, ph, pw, tiles_h, tiles_w, r0, rows, dx)
     dw = None
     if need_w:
-        g = _G.astype(dtype)
-        dw = np.matmul(np.matmul(g.T, du.transpose(1, 2, 0).reshape(o, c, 4, 4)), g)
+        dw = (du.reshape(_WINOGRAD_BLOCK, o * c).T @ _GG.astype(dtype)).reshape(o, c, 3, 3)
     return dx, dw, (sums.sum(axis=1).astype(dtype) if need_b else None)

@@ -1,4 +1,4 @@
-"""Numba loops for convolution and pooling: im2col/col2im and the Winograd F(2x2, 3x3) transforms around
+"""Numba loops for convolution and pooling: im2col/col2im and the Winograd F(4x4, 3x3) transforms around
 the BLAS GEMMs (mpnn.core.conv), and the pooling windows (mpnn.core.pool).
 
 Every kernel takes C-contiguous float32 or float64 arrays, Python ints (int64) and bools, so each compiles
@@ -115,6 +115,21 @@ def col2im(cols, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow_, dx):
                         else:
                             for ow in range(c0, c1):
                                 df[uint64(d0 + ow * sw)] += cf[uint64(s0 + ow)]
+
+
+@njit(cache=True, fastmath=False)
+def swap_leading_axes(src, dst):
+    """dst[j, i, :] = src[i, j, :]: the (O, N, L) <-> (N, O, L) copy around a GEMM over several samples.
+    NumPy's transposing copy took 2-3x longer for rows of 5-19 (MNIST-1D layers: 10 us against 4-6)."""
+    a_, b_, t_ = src.shape
+    sf = src.reshape(-1)
+    df = dst.reshape(-1)
+    for i in range(a_):
+        for j in range(b_):
+            s = (i * b_ + j) * t_
+            d = (j * a_ + i) * t_
+            for k in range(t_):
+                df[uint64(d + k)] = sf[uint64(s + k)]
 
 
 @njit(cache=True, fastmath=False)
@@ -281,120 +296,174 @@ def adaptive_avg_pool2d_backward(g, dx):
                         for iw in range(wlo[ow], whi[ow]):
                             plane[ih, iw] += share
 
-# ----- Winograd F(2x2, 3x3): 3x3 convolutions with stride 1 and dilation 1 ---------------------------------
-# The GEMM stage then runs 16 products (O, C) x (C, tiles) instead of (O, 9C) x (9C, 4*tiles): 2.25x fewer
-# multiplies (Lavin & Gray 2015). A 2x2 output tile (th, tw) reads the 4x4 input patch whose corner is
-# (2*th - ph, 2*tw - pw). Tile rows are numbered R = n*tiles_h + th across the batch; a chunk is the
-# `rows` tile rows from r0. Each tile row has S = tiles_w + 1 slots, the last one a junk slot (zero in
-# v, dm and dv), so that slot j + 1 is always tile j's right neighbour: every pass then runs as one long
-# unit-stride loop over a whole (channels, T = rows*S) matrix, which LLVM vectorizes. Per-row loops of
-# tiles_w iterations spent most of their time in loop set-up (measured 3-5x slower).
-# v/m/dm/dv are (16, P) buffers: row 4a + b holds entry (a, b) of every tile's 4x4 block as a
-# (channels, T) matrix in its first channels*T elements; P is padded off a multiple of 4 KiB because 16
+# ----- Winograd F(4x4, 3x3): 3x3 convolutions with stride 1 and dilation 1 ---------------------------------
+# The GEMM stage runs 36 products (O, C) x (C, tiles) per 4x4 output tile instead of (O, 9C) x (9C, 16):
+# 4x fewer multiplies than im2col (F(2x2, 3x3), 2.25x, measured 1.2-1.4x slower end to end; Lavin & Gray
+# 2015). A 4x4 output tile (th, tw) reads the 6x6 input patch whose corner is (4*th - ph, 4*tw - pw).
+# Tile rows are numbered R = n*tiles_h + th across the batch; a chunk is the `rows` tile rows from r0.
+# Each tile row has S = tiles_w + 1 slots, the last one a junk slot (zero in dm, dv and vt), so that slot
+# j + 1 is always tile j's right neighbour: every pass then runs as one long unit-stride loop over a whole
+# (channels, T = rows*S) matrix, which LLVM vectorizes. Per-row loops of tiles_w iterations spent most of
+# their time in loop set-up (measured 3-5x slower). Rows are split into their four column phases
+# (4k + r), so that a tile's six columns are phases 0-3 of its slot and 0-1 of the next.
+# v/m/dm/dv are (36, P) buffers: row 6a + b holds entry (a, b) of every tile's 6x6 block as a
+# (channels, T) matrix in its first channels*T elements; P is padded off a multiple of 4 KiB because
 # streams exactly 4 KiB-multiples apart all hit one L1 set (measured 4x slower).
-#   B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]   G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]]
-#   A^T = [[1,1,1,0],[0,1,-1,-1]]   forward: Y = A^T [(G w G^T) * (B^T d B)] A
+# Each vectorized loop stores to at most 8 streams: with more, LLVM needs too many run-time alias checks
+# and leaves the loop scalar (measured: 8 vectorize, 9 do not), so the 2-D transforms run as a pass down
+# the columns and a pass along the rows rather than one fused loop.
+#   B^T = [[4,0,-5,0,1,0],[0,-4,-4,1,1,0],[0,4,-4,-1,1,0],[0,-2,-1,2,1,0],[0,2,-1,-2,1,0],[0,4,0,-5,0,1]]
+#   G = [[1/4,0,0],[-1/6,-1/6,-1/6],[-1/6,1/6,-1/6],[1/24,1/12,1/6],[1/24,-1/12,1/6],[0,0,1]]
+#   A^T = [[1,1,1,1,1,0],[0,1,-1,2,-2,0],[0,1,1,4,4,0],[0,1,-1,8,-8,1]]
+#   forward: Y = A^T [(G w G^T) * (B^T d B)] A
 
 
 @njit(cache=True, fastmath=False)
-def _split_ranges(offset, size, count):
-    """For rows read as even[k] = row[2k + offset], odd[k] = row[2k + 1 + offset], k < count: the k ranges
-    inside a row of this size, for even, for odd, and for both (the de-interleaving loop)."""
-    lo_e, hi_e = _valid_range(offset, 2, size, count)
-    lo_o, hi_o = _valid_range(offset + 1, 2, size, count)
-    lo = max(lo_e, lo_o)
-    return lo_e, hi_e, lo_o, hi_o, lo, max(min(hi_e, hi_o), lo)
+def _phase_bounds(offset, size, count):
+    """k range [lo, hi) in which all four columns 4k + r + offset (r = 0..3) lie in [0, size)."""
+    lo, hi = 0, count
+    for r in range(4):
+        a, b = _valid_range(offset + r, 4, size, count)
+        lo = max(lo, a)
+        hi = min(hi, b)
+    return lo, max(hi, lo)
+
+
+@njit(cache=True, fastmath=False)
+def _constants(dtype_of):
+    """2, 4, 5 and 8 typed as the arrays' float dtype (a float64 literal would widen float32 math)."""
+    c = np.empty(4, dtype_of.dtype)
+    c[0], c[1], c[2], c[3] = 2.0, 4.0, 5.0, 8.0
+    return c[0], c[1], c[2], c[3]
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _load_split_row(src, s, even, odd, d, ranges, count):
-    """even[d + k], odd[d + k] = src[s + 2k], src[s + 2k + 1] inside the row (see _split_ranges), else 0:
-    a row with its zero border split into even and odd columns, so that later passes are unit-stride.
-    Flat unsigned indices and ranges computed once per kernel: half the time of row views (measured)."""
-    lo_e, hi_e, lo_o, hi_o, lo, hi = ranges
+def _load_phases(src, s, dst, d, stride, lo, hi, count, offset, size):
+    """dst[d + r*stride + k] = src[s + 4k + r] for k < count, r < 4, or 0 where column 4k + r + offset
+    falls outside [0, size): a row split into its four column phases, so that later passes are unit-stride.
+    [lo, hi) is _phase_bounds(offset, size, count)."""
+    for k in range(lo, hi):  # four loads in one loop: LLVM makes them one de-interleaving load
+        dst[uint64(d + k)] = src[uint64(s + 4 * k)]
+        dst[uint64(d + stride + k)] = src[uint64(s + 4 * k + 1)]
+        dst[uint64(d + 2 * stride + k)] = src[uint64(s + 4 * k + 2)]
+        dst[uint64(d + 3 * stride + k)] = src[uint64(s + 4 * k + 3)]
     for k in range(lo):
-        even[uint64(d + k)] = 0.0
-        odd[uint64(d + k)] = 0.0
-    for k in range(lo, hi):  # both loads in one loop: LLVM makes the pair one de-interleaving load
-        even[uint64(d + k)] = src[uint64(s + 2 * k)]
-        odd[uint64(d + k)] = src[uint64(s + 2 * k + 1)]
+        for r in range(4):
+            col = 4 * k + r + offset
+            dst[uint64(d + r * stride + k)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
     for k in range(hi, count):
-        even[uint64(d + k)] = 0.0
-        odd[uint64(d + k)] = 0.0
-    for k in range(lo_e, min(lo, hi_e)):
-        even[uint64(d + k)] = src[uint64(s + 2 * k)]
-    for k in range(max(hi, lo_e), hi_e):
-        even[uint64(d + k)] = src[uint64(s + 2 * k)]
-    for k in range(lo_o, min(lo, hi_o)):
-        odd[uint64(d + k)] = src[uint64(s + 2 * k + 1)]
-    for k in range(max(hi, lo_o), hi_o):
-        odd[uint64(d + k)] = src[uint64(s + 2 * k + 1)]
+        for r in range(4):
+            col = 4 * k + r + offset
+            dst[uint64(d + r * stride + k)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _bt(d, two, four, five):
+    """B^T d, the F(4x4, 3x3) input transform of 6 values (interpolation points 0, 1, -1, 2, -2)."""
+    d0, d1, d2, d3, d4, d5 = d
+    return (four * d0 - five * d2 + d4,
+            (d3 + d4) - four * (d1 + d2),
+            (d4 - d3) + four * (d1 - d2),
+            (d4 - d2) + two * (d3 - d1),
+            (d4 - d2) - two * (d3 - d1),
+            four * d1 - five * d3 + d5)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _b(v, two, four, five):
+    """B v, the adjoint of _bt."""
+    v0, v1, v2, v3, v4, v5 = v
+    return (four * v0,
+            four * (v2 - v1) + two * (v4 - v3) + four * v5,
+            -(five * v0 + four * (v1 + v2) + (v3 + v4)),
+            (v1 - v2) + two * (v3 - v4) - five * v5,
+            v0 + v1 + v2 + v3 + v4,
+            v5)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _at(m, two, four, eight):
+    """A^T m: 6 transformed values back to 4 outputs."""
+    m0, m1, m2, m3, m4, m5 = m
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return (m0 + s12 + s34, d12 + two * d34, s12 + four * s34, d12 + eight * d34 + m5)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _a(g, two, four, eight):
+    """A g, the adjoint of _at: 4 output gradients to 6 transformed ones."""
+    g0, g1, g2, g3 = g
+    s02, s13 = g0 + g2, g1 + g3
+    t02, t13 = g0 + four * g2, two * g1 + eight * g3
+    return (g0, s02 + s13, s02 - s13, t02 + t13, t02 - t13, g3)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _row6(f, i, stride):
+    """The 6 columns of tile i in four phase rows stride apart: phases 0-3 of slot i, phases 0-1 of i + 1."""
+    return (f[uint64(i)], f[uint64(i + stride)], f[uint64(i + 2 * stride)], f[uint64(i + 3 * stride)],
+            f[uint64(i + 1)], f[uint64(i + stride + 1)])
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _put6(f, i, stride, t):
+    """f[i + e*stride] = t[e] for the 6 entries of t."""
+    f[uint64(i)] = t[0]
+    f[uint64(i + stride)] = t[1]
+    f[uint64(i + 2 * stride)] = t[2]
+    f[uint64(i + 3 * stride)] = t[3]
+    f[uint64(i + 4 * stride)] = t[4]
+    f[uint64(i + 5 * stride)] = t[5]
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _get6(f, i, stride):
+    """(f[i], f[i + stride], ..., f[i + 5*stride])."""
+    return (f[uint64(i)], f[uint64(i + stride)], f[uint64(i + 2 * stride)], f[uint64(i + 3 * stride)],
+            f[uint64(i + 4 * stride)], f[uint64(i + 5 * stride)])
 
 
 @njit(cache=True, fastmath=False)
 def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
-    """v[4a + b, c*T + rr*S + tw] = (B^T d B)[a, b] for the 4x4 input patch d of tile (r0 + rr, tw)."""
+    """v[6a + b, c*T + rr*S + k] = (B^T d B)[a, b] for the 6x6 input patch d of tile (r0 + rr, k) (finite
+    values in the junk slots: their products are never read)."""
     n_, c_, h_, w_ = x.shape
     slots = tiles_w + 1
     t_ = rows * slots
     size = c_ * t_
+    ln = size + 1
     xf = x.reshape(-1)
     vf = v.reshape(-1)
     p = v.shape[1]
-    even = np.empty((4, size + 1), x.dtype)  # padded input columns 2k and 2k + 1 of the 4 patch rows
-    odd = np.empty((4, size + 1), x.dtype)
-    ef = even.reshape(-1)
-    of = odd.reshape(-1)
-    ranges = _split_ranges(-pw, w_, slots)
+    two, four, five, _ = _constants(x)
+    q = np.empty(24 * ln, x.dtype)  # q[(4a + r)*ln + j]: phase r of patch row a, slot j
+    lo, hi = _phase_bounds(-pw, w_, slots)
     for c in range(c_):  # channel-major, so that the rows read follow each other in memory
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
             j0 = c * t_ + rr * slots
-            for a in range(4):
-                ih = 2 * th - ph + a
-                d = a * (size + 1) + j0
+            for a in range(6):
+                ih = 4 * th - ph + a
+                d = 4 * a * ln + j0
                 if 0 <= ih < h_:
-                    _load_split_row(xf, ((n * c_ + c) * h_ + ih) * w_ - pw, ef, of, d, ranges, slots)
+                    _load_phases(xf, ((n * c_ + c) * h_ + ih) * w_ - pw, q, d, ln, lo, hi, slots, -pw, w_)
                 else:
-                    for k in range(slots):
-                        ef[uint64(d + k)] = 0.0
-                        of[uint64(d + k)] = 0.0
-    for a in range(4):
-        even[a, size] = 0.0
-        odd[a, size] = 0.0
-    for j in range(size + 1):  # B^T down the columns, in place
-        e0, e1, e2, e3 = even[0, j], even[1, j], even[2, j], even[3, j]
-        even[0, j] = e0 - e2
-        even[1, j] = e1 + e2
-        even[2, j] = e2 - e1
-        even[3, j] = e1 - e3
-    for j in range(size + 1):
-        o0, o1, o2, o3 = odd[0, j], odd[1, j], odd[2, j], odd[3, j]
-        odd[0, j] = o0 - o2
-        odd[1, j] = o1 + o2
-        odd[2, j] = o2 - o1
-        odd[3, j] = o1 - o3
-    for a in range(4):  # then B along the rows: tile j's columns are even j, odd j, even j + 1, odd j + 1
-        q = 4 * a * p
+                    for r in range(4):
+                        for k in range(slots):
+                            q[uint64(d + r * ln + k)] = 0.0
+    for r in range(24):
+        q[r * ln + size] = 0.0
+    for r in range(4):  # B^T down the columns, in place (one loop per phase: at most 8 store streams
+        for j in range(ln):  # per loop, or LLVM gives up vectorizing for want of alias checks)
+            _put6(q, r * ln + j, 4 * ln, _bt(_get6(q, r * ln + j, 4 * ln), two, four, five))
+    for a in range(6):  # then B along the rows: tile j's columns are phases 0-3 of slot j, 0-1 of j + 1
         for j in range(size):
-            vf[uint64(q + j)] = even[a, j] - even[a, j + 1]
-        q += p
-        for j in range(size):
-            vf[uint64(q + j)] = odd[a, j] + even[a, j + 1]
-        q += p
-        for j in range(size):
-            vf[uint64(q + j)] = even[a, j + 1] - odd[a, j]
-        q += p
-        for j in range(size):
-            vf[uint64(q + j)] = odd[a, j] - odd[a, j + 1]
-    for k in range(16):  # junk slots to zero
-        for j in range(tiles_w, size, slots):
-            vf[uint64(k * p + j)] = 0.0
+            _put6(vf, 6 * a * p + j, p, _bt(_row6(q, 4 * a * ln + j, ln), two, four, five))
 
 
 @njit(cache=True, fastmath=False)
 def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
-    """out[n, o, 2th + i, 2tw + j] = (A^T M A)[i, j] + bias[o] for the chunk's tiles (clipped to out)."""
+    """out[n, o, 4th + i, 4k + j] = (A^T M A)[i, j] + bias[o] for the chunk's tiles (clipped to out)."""
     n_, o_, oh_, ow_ = out.shape
     slots = tiles_w + 1
     t_ = rows * slots
@@ -402,34 +471,43 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
     mf = m.reshape(-1)
     of = out.reshape(-1)
     p = m.shape[1]
-    u = np.empty((8, size), m.dtype)  # u[4i + b] = (A^T M)[i, b]
-    for b in range(4):  # A^T down the columns
-        q = b * p
+    two, four, _, eight = _constants(m)
+    y = np.empty(24 * size, m.dtype)  # y[(6i + b)*size + j] = (A^T M)[i, b]
+    for b in range(6):  # A^T down the columns
         for j in range(size):
-            u[b, j] = mf[uint64(q + j)] + mf[uint64(q + 4 * p + j)] + mf[uint64(q + 8 * p + j)]
-        for j in range(size):
-            u[4 + b, j] = mf[uint64(q + 4 * p + j)] - mf[uint64(q + 8 * p + j)] - mf[uint64(q + 12 * p + j)]
-    for o in range(o_):  # then A along each row, interleaved into the output rows
+            z = _at(_get6(mf, b * p + j, 6 * p), two, four, eight)
+            y[uint64(b * size + j)] = z[0]
+            y[uint64((6 + b) * size + j)] = z[1]
+            y[uint64((12 + b) * size + j)] = z[2]
+            y[uint64((18 + b) * size + j)] = z[3]
+    full = ow_ // 4
+    # then A along the rows, interleaving the four column phases into the output rows (in the scatter
+    # itself: ~5% faster than a separate pass into a (16, T) array, measured)
+    for o in range(o_):
+        bo = bias[o]
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
             j0 = o * t_ + rr * slots
-            bo = bias[o]
-            for i in range(min(2, oh_ - 2 * th)):
-                row = ((n * o_ + o) * oh_ + 2 * th + i) * ow_
-                for k in range(ow_ // 2):
-                    j = j0 + k
-                    of[uint64(row + 2 * k)] = u[4 * i, j] + u[4 * i + 1, j] + u[4 * i + 2, j] + bo
-                    of[uint64(row + 2 * k + 1)] = u[4 * i + 1, j] - u[4 * i + 2, j] - u[4 * i + 3, j] + bo
-                if ow_ % 2:
-                    j = j0 + ow_ // 2
-                    of[uint64(row + ow_ - 1)] = u[4 * i, j] + u[4 * i + 1, j] + u[4 * i + 2, j] + bo
+            for i in range(min(4, oh_ - 4 * th)):
+                row = ((n * o_ + o) * oh_ + 4 * th + i) * ow_
+                q = 6 * i * size + j0
+                for k in range(full):
+                    z = _at(_get6(y, q + k, size), two, four, eight)
+                    of[uint64(row + 4 * k)] = z[0] + bo
+                    of[uint64(row + 4 * k + 1)] = z[1] + bo
+                    of[uint64(row + 4 * k + 2)] = z[2] + bo
+                    of[uint64(row + 4 * k + 3)] = z[3] + bo
+                if full < tiles_w:
+                    z = _at(_get6(y, q + full, size), two, four, eight)
+                    for r in range(ow_ - 4 * full):
+                        of[uint64(row + 4 * full + r)] = z[r] + bo
 
 
 @njit(cache=True, fastmath=False)
 def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
-    """dm[4a + b, o*T + rr*S + tw] = (A dY A^T)[a, b] for tile (r0 + rr, tw)'s 2x2 output gradient dY
-    (0 past the edge, and in the junk slots). Entry 5 = (1, 1) is the sum of the tile's dY, so the bias
-    gradient is the sum of the float64 sums[o, :] that it is also added into (vectorized partial sums)."""
+    """dm[6a + b, o*T + rr*S + k] = (A dY A^T)[a, b] for tile (r0 + rr, k)'s 4x4 output gradient dY (0 past
+    the edge, and in the junk slots). Entry 7 = (1, 1) is the sum of the tile's dY, so the bias gradient
+    is the sum of the float64 sums[o, :] that it is also added into."""
     n_, o_, oh_, ow_ = g.shape
     slots = tiles_w + 1
     t_ = rows * slots
@@ -437,172 +515,139 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     gf = g.reshape(-1)
     df = dm.reshape(-1)
     p = dm.shape[1]
-    even = np.empty((2, size), g.dtype)  # columns 2tw and 2tw + 1 of the tile's 2 output-gradient rows
-    odd = np.empty((2, size), g.dtype)
-    ef = even.reshape(-1)
-    of = odd.reshape(-1)
-    ranges = _split_ranges(0, ow_, slots)
-    for o in range(o_):  # channel-major, so that the rows read follow each other in memory
+    two, four, _, eight = _constants(g)
+    q = np.empty(16 * size, g.dtype)  # q[(4i + r)*size + j]: phase r of the tile's output-gradient row i
+    lo, hi = _phase_bounds(0, ow_, slots)
+    for o in range(o_):
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
             j0 = o * t_ + rr * slots
-            for i in range(2):
-                oh = 2 * th + i
-                d = i * size + j0
+            for i in range(4):
+                oh = 4 * th + i
+                d = 4 * i * size + j0
                 if oh < oh_:  # slot tiles_w reads past the row: 0, the junk slot
-                    _load_split_row(gf, ((n * o_ + o) * oh_ + oh) * ow_, ef, of, d, ranges, slots)
+                    _load_phases(gf, ((n * o_ + o) * oh_ + oh) * ow_, q, d, size, lo, hi, slots, 0, ow_)
                 else:
-                    for k in range(slots):
-                        ef[uint64(d + k)] = 0.0
-                        of[uint64(d + k)] = 0.0
-    # A = [[1, 0], [1, 1], [1, -1], [0, -1]] down the columns gives the block rows (ze, zo) =
-    # (e0, o0), (e0 + e1, o0 + o1), (e0 - e1, o0 - o1), (-e1, -o1); A along each row then gives
-    # (ze, ze + zo, ze - zo, -zo). Written out, one store stream per loop and no temporaries.
-    for j in range(size):
-        df[uint64(j)] = even[0, j]
-    for j in range(size):
-        df[uint64(p + j)] = even[0, j] + odd[0, j]
-    for j in range(size):
-        df[uint64(2 * p + j)] = even[0, j] - odd[0, j]
-    for j in range(size):
-        df[uint64(3 * p + j)] = -odd[0, j]
-    for j in range(size):
-        df[uint64(4 * p + j)] = even[0, j] + even[1, j]
+                    for r in range(4):
+                        for k in range(slots):
+                            q[uint64(d + r * size + k)] = 0.0
+    # A along the rows into z, then down the columns (measured: recomputing z inside the column pass, or
+    # the columns first, was no faster)
+    z = np.empty(24 * size, g.dtype)  # z[(6i + b)*size + j] = (dY A^T)[i, b]
+    for i in range(4):
+        for j in range(size):
+            _put6(z, 6 * i * size + j, size, _a((q[uint64(4 * i * size + j)], q[uint64((4 * i + 1) * size + j)],
+                                                 q[uint64((4 * i + 2) * size + j)],
+                                                 q[uint64((4 * i + 3) * size + j)]), two, four, eight))
+    for b in range(6):
+        for j in range(size):
+            _put6(df, b * p + j, 6 * p, _a((z[uint64(b * size + j)], z[uint64((6 + b) * size + j)],
+                                            z[uint64((12 + b) * size + j)], z[uint64((18 + b) * size + j)]),
+                                           two, four, eight))
     for o in range(o_):
-        base = o * t_
+        base = 7 * p + o * t_
         for k in range(t_):
-            j = base + k
-            total = (even[0, j] + even[1, j]) + (odd[0, j] + odd[1, j])
-            df[uint64(5 * p + j)] = total
-            sums[o, k] += total
-    for j in range(size):
-        df[uint64(6 * p + j)] = (even[0, j] + even[1, j]) - (odd[0, j] + odd[1, j])
-    for j in range(size):
-        df[uint64(7 * p + j)] = -(odd[0, j] + odd[1, j])
-    for j in range(size):
-        df[uint64(8 * p + j)] = even[0, j] - even[1, j]
-    for j in range(size):
-        df[uint64(9 * p + j)] = (even[0, j] - even[1, j]) + (odd[0, j] - odd[1, j])
-    for j in range(size):
-        df[uint64(10 * p + j)] = (even[0, j] - even[1, j]) - (odd[0, j] - odd[1, j])
-    for j in range(size):
-        df[uint64(11 * p + j)] = -(odd[0, j] - odd[1, j])
-    for j in range(size):
-        df[uint64(12 * p + j)] = -even[1, j]
-    for j in range(size):
-        df[uint64(13 * p + j)] = -even[1, j] - odd[1, j]
-    for j in range(size):
-        df[uint64(14 * p + j)] = -even[1, j] + odd[1, j]
-    for j in range(size):
-        df[uint64(15 * p + j)] = odd[1, j]
+            sums[o, k] += df[uint64(base + k)]
 
 
 @njit(cache=True, fastmath=False)
 def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
-    """dx[n, c, 2th - ph + a, 2tw - pw + b] += (B dV B^T)[a, b] over the chunk's tiles (overlaps add up;
+    """dx[n, c, 4th - ph + a, 4k - pw + b] += (B dV B^T)[a, b] over the chunk's tiles (overlaps add up;
     positions in the padding are dropped). dv's junk slots must be 0."""
     n_, c_, h_, w_ = dx.shape
     slots = tiles_w + 1
     t_ = rows * slots
     size = c_ * t_
+    ln = size + 1
     vf = dv.reshape(-1)
     xf = dx.reshape(-1)
     p = dv.shape[1]
-    # e[4a + b, 1 + j] = (B dV)[a, b] of tile j; e[:, 0] = 0 and the junk slots are 0, so that the left
-    # neighbour j - 1 of a row's first tile contributes nothing
-    e = np.empty((16, size + 1), dv.dtype)
-    for b in range(4):  # B = [[1,0,0,0],[0,1,-1,1],[-1,1,1,0],[0,0,0,-1]] down the columns
-        e[b, 0] = 0.0
-        e[4 + b, 0] = 0.0
-        e[8 + b, 0] = 0.0
-        e[12 + b, 0] = 0.0
-        q = b * p
+    two, four, five, _ = _constants(dv)
+    # y[(6a + b)*ln + 1 + j] = (B dV)[a, b] of slot j and y[.. + 0] = 0, so that slot j - 1 is always
+    # readable (0 before a row's first slot: the junk slot ahead of it, or the start)
+    y = np.empty(36 * ln, dv.dtype)
+    for b in range(36):
+        y[b * ln] = 0.0
+    for b in range(6):  # B down the columns
         for j in range(size):
-            e[b, 1 + j] = vf[uint64(q + j)]
-        for j in range(size):
-            e[4 + b, 1 + j] = vf[uint64(q + 4 * p + j)] - vf[uint64(q + 8 * p + j)] + vf[uint64(q + 12 * p + j)]
-        for j in range(size):
-            e[8 + b, 1 + j] = vf[uint64(q + 4 * p + j)] + vf[uint64(q + 8 * p + j)] - vf[uint64(q + j)]
-        for j in range(size):
-            e[12 + b, 1 + j] = -vf[uint64(q + 12 * p + j)]
-    acc_even = np.empty(size, dv.dtype)  # input columns 2k - pw and 2k + 1 - pw of slot k
-    acc_odd = np.empty(size, dv.dtype)
-    lo_e, hi_e, lo_o, hi_o, lo, hi = _split_ranges(-pw, w_, slots)
-    for a in range(4):  # then B along the rows; column 2k holds tile k's 0 and tile k - 1's 2
-        r = 4 * a
-        for j in range(size):
-            acc_even[j] = e[r, 1 + j] - e[r, j] + e[r + 1, j] + e[r + 2, j]
-        for j in range(size):
-            acc_odd[j] = e[r + 1, 1 + j] - e[r + 2, 1 + j] + e[r + 3, 1 + j] - e[r + 3, j]
+            _put6(y, b * ln + 1 + j, 6 * ln, _b(_get6(vf, b * p + j, 6 * p), two, four, five))
+    acc = np.empty(4 * size, dv.dtype)
+    lo, hi = _phase_bounds(-pw, w_, slots)
+    for a in range(6):
+        r = 6 * a * ln
+        for j in range(size):  # B along the row: column phase b of slot j gets tile j's entry b and,
+            cur = _b(_get6(y, r + 1 + j, ln), two, four, five)  # for b < 2, tile j - 1's entry b + 4
+            prev = _get6(y, r + j, ln)
+            acc[uint64(j)] = cur[0] + (prev[0] + prev[1] + prev[2] + prev[3] + prev[4])
+            acc[uint64(size + j)] = cur[1] + prev[5]
+            acc[uint64(2 * size + j)] = cur[2]
+            acc[uint64(3 * size + j)] = cur[3]
         for c in range(c_):
             for rr in range(rows):
                 n, th = divmod(r0 + rr, tiles_h)
-                ih = 2 * th - ph + a
+                ih = 4 * th - ph + a
                 if ih < 0 or ih >= h_:
                     continue
                 j0 = c * t_ + rr * slots
                 row = ((n * c_ + c) * h_ + ih) * w_ - pw
-                for k in range(lo, hi):  # even and odd in one loop: one interleaving store (vectorizes)
-                    xf[uint64(row + 2 * k)] += acc_even[j0 + k]
-                    xf[uint64(row + 2 * k + 1)] += acc_odd[j0 + k]
-                for k in range(lo_e, min(lo, hi_e)):
-                    xf[uint64(row + 2 * k)] += acc_even[j0 + k]
-                for k in range(max(hi, lo_e), hi_e):
-                    xf[uint64(row + 2 * k)] += acc_even[j0 + k]
-                for k in range(lo_o, min(lo, hi_o)):
-                    xf[uint64(row + 2 * k + 1)] += acc_odd[j0 + k]
-                for k in range(max(hi, lo_o), hi_o):
-                    xf[uint64(row + 2 * k + 1)] += acc_odd[j0 + k]
+                for k in range(lo, hi):  # four phases in one loop: one interleaving store
+                    xf[uint64(row + 4 * k)] += acc[uint64(j0 + k)]
+                    xf[uint64(row + 4 * k + 1)] += acc[uint64(size + j0 + k)]
+                    xf[uint64(row + 4 * k + 2)] += acc[uint64(2 * size + j0 + k)]
+                    xf[uint64(row + 4 * k + 3)] += acc[uint64(3 * size + j0 + k)]
+                for k in range(lo):
+                    for b in range(4):
+                        if 0 <= 4 * k + b - pw < w_:
+                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k)]
+                for k in range(hi, slots):
+                    for b in range(4):
+                        if 0 <= 4 * k + b - pw < w_:
+                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k)]
 
 
 @njit(cache=True, fastmath=False)
 def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
-    """The input transform in (16, T, C) layout (channels innermost), for dU = dM @ V^T as a plain
-    (non-transposed) GEMM: vt[4a + b, rr*S + tw, c] = (B^T d B)[a, b] of tile (r0 + rr, tw), channel c.
-    Each tile row's 4 input rows are staged with channels innermost, so the transform vectorizes over
-    channels."""
+    """The input transform in (36, T, C) layout (channels innermost), for dU = dM @ V^T as a plain
+    (non-transposed) GEMM: vt[6a + b, rr*S + k, c] = (B^T d B)[a, b] of tile (r0 + rr, k), channel c.
+    Each tile row's 6 input rows are staged split into column phases with channels innermost,
+    stage[a, r, slot, c] = padded input (row a, column 4*slot + r), so that both passes of the transform
+    run as long unit-stride loops over (slot, channel) (loops over the 32 channels of one tile were
+    2.5x slower)."""
     n_, c_, h_, w_ = x.shape
     slots = tiles_w + 1
-    wp = 2 * slots + 2
-    lo = min(pw, wp)
-    hi = min(pw + w_, wp)
     p = vt.shape[1]
     tf = vt.reshape(-1)
     xf = x.reshape(-1)
-    stage = np.zeros(4 * wp * c_, x.dtype)  # [a, col, c]; border columns stay 0
-    row = wp * c_
+    two, four, five, _ = _constants(x)
+    phase = slots * c_  # one column phase of one patch row
+    row = 4 * phase
+    stage = np.zeros(6 * row, x.dtype)  # the padding columns stay 0
+    los = np.empty(4, np.int64)
+    his = np.empty(4, np.int64)
+    for r in range(4):  # slots whose column 4*slot + r - pw lies inside the input
+        los[r], his[r] = _valid_range(r - pw, 4, w_, slots)
     for rr in range(rows):
         n, th = divmod(r0 + rr, tiles_h)
-        for a in range(4):
-            ih = 2 * th - ph + a
-            if 0 <= ih < h_:
-                for c in range(c_):
-                    src = ((n * c_ + c) * h_ + ih) * w_ - pw
-                    dst = a * row + c
-                    for col in range(lo, hi):
-                        stage[uint64(dst + col * c_)] = xf[uint64(src + col)]
-            else:
-                for e in range(a * row + lo * c_, a * row + hi * c_):
-                    stage[uint64(e)] = 0.0
-        for e in range(row):  # B^T down the rows, in place
-            d0, d1 = stage[uint64(e)], stage[uint64(row + e)]
-            d2, d3 = stage[uint64(2 * row + e)], stage[uint64(3 * row + e)]
-            stage[uint64(e)] = d0 - d2
-            stage[uint64(row + e)] = d1 + d2
-            stage[uint64(2 * row + e)] = d2 - d1
-            stage[uint64(3 * row + e)] = d1 - d3
-        for a in range(4):  # then B along the row: tile k covers columns 2k .. 2k + 3
-            for k in range(tiles_w):
-                r = 4 * a * p + (rr * slots + k) * c_
-                s = a * row + 2 * k * c_
-                for c in range(c_):
-                    s0, s1 = stage[uint64(s + c)], stage[uint64(s + c_ + c)]
-                    s2, s3 = stage[uint64(s + 2 * c_ + c)], stage[uint64(s + 3 * c_ + c)]
-                    tf[uint64(r + c)] = s0 - s2
-                    tf[uint64(r + p + c)] = s1 + s2
-                    tf[uint64(r + 2 * p + c)] = s2 - s1
-                    tf[uint64(r + 3 * p + c)] = s1 - s3
-        q = (rr * slots + tiles_w) * c_  # the junk slot
-        for e in range(16):
+        for a in range(6):
+            ih = 4 * th - ph + a
+            inside = 0 <= ih < h_
             for c in range(c_):
-                tf[uint64(e * p + q + c)] = 0.0
+                src = ((n * c_ + c) * h_ + ih) * w_ - pw
+                for r in range(4):
+                    dst = a * row + r * phase + c
+                    for k in range(los[r], his[r]):
+                        stage[uint64(dst + k * c_)] = xf[uint64(src + 4 * k + r)] if inside else 0.0
+        for i in range(row):  # B^T down the rows, in place
+            _put6(stage, i, row, _bt(_get6(stage, i, row), two, four, five))
+        t = rr * phase
+        for a in range(6):  # then B along the row: tile k's columns are phases 0-3 of slot k, 0-1 of k + 1
+            s = a * row
+            for m in range(tiles_w * c_):
+                d = (stage[uint64(s + m)], stage[uint64(s + phase + m)], stage[uint64(s + 2 * phase + m)],
+                     stage[uint64(s + 3 * phase + m)], stage[uint64(s + c_ + m)],
+                     stage[uint64(s + phase + c_ + m)])
+                _put6(tf, 6 * a * p + t + m, p, _bt(d, two, four, five))
+        t += tiles_w * c_  # the junk slot
+        for i in range(36):
+            for c in range(c_):
+                tf[uint64(i * p + t + c)] = 0.0
