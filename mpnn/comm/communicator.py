@@ -15,7 +15,8 @@ Semantics (PyTorch's where it has the thing):
   that authenticated with the run's secret. barrier() returns once every rank has entered it.
 - allreduce_async(a, op) queues the allreduce on ONE background thread that runs queued collectives in call
   order and returns a Work handle; do not touch `a` before handle.wait(). A synchronous call first waits for
-  the queue, so all ranks see the same sequence of collectives.
+  the queue, so all ranks see the same sequence of collectives. run_async(fn) queues fn() on that thread in
+  the same order; fn may call the synchronous collectives (they run at once there, not behind the queue).
 Arrays: float16, float32, float64, int32, int64 (uint8 too, except "mean"); non-contiguous arrays are copied in
 and back. A failure (timeout, mismatch, dead peer) aborts the whole world at once and leaves this communicator
 closed: every later call raises the first error.
@@ -147,6 +148,25 @@ class Communicator:
             work._finish(a)
             return work
         return self._submit(call, lambda link: self._allreduce(link, a, op))
+
+    def run_async(self, fn):
+        """Queue fn() on the communication thread after everything queued before it; returns a Work whose wait()
+        returns fn's result. fn may call this communicator's synchronous collectives (on that thread they run at
+        once, in fn's order), not wait on async ones. An exception from fn aborts the world like a failed
+        collective, so no peer waits for frames that will never come. In a world of one fn runs now."""
+        if self.world_size == 1:
+            work = Work()
+            work.t_start = time.perf_counter()
+            try:
+                result = fn()
+            except BaseException as error:
+                work.t_end = time.perf_counter()
+                work._finish(error=error)
+            else:
+                work.t_end = time.perf_counter()
+                work._finish(result)
+            return work
+        return self._submit(None, fn)
 
     def broadcast(self, a, root=0):
         """Copy rank `root`'s `a` into `a` on every rank, in place; returns `a`."""
@@ -291,8 +311,8 @@ class Communicator:
 
     # -- execution: one collective at a time, in call order ---------------------------------------------
     def _run(self, call, body):
-        """Run a collective now, after any queued async ones."""
-        if self._worker is not None:
+        """Run a collective now, after any queued async ones (at once on the communication thread itself)."""
+        if self._worker is not None and threading.current_thread() is not self._worker:
             self._drain()
         with self._lock:
             return self._execute(call, body)
@@ -340,17 +360,39 @@ class Communicator:
                 return
             call, body, work = item
             try:
-                with self._lock:
+                if call is None:  # a run_async task: its collectives take the lock themselves
                     work.t_start = time.perf_counter()
-                    result = self._execute(call, body)
+                    result = self._run_task(body)
                     work.t_end = time.perf_counter()
                     work._finish(result)
+                else:
+                    with self._lock:
+                        work.t_start = time.perf_counter()
+                        result = self._execute(call, body)
+                        work.t_end = time.perf_counter()
+                        work._finish(result)
             except BaseException as error:
                 work.t_end = time.perf_counter()
                 work._finish(error=error)
             with self._idle:
                 self._queued -= 1
                 self._idle.notify_all()
+
+    def _run_task(self, fn):
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise CommError(f"rank {self.rank}: the communicator is closed")
+        try:
+            return fn()
+        except BaseException as error:
+            with self._lock:
+                if self._error is None and not self._closed:  # fn failed between collectives: abort the world
+                    self._error = CommError(f"rank {self.rank} aborted after collective #{self._seq}: "
+                                            f"{type(error).__name__}: {error}")
+                    self._link.abort(self._error)
+                    self._shutdown(linger_ms=0)
+            raise
 
     def _drain(self):
         """Wait until the communication thread has run everything queued so far."""

@@ -145,6 +145,21 @@ class BatchSampler(Sampler):
             self.sampler.load_state_dict(state)
 
 
+_set_epoch_hooks = []  # hook(sampler, epoch) after every DistributedSampler.set_epoch
+_first_pass_hooks = []  # hook(sampler, indices) the first time a DistributedSampler hands out its shard
+
+
+def register_set_epoch_hook(hook) -> None:
+    """Call ``hook(sampler, epoch)`` after every DistributedSampler.set_epoch (the plugin runtime tracks epochs)."""
+    _set_epoch_hooks.append(hook)
+
+
+def register_first_pass_hook(hook) -> None:
+    """Call ``hook(sampler, indices)`` once per DistributedSampler, on its first pass: the audit trail
+    fingerprints each rank's shard from it."""
+    _first_pass_hooks.append(hook)
+
+
 def world_from_env() -> tuple[int, int]:
     """(world size, rank) from MPNN_WORLD_SIZE / MPNN_RANK, or (1, 0) outside a launched run."""
     try:
@@ -181,6 +196,7 @@ class DistributedSampler(Sampler):
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self._passes = 0
         n = len(dataset)
         if self.drop_last and n % self.num_replicas:
             self.num_samples = math.ceil((n - self.num_replicas) / self.num_replicas)
@@ -198,7 +214,12 @@ class DistributedSampler(Sampler):
             order = order[:self.total_size]
         elif self.total_size > n:
             order = np.concatenate([order, np.resize(order, self.total_size - n)])  # repeats the head cyclically
-        return order[self.rank:self.total_size:self.num_replicas]
+        shard = order[self.rank:self.total_size:self.num_replicas]
+        self._passes += 1
+        if self._passes == 1:
+            for hook in _first_pass_hooks:
+                hook(self, shard)
+        return shard
 
     def __iter__(self):
         return iter(self._epoch_indices().tolist())
@@ -209,6 +230,8 @@ class DistributedSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass use the shuffle of ``epoch`` (every rank must pass the same value)."""
         self.epoch = int(epoch)
+        for hook in _set_epoch_hooks:
+            hook(self, self.epoch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "seed": self.seed}

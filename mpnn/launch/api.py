@@ -38,12 +38,13 @@ def _pythonpath() -> str:
 
 
 def run(fn: Callable, n: int | None = None, args: tuple = (), kwargs: dict | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S, log_dir: str | os.PathLike | None = None) -> Any:
+        timeout: float = DEFAULT_TIMEOUT_S, log_dir: str | os.PathLike | None = None, plugins=()) -> Any:
     """Run fn(*args, **kwargs) on n workers (default: one per usable core) and return rank 0's return value.
 
     fn and its arguments travel by cloudpickle, so lambdas, closures and notebook functions work. Each worker
     has the `mpnn launch` environment (MPNN_RANK, ...; mpnn.init() joins the world). A failed rank raises
     WorkerError naming it, with its traceback. log_dir keeps the run directory (default: a temporary one).
+    plugins: spec strings, as `mpnn launch --plugin` (checked before any worker starts).
     """
     payload = _payload(fn, args, kwargs or {})
     with contextlib.ExitStack() as stack:
@@ -51,7 +52,7 @@ def run(fn: Callable, n: int | None = None, args: tuple = (), kwargs: dict | Non
             log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-run-"))
         result = launch(LaunchConfig(
             command=["-m", WORKER_MODULE], nproc_per_node=n, log_dir=Path(log_dir), timeout=timeout,
-            extra_env={"PYTHONPATH": _pythonpath()}, run_files={PAYLOAD_FILE: payload},
+            extra_env={"PYTHONPATH": _pythonpath()}, run_files={PAYLOAD_FILE: payload}, plugins=tuple(plugins),
             command_line=["mpnn.launch.run", f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"]))
         if result.failure is not None:
             failure = result.failure

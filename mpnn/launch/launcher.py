@@ -19,6 +19,7 @@ from mpnn.launch.guardian import Guardian
 from mpnn.launch.liveview import make_view
 from mpnn.launch.output import tail_lines
 from mpnn.launch.payload import write_private
+from mpnn.launch.plugins import launch_end, launch_info, launch_start, load_plugins
 from mpnn.launch.pinning import pin_plan, usable_cores
 from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
 from mpnn.launch.rundir import (RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name,
@@ -126,6 +127,7 @@ def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: 
 def launch(config: LaunchConfig) -> LaunchResult:
     """Run the workers of one node to the end; never leaves a process behind. Raises LaunchError on bad config."""
     world, run_id = _check(config)
+    plugins = load_plugins(config.plugins)  # a bad spec stops here, before anything is made or started
     cores = usable_cores()
     if world.nproc_per_node > len(cores):
         print(f"mpnn launch: warning: -n {world.nproc_per_node} is more than the {len(cores)} usable cores; "
@@ -142,7 +144,15 @@ def launch(config: LaunchConfig) -> LaunchResult:
         record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, len(cores)))
         run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins))
         try:
-            return _supervise(config, world, run, cores, record, stack)
+            if plugins is None:
+                return _supervise(config, world, run, cores, record, stack)
+            info = launch_info(config.command, config.command_line, world, run, {**os.environ, **config.extra_env})
+            launch_start(plugins, info)
+            result = _supervise(config, world, run, cores, record, stack)
+            exit_codes = {w["rank"]: w.get("returncode") for w in record.fields.get("workers", [])}
+            error = None if result.failure is None else f"rank {result.failure.rank} {result.failure.how}"
+            launch_end(plugins, info, result.status, exit_codes, error)
+            return result
         except BaseException:
             record.update(status="error", end_time=utc_now())
             raise

@@ -28,7 +28,7 @@ def main() -> int:
     except Exception:
         text = traceback.format_exc()
         write_private(error_path(run_dir, rank), text.encode())
-        sys.stderr.write(text)
+        sys.excepthook(*sys.exc_info())  # prints the traceback; telemetry and plugins record the error
         return 1
     return 0
 

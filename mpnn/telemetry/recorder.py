@@ -99,14 +99,16 @@ class Recorder:
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self._end_torn_line()
         self._rss, self._rss_fd = _rss_reader()
-        self._lock = threading.Lock()         # guards _spans, _sent, _recv, _pending: spans come from any thread
+        self._lock = threading.Lock()         # guards _spans, _sent, _recv, _metrics, _pending: from any thread
         self._write_lock = threading.Lock()   # keeps flushes in order
         self._unix0, self._perf0 = time.time(), perf_counter()
         self._step_start = self._perf0
         self._next_flush = self._perf0 + self.flush_interval
         self._spans: list = []
         self._sent = self._recv = 0
+        self._metrics = None  # extra keys of the current step's line (add_metrics)
         self._loss = None
+        self.on_step = None   # on_step(record dict) after each step_end: the plugins' mpnn_step_end
         self._pending: list = []
         self._failed = False
         self._warned = False
@@ -149,6 +151,11 @@ class Recorder:
             self._sent += sent
             self._recv += recv
 
+    def add_metrics(self, **values) -> None:
+        """Extra keys for the current step's line, e.g. a codec's codec_bytes (thread-safe; last value wins)."""
+        with self._lock:
+            self._metrics = {**(self._metrics or {}), **values}
+
     def set_loss(self, value) -> None:
         """This step's loss: a float, a 0-d array or a scalar Tensor, turned into a float at step_end."""
         self._loss = value
@@ -163,12 +170,23 @@ class Recorder:
             loss = _to_float(loss)
         self.step += 1
         rss = self._rss()
+        on_step = self.on_step
         with self._lock:
             spans, self._spans = self._spans, []
             sent, recv = self._sent, self._recv
+            metrics, self._metrics = self._metrics, None
             self._sent = self._recv = 0
-            self._pending.append((self._step_start, now, self.step, epoch, loss, batch, sent, recv, rss, spans))
+            entry = (self._step_start, now, self.step, epoch, loss, batch, sent, recv, rss, spans, metrics)
+            if on_step is None:
+                self._pending.append(entry)
         self._step_start = now
+        if on_step is not None:  # the plugins see (and may add keys to) the dict that becomes the line
+            record = self._record(entry)
+            try:
+                on_step(record)
+            finally:
+                with self._lock:
+                    self._pending.append(record)
         if now >= self._next_flush:
             self.flush()
 
@@ -224,9 +242,11 @@ class Recorder:
         atexit.unregister(self.close)
 
     def _line(self, record) -> str:
-        if isinstance(record, dict):
-            return _encode(record)
-        step_start, step_end, step, epoch, loss, batch, sent, recv, rss, spans = record
+        return _encode(record if isinstance(record, dict) else self._record(record))
+
+    def _record(self, entry) -> dict:
+        """A step entry as the dict of its telemetry line."""
+        step_start, step_end, step, epoch, loss, batch, sent, recv, rss, spans, metrics = entry
         compute = comm_wait = optimizer = data = 0.0
         out = []
         for lane, name, t0, t1 in spans:
@@ -240,11 +260,14 @@ class Recorder:
             elif lane == "data":
                 data += duration
             out.append([lane, name, round(t0 - step_start, 7), round(duration, 7)])
-        return _encode({
+        record = {
             "t": self._unix(step_end), "rank": self.rank, "step": step, "epoch": epoch, "loss": loss, "batch": batch,
             "step_s": round(step_end - step_start, 7), "compute_s": round(compute, 7), "comm_s": round(comm_wait, 7),
             "opt_s": round(optimizer, 7), "data_s": round(data, 7), "bytes_sent": sent, "bytes_recv": recv,
-            "rss_bytes": rss, "spans": out})
+            "rss_bytes": rss, "spans": out}
+        if metrics:
+            record.update(metrics)
+        return record
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:

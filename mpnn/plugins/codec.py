@@ -1,0 +1,123 @@
+"""The gradient codec slot: one stateful object that replaces a DataParallel bucket's mean all-reduce (like a
+DDP communication hook). It runs on the communicator's thread, owns its error-feedback residuals (saved with
+state_dict) and counts what it puts on the wire for telemetry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mpnn.comm import CommError
+from mpnn.plugins.errors import PluginError
+
+FLOAT32_BYTES = 4
+
+
+@dataclass
+class BucketContext:
+    """What a codec knows of one bucket: its index, the step (synchronised backward passes so far), the world,
+    the communicator, and the shapes of the parameters whose gradients lie back to back in the flat bucket."""
+
+    bucket_index: int
+    step: int
+    world_size: int
+    rank: int
+    comm: Any
+    numel: int
+    shapes: tuple  # one shape per parameter, in the bucket's order
+
+    def slices(self):
+        """(start, stop, shape) of each parameter's gradient in the flat bucket."""
+        start = 0
+        for shape in self.shapes:
+            stop = start + int(np.prod(shape, dtype=np.int64))
+            yield start, stop, shape
+            start = stop
+
+
+class Codec:
+    """Base of gradient codecs. A subclass implements ``allreduce(bucket, ctx)``: leave in `bucket` (this rank's
+    local gradient, a flat float array) the mean over ranks, as exact as the method allows, using ctx.comm's
+    synchronous collectives; every rank must end with bit-identical values (decode in rank order).
+
+    ``residuals`` (bucket index -> array) is the error feedback, saved by state_dict(); subclasses add other
+    state (e.g. PowerSGD's warm-start factors) by extending state_dict/load_state_dict.
+    """
+
+    kind = "codec"
+    name = "codec"
+    version = "0.1.0"
+    options: dict = {}
+
+    def __init__(self):
+        self.residuals: dict[int, np.ndarray] = {}
+        self._sent = self._dense = 0
+
+    def allreduce(self, bucket: np.ndarray, ctx: BucketContext) -> None:
+        raise NotImplementedError
+
+    # ----- error feedback -------------------------------------------------------------------------------
+    def residual(self, ctx: BucketContext, dtype) -> np.ndarray:
+        """This bucket's error-feedback residual (zeros the first time)."""
+        res = self.residuals.get(ctx.bucket_index)
+        if res is None:
+            res = self.residuals[ctx.bucket_index] = np.zeros(ctx.numel, dtype)
+        elif res.shape != (ctx.numel,):
+            raise PluginError(f"{self.name}: the residual of bucket {ctx.bucket_index} has shape {res.shape} but the "
+                              f"bucket holds {ctx.numel} gradients (a codec state from another model?)",
+                              plugin=self.name)
+        return res
+
+    def state_dict(self) -> dict:
+        """The codec's state as NumPy arrays by name (for checkpoints): residual.<bucket> for each bucket."""
+        return {f"residual.{index}": res.copy() for index, res in self.residuals.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+        residuals = {}
+        for key, value in state.items():
+            kind, _, index = key.partition(".")
+            if kind == "residual" and index.isdigit():
+                residuals[int(index)] = np.array(value, copy=True)
+            elif not self._load_extra(key, value):
+                raise PluginError(f"{self.name}.load_state_dict: unexpected key {key!r} (expected residual.<bucket>"
+                                  f"{self._extra_keys_help()})", plugin=self.name)
+        self.residuals = residuals
+
+    def _load_extra(self, key: str, value) -> bool:
+        """Take one key this subclass adds to state_dict; False when the key is not its own."""
+        return False
+
+    def _extra_keys_help(self) -> str:
+        return ""
+
+    # ----- wire accounting --------------------------------------------------------------------------------
+    def count_wire(self, payload_bytes: int, numel: int) -> None:
+        """Add what this rank put into collectives for `numel` gradient entries (vs numel float32s uncompressed)."""
+        self._sent += int(payload_bytes)
+        self._dense += int(numel) * FLOAT32_BYTES
+
+    def take_wire_stats(self) -> tuple[int, int]:
+        """(payload bytes sent, float32 bytes the same gradients would take) since the last call; resets both."""
+        stats = self._sent, self._dense
+        self._sent = self._dense = 0
+        return stats
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload bytes put on the wire since the last take_wire_stats()."""
+        return self._sent
+
+
+def run_codec(codec: Codec, bucket: np.ndarray, ctx: BucketContext) -> np.ndarray:
+    """Call codec.allreduce(bucket, ctx); an exception (not the communicator's own) becomes a PluginError
+    naming the codec, the bucket and the step."""
+    try:
+        codec.allreduce(bucket, ctx)
+    except (CommError, PluginError):
+        raise
+    except Exception as error:
+        raise PluginError(f"plugin {codec.name!r} failed in allreduce (bucket {ctx.bucket_index}, step {ctx.step}): "
+                          f"{type(error).__name__}: {error}", plugin=codec.name) from error
+    return bucket
