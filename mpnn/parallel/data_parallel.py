@@ -11,20 +11,27 @@ while backward is still running (as torch's DistributedDataParallel).
   zeros), every bucket is awaited, and each ``.grad`` becomes a view of its averaged slice: any optimizer
   can then step. ``no_sync()`` skips all of this, for gradient accumulation.
 - BatchNorm running statistics (buffers) are broadcast from rank 0 before each forward, as torch does.
+- A gradient codec (the run's compression plugin, or ``codec=``) replaces each bucket's mean all-reduce, like a
+  DDP communication hook: it runs on the communicator's thread through comm.run_async, in bucket order, and its
+  wire bytes go into the step's telemetry ("codec_bytes", "codec_ratio" against float32).
+- Plugins implementing mpnn_after_backward get the averaged gradients by parameter name after each backward.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
 
 from mpnn.core.tensor import Tensor, queue_callback
 from mpnn.nn.module import Module
+from mpnn.plugins import session as plugin_session
+from mpnn.plugins.codec import BucketContext, run_codec
 
 
 class _Bucket:
-    __slots__ = ("index", "params", "offsets", "flat", "ready", "work")
+    __slots__ = ("index", "params", "offsets", "flat", "ready", "work", "ctx", "span")
 
     def __init__(self, index, params):
         self.index = index
@@ -33,6 +40,8 @@ class _Bucket:
         self.flat = np.zeros(int(self.offsets[-1]), dtype=params[0].data.dtype)
         self.ready = 0
         self.work = None
+        self.ctx = None
+        self.span = None  # (start, end) of its last reduction, for the trace
 
     def slot(self, i):
         return self.flat[self.offsets[i]:self.offsets[i + 1]]
@@ -53,9 +62,13 @@ def _build_buckets(params, bucket_bytes):
 
 
 class DataParallel(Module):
-    """Wrap ``module`` so that ``loss.backward()`` leaves gradients averaged over every rank."""
+    """Wrap ``module`` so that ``loss.backward()`` leaves gradients averaged over every rank.
 
-    def __init__(self, module: Module, bucket_mb: float = 25, comm=None, broadcast_buffers: bool = True):
+    codec: a gradient codec (mpnn.plugins.codec.Codec) for this model; default: the run's, from mpnn.init()'s
+    plugins (``--plugin topk:ratio=0.01``), else plain float32 mean all-reduces."""
+
+    def __init__(self, module: Module, bucket_mb: float = 25, comm=None, broadcast_buffers: bool = True,
+                 codec=None):
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DataParallel: expects an mpnn.nn.Module, got {type(module).__name__}")
@@ -77,9 +90,18 @@ class DataParallel(Module):
                 where[id(p)] = (b, i)
         self._where = where
         self._next_launch = 0
+        self._step = 0
+        self._plugins = plugin_session.current()
+        self.codec = codec if codec is not None else plugin_session.active_codec()
+        for b in self._buckets:
+            b.ctx = BucketContext(b.index, 0, comm.world_size, comm.rank, comm, b.flat.size,
+                                  tuple(p.data.shape for p in b.params))
+        self._named_params = None
+        if self._plugins is not None and self._plugins.implements("mpnn_after_backward"):
+            self._named_params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self._broadcast_state(module.parameters())
         self._broadcast_state(module.buffers())
-        if comm.world_size > 1:
+        if comm.world_size > 1 or self._named_params is not None:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
 
@@ -131,7 +153,19 @@ class DataParallel(Module):
                 for i, p in enumerate(b.params):
                     if p.grad is None:
                         b.slot(i)[...] = 0
-            b.work = self.comm.allreduce_async(b.flat, op="mean")
+            if self.comm.world_size == 1:
+                b.work = None
+            elif self.codec is None and force:
+                # Backward is over and we are about to wait anyway: reduce on this thread, sparing the
+                # hand-off to the communication thread and back (measured ~0.15 ms per step for MNIST-1D).
+                t0 = time.perf_counter()
+                self.comm.allreduce(b.flat, op="mean")
+                b.work, b.span = None, (t0, time.perf_counter())
+            elif self.codec is None:
+                b.work = self.comm.allreduce_async(b.flat, op="mean")
+            else:
+                b.ctx.step = self._step
+                b.work = self.comm.run_async(functools.partial(run_codec, self.codec, b.flat, b.ctx))
             self._next_launch = self._next_launch + 1
 
     def _finish(self):
@@ -139,12 +173,15 @@ class DataParallel(Module):
         from mpnn import telemetry
         from mpnn.telemetry import instrument
         rec = telemetry.get_recorder()
-        self._launch_ready(force=True)
         t_wait = time.perf_counter()
+        self._launch_ready(force=True)
         for b in self._buckets:
-            b.work.wait()
-            if rec is not None:
-                rec.add_span("comm", f"allreduce bucket {b.index}", b.work.t_start, b.work.t_end)
+            if b.work is not None:
+                b.work.wait()
+                b.span = (b.work.t_start, b.work.t_end)
+            if rec is not None and b.span is not None:
+                rec.add_span("comm", f"allreduce bucket {b.index}", *b.span)
+            b.span = None
             for i, p in enumerate(b.params):
                 view = b.slot(i).reshape(p.data.shape)
                 if p.grad is None:
@@ -155,5 +192,11 @@ class DataParallel(Module):
             b.work = None
         if rec is not None:
             instrument.comm_wait(t_wait, time.perf_counter())
+            if self.codec is not None and self.comm.world_size > 1:
+                sent, dense = self.codec.take_wire_stats()
+                rec.add_metrics(codec_bytes=sent, codec_ratio=round(dense / sent, 3) if sent else None)
         self._next_launch = 0
         self._pending = False
+        self._step += 1
+        if self._named_params is not None:
+            self._plugins.after_backward({name: p.grad.data for name, p in self._named_params if p.grad is not None})
