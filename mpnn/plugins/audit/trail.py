@@ -1,0 +1,289 @@
+"""The trail itself: audit.jsonl, one canonical JSON record per line, each holding the SHA-256 of the line before it
+("prev") and an HMAC-SHA256 of its own content under the audit key; and the signed head (last seq and hash) kept in
+audit.head.json and run.json, so that a cut tail shows. Writing, reading back, and verifying record by record.
+
+A record: {"seq", "time", "kind", "data", "key" (the key's fingerprint), "prev", "hmac"}; canonical JSON means
+sorted keys, no spaces, ASCII only, no NaN (non-finite floats are written as strings).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpnn.plugins.audit import AuditError
+from mpnn.plugins.audit.keys import fingerprint
+
+AUDIT_FILE = "audit.jsonl"
+HEAD_FILE = "audit.head.json"
+RUN_RECORD = "run.json"
+HEAD_KEY = "audit_head"  # the head's key in run.json
+GENESIS = "0" * 64       # "prev" of record 0
+_FIELDS = ("seq", "time", "kind", "data", "key", "prev", "hmac")
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with milliseconds."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def jsonable(value):
+    """`value` as plain JSON types: numpy scalars and arrays unwrapped, paths and other objects as text,
+    non-finite floats as "nan"/"inf"/"-inf" (canonical JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def canonical(obj) -> str:
+    """The one JSON text of `obj` that is hashed and signed: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def sign(key: bytes, obj: dict) -> str:
+    """HMAC-SHA256 (hex) of the canonical JSON of `obj` without its "hmac" field."""
+    body = {k: v for k, v in obj.items() if k != "hmac"}
+    return hmac.new(key, canonical(body).encode(), hashlib.sha256).hexdigest()
+
+
+def signed(key: bytes, obj: dict) -> bool:
+    """True when obj["hmac"] is the HMAC of the rest of `obj` under `key` (compared in constant time)."""
+    mac = obj.get("hmac")
+    return isinstance(mac, str) and hmac.compare_digest(mac, sign(key, obj))
+
+
+def line_hash(line: bytes) -> str:
+    """SHA-256 (hex) of one record's line as stored, without its newline: what the next record's "prev" holds."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class TrailWriter:
+    """Appends signed records to a run's audit.jsonl, continuing from its last record (the launcher writes before
+    and after the run, rank 0 during it: one writer at a time). Refuses to extend a trail whose last record is
+    cut off or does not verify under this key."""
+
+    def __init__(self, run_dir: Path, key: bytes):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / AUDIT_FILE
+        self.key = key
+        self.fingerprint = fingerprint(key)
+        self.seq, self.prev = self._tail()
+
+    def _tail(self) -> tuple[int, str]:
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if not data:
+            return 0, GENESIS
+        if not data.endswith(b"\n"):
+            raise AuditError(f"{self.path}: its last record is cut off; not appending to a damaged trail "
+                             f"(run `mpnn audit verify {self.run_dir}`)")
+        last = data[:-1].rsplit(b"\n", 1)[-1]
+        try:
+            record = json.loads(last)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("seq"), int) or not signed(self.key, record):
+            raise AuditError(f"{self.path}: its last record does not verify under key {self.fingerprint}; not "
+                             f"appending (run `mpnn audit verify {self.run_dir}`)")
+        return record["seq"] + 1, line_hash(last)
+
+    @property
+    def empty(self) -> bool:
+        """True while the trail holds no record."""
+        return self.seq == 0
+
+    def append(self, kind: str, data: dict) -> dict:
+        """Sign and append one record, synced to disk; returns it."""
+        record = {"seq": self.seq, "time": utc_now(), "kind": kind, "data": jsonable(data),
+                  "key": self.fingerprint, "prev": self.prev}
+        record["hmac"] = sign(self.key, record)
+        line = canonical(record).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.seq, self.prev = self.seq + 1, line_hash(line)
+        return record
+
+    def write_head(self, run_id: str | None, also_run_record: bool = True) -> dict:
+        """Sign the head (last seq and line hash) into audit.head.json, and into run.json's "audit_head" when
+        run.json exists (read and rewritten atomically: call only when the launcher is done with run.json)."""
+        head = {"run_id": run_id, "seq": self.seq - 1, "hash": self.prev, "records": self.seq,
+                "key": self.fingerprint, "time": utc_now()}
+        head["hmac"] = sign(self.key, head)
+        _write_atomic(self.run_dir / HEAD_FILE, json.dumps(head, indent=2) + "\n")
+        run_record = self.run_dir / RUN_RECORD
+        if also_run_record and run_record.exists():
+            fields = json.loads(run_record.read_text())
+            fields[HEAD_KEY] = head
+            _write_atomic(run_record, json.dumps(fields, indent=2, default=str) + "\n")
+        return head
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every complete record of a run's trail that parses, in file order (unverified: see verify())."""
+    path = Path(run_dir) / AUDIT_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_heads(run_dir: Path) -> dict[str, dict]:
+    """The signed heads found: {"audit.head.json": head, "run.json": head}, each only where present and readable."""
+    heads = {}
+    head_file, run_record = Path(run_dir) / HEAD_FILE, Path(run_dir) / RUN_RECORD
+    for name, path, pick in ((HEAD_FILE, head_file, lambda d: d), (RUN_RECORD, run_record, lambda d: d.get(HEAD_KEY))):
+        try:
+            value = pick(json.loads(path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, dict):
+            heads[name] = value
+    return heads
+
+
+@dataclass
+class Verdict:
+    """What verify() found: ok only for an intact trail; `message` is one line (the first problem, or the summary)."""
+
+    ok: bool
+    message: str
+    records: list = field(default_factory=list)   # every record that parsed, in file order
+    head: dict | None = None
+    bad_seq: int | None = None                    # the record the problem is about, when there is one
+
+
+def verify(run_dir: Path, key: bytes) -> Verdict:
+    """Check a run's trail record by record (sequence, HMAC, chain) and against its signed head; the Verdict names
+    the first record that was edited, removed, reordered, inserted or cut off, or a wrong key."""
+    run_dir = Path(run_dir)
+    path = run_dir / AUDIT_FILE
+    if not path.exists():
+        return Verdict(False, f"no {AUDIT_FILE} in {run_dir}")
+    data = path.read_bytes()
+    pieces = data.split(b"\n")
+    torn = pieces.pop()  # b"" when the file ends with a newline, else a cut-off record
+    lines, records = [], []
+    for number, line in enumerate(pieces, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not all(k in record for k in _FIELDS):
+            after = f"after record {records[-1].get('seq')}" if records else "at the start"
+            return Verdict(False, f"line {number} ({after}) is not an audit record: a record was edited or inserted",
+                           records)
+        lines.append((number, line))
+        records.append(record)
+    problem = _walk(records, lines, key)
+    if problem is not None:
+        return Verdict(False, problem[1], records, bad_seq=problem[0])
+    last = len(records) - 1
+    if torn:
+        return Verdict(False, f"truncated after record {last}: the next record is cut off mid-line", records,
+                       bad_seq=last + 1)
+    return _check_head(run_dir, records, line_hash(lines[-1][1]) if lines else GENESIS, key)
+
+
+def _walk(records: list, lines: list, key: bytes) -> tuple[int, str] | None:
+    """(seq, message) of the first record out of sequence, failing its HMAC, or breaking the chain; else None."""
+    expected, prev = 0, GENESIS
+    ours = fingerprint(key)
+    seqs = [r.get("seq") for r in records]
+    for index, (record, (number, line)) in enumerate(zip(records, lines)):
+        seq = record["seq"]
+        if not signed(key, record):
+            if record.get("key") != ours and _verifies_nothing(records, key):
+                return seq, (f"wrong key: no record verifies under key {ours}; the trail was signed under key "
+                             f"{record.get('key')} (pass --key PATH)")
+            if seq == expected and index + 1 < len(records) and seqs[index + 1] == expected:
+                return seq, f"a forged record was inserted before record {seq} (line {number}: hmac mismatch)"
+            if seq == expected:
+                return seq, f"record {seq} was edited (hmac mismatch)"
+            return expected, (f"a forged record was inserted after record {expected - 1} (line {number} claims "
+                              f"seq {seq}: hmac mismatch)")
+        if seq != expected:
+            if isinstance(seq, int) and seq < expected:
+                return seq, f"record {seq} appears again after record {expected - 1} (line {number}): replayed"
+            if expected in seqs[index + 1:]:
+                return expected, f"records were reordered: record {seq} comes before record {expected} (line {number})"
+            return expected, f"record {expected} was removed (record {seq} follows record {expected - 1})"
+        if record["prev"] != prev:
+            return expected - 1, (f"record {expected - 1} was edited (its line no longer hashes to the \"prev\" that "
+                                  f"record {seq} holds)")
+        expected, prev = expected + 1, line_hash(line)
+    return None
+
+
+def _verifies_nothing(records: list, key: bytes) -> bool:
+    return not any(signed(key, r) for r in records)
+
+
+def _run_record_id(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Verdict:
+    last = len(records) - 1
+    heads = read_heads(run_dir)
+    if not heads:
+        cut = f"after record {last}" if records else "of the whole trail"
+        return Verdict(False, f"no signed head ({HEAD_FILE}, or {HEAD_KEY} in {RUN_RECORD}): the run has not ended, "
+                              f"or the head was removed; truncation {cut} cannot be ruled out", records)
+    for where, head in heads.items():
+        if not signed(key, head):
+            return Verdict(False, f"the signed head in {where} was edited (hmac mismatch)", records, head)
+    first, *others = heads.values()
+    if any(other["seq"] != first["seq"] or other["hash"] != first["hash"] for other in others):
+        return Verdict(False, f"the signed heads in {' and '.join(heads)} disagree", records, first)
+    head = first
+    if head["seq"] > last:
+        where = f"after record {last}" if records else "to nothing (no record left)"
+        return Verdict(False, f"truncated {where}: the signed head ends at record {head['seq']}",
+                       records, head, bad_seq=last + 1)
+    if head["seq"] < last:
+        return Verdict(False, f"records {head['seq'] + 1}..{last} were appended after the signed head (record "
+                              f"{head['seq']})", records, head, bad_seq=head["seq"] + 1)
+    if head["hash"] != last_hash:
+        return Verdict(False, f"record {last} was replaced: its line does not hash to the signed head's",
+                       records, head, bad_seq=last)
+    run_id = (records[0].get("data") or {}).get("run_id") if records else None
+    if run_id is not None and head.get("run_id") not in (None, run_id):
+        return Verdict(False, f"the signed head belongs to run {head.get('run_id')}, the trail to run {run_id}",
+                       records, head)
+    recorded = _run_record_id(run_dir)
+    if run_id is not None and recorded not in (None, run_id):
+        return Verdict(False, f"the trail belongs to run {run_id}, but {RUN_RECORD} is run {recorded}", records, head)
+    return Verdict(True, f"intact: {len(records)} records (0..{last}), sequence, chain and HMACs verified, signed "
+                         f"head matches record {last}, key {fingerprint(key)}", records, head)
