@@ -11,7 +11,7 @@ from collections import namedtuple
 import numpy as np
 
 from mpnn.core.errors import OpError
-from mpnn.core.tensor import Tensor, as_tensor, make_result
+from mpnn.core.tensor import Tensor, as_tensor, is_grad_enabled, make_result
 
 _from = Tensor._from_array
 
@@ -658,15 +658,10 @@ def getitem(a, idx):
 
 def setitem(a, idx, value):
     """In-place assignment into the data (not recorded on the tape, as on a leaf in torch.no_grad)."""
-    if a.requires_grad and a._node is None and _grad_enabled_check():
+    if a.requires_grad and a._node is None and is_grad_enabled():
         raise RuntimeError("setitem: a leaf tensor that requires grad cannot be changed in place; "
                            "do it under mpnn.no_grad()")
     a.data[_unwrap_index(idx)] = value.data if isinstance(value, Tensor) else value
-
-
-def _grad_enabled_check():
-    from mpnn.core import tensor as _t
-    return _t._grad_enabled
 
 
 def where(cond, a, b):
@@ -809,4 +804,3 @@ _METHODS["__invert__"] = lambda self: _from(np.logical_not(self.data))
 for _name, _fn in _METHODS.items():
     setattr(Tensor, _name, _fn)
 Tensor.T = property(lambda self: permute(self, *reversed(range(self.data.ndim))))
-Tensor.__hash__ = lambda self: id(self)

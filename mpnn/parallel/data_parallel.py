@@ -7,8 +7,9 @@ while backward is still running (as torch's DistributedDataParallel).
   into the bucket's flat buffer; a full bucket is handed to the communicator's background thread.
 - Buckets are launched strictly in bucket order on every rank (a bucket that fills early waits for the ones
   before it), so all ranks issue the same sequence of collectives whatever order backward visits leaves in.
-- When backward ends, the remaining buckets are launched (a parameter that got no gradient contributes
-  zeros), every bucket is awaited, and each ``.grad`` becomes a view of its averaged slice: any optimizer
+- When backward ends, the remaining buckets are reduced on the calling thread (a parameter that got no
+  gradient contributes zeros; waiting on the communication thread would only add a hand-off), every
+  launched bucket is awaited, and each ``.grad`` becomes a view of its averaged slice: any optimizer
   can then step. ``no_sync()`` skips all of this, for gradient accumulation.
 - BatchNorm running statistics (buffers) are broadcast from rank 0 before each forward, as torch does.
 - A gradient codec (the run's compression plugin, or ``codec=``) replaces each bucket's mean all-reduce, like a
@@ -24,10 +25,12 @@ import time
 
 import numpy as np
 
+from mpnn import telemetry
 from mpnn.core.tensor import Tensor, queue_callback
 from mpnn.nn.module import Module
 from mpnn.plugins import session as plugin_session
 from mpnn.plugins.codec import BucketContext, run_codec
+from mpnn.telemetry import instrument
 
 
 class _Bucket:
@@ -170,8 +173,6 @@ class DataParallel(Module):
 
     def _finish(self):
         """End of backward: launch what is left, wait for every bucket, point each .grad at its slice."""
-        from mpnn import telemetry
-        from mpnn.telemetry import instrument
         rec = telemetry.get_recorder()
         t_wait = time.perf_counter()
         self._launch_ready(force=True)
