@@ -3,7 +3,6 @@ references written here, float64 finite-difference gradients, and clear errors f
 import numpy as np
 import pytest
 
-import mpnn.core  # noqa: F401  (attaches the Tensor operators gradcheck uses)
 from mpnn.core import conv as conv_module
 from mpnn.core import OpError, Tensor, gradcheck
 from mpnn.core.conv import conv1d, conv2d

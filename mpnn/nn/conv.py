@@ -1,7 +1,6 @@
 """Conv1d and Conv2d: weight (out_channels, in_channels / groups, *kernel_size), PyTorch's default init."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -52,11 +51,7 @@ class _ConvNd(Module):
 
     def reset_parameters(self):
         """Kaiming uniform with a=sqrt(5) for the weight, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias."""
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight.data.shape[1] * int(np.prod(self.kernel_size))
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            init.uniform_(self.bias, -bound, bound)
+        init.default_weight_and_bias_(self.weight, self.bias)
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -1,7 +1,6 @@
 """Identity, Linear and Embedding: the layers that are one matrix product or one row lookup."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -37,11 +36,7 @@ class Linear(Module):
 
     def reset_parameters(self):
         """Kaiming uniform with a=sqrt(5) for the weight, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias."""
-        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.in_features
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            init.uniform_(self.bias, -bound, bound)
+        init.default_weight_and_bias_(self.weight, self.bias)
 
     def forward(self, input):
         return F.linear(input, self.weight, self.bias)
