@@ -42,10 +42,17 @@ def time_blocks(step, steps, repeats, warmup):
     return statistics.median(blocks)
 
 
-def _cycle(batches):
-    """An endless iterator over pre-cut batches (the no-loader variant)."""
+def _endless(loader):
+    """Batches forever: a new pass of the loader (a reshuffle) each time one ends."""
     while True:
-        yield from batches
+        yield from loader
+
+
+def _batches(x, y, batch, use_loader, wrap, make_loader):
+    """An endless batch iterator: through the library's DataLoader, or over the same pre-cut batches."""
+    if use_loader:
+        return _endless(make_loader())
+    return _endless([(wrap(x[i:i + batch]), wrap(y[i:i + batch])) for i in range(0, len(x) - batch + 1, batch)])
 
 
 def mpnn_step(model_name, x, y, batch, use_loader=True):
@@ -56,19 +63,11 @@ def mpnn_step(model_name, x, y, batch, use_loader=True):
     mpnn.manual_seed(0)
     model = MODELS[model_name]()
     opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True)
-    if not use_loader:
-        loader = [(mpnn.from_numpy(x[i:i + batch]), mpnn.from_numpy(y[i:i + batch]))
-                  for i in range(0, len(x) - batch + 1, batch)]
-    it = iter(loader)
+    batches = _batches(x, y, batch, use_loader, mpnn.from_numpy, lambda: DataLoader(
+        TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True))
 
     def step():
-        nonlocal it
-        try:
-            xb, yb = next(it)
-        except StopIteration:
-            it = iter(loader)
-            xb, yb = next(it)
+        xb, yb = next(batches)
         opt.zero_grad()
         loss = mpnn.nn.functional.cross_entropy(model(xb), yb)
         loss.backward()
@@ -76,11 +75,12 @@ def mpnn_step(model_name, x, y, batch, use_loader=True):
     return step
 
 
-def torch_step(model_name, x, y, batch, use_loader=True):
+def torch_step(model_name, x, y, batch, use_loader=True, flush_denormal=False):
     import torch
     from torch import nn
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(flush_denormal)
     torch.manual_seed(0)
     if model_name == "mlp":
         class Net(nn.Module):
@@ -107,20 +107,12 @@ def torch_step(model_name, x, y, batch, use_loader=True):
                 return self.linear(h.view(h.shape[0], -1))
     model = Net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-                                         batch_size=batch, shuffle=True, drop_last=True)
-    if not use_loader:
-        loader = [(torch.from_numpy(x[i:i + batch]), torch.from_numpy(y[i:i + batch]))
-                  for i in range(0, len(x) - batch + 1, batch)]
-    it = iter(loader)
+    batches = _batches(x, y, batch, use_loader, torch.from_numpy, lambda: torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch, shuffle=True,
+        drop_last=True))
 
     def step():
-        nonlocal it
-        try:
-            xb, yb = next(it)
-        except StopIteration:
-            it = iter(loader)
-            xb, yb = next(it)
+        xb, yb = next(batches)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(xb), yb)
         loss.backward()
@@ -134,6 +126,9 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--torch-flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True): PyTorch's Adam also slows on denormal moments once a "
+                        "model fits (mpnn flushes them inside its fused update); this gives torch the same help")
     args = p.parse_args()
     print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} "
           f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')} threads=1")
@@ -146,8 +141,8 @@ def main():
         for name in ("mlp", "cnn"):
             m = time_blocks(mpnn_step(name, x, y, args.batch_size, use_loader), args.steps, args.repeats,
                             args.warmup)
-            t = time_blocks(torch_step(name, x, y, args.batch_size, use_loader), args.steps, args.repeats,
-                            args.warmup)
+            t = time_blocks(torch_step(name, x, y, args.batch_size, use_loader, args.torch_flush_denormal),
+                            args.steps, args.repeats, args.warmup)
             print(f"{name:6s} {1e3 * m:13.3f} {1e3 * t:14.3f} {m / t:11.2f}x", flush=True)
 
 
