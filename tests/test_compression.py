@@ -62,6 +62,11 @@ def _exactness_worker():
     code("topk_full", TopK(ratio=1.0), data["dense"])
     code("topk", TopK(ratio=0.1), data["dense"])
     code("powersgd", PowerSGD(rank=2), data["low_rank"], LOW_RANK_SHAPES, steps=2)
+    code("powersgd_fp16", PowerSGD(rank=2, fp16=True), data["low_rank"], LOW_RANK_SHAPES, steps=2)
+    tiny = [g * np.float32(1e-6) for g in data["low_rank"]]   # unscaled, P and Q would be float16 denormals
+    code("powersgd_fp16_tiny", PowerSGD(rank=2, fp16=True), tiny, LOW_RANK_SHAPES, steps=2)
+    huge = [g * np.float32(3e4) for g in data["low_rank"]]    # unscaled, P, Q and their sums would overflow
+    code("powersgd_fp16_huge", PowerSGD(rank=2, fp16=True), huge, LOW_RANK_SHAPES, steps=2)
     code("signsgd", SignSGD(), data["two_sizes"], TWO_SIZES_SHAPES)
     return comm.allgather_object(out)
 
@@ -116,6 +121,21 @@ def test_powersgd_is_exact_when_rank_covers_the_matrix(two_ranks):
     np.testing.assert_allclose(decoded[:108], mean[:108], rtol=1e-4, atol=1e-5)  # P Q^T of the rank-2 matrix
     np.testing.assert_array_equal(decoded[108:], mean[108:])                       # bias and 2x2: uncompressed
     assert wire == (4 * (12 * 2 + 9 * 2 + 5 + 4), 4 * 117)
+
+
+@pytest.mark.parametrize("name, scale", [("powersgd_fp16", 1.0), ("powersgd_fp16_tiny", 1e-6),
+                                         ("powersgd_fp16_huge", 3e4)])
+def test_powersgd_fp16_halves_the_bytes_within_float16_rounding_at_any_scale(two_ranks, name, scale):
+    data, out = _inputs(), two_ranks[0]
+    mean = (data["low_rank"][0] + data["low_rank"][1]) / WORLD * np.float32(scale)
+    decoded, wire = out[name]
+    assert np.isfinite(decoded).all()
+    # rank-2 matrix through float16 P and Q: float16's 11 bits, a few roundings deep; the rest float16-rounded
+    np.testing.assert_allclose(decoded[:108], mean[:108], rtol=0, atol=4e-3 * np.abs(mean[:108]).max())
+    # the uncompressed pieces: each rank's value rounded to float16 (11 bits) before the sum
+    largest = max(np.abs(g[108:]).max() for g in data["low_rank"]) * scale
+    np.testing.assert_allclose(decoded[108:], mean[108:], rtol=0, atol=2 ** -10 * largest)
+    assert wire == (2 * (12 * 2 + 9 * 2 + 5 + 4) + 4, 4 * 117)  # float16 factors + the float32 max
 
 
 def test_signsgd_decodes_the_mean_of_signs_scaled_per_parameter(two_ranks):
