@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RECIPE = REPO / "launch" / "mnist1d.py"
-DEFAULT_METHODS = ["none", "fp16", "topk:ratio=0.01", "powersgd:rank=2", "signsgd"]
+DEFAULT_METHODS = ["none", "fp16", "topk:ratio=0.01", "powersgd:rank=2", "powersgd:rank=2,fp16=true", "signsgd"]
 FINAL = re.compile(r"final test accuracy ([0-9.]+)")
 EVAL = re.compile(r"step +(\d+)/\d+ .*test acc ([0-9.]+)")
 
@@ -38,7 +38,7 @@ def run_method(method, steps, seed, eval_every, log_dir):
     per-step telemetry records."""
     from mpnn.telemetry.reader import load_run
 
-    run_id = f"{method.replace(':', '-').replace('=', '')}-seed{seed}"
+    run_id = f"{re.sub(r'[^A-Za-z0-9._-]', '-', method.replace('=', ''))}-seed{seed}"
     plugin = [] if method == "none" else ["--plugin", method]
     command = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--log-dir", str(log_dir), "--run-id", run_id,
                *plugin, str(RECIPE), "--model", "cnn", "--steps", str(steps), "--eval-every", str(eval_every),

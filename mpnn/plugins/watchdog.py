@@ -303,8 +303,10 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
     plugins, which nobody reads) and "watchdog" (that, plus pluggy's dispatch and the hook). Prints and returns the
     median, over rounds, of each set-up's step time relative to "bare", in percent, and the time spent inside the
     watchdog's own hook ("hook", timed around it, in percent of the bare step). Run it in its own process, with
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 as the launcher gives workers. The defaults are a worst case (a
-    ~0.2 ms step); features=40, hidden=256, batch=100 is the MNIST-1D MLP recipe's shape."""
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 as the launcher gives workers; it pins itself to one core as the
+    launcher pins a worker, so the telemetry flush thread shares that core (unpinned, "bare" got the flush's
+    record building done for free on a second core, which inflated the measured overhead by 2-3 points). The
+    defaults are a worst case (a ~0.2 ms step); features=40, hidden=256, batch=100 is the MNIST-1D MLP's shape."""
     import statistics
     import tempfile
 
@@ -321,6 +323,7 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
             self.hook_s += perf_counter() - t0
             self.hook_calls += 1
 
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core, as `mpnn launch` gives each worker
     with tempfile.TemporaryDirectory() as run_dir:
         os.environ["MPNN_RUN_DIR"] = run_dir  # mpnn.init records telemetry there, and the plugin sees each step
         dog = TimedWatchdog()

@@ -10,12 +10,21 @@ compressed when r (n + m) < n m; 1-D tensors (biases, norms) and matrices too sm
 in the same all-reduce as P (their residual stays zero). Both all-reduces carry float32: per rank
 4 * (sum r (n + m) + uncompressed) bytes instead of 4 * numel. The initial Q is random with a seed every
 rank shares; a Q that became zero or non-finite is drawn again.
+
+With fp16=True both all-reduces carry float16 (half the bytes), as PyTorch's fp16_compress_wrapper around its
+powerSGD_hook does. One 4-byte max all-reduce agrees on amax = max|M| over the bucket; every rank then bounds P,
+Q and the uncompressed pieces alike (|P_ij| <= sqrt(m) amax |Q_:j| with the shared warm-start Q; |Q_ij| <= sqrt(n)
+amax since P's columns are orthonormal) and scales each by the power of two that keeps world_size * bound below
+float16's 2**15, so nothing overflows and every rank decodes the same bits.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from mpnn.plugins.codec import Codec
+from mpnn.plugins.compression.fp16 import scale_exponent
 from mpnn.plugins.options import Option
 
 
@@ -48,9 +57,12 @@ class PowerSGD(Codec):
         "error_feedback": Option(bool, True, "add the approximation's error to the next step's gradient"),
         "warm_start": Option(bool, True, "start each step's power iteration from the previous step's Q"),
         "seed": Option(int, 0, "seed of the random initial Q (the same on every rank)"),
+        "fp16": Option(bool, False, "send P, Q and the uncompressed pieces as float16 under shared power-of-two "
+                                    "scales (half the bytes, plus one 4-byte max all-reduce)"),
     }
 
-    def __init__(self, rank: int = 2, error_feedback: bool = True, warm_start: bool = True, seed: int = 0):
+    def __init__(self, rank: int = 2, error_feedback: bool = True, warm_start: bool = True, seed: int = 0,
+                 fp16: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
@@ -58,6 +70,7 @@ class PowerSGD(Codec):
         self.error_feedback = bool(error_feedback)
         self.warm_start = bool(warm_start)
         self.seed = int(seed)
+        self.fp16 = bool(fp16)
         self.q: dict[tuple[int, int], np.ndarray] = {}   # (bucket, parameter index) -> Q, m x r
         self._plans: dict[int, tuple[tuple, _Plan]] = {}
 
@@ -70,20 +83,35 @@ class PowerSGD(Codec):
         first = np.empty(plan.p_size + plan.plain_size, bucket.dtype)
         second = np.empty(plan.q_size, bucket.dtype)
         ps, qs, at_p, at_q = [], [], 0, 0
+        p_bound = q_bound = 0.0  # per unit of amax, for fp16's scales
         for index, start, stop, n, m, r in plan.matrices:
             p, q_next = first[at_p:at_p + n * r].reshape(n, r), second[at_q:at_q + m * r].reshape(m, r)
-            np.matmul(bucket[start:stop].reshape(n, m), self._q(ctx, index, m, r), out=p)
+            q = self._q(ctx, index, m, r)
+            np.matmul(bucket[start:stop].reshape(n, m), q, out=p)
             ps.append(p)
             qs.append(q_next)
             at_p, at_q = at_p + n * r, at_q + m * r
+            if self.fp16:
+                p_bound = max(p_bound, math.sqrt(m) * float(np.sqrt((q.astype(np.float64) ** 2).sum(0)).max()))
+                q_bound = max(q_bound, math.sqrt(n))
         for start, stop in plan.plain:
             first[at_p:at_p + stop - start] = bucket[start:stop]
             at_p += stop - start
-        ctx.comm.allreduce(first, "mean")
+        wire = 0
+        if self.fp16:
+            amax = np.array([np.max(np.abs(bucket)) if bucket.size else 0.0], np.float32)
+            ctx.comm.allreduce(amax, "max")
+            amax, wire = float(amax[0]), amax.nbytes
+            wire += self._mean_fp16(ctx, first, [(plan.p_size, p_bound * amax), (plan.plain_size, amax)])
+        else:
+            ctx.comm.allreduce(first, "mean")
         for p, q_next, (_, start, stop, n, m, _) in zip(ps, qs, plan.matrices):
             p[...] = np.linalg.qr(p)[0]
             np.matmul(bucket[start:stop].reshape(n, m).T, p, out=q_next)
-        ctx.comm.allreduce(second, "mean")
+        if self.fp16:
+            wire += self._mean_fp16(ctx, second, [(plan.q_size, q_bound * amax)])
+        else:
+            ctx.comm.allreduce(second, "mean")
         for p, q_next, (index, start, stop, n, m, _) in zip(ps, qs, plan.matrices):
             np.matmul(p, q_next.T, out=bucket[start:stop].reshape(n, m))
             if self.warm_start:
@@ -96,7 +124,22 @@ class PowerSGD(Codec):
             residual -= bucket
             for start, stop in plan.plain:
                 residual[start:stop] = 0
-        self.count_wire(first.nbytes + second.nbytes, bucket.size)
+        self.count_wire(wire if self.fp16 else first.nbytes + second.nbytes, bucket.size)
+
+    @staticmethod
+    def _mean_fp16(ctx, values, segments) -> int:
+        """Replace `values` (float32) by their mean over ranks, sent as float16: each (length, bound) segment scaled
+        by the power of two that keeps world_size * bound below 2**15. Returns the bytes sent."""
+        exponents = np.empty(values.size, np.float32)
+        at = 0
+        for length, bound in segments:
+            exponents[at:at + length] = 2.0 ** scale_exponent(bound, ctx.world_size)
+            at += length
+        half = np.multiply(values, exponents).astype(np.float16)
+        ctx.comm.allreduce(half, "sum")  # accumulated in float32 by the communicator
+        np.divide(half, exponents, out=values, casting="unsafe")
+        values /= ctx.world_size
+        return half.nbytes
 
     def _plan(self, ctx) -> _Plan:
         cached = self._plans.get(ctx.bucket_index)
