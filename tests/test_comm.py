@@ -220,8 +220,11 @@ def test_collectives_match_numpy(world_size):
 
 
 @pytest.mark.parametrize("world_size,env", [
-    (2, {"MPNN_SHM": "0"}), (5, {"MPNN_SHM": "0"}), (3, {"MPNN_TRANSPORT": "tcp"})])  # tcp has no shm either
-def test_collectives_match_numpy_over_the_socket_ring(world_size, env):
+    (2, {"MPNN_SHM": "0"}), (5, {"MPNN_SHM": "0"}), (3, {"MPNN_TRANSPORT": "tcp"}),  # tcp has no shm either
+    (2, {"MPNN_MAILBOX": "0"}), (3, {"MPNN_MAILBOX": "1"}), (5, {"MPNN_MAILBOX": "1"}), (8, {"MPNN_MAILBOX": "1"})])
+def test_collectives_match_numpy_over_each_path(world_size, env):
+    """The socket ring, and small all-reduces through shared-memory mailboxes forced on in worlds with more
+    ranks than this machine has cores (by default those use the sockets) or off where they would be on."""
     assert_world_ok(values(run_world(collectives_worker, world_size, (True,), env=env, deadline=150)))
 
 
@@ -264,7 +267,8 @@ CASES = st.tuples(
 @given(world_size=st.integers(2, 5), cases=st.lists(CASES, min_size=10, max_size=25),
        shm=st.sampled_from(["0", "1"]))
 def test_random_cases_match_numpy(world_size, cases, shm):
-    reports = values(run_world(hypothesis_worker, world_size, (cases,), env={"MPNN_SHM": shm}))
+    env = {"MPNN_SHM": shm, "MPNN_MAILBOX": shm}
+    reports = values(run_world(hypothesis_worker, world_size, (cases,), env=env))
     failures = [failure for report in reports for failure in report["failures"]]
     assert not failures, "\n".join(failures[:30])
     assert len({report["digest"] for report in reports}) == 1

@@ -65,8 +65,12 @@ def async_mismatch_worker(comm):
         return "second call did not raise"
 
 
-def test_different_ops_fail_at_once_naming_both_ranks():
-    outcomes = values(run_world(op_mismatch_worker, 3, comm_timeout=TIMEOUT * 5))
+MAILBOX_ON, MAILBOX_OFF = {"MPNN_MAILBOX": "1"}, {"MPNN_MAILBOX": "0"}  # small all-reduces: shared memory or sockets
+
+
+@pytest.mark.parametrize("env", [MAILBOX_OFF, MAILBOX_ON], ids=["sockets", "mailbox"])
+def test_different_ops_fail_at_once_naming_both_ranks(env):
+    outcomes = values(run_world(op_mismatch_worker, 3, comm_timeout=TIMEOUT * 5, env=env))
     for name, message, elapsed, ranks, later in outcomes:
         assert name == "CollectiveMismatch", message
         assert "broadcast(float32, shape (10,), root=0)" in message and "allreduce(float32, shape (10,)" in message
@@ -75,9 +79,10 @@ def test_different_ops_fail_at_once_naming_both_ranks():
         assert later == "CollectiveMismatch"  # the communicator stays failed with the first error
 
 
-@pytest.mark.parametrize("big", [False, True])
-def test_different_shapes_fail_at_once_naming_both_ranks(big):
-    outcomes = values(run_world(shape_mismatch_worker, 2, (big,), comm_timeout=TIMEOUT * 5))
+@pytest.mark.parametrize("big,env", [(False, MAILBOX_OFF), (False, MAILBOX_ON), (True, {})],
+                         ids=["small-sockets", "small-mailbox", "big"])
+def test_different_shapes_fail_at_once_naming_both_ranks(big, env):
+    outcomes = values(run_world(shape_mismatch_worker, 2, (big,), comm_timeout=TIMEOUT * 5, env=env))
     sizes = (300_000, 300_002) if big else (10, 12)
     for rank, (name, message, elapsed, ranks, later) in enumerate(outcomes):
         assert name == "CollectiveMismatch" and sorted(ranks) == [0, 1], message
@@ -90,14 +95,15 @@ def test_async_mismatch_raises_in_wait_and_after():
         assert "collective mismatch" in message and "shape (5,)" in message and "shape (6,)" in message
 
 
-def sleeper_worker(comm, sleeper, seconds):
+def sleeper_worker(comm, sleeper, seconds, size=50_000):
     if comm.rank == sleeper:
         time.sleep(seconds)
-    return _outcome(comm, lambda: comm.allreduce(np.ones(50_000, np.float32)))
+    return _outcome(comm, lambda: comm.allreduce(np.ones(size, np.float32)))
 
 
-def test_silent_rank_is_named_within_the_timeout():
-    outcomes = values(run_world(sleeper_worker, 3, (1, 2 * TIMEOUT + 0.5), comm_timeout=TIMEOUT))
+@pytest.mark.parametrize("size,env", [(50_000, {}), (10, MAILBOX_ON)], ids=["shared-slots", "mailbox"])
+def test_silent_rank_is_named_within_the_timeout(size, env):
+    outcomes = values(run_world(sleeper_worker, 3, (1, 2 * TIMEOUT + 0.5, size), comm_timeout=TIMEOUT, env=env))
     for rank in (0, 2):
         name, message, elapsed, silent, later = outcomes[rank]
         assert name == "CommTimeout" and silent == 1, message
@@ -113,8 +119,9 @@ def dead_rank_worker(comm):
     return _outcome(comm, lambda: comm.allreduce(np.ones(10, np.float32)))
 
 
-def test_dead_rank_is_named_within_the_timeout():
-    results = run_world(dead_rank_worker, 2, comm_timeout=TIMEOUT)
+@pytest.mark.parametrize("env", [MAILBOX_OFF, MAILBOX_ON], ids=["sockets", "mailbox"])
+def test_dead_rank_is_named_within_the_timeout(env):
+    results = run_world(dead_rank_worker, 2, comm_timeout=TIMEOUT, env=env)
     name, message, elapsed, silent, _ = results[0].value
     assert name == "CommTimeout" and silent == 1 and "rank 1" in message
     assert elapsed < 1.5 * TIMEOUT + 1.0

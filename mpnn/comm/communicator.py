@@ -5,8 +5,9 @@ Semantics (PyTorch's where it has the thing):
   divided by world_size at the end (floating dtypes only). float16 sums accumulate in float32 (partial sums
   are kept, and on the socket ring sent, as float32; the result is rounded to float16 once). Integer sums wrap
   like NumPy's. Every rank gets bit-identical results: each segment is reduced once, by one owner, in a fixed
-  order. Paths: <= 32 KB gathers whole arrays around the ring and reduces locally (latency); larger arrays go
-  through shared memory when all ranks share this host (shm.py), else ring reduce-scatter + all-gather.
+  order. Paths: when all ranks share this host, <= 32 KB goes through shared-memory mailboxes waited for by
+  spinning (mailbox.py) and larger arrays through shared slots (shm.py); across hosts, <= 32 KB gathers whole
+  arrays around the ring and reduces locally (latency), larger ones run ring reduce-scatter + all-gather.
 - broadcast(a, root) copies root's `a` into every rank's `a` in place (same dtype and shape everywhere).
 - allgather(a) returns every rank's array in rank order; same dtype everywhere, any shape per rank.
 - reduce_scatter(a, op) reduces `a` across ranks and returns this rank's part: a is split along axis 0 in
@@ -38,13 +39,13 @@ import weakref
 import numpy as np
 import zmq
 
-from . import frames, rendezvous, ring, shm
+from . import frames, mailbox, rendezvous, ring, shm
 from .auth import DataSocketSecurity
 from .env import WorldSpec
 from .errors import AuthError, CommError
 from .transport import FLUSH_LINGER_MS, RingLink
 
-SMALL_ALLREDUCE_BYTES = 32 * 1024  # below: gather whole arrays in n-1 steps and reduce locally (latency-bound)
+SMALL_ALLREDUCE_BYTES = mailbox.SMALL_BYTES  # below: latency-bound; mailboxes on one host, else gather + reduce
 REDUCE_UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum}
 _LIVE = weakref.WeakSet()
 
@@ -103,6 +104,7 @@ class Communicator:
         self._link = self._context = self._security = None
         self._ipc_dir = None
         self._slots = None  # shm.SharedSlots when the same-host shared-memory path is on
+        self._mailboxes = None  # mailbox.Mailboxes (small all-reduces, barriers) when it is
         if self.world_size > 1:
             if transport not in ("auto", "tcp"):
                 raise ValueError(f"Communicator: transport must be 'auto' or 'tcp', got {transport!r}")
@@ -239,7 +241,9 @@ class Communicator:
         copied = not a.flags.c_contiguous
         flat = np.ascontiguousarray(a).reshape(-1) if copied else a.reshape(-1)
         accumulate = np.float32 if a.dtype == np.float16 and op != "max" else a.dtype
-        if a.nbytes <= SMALL_ALLREDUCE_BYTES:
+        if a.nbytes <= SMALL_ALLREDUCE_BYTES and self._mailboxes is not None:
+            self._mailboxes.allreduce(flat, REDUCE_UFUNCS[op], accumulate, n if op == "mean" else None)
+        elif a.nbytes <= SMALL_ALLREDUCE_BYTES:
             gathered = np.empty((n, flat.size), a.dtype)
             gathered[r] = flat
             pieces = [(i * flat.size, (i + 1) * flat.size) for i in range(n)]
@@ -249,7 +253,8 @@ class Communicator:
                 total /= n
             flat[...] = total
         elif self._slots is not None:
-            shm.allreduce(link, self._slots, flat, REDUCE_UFUNCS[op], accumulate, n if op == "mean" else None)
+            shm.allreduce(link, self._slots, flat, REDUCE_UFUNCS[op], accumulate, n if op == "mean" else None,
+                          self._mailboxes)
         else:
             segments = ring.split_bounds(flat.size, n)
             work = flat if accumulate == a.dtype else flat.astype(accumulate)
@@ -287,6 +292,8 @@ class Communicator:
         return part.astype(a.dtype, copy=True).reshape((rows[1] - rows[0],) + a.shape[1:])
 
     def _barrier(self, link):
+        if self._mailboxes is not None:
+            return self._mailboxes.barrier()
         ring.allgather_pieces(link, np.empty(0, np.uint8), (0,))
 
     # -- validation --------------------------------------------------------------------------------------
@@ -325,6 +332,8 @@ class Communicator:
         self._seq += 1
         link = self._link
         link.begin(call, self._seq)
+        if self._mailboxes is not None:
+            self._mailboxes.announce(call, self._seq)
         try:
             result = body(link)
             link.finish()
@@ -334,6 +343,8 @@ class Communicator:
                 error = CommError(f"rank {self.rank} aborted {call.describe()} at collective #{self._seq}: "
                                   f"{type(error).__name__}: {error}")
             self._error = error
+            if self._mailboxes is not None:
+                self._mailboxes.mark_aborted(error)
             link.abort(error)
             self._shutdown(linger_ms=0)
             raise
@@ -390,6 +401,8 @@ class Communicator:
                 if self._error is None and not self._closed:  # fn failed between collectives: abort the world
                     self._error = CommError(f"rank {self.rank} aborted after collective #{self._seq}: "
                                             f"{type(error).__name__}: {error}")
+                    if self._mailboxes is not None:
+                        self._mailboxes.mark_aborted(self._error, between=True)
                     self._link.abort(self._error)
                     self._shutdown(linger_ms=0)
             raise
@@ -446,6 +459,9 @@ class Communicator:
             self._slots.attach([peer["shm"] for peer in table])
             self._run(frames.Call(frames.BARRIER), self._barrier)  # everyone has mapped everyone's file
             self._slots.unlink()
+            if mailbox.wanted(self.world_size):
+                self._mailboxes = mailbox.Mailboxes(self._slots, self.world_size, self.rank, self._link.tag,
+                                                    self.timeout)
         else:
             self._slots.close()
             self._slots = None
@@ -480,6 +496,7 @@ class Communicator:
                 self._worker.join(timeout=1.0)
         if self._link is not None:
             self._link.close(linger_ms=linger_ms)
+        self._mailboxes = None  # its views into the shared files go before the mappings
         if self._slots is not None:
             self._slots.close()
             self._slots = None

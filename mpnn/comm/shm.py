@@ -2,21 +2,25 @@
 
 Measured on the 2-core machine (2 ranks, 16 MB float32): the socket ring spends ~7.5-9 ms of CPU per rank
 (two kernel copies per byte plus the user-space add/copy), this path ~4.8 ms (copy in, one reduction pass, copy
-out), and 1 MB ran at ~2.7 GB/s against ~1.4 GB/s. Synchronisation stays on the ring: a "sync" is an empty
-frame passed n-1 hops, carrying the all-reduce's header, so mismatches, timeouts and aborts behave exactly as
-on the socket path.
+out), and 1 MB ran at ~2.7 GB/s against ~1.4 GB/s. A "sync" (every rank reached this point) is a mailbox
+synchronisation point when the world uses mailboxes (mailbox.py: shared counters waited for by spinning), else
+an empty frame passed n-1 hops around the ring; both carry the all-reduce's header, so mismatches, timeouts and
+aborts behave exactly as on the socket path.
 
 Each rank owns one file in /dev/shm (0600, created O_EXCL, space reserved with posix_fallocate so a full
 tmpfs fails at startup instead of with SIGBUS later), holding two slots of BLOCK_BYTES. Buffers go through in
 blocks; block k uses slot k % 2. Rank r rewrites a slot only after passing the first sync of the block before,
 which every rank enters only after finishing the block before that, so nobody still reads it. Files are
-unlinked as soon as every rank has mapped them: nothing is left in /dev/shm even after a crash.
+unlinked as soon as every rank has mapped them: nothing is left in /dev/shm even after a crash. After the two
+slots each file holds the rank's mailbox for small all-reduces (mailbox.py).
 """
 
 import mmap
 import os
 
 import numpy as np
+
+from .mailbox import MAILBOX_BYTES
 
 BLOCK_BYTES = 4 * 1024 * 1024
 SHM_DIR = "/dev/shm"
@@ -27,11 +31,12 @@ class SharedSlots:
 
     def __init__(self, tag, rank, block_bytes=BLOCK_BYTES):
         self.rank, self.block_bytes = rank, block_bytes
+        self.file_bytes = 2 * block_bytes + MAILBOX_BYTES
         self.path = os.path.join(SHM_DIR, f"mpnn-{tag}-r{rank}")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, 2 * block_bytes)
-            self._maps = {rank: mmap.mmap(fd, 2 * block_bytes)}
+            os.posix_fallocate(fd, 0, self.file_bytes)
+            self._maps = {rank: mmap.mmap(fd, self.file_bytes)}
         except BaseException:
             os.unlink(self.path)
             raise
@@ -47,10 +52,10 @@ class SharedSlots:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             try:
                 info = os.fstat(fd)
-                if info.st_uid != os.getuid() or info.st_mode & 0o077 or info.st_size != 2 * self.block_bytes:
+                if info.st_uid != os.getuid() or info.st_mode & 0o077 or info.st_size != self.file_bytes:
                     raise PermissionError(f"shared-memory file {path} of rank {rank} is not a private "
-                                          f"{2 * self.block_bytes}-byte file of this user")
-                self._maps[rank] = mmap.mmap(fd, 2 * self.block_bytes)
+                                          f"{self.file_bytes}-byte file of this user")
+                self._maps[rank] = mmap.mmap(fd, self.file_bytes)
             finally:
                 os.close(fd)
 
@@ -64,6 +69,10 @@ class SharedSlots:
     def slot(self, rank, parity, dtype, count):
         """The first `count` items of `rank`'s slot `parity` as a `dtype` array."""
         return np.frombuffer(self._maps[rank], dtype, count, parity * self.block_bytes)
+
+    def region(self, rank, offset, nbytes):
+        """`nbytes` bytes of `rank`'s mailbox region, from `offset`, as a uint8 array."""
+        return np.frombuffer(self._maps[rank], np.uint8, nbytes, 2 * self.block_bytes + offset)
 
     def close(self):
         """Drop the mappings (views into them must be gone) and the file name."""
@@ -86,10 +95,12 @@ def sync(link):
             link.send(empty)
 
 
-def allreduce(link, slots, flat, ufunc, accumulate, divide_by):
+def allreduce(link, slots, flat, ufunc, accumulate, divide_by, mailboxes=None):
     """All-reduce the flat contiguous `flat` in place block by block through the shared slots.
     Rank r reduces segment r of each block: its own data first, then the others' in rank order, in the
-    `accumulate` dtype, divided by `divide_by` if given; every rank then copies every segment out."""
+    `accumulate` dtype, divided by `divide_by` if given; every rank then copies every segment out.
+    Synchronisation points go through `mailboxes` (mailbox.Mailboxes.sync) when given, else around the ring."""
+    wait_for_all = mailboxes.sync if mailboxes is not None else (lambda: sync(link))
     n, r = link.world_size, link.rank
     per_block = slots.block_bytes // flat.itemsize
     for low in range(0, max(flat.size, 1), per_block):
@@ -99,7 +110,7 @@ def allreduce(link, slots, flat, ufunc, accumulate, divide_by):
         slots.counter += 1
         views = [slots.slot(rank, parity, flat.dtype, count) for rank in range(n)]
         views[r][:] = flat[low:high]
-        sync(link)
+        wait_for_all()
         bounds = [(count * i // n, count * (i + 1) // n) for i in range(n)]
         start, stop = bounds[r]
         own = views[r][start:stop]
@@ -111,6 +122,6 @@ def allreduce(link, slots, flat, ufunc, accumulate, divide_by):
             np.divide(total, divide_by, out=total)
         if total is not own:
             own[:] = total
-        sync(link)
+        wait_for_all()
         for rank, (start, stop) in enumerate(bounds):
             flat[low + start:low + stop] = views[rank][start:stop]

@@ -19,6 +19,8 @@ def warm_numba_cache() -> bool:
         return False
     try:
         hook()
+        from mpnn.comm.mailbox import memory_fence
+        memory_fence()  # the communicator's one Numba function
     except Exception as e:  # the run can still go on: each worker compiles what it needs
         print(f"mpnn launch: warning: kernel warm-up failed ({type(e).__name__}: {e}); "
               "workers will compile their own kernels", file=sys.stderr)
