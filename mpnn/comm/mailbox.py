@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -40,7 +41,9 @@ HEADER_MAX = 224                # wire header bytes kept in the control line (40
 MESSAGE_AT = 32 + HEADER_MAX    # then the error of a rank that aborted, UTF-8, cut to fit
 MAILBOX_BYTES = CONTROL_BYTES + 2 * SMALL_BYTES
 _PUBLISHED, _ABORTED, _ANNOUNCED, _HEADER_LEN = range(4)  # int64 words of the control line
-SPIN_CHECKS = 2000             # pure spinning first (~0.3 ms): a peer on its own core answers within that
+SPIN_CHECKS = 2000             # pure spinning first (~0.3 ms): a peer on its own core answers within that;
+                               # only on the main thread: the communication thread yields (and so lets go of
+                               # the GIL) between checks, so the backward pass it overlaps keeps running
 YIELD_CHECKS = 20000           # then give the core away between checks, then sleep
 SLEEP_S = 50e-6
 PHASE_BITS = 20
@@ -143,6 +146,7 @@ class Mailboxes:
     def _wait_for_all(self, seq, mark):
         pending = [k for k in range(self.world_size) if k != self.rank]
         checks, deadline = 0, time.monotonic() + self.timeout
+        spin = SPIN_CHECKS if threading.current_thread() is threading.main_thread() else 0
         while True:
             pending = [k for k in pending if self._words[k][_PUBLISHED] < mark or not self._agrees(k, seq)]
             if not pending:
@@ -161,7 +165,7 @@ class Mailboxes:
                         f"{self._where()} (stuck, dead, or not calling it)", silent_rank=pending[0])
             if checks > YIELD_CHECKS:
                 time.sleep(SLEEP_S)
-            elif checks > SPIN_CHECKS:
+            elif checks > spin:
                 os.sched_yield()
 
     def _agrees(self, k, seq):
