@@ -4,6 +4,7 @@
     x = mpnn.tensor([[1.0, 2.0]], requires_grad=True)
     model = mpnn.nn.Sequential(mpnn.nn.Linear(2, 8), mpnn.nn.ReLU(), mpnn.nn.Linear(8, 1))
 """
+import mpnn.threads  # noqa: F401  first, before NumPy loads: under mpirun/srun, one BLAS/Numba thread per rank
 from mpnn.core import (GradcheckError, OpError, Tensor, bool_, enable_grad, float16, float32, float64,
                        gradcheck, int32, int64, is_grad_enabled, no_grad, tensor)
 from mpnn.core.activation import dropout, log_softmax, softmax
@@ -17,6 +18,7 @@ from mpnn.core.random import manual_seed
 from mpnn.core.serialize import load, save
 from mpnn import data, launch, nn, optim, telemetry  # noqa: E402  (subpackages after the engine they build on)
 from mpnn.parallel import DataParallel  # noqa: E402
+from mpnn.checkpoint import Checkpointer  # noqa: E402
 from mpnn.runtime import get_comm, init  # noqa: E402
 
 clamp = clip
