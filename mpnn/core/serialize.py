@@ -89,8 +89,10 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save(obj, path) -> None:
-    """Write ``obj`` to ``path`` atomically (Tensors are stored as NumPy arrays)."""
+def save(obj, path, *, notify: bool = True) -> None:
+    """Write ``obj`` to ``path`` atomically (Tensors are stored as NumPy arrays).
+
+    notify=False skips the save hooks: mpnn.Checkpointer reports a whole checkpoint once, not file by file."""
     path = os.fspath(path)
     arrays: list = []
     root = _encode(obj, arrays, "obj", set())
@@ -131,7 +133,7 @@ def save(obj, path) -> None:
             pass
         raise
     _fsync_directory(directory)
-    if _save_hooks:
+    if notify and _save_hooks:
         digest_hex = _file_sha256(path)
         for fn in _save_hooks:
             fn(path, digest_hex)

@@ -131,6 +131,24 @@ class DataParallel(Module):
         finally:
             self._sync = prev
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    def codec_state_dict(self) -> dict:
+        """This rank's gradient-path state for a checkpoint: the codec's name and state (error-feedback residuals)
+        and the count of synchronised backward passes, which codecs see as ctx.step."""
+        codec = self.codec
+        return {"step": self._step, "codec": None if codec is None else codec.name,
+                "codec_state": None if codec is None else codec.state_dict()}
+
+    def load_codec_state_dict(self, state: dict) -> None:
+        """Restore what codec_state_dict() returned; a checkpoint of another codec is refused, naming both."""
+        own = None if self.codec is None else self.codec.name
+        if state["codec"] != own:
+            raise ValueError(f"DataParallel.load_codec_state_dict: the checkpoint's gradient codec is "
+                             f"{state['codec']!r}, this model's is {own!r} (resume with the same --plugin)")
+        if self.codec is not None:
+            self.codec.load_state_dict(state["codec_state"])
+        self._step = int(state["step"])
+
     # ----- the hook path during backward -----------------------------------------------------
     def _grad_ready(self, p: Tensor):
         if not self._sync:
