@@ -15,6 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mpnn.launch.layout import read_layout
+from mpnn.launch.pinning import pin_plan
+
 REPO = Path(__file__).resolve().parents[1]
 CORES = sorted(os.sched_getaffinity(0))
 
@@ -116,12 +119,13 @@ def reports(stdout):
 def test_env_pinning_run_dir_and_prefixes(tmp_path):
     """Each worker gets the MPNN_* contract, one core, one thread per library; the run dir holds it all."""
     script = write_script(tmp_path, ENV_REPORT)
-    n = len(CORES) + 1  # more workers than cores: allowed, with a warning, round-robin pinning
+    n = len(CORES) + 1  # more workers than cpus: allowed, with a warning; the plan repeats past the usable cpus
+    plan = pin_plan(n, read_layout())
     rc, out, err, run_id = run_launcher(tmp_path, ["-n", str(n), "--timeout", "12.5", "--plugin", "topk:ratio=0.01",
                                                    "--plugin", "watchdog", str(script), "--epochs", "3", "-n", "9"])
     assert rc == 0, err
     assert [line for line in err.splitlines() if line.startswith("mpnn launch:")] == [
-        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cores; workers will share cores"]
+        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cpus; workers will share cpus"]
     run_dir = (tmp_path / "runs" / run_id).resolve()
     got = reports(out)
     assert sorted(got) == list(range(n))
@@ -143,7 +147,7 @@ def test_env_pinning_run_dir_and_prefixes(tmp_path):
         assert env["PYTHONUNBUFFERED"] == "1"
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             assert env[var] == "1"
-        assert report["affinity"] == [CORES[rank % len(CORES)]]
+        assert report["affinity"] == [plan.cpus[rank]]
         assert report["argv"] == ["--epochs", "3", "-n", "9"]
         assert len(report["secret"]) == 64 and int(report["secret"], 16) >= 0
         assert report["secret_mode"] == 0o600
@@ -158,7 +162,8 @@ def test_env_pinning_run_dir_and_prefixes(tmp_path):
     assert record["config"]["timeout"] == 12.5 and record["config"]["plugins"] == ["topk:ratio=0.01", "watchdog"]
     assert record["command_line"][-5:] == [str(script), "--epochs", "3", "-n", "9"]
     assert [w["returncode"] for w in record["workers"]] == [0] * n
-    assert [w["core"] for w in record["workers"]] == [CORES[r % len(CORES)] for r in range(n)]
+    assert [w["core"] for w in record["workers"]] == list(plan.cpus)
+    assert record["config"]["pinning"] == plan.record()
     assert record["start_time"] <= record["end_time"] and record["mpnn_version"] and record["host"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"] + [f"worker-{r}.log" for r in range(n)]
     assert leftover_processes(run_id) == []

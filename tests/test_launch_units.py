@@ -14,15 +14,19 @@ from mpnn.launch.env import RunContext, World, rendezvous_address, worker_env
 from mpnn.launch.errors import LaunchError
 from mpnn.launch.liveview import RichView, TelemetryFollower, describe_event, status_line
 from mpnn.launch.output import MAX_LINE_BYTES, TAIL_BYTES, PipeReader, tail_lines
+from mpnn.launch.layout import Core, Layout
 from mpnn.launch.pinning import pin_plan, thread_pinned_to
 from mpnn.launch.rundir import check_run_id, new_run_id
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.supervise import describe_returncode, exit_status
 
 
-def test_pin_plan_is_round_robin():
-    assert pin_plan(5, [0, 2, 5]) == [0, 2, 5, 0, 2]
-    assert pin_plan(2, [7]) == [7, 7]
+def test_pin_plan_without_topology_is_round_robin():
+    def unknown(*cpus):
+        return Layout(Path("/nowhere"), cpus, tuple(Core((cpu,)) for cpu in cpus), unknown="no topology")
+
+    assert pin_plan(5, unknown(0, 2, 5)).cpus == (0, 2, 5, 0, 2)
+    assert pin_plan(2, unknown(7)).cpus == (7, 7)
 
 
 def test_thread_pinning_is_per_thread_and_restored():
@@ -49,7 +53,7 @@ def test_worker_env_for_second_node():
         "MPNN_RANK": "5", "MPNN_WORLD_SIZE": "6", "MPNN_LOCAL_RANK": "2", "MPNN_LOCAL_WORLD_SIZE": "3",
         "MPNN_NNODES": "2", "MPNN_NODE_RANK": "1", "MPNN_RUN_ID": "r1", "MPNN_RUN_DIR": "/runs/r1",
         "MPNN_RENDEZVOUS": "tcp://10.0.0.1:29500", "MPNN_SECRET_FILE": "/tmp/s", "MPNN_TIMEOUT": "7",
-        "MPNN_PLUGINS": "a:x=1;b"}
+        "MPNN_PLUGINS": "a:x=1;b", "MPNN_RESTART_COUNT": "0", "MPNN_MAX_RESTARTS": "0"}
     assert (env["MKL_NUM_THREADS"], env["OMP_NUM_THREADS"], env["HOME"]) == ("4", "1", "/h")
 
 

@@ -32,7 +32,8 @@ class World:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every worker of one run shares: its id and directory, rendezvous, secret, timeout and plugin specs."""
+    """What every worker of one run shares: its id and directory, rendezvous, secret, timeout, plugin specs,
+    whether the data sockets are encrypted, and the checkpoint settings and restart count of this attempt."""
 
     run_id: str
     run_dir: Path
@@ -40,6 +41,12 @@ class RunContext:
     secret_file: Path
     timeout: float
     plugins: Sequence[str] = ()
+    encrypt: bool | None = None  # None: the workers' default (CURVE only across nodes)
+    checkpoint_every: int | None = None  # MPNN_CHECKPOINT_EVERY; None: the script's own setting
+    checkpoint_keep: int | None = None   # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default
+    resume_from: Path | None = None      # MPNN_RESUME_FROM: the run dir this attempt resumes from, if any
+    restart_count: int = 0               # MPNN_RESTART_COUNT: 0 on the first attempt, k on the k-th restart
+    max_restarts: int = 0                # MPNN_MAX_RESTARTS (torchrun's TORCHELASTIC_MAX_RESTARTS)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,4 +84,14 @@ def worker_env(base: Mapping[str, str], world: World, local_rank: int, run: RunC
         MPNN_TIMEOUT=f"{run.timeout:g}",
         MPNN_PLUGINS=";".join(run.plugins),
     )
+    if run.encrypt is not None:
+        env["MPNN_ENCRYPT"] = "1" if run.encrypt else "0"
+    env.update(MPNN_RESTART_COUNT=str(run.restart_count), MPNN_MAX_RESTARTS=str(run.max_restarts))
+    if run.checkpoint_every:
+        env["MPNN_CHECKPOINT_EVERY"] = str(run.checkpoint_every)
+    if run.checkpoint_keep is not None:
+        env["MPNN_CHECKPOINT_KEEP"] = str(run.checkpoint_keep)
+    env.pop("MPNN_RESUME_FROM", None)  # only the launcher says where to resume: never a stale value from outside
+    if run.resume_from is not None:
+        env["MPNN_RESUME_FROM"] = str(run.resume_from)
     return env

@@ -1,6 +1,7 @@
 """launch(config): the one code path behind `mpnn launch` and mpnn.launch.run. It checks the flags, warms the
 kernel cache, makes the run dir and per-run secret, starts one pinned worker per local rank, supervises them,
-prints the failure report, and closes run.json with the status and exit codes."""
+starts them all again after a failure while --max-restarts allows, prints the failure report, and closes run.json
+with the status and exit codes."""
 from __future__ import annotations
 
 import contextlib
@@ -9,24 +10,27 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from mpnn.launch.env import RunContext, World, rendezvous_address, worker_env
 from mpnn.launch.errors import LaunchError
 from mpnn.launch.guardian import Guardian
+from mpnn.launch.layout import Layout, read_layout
 from mpnn.launch.liveview import make_view
 from mpnn.launch.output import tail_lines
 from mpnn.launch.payload import write_private
-from mpnn.launch.plugins import launch_end, launch_info, launch_start, load_plugins
-from mpnn.launch.pinning import pin_plan, usable_cores
+from mpnn.launch.plugins import launch_end, launch_info, launch_restart, launch_start, load_plugins
+from mpnn.launch.pinning import Plan, default_nproc, pin_plan
 from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
+from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
+from mpnn.launch.resume import check_resume
 from mpnn.launch.rundir import (RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name,
                                 utc_now)
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.signals import StopSignals
-from mpnn.launch.supervise import describe_returncode, exit_status, spawn_worker, stop_all, watch
+from mpnn.launch.supervise import Worker, describe_returncode, exit_status, spawn_worker, stop_all, watch
 from mpnn.launch.warmup import warm_numba_cache
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -50,11 +54,16 @@ class LaunchConfig:
     master_addr: str | None = None
     master_port: int | None = None
     secret_file: Path | None = None
+    encrypt: bool | None = None               # CURVE on the data sockets (MPNN_ENCRYPT); None: only across nodes
     extra_env: Mapping[str, str] = field(default_factory=dict)
     run_files: Mapping[str, bytes] = field(default_factory=dict)  # written (0600) into the run dir before spawning
     command_line: Sequence[str] = field(default_factory=lambda: list(sys.argv))
     kill_grace_s: float = KILL_GRACE_S
     live: bool | None = None                  # None: the rich status line when stdout is a TTY
+    checkpoint_every: int | None = None       # MPNN_CHECKPOINT_EVERY for the workers; None or 0: the script's own
+    checkpoint_keep: int | None = None        # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default (3)
+    resume: Path | None = None                # a run dir to resume from (its newest complete checkpoint)
+    max_restarts: int = 0                     # restarts of the whole world after a worker fails
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,10 @@ class LaunchResult:
     exit_code: int
     failure: WorkerFailure | None = None
     signal: int | None = None
+    restarts: int = 0
 
 
-def _check(config: LaunchConfig) -> tuple[World, str]:
+def _check(config: LaunchConfig, layout: Layout) -> tuple[World, str]:
     if config.nnodes < 1:
         raise LaunchError(f"--nnodes {config.nnodes}: must be at least 1")
     if not 0 <= config.node_rank < config.nnodes:
@@ -79,7 +89,7 @@ def _check(config: LaunchConfig) -> tuple[World, str]:
         raise LaunchError(f"--timeout {config.timeout}: must be positive (seconds)")
     if not config.command:
         raise LaunchError("nothing to launch: give a script")
-    nproc = len(usable_cores()) if config.nproc_per_node is None else config.nproc_per_node
+    nproc = default_nproc(layout) if config.nproc_per_node is None else config.nproc_per_node
     if nproc < 1:
         raise LaunchError(f"-n {nproc}: must be at least 1")
     if config.nnodes > 1:
@@ -89,6 +99,21 @@ def _check(config: LaunchConfig) -> tuple[World, str]:
             raise LaunchError(f"--nnodes {config.nnodes} needs --run-id, the same on every node")
     run_id = check_run_id(config.run_id) if config.run_id else new_run_id()
     return World(nproc, config.nnodes, config.node_rank), run_id
+
+
+def _check_restarts(config: LaunchConfig) -> Path | None:
+    """Check the checkpoint and restart settings; the run dir to resume from, if any (LaunchError if it has none)."""
+    if config.checkpoint_every is not None and config.checkpoint_every < 0:
+        raise LaunchError(f"--checkpoint-every {config.checkpoint_every}: must be 0 (the script's own setting) "
+                          "or a positive number of steps")
+    if config.checkpoint_keep is not None and config.checkpoint_keep < 1:
+        raise LaunchError(f"--checkpoint-keep {config.checkpoint_keep}: must be at least 1")
+    if config.max_restarts < 0:
+        raise LaunchError(f"--max-restarts {config.max_restarts}: must be 0 or more")
+    if config.max_restarts and config.nnodes > 1:
+        raise LaunchError(f"--max-restarts {config.max_restarts} needs --nnodes 1: restarting a multi-node world "
+                          "takes every node's launcher restarting together, which mpnn launch does not coordinate")
+    return None if config.resume is None else check_resume(config.resume)
 
 
 def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
@@ -103,7 +128,8 @@ def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
     return stack.enter_context(fresh_secret_file())
 
 
-def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, cores: int) -> dict:
+def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, layout: Layout,
+                   plan: Plan) -> dict:
     return {
         "run_id": run_id,
         "status": "starting",
@@ -114,8 +140,13 @@ def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: 
             "nproc_per_node": world.nproc_per_node, "nnodes": world.nnodes, "node_rank": world.node_rank,
             "master_addr": config.master_addr, "master_port": config.master_port, "rendezvous": rendezvous,
             "timeout": config.timeout, "plugins": list(config.plugins), "log_dir": str(config.log_dir),
-            "pinning": "round-robin over usable cores", "usable_cores": cores,
+            "encrypt": world.nnodes > 1 if config.encrypt is None else config.encrypt,
+            "pinning": plan.record(), "usable_cores": len(layout.cpus),
+            "checkpoint_every": config.checkpoint_every, "checkpoint_keep": config.checkpoint_keep,
+            "max_restarts": config.max_restarts,
         },
+        "resumed_from": None if config.resume is None else str(Path(config.resume).resolve()),
+        "restarts": [],
         "world": {"world_size": world.world_size, "nnodes": world.nnodes, "nproc_per_node": world.nproc_per_node},
         "host": socket.gethostname(),
         "mpnn_version": mpnn_version(),
@@ -126,12 +157,13 @@ def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: 
 
 def launch(config: LaunchConfig) -> LaunchResult:
     """Run the workers of one node to the end; never leaves a process behind. Raises LaunchError on bad config."""
-    world, run_id = _check(config)
+    layout = read_layout()
+    world, run_id = _check(config, layout)
+    resume_from = _check_restarts(config)
     plugins = load_plugins(config.plugins)  # a bad spec stops here, before anything is made or started
-    cores = usable_cores()
-    if world.nproc_per_node > len(cores):
-        print(f"mpnn launch: warning: -n {world.nproc_per_node} is more than the {len(cores)} usable cores; "
-              "workers will share cores", file=sys.stderr)
+    plan = pin_plan(world.nproc_per_node, layout)
+    for warning in plan.warnings:
+        print(f"mpnn launch: warning: {warning}", file=sys.stderr)
     warm_numba_cache()
     with contextlib.ExitStack() as stack:
         secret_file = _secret(config, stack)
@@ -141,14 +173,18 @@ def launch(config: LaunchConfig) -> LaunchResult:
             write_private(run_dir / name, data)
         master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
         rendezvous = rendezvous_address(config.master_addr, master_port)
-        record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, len(cores)))
-        run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins))
+        record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, layout, plan))
+        run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins),
+                         config.encrypt, checkpoint_every=config.checkpoint_every,
+                         checkpoint_keep=config.checkpoint_keep, resume_from=resume_from,
+                         max_restarts=config.max_restarts)
         try:
             if plugins is None:
-                return _supervise(config, world, run, cores, record, stack)
+                return _supervise(config, world, run, plan.cpus, record, stack)
             info = launch_info(config.command, config.command_line, world, run, {**os.environ, **config.extra_env})
             launch_start(plugins, info)
-            result = _supervise(config, world, run, cores, record, stack)
+            result = _supervise(config, world, run, plan.cpus, record, stack,
+                                on_restart=lambda r: launch_restart(plugins, info, r.number, r.failed_rank, r.how))
             exit_codes = {w["rank"]: w.get("returncode") for w in record.fields.get("workers", [])}
             error = None if result.failure is None else f"rank {result.failure.rank} {result.failure.how}"
             launch_end(plugins, info, result.status, exit_codes, error)
@@ -158,46 +194,77 @@ def launch(config: LaunchConfig) -> LaunchResult:
             raise
 
 
-def _supervise(config: LaunchConfig, world: World, run: RunContext, cores: list[int], record: RunRecord,
-               stack: contextlib.ExitStack) -> LaunchResult:
+def _supervise(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord,
+               stack: contextlib.ExitStack, on_restart: Callable[[Restart], None] | None = None) -> LaunchResult:
+    """Run attempts until one ends without a failed worker, a stop signal comes, or no restart is left."""
     stop = stack.enter_context(StopSignals())
-    base_env = {**os.environ, **config.extra_env}
-    guardian = stack.enter_context(Guardian({**base_env, "MPNN_RUN_ID": run.run_id}))
     view = make_view(run.run_dir, world.local_global_ranks(), config.live)
+    restarts = []
+    try:
+        while True:
+            workers, failed, still_running, sigkilled = _attempt(config, world, run, cpus, record, stop, view)
+            if failed is None or stop.received is not None or len(restarts) == config.max_restarts:
+                break
+            restart = Restart(len(restarts) + 1, config.max_restarts, failed.rank, failed.pid,
+                              describe_returncode(failed.proc.returncode), still_running,
+                              resume_after_failure(run.run_dir, run.resume_from))
+            restarts.append(restart)
+            view.note(restart.headline())
+            record.update(restarts=[r.record() for r in restarts])
+            append_restart_event(run.run_dir, world.local_global_ranks(), restart)
+            if on_restart is not None:
+                on_restart(restart)
+            run = replace(run, restart_count=restart.number, resume_from=restart.resume_from)
+    finally:
+        view.close()
+    return _finish(workers, failed, stop, still_running, sigkilled, record, run, len(restarts), config.max_restarts)
+
+
+def _attempt(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord,
+             stop: StopSignals, view) -> tuple[list[Worker], Worker | None, int, list[int]]:
+    """Start every local worker, watch them until they all exit 0, one fails or a stop signal comes, then stop
+    them all: (workers, the failed worker or None, how many were still running, the ranks that needed SIGKILL)."""
+    base_env = {**os.environ, **config.extra_env}
     argv = [sys.executable, *config.command]
     workers = []
     failed = None
-    try:
-        for local_rank, core in enumerate(pin_plan(world.nproc_per_node, cores)):
-            if stop.received is not None:
-                break
-            rank = world.global_rank(local_rank)
-            env = worker_env(base_env, world, local_rank, run)
-            workers.append(spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log",
-                                        view.line))
-            guardian.watch(workers[-1].pid)
-        record.update(status="running", workers=[
-            {"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers])
-        if stop.received is None:
-            failed = watch(workers, stop, view.refresh)
-    finally:
-        still_running = sum(w.proc.poll() is None for w in workers)
-        sigkilled = stop_all(workers, config.kill_grace_s, hurry=lambda: stop.count >= (2 if failed is None else 1))
-        deadline = time.monotonic() + READER_JOIN_S
-        for w in workers:
-            w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
-        view.close()
-    return _finish(workers, failed, stop, still_running, sigkilled, record, run)
+    with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian:
+        try:
+            for local_rank, core in enumerate(cpus):
+                if stop.received is not None:
+                    break
+                rank = world.global_rank(local_rank)
+                env = worker_env(base_env, world, local_rank, run)
+                workers.append(spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log",
+                                            view.line))
+                guardian.watch(workers[-1].pid)
+            record.update(status="running", workers=[
+                {"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers])
+            if stop.received is None:
+                failed = watch(workers, stop, view.refresh)
+        finally:
+            still_running = sum(w.proc.poll() is None for w in workers)
+            sigkilled = stop_all(workers, config.kill_grace_s,
+                                 hurry=lambda: stop.count >= (2 if failed is None else 1))
+            deadline = time.monotonic() + READER_JOIN_S
+            for w in workers:
+                w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
+    return workers, failed, still_running, sigkilled
 
 
 def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: list[int], record: RunRecord,
-            run: RunContext) -> LaunchResult:
+            run: RunContext, restarts: int, max_restarts: int) -> LaunchResult:
     failure = None
     if failed is not None:
         failure = WorkerFailure(failed.rank, failed.pid, failed.proc.returncode,
                                 describe_returncode(failed.proc.returncode), failed.log_path,
                                 tuple(tail_lines(failed.log_path, TAIL_LINES)))
-        print(failure_block(failure, still_running, len(sigkilled)), file=sys.stderr, flush=True)
+        note = ""
+        if max_restarts and restarts == max_restarts:
+            note = f"; no restart left ({restarts}/{max_restarts} used)"
+        elif max_restarts:
+            note = f"; not restarted: got {signal.Signals(stop.received).name}"
+        print(failure_block(failure, still_running, len(sigkilled), note), file=sys.stderr, flush=True)
         status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None
     elif stop.received is not None:
         sig = stop.received
@@ -214,4 +281,4 @@ def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: l
                   "returncode": w.proc.returncode,
                   "how": None if w.proc.returncode is None else describe_returncode(w.proc.returncode),
                   "sigkilled": w.rank in sigkilled} for w in workers])
-    return LaunchResult(run.run_id, run.run_dir, status, exit_code, failure, sig)
+    return LaunchResult(run.run_id, run.run_dir, status, exit_code, failure, sig, restarts)

@@ -110,6 +110,10 @@ class PlainView:
             except (OSError, ValueError):  # stdout closed or a broken pipe (`| head`): the log still gets it
                 pass
 
+    def note(self, text: str) -> None:
+        """A launcher message (e.g. a restart) on stderr."""
+        print(text, file=sys.stderr, flush=True)
+
     def refresh(self, running: int) -> None:
         """Nothing to redraw without a TTY."""
 
@@ -136,6 +140,10 @@ class RichView:
 
     def line(self, rank: int, text: str) -> None:
         self._console.print(self._text.assemble((f"[{rank}] ", "cyan"), text), soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A launcher message (e.g. a restart), scrolled above the status line."""
+        self._console.print(self._text(text, style="bold"), soft_wrap=True)
 
     def refresh(self, running: int) -> None:
         """Read new telemetry and redraw the status line, at most every REFRESH_S seconds."""

@@ -1,6 +1,6 @@
 """The launcher's side of plugins: every --plugin spec is resolved and built before anything starts (a bad spec
 is one LaunchError listing what is accepted), then mpnn_launch_start may refuse the run before any worker
-starts, and mpnn_launch_end hears how it ended."""
+starts, mpnn_launch_restart hears of each restart, and mpnn_launch_end hears how it ended."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,6 +40,19 @@ def launch_start(manager: PluginManager, info: LaunchInfo) -> None:
     """mpnn_launch_start; a refusal (or any plugin error) is a LaunchError: no worker starts."""
     try:
         manager.hook.mpnn_launch_start(launch=info)
+    except PluginError as error:
+        message = str(error)
+        try:
+            launch_end(manager, info, "failed", {}, message)
+        except LaunchError as also:
+            message += f"; and then {also}"
+        raise LaunchError(message) from None
+
+
+def launch_restart(manager: PluginManager, info: LaunchInfo, restart: int, failed_rank: int, how: str) -> None:
+    """mpnn_launch_restart; a plugin failing there ends the launch (mpnn_launch_end is told) with a LaunchError."""
+    try:
+        manager.hook.mpnn_launch_restart(launch=info, restart=restart, failed_rank=failed_rank, how=how)
     except PluginError as error:
         message = str(error)
         try:

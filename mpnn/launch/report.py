@@ -19,11 +19,13 @@ class WorkerFailure:
     log_tail: tuple[str, ...]
 
 
-def failure_block(failure: WorkerFailure, stopped: int, sigkilled: int) -> str:
-    """The failure report: a headline naming the rank and cause, then the last lines of that rank's log."""
+def failure_block(failure: WorkerFailure, stopped: int, sigkilled: int, note: str = "") -> str:
+    """The failure report: a headline naming the rank and cause (and `note`, e.g. why it was not restarted),
+    then the last lines of that rank's log."""
     stop_note = f"; stopped the {stopped} other running worker(s)" if stopped else ""
     if sigkilled:
         stop_note += f" ({sigkilled} needed SIGKILL)"
+    stop_note += note
     lines = [f"mpnn launch: rank {failure.rank} (pid {failure.pid}) {failure.how}{stop_note}"]
     if failure.log_tail:
         lines.append(f"---- last {len(failure.log_tail)} lines of {failure.log_path} ----")

@@ -39,6 +39,13 @@ def mpnn_launch_end(launch, status, exit_codes, error):
     error: the launcher's one-line failure message or None."""
 
 
+@hookspec
+def mpnn_launch_restart(launch, restart, failed_rank, how):
+    """Between two attempts of a run with --max-restarts, after every worker of the failed attempt is gone and
+    before the next starts: restart is its number (1 to max restarts), failed_rank the rank whose failure caused
+    it, how e.g. "killed by SIGKILL" or "exited with code 1". mpnn_launch_end still comes once, at the very end."""
+
+
 # ----- worker side: called in each worker process ----------------------------------------------------
 @hookspec
 def mpnn_run_start(run):
@@ -72,7 +79,9 @@ def mpnn_data_fingerprint(run, name, indices_sha256, data_sha256, size):
 
 @hookspec
 def mpnn_checkpoint_saved(run, path, sha256, step):
-    """After mpnn.save wrote a file: its path, the SHA-256 of its bytes, and the optimizer step count."""
+    """After mpnn.save wrote a file: its path, the SHA-256 of its bytes, and the optimizer step count. For a
+    checkpoint of mpnn.Checkpointer (on every rank, once per checkpoint): its step-* directory, the SHA-256 of its
+    manifest.json (which lists every file's SHA-256), and the step it saved."""
 
 
 @hookspec

@@ -4,7 +4,8 @@ One writer at a time: node 0's launcher writes run_start, plugins and the policy
 rank 0 writes workers_start, dataset, epoch, checkpoint and error records while the run goes on, and the launcher
 writes run_end and the signed head after every worker is gone. Without a launcher-side audit (mpnn.init(plugins=
 [...]) under torchrun, srun or plain python) rank 0 begins and ends the trail itself. Checkpoints saved by ranks
-other than 0 are not recorded (only rank 0 writes during the run).
+other than 0 are not recorded (only rank 0 writes during the run). Between the attempts of a run launched with
+--max-restarts, node 0's launcher appends a "restart" record (mpnn_launch_restart) while no worker runs.
 
 The seed recorded (and required by a policy's require_seed) is LaunchInfo.seed when the launcher has a --seed,
 else the train script's own `--seed N` / `--seed=N` argument. The signed head goes into audit.head.json and into
@@ -106,8 +107,12 @@ class AuditTrail:
         print(f"mpnn audit: trail closed at record {head['seq']}; check it with `mpnn audit verify "
               f"{launch.run_dir}`", file=sys.stderr, flush=True)
 
+    @hookimpl
+    def mpnn_launch_restart(self, launch, restart, failed_rank, how):
+        self.record_restart(launch, attempt=restart, reason=f"rank {failed_rank} {how}", ranks=[failed_rank])
+
     def record_restart(self, launch, attempt: int, reason: str, ranks=()) -> None:
-        """Append a "restart" record: for the launcher to call between attempts, while no worker runs."""
+        """Append a "restart" record: between attempts, while no worker runs."""
         if launch.node_rank != 0:
             return
         writer = TrailWriter(launch.run_dir, load_key(self.key_path, launch.run_dir))
