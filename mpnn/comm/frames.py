@@ -4,7 +4,10 @@ Layout (40 bytes + 8 per dimension):
     magic "MPNN" | version u8 | kind u8 | op u8 | reduce u8 | dtype u8 | ndim u8 | pad 2
     | sender u32 | origin u32 | root u32 | seq u64 | run tag 8 bytes | shape: ndim x i64
 A receiver compares the header with the collective it is itself running, so ranks that disagree fail at once
-with a message naming both sides. ABORT frames carry an error (kind in `op`, suspect rank in `root`) instead.
+with a message naming both sides. ABORT frames carry an error (kind in `op`, suspect rank in `root`) instead;
+WAITING frames (empty payload) say that their sender has waited a whole timeout on its own predecessor.
+Byte order is explicit on both parts of a frame: the header is a '<' struct, and payload dtypes are the
+little-endian ones in DTYPES, so a big-endian array (or host) is refused by name instead of being misread.
 """
 
 import hashlib
@@ -20,7 +23,7 @@ VERSION = 1
 FIXED = struct.Struct("<4sBBBBBBxxIIIQ8s")
 FIXED_FIELDS = 12
 
-KIND_DATA, KIND_ABORT = 1, 2
+KIND_DATA, KIND_ABORT, KIND_WAITING = 1, 2, 3
 
 ALLREDUCE, BROADCAST, ALLGATHER, REDUCE_SCATTER, BARRIER, ALLGATHER_OBJECT, BROADCAST_OBJECT = range(1, 8)
 OP_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgather",
@@ -28,7 +31,7 @@ OP_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgathe
             BROADCAST_OBJECT: "broadcast_object"}
 REDUCE_CODES = {"sum": 1, "mean": 2, "max": 3}
 REDUCE_NAMES = {code: name for name, code in REDUCE_CODES.items()}
-DTYPES = [np.dtype(name) for name in ("float16", "float32", "float64", "int32", "int64", "uint8")]
+DTYPES = [np.dtype(code) for code in ("<f2", "<f4", "<f8", "<i4", "<i8", "|u1")]  # payloads are little-endian
 DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
 
 NO_RANK = 0xFFFFFFFF  # "no suspect" in ABORT frames

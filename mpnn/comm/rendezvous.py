@@ -73,7 +73,7 @@ def _handle(request, identity, pending, joined, run_id, world_size, secret):
             hello = json.loads(request[1])
             rank, client_nonce = int(hello["rank"]), bytes.fromhex(hello["nonce"])
             run = str(hello["run"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # Infinity; "[[[[..." 64 KB deep
             return [b"DENIED", b"malformed HELLO"]
         if run != run_id:
             return [b"DENIED", f"this rendezvous serves run {run_id!r}, not {run!r}".encode()]

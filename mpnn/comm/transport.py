@@ -4,7 +4,9 @@ Every message is [header, payload]. Payloads of 64 KB and more go zero-copy (cop
 collective returns only once ZeroMQ has let go of the caller's memory); smaller ones are copied, which
 measured faster. Receives go straight into preallocated NumPy memory with recv_into. Every wait has a
 deadline; a rank that gives up sends an ABORT frame to the next rank, which forwards it, so the whole ring
-fails at once with the first rank's diagnosis instead of each rank timing out on its neighbour.
+fails at once with the first rank's diagnosis instead of each rank timing out on its neighbour. A rank silent-waited
+on for a whole timeout tells the next rank so (a WAITING frame): that rank then knows its predecessor is alive and
+leaves the blame to the rank that waits on the truly silent one.
 """
 
 import time
@@ -18,7 +20,8 @@ from .errors import CollectiveMismatch, CommError, CommTimeout
 
 ZERO_COPY_MIN = 64 * 1024
 HWM = 100_000  # messages per peer; one collective queues at most one segment's chunks before it must receive
-ABORT_LINGER_MS = 200  # the one ABORT notice gets this long to leave; everything else closes with LINGER 0
+ABORT_LINGER_MS = 1000  # the one ABORT notice gets this long to leave, ample on a loaded machine too (else the
+# peer waits out its whole timeout); everything else closes with LINGER 0
 FLUSH_LINGER_MS = 2000  # a clean close lets the last frames of the last collective reach the next rank
 NOBLOCK, SNDMORE, RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)  # plain ints: enum ops cost
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -47,6 +50,8 @@ class RingLink:
         self._trackers = []
         self.call, self.seq = None, 0
         self._heard = False
+        self._prev_waiting = False  # the previous rank said it is itself waiting, in this collective
+        self._said_waiting = False
         self.bytes_sent = self.bytes_recv = 0
         self.bound = []  # endpoints the PULL socket listens on
         self.closed = False
@@ -69,6 +74,7 @@ class RingLink:
     def begin(self, call, seq):
         """Start collective number `seq`: frames sent now describe `call`; frames received must match it."""
         self.call, self.seq, self._heard = call, seq, False
+        self._prev_waiting = self._said_waiting = False
         self._header = self.header()
         self._expected = frames.pack(frames.KIND_DATA, call, self.prev, self.prev, seq, self.tag)
 
@@ -195,16 +201,23 @@ class RingLink:
     def _wait_readable(self):
         """Wait for a frame from the previous rank; on silence raise a CommTimeout naming the silent rank.
 
-        A rank that heard nothing from its predecessor in this collective blames it, after a short grace in
-        which an ABORT from further up the ring would take precedence. A rank whose predecessor joined but
-        then stalled waits longer: the rank after the truly silent one will send the diagnosis down the ring.
+        After a timeout of silence this rank tells the next one that it is waiting (so that one blames nobody
+        alive). A rank that heard nothing from its predecessor in this collective then blames it, after a short
+        grace in which an ABORT from further up the ring would take precedence. A rank whose predecessor joined
+        but then stalled, or said it is waiting itself, grants a second timeout: the rank after the truly silent
+        one sends the diagnosis down the ring.
         """
         if self.pull.poll(self.timeout * 1000, zmq.POLLIN):
             return
-        grace = self.timeout if self._heard else min(0.1 * self.timeout, 5.0)
+        self._say_waiting()
+        grace = self.timeout if self._heard or self._prev_waiting else min(0.1 * self.timeout, 5.0)
         if self.pull.poll(grace * 1000, zmq.POLLIN):
             return
-        if self._heard:
+        if self._prev_waiting:
+            message = (f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
+                       f"{self._where()}; it said it was waiting on rank {(self.prev - 1) % self.world_size}, "
+                       "but no diagnosis came down the ring")
+        elif self._heard:
             message = (f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
                        f"{self._where()} after it had joined (it may be waiting on a rank before it)")
         else:
@@ -214,26 +227,56 @@ class RingLink:
 
     def _take(self, expected):
         """Next (header, payload frame or None=still on the socket) from the previous rank, checked against the
-        collective this rank runs: equal to `expected` (fast path), or for variable-size pieces key-compatible."""
-        if self._stash:
-            header, frame = self._stash.popleft()
-        else:
-            if not self.pull.getsockopt(EVENTS) & POLLIN:  # cheaper than catching zmq.Again
-                self._wait_readable()
-            header = self.pull.recv(NOBLOCK)
-            frame = None
-            if not self.pull.getsockopt(RCVMORE):
-                raise CommError(f"rank {self.rank} received a frame without payload from rank {self.prev} in "
-                                f"{self._where()}")
-        if header != expected:
+        collective this rank runs: equal to `expected` (fast path), or for variable-size pieces key-compatible.
+        WAITING notices are noted and skipped."""
+        while True:
+            if self._stash:
+                header, frame = self._stash.popleft()
+            else:
+                if not self.pull.getsockopt(EVENTS) & POLLIN:  # cheaper than catching zmq.Again
+                    self._wait_readable()
+                header = self.pull.recv(NOBLOCK)
+                frame = None
+                if not self.pull.getsockopt(RCVMORE):
+                    raise CommError(f"rank {self.rank} received a frame without payload from rank {self.prev} in "
+                                    f"{self._where()}")
+            if header == expected:
+                break
+            if self._skip_waiting(header, frame):
+                continue
             if frame is None:
                 self._raise_if_abort(header, None)
             self._check(header)
             if expected is not None:
                 raise CommError(f"rank {self.rank} received an out-of-order frame from rank {self.prev} in "
                                 f"{self._where()}")
+            break
         self._heard = True
         return header, frame
+
+    def _say_waiting(self):
+        """Tell the next rank, once per collective, that this rank is alive and waiting on its predecessor."""
+        if self._said_waiting:
+            return
+        self._said_waiting = True
+        header = frames.pack(frames.KIND_WAITING, frames.Call(0), self.rank, self.rank, self.seq, self.tag)
+        try:
+            self.push.send(header, NOBLOCK | SNDMORE)
+            self.push.send(b"", NOBLOCK)
+        except zmq.Again:
+            pass  # no room toward the next rank: it is not waiting on this one
+
+    def _skip_waiting(self, header, frame):
+        """True (and the notice consumed) if `header` is a WAITING notice of this run; one of this collective
+        means the previous rank is alive and waits on its own predecessor."""
+        decoded = frames.unpack(header)
+        if decoded is None or decoded.kind != frames.KIND_WAITING or decoded.tag != self.tag:
+            return False
+        if frame is None and self.pull.getsockopt(RCVMORE):
+            self.pull.recv()
+        if decoded.seq == self.seq:
+            self._prev_waiting = True
+        return True
 
     def _payload_into(self, frame, buf):
         if frame is None:

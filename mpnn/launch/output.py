@@ -2,6 +2,7 @@
 and hands it to the console; tail_lines reads a log's end for the failure report."""
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import IO, Callable
@@ -21,11 +22,44 @@ class PipeReader(threading.Thread):
         self.sink = sink
 
     def run(self) -> None:
-        with open(self.log_path, "ab") as log, self.pipe:
+        log = self._open_log()
+        with self.pipe:
             for raw in iter(lambda: self.pipe.readline(MAX_LINE_BYTES), b""):
-                log.write(raw)
-                log.flush()
+                if log is not None:
+                    log = self._write_log(log, raw)
                 self.sink(self.rank, raw.decode("utf-8", "replace").rstrip("\r\n"))
+        if log is not None:
+            self._close_log(log)
+
+    def _open_log(self):
+        try:
+            return open(self.log_path, "ab")
+        except OSError as error:
+            self._log_failed(error)
+            return None
+
+    def _write_log(self, log, raw: bytes):
+        """Append one line; on failure (disk full) say so once and go on draining the pipe, so the worker never
+        blocks on a full pipe: its output still reaches the console."""
+        try:
+            log.write(raw)
+            log.flush()
+            return log
+        except OSError as error:
+            self._log_failed(error)
+            self._close_log(log)
+            return None
+
+    def _close_log(self, log) -> None:
+        try:
+            log.close()
+        except OSError:
+            pass  # the unwritten buffer's failure was reported already
+
+    def _log_failed(self, error: OSError) -> None:
+        sys.stderr.write(f"mpnn launch: cannot write {self.log_path}: {error.strerror or error}; rank {self.rank}'s "
+                         "output goes to the console only\n")
+        sys.stderr.flush()
 
 
 def tail_lines(path: Path, n: int = 20) -> list[str]:

@@ -2,6 +2,7 @@
 started (config, args, world, host, version, command line) and how it ended (status, exit codes, end time)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 from mpnn.launch.errors import LaunchError
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+PROBE_BYTES = 64 * 1024  # room a run needs at the very least for run.json and the first lines of every log
 
 
 def new_run_id() -> str:
@@ -36,12 +38,34 @@ def record_name(node_rank: int) -> str:
 
 
 def create_run_dir(log_dir: Path, run_id: str, record: str) -> Path:
-    """Make <log_dir>/<run_id> (absolute); refuse when it already holds this node's record, so no run is overwritten."""
+    """Make <log_dir>/<run_id> (absolute) and check that it takes a write; refuse when it already holds this node's
+    record, so no run is overwritten."""
     run_dir = (Path(log_dir) / run_id).resolve()
     if (run_dir / record).exists():
         raise LaunchError(f"run directory {run_dir} already holds {record}: pick another --run-id")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LaunchError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
+    check_writable(run_dir)
     return run_dir
+
+
+def check_writable(directory: Path, probe_bytes: int = PROBE_BYTES) -> None:
+    """Write and remove a probe file of probe_bytes, so that a read-only or full disk stops the launch before any
+    worker starts, with one line naming the directory (permission bits alone would not stop root)."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(bytes(probe_bytes))
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise LaunchError(f"the run directory {directory} is not writable: {error.strerror or error}") from None
 
 
 def utc_now() -> str:
@@ -75,5 +99,10 @@ class RunRecord:
 
     def _write(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.fields, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.fields, indent=2, default=str) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise LaunchError(f"cannot write {self.path}: {error.strerror or error}") from None

@@ -124,11 +124,13 @@ def watch(workers: Sequence[Worker], stop: StopSignals, on_tick: Callable[[int],
 
 def stop_all(workers: Sequence[Worker], grace_s: float, hurry: Callable[[], bool]) -> list[int]:
     """SIGTERM every worker's group, wait up to grace_s (less if hurry()), then SIGKILL what is left and reap.
+    A SIGCONT follows the SIGTERM: a stopped process (SIGSTOP, Ctrl-Z) would otherwise not see it until SIGKILL.
 
     Returns the ranks whose groups still had processes when SIGKILL was sent.
     """
     for w in workers:
         w.signal_group(signal.SIGTERM)
+        w.signal_group(signal.SIGCONT)
     _wait_finished(workers, grace_s, hurry)
     killed = [w.rank for w in workers if not w.finished(live_process_groups())]
     for w in workers:
