@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mpnn.comm import AuthError, CommError, Communicator, get_comm, init_from_env, spec_from_env
-from mpnn.comm.env import _derived_port
+from mpnn.comm.env import _derived_port, first_slurm_host
 from mpnn.comm.secret import read_secret, temp_secret_path
 
 
@@ -57,6 +57,38 @@ def test_slurm_step_and_batch_script():
     assert spec.run_id == "slurm-77.0" and spec.rendezvous == "tcp://n0:6000"
     # inside an sbatch script (no srun step) there is one process, whatever the allocation holds
     assert spec_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
+
+
+SRUN_TWO_NODES = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+                  "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "cn[017-018]",
+                  "SLURM_JOB_NODELIST": "cn[017-020]"}
+
+
+def test_srun_across_nodes_rendezvouses_on_the_steps_first_node():
+    specs = [spec_from_env({**SRUN_TWO_NODES, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2),
+                            "SLURM_NODEID": str(rank // 2)}) for rank in range(4)]
+    port = _derived_port("slurm-4242.0")
+    assert {spec.rendezvous for spec in specs} == {f"tcp://cn017:{port}"} and 20000 <= port < 40000
+    assert [(s.rank, s.local_rank, s.node_rank, s.nnodes, s.local_world_size) for s in specs] == [
+        (0, 0, 0, 2, 2), (1, 1, 0, 2, 2), (2, 0, 1, 2, 2), (3, 1, 1, 2, 2)]
+    assert all(s.multi_host and s.launcher == "srun" and s.run_id == "slurm-4242.0" for s in specs)
+    job_only = {k: v for k, v in SRUN_TWO_NODES.items() if k != "SLURM_STEP_NODELIST"}
+    assert spec_from_env({**job_only, "SLURM_PROCID": "3"}).rendezvous == f"tcp://cn017:{port}"
+    given = spec_from_env({**SRUN_TWO_NODES, "SLURM_PROCID": "1", "MPNN_RENDEZVOUS": "tcp://10.0.0.9:7777"})
+    assert given.rendezvous == "tcp://10.0.0.9:7777"
+
+
+def test_srun_across_nodes_without_a_node_list_names_what_to_set():
+    env = {k: v for k, v in SRUN_TWO_NODES.items() if not k.endswith("NODELIST")}
+    with pytest.raises(ValueError, match="srun: .*MPNN_RENDEZVOUS"):
+        spec_from_env({**env, "SLURM_PROCID": "0"})
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("cn017", "cn017"), ("cn017,gpu2", "cn017"), ("cn[017-020]", "cn017"), ("gpu[07,09-12],login1", "gpu07"),
+    ("rack[2-3]-n[05-08]", "rack2-n05"), ("n[1-2]-ib,x", "n1-ib"), ("", None)])
+def test_first_host_of_a_slurm_hostlist(nodelist, first):
+    assert first_slurm_host(nodelist) == first
 
 
 @pytest.mark.parametrize("env,message", [

@@ -1,7 +1,8 @@
 """Who am I in which world: rank, world size and rendezvous from mpnn's, torchrun's, Open MPI's or Slurm's env.
 
 Detection order: MPNN_RANK (the mpnn launcher), OMPI_COMM_WORLD_RANK (mpirun), RANK + WORLD_SIZE (torchrun),
-SLURM_PROCID inside an srun step; with none of them the process is a world of one.
+SLURM_PROCID inside an srun step; with none of them the process is a world of one. Across hosts srun needs no
+address (the step's first node, port derived from the job id); mpirun needs MPNN_RENDEZVOUS or MASTER_ADDR/PORT.
 """
 
 import hashlib
@@ -98,12 +99,15 @@ def _derived_port(run_id):
     return 20000 + int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "little") % 20000
 
 
-def _address(env, launcher, run_id, multi_host, master_port_offset):
-    """The rendezvous address: MPNN_RENDEZVOUS, else MASTER_ADDR/MASTER_PORT(+offset), else loopback + derived port."""
+def _address(env, launcher, run_id, multi_host, master_port_offset, first_host=None):
+    """The rendezvous address: MPNN_RENDEZVOUS, else MASTER_ADDR/MASTER_PORT(+offset), else (many hosts) the
+    job's first host, else loopback; without MASTER_PORT the port is derived from the run id."""
     if env.get("MPNN_RENDEZVOUS"):
         return env["MPNN_RENDEZVOUS"]
     if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
         return f"tcp://{env['MASTER_ADDR']}:{_int(env, 'MASTER_PORT') + master_port_offset}"
+    if multi_host and first_host:
+        return f"tcp://{first_host}:{_derived_port(run_id)}"
     if multi_host:
         raise ValueError(
             f"{launcher}: a world across several hosts needs the rendezvous address: set MPNN_RENDEZVOUS="
@@ -163,6 +167,12 @@ def _tasks_on_node(tasks_per_node, node):
     return counts[node] if node < len(counts) else None
 
 
+def first_slurm_host(nodelist):
+    """The first host of a Slurm hostlist: "gpu[07-09,12],login1" -> "gpu07", "r[1-2]-n[3-4]" -> "r1-n3"."""
+    entry = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], entry) or None
+
+
 def _from_slurm(env):
     world_size = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
     node_rank = _int(env, "SLURM_NODEID", 0)
@@ -173,7 +183,9 @@ def _from_slurm(env):
     return WorldSpec(
         rank=_int(env, "SLURM_PROCID"), world_size=world_size, local_rank=_int(env, "SLURM_LOCALID", 0),
         local_world_size=local_world_size, node_rank=node_rank, nnodes=nnodes, run_id=run_id,
-        run_dir=env.get("MPNN_RUN_DIR"), rendezvous=_address(env, "srun", run_id, nnodes > 1, master_port_offset=0),
+        run_dir=env.get("MPNN_RUN_DIR"),
+        rendezvous=_address(env, "srun", run_id, nnodes > 1, master_port_offset=0, first_host=first_slurm_host(
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")),
         secret_file=env.get("MPNN_SECRET_FILE") or None, timeout=_timeout(env), launcher="srun")
 
 
