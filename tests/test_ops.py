@@ -35,6 +35,7 @@ SHAPE_PAIRS = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((1,), (2,
                ((2, 3, 1), (1, 1, 5))]
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("fn", [ops.add, ops.sub, ops.mul, ops.div, ops.maximum, ops.minimum],
                          ids=lambda f: f.__name__)
 @pytest.mark.parametrize("sa,sb", SHAPE_PAIRS)
@@ -88,6 +89,7 @@ UNARY = [
 ]
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("name,fn,kw", UNARY, ids=[u[0] for u in UNARY])
 @pytest.mark.parametrize("shape", [(3, 4), (1,), (2, 1, 3)])
 def test_unary_gradients(name, fn, kw, shape):
@@ -102,6 +104,7 @@ def test_unary_noncontiguous():
         assert gradcheck(fn, [T(3, 4, noncontig=True)])
 
 
+@pytest.mark.arm64
 def test_unary_forward_values():
     x = np.linspace(-3, 3, 13)
     t = mpnn.Tensor(x, dtype="float64")
@@ -217,6 +220,7 @@ def test_where_masked_fill():
     assert gradcheck(lambda a: a.masked_fill(cond, 0.0), [x])
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((4,), (4, 5)), ((3, 4), (4,)),
                                    ((4,), (4,)), ((2, 1, 3, 4), (5, 4, 2)), ((1, 4), (4, 1))])
 def test_matmul_gradients(sa, sb):
@@ -234,6 +238,7 @@ def test_matmul_noncontiguous_and_linear():
     assert gradcheck(lambda p, q: ops.linear(p, q), [T(2, 5, 3), w])
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_softmax_log_softmax(dim):
     x = T(3, 4, 2)
@@ -279,6 +284,7 @@ def test_embedding_gradient_and_padding():
         embedding(np.array([6]), w)
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 2, 4, 4)])
 def test_batch_norm_train_and_eval(shape):
     x = T(*shape)
@@ -299,6 +305,7 @@ def test_batch_norm_train_and_eval(shape):
     assert gradcheck(lambda a, p, q: batch_norm(a, rmt, rvt, p, q, training=False), [x, w, b])
 
 
+@pytest.mark.arm64
 def test_layer_norm():
     x, w, b = T(3, 4, 5), T(4, 5), T(4, 5)
     out = layer_norm(x, (4, 5), w, b)
@@ -321,6 +328,7 @@ def _ref_ce(x, y, w=None, eps=0.0, ignore=-100):
     return ((1 - eps) * nll + eps * smooth).sum() / (w[ys] * valid).sum()
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cross_entropy(eps, weighted):

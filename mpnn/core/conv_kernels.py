@@ -61,12 +61,15 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow_, cols):
                     for n in range(n_):
                         d0 = (r * n_ + n) * t_ + base
                         s0 = ((n * c_ + c) * h_ + ih) * w_ + w_off
+                        # LLVM: padding fills scalar on x86-64 and aarch64 (a call in the loop); short runs
                         for ow in range(a, c0):
                             cf[uint64(d0 + ow)] = 0.0
                         if sw == 1:
+                            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                             for ow in range(c0, c1):
                                 cf[uint64(d0 + ow)] = xf[uint64(s0 + ow)]
                         else:
+                            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                             for ow in range(c0, c1):
                                 cf[uint64(d0 + ow)] = xf[uint64(s0 + ow * sw)]
                         for ow in range(c1, b):
@@ -110,9 +113,11 @@ def col2im(cols, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow_, dx):
                         s0 = (r * n_ + n) * t_ + base
                         d0 = ((n * c_ + c) * h_ + ih) * w_ + w_off
                         if sw == 1:
+                            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                             for ow in range(c0, c1):
                                 df[uint64(d0 + ow)] += cf[uint64(s0 + ow)]
                         else:
+                            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                             for ow in range(c0, c1):
                                 df[uint64(d0 + ow * sw)] += cf[uint64(s0 + ow)]
 
@@ -128,6 +133,7 @@ def swap_leading_axes(src, dst):
         for j in range(b_):
             s = (i * b_ + j) * t_
             d = (j * a_ + i) * t_
+            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
             for k in range(t_):
                 df[uint64(d + k)] = sf[uint64(s + k)]
 
@@ -156,6 +162,7 @@ def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw, out, argmax):
                 for ow in range(ow_):
                     best = -1
                     best_val = -np.inf
+                    # LLVM: scalar on x86-64 and aarch64 (a max with the NaN rule: no known reduction)
                     for i in range(hlo[oh], hhi[oh]):
                         ih = oh * sh - ph + i * dh
                         for j in range(wlo[ow], whi[ow]):
@@ -179,6 +186,7 @@ def max_pool2d_backward(g, argmax, dx):
             for ih in range(h_):
                 for iw in range(w_):
                     plane[ih, iw] = 0.0
+            # LLVM: scalar on x86-64 and aarch64 (a scatter through argmax)
             for oh in range(oh_):
                 for ow in range(ow_):
                     k = argmax[n, c, oh, ow]
@@ -217,6 +225,7 @@ def avg_pool2d_forward(x, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_ove
                 for ow in range(ow_):
                     div = divisor_override if divisor_override > 0 else hspan[oh] * wspan[ow]
                     acc = 0.0
+                    # LLVM: scalar on x86-64 and aarch64 (a float sum it may not reorder)
                     for ih in range(hlo[oh], hhi[oh]):
                         for iw in range(wlo[ow], whi[ow]):
                             acc += x[n, c, ih, iw]
@@ -242,6 +251,7 @@ def avg_pool2d_backward(g, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_ov
                     if div <= 0:
                         continue
                     share = g[n, c, oh, ow] / div
+                    # LLVM: scalar on x86-64 and aarch64 (stores into plane that may overlap)
                     for ih in range(hlo[oh], hhi[oh]):
                         for iw in range(wlo[ow], whi[ow]):
                             plane[ih, iw] += share
@@ -270,6 +280,7 @@ def adaptive_avg_pool2d_forward(x, out):
             for oh in range(oh_):
                 for ow in range(ow_):
                     acc = 0.0
+                    # LLVM: scalar on x86-64 and aarch64 (a float sum it may not reorder)
                     for ih in range(hlo[oh], hhi[oh]):
                         for iw in range(wlo[ow], whi[ow]):
                             acc += x[n, c, ih, iw]
@@ -292,6 +303,7 @@ def adaptive_avg_pool2d_backward(g, dx):
             for oh in range(oh_):
                 for ow in range(ow_):
                     share = g[n, c, oh, ow] / ((hhi[oh] - hlo[oh]) * (whi[ow] - wlo[ow]))
+                    # LLVM: scalar on x86-64 and aarch64 (stores into plane that may overlap)
                     for ih in range(hlo[oh], hhi[oh]):
                         for iw in range(wlo[ow], whi[ow]):
                             plane[ih, iw] += share
@@ -342,11 +354,13 @@ def _load_phases(src, s, dst, d, stride, lo, hi, count, offset, size):
     """dst[d + r*stride + k] = src[s + 4k + r] for k < count, r < 4, or 0 where column 4k + r + offset
     falls outside [0, size): a row split into its four column phases, so that later passes are unit-stride.
     [lo, hi) is _phase_bounds(offset, size, count)."""
+    # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
     for k in range(lo, hi):  # four loads in one loop: LLVM makes them one de-interleaving load
         dst[uint64(d + k)] = src[uint64(s + 4 * k)]
         dst[uint64(d + stride + k)] = src[uint64(s + 4 * k + 1)]
         dst[uint64(d + 2 * stride + k)] = src[uint64(s + 4 * k + 2)]
         dst[uint64(d + 3 * stride + k)] = src[uint64(s + 4 * k + 3)]
+    # edge columns: LLVM vectorizes this and the next loop on x86-64, not on aarch64 (cost model)
     for k in range(lo):
         for r in range(4):
             col = 4 * k + r + offset
@@ -454,9 +468,11 @@ def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
     for r in range(24):
         q[r * ln + size] = 0.0
     for r in range(4):  # B^T down the columns, in place (one loop per phase: at most 8 store streams
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(ln):  # per loop, or LLVM gives up vectorizing for want of alias checks)
             _put6(q, r * ln + j, 4 * ln, _bt(_get6(q, r * ln + j, 4 * ln), two, four, five))
     for a in range(6):  # then B along the rows: tile j's columns are phases 0-3 of slot j, 0-1 of j + 1
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
             _put6(vf, 6 * a * p + j, p, _bt(_row6(q, 4 * a * ln + j, ln), two, four, five))
 
@@ -474,6 +490,7 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
     two, four, _, eight = _constants(m)
     y = np.empty(24 * size, m.dtype)  # y[(6i + b)*size + j] = (A^T M)[i, b]
     for b in range(6):  # A^T down the columns
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
             z = _at(_get6(mf, b * p + j, 6 * p), two, four, eight)
             y[uint64(b * size + j)] = z[0]
@@ -491,6 +508,7 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
             for i in range(min(4, oh_ - 4 * th)):
                 row = ((n * o_ + o) * oh_ + 4 * th + i) * ow_
                 q = 6 * i * size + j0
+                # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                 for k in range(full):
                     z = _at(_get6(y, q + k, size), two, four, eight)
                     of[uint64(row + 4 * k)] = z[0] + bo
@@ -535,17 +553,20 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     # the columns first, was no faster)
     z = np.empty(24 * size, g.dtype)  # z[(6i + b)*size + j] = (dY A^T)[i, b]
     for i in range(4):
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
             _put6(z, 6 * i * size + j, size, _a((q[uint64(4 * i * size + j)], q[uint64((4 * i + 1) * size + j)],
                                                  q[uint64((4 * i + 2) * size + j)],
                                                  q[uint64((4 * i + 3) * size + j)]), two, four, eight))
     for b in range(6):
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
             _put6(df, b * p + j, 6 * p, _a((z[uint64(b * size + j)], z[uint64((6 + b) * size + j)],
                                             z[uint64((12 + b) * size + j)], z[uint64((18 + b) * size + j)]),
                                            two, four, eight))
     for o in range(o_):
         base = 7 * p + o * t_
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for k in range(t_):
             sums[o, k] += df[uint64(base + k)]
 
@@ -569,12 +590,14 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
     for b in range(36):
         y[b * ln] = 0.0
     for b in range(6):  # B down the columns
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
             _put6(y, b * ln + 1 + j, 6 * ln, _b(_get6(vf, b * p + j, 6 * p), two, four, five))
     acc = np.empty(4 * size, dv.dtype)
     lo, hi = _phase_bounds(-pw, w_, slots)
     for a in range(6):
         r = 6 * a * ln
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):  # B along the row: column phase b of slot j gets tile j's entry b and,
             cur = _b(_get6(y, r + 1 + j, ln), two, four, five)  # for b < 2, tile j - 1's entry b + 4
             prev = _get6(y, r + j, ln)
@@ -590,11 +613,13 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
                     continue
                 j0 = c * t_ + rr * slots
                 row = ((n * c_ + c) * h_ + ih) * w_ - pw
+                # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                 for k in range(lo, hi):  # four phases in one loop: one interleaving store
                     xf[uint64(row + 4 * k)] += acc[uint64(j0 + k)]
                     xf[uint64(row + 4 * k + 1)] += acc[uint64(size + j0 + k)]
                     xf[uint64(row + 4 * k + 2)] += acc[uint64(2 * size + j0 + k)]
                     xf[uint64(row + 4 * k + 3)] += acc[uint64(3 * size + j0 + k)]
+                # edge columns: LLVM vectorizes this and the next loop on x86-64, not on aarch64 (cost model)
                 for k in range(lo):
                     for b in range(4):
                         if 0 <= 4 * k + b - pw < w_:
@@ -635,13 +660,16 @@ def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
                 src = ((n * c_ + c) * h_ + ih) * w_ - pw
                 for r in range(4):
                     dst = a * row + r * phase + c
+                    # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
                     for k in range(los[r], his[r]):
                         stage[uint64(dst + k * c_)] = xf[uint64(src + 4 * k + r)] if inside else 0.0
+        # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for i in range(row):  # B^T down the rows, in place
             _put6(stage, i, row, _bt(_get6(stage, i, row), two, four, five))
         t = rr * phase
         for a in range(6):  # then B along the row: tile k's columns are phases 0-3 of slot k, 0-1 of k + 1
             s = a * row
+            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
             for m in range(tiles_w * c_):
                 d = (stage[uint64(s + m)], stage[uint64(s + phase + m)], stage[uint64(s + 2 * phase + m)],
                      stage[uint64(s + 3 * phase + m)], stage[uint64(s + c_ + m)],
