@@ -263,11 +263,15 @@ def test_sigkilled_launcher_leaves_no_process(tmp_path):
     """)
     proc, run_id = start_launcher(tmp_path, ["-n", str(n), str(script)])
     wait_for(lambda: len(leftover_processes(run_id)) == 2 * n + 1, what="workers, grandchildren and guardian")
+    secret = Path(next(p.environ()["MPNN_SECRET_FILE"] for p in leftover_processes(run_id)
+                       if "MPNN_SECRET_FILE" in p.environ()))
+    assert secret.is_file()
     proc.kill()
     proc.wait()
     killed_at = time.monotonic()
     wait_for(lambda: leftover_processes(run_id) == [], timeout=10, what="the guardian to stop everything")
     assert time.monotonic() - killed_at < 5.0
+    wait_for(lambda: not secret.parent.exists(), timeout=5, what="the guardian to remove the run's secret")
 
 
 def test_random_kills_leave_no_process(tmp_path):

@@ -1,13 +1,15 @@
 """A watchman for the case the launcher cannot handle itself: killed with SIGKILL (or crashed), it leaves its
 workers running in their own process groups. The guardian, a tiny process started first in its own session,
-learns each worker's process group; when its stdin reaches EOF without "done" (the kernel closed the dead
-launcher's end), it stops those groups: SIGTERM, then SIGKILL after a grace period.
+learns each worker's process group (and the private directories the launcher would have removed, such as the
+run's secret); when its stdin reaches EOF without "done" (the kernel closed the dead launcher's end), it stops
+those groups: SIGTERM, then SIGKILL after a grace period, and removes those directories.
 
 The launcher runs this file by path with `python -I` (no mpnn import, no user site, no script dir on sys.path).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,10 @@ class Guardian:
 
     def watch(self, pgid: int) -> None:
         self._send(f"{pgid}\n")
+
+    def remove_on_death(self, directory) -> None:
+        """Have the guardian remove `directory` (a private temp dir of the launcher's) if the launcher dies."""
+        self._send(f"rm {os.path.abspath(directory)}\n")
 
     def close(self) -> None:
         """Tell the guardian the launcher stopped everything itself, and wait for it to exit."""
@@ -58,15 +64,22 @@ def _signal_groups(groups: list[int], sig: int) -> None:
 
 
 def main() -> None:
-    """Read process group ids until "done" (exit quietly) or EOF (the launcher died: stop every group)."""
-    groups = []
+    """Read process group ids and "rm DIR" lines until "done" (exit quietly) or EOF (the launcher died: stop
+    every group, then remove the directories)."""
+    groups, directories = [], []
     for line in sys.stdin:
-        if line.strip() == "done":
+        line = line.rstrip("\n")
+        if line == "done":
             return
-        groups.append(int(line))
+        if line.startswith("rm "):
+            directories.append(line[3:])
+        else:
+            groups.append(int(line))
     _signal_groups(groups, signal.SIGTERM)
     time.sleep(GRACE_S)
     _signal_groups(groups, signal.SIGKILL)
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,18 @@ def _check_restarts(config: LaunchConfig) -> Path | None:
     return None if config.resume is None else check_resume(config.resume)
 
 
+def _owns_secret(config: LaunchConfig) -> bool:
+    """Whether this launcher makes (and must remove) the run's secret: one node and no secret file given."""
+    return not config.secret_file and config.nnodes == 1
+
+
 def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
+    if not _owns_secret(config):
+        return _shared_secret(config)
+    return stack.enter_context(fresh_secret_file())
+
+
+def _shared_secret(config: LaunchConfig) -> Path:
     if config.secret_file:
         return check_secret_file(config.secret_file)
     if config.nnodes > 1:
@@ -125,7 +136,6 @@ def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
             raise LaunchError(f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
                               "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)")
         return check_secret_file(Path(shared))
-    return stack.enter_context(fresh_secret_file())
 
 
 def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, layout: Layout,
@@ -229,6 +239,8 @@ def _attempt(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence
     workers = []
     failed = None
     with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian:
+        if _owns_secret(config):
+            guardian.remove_on_death(run.secret_file.parent)  # the private dir fresh_secret_file made
         try:
             for local_rank, core in enumerate(cpus):
                 if stop.received is not None:
