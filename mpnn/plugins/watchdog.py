@@ -304,9 +304,10 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
     median, over rounds, of each set-up's step time relative to "bare", in percent, and the time spent inside the
     watchdog's own hook ("hook", timed around it, in percent of the bare step). Run it in its own process, with
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 as the launcher gives workers; it pins itself to one core as the
-    launcher pins a worker, so the telemetry flush thread shares that core (unpinned, "bare" got the flush's
-    record building done for free on a second core, which inflated the measured overhead by 2-3 points). The
-    defaults are a worst case (a ~0.2 ms step); features=40, hidden=256, batch=100 is the MNIST-1D MLP's shape."""
+    launcher pins a worker. Each block ends with a telemetry flush inside its timing: without plugins the
+    recorder builds a step's line at flush time instead of at the step, and a flush landing in another set-up's
+    block charged that set-up with it (which made "record" look ~2.5 points dearer than it is). The defaults are
+    a worst case (a ~0.2 ms step); features=40, hidden=256, batch=100 is the MNIST-1D MLP's shape."""
     import statistics
     import tempfile
 
@@ -345,6 +346,7 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
+            recorder.flush()  # this block's lines, built and written on its own clock
             return (perf_counter() - t0) / n
 
         steps(dog.warmup + dog.window, "watchdog")  # past warm-up: every watched step now feeds the trend checks
