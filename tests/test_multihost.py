@@ -1,6 +1,7 @@
 """Many hosts on one machine: two network namespaces joined by a veth pair, each with its own hostname, run
 `mpnn launch --nnodes 2` against each other over tcp; CURVE (--encrypt) is checked on the wire with a packet
-sniffer, and faults come from iptables inside a namespace (random loss, a cut link). The two-host tests need
+sniffer, and faults come from iptables inside a namespace (random loss, a cut link) or from a router namespace
+whose delaying proxy (tests/delay_proxy.py) every connection is redirected through. The two-host tests need
 root and `ip netns` and skip without them."""
 
 import json
@@ -74,7 +75,7 @@ def _namespaces():
 def _remove_stale_namespaces():
     """Delete empty namespaces of this test whose pytest process is gone (killed before its cleanup could run)."""
     for name in _namespaces():
-        match = re.fullmatch(r"mpnn(\d+)n[01]", name)
+        match = re.fullmatch(r"mpnn(\d+)n[012]", name)
         if match and (int(match.group(1)) == os.getpid() or not os.path.exists(f"/proc/{match.group(1)}")):
             if not _ip("netns", "pids", name, check=False).stdout.split():
                 _ip("netns", "del", name, check=False)
@@ -101,6 +102,9 @@ class Hosts:
             if result.returncode:
                 self.remove()
                 pytest.skip(f"`ip netns add` refused here: {result.stderr.strip()}")
+        self._wire()
+
+    def _wire(self):
         _ip("link", "add", self.links[0], "type", "veth", "peer", "name", self.links[1])
         for name, link, addr in zip(self.names, self.links, self.addrs):
             _ip("link", "set", link, "netns", name)
@@ -123,7 +127,8 @@ class Hosts:
                     except ProcessLookupError:
                         pass
                 _ip("netns", "del", name, check=False)
-        _ip("link", "del", self.links[0], check=False)  # only if it never reached a namespace
+        for link in self.links[::2]:
+            _ip("link", "del", link, check=False)  # only if it never reached a namespace
 
     def exec(self, node, argv, **kwargs):
         """Popen argv inside node's namespace with its own UTS namespace and hostname node<i>."""
@@ -137,19 +142,58 @@ class Hosts:
                               capture_output=True, text=True).stdout
 
 
-@pytest.fixture
-def hosts():
-    """Two fresh hosts; afterwards nothing may still run in them, and the namespaces and link are gone."""
-    made = Hosts()
+class RoutedHosts(Hosts):
+    """node0 (10.232.S.1) and node1 (10.233.S.1) on separate veth links to a third namespace, the router
+    (10.23x.S.254 on each), which forwards between them: the place to put a delaying proxy."""
+
+    def __init__(self):
+        super().__init__()
+        tag = os.getpid()
+        self.names.append(f"mpnn{tag}n2")
+        self.links = [f"mp{tag}v{i}" for i in range(4)]  # pairs: node0-router, node1-router
+        self.addrs = [f"10.{232 + i}.{tag % 250}.1" for i in range(2)]
+        self.gateways = [f"10.{232 + i}.{tag % 250}.254" for i in range(2)]
+
+    def _wire(self):
+        router = self.names[2]
+        for node in range(2):
+            inside, outside = self.links[2 * node], self.links[2 * node + 1]
+            _ip("link", "add", inside, "type", "veth", "peer", "name", outside)
+            _ip("link", "set", inside, "netns", self.names[node])
+            _ip("link", "set", outside, "netns", router)
+            _ip("-n", self.names[node], "addr", "add", f"{self.addrs[node]}/24", "dev", inside)
+            _ip("-n", router, "addr", "add", f"{self.gateways[node]}/24", "dev", outside)
+            for name, link in ((self.names[node], inside), (router, outside), (self.names[node], "lo")):
+                _ip("-n", name, "link", "set", link, "up")
+            _ip("-n", self.names[node], "route", "add", "default", "via", self.gateways[node])
+        _ip("-n", router, "link", "set", "lo", "up")
+        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
+                       timeout=30)
+
+
+def _made_hosts(made):
+    """Create `made`, hand it over; afterwards nothing may still run in it, and its namespaces and links are gone."""
     left = {}
     try:
         made.create()
         yield made
-        left = {f"node{node}": made.pids(node) for node in range(2)}
+        left = {name: made.pids(node) for node, name in enumerate(made.names)}
     finally:
         made.remove()
     assert not _namespaces() & set(made.names)
     assert not any(left.values()), f"processes left behind: {left}"
+
+
+@pytest.fixture
+def hosts():
+    """Two fresh hosts on one link."""
+    yield from _made_hosts(Hosts())
+
+
+@pytest.fixture
+def routed_hosts():
+    """Two fresh hosts joined through a router namespace."""
+    yield from _made_hosts(RoutedHosts())
 
 
 @pytest.fixture
@@ -309,3 +353,63 @@ def test_cut_link_times_out_naming_the_silent_rank(firewall, tmp_path, secret_fi
         assert re.search(rf"CommTimeout: rank {other} (is silent|stopped sending): rank {me} waited 4 s", output), \
             _outputs(tmp_path)
         assert hosts.pids(node) == [], f"processes left on node{node}"
+
+
+# Every rank times ROUNDS all-reduces (after one that makes the connections), checks them against NumPy, reports.
+TIMED_ALLREDUCE_SCRIPT = '''
+import json, os, time
+import numpy as np
+import mpnn
+comm = mpnn.init()
+comm.allreduce(np.ones(8, np.float32))
+rounds = int(os.environ["ROUNDS"])
+start = time.perf_counter()
+for _ in range(rounds):
+    a = np.arange(100_000, dtype=np.float32) * (comm.rank + 1)
+    comm.allreduce(a)
+    np.testing.assert_array_equal(a, np.arange(100_000, dtype=np.float32) * sum(range(1, comm.world_size + 1)))
+print("REPORT " + json.dumps({"rank": comm.rank, "seconds": time.perf_counter() - start}), flush=True)
+'''
+PROXY_PORT = 15999
+DELAY_S = 0.03  # each way, per chunk
+ROUNDS = 20
+
+
+def test_two_hosts_finish_through_a_delaying_lossy_router(routed_hosts, tmp_path, secret_file):
+    hosts, router = routed_hosts, 2
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables is not installed (apt-get install iptables)")
+    try:
+        hosts.iptables(router, "-t", "nat", "-S")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"iptables nat does not work in a network namespace here: {e.stderr.strip()}")
+    proxy = subprocess.Popen(["ip", "netns", "exec", hosts.names[router], sys.executable, str(ROOT / "tests" /
+                              "delay_proxy.py"), str(PROXY_PORT), str(DELAY_S), str(tmp_path / "proxy.json")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout.readline().strip() == "ready"
+        hosts.iptables(router, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT", "--to-ports",
+                       str(PROXY_PORT))
+        for chain in ("INPUT", "OUTPUT"):
+            hosts.iptables(router, "-A", chain, "-m", "statistic", "--mode", "random", "--probability", "0.03",
+                           "-j", "DROP")
+        (tmp_path / "timed.py").write_text(TIMED_ALLREDUCE_SCRIPT)
+        procs = start_nodes(hosts, tmp_path, secret_file, [str(tmp_path / "timed.py")], ROUNDS=str(ROUNDS))
+        results = wait_nodes(procs, tmp_path, limit=60)
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=10)
+        proxy.stdout.close()
+    assert [code for code, _ in results] == [0, 0], _outputs(tmp_path)
+    reports = _reports(out for _, out in results)
+    assert [r["rank"] for r in reports] == [0, 1], _outputs(tmp_path)
+    # with two ranks an all-reduce waits for two delayed hops in turn (reduce-scatter, then allgather); without
+    # the delay these ROUNDS take under 0.1 s, with it about 2 * ROUNDS * DELAY_S
+    assert all(r["seconds"] > 1.5 * ROUNDS * DELAY_S for r in reports), reports
+    relayed = json.loads((tmp_path / "proxy.json").read_text())
+    assert relayed["connections"] >= 3, relayed  # rank 1 joining the rendezvous and both ring edges crossed it
+    # a ring all-reduce has every rank send as many bytes as it reduces: ROUNDS * 2 ranks * 400 kB at least
+    assert relayed["bytes_up"] + relayed["bytes_down"] >= ROUNDS * 2 * 100_000 * 4, relayed
+    counters = hosts.iptables(router, "-L", "INPUT", "-v", "-x", "-n")
+    dropped = int(next(line for line in counters.splitlines() if "statistic" in line).split()[0])
+    assert dropped > 0, counters
