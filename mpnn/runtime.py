@@ -5,6 +5,7 @@ import os
 
 from mpnn import telemetry
 from mpnn.comm import get_comm, init_from_env
+from mpnn.core.fpenv import set_flush_denormal
 
 
 def init(plugins=None, timeout: float | None = None):
@@ -14,7 +15,13 @@ def init(plugins=None, timeout: float | None = None):
     one line per optimizer step with its forward/backward/communication/optimizer times, loss and bytes.
     plugins: plugin objects (or spec strings) for this run, added to those the launcher named (MPNN_PLUGINS);
     their mpnn_run_start runs here.
+    The calling thread flushes denormal floats to zero (mpnn.set_flush_denormal) unless MPNN_FLUSH_DENORMAL=0:
+    once a model fits its data, gradients and activations below 1.2e-38 appear and each costs a microcode assist;
+    the MNIST-1D MLP's step drifted from 0.49 to 0.57 ms over 40,000 steps without it, and stayed at 0.43-0.45
+    with it. Values that small are below float32's resolution of any update they enter.
     """
+    if os.environ.get("MPNN_FLUSH_DENORMAL", "1").strip().lower() not in ("0", "false", "no"):
+        set_flush_denormal(True)
     comm = init_from_env(timeout=timeout)
     run_dir = os.environ.get("MPNN_RUN_DIR")
     if run_dir and telemetry.get_recorder() is None:
