@@ -73,8 +73,16 @@ def _train_alone(directory, until, every=5):
     schedule = StepLR(opt, step_size=7, gamma=0.5)
     ckpt = Checkpointer(model, opt, schedule, loader=loader, every=every, directory=directory)
     start = ckpt.restore()
+    _train(model, opt, schedule, loader, ckpt, start, until)
+    return start, model.state_dict(), opt.state_dict(), schedule.get_last_lr()
+
+
+def _train(model, opt, schedule, loader, ckpt, start, until, sampler=None):
+    """The training loop both set-ups share: from the restored step and epoch to step `until`, checkpointing."""
     step, epoch = start.step, start.epoch
     while step < until:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         for x, y in loader:
             loss = nn.functional.cross_entropy(model(_noisy(x)), y)
             opt.zero_grad()
@@ -86,7 +94,6 @@ def _train_alone(directory, until, every=5):
             if step == until:
                 break
         epoch += 1
-    return start, model.state_dict(), opt.state_dict(), schedule.get_last_lr()
 
 
 def test_resume_mid_epoch_in_one_process_is_bit_exact(tmp_path):
@@ -127,20 +134,7 @@ def _train_two(until, source=None):
     schedule = StepLR(opt, step_size=6, gamma=0.5)
     ckpt = Checkpointer(model, opt, schedule, sampler=sampler, loader=loader, every=5)
     start = ckpt.restore(source)
-    step, epoch = start.step, start.epoch
-    while step < until:
-        sampler.set_epoch(epoch)
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(_noisy(x)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            step += 1
-            ckpt.step(step, epoch=epoch)
-            if step == until:
-                break
-        epoch += 1
+    _train(model, opt, schedule, loader, ckpt, start, until, sampler)
     states = comm.allgather_object((model.module.state_dict(), opt.state_dict(), model.codec.state_dict()))
     return (start.step, start.epoch), states, saved.calls, os.environ["MPNN_RUN_DIR"]
 

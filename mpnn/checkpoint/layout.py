@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+from mpnn.core.serialize import fsync_directory
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
@@ -162,14 +164,14 @@ def verify_files(directory: Path, manifest: dict, names) -> None:
 
 def publish(temporary: Path, final: Path) -> None:
     """Rename a complete temporary checkpoint to its final name (replacing an older one of the same step)."""
-    _fsync(temporary)
+    fsync_directory(temporary)
     old = None
     if final.exists():
         old = final.with_name(TEMP_PREFIX + "old-" + final.name)
         _remove(old)
         os.rename(final, old)
     os.rename(temporary, final)
-    _fsync(final.parent)
+    fsync_directory(final.parent)
     if old is not None:
         _remove(old)
 
@@ -191,10 +193,3 @@ def _remove(path: Path) -> None:
         except FileNotFoundError:
             pass
 
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

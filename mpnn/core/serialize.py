@@ -132,7 +132,7 @@ def save(obj, path, *, notify: bool = True) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     if notify and _save_hooks:
         digest_hex = _file_sha256(path)
         for fn in _save_hooks:
@@ -154,7 +154,8 @@ class _HashingWriter:
         self.write(bytes(offset - self.pos))
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

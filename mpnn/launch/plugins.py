@@ -38,21 +38,19 @@ def launch_info(command, command_line, world: World, run: RunContext, base_env) 
 
 def launch_start(manager: PluginManager, info: LaunchInfo) -> None:
     """mpnn_launch_start; a refusal (or any plugin error) is a LaunchError: no worker starts."""
-    try:
-        manager.hook.mpnn_launch_start(launch=info)
-    except PluginError as error:
-        message = str(error)
-        try:
-            launch_end(manager, info, "failed", {}, message)
-        except LaunchError as also:
-            message += f"; and then {also}"
-        raise LaunchError(message) from None
+    _or_end_launch(manager, info, lambda: manager.hook.mpnn_launch_start(launch=info))
 
 
 def launch_restart(manager: PluginManager, info: LaunchInfo, restart: int, failed_rank: int, how: str) -> None:
     """mpnn_launch_restart; a plugin failing there ends the launch (mpnn_launch_end is told) with a LaunchError."""
+    _or_end_launch(manager, info, lambda: manager.hook.mpnn_launch_restart(
+        launch=info, restart=restart, failed_rank=failed_rank, how=how))
+
+
+def _or_end_launch(manager: PluginManager, info: LaunchInfo, call) -> None:
+    """Run a launch hook; when a plugin fails there, tell mpnn_launch_end the launch failed and raise LaunchError."""
     try:
-        manager.hook.mpnn_launch_restart(launch=info, restart=restart, failed_rank=failed_rank, how=how)
+        call()
     except PluginError as error:
         message = str(error)
         try:
