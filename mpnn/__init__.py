@@ -5,8 +5,10 @@
     model = mpnn.nn.Sequential(mpnn.nn.Linear(2, 8), mpnn.nn.ReLU(), mpnn.nn.Linear(8, 1))
 """
 import mpnn.threads  # noqa: F401  first, before NumPy loads: under mpirun/srun, one BLAS/Numba thread per rank
+from mpnn._version import __version__  # the one version source (pyproject.toml reads it too)
 from mpnn.core import (GradcheckError, OpError, Tensor, bool_, enable_grad, float16, float32, float64,
-                       gradcheck, int32, int64, is_grad_enabled, no_grad, tensor)
+                       gradcheck, int32, int64, is_grad_enabled, no_grad, set_grad_enabled,
+                       tensor)
 from mpnn.core.activation import dropout, log_softmax, softmax
 from mpnn.core.factory import (arange, empty, eye, from_numpy, full, linspace, ones, ones_like, rand, randint,
                                randn, randperm, zeros, zeros_like)
@@ -26,5 +28,3 @@ long = int64
 float = float32
 double = float64
 half = float16
-
-__version__ = "0.1.0"

@@ -4,7 +4,7 @@ from mpnn.core.errors import OpError
 from mpnn.core.gradcheck import GradcheckError, gradcheck
 from mpnn.core.warmup import warmup
 from mpnn.core.tensor import (Tensor, bool_, enable_grad, float16, float32, float64, int32, int64,
-                              is_grad_enabled, no_grad, tensor)
+                              is_grad_enabled, no_grad, set_grad_enabled, tensor)
 
-__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
+__all__ = ["Tensor", "tensor", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled", "gradcheck", "GradcheckError",
            "OpError", "warmup", "float16", "float32", "float64", "int32", "int64", "bool_"]

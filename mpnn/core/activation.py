@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpnn.core.errors import OpError
-from mpnn.core.tensor import Tensor, make_result
+from mpnn.core.tensor import OUTPUT, Tensor, make_result
 
 
 def _dim(op, dim, ndim):
@@ -23,7 +23,7 @@ def softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
 
     def backward(g):
         return (out * (g - (g * out).sum(axis=ax, keepdims=True)),)
-    return make_result(out, (a,), backward, "softmax")
+    return make_result(out, (a,), backward, "softmax", saved=(OUTPUT,))
 
 
 def log_softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
@@ -34,7 +34,7 @@ def log_softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
 
     def backward(g):
         return (g - np.exp(out) * g.sum(axis=ax, keepdims=True),)
-    return make_result(out, (a,), backward, "log_softmax")
+    return make_result(out, (a,), backward, "log_softmax", saved=(OUTPUT,))
 
 
 def dropout(a: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -52,7 +52,7 @@ def dropout(a: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
     def backward(g):
         return (g * mask,)
-    return make_result(a.data * mask, (a,), backward, "dropout")
+    return make_result(a.data * mask, (a,), backward, "dropout", saved=())
 
 
 def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
@@ -75,4 +75,4 @@ def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
         if padding_idx is not None:
             full[padding_idx] = 0
         return (full,)
-    return make_result(out, (weight,), backward, "embedding")
+    return make_result(out, (weight,), backward, "embedding", saved=())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpnn.core.tensor import Tensor, to_dtype
+from mpnn.core.tensor import Tensor, check_device, to_dtype
 
 
 def _shape(size):
@@ -12,52 +12,53 @@ def _shape(size):
     return tuple(int(s) for s in size)
 
 
-def _make(arr, dtype, requires_grad):
+def _make(arr, dtype, requires_grad, device=None):
+    check_device(device)
     if dtype is not None:
         arr = arr.astype(to_dtype(dtype), copy=False)
     return Tensor(arr, requires_grad=requires_grad)
 
 
-def zeros(*size, dtype=None, requires_grad=False):
-    return _make(np.zeros(_shape(size), dtype=to_dtype(dtype)), None, requires_grad)
+def zeros(*size, dtype=None, requires_grad=False, device=None):
+    return _make(np.zeros(_shape(size), dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
-def ones(*size, dtype=None, requires_grad=False):
-    return _make(np.ones(_shape(size), dtype=to_dtype(dtype)), None, requires_grad)
+def ones(*size, dtype=None, requires_grad=False, device=None):
+    return _make(np.ones(_shape(size), dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
-def empty(*size, dtype=None, requires_grad=False):
-    return _make(np.empty(_shape(size), dtype=to_dtype(dtype)), None, requires_grad)
+def empty(*size, dtype=None, requires_grad=False, device=None):
+    return _make(np.empty(_shape(size), dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
-def full(size, fill_value, dtype=None, requires_grad=False):
+def full(size, fill_value, dtype=None, requires_grad=False, device=None):
     if dtype is None and isinstance(fill_value, (int, np.integer)) and not isinstance(fill_value, bool):
         dtype = "int64"
-    return _make(np.full(_shape((size,)), fill_value, dtype=to_dtype(dtype)), None, requires_grad)
+    return _make(np.full(_shape((size,)), fill_value, dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
-def zeros_like(t, dtype=None, requires_grad=False):
-    return _make(np.zeros_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad)
+def zeros_like(t, dtype=None, requires_grad=False, device=None):
+    return _make(np.zeros_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad, device)
 
 
-def ones_like(t, dtype=None, requires_grad=False):
-    return _make(np.ones_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad)
+def ones_like(t, dtype=None, requires_grad=False, device=None):
+    return _make(np.ones_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad, device)
 
 
-def arange(start, end=None, step=1, dtype=None, requires_grad=False):
+def arange(start, end=None, step=1, dtype=None, requires_grad=False, device=None):
     if end is None:
         start, end = 0, start
     ints = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
     dt = to_dtype(dtype) if dtype is not None else (np.int64 if ints else np.float32)
-    return _make(np.arange(start, end, step, dtype=dt), None, requires_grad)
+    return _make(np.arange(start, end, step, dtype=dt), None, requires_grad, device)
 
 
-def linspace(start, end, steps, dtype=None, requires_grad=False):
-    return _make(np.linspace(start, end, steps, dtype=to_dtype(dtype)), None, requires_grad)
+def linspace(start, end, steps, dtype=None, requires_grad=False, device=None):
+    return _make(np.linspace(start, end, steps, dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
-def eye(n, m=None, dtype=None, requires_grad=False):
-    return _make(np.eye(n, m, dtype=to_dtype(dtype)), None, requires_grad)
+def eye(n, m=None, dtype=None, requires_grad=False, device=None):
+    return _make(np.eye(n, m, dtype=to_dtype(dtype)), None, requires_grad, device)
 
 
 def _gen():
@@ -65,24 +66,31 @@ def _gen():
     return generator()
 
 
-def randn(*size, dtype=None, requires_grad=False):
+def randn(*size, dtype=None, requires_grad=False, device=None):
     dt = to_dtype(dtype)
-    return _make(_gen().standard_normal(_shape(size), dtype=np.float64).astype(dt), None, requires_grad)
+    return _make(_gen().standard_normal(_shape(size), dtype=np.float64).astype(dt), None, requires_grad, device)
 
 
-def rand(*size, dtype=None, requires_grad=False):
+def rand(*size, dtype=None, requires_grad=False, device=None):
     dt = to_dtype(dtype)
-    return _make(_gen().random(_shape(size), dtype=np.float64).astype(dt), None, requires_grad)
+    return _make(_gen().random(_shape(size), dtype=np.float64).astype(dt), None, requires_grad, device)
 
 
-def randint(low, high=None, size=(), dtype="int64"):
+def randint(low, high=None, size=None, dtype="int64", requires_grad=False, device=None):
+    """Integers in [low, high): ``randint(high, size)`` or ``randint(low, high, size)``, as torch.randint."""
+    if size is None:
+        if isinstance(high, (tuple, list)):  # randint(high, size)
+            low, high, size = 0, low, high
+        else:
+            size = ()
     if high is None:
         low, high = 0, low
-    return _make(_gen().integers(low, high, size=_shape((size,)) if size != () else ()), dtype, False)
+    shape = _shape((size,)) if isinstance(size, (tuple, list)) else (int(size),)
+    return _make(_gen().integers(low, high, size=shape), dtype, requires_grad, device)
 
 
-def randperm(n, dtype="int64"):
-    return _make(_gen().permutation(n), dtype, False)
+def randperm(n, dtype="int64", requires_grad=False, device=None):
+    return _make(_gen().permutation(n), dtype, requires_grad, device)
 
 
 def from_numpy(arr: np.ndarray) -> Tensor:

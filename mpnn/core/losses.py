@@ -95,7 +95,7 @@ def cross_entropy(input: Tensor, target, weight=None, ignore_index: int = -100, 
         if ndim > 2:
             grow = np.moveaxis(grow.reshape((shape[0],) + shape[2:] + (shape[1],)), -1, 1)
         return (np.ascontiguousarray(grow),)
-    return make_result(out, (input,), backward, "cross_entropy")
+    return make_result(out, (input,), backward, "cross_entropy", saved=())
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
@@ -151,7 +151,7 @@ def nll_loss(input: Tensor, target, weight=None, ignore_index: int = -100, reduc
         if ndim > 2:
             grow = np.moveaxis(grow.reshape((shape[0],) + shape[2:] + (shape[1],)), -1, 1)
         return (np.ascontiguousarray(grow),)
-    return make_result(out.astype(x.dtype, copy=False), (input,), backward, "nll_loss")
+    return make_result(out.astype(x.dtype, copy=False), (input,), backward, "nll_loss", saved=())
 
 
 def _same_shape(op, a, b):
@@ -212,4 +212,5 @@ def binary_cross_entropy_with_logits(input: Tensor, target, weight=None, reducti
             gy = gy * w if w is not None else gy
             gy = gy.astype(x.dtype, copy=False)
         return gx if input.requires_grad else None, gy
-    return make_result(out, (input, target), backward, "binary_cross_entropy_with_logits")
+    return make_result(out, (input, target), backward, "binary_cross_entropy_with_logits",
+                       saved=(input, target))

@@ -73,7 +73,8 @@ def batch_norm(input: Tensor, running_mean, running_var, weight=None, bias=None,
         if bias is not None:
             grads.append(gb)
         return tuple(grads)
-    return make_result(out, parents, backward, "batch_norm")
+    return make_result(out, parents, backward, "batch_norm",
+                       saved=() if weight is None else (weight,))
 
 
 def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -115,4 +116,5 @@ def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: flo
         if bias is not None:
             grads.append(g.sum(axis=lead) if bias.requires_grad else None)
         return tuple(grads)
-    return make_result(out, parents, backward, "layer_norm")
+    return make_result(out, parents, backward, "layer_norm",
+                       saved=() if weight is None else (weight,))

@@ -11,7 +11,7 @@ from collections import namedtuple
 import numpy as np
 
 from mpnn.core.errors import OpError
-from mpnn.core.tensor import Tensor, as_tensor, is_grad_enabled, make_result
+from mpnn.core.tensor import OUTPUT, Tensor, as_tensor, make_result, make_view
 
 _from = Tensor._from_array
 
@@ -54,7 +54,7 @@ def add(a, b):
     def backward(g):
         return (unbroadcast(g, sa) if a.requires_grad else None,
                 unbroadcast(g, sb) if b.requires_grad else None)
-    return make_result(out, (a, b), backward, "add")
+    return make_result(out, (a, b), backward, "add", saved=())
 
 
 def sub(a, b):
@@ -68,7 +68,7 @@ def sub(a, b):
     def backward(g):
         return (unbroadcast(g, sa) if a.requires_grad else None,
                 unbroadcast(-g, sb) if b.requires_grad else None)
-    return make_result(out, (a, b), backward, "sub")
+    return make_result(out, (a, b), backward, "sub", saved=())
 
 
 def mul(a, b):
@@ -82,7 +82,7 @@ def mul(a, b):
     def backward(g):
         return (unbroadcast(g * bd, ad.shape) if a.requires_grad else None,
                 unbroadcast(g * ad, bd.shape) if b.requires_grad else None)
-    return make_result(out, (a, b), backward, "mul")
+    return make_result(out, (a, b), backward, "mul", saved=(a, b))
 
 
 def div(a, b):
@@ -97,7 +97,7 @@ def div(a, b):
         ga = unbroadcast(g / bd, ad.shape) if a.requires_grad else None
         gb = unbroadcast(-g * out / bd, bd.shape) if b.requires_grad else None
         return ga, gb
-    return make_result(out, (a, b), backward, "div")
+    return make_result(out, (a, b), backward, "div", saved=(b, OUTPUT))
 
 
 def pow(a, b):
@@ -117,7 +117,7 @@ def pow(a, b):
                 logs = np.where(ad > 0, np.log(np.where(ad > 0, ad, 1)), 0).astype(out.dtype)
             gb = unbroadcast(g * out * logs, bd.shape)
         return ga, gb
-    return make_result(out, (a, b), backward, "pow")
+    return make_result(out, (a, b), backward, "pow", saved=(a, b, OUTPUT))
 
 
 def maximum(a, b):
@@ -143,14 +143,14 @@ def _minmax(op, a, b, better):
         ga = unbroadcast((g * wa).astype(g.dtype), ad.shape) if a.requires_grad else None
         gb = unbroadcast((g * (1 - wa)).astype(g.dtype), bd.shape) if b.requires_grad else None
         return ga, gb
-    return make_result(out, (a, b), backward, op)
+    return make_result(out, (a, b), backward, op, saved=(a, b))
 
 
 # ----- elementwise unary ------------------------------------------------------------------------
 def neg(a):
     def backward(g):
         return (-g,)
-    return make_result(-a.data, (a,), backward, "neg")
+    return make_result(-a.data, (a,), backward, "neg", saved=())
 
 
 def exp(a):
@@ -158,7 +158,7 @@ def exp(a):
 
     def backward(g):
         return (g * out,)
-    return make_result(out, (a,), backward, "exp")
+    return make_result(out, (a,), backward, "exp", saved=(OUTPUT,))
 
 
 def log(a):
@@ -166,7 +166,7 @@ def log(a):
 
     def backward(g):
         return (g / ad,)
-    return make_result(np.log(ad), (a,), backward, "log")
+    return make_result(np.log(ad), (a,), backward, "log", saved=(a,))
 
 
 def sqrt(a):
@@ -174,7 +174,7 @@ def sqrt(a):
 
     def backward(g):
         return (g / (2 * out),)
-    return make_result(out, (a,), backward, "sqrt")
+    return make_result(out, (a,), backward, "sqrt", saved=(OUTPUT,))
 
 
 def abs(a):
@@ -182,7 +182,7 @@ def abs(a):
 
     def backward(g):
         return (g * np.sign(ad),)
-    return make_result(np.abs(ad), (a,), backward, "abs")
+    return make_result(np.abs(ad), (a,), backward, "abs", saved=(a,))
 
 
 def clip(a, min=None, max=None):
@@ -201,7 +201,7 @@ def clip(a, min=None, max=None):
         if hi is not None:
             keep &= ad <= hi
         return (g * keep,)
-    return make_result(out, (a,), backward, "clip")
+    return make_result(out, (a,), backward, "clip", saved=(a,))
 
 
 def sign(a):
@@ -214,7 +214,7 @@ def relu(a):
 
     def backward(g):
         return (g * (ad > 0),)
-    return make_result(out, (a,), backward, "relu")
+    return make_result(out, (a,), backward, "relu", saved=(a,))
 
 
 def leaky_relu(a, negative_slope=0.01):
@@ -224,7 +224,7 @@ def leaky_relu(a, negative_slope=0.01):
 
     def backward(g):
         return (g * slope,)
-    return make_result(out, (a,), backward, "leaky_relu")
+    return make_result(out, (a,), backward, "leaky_relu", saved=())
 
 
 def sigmoid(a):
@@ -235,7 +235,7 @@ def sigmoid(a):
 
     def backward(g):
         return (g * out * (1 - out),)
-    return make_result(out, (a,), backward, "sigmoid")
+    return make_result(out, (a,), backward, "sigmoid", saved=(OUTPUT,))
 
 
 def tanh(a):
@@ -243,7 +243,7 @@ def tanh(a):
 
     def backward(g):
         return (g * (1 - out * out),)
-    return make_result(out, (a,), backward, "tanh")
+    return make_result(out, (a,), backward, "tanh", saved=(OUTPUT,))
 
 
 def gelu(a, approximate="none"):
@@ -268,13 +268,13 @@ def gelu(a, approximate="none"):
             return (g * (0.5 * (1 + t) + 0.5 * ad * (1 - t * t) * dinner),)
     else:
         raise OpError("gelu", f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return make_result(out.astype(ad.dtype, copy=False), (a,), backward, "gelu")
+    return make_result(out.astype(ad.dtype, copy=False), (a,), backward, "gelu", saved=(a,))
 
 
 def clone(a):
     def backward(g):
         return (g,)
-    return make_result(a.data.copy(), (a,), backward, "clone")
+    return make_result(a.data.copy(), (a,), backward, "clone", saved=())
 
 
 def to_dtype(a, dtype):
@@ -289,7 +289,7 @@ def to_dtype(a, dtype):
 
     def backward(g):
         return (g.astype(src),)
-    return make_result(a.data.astype(dt), (a,), backward, "to")
+    return make_result(a.data.astype(dt), (a,), backward, "to", saved=())
 
 
 # ----- reductions -------------------------------------------------------------------------------
@@ -319,12 +319,14 @@ def sum(a, dim=None, keepdim=False, dtype=None):
     out = np.sum(a.data, axis=axes, keepdims=keepdim)
     if a.data.ndim == 0:
         out = a.data.copy()
-    out = np.asarray(out, dtype=a.data.dtype if dtype is None else dtype)
+    if dtype is None:  # booleans and integers sum to int64, as in torch
+        dtype = np.int64 if a.data.dtype.kind in "biu" else a.data.dtype
+    out = np.asarray(out, dtype=dtype)
     shape = a.data.shape
 
     def backward(g):
-        return (np.ascontiguousarray(_expand_back(g, shape, axes, keepdim)),)
-    return make_result(out, (a,), backward, "sum")
+        return (np.array(_expand_back(g, shape, axes, keepdim), order="C"),)  # (ascontiguousarray makes 0-d 1-d)
+    return make_result(out, (a,), backward, "sum", saved=())
 
 
 def mean(a, dim=None, keepdim=False):
@@ -336,8 +338,8 @@ def mean(a, dim=None, keepdim=False):
     count = a.data.size if axes is None else int(np.prod([shape[i] for i in axes]))
 
     def backward(g):
-        return (np.ascontiguousarray(_expand_back(g / count, shape, axes, keepdim)).astype(g.dtype),)
-    return make_result(out, (a,), backward, "mean")
+        return (np.array(_expand_back(g / count, shape, axes, keepdim), dtype=g.dtype, order="C"),)
+    return make_result(out, (a,), backward, "mean", saved=())
 
 
 def var(a, dim=None, keepdim=False, correction=1, unbiased=None):
@@ -368,7 +370,7 @@ def _extreme(op, a, dim, keepdim, reduce_fn, arg_fn):
 
         def backward(g):
             return ((mask * (g / count)).astype(g.dtype),)
-        return make_result(out, (a,), backward, op)
+        return make_result(out, (a,), backward, op, saved=())
     axis = _axes(op, dim, ad.ndim)[0]
     idx = arg_fn(ad, axis=axis, keepdims=True) if ad.ndim else np.zeros((), np.int64)
     values = np.take_along_axis(ad, idx, axis=axis) if ad.ndim else ad.copy()
@@ -382,7 +384,7 @@ def _extreme(op, a, dim, keepdim, reduce_fn, arg_fn):
     indices = idx.squeeze(axis) if not keepdim and ad.ndim else idx
     if not keepdim and ad.ndim:
         values = values.squeeze(axis)
-    return _ValuesIndices(make_result(values, (a,), backward, op), _from(indices.astype(np.int64)))
+    return _ValuesIndices(make_result(values, (a,), backward, op, saved=()), _from(indices.astype(np.int64)))
 
 
 def max(a, dim=None, keepdim=False):
@@ -422,7 +424,7 @@ def _amaxmin(op, a, axes, keepdim, fn):
         gg = g if keepdim else np.expand_dims(g, axes)
         return ((mask * gg / count).astype(g.dtype),)
     out = kept if keepdim else np.squeeze(kept, axis=axes)
-    return make_result(out, (a,), backward, op)
+    return make_result(out, (a,), backward, op, saved=())
 
 
 def argmax(a, dim=None, keepdim=False):
@@ -455,7 +457,7 @@ def reshape(a, *shape):
 
     def backward(g):
         return (g.reshape(src),)
-    return make_result(out, (a,), backward, "reshape")
+    return make_view(out, a, backward, "reshape", lambda arr: arr.reshape(shape))
 
 
 def view(a, *shape):
@@ -483,7 +485,7 @@ def permute(a, *dims):
 
     def backward(g):
         return (g.transpose(inv),)
-    return make_result(a.data.transpose(dims), (a,), backward, "permute")
+    return make_view(a.data.transpose(dims), a, backward, "permute", lambda arr: arr.transpose(dims))
 
 
 def transpose(a, dim0=0, dim1=1):
@@ -495,7 +497,8 @@ def transpose(a, dim0=0, dim1=1):
 
     def backward(g):
         return (np.swapaxes(g, dim0, dim1),)
-    return make_result(np.swapaxes(a.data, dim0, dim1), (a,), backward, "transpose")
+    return make_view(np.swapaxes(a.data, dim0, dim1), a, backward, "transpose",
+                     lambda arr: np.swapaxes(arr, dim0, dim1))
 
 
 def t(a):
@@ -513,9 +516,11 @@ def squeeze(a, dim=None):
         axes = tuple(d for d in axes if src[d] == 1)  # torch ignores dims that are not of size 1
         out = a.data.squeeze(axes) if axes else a.data
 
+    shape = out.shape
+
     def backward(g):
         return (g.reshape(src),)
-    return make_result(out, (a,), backward, "squeeze")
+    return make_view(out, a, backward, "squeeze", lambda arr: arr.reshape(shape))
 
 
 def unsqueeze(a, dim):
@@ -526,7 +531,8 @@ def unsqueeze(a, dim):
 
     def backward(g):
         return (g.reshape(src),)
-    return make_result(np.expand_dims(a.data, dim % nd), (a,), backward, "unsqueeze")
+    axis = dim % nd
+    return make_view(np.expand_dims(a.data, axis), a, backward, "unsqueeze", lambda arr: np.expand_dims(arr, axis))
 
 
 def expand(a, *sizes):
@@ -535,6 +541,9 @@ def expand(a, *sizes):
     lead = len(sizes) - len(src)
     if lead < 0:
         raise OpError("expand", f"cannot expand shape {src} to fewer dimensions {sizes}")
+    if builtins.any(s == -1 for s in sizes[:lead]):
+        raise OpError("expand", f"the expanded size -1 isn't allowed in a leading, new dimension (shape {src} "
+                                f"to {sizes})")
     target = tuple(src[i - lead] if s == -1 else s for i, s in enumerate(sizes))
     try:
         out = np.broadcast_to(a.data, target)
@@ -543,7 +552,7 @@ def expand(a, *sizes):
 
     def backward(g):
         return (unbroadcast(g, src),)
-    return make_result(out, (a,), backward, "expand")
+    return make_view(out, a, backward, "expand", lambda arr: np.broadcast_to(arr, target))
 
 
 def contiguous(a):
@@ -558,7 +567,7 @@ def cat(tensors, dim=0):
         raise OpError("cat", "needs at least one tensor")
     try:
         out = np.concatenate([x.data for x in tensors], axis=dim)
-    except (ValueError, np.exceptions.AxisError) as e:
+    except (ValueError, IndexError) as e:  # AxisError subclasses both (np.exceptions is NumPy >= 1.25)
         raise OpError("cat", f"cannot concatenate shapes {[tuple(x.shape) for x in tensors]} along dim "
                              f"{dim}: {e}") from None
     ax = dim % out.ndim
@@ -567,7 +576,7 @@ def cat(tensors, dim=0):
     def backward(g):
         parts = np.split(g, bounds, axis=ax)
         return tuple(p if x.requires_grad else None for p, x in zip(parts, tensors))
-    return make_result(out, tuple(tensors), backward, "cat")
+    return make_result(out, tuple(tensors), backward, "cat", saved=())
 
 
 concat = cat
@@ -586,7 +595,7 @@ def stack(tensors, dim=0):
 
     def backward(g):
         return tuple(np.take(g, i, axis=ax) if x.requires_grad else None for i, x in enumerate(tensors))
-    return make_result(out, tuple(tensors), backward, "stack")
+    return make_result(out, tuple(tensors), backward, "stack", saved=())
 
 
 def split(a, split_size_or_sections, dim=0):
@@ -635,14 +644,14 @@ def _unwrap_index(idx):
 
 def getitem(a, idx):
     idx = _unwrap_index(idx)
+    basic = _is_basic(idx)
+    if basic and Ellipsis not in (idx if isinstance(idx, tuple) else (idx,)):
+        idx = (idx if isinstance(idx, tuple) else (idx,)) + (Ellipsis,)  # a 0-d view, never a NumPy scalar
     try:
         out = a.data[idx]
     except IndexError as e:
         raise OpError("index", f"{e} (tensor of shape {a.data.shape})") from None
     shape, dtype = a.data.shape, a.data.dtype
-    basic = _is_basic(idx)
-    if basic:
-        out = out if isinstance(out, np.ndarray) else np.asarray(out)
 
     def backward(g):
         full = np.zeros(shape, dtype=g.dtype)
@@ -651,17 +660,11 @@ def getitem(a, idx):
         else:
             np.add.at(full, idx, g)  # integer arrays may select an element more than once
         return (full,)
+    if basic:
+        return make_view(out, a, backward, "index", lambda arr: arr[idx])
     if not isinstance(out, np.ndarray):
         out = np.asarray(out, dtype=dtype)
-    return make_result(out, (a,), backward, "index")
-
-
-def setitem(a, idx, value):
-    """In-place assignment into the data (not recorded on the tape, as on a leaf in torch.no_grad)."""
-    if a.requires_grad and a._node is None and is_grad_enabled():
-        raise RuntimeError("setitem: a leaf tensor that requires grad cannot be changed in place; "
-                           "do it under mpnn.no_grad()")
-    a.data[_unwrap_index(idx)] = value.data if isinstance(value, Tensor) else value
+    return make_result(out, (a,), backward, "index", saved=())
 
 
 def where(cond, a, b):
@@ -678,7 +681,7 @@ def where(cond, a, b):
     def backward(g):
         return (unbroadcast(np.where(cond, g, 0).astype(g.dtype), sa) if a.requires_grad else None,
                 unbroadcast(np.where(cond, 0, g).astype(g.dtype), sb) if b.requires_grad else None)
-    return make_result(out, (a, b), backward, "where")
+    return make_result(out, (a, b), backward, "where", saved=())
 
 
 def masked_fill(a, mask, value):
@@ -720,7 +723,7 @@ def matmul(a, b):
             gb = np.swapaxes(a2, -1, -2) @ g2
             gb = unbroadcast(gb, b2.shape).reshape(bd.shape)
         return ga, gb
-    return make_result(out, (a, b), backward, "matmul")
+    return make_result(out, (a, b), backward, "matmul", saved=(a, b))
 
 
 def linear(x, weight, bias=None):
@@ -749,10 +752,12 @@ def linear(x, weight, bias=None):
             if bias is not None and bias.requires_grad:
                 gb = g2.sum(axis=0)
         return (gx, gw) if bias is None else (gx, gw, gb)
-    return make_result(out, parents, backward, "linear")
+    return make_result(out, parents, backward, "linear", saved=(x, weight))
 
 
 # ----- attach to Tensor -------------------------------------------------------------------------
+from mpnn.core import inplace  # noqa: E402  (in-place ops import this module's helpers lazily)
+
 def _r(fn):
     return lambda self, other: fn(other, self)
 
@@ -765,15 +770,11 @@ def _method_min(self, dim=None, keepdim=False):
     return min(self, dim, keepdim)
 
 
-def _type_as(self, other):
-    return to_dtype(self, other.data.dtype)
-
-
 _METHODS = {
     "__add__": add, "__radd__": _r(add), "__sub__": sub, "__rsub__": _r(sub), "__mul__": mul,
     "__rmul__": _r(mul), "__truediv__": div, "__rtruediv__": _r(div), "__pow__": pow, "__rpow__": _r(pow),
     "__matmul__": matmul, "__rmatmul__": _r(matmul), "__neg__": neg, "__abs__": abs,
-    "__getitem__": getitem, "__setitem__": setitem,
+    "__getitem__": getitem,
     "add": add, "sub": sub, "mul": mul, "div": div, "pow": pow, "matmul": matmul, "neg": neg, "exp": exp,
     "log": log, "sqrt": sqrt, "abs": abs, "clip": clip, "clamp": clip, "sign": sign, "relu": relu,
     "sigmoid": sigmoid, "tanh": tanh, "gelu": gelu, "leaky_relu": leaky_relu, "maximum": maximum,
@@ -781,9 +782,12 @@ _METHODS = {
     "min": _method_min, "amax": amax, "amin": amin, "argmax": argmax, "argmin": argmin, "reshape": reshape,
     "view": view, "flatten": flatten, "permute": permute, "transpose": transpose, "t": t,
     "squeeze": squeeze, "unsqueeze": unsqueeze, "expand": expand, "contiguous": contiguous,
-    "split": split, "chunk": chunk, "masked_fill": masked_fill, "to": to_dtype, "type_as": _type_as,
-    "float": lambda self: to_dtype(self, "float32"), "double": lambda self: to_dtype(self, "float64"),
-    "half": lambda self: to_dtype(self, "float16"), "long": lambda self: to_dtype(self, "int64"),
+    "split": split, "chunk": chunk, "masked_fill": masked_fill, "clone": clone,
+    "__setitem__": inplace.setitem, "add_": inplace.add_, "sub_": inplace.sub_, "mul_": inplace.mul_,
+    "div_": inplace.div_, "copy_": inplace.copy_, "fill_": inplace.fill_, "zero_": inplace.zero_,
+    "clamp_": inplace.clamp_, "clip_": inplace.clamp_, "relu_": inplace.relu_,
+    "masked_fill_": inplace.masked_fill_, "__iadd__": inplace.add_, "__isub__": inplace.sub_,
+    "__imul__": inplace.mul_, "__itruediv__": inplace.div_,
 }
 
 

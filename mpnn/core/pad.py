@@ -41,7 +41,7 @@ def pad(input, pad, mode="constant", value=None):
             g = folded
         return (g,)
 
-    return make_result(out, (input,), backward, "pad")
+    return make_result(out, (input,), backward, "pad", saved=())
 
 
 def _pairs(shape, pad, mode):
@@ -77,7 +77,7 @@ def _constant(input, pairs, dims, out_shape, value):
         dx[src] = g[dst]
         return (dx,)
 
-    return make_result(out, (input,), backward, "pad")
+    return make_result(out, (input,), backward, "pad", saved=())
 
 
 def _index_map(mode, n, lo, hi, shape, pad):

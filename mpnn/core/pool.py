@@ -62,7 +62,7 @@ def adaptive_avg_pool2d(input, output_size):
         K.adaptive_avg_pool2d_backward(np.ascontiguousarray(g).reshape(out.shape), dx)
         return (dx.reshape(input.data.shape),)
 
-    return make_result(out if batched else out[0], (input,), backward, op)
+    return make_result(out if batched else out[0], (input,), backward, op, saved=())
 
 
 def _input(op, nd, input):
@@ -121,7 +121,7 @@ def _max_pool(op, nd, input, kernel_size, stride, padding, dilation, ceil_mode, 
         return (dx.reshape(input.data.shape),)
 
     shape = input.data.shape[:-nd] + (out.shape[2:] if nd == 2 else out.shape[3:])
-    result = make_result(out.reshape(shape), (input,), backward, op)
+    result = make_result(out.reshape(shape), (input,), backward, op, saved=())
     if return_indices:
         return result, Tensor._from_array(argmax.reshape(shape))
     return result
@@ -146,4 +146,4 @@ def _avg_pool(op, nd, input, kernel_size, stride, padding, ceil_mode, count_incl
         return (dx.reshape(input.data.shape),)
 
     shape = input.data.shape[:-nd] + (out.shape[2:] if nd == 2 else out.shape[3:])
-    return make_result(out.reshape(shape), (input,), backward, op)
+    return make_result(out.reshape(shape), (input,), backward, op, saved=())

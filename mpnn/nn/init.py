@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from mpnn.core.random import generator
+from mpnn.core.inplace import bump_version
 from mpnn.core.tensor import Tensor
 
 _LINEAR = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
@@ -57,6 +58,7 @@ def _fill(tensor: Tensor, values) -> Tensor:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"init: expected an mpnn Tensor, got {type(tensor).__name__}")
     tensor.data[...] = values
+    bump_version(tensor)
     return tensor
 
 

@@ -10,6 +10,7 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
+from mpnn.core.inplace import bump_version
 from mpnn.core.tensor import Tensor, to_dtype
 
 
@@ -332,6 +333,7 @@ class Module:
                                + "\n\t".join(problems))
         for key, value in values.items():
             np.copyto(own[key].data, value, casting="unsafe")
+            bump_version(own[key])
         return _IncompatibleKeys(missing, unexpected)
 
     # ----- printing ---------------------------------------------------------------------------

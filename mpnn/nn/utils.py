@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from mpnn.core.inplace import bump_version
 from mpnn.core.tensor import Tensor
 
 
@@ -67,4 +68,5 @@ def vector_to_parameters(vec: Tensor, parameters) -> None:
     for p in parameters:
         n = p.data.size
         p.data[...] = flat[offset:offset + n].reshape(p.data.shape)
+        bump_version(p)
         offset += n

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from mpnn.core.inplace import bump_version
 from mpnn.core.tensor import Tensor, enable_grad
 
 
@@ -21,9 +22,11 @@ def flat_view(array: np.ndarray) -> np.ndarray:
 
 
 def write_back(param: Tensor, flat: np.ndarray) -> None:
-    """Copy a kernel's result back when flat_view had to copy a strided parameter."""
+    """Copy a kernel's result back when flat_view had to copy a strided parameter, and count the in-place
+    update in the parameter's version (a backward that saved the old value then raises, as in torch)."""
     if not param.data.flags.c_contiguous:
         param.data[...] = flat.reshape(param.data.shape)
+    bump_version(param)
 
 
 def checked_grad(param: Tensor, index: int) -> np.ndarray:

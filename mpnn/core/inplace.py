@@ -1,0 +1,236 @@
+"""In-place ops: ``add_``, ``mul_``, ``copy_``, ``t[idx] = v``, ``+=`` and friends, differentiable where torch's are.
+
+An in-place write bumps the version counter the tensor shares with its views, so a backward that saved the old
+value raises instead of using the new one (``mpnn.core.autograd``). Writing to a leaf that requires grad, or to
+a view of one, is refused outside ``no_grad`` (the optimizer's update belongs there). On a tensor on the tape
+the write is recorded: the tensor gets a new node whose edges lead to its old node and to the other operands.
+A write through a view of such a tensor is recorded on the base (its gradient flows around the written region
+and through the op inside it) and the view is re-derived from the base, as torch's CopySlices does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mpnn.core.autograd import Node, edge_of, saved_versions, view_backward
+from mpnn.core.errors import OpError
+from mpnn.core.grad_mode import is_grad_enabled
+from mpnn.core.tensor import Tensor, as_tensor
+
+
+def _unbroadcast(g, shape):
+    from mpnn.core.ops import unbroadcast
+    return unbroadcast(g, shape)
+
+
+def bump_version(t: Tensor) -> None:
+    """Record an in-place write done outside mpnn's ops (an optimizer's fused update, load_state_dict)."""
+    t._ver.value += 1
+
+
+def _check_writable(t: Tensor, op: str) -> None:
+    if not is_grad_enabled():
+        return
+    leaf = t if t._base is None else t._base
+    if leaf._node is None and leaf.requires_grad:
+        what = "a leaf tensor that requires grad" if t._base is None else "a view of a leaf tensor that requires grad"
+        raise RuntimeError(f"{op}: {what} is being used in an in-place operation; do it under mpnn.no_grad() "
+                           f"(as an optimizer does), or on a clone()")
+
+
+def apply_inplace(t: Tensor, op: str, write, backward, others=(), saved=(), saves_result=False):
+    """Run ``write()`` (which changes ``t.data`` in place) and record it on the tape when it must be.
+
+    backward(g) -> (gradient for t's old value or None, gradient per tensor in ``others``); ``saved``: the
+    tensors of ``others`` that backward reads; ``saves_result``: backward reads t's new value."""
+    _check_writable(t, op)
+    record = is_grad_enabled() and (t.requires_grad or any(o.requires_grad for o in others))
+    if record:
+        base = t._base
+        old_edge = edge_of(t if base is None else base)
+        other_edges = tuple(edge_of(o) for o in others)
+    try:
+        write()
+    except ValueError as e:  # NumPy refuses writes into broadcast (expanded) views and mismatched shapes
+        raise OpError(op, f"cannot write in place into a tensor of shape {t.data.shape}: {e}") from None
+    t._ver.value += 1
+    if not record:
+        return t
+    keep = saved_versions(tuple(saved) + ((t,) if saves_result else ()))
+    if base is None:
+        t._node = Node((old_edge,) + other_edges, backward, op, keep, t.data.shape)
+        t.requires_grad = True
+        return t
+    view_fn = t._view_fn
+
+    def base_backward(g):
+        gb = np.array(g, copy=True)
+        region = view_fn(gb)
+        if not np.may_share_memory(region, gb):
+            raise OpError(op, "the in-place write went through a view that cannot be rebuilt on the gradient")
+        grads = backward(np.array(region, copy=True))
+        region[...] = 0 if grads[0] is None else grads[0]
+        return (gb,) + tuple(grads[1:])
+    base._node = Node((old_edge,) + other_edges, base_backward, op, keep, base.data.shape)
+    base.requires_grad = True
+    t._node = Node((base._node,), view_backward(view_fn, base.data.shape), "view", (), t.data.shape)
+    t.requires_grad = True
+    t._view_ver = t._ver.value
+    return t
+
+
+def _operand(t, other, op):
+    o = as_tensor(other, like=t)
+    try:
+        shape = np.broadcast_shapes(t.data.shape, o.data.shape)
+    except ValueError:
+        shape = None
+    if shape != t.data.shape:
+        raise OpError(op, f"an operand of shape {tuple(o.data.shape)} does not broadcast to the written "
+                          f"tensor's shape {tuple(t.data.shape)}")
+    return o
+
+
+def _ufunc_write(fn, t, o, op):
+    def write():
+        try:
+            fn(t.data, o.data, out=t.data, casting="same_kind")
+        except TypeError as e:
+            raise OpError(op, f"result of dtype {np.result_type(t.data, o.data)} can't be written into a "
+                              f"tensor of dtype {t.data.dtype}: {e}") from None
+    return write
+
+
+def add_(t, other, alpha=1):
+    o = _operand(t, other, "add_")
+    oshape = o.data.shape
+    if alpha != 1:
+        o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
+    return apply_inplace(t, "add_", _ufunc_write(np.add, t, o, "add_"),
+                         lambda g: (g, _unbroadcast(g, oshape) if o.requires_grad else None), (o,))
+
+
+def sub_(t, other, alpha=1):
+    o = _operand(t, other, "sub_")
+    oshape = o.data.shape
+    if alpha != 1:
+        o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
+    return apply_inplace(t, "sub_", _ufunc_write(np.subtract, t, o, "sub_"),
+                         lambda g: (g, _unbroadcast(-g, oshape) if o.requires_grad else None), (o,))
+
+
+def _scaled(o, alpha):
+    from mpnn.core.ops import mul
+    return mul(o, alpha)
+
+
+def mul_(t, other):
+    o = _operand(t, other, "mul_")
+    old = np.array(t.data, copy=True) if o.requires_grad and is_grad_enabled() else None
+    od = o.data
+
+    def backward(g):
+        return (g * od, _unbroadcast(g * old, od.shape) if old is not None else None)
+    return apply_inplace(t, "mul_", _ufunc_write(np.multiply, t, o, "mul_"), backward, (o,), saved=(o,))
+
+
+def div_(t, other):
+    o = _operand(t, other, "div_")
+    od = o.data
+    out = t.data
+
+    def backward(g):
+        return (g / od, _unbroadcast(-g * out / od, od.shape) if o.requires_grad else None)
+    return apply_inplace(t, "div_", _ufunc_write(np.true_divide, t, o, "div_"), backward, (o,), saved=(o,),
+                         saves_result=True)
+
+
+def copy_(t, src, non_blocking=False):
+    o = as_tensor(src)
+    _operand(t, o, "copy_")
+    oshape = o.data.shape
+
+    def write():
+        np.copyto(t.data, o.data, casting="unsafe")
+    return apply_inplace(t, "copy_", write,
+                         lambda g: (None, _unbroadcast(g, oshape).astype(o.data.dtype, copy=False)
+                                    if o.requires_grad else None), (o,))
+
+
+def fill_(t, value):
+    v = value.data if isinstance(value, Tensor) else value
+    if np.ndim(v) != 0:
+        raise OpError("fill_", f"fill_ takes a number or a 0-d tensor, got shape {np.shape(v)}")
+    others = (value,) if isinstance(value, Tensor) else ()
+
+    def write():
+        t.data[...] = v
+    return apply_inplace(t, "fill_", write, lambda g: (None,) + ((g.sum().reshape(()),) if others else ()),
+                         others)
+
+
+def zero_(t):
+    def write():
+        t.data[...] = 0
+    return apply_inplace(t, "zero_", write, lambda g: (None,))
+
+
+def clamp_(t, min=None, max=None):
+    if min is None and max is None:
+        raise OpError("clamp_", "at least one of min and max must be given")
+    lo = min.data if isinstance(min, Tensor) else min
+    hi = max.data if isinstance(max, Tensor) else max
+    keep = np.ones(t.data.shape, dtype=bool)
+    if lo is not None:
+        keep &= t.data >= lo
+    if hi is not None:
+        keep &= t.data <= hi
+
+    def write():
+        np.clip(t.data, lo, hi, out=t.data)
+    return apply_inplace(t, "clamp_", write, lambda g: (g * keep,))
+
+
+def relu_(t):
+    keep = t.data > 0
+
+    def write():
+        np.maximum(t.data, 0, out=t.data)
+    return apply_inplace(t, "relu_", write, lambda g: (g * keep,))
+
+
+def masked_fill_(t, mask, value):
+    m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise OpError("masked_fill_", f"mask must be bool, got {m.dtype}")
+    v = value.data if isinstance(value, Tensor) else value
+
+    def write():
+        np.copyto(t.data, np.asarray(v, dtype=t.data.dtype), where=np.broadcast_to(m, t.data.shape))
+    return apply_inplace(t, "masked_fill_", write, lambda g: (np.where(m, 0, g).astype(g.dtype),))
+
+
+def setitem(t, idx, value):
+    """``t[idx] = value``: an in-place write; differentiable for ``t``'s other elements and for ``value``."""
+    from mpnn.core.ops import _unwrap_index
+    index = _unwrap_index(idx)
+    o = value if isinstance(value, Tensor) else None
+    vd = value.data if o is not None else value
+    others = (o,) if o is not None else ()
+
+    def write():
+        try:
+            t.data[index] = vd
+        except IndexError as e:
+            raise OpError("setitem", f"{e} (tensor of shape {t.data.shape})") from None
+
+    def backward(g):
+        gt = np.array(g, copy=True)
+        gv = None
+        if o is not None and o.requires_grad:
+            region = np.array(g[index], copy=True)
+            while region.ndim < o.data.ndim:
+                region = region[None]
+            gv = _unbroadcast(region, o.data.shape)
+        gt[index] = 0
+        return (gt, gv) if others else (gt,)
+    return apply_inplace(t, "setitem", write, backward, others)
