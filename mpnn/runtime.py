@@ -6,6 +6,7 @@ import os
 from mpnn import telemetry
 from mpnn.comm import get_comm, init_from_env
 from mpnn.core.fpenv import set_flush_denormal
+from mpnn.worldspec import current_world
 
 
 def init(plugins=None, timeout: float | None = None):
@@ -23,7 +24,7 @@ def init(plugins=None, timeout: float | None = None):
     if os.environ.get("MPNN_FLUSH_DENORMAL", "1").strip().lower() not in ("0", "false", "no"):
         set_flush_denormal(True)
     comm = init_from_env(timeout=timeout)
-    run_dir = os.environ.get("MPNN_RUN_DIR")
+    run_dir = current_world().run_dir
     if run_dir and telemetry.get_recorder() is None:
         from mpnn.telemetry.instrument import instrument
         rec = telemetry.start(run_dir, comm.rank, comm.world_size)

@@ -94,7 +94,10 @@ def test_first_host_of_a_slurm_hostlist(nodelist, first):
 @pytest.mark.parametrize("env,message", [
     ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1", "MPNN_TIMEOUT": "-1"},
      "MPNN_TIMEOUT"),
-    ({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1"}, "rank 2 is outside"),
+    ({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1"},
+     r"rank 2 \(MPNN_RANK=2\) is outside the world of size 2 \(MPNN_WORLD_SIZE=2\)"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, r"torchrun: rank 3 \(RANK=3\) is outside the world of size 2 \(WORLD_SIZE=2\)"),
+    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2"}, "MPNN_RENDEZVOUS is not set"),
     ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "h:1"}, "tcp://HOST:PORT"),
     ({"MPNN_RANK": "x", "MPNN_WORLD_SIZE": "2"}, "MPNN_RANK must be an integer"),
 ])
@@ -161,3 +164,71 @@ def test_a_world_needs_a_secret():
 def test_get_comm_before_joining_says_what_to_call():
     with pytest.raises(CommError, match=r"call mpnn.init\(\)"):
         get_comm()
+
+
+# ----- the one parse: mpnn.worldspec.current_world -------------------------------------------------------------
+
+def _clear_world(monkeypatch):
+    from mpnn.worldspec import world_variables
+    for name, _ in world_variables():
+        monkeypatch.delenv(name)
+
+
+def test_current_world_is_cached_until_a_world_variable_changes(monkeypatch):
+    from mpnn.worldspec import current_world
+    _clear_world(monkeypatch)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    first = current_world()
+    assert (first.launcher, first.rank, first.world_size) == ("torchrun", 1, 2)
+    monkeypatch.setenv("UNRELATED_VARIABLE", "x")
+    assert current_world() is first  # parsed once
+    monkeypatch.setenv("MPNN_RUN_DIR", "/runs/r")  # a tool that sets the run dir before mpnn.init()
+    again = current_world()
+    assert again.run_dir == "/runs/r" and (again.rank, again.world_size) == (1, 2) and current_world() is again
+    monkeypatch.setenv("RANK", "0")
+    assert current_world().rank == 0
+
+
+def test_mpnn_names_win_over_torchruns_which_the_launcher_sets_too():
+    """`mpnn launch` sets MPNN_* and torchrun's names: the parse reads MPNN_*, so the rendezvous is MPNN_RENDEZVOUS,
+    never MASTER_PORT (left free for the script) nor MASTER_PORT + 1 (torchrun's rule)."""
+    env = {"MPNN_RANK": "1", "MPNN_WORLD_SIZE": "2", "MPNN_LOCAL_RANK": "1", "MPNN_LOCAL_WORLD_SIZE": "2",
+           "MPNN_RENDEZVOUS": "tcp://127.0.0.1:40001", "MPNN_RUN_ID": "r1",
+           "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "40100"}
+    spec = spec_from_env(env)
+    assert (spec.launcher, spec.rank, spec.world_size, spec.run_id) == ("mpnn", 1, 2, "r1")
+    assert spec.rendezvous_host_port() == ("127.0.0.1", 40001)
+
+
+def test_rank_and_world_are_readable_without_a_rendezvous_address():
+    """Reading the world (a sampler) needs no address; joining it (spec_from_env, init_from_env) does."""
+    from mpnn.worldspec import _parse
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    spec = _parse(env)
+    assert (spec.rank, spec.world_size, spec.nnodes, spec.rendezvous) == (3, 4, 2, None)
+    with pytest.raises(ValueError, match="mpirun: a world across several hosts needs the rendezvous address"):
+        spec.check_rendezvous()
+    with pytest.raises(ValueError, match="tcp://HOST:PORT, got 'h:1'"):
+        _parse({**env, "MPNN_RENDEZVOUS": "h:1"})  # an address given but malformed is an error at once
+
+
+def test_world_of_one_keeps_the_run_dir_and_secret_file():
+    spec = spec_from_env({"MPNN_RUN_DIR": "/runs/x", "MPNN_SECRET_FILE": "/s"})
+    assert (spec.launcher, spec.world_size, spec.run_dir, spec.secret_file) == ("none", 1, "/runs/x", "/s")
+
+
+def test_the_parse_imports_nothing_but_the_standard_library():
+    """mpnn.data reads the world through it: loading it alone must pull in neither mpnn, NumPy nor ZeroMQ."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "mpnn" / "worldspec.py"
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('worldspec_alone', {str(path)!r})\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mpnn', 'numpy', 'zmq')))\n"
+            "print(module.spec_from_env({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_STEP_ID': '0'}).rank)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.split("\n")[:2] == ["[]", "1"], out.stderr

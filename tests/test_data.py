@@ -11,10 +11,22 @@ import pytest
 
 from mpnn.core import random as mpnn_random
 from mpnn.core.tensor import Tensor
-from mpnn.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, MNIST1D, RandomSampler,
-                       SequentialSampler, Subset, TensorDataset, load_mnist1d, random_split, transforms)
+from mpnn.data import (
+    MNIST1D,
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+    load_mnist1d,
+    random_split,
+    transforms,
+)
 from mpnn.data import datasets as datasets_module
-
+from mpnn.worldspec import world_variables
 
 # ----- DistributedSampler -------------------------------------------------------------------------
 
@@ -93,18 +105,88 @@ def test_distributed_sampler_state_dict_restores_epoch_and_seed():
         fresh.load_state_dict({"epoch": 1})
 
 
-def test_distributed_sampler_world_from_environment(monkeypatch):
-    monkeypatch.delenv("MPNN_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("MPNN_RANK", raising=False)
-    s = DistributedSampler(range(10))
-    assert (s.num_replicas, s.rank) == (1, 0)
-    monkeypatch.setenv("MPNN_WORLD_SIZE", "3")
-    monkeypatch.setenv("MPNN_RANK", "2")
+def clear_world(monkeypatch):
+    """Remove every variable the world parse reads (this machine's own MPNN_*, SLURM_*, ... included)."""
+    for name, _ in world_variables():
+        monkeypatch.delenv(name)
+
+
+# What each launcher puts in rank r's environment, for a world of 3 ranks.
+LAUNCHER_ENVS = {
+    "mpnn": lambda r: {"MPNN_RANK": r, "MPNN_WORLD_SIZE": 3, "MPNN_LOCAL_RANK": r, "MPNN_LOCAL_WORLD_SIZE": 3,
+                       "MPNN_NNODES": 1, "MPNN_NODE_RANK": 0, "MPNN_RUN_ID": "r", "MPNN_RENDEZVOUS": "tcp://127.0.0.1:9",
+                       # `mpnn launch` sets torchrun's names too; they agree, and MPNN_* is what is read
+                       "RANK": r, "WORLD_SIZE": 3, "LOCAL_RANK": r, "LOCAL_WORLD_SIZE": 3,
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29999},
+    "torchrun": lambda r: {"RANK": r, "WORLD_SIZE": 3, "LOCAL_RANK": r, "LOCAL_WORLD_SIZE": 3, "GROUP_RANK": 0,
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500, "TORCHELASTIC_RUN_ID": "job"},
+    "mpirun": lambda r: {"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3, "OMPI_COMM_WORLD_LOCAL_RANK": r,
+                         "OMPI_COMM_WORLD_LOCAL_SIZE": 3, "OMPI_COMM_WORLD_NODE_RANK": 0, "OMPI_MCA_ess_base_jobid": 7},
+    # across hosts without any address: joining would need MPNN_RENDEZVOUS, reading rank and world does not
+    "mpirun-2-hosts": lambda r: {"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3,
+                                 "OMPI_COMM_WORLD_LOCAL_RANK": r % 2, "OMPI_COMM_WORLD_LOCAL_SIZE": 2},
+    "srun": lambda r: {"SLURM_PROCID": r, "SLURM_NTASKS": 3, "SLURM_STEP_NUM_TASKS": 3, "SLURM_LOCALID": r,
+                       "SLURM_NODEID": 0, "SLURM_STEP_NUM_NODES": 1, "SLURM_STEP_TASKS_PER_NODE": "3",
+                       "SLURM_JOB_ID": 77, "SLURM_STEP_ID": 0},
+    "srun-2-nodes": lambda r: {"SLURM_PROCID": r, "SLURM_NTASKS": 3, "SLURM_STEP_NUM_TASKS": 3,
+                               "SLURM_LOCALID": r % 2, "SLURM_NODEID": r // 2, "SLURM_STEP_NUM_NODES": 2,
+                               "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_JOB_ID": 78, "SLURM_STEP_ID": 0,
+                               "SLURM_STEP_NODELIST": "cn[1-2]"},
+}
+
+
+def set_world(monkeypatch, env):
+    clear_world(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHER_ENVS))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_distributed_sampler_reads_every_launchers_world(monkeypatch, launcher, shuffle):
+    """DistributedSampler(dataset) alone shards by the launcher's rank and world size: mpnn launch, torchrun,
+    mpirun and srun alike (before the one parse, all but mpnn's gave every rank the whole data set)."""
+    n, world = 12, 3
+    shards = []
+    for rank in range(world):
+        set_world(monkeypatch, LAUNCHER_ENVS[launcher](rank))
+        s = DistributedSampler(range(n), shuffle=shuffle, seed=5)
+        assert (s.num_replicas, s.rank, len(s)) == (world, rank, n // world)
+        shards.append(list(s))
+        assert shards[-1] == reference_distributed_indices(n, world, rank, shuffle, 5, 0, False)
+    assert sorted(i for shard in shards for i in shard) == list(range(n))  # disjoint and covering
+
+
+def test_distributed_sampler_outside_any_launcher_is_the_whole_data_set(monkeypatch):
+    clear_world(monkeypatch)
     s = DistributedSampler(range(10), shuffle=False)
-    assert (s.num_replicas, s.rank) == (3, 2)
-    assert list(s) == [2, 5, 8, 1]
-    monkeypatch.setenv("MPNN_RANK", "3")
-    with pytest.raises(ValueError, match=r"invalid rank 3.*\[0, 2\]"):
+    assert (s.num_replicas, s.rank, list(s)) == (1, 0, list(range(10)))
+
+
+@pytest.mark.parametrize("launcher", ["mpnn", "torchrun", "mpirun", "srun"])
+def test_distributed_sampler_explicit_arguments_win(monkeypatch, launcher):
+    set_world(monkeypatch, LAUNCHER_ENVS[launcher](1))
+    s = DistributedSampler(range(10), num_replicas=2, rank=0, shuffle=False)
+    assert (s.num_replicas, s.rank, list(s)) == (2, 0, [0, 2, 4, 6, 8])
+    assert (DistributedSampler(range(10), rank=2).num_replicas, DistributedSampler(range(10), num_replicas=5).rank) == (
+        3, 1)
+
+
+@pytest.mark.parametrize("launcher, rank_var, size_var", [
+    ("mpnn", "MPNN_RANK", "MPNN_WORLD_SIZE"), ("torchrun", "RANK", "WORLD_SIZE"),
+    ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")])
+def test_distributed_sampler_refuses_a_rank_outside_the_world(monkeypatch, launcher, rank_var, size_var):
+    set_world(monkeypatch, LAUNCHER_ENVS[launcher](2))
+    with pytest.raises(ValueError, match=rf"invalid rank 3, .*\[0, 2\] \(num_replicas=3 from {size_var}\)"):
+        DistributedSampler(range(10), rank=3)
+    with pytest.raises(ValueError, match=rf"invalid rank 2 \(from {rank_var}\), .*\[0, 1\] \(num_replicas=2\)"):
+        DistributedSampler(range(10), num_replicas=2)
+    monkeypatch.setenv(rank_var, "3")  # the launcher's own rank outside its world: the parse names both variables
+    with pytest.raises(ValueError, match=rf"DistributedSampler: .*rank 3 \({rank_var}=3\) is outside the world of "
+                                         rf"size 3 \({size_var}=3\)"):
+        DistributedSampler(range(10))
+    monkeypatch.setenv(rank_var, "two")
+    with pytest.raises(ValueError, match=f"{rank_var} must be an integer, got 'two'"):
         DistributedSampler(range(10))
 
 

@@ -229,14 +229,15 @@ class Checkpointer:
 
 
 def _default_comm():
-    from mpnn.comm import CommError, Communicator, get_comm, spec_from_env
+    from mpnn.comm import CommError, Communicator, get_comm
+    from mpnn.worldspec import current_world
     try:
         return get_comm()
     except CommError:
-        spec = spec_from_env()
+        spec = current_world()
         if spec.world_size > 1:
-            raise RuntimeError(f"Checkpointer: this process is rank {spec.rank} of a world of {spec.world_size} "
-                               f"but has not joined it: call mpnn.init() first") from None
+            raise RuntimeError(f"Checkpointer: this process is rank {spec.describe('rank')} of a world of "
+                               f"{spec.describe('world_size')} but has not joined it: call mpnn.init() first") from None
         return Communicator()
 
 

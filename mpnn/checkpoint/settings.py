@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from mpnn.checkpoint.layout import CHECKPOINTS
+from mpnn.worldspec import current_world
 
 DEFAULT_KEEP = 3
 
@@ -48,7 +49,7 @@ def directory_from(directory) -> Path | None:
     """Where checkpoints are written: `directory`, else <MPNN_RUN_DIR>/checkpoints, else None."""
     if directory is not None:
         return Path(directory)
-    run_dir = os.environ.get("MPNN_RUN_DIR")
+    run_dir = current_world().run_dir
     return Path(run_dir) / CHECKPOINTS if run_dir else None
 
 

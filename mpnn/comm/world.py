@@ -4,7 +4,7 @@ import dataclasses
 import os
 
 from .communicator import Communicator
-from .env import spec_from_env
+from .env import current_world
 from .errors import AuthError, CommError
 from .secret import read_secret, temp_secret_path, wait_for_secret, write_secret
 
@@ -19,7 +19,7 @@ def init_from_env(timeout=None, encrypt=None):
     global _current
     if _current is not None and not _current._closed:
         return _current
-    spec = spec_from_env()
+    spec = current_world().check_rendezvous()  # the one parse of the world (mpnn.worldspec)
     if timeout is not None:
         if not timeout > 0:
             raise ValueError(f"init_from_env: timeout must be a positive number of seconds, got {timeout!r}")

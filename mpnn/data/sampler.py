@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import numpy as np
 
 from mpnn.core import random as mpnn_random
+from mpnn.worldspec import current_world
 
 
 def default_generator() -> np.random.Generator:
@@ -160,13 +160,13 @@ def register_first_pass_hook(hook) -> None:
     _first_pass_hooks.append(hook)
 
 
-def world_from_env() -> tuple[int, int]:
-    """(world size, rank) from MPNN_WORLD_SIZE / MPNN_RANK, or (1, 0) outside a launched run."""
+def world_from_env():
+    """This process's WorldSpec from whichever launcher started it (mpnn launch, torchrun, mpirun, srun), or a
+    world of one; the one parse mpnn.init() joins too (mpnn.worldspec.current_world)."""
     try:
-        return int(os.environ.get("MPNN_WORLD_SIZE", "1")), int(os.environ.get("MPNN_RANK", "0"))
-    except ValueError:
-        raise ValueError(f"DistributedSampler: MPNN_WORLD_SIZE={os.environ.get('MPNN_WORLD_SIZE')!r} and "
-                         f"MPNN_RANK={os.environ.get('MPNN_RANK')!r} must be integers") from None
+        return current_world()
+    except ValueError as error:
+        raise ValueError(f"DistributedSampler: {error}") from None
 
 
 class DistributedSampler(Sampler):
@@ -179,14 +179,17 @@ class DistributedSampler(Sampler):
 
     def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        given = (num_replicas, rank)
         if num_replicas is None or rank is None:
-            env_world, env_rank = world_from_env()
-            num_replicas = env_world if num_replicas is None else num_replicas
-            rank = env_rank if rank is None else rank
+            spec = world_from_env()
+            num_replicas = spec.world_size if num_replicas is None else num_replicas
+            rank = spec.rank if rank is None else rank
         _check_positive_int(num_replicas, "num_replicas", "DistributedSampler")
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
-            raise ValueError(f"DistributedSampler: invalid rank {rank!r}, rank should be in the interval "
-                             f"[0, {num_replicas - 1}] (num_replicas={num_replicas})")
+            rank_from = f"{rank!r}" if given[1] is not None else f"{rank} (from {spec.rank_var or 'the default'})"
+            world_from = "" if given[0] is not None else f" from {spec.world_size_var or 'the default world of one'}"
+            raise ValueError(f"DistributedSampler: invalid rank {rank_from}, rank should be in the interval "
+                             f"[0, {num_replicas - 1}] (num_replicas={num_replicas}{world_from})")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"DistributedSampler: seed must be a non-negative int, got {seed!r}")
         self.dataset = dataset

@@ -2,7 +2,6 @@
 dir, run it, and leave rank 0's return value (or this rank's traceback) in the run dir for the caller."""
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 import traceback
@@ -11,12 +10,15 @@ from pathlib import Path
 import cloudpickle
 
 from mpnn.launch.payload import PAYLOAD_FILE, error_path, result_path, write_private
+from mpnn.worldspec import current_world
 
 
 def main() -> int:
     """Run the call this worker was given; 0 on success, 1 after writing the traceback."""
-    run_dir = Path(os.environ["MPNN_RUN_DIR"])
-    rank = int(os.environ["MPNN_RANK"])
+    world = current_world()
+    if world.launcher != "mpnn" or not world.run_dir:
+        raise SystemExit("mpnn.launch.worker: not started by mpnn.launch.run (MPNN_RANK and MPNN_RUN_DIR are unset)")
+    run_dir, rank = Path(world.run_dir), world.rank
     # The payload is the launcher's own file in the run dir (mode 0600), not bytes from a peer.
     payload = pickle.loads((run_dir / PAYLOAD_FILE).read_bytes())
     sys.path[:] = payload["sys_path"] + [p for p in sys.path if p not in payload["sys_path"]]

@@ -21,6 +21,7 @@ from mpnn.plugins.errors import PluginError
 from mpnn.plugins.info import RunInfo
 from mpnn.plugins.manager import PluginManager
 from mpnn.telemetry.recorder import _rss_reader
+from mpnn.worldspec import current_world
 
 SPEC_SEPARATOR = ";"
 _current: PluginSession | None = None
@@ -52,8 +53,9 @@ def start(comm, recorder, specs_text: str = "", objects=None) -> PluginSession |
     if not plugins:
         return None
     manager = PluginManager(plugins)
+    world = current_world()
     run = RunInfo(rank=comm.rank, world_size=comm.world_size, local_rank=comm.local_rank, run_id=comm.run_id,
-                  run_dir=Path(os.environ["MPNN_RUN_DIR"]) if os.environ.get("MPNN_RUN_DIR") else None, comm=comm,
+                  run_dir=Path(world.run_dir) if world.run_dir else None, comm=comm,
                   recorder=recorder, config=_config(specs, plugins))
     _current = PluginSession(manager, run)
     _current.begin()
@@ -65,10 +67,10 @@ def _config(specs, plugins) -> dict:
     config = {"argv": list(sys.argv), "plugin_specs": specs,
               "plugins": [{"name": getattr(p, "name", type(p).__name__), "version": getattr(p, "version", None)}
                           for p in plugins]}
-    run_dir = os.environ.get("MPNN_RUN_DIR")
-    if run_dir:
-        from mpnn.launch.rundir import record_name
-        record = Path(run_dir) / record_name(int(os.environ.get("MPNN_NODE_RANK") or 0))
+    world = current_world()
+    if world.run_dir:
+        from mpnn.telemetry.reader import record_name
+        record = Path(world.run_dir) / record_name(world.node_rank)
         try:
             config["launch"] = json.loads(record.read_text()).get("config", {})
         except (OSError, ValueError):
