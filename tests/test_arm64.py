@@ -20,7 +20,7 @@ from mpnn import optim
 from mpnn.core import conv as conv_module
 from mpnn.core.conv import conv1d, conv2d
 from mpnn.core.fpenv import flush_denormals_begin, flush_denormals_end, set_flush_denormal
-from mpnn.core.ops import gelu
+from mpnn.core.activation import gelu
 from mpnn.core.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from mpnn.core.tensor import Tensor
 from mpnn.telemetry.reader import load_run
@@ -111,7 +111,8 @@ def test_pool_kernels_float32_match_numpy():
         (lambda t: max_pool2d(t, 3, 2, 1, 1, True),
          lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True, lambda v, r, c: v.max(-1))),
         (lambda t: avg_pool2d(t, 3, 2, 1, True, False),
-         lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True, avg_reduce((3, 3), (2, 2), (1, 1), 7, 8, False))),
+         lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True,
+                              avg_reduce((3, 3), (2, 2), (1, 1), 7, 8, False))),
         (lambda t: adaptive_avg_pool2d(t, (3, 5)),
          lambda a: np.stack([np.stack([a[:, :, (i * 7) // 3:-((-(i + 1) * 7) // 3), (j * 8) // 5:-((-(j + 1) * 8) // 5)]
                                        .mean(axis=(2, 3)) for j in range(5)], -1) for i in range(3)], -2)),

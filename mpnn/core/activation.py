@@ -1,10 +1,11 @@
-"""softmax, log_softmax, dropout and embedding: fused forward/backward pairs (cheaper than composing)."""
+"""Activations: relu, leaky_relu, sigmoid, tanh, gelu, softmax, log_softmax, dropout; each backward by its forward
+(softmax and log_softmax fused, cheaper than composing)."""
 from __future__ import annotations
 
 import numpy as np
 
 from mpnn.core.errors import OpError
-from mpnn.core.tensor import OUTPUT, Tensor, make_result
+from mpnn.core.tensor_base import OUTPUT, TensorBase, make_result
 
 
 def _dim(op, dim, ndim):
@@ -15,7 +16,7 @@ def _dim(op, dim, ndim):
     return dim % max(ndim, 1)
 
 
-def softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
+def softmax(a: TensorBase, dim: int = None, dtype=None) -> TensorBase:
     x = a.data if dtype is None else a.data.astype(dtype)
     ax = _dim("softmax", dim, x.ndim)
     e = np.exp(x - x.max(axis=ax, keepdims=True))
@@ -26,7 +27,7 @@ def softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
     return make_result(out, (a,), backward, "softmax", saved=(OUTPUT,))
 
 
-def log_softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
+def log_softmax(a: TensorBase, dim: int = None, dtype=None) -> TensorBase:
     x = a.data if dtype is None else a.data.astype(dtype)
     ax = _dim("log_softmax", dim, x.ndim)
     z = x - x.max(axis=ax, keepdims=True)
@@ -37,7 +38,7 @@ def log_softmax(a: Tensor, dim: int = None, dtype=None) -> Tensor:
     return make_result(out, (a,), backward, "log_softmax", saved=(OUTPUT,))
 
 
-def dropout(a: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+def dropout(a: TensorBase, p: float = 0.5, training: bool = True) -> TensorBase:
     """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout)."""
     if not 0.0 <= p <= 1.0:
         raise OpError("dropout", f"probability p must be in [0, 1], got {p}")
@@ -55,24 +56,92 @@ def dropout(a: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return make_result(a.data * mask, (a,), backward, "dropout", saved=())
 
 
-def embedding(input, weight: Tensor, padding_idx: int | None = None) -> Tensor:
-    """Rows of ``weight`` picked by integer ``input``; the padding row gets no gradient (as torch)."""
-    idx = input.data if isinstance(input, Tensor) else np.asarray(input)
-    if idx.dtype.kind not in "iu":
-        raise OpError("embedding", f"indices must be integers, got {idx.dtype}")
-    num = weight.data.shape[0]
-    if idx.size and (idx.min() < 0 or idx.max() >= num):
-        bad = idx[(idx < 0) | (idx >= num)].flat[0]
-        raise OpError("embedding", f"index {bad} is out of range for an embedding of {num} rows")
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += num
-    out = weight.data[idx]
-    wshape = weight.data.shape
+def relu(a):
+    ad = a.data
+    out = np.maximum(ad, 0)
 
     def backward(g):
-        full = np.zeros(wshape, dtype=g.dtype)
-        np.add.at(full, idx.reshape(-1), g.reshape(-1, wshape[1]))
-        if padding_idx is not None:
-            full[padding_idx] = 0
-        return (full,)
-    return make_result(out, (weight,), backward, "embedding", saved=())
+        return (g * (ad > 0),)
+    return make_result(out, (a,), backward, "relu", saved=(a,))
+
+
+def leaky_relu(a, negative_slope=0.01):
+    ad = a.data
+    slope = np.where(ad > 0, 1, negative_slope).astype(ad.dtype)
+    out = ad * slope
+
+    def backward(g):
+        return (g * slope,)
+    return make_result(out, (a,), backward, "leaky_relu", saved=())
+
+
+def sigmoid(a):
+    ad = a.data
+    # exp of a non-positive argument only, so large |x| neither overflows nor warns.
+    e = np.exp(-np.abs(ad))
+    out = np.where(ad >= 0, 1 / (1 + e), e / (1 + e)).astype(ad.dtype, copy=False)
+
+    def backward(g):
+        return (g * out * (1 - out),)
+    return make_result(out, (a,), backward, "sigmoid", saved=(OUTPUT,))
+
+
+def tanh(a):
+    out = np.tanh(a.data)
+
+    def backward(g):
+        return (g * (1 - out * out),)
+    return make_result(out, (a,), backward, "tanh", saved=(OUTPUT,))
+
+
+def gelu(a, approximate="none"):
+    """GELU, exact (erf) by default or the tanh approximation, as torch.nn.functional.gelu."""
+    from mpnn.core.kernels import erf
+    ad = a.data
+    if approximate == "none":
+        cdf = 0.5 * (1.0 + erf(ad * np.asarray(1 / np.sqrt(2), ad.dtype)))
+        out = ad * cdf
+
+        def backward(g):
+            pdf = np.exp(-0.5 * ad * ad) * np.asarray(1 / np.sqrt(2 * np.pi), ad.dtype)
+            return (g * (cdf + ad * pdf),)
+    elif approximate == "tanh":
+        k = np.asarray(np.sqrt(2 / np.pi), ad.dtype)
+        inner = k * (ad + 0.044715 * ad ** 3)
+        t = np.tanh(inner)
+        out = 0.5 * ad * (1 + t)
+
+        def backward(g):
+            dinner = k * (1 + 3 * 0.044715 * ad * ad)
+            return (g * (0.5 * (1 + t) + 0.5 * ad * (1 - t * t) * dinner),)
+    else:
+        raise OpError("gelu", f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return make_result(out.astype(ad.dtype, copy=False), (a,), backward, "gelu", saved=(a,))
+
+
+
+class ActivationMethods:
+    """Tensor's activation methods (mixed into Tensor)."""
+
+    __slots__ = ()
+
+    def relu(self):
+        return relu(self)
+
+    def leaky_relu(self, negative_slope=0.01):
+        return leaky_relu(self, negative_slope)
+
+    def sigmoid(self):
+        return sigmoid(self)
+
+    def tanh(self):
+        return tanh(self)
+
+    def gelu(self, approximate="none"):
+        return gelu(self, approximate)
+
+    def softmax(self, dim=None, dtype=None):
+        return softmax(self, dim, dtype)
+
+    def log_softmax(self, dim=None, dtype=None):
+        return log_softmax(self, dim, dtype)

@@ -12,22 +12,21 @@ from __future__ import annotations
 import numpy as np
 
 from mpnn.core.autograd import Node, edge_of, saved_versions, view_backward
+from mpnn.core.elementwise import mul, unbroadcast
 from mpnn.core.errors import OpError
 from mpnn.core.grad_mode import is_grad_enabled
-from mpnn.core.tensor import Tensor, as_tensor
+from mpnn.core.indexing import _unwrap_index
+from mpnn.core.tensor_base import TensorBase, as_tensor
+
+_unbroadcast = unbroadcast
 
 
-def _unbroadcast(g, shape):
-    from mpnn.core.ops import unbroadcast
-    return unbroadcast(g, shape)
-
-
-def bump_version(t: Tensor) -> None:
+def bump_version(t: TensorBase) -> None:
     """Record an in-place write done outside mpnn's ops (an optimizer's fused update, load_state_dict)."""
     t._ver.value += 1
 
 
-def _check_writable(t: Tensor, op: str) -> None:
+def _check_writable(t: TensorBase, op: str) -> None:
     if not is_grad_enabled():
         return
     leaf = t if t._base is None else t._base
@@ -37,7 +36,7 @@ def _check_writable(t: Tensor, op: str) -> None:
                            f"(as an optimizer does), or on a clone()")
 
 
-def apply_inplace(t: Tensor, op: str, write, backward, others=(), saved=(), saves_result=False):
+def apply_inplace(t: TensorBase, op: str, write, backward, others=(), saved=(), saves_result=False):
     """Run ``write()`` (which changes ``t.data`` in place) and record it on the tape when it must be.
 
     backward(g) -> (gradient for t's old value or None, gradient per tensor in ``others``); ``saved``: the
@@ -119,7 +118,6 @@ def sub_(t, other, alpha=1):
 
 
 def _scaled(o, alpha):
-    from mpnn.core.ops import mul
     return mul(o, alpha)
 
 
@@ -157,10 +155,10 @@ def copy_(t, src, non_blocking=False):
 
 
 def fill_(t, value):
-    v = value.data if isinstance(value, Tensor) else value
+    v = value.data if isinstance(value, TensorBase) else value
     if np.ndim(v) != 0:
         raise OpError("fill_", f"fill_ takes a number or a 0-d tensor, got shape {np.shape(v)}")
-    others = (value,) if isinstance(value, Tensor) else ()
+    others = (value,) if isinstance(value, TensorBase) else ()
 
     def write():
         t.data[...] = v
@@ -177,8 +175,8 @@ def zero_(t):
 def clamp_(t, min=None, max=None):
     if min is None and max is None:
         raise OpError("clamp_", "at least one of min and max must be given")
-    lo = min.data if isinstance(min, Tensor) else min
-    hi = max.data if isinstance(max, Tensor) else max
+    lo = min.data if isinstance(min, TensorBase) else min
+    hi = max.data if isinstance(max, TensorBase) else max
     keep = np.ones(t.data.shape, dtype=bool)
     if lo is not None:
         keep &= t.data >= lo
@@ -199,10 +197,10 @@ def relu_(t):
 
 
 def masked_fill_(t, mask, value):
-    m = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+    m = mask.data if isinstance(mask, TensorBase) else np.asarray(mask)
     if m.dtype != np.bool_:
         raise OpError("masked_fill_", f"mask must be bool, got {m.dtype}")
-    v = value.data if isinstance(value, Tensor) else value
+    v = value.data if isinstance(value, TensorBase) else value
 
     def write():
         np.copyto(t.data, np.asarray(v, dtype=t.data.dtype), where=np.broadcast_to(m, t.data.shape))
@@ -211,9 +209,8 @@ def masked_fill_(t, mask, value):
 
 def setitem(t, idx, value):
     """``t[idx] = value``: an in-place write; differentiable for ``t``'s other elements and for ``value``."""
-    from mpnn.core.ops import _unwrap_index
     index = _unwrap_index(idx)
-    o = value if isinstance(value, Tensor) else None
+    o = value if isinstance(value, TensorBase) else None
     vd = value.data if o is not None else value
     others = (o,) if o is not None else ()
 
@@ -234,3 +231,56 @@ def setitem(t, idx, value):
         gt[index] = 0
         return (gt, gv) if others else (gt,)
     return apply_inplace(t, "setitem", write, backward, others)
+
+
+class InplaceMethods:
+    """Tensor's in-place methods and operators (mixed into Tensor): each returns the tensor itself."""
+
+    __slots__ = ()
+
+    def __setitem__(self, idx, value):
+        setitem(self, idx, value)
+
+    def add_(self, other, alpha=1):
+        return add_(self, other, alpha)
+
+    def sub_(self, other, alpha=1):
+        return sub_(self, other, alpha)
+
+    def mul_(self, other):
+        return mul_(self, other)
+
+    def div_(self, other):
+        return div_(self, other)
+
+    def copy_(self, src, non_blocking=False):
+        return copy_(self, src)
+
+    def fill_(self, value):
+        return fill_(self, value)
+
+    def zero_(self):
+        return zero_(self)
+
+    def clamp_(self, min=None, max=None):
+        return clamp_(self, min, max)
+
+    clip_ = clamp_
+
+    def relu_(self):
+        return relu_(self)
+
+    def masked_fill_(self, mask, value):
+        return masked_fill_(self, mask, value)
+
+    def __iadd__(self, other):
+        return add_(self, other)
+
+    def __isub__(self, other):
+        return sub_(self, other)
+
+    def __imul__(self, other):
+        return mul_(self, other)
+
+    def __itruediv__(self, other):
+        return div_(self, other)

@@ -1,10 +1,10 @@
 """Tensor: an n-dimensional array with an optional gradient, shaped after torch.Tensor.
 
-A tensor holds its NumPy array (``data``), its ``grad``, and its place on the tape (``mpnn.core.autograd``):
-the node that made it, the version counter it shares with its views, and, for a view, its base and how to
-take the view from the base (so an in-place write through the view can be differentiated). Ops are plain
-functions that compute on arrays and call ``make_result``; the operators and methods are defined on the class
-by the per-family mixins of ``mpnn.core.ops``.
+The class is assembled from one method mixin per op family (``mpnn.core.elementwise``, ``reduce``, ``movement``,
+``indexing``, ``linalg``, ``activation``, ``inplace``), so every operator and method is defined on a class
+that readers, IDEs and type checkers see; what is left here is the Python protocol, device/dtype moves, hooks
+and ``backward``. Slots, dtypes and ``make_result`` live in ``mpnn.core.tensor_base``; the tape and the
+reverse pass in ``mpnn.core.autograd``.
 """
 from __future__ import annotations
 
@@ -13,55 +13,26 @@ import weakref
 import numpy as np
 
 from mpnn import hooks
-from mpnn.core import autograd
-from mpnn.core.autograd import Node, Version, edge_of, saved_versions
-from mpnn.core.errors import OpError
-from mpnn.core.grad_mode import _state as _grad_state
+from mpnn.core import autograd, tensor_base
+from mpnn.core.activation import ActivationMethods
+from mpnn.core.elementwise import ElementwiseMethods
+from mpnn.core.elementwise import to_dtype as cast
 from mpnn.core.grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled  # noqa: F401 (re-exported)
-
-_DTYPES = {
-    None: np.float32, "float32": np.float32, "float": np.float32, "float64": np.float64,
-    "double": np.float64, "float16": np.float16, "half": np.float16, "int64": np.int64,
-    "long": np.int64, "int32": np.int32, "int": np.int64, "bool": np.bool_, "uint8": np.uint8,
-}
-
-float32 = np.dtype(np.float32)
-float64 = np.dtype(np.float64)
-float16 = np.dtype(np.float16)
-int64 = np.dtype(np.int64)
-int32 = np.dtype(np.int32)
-bool_ = np.dtype(np.bool_)
+from mpnn.core.indexing import IndexingMethods
+from mpnn.core.inplace import InplaceMethods
+from mpnn.core.linalg import LinalgMethods
+from mpnn.core.movement import MovementMethods
+from mpnn.core.reduce import ReduceMethods
+from mpnn.core.tensor_base import (OUTPUT, TensorBase, as_tensor, bool_, check_device,  # noqa: F401 (re-exported)
+                                   float16, float32, float64, from_array, init_slots, int32, int64, is_device,
+                                   make_result, make_view, to_dtype)
 
 
-def to_dtype(dtype) -> np.dtype:
-    """Map a dtype given as a NumPy dtype, a type or a name ('float32', 'long', ...) to a NumPy dtype."""
-    if isinstance(dtype, str) or dtype is None:
-        try:
-            return np.dtype(_DTYPES[dtype])
-        except KeyError:
-            raise TypeError(f"tensor: unknown dtype {dtype!r}; use one of "
-                            f"{sorted(k for k in _DTYPES if k)}") from None
-    return np.dtype(dtype)
-
-
-def check_device(device, where: str = "tensor") -> None:
-    """mpnn computes on the CPU: accept device "cpu" (or None), refuse any other by name."""
-    if device is None:
-        return
-    name = str(getattr(device, "type", device))
-    if name.split(":")[0] != "cpu":
-        raise RuntimeError(f"{where}: device {name!r} is not available: mpnn runs on the CPU only (device='cpu')")
-
-
-def _is_device(x) -> bool:
-    return isinstance(x, str) and x.split(":")[0] in ("cpu", "cuda", "mps", "xpu", "meta", "hip")
-
-
-class Tensor:
+class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMethods, IndexingMethods, LinalgMethods,
+             InplaceMethods, TensorBase):
     """An n-dimensional array with an optional gradient, shaped after torch.Tensor."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_node", "_hooks", "_grad_hooks", "_ver", "_base", "_view_fn",
-                 "_view_ver", "__weakref__")
+    __slots__ = ()
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -83,7 +54,7 @@ class Tensor:
                 raise TypeError(f"tensor: cannot make a tensor from data of dtype {arr.dtype}")
         if requires_grad and arr.dtype.kind != "f":
             raise TypeError(f"tensor: only floating-point tensors can require gradients, got {arr.dtype}")
-        _init(self, arr, bool(requires_grad))
+        init_slots(self, arr, bool(requires_grad))
 
     # ----- plain properties -------------------------------------------------------------------
     @property
@@ -149,7 +120,7 @@ class Tensor:
     def detach(self) -> "Tensor":
         """The same data, cut from the tape; it shares the version counter, so writing to it in place
         is still caught by a backward that needs the original (as in torch)."""
-        t = _from_array(self.data)
+        t = from_array(self.data)
         t._ver = self._ver
         return t
 
@@ -207,15 +178,14 @@ class Tensor:
         for a in args:
             if isinstance(a, Tensor):
                 dtype = a.data.dtype
-            elif _is_device(a) or type(a).__name__ == "device":
+            elif is_device(a):
                 device = a
             elif a is not None:
                 dtype = a
         check_device(device, "to")
         if dtype is None:
             return self.clone() if copy else self
-        from mpnn.core import ops
-        out = ops.to_dtype(self, dtype)
+        out = cast(self, dtype)
         return out.clone() if copy and out is self else out
 
     def cpu(self) -> "Tensor":
@@ -316,86 +286,8 @@ class Tensor:
                     post(self)
 
 
-def _init(t, arr, requires_grad):
-    t.data = arr
-    t.grad = None
-    t.requires_grad = requires_grad
-    t._node = None
-    t._hooks = None
-    t._grad_hooks = None
-    t._ver = Version()
-    t._base = None
-    t._view_fn = None
-    t._view_ver = 0
-
-
-def _from_array(arr, requires_grad=False):
-    t = Tensor.__new__(Tensor)
-    _init(t, arr, requires_grad)
-    return t
-
-
-Tensor._from_array = staticmethod(_from_array)
-
-
-def make_result(data, parents, backward, op, saved=None):
-    """Wrap an op's output array; record (edges to parents, backward) on the tape if any parent needs grad.
-
-    ``saved``: the tensors (parents, or ``OUTPUT`` for the result) whose values ``backward`` reads; a later
-    in-place write to one of them makes backward raise instead of computing a wrong gradient. None (the
-    default) means every parent and the output: safe for any op, and precise once an op declares its own.
-    """
-    if type(data) is not np.ndarray:
-        data = np.asarray(data)
-    t = Tensor.__new__(Tensor)
-    _init(t, data, False)
-    if not getattr(_grad_state, "enabled", True):
-        return t
-    edges = None
-    for i, p in enumerate(parents):
-        if p.requires_grad:
-            if edges is None:
-                edges = [None] * len(parents)
-            edges[i] = edge_of(p)
-    if edges is None:
-        return t
-    if saved is None:
-        saved = tuple(parents) + (t,)
-    elif saved and saved[-1] is OUTPUT:  # by convention OUTPUT comes last
-        saved = saved[:-1] + (t,)
-    t.requires_grad = True
-    t._node = Node(tuple(edges), backward, op, saved_versions(saved) if saved else (), data.shape)
-    return t
-
-
-OUTPUT = object()  # in make_result's saved=: "the result itself" (exp, sqrt, sigmoid read their output)
-
-
-def make_view(data, a, backward, op, view_fn):
-    """``make_result`` for an op whose output may share ``a``'s memory (reshape, transpose, slicing, ...):
-    when NumPy returned a view, the result shares ``a``'s version counter and remembers its base and
-    ``view_fn`` (base array -> this view), so in-place writes through it are seen and differentiated."""
-    t = make_result(data, (a,), backward, op, saved=())
-    if data is a.data or (data.base is not None and np.may_share_memory(data, a.data)):
-        t._ver = a._ver
-        base = a._base
-        if base is None:
-            t._base, t._view_fn = a, view_fn
-        else:
-            outer = a._view_fn
-            t._base, t._view_fn = base, (lambda arr: view_fn(outer(arr)))
-        t._view_ver = a._ver.value
-    return t
-
-
-def as_tensor(x, like: Tensor | None = None) -> Tensor:
-    """Tensor from a Tensor (as is), an array, or a Python number (in ``like``'s dtype when given)."""
-    if isinstance(x, Tensor):
-        return x
-    if like is not None and isinstance(x, (int, float, bool)):
-        return _from_array(np.asarray(x, dtype=like.data.dtype if like.data.dtype.kind == "f"
-                                      else np.result_type(like.data.dtype, type(x))))
-    return Tensor(x)
+Tensor._from_array = staticmethod(from_array)
+tensor_base.bind(Tensor)
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
