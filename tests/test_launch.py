@@ -177,6 +177,51 @@ def test_user_thread_settings_are_kept(tmp_path):
         assert report["env"]["OMP_NUM_THREADS"] == "2" and report["env"]["MKL_NUM_THREADS"] == "1"
 
 
+TORCHRUN_STYLE = """
+    import json, os, socket
+    ddp = int(os.environ.get("RANK", -1)) != -1  # nanoGPT's test for a distributed run
+    import mpnn
+    from mpnn.worldspec import current_world
+    comm = mpnn.init()
+    if comm.rank == 0:  # the script may bind MASTER_PORT (torch.distributed's store does): mpnn holds it nowhere
+        store = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        store.bind((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+        store.listen()
+    total = comm.allreduce(mpnn.tensor([float(os.environ["RANK"])]).data.copy(), op="sum")
+    spec = current_world()
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MPNN_RENDEZVOUS")
+    print("TORCHRUN " + json.dumps({"ddp": ddp, "env": {k: os.environ.get(k) for k in keys},
+                                    "comm": [comm.rank, comm.world_size, comm.local_rank], "sum": float(total[0]),
+                                    "parse": [spec.launcher, spec.rendezvous]}))
+"""
+
+
+def test_torchrun_style_script_runs_distributed(tmp_path):
+    """`mpnn launch -n 2` gives every worker torchrun's names too: RANK, WORLD_SIZE, LOCAL_RANK, ... agree with
+    mpnn's; MASTER_PORT is free for the script, never mpnn's rendezvous port, which the world parse (MPNN_*) uses."""
+    script = write_script(tmp_path, TORCHRUN_STYLE)
+    rc, out, err, _ = run_launcher(tmp_path, ["-n", "2", str(script)])
+    assert rc == 0, err
+    got = {}
+    for line in out.splitlines():
+        prefix, _, rest = line.partition(" ")
+        if rest.startswith("TORCHRUN "):
+            got[int(prefix.strip("[]"))] = json.loads(rest[len("TORCHRUN "):])
+    assert sorted(got) == [0, 1], out + err
+    rendezvous = {r["env"]["MPNN_RENDEZVOUS"] for r in got.values()}
+    master_port = {r["env"]["MASTER_PORT"] for r in got.values()}
+    assert len(rendezvous) == len(master_port) == 1
+    rendezvous, master_port = rendezvous.pop(), master_port.pop()
+    assert rendezvous.rsplit(":", 1)[1] != master_port and 0 < int(master_port) < 65536
+    for rank, report in got.items():
+        assert report["ddp"] is True
+        assert report["env"] | {"MASTER_PORT": None, "MPNN_RENDEZVOUS": None} == {
+            "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "MPNN_RENDEZVOUS": None}
+        assert report["comm"] == [rank, 2, rank] and report["sum"] == 1.0
+        assert report["parse"] == ["mpnn", rendezvous]
+
+
 FAILING = """
     import os, signal, subprocess, sys, time
     rank = int(os.environ["MPNN_RANK"])
@@ -216,7 +261,7 @@ def test_failed_rank_stops_the_others_and_reports(tmp_path, how, expected, code)
     assert len(headline) == 1
     assert f"rank {bad} (pid " in headline[0] and expected in headline[0]
     assert "stopped the 3 other running worker(s) (1 needed SIGKILL)" in headline[0]
-    tail = err[err.index(f"last "):]
+    tail = err[err.index("last "):]
     if how.startswith("raise"):
         assert "RuntimeError: boom" in tail and "line 29 of rank 2" in tail
     else:
@@ -286,7 +331,8 @@ def test_random_kills_leave_no_process(tmp_path):
     """)
     for _ in range(4):
         proc, run_id = start_launcher(tmp_path, ["-n", str(n), str(script)])
-        wait_for(lambda: (read_record(tmp_path, run_id) or {}).get("status") == "running", what="workers spawned")
+        wait_for(lambda run_id=run_id: (read_record(tmp_path, run_id) or {}).get("status") == "running",
+                 what="workers spawned")
         pids = {w["rank"]: w["pid"] for w in read_record(tmp_path, run_id)["workers"]}
         time.sleep(rng.uniform(0.0, 0.6))
         victim = rng.randrange(n)
@@ -321,7 +367,7 @@ def test_used_run_id_is_refused(tmp_path):
     assert proc.wait(timeout=30) == 0
     again, _ = start_launcher(tmp_path, ["-n", "1", str(script)], run_id=run_id)
     _, err = again.communicate(timeout=30)
-    assert again.returncode == 1 and f"already holds run.json: pick another --run-id" in err
+    assert again.returncode == 1 and "already holds run.json: pick another --run-id" in err
 
 
 def test_two_nodes_on_one_host(tmp_path):

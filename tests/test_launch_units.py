@@ -4,21 +4,24 @@ import io
 import json
 import os
 import re
+import socket
 import stat
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mpnn.launch.env import RunContext, World, rendezvous_address, worker_env
+from mpnn.launch.env import TORCHRUN_VARS, RunContext, World, rendezvous_address, script_master_port, worker_env
 from mpnn.launch.errors import LaunchError
+from mpnn.launch.layout import Core, Layout
 from mpnn.launch.liveview import RichView, TelemetryFollower, describe_event, status_line
 from mpnn.launch.output import MAX_LINE_BYTES, TAIL_BYTES, PipeReader, tail_lines
-from mpnn.launch.layout import Core, Layout
 from mpnn.launch.pinning import pin_plan, thread_pinned_to
 from mpnn.launch.rundir import check_run_id, new_run_id
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.supervise import describe_returncode, exit_status
+from mpnn.worldspec import spec_from_env
 
 
 def test_pin_plan_without_topology_is_round_robin():
@@ -55,6 +58,39 @@ def test_worker_env_for_second_node():
         "MPNN_RENDEZVOUS": "tcp://10.0.0.1:29500", "MPNN_SECRET_FILE": "/tmp/s", "MPNN_TIMEOUT": "7",
         "MPNN_PLUGINS": "a:x=1;b", "MPNN_RESTART_COUNT": "0", "MPNN_MAX_RESTARTS": "0"}
     assert (env["MKL_NUM_THREADS"], env["OMP_NUM_THREADS"], env["HOME"]) == ("4", "1", "/h")
+
+
+def test_worker_env_has_torchruns_names_which_the_world_parse_reads_after_mpnns():
+    """torchrun-style scripts (nanoGPT's `ddp = int(os.environ.get('RANK', -1)) != -1`) see a distributed run;
+    MASTER_PORT is never the rendezvous port; an inherited elastic agent's variables are dropped."""
+    world = World(nproc_per_node=3, nnodes=2, node_rank=1)
+    run = RunContext("r1", Path("/runs/r1"), "tcp://10.0.0.1:29500", Path("/tmp/s"), 7.0)
+    inherited = {"RANK": "9", "WORLD_SIZE": "99", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                 "TORCHELASTIC_RUN_ID": "old", "ROLE_RANK": "9", "OMPI_COMM_WORLD_RANK": "0",
+                 "OMPI_COMM_WORLD_SIZE": "1"}
+    env = worker_env(inherited, world, 2, run)
+    assert {k: env[k] for k in TORCHRUN_VARS} == {
+        "RANK": "5", "LOCAL_RANK": "2", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
+        "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}  # the same on every node
+    assert not [k for k in env if k.startswith(("TORCHELASTIC_", "ROLE_"))]
+    spec = spec_from_env(env)  # MPNN_* wins over torchrun's (and Open MPI's) names: mpnn's rendezvous, not MASTER_PORT
+    assert (spec.launcher, spec.rank, spec.world_size, spec.local_rank, spec.node_rank, spec.nnodes) == (
+        "mpnn", 5, 6, 2, 1, 2)
+    assert spec.rendezvous == "tcp://10.0.0.1:29500"
+    chosen = worker_env({}, World(nproc_per_node=2), 1, replace(run, rendezvous="tcp://[::1]:7000", master_port=4321))
+    assert (chosen["RANK"], chosen["WORLD_SIZE"], chosen["MASTER_ADDR"], chosen["MASTER_PORT"]) == (
+        "1", "2", "::1", "4321")
+
+
+def test_script_master_port_is_free_and_never_the_rendezvous_port():
+    rendezvous = rendezvous_address(None, None)
+    taken = int(rendezvous.rsplit(":", 1)[1])
+    ports = {script_master_port(rendezvous, 1) for _ in range(5)}
+    assert taken not in ports and all(1024 <= p < 65536 for p in ports)
+    for port in ports:  # free: a script (torch.distributed's store) can bind it
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+    assert script_master_port("tcp://node0:29500", 2) == 29501 and script_master_port("tcp://n:65535", 3) == 65534
 
 
 def test_rendezvous_address():

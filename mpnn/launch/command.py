@@ -26,7 +26,9 @@ from mpnn.launch.pinning import layout_report
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank.")
 @click.option("--master-addr", help="Host of node 0 (its rank 0 serves the rendezvous).")
 @click.option("--master-port", type=click.IntRange(1, 65535),
-              help="Rendezvous port on the master [default: 29500 with --nnodes > 1, else a free port].")
+              help="Rendezvous port on the master [default: 29500 with --nnodes > 1, else a free port]; the "
+                   "workers' MASTER_PORT (torchrun's, for the script) is never it: this + 1 with --nnodes > 1, "
+                   "else another free port.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Shared 0600 secret file (multi-node; else MPNN_SECRET_FILE) [default on one node: a fresh one].")
 @click.option("--encrypt/--no-encrypt", default=None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from mpnn.launch.env import RunContext, World, rendezvous_address, worker_env
+from mpnn.launch.env import RunContext, World, rendezvous_address, script_master_port, worker_env
 from mpnn.launch.errors import LaunchError
 from mpnn.launch.guardian import Guardian
 from mpnn.launch.layout import Layout, read_layout
@@ -187,7 +187,8 @@ def launch(config: LaunchConfig) -> LaunchResult:
         run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins),
                          config.encrypt, checkpoint_every=config.checkpoint_every,
                          checkpoint_keep=config.checkpoint_keep, resume_from=resume_from,
-                         max_restarts=config.max_restarts)
+                         max_restarts=config.max_restarts,
+                         master_port=script_master_port(rendezvous, world.nnodes))
         try:
             if plugins is None:
                 return _supervise(config, world, run, plan.cpus, record, stack)
