@@ -112,10 +112,10 @@ def main():
         mt = [Tensor(a, requires_grad=True) for a in (x, w, b)]
         tt = [torch.tensor(a, requires_grad=True) for a in (x, w, b)]
 
-        def mine_fwd():
+        def mine_fwd(mt=mt):
             conv1d(*mt, stride=2, padding=1)
 
-        def torch_fwd():
+        def torch_fwd(tt=tt):
             with torch.no_grad():
                 F.conv1d(*tt, stride=2, padding=1)
 

@@ -17,8 +17,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 
-
-
 def load_example(name):
     """Import launch/<name>.py as a module named <name>_example (launch/mnist1d.py would shadow the
     mnist1d package if its folder were put on sys.path)."""

@@ -67,7 +67,7 @@ def report(run_dir: Path, window: int, wall: float) -> float:
               f"{max(r['rss_bytes'] for r in steps) / 2**20:.1f} MiB; watchdog events: {events or 'none'}")
     times = [r["step_s"] for r in run.ranks[0].steps if "step_s" in r]
     columns = [statistics.median(times[i:i + window]) * 1e3 for i in range(0, len(times), window)]
-    print("    rank 0 median step per window of %d steps, ms: %s" % (window, " ".join(f"{c:.3f}" for c in columns)))
+    print(f"    rank 0 median step per window of {window} steps, ms: {' '.join(f'{c:.3f}' for c in columns)}")
     return statistics.median(times[window:]) if len(times) > window else statistics.median(times)
 
 

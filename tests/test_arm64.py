@@ -18,9 +18,9 @@ import pytest
 from commworld import run_world, values
 from mpnn import optim
 from mpnn.core import conv as conv_module
+from mpnn.core.activation import gelu
 from mpnn.core.conv import conv1d, conv2d
 from mpnn.core.fpenv import flush_denormals_begin, flush_denormals_end, set_flush_denormal
-from mpnn.core.activation import gelu
 from mpnn.core.pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from mpnn.core.tensor import Tensor
 from mpnn.telemetry.reader import load_run

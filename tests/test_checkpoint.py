@@ -19,8 +19,7 @@ import pytest
 
 import mpnn
 from mpnn import nn
-from mpnn.checkpoint import CheckpointSaveError, Checkpointer, ResumeError
-from mpnn.checkpoint import layout
+from mpnn.checkpoint import Checkpointer, CheckpointSaveError, ResumeError, layout
 from mpnn.data import DataLoader, DistributedSampler, TensorDataset
 from mpnn.launch import run
 from mpnn.optim.lr_scheduler import StepLR

@@ -71,7 +71,7 @@ MAILBOX_ON, MAILBOX_OFF = {"MPNN_MAILBOX": "1"}, {"MPNN_MAILBOX": "0"}  # small 
 @pytest.mark.parametrize("env", [MAILBOX_OFF, MAILBOX_ON], ids=["sockets", "mailbox"])
 def test_different_ops_fail_at_once_naming_both_ranks(env):
     outcomes = values(run_world(op_mismatch_worker, 3, comm_timeout=TIMEOUT * 5, env=env))
-    for name, message, elapsed, ranks, later in outcomes:
+    for name, message, elapsed, _ranks, later in outcomes:
         assert name == "CollectiveMismatch", message
         assert "broadcast(float32, shape (10,), root=0)" in message and "allreduce(float32, shape (10,)" in message
         assert "rank 1" in message and ("rank 0" in message or "rank 2" in message)
@@ -84,7 +84,7 @@ def test_different_ops_fail_at_once_naming_both_ranks(env):
 def test_different_shapes_fail_at_once_naming_both_ranks(big, env):
     outcomes = values(run_world(shape_mismatch_worker, 2, (big,), comm_timeout=TIMEOUT * 5, env=env))
     sizes = (300_000, 300_002) if big else (10, 12)
-    for rank, (name, message, elapsed, ranks, later) in enumerate(outcomes):
+    for rank, (name, message, elapsed, ranks, _later) in enumerate(outcomes):
         assert name == "CollectiveMismatch" and sorted(ranks) == [0, 1], message
         assert f"shape ({sizes[0]},)" in message and f"shape ({sizes[1]},)" in message, message
         assert f"rank {rank} called" in message and elapsed < TIMEOUT

@@ -10,7 +10,7 @@ import pytest
 
 import mpnn
 from mpnn import nn
-from mpnn.comm import Communicator, CommError
+from mpnn.comm import CommError, Communicator
 from mpnn.launch import WorkerError, run
 from mpnn.plugins import BucketContext, Codec, PluginError
 from mpnn.plugins.compression import FP16, PowerSGD, SignSGD, TopK

@@ -3,8 +3,8 @@ references written here, float64 finite-difference gradients, and clear errors f
 import numpy as np
 import pytest
 
-from mpnn.core import conv as conv_module
 from mpnn.core import OpError, Tensor, gradcheck
+from mpnn.core import conv as conv_module
 from mpnn.core.conv import conv1d, conv2d
 from mpnn.core.pad import pad
 from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d

@@ -12,8 +12,16 @@ import uuid
 
 import pytest
 
-from test_launch import (STARTED_RUNS, launch_env, leftover_processes, read_record,  # noqa: F401 (autouse fixture)
-                         reap_leftovers, start_launcher, wait_for, write_script)
+from test_launch import (
+    STARTED_RUNS,
+    launch_env,
+    leftover_processes,
+    read_record,
+    reap_leftovers,  # noqa: F401  (autouse fixture)
+    start_launcher,
+    wait_for,
+    write_script,
+)
 
 FAULTS = """
     import os, sys, time

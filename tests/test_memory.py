@@ -7,9 +7,8 @@ import weakref
 import numpy as np
 
 import mpnn
-from mpnn import nn
-
 from examples import load_example
+from mpnn import nn
 
 CNN = load_example("mnist1d").CNN
 

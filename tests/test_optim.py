@@ -134,7 +134,7 @@ def test_step_runs_the_closure_and_training_reduces_the_loss():
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((64, 3)).astype(np.float32))
-    y = Tensor((x.data @ np.array([[1.0], [-2.0], [0.5]], dtype=np.float32)))
+    y = Tensor(x.data @ np.array([[1.0], [-2.0], [0.5]], dtype=np.float32))
     opt = optim.Adam(model.parameters(), lr=0.01)
 
     def closure():

@@ -22,8 +22,16 @@ from mpnn.launch.restart import Restart, append_restart_event, resume_after_fail
 from mpnn.launch.resume import check_resume
 from mpnn.plugins.audit.cli import audit
 from mpnn.telemetry.reader import load_run
-from test_launch import reap_leftovers  # noqa: F401  (autouse: kills what a failed test left running)
-from test_launch import REPO, launch_env, leftover_processes, read_record, start_launcher, wait_for, write_script
+from test_launch import (
+    REPO,
+    launch_env,
+    leftover_processes,
+    read_record,
+    reap_leftovers,  # noqa: F401  (autouse: kills what a failed test left running)
+    start_launcher,
+    wait_for,
+    write_script,
+)
 
 MNIST1D = str(REPO / "launch" / "mnist1d.py")
 

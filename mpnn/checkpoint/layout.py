@@ -100,7 +100,7 @@ def _body_digest(body: dict) -> str:
 def write_manifest(directory: Path, step: int, epoch: int, world_size: int, files: list[str]) -> str:
     """Hash `files` in `directory`, write manifest.json (with a digest of its own content, so an edit to it is
     caught too), fsync it; return the SHA-256 of the manifest's bytes, which stands for the whole checkpoint."""
-    from mpnn import __version__
+    from mpnn._version import __version__
     body = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "epoch": int(epoch),
             "world_size": int(world_size), "time": time.time(), "mpnn_version": __version__,
             "files": {name: {"bytes": os.path.getsize(directory / name), "sha256": file_sha256(directory / name)}

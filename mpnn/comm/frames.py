@@ -13,7 +13,7 @@ little-endian ones in DTYPES, so a big-endian array (or host) is refused by name
 import hashlib
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -89,7 +89,7 @@ class Header:
     tag: bytes
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layout(ndim):
     """The full header struct for `ndim` dimensions."""
     return struct.Struct(FIXED.format + "q" * ndim)

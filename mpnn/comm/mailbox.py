@@ -28,7 +28,6 @@ import threading
 import time
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -118,7 +117,7 @@ class Mailboxes:
     # -- the all-reduce ------------------------------------------------------------------------------------
     def allreduce(self, flat, ufunc, accumulate, divide_by):
         """All-reduce the contiguous 1-D `flat` (at most SMALL_BYTES) in place; the call must be announced."""
-        n, r, seq = self.world_size, self.rank, self._seq
+        n, r = self.world_size, self.rank
         start = (self._count % 2) * SMALL_BYTES
         self._count += 1
         size = flat.nbytes
@@ -169,8 +168,8 @@ class Mailboxes:
                 os.sched_yield()
 
     def _agrees(self, k, seq):
-        """Whether rank k, which reached this rank's mark in collective `seq`, ran the same collective there (raises if it did not); False
-        when its control line changed while being read (look again)."""
+        """Whether rank k, which reached this rank's mark in collective `seq`, ran the same collective there
+        (raises if it did not); False when its control line changed while being read (look again)."""
         words = self._words[k]
         announced = int(words[_ANNOUNCED])
         if announced != seq:

@@ -1,7 +1,9 @@
-"""Compile (or load from the on-disk cache) the float32 Numba kernels a training step uses, once.
+"""Compile (or load from the on-disk cache) the float32 Numba kernels of the engine's ops, once.
 
-The launcher calls this before it starts any worker, so the workers find a warm cache instead of racing
-to compile the same functions into it (DESIGN.md: concurrent cache=True compiles can race).
+The launcher calls this (mpnn.launch.warmup) before it starts any worker, so the workers find a warm cache instead
+of racing to compile the same functions into it (DESIGN.md: concurrent cache=True compiles can race). Only the
+engine's own kernels: the layers above warm theirs from the launcher (the optimizers' fused updates, the
+communicator's fence), since core imports nothing above it.
 """
 from __future__ import annotations
 
@@ -10,12 +12,10 @@ import numpy as np
 
 def warmup() -> None:
     """Run each kernel-backed op once on tiny float32 inputs, forward and backward."""
-    from mpnn.core.activation import log_softmax
+    from mpnn.core.activation import gelu, log_softmax
     from mpnn.core.conv import conv1d, conv2d
-    from mpnn.core.ops import gelu
     from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
     from mpnn.core.tensor import Tensor
-    from mpnn.optim import SGD, Adam
 
     rng = np.random.default_rng(0)
 
@@ -35,6 +35,3 @@ def warmup() -> None:
     for out in outs[1:]:
         loss = loss + out.sum()
     loss.backward()
-    params = [w1, w2, w3]
-    for opt in (Adam(params, lr=1e-3), Adam(params, lr=1e-3, amsgrad=True), SGD(params, lr=1e-3, momentum=0.9)):
-        opt.step()

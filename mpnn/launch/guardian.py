@@ -24,6 +24,8 @@ class Guardian:
     def __init__(self, env: dict[str, str]):
         self._proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                       env=env, start_new_session=True, text=True)
+        assert self._proc.stdin is not None  # stdin=PIPE
+        self._stdin = self._proc.stdin
 
     def watch(self, pgid: int) -> None:
         self._send(f"{pgid}\n")
@@ -36,19 +38,19 @@ class Guardian:
         """Tell the guardian the launcher stopped everything itself, and wait for it to exit."""
         self._send("done\n")
         try:
-            self._proc.stdin.close()
+            self._stdin.close()
         except OSError:
             pass
         self._proc.wait(timeout=5)
 
     def _send(self, line: str) -> None:
         try:
-            self._proc.stdin.write(line)
-            self._proc.stdin.flush()
+            self._stdin.write(line)
+            self._stdin.flush()
         except OSError:  # the guardian is gone: the launcher still stops its workers itself
             pass
 
-    def __enter__(self) -> "Guardian":
+    def __enter__(self) -> Guardian:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,9 +10,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from mpnn.launch.env import RunContext, World, rendezvous_address, script_master_port, worker_env
 from mpnn.launch.errors import LaunchError
@@ -21,13 +21,12 @@ from mpnn.launch.layout import Layout, read_layout
 from mpnn.launch.liveview import make_view
 from mpnn.launch.output import tail_lines
 from mpnn.launch.payload import write_private
-from mpnn.launch.plugins import launch_end, launch_info, launch_restart, launch_start, load_plugins
 from mpnn.launch.pinning import Plan, default_nproc, pin_plan
+from mpnn.launch.plugins import launch_end, launch_info, launch_restart, launch_start, load_plugins
 from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
-from mpnn.launch.rundir import (RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name,
-                                utc_now)
+from mpnn.launch.rundir import RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name, utc_now
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.signals import StopSignals
 from mpnn.launch.supervise import Worker, describe_returncode, exit_status, spawn_worker, stop_all, watch
@@ -130,12 +129,12 @@ def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
 def _shared_secret(config: LaunchConfig) -> Path:
     if config.secret_file:
         return check_secret_file(config.secret_file)
-    if config.nnodes > 1:
-        shared = os.environ.get("MPNN_SECRET_FILE")
-        if not shared:
-            raise LaunchError(f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
-                              "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)")
-        return check_secret_file(Path(shared))
+    assert config.nnodes > 1, "one node without --secret-file makes its own secret (_owns_secret)"
+    shared = os.environ.get("MPNN_SECRET_FILE")
+    if not shared:
+        raise LaunchError(f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
+                          "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)")
+    return check_secret_file(Path(shared))
 
 
 def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, layout: Layout,
@@ -210,7 +209,7 @@ def _supervise(config: LaunchConfig, world: World, run: RunContext, cpus: Sequen
     """Run attempts until one ends without a failed worker, a stop signal comes, or no restart is left."""
     stop = stack.enter_context(StopSignals())
     view = make_view(run.run_dir, world.local_global_ranks(), config.live)
-    restarts = []
+    restarts: list[Restart] = []
     try:
         while True:
             workers, failed, still_running, sigkilled = _attempt(config, world, run, cpus, record, stop, view)
@@ -275,7 +274,7 @@ def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: l
         note = ""
         if max_restarts and restarts == max_restarts:
             note = f"; no restart left ({restarts}/{max_restarts} used)"
-        elif max_restarts:
+        elif max_restarts and stop.received is not None:
             note = f"; not restarted: got {signal.Signals(stop.received).name}"
         print(failure_block(failure, still_running, len(sigkilled), note), file=sys.stderr, flush=True)
         status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None

@@ -3,9 +3,9 @@ big.LITTLE capacities), kept to the cpus this process may use: what the pinning 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 
@@ -45,7 +45,7 @@ class _Unreadable(Exception):
 
 def parse_cpu_list(text: str) -> list[int]:
     """The cpus of a kernel cpu list such as "0-3,8,10-11" (an empty list for an empty string)."""
-    cpus = []
+    cpus: list[int] = []
     for part in filter(None, text.strip().split(",")):
         first, _, last = part.partition("-")
         cpus.extend(range(int(first), int(last or first) + 1))
@@ -88,7 +88,8 @@ def _cores(root: Path, cpus: tuple[int, ...]) -> tuple[Core, ...]:
     capacities = {cpu: _int_or_none(root / f"cpu{cpu}" / "cpu_capacity") for cpu in cpus}
     if None in capacities.values():
         capacities = dict.fromkeys(cpus)  # sizes known for only some cpus compare nothing: treat all as equal
-    cores, placed = [], set()
+    cores: list[Core] = []
+    placed: set[int] = set()
     for cpu in cpus:
         if cpu in placed:
             continue  # a sibling of a core already made

@@ -8,8 +8,8 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REFRESH_S = 0.25
 
@@ -75,15 +75,14 @@ def status_line(latest: dict[int, dict], total_steps: int | None, running: int, 
     """One line: step (of total) every rank has reached, loss (lowest rank's), steps/s, slowest rank, running."""
     if not latest:
         return f"{running}/{nproc} workers running · waiting for telemetry"
-    step = int(min(_number(record, "step") for record in latest.values()))
+    step = int(min(_number(record, "step") or 0.0 for record in latest.values()))  # numeric in every kept record
     parts = [f"step {step}/{total_steps}" if total_steps else f"step {step}"]
     loss = _number(latest[min(latest)], "loss")
     if loss is not None:
         parts.append(f"loss {loss:.4g}")
-    timed = {rank: _number(record, "step_s") for rank, record in latest.items()}
-    timed = {rank: s for rank, s in timed.items() if s is not None and s > 0}
+    timed = {rank: s for rank, record in latest.items() if (s := _number(record, "step_s")) is not None and s > 0}
     if timed:
-        slowest = max(timed, key=timed.get)
+        slowest = max(timed, key=timed.__getitem__)
         parts.append(f"{1.0 / timed[slowest]:.3g} steps/s")
         parts.append(f"slowest rank {slowest} ({timed[slowest]:.3g} s/step)")
     parts.append(f"{running}/{nproc} running")

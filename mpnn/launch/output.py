@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 TAIL_BYTES = 64 * 1024
 MAX_LINE_BYTES = 64 * 1024  # a longer line (no newline in sight) is passed on in pieces, not held in memory

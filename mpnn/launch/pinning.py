@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from mpnn.launch.layout import Core, Layout, format_cpu_list, format_layout
 
@@ -37,7 +37,7 @@ def size_classes(cores: tuple[Core, ...]) -> dict[Core, int]:
     """Each core's size class, 0 for the biggest: a class holds the capacities down to SAME_SIZE_RATIO of its
     biggest, so big.LITTLE's kinds of core separate while favoured turbo cores and rounding do not."""
     capacities = sorted({core.capacity or 0 for core in cores}, reverse=True)
-    heads = []
+    heads: list[int] = []
     for capacity in capacities:
         if not heads or capacity < SAME_SIZE_RATIO * heads[-1]:
             heads.append(capacity)
@@ -121,7 +121,7 @@ def _warnings(layout: Layout, slots: list, classes: dict[Core, int], nproc: int)
     if len(ranks_by_size) > 1:
         groups = []
         for size, ranks in sorted(ranks_by_size.items()):
-            capacities = sorted({core.capacity for core in classes if classes[core] == size})
+            capacities = sorted({core.capacity or 0 for core in classes if classes[core] == size})  # all known here
             shown = str(capacities[0]) if len(capacities) == 1 else f"{capacities[0]}-{capacities[-1]}"
             cpus = format_cpu_list(slots[rank % len(slots)][0] for rank in ranks)
             groups.append(f"ranks {format_cpu_list(ranks)} on capacity {shown} (cpus {cpus})")

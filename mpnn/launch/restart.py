@@ -9,9 +9,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from mpnn.launch.resume import newest_checkpoint
 from mpnn.launch.rundir import utc_now

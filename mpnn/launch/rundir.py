@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
 import re
 import secrets
-import sys
 import time
 from pathlib import Path
 
+from mpnn._version import __version__
 from mpnn.launch.errors import LaunchError
+from mpnn.telemetry.reader import record_name  # noqa: F401  (the launcher imports it from here)
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 PROBE_BYTES = 64 * 1024  # room a run needs at the very least for run.json and the first lines of every log
@@ -30,11 +30,6 @@ def check_run_id(run_id: str) -> str:
         raise LaunchError(f"--run-id {run_id!r}: use up to 128 letters, digits, '.', '_' or '-', "
                           "not starting with '.' or '-'")
     return run_id
-
-
-def record_name(node_rank: int) -> str:
-    """The record file of one node: run.json on node 0, run-node<k>.json on the others (log dirs may be shared)."""
-    return "run.json" if node_rank == 0 else f"run-node{node_rank}.json"
 
 
 def create_run_dir(log_dir: Path, run_id: str, record: str) -> Path:
@@ -74,14 +69,8 @@ def utc_now() -> str:
 
 
 def mpnn_version() -> str:
-    """mpnn's version: the package's __version__, else the installed distribution's, else 'unknown'."""
-    version = getattr(sys.modules.get("mpnn"), "__version__", None)
-    if version:
-        return str(version)
-    try:
-        return importlib.metadata.version("mpnn")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """mpnn's version (mpnn/_version.py, the one source), for run.json."""
+    return __version__
 
 
 class RunRecord:

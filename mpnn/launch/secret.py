@@ -8,8 +8,8 @@ import secrets
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mpnn.launch.errors import LaunchError
 

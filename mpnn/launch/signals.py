@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What signal.signal() returns and takes: a handler, SIG_DFL/SIG_IGN, or None (one not installed from Python).
+Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class StopSignals:
     """Context manager that records stop signals (the first in `received`, how many in `count`) while active."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self.count = 0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Handler] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from mpnn.launch.output import PipeReader
 from mpnn.launch.pinning import thread_pinned_to
@@ -62,6 +62,7 @@ def spawn_worker(argv: Sequence[str], env: Mapping[str, str], rank: int, local_r
     with thread_pinned_to(core):
         proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None  # stdout=PIPE
     reader = PipeReader(rank, proc.stdout, log_path, sink)
     reader.start()
     return Worker(rank, local_rank, core, proc, reader, log_path)

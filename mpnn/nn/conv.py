@@ -1,7 +1,6 @@
 """Conv1d and Conv2d: weight (out_channels, in_channels / groups, *kernel_size), PyTorch's default init."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from mpnn.core.tensor import to_dtype

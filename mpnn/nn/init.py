@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-from mpnn.core.random import generator
 from mpnn.core.inplace import bump_version
+from mpnn.core.random import generator
 from mpnn.core.tensor import Tensor
 
 _LINEAR = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",

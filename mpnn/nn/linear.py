@@ -1,7 +1,6 @@
 """Identity, Linear and Embedding: the layers that are one matrix product or one row lookup."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from mpnn.core.tensor import to_dtype

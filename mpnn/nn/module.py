@@ -80,7 +80,7 @@ class Module:
         else:
             self._non_persistent_buffers_set.add(name)
 
-    def add_module(self, name: str, module: "Module | None") -> None:
+    def add_module(self, name: str, module: Module | None) -> None:
         """Add a child module under ``name`` (its parameters get the prefix ``name.``)."""
         self._check_ready("module")
         if module is not None and not isinstance(module, Module):
@@ -209,17 +209,17 @@ class Module:
             yield b
 
     # ----- modes and bulk changes -------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         if not isinstance(mode, bool):
             raise ValueError(f"train: training mode is expected to be boolean, got {mode!r}")
         for m in self.modules():
             m.__dict__["training"] = mode
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
-    def requires_grad_(self, requires_grad: bool = True) -> "Module":
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
@@ -234,14 +234,14 @@ class Module:
             else:
                 p.grad.data[...] = 0
 
-    def apply(self, fn) -> "Module":
+    def apply(self, fn) -> Module:
         """Call ``fn(module)`` on every child (recursively), then on self, as torch's apply."""
         for child in self.children():
             child.apply(fn)
         fn(self)
         return self
 
-    def to(self, *args, dtype=None, device=None) -> "Module":
+    def to(self, *args, dtype=None, device=None) -> Module:
         """Cast floating parameters and buffers to ``dtype``; the only device is 'cpu'.
 
         As in PyTorch, casting gives parameters new arrays: build optimizers after calling it.
@@ -265,14 +265,14 @@ class Module:
                     t.grad.data = t.grad.data.astype(dt)
         return self
 
-    def float(self) -> "Module":
+    def float(self) -> Module:
         return self.to(np.float32)
 
-    def double(self) -> "Module":
+    def double(self) -> Module:
         return self.to(np.float64)
 
     # ----- state_dict -------------------------------------------------------------------------
-    def _state_tensors(self, prefix: str = "", out=None) -> "OrderedDict[str, Tensor]":
+    def _state_tensors(self, prefix: str = "", out=None) -> OrderedDict[str, Tensor]:
         """Every tensor state_dict saves, by its PyTorch key, in PyTorch's order (shared ones repeated)."""
         out = OrderedDict() if out is None else out
         for name, p in self._parameters.items():
@@ -286,7 +286,7 @@ class Module:
                 child._state_tensors(prefix + name + ".", out)
         return out
 
-    def state_dict(self, prefix: str = "", keep_vars: bool = False) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self, prefix: str = "", keep_vars: bool = False) -> OrderedDict[str, np.ndarray]:
         """Parameters and persistent buffers by dotted name, as NumPy copies (Tensors if keep_vars)."""
         tensors = self._state_tensors(prefix)
         if keep_vars:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mpnn._version import __version__
 from mpnn.comm import CommError
 from mpnn.plugins.errors import PluginError
 
@@ -47,7 +48,7 @@ class Codec:
 
     kind = "codec"
     name = "codec"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options: dict = {}
 
     def __init__(self):

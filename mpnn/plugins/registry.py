@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mpnn.plugins.errors import PluginError
 from mpnn.plugins.options import Option

@@ -11,6 +11,13 @@ from pathlib import Path
 _WORKER_FILE = re.compile(r"worker-(\d+)\.jsonl")
 
 
+def record_name(node_rank: int) -> str:
+    """The launcher's record file of one node in a run directory: run.json on node 0, run-node<k>.json on the
+    others (log dirs may be shared). Here, beside the other run-directory names, so that the launcher that writes
+    it and the plugins that read it both import it from below."""
+    return "run.json" if node_rank == 0 else f"run-node{node_rank}.json"
+
+
 class TelemetryError(Exception):
     """A run directory that cannot be read (missing, empty, not a directory); the message names the path."""
 
@@ -64,7 +71,7 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
 
 def _read_meta(run_dir: Path) -> dict:
     try:
-        meta = json.loads((run_dir / "run.json").read_text())
+        meta = json.loads((run_dir / record_name(0)).read_text())
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}

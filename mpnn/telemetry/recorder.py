@@ -22,7 +22,7 @@ from pathlib import Path
 from time import perf_counter
 
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_live_recorders: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_live_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
 
 def _rss_reader():

@@ -60,7 +60,7 @@ def _lay_out(slices: list) -> list[list]:
     ends: list[int] = []      # end of the last slice placed in each sub-lane
     sublanes: list[list] = []
     for start, end, name, args in sorted(slices, key=lambda s: s[0]):
-        for i, last_end in enumerate(ends):
+        for i, last_end in enumerate(ends):  # noqa: B007  (i, the sub-lane found, is used after the loop)
             if start >= last_end - NUDGE_NS:
                 break
         else:

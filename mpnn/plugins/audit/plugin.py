@@ -21,6 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from mpnn._version import __version__
 from mpnn.plugins.audit import AuditError
 from mpnn.plugins.audit.keys import key_path, load_key
 from mpnn.plugins.audit.policy import Policy, check_datasets, check_launch, load_policy
@@ -35,7 +36,7 @@ class AuditTrail:
     """Compliance audit trail: a chained, HMAC-signed audit.jsonl per run, a signed head, a policy checked at start."""
 
     name = "audit"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options = {
         "key": Option(str, "", "HMAC key file, kept outside the run dir [default: ~/.config/mpnn/audit.key, "
                                 "created 0600 with 32 random bytes when missing]"),

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mpnn._version import __version__
+
 DEPENDENCIES = ("numpy", "numba", "llvmlite", "pyzmq", "cloudpickle", "click", "pluggy", "psutil", "rich")
 GIT_TIMEOUT_S = 10.0
 _SEED_ARG = re.compile(r"--seed(?:=(.*))?")
@@ -45,8 +47,7 @@ def who() -> dict:
 
 def versions() -> dict:
     """Python's, mpnn's and each installed dependency's version (None for one that is not installed)."""
-    from mpnn.launch.rundir import mpnn_version
-    found = {"python": platform.python_version(), "mpnn": mpnn_version()}
+    found = {"python": platform.python_version(), "mpnn": __version__}
     for name in DEPENDENCIES:
         try:
             found[name] = importlib.metadata.version(name)

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from mpnn._version import __version__
 from mpnn.plugins.codec import Codec
 
 HEADROOM_EXPONENT = 15   # scaled sums stay below 2**15
@@ -32,7 +33,7 @@ class FP16(Codec):
     """Send gradients as float16, scaled by a shared power of two so that large values do not overflow."""
 
     name = "fp16"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options = {}
 
     def __init__(self):

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from mpnn._version import __version__
 from mpnn.plugins.codec import Codec
 from mpnn.plugins.compression.fp16 import scale_exponent
 from mpnn.plugins.options import Option
@@ -51,7 +52,7 @@ class PowerSGD(Codec):
     """Send a rank-`rank` approximation P Q^T of each gradient matrix, with error feedback and warm start."""
 
     name = "powersgd"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options = {
         "rank": Option(int, 2, "rank of each gradient matrix's approximation"),
         "error_feedback": Option(bool, True, "add the approximation's error to the next step's gradient"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpnn._version import __version__
 from mpnn.plugins.codec import Codec
 from mpnn.plugins.options import Option
 
@@ -24,7 +25,7 @@ class SignSGD(Codec):
     """Send 1-bit signs plus one scale (mean |g|) per parameter, with error feedback."""
 
     name = "signsgd"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options = {"error_feedback": Option(bool, True, "add what the signs lost to the next step's gradient")}
 
     def __init__(self, error_feedback: bool = True):

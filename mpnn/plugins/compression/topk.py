@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from mpnn._version import __version__
 from mpnn.plugins.codec import Codec
 from mpnn.plugins.options import Option
 
@@ -22,7 +23,7 @@ class TopK(Codec):
     """Send only the largest `ratio` of gradient entries (values and indices), with error feedback."""
 
     name = "topk"
-    version = "0.1.0"
+    version = __version__  # a built-in plugin is versioned with mpnn
     options = {
         "ratio": Option(float, 0.01, "fraction of each bucket's entries sent per step, in (0, 1]"),
         "error_feedback": Option(bool, True, "add what was not sent to the next step's gradient"),
