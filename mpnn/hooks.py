@@ -12,6 +12,12 @@ returns a ``RemovableHandle``. This module imports nothing from mpnn, so any lay
 - ``Tensor.register_post_accumulate_grad_hook(hook)`` (on the tensor itself): ``hook(leaf)`` after backward
   has accumulated that leaf's ``.grad``; ``Tensor.register_hook(hook)``: ``hook(grad) -> grad or None``
   on the gradient flowing into a tensor.
+- ``register_optimizer_step_hooks(pre, post)``: ``pre(optimizer, args, kwargs)`` before and ``post(...)`` after
+  every optimizer's ``step()`` (torch's global optimizer step hooks; telemetry times the step with them).
+- ``register_sampler_hooks(set_epoch, first_pass)``: ``set_epoch(sampler, epoch)`` after every
+  ``DistributedSampler.set_epoch``; ``first_pass(sampler, indices)`` the first time a sampler hands out its shard
+  (the audit trail fingerprints each rank's shard).
+- ``register_save_hook(fn)``: ``fn(path, sha256)`` after every successful ``mpnn.save`` (checkpoint digests).
 """
 from __future__ import annotations
 
@@ -67,3 +73,47 @@ def take_queued_callbacks() -> list:
         return []
     _pending.queue = []
     return queue
+
+
+optimizer_step_hooks: list = []  # (pre, post) pairs around every optimizer step
+sampler_epoch_hooks: list = []  # fn(sampler, epoch)
+sampler_first_pass_hooks: list = []  # fn(sampler, indices)
+save_hooks: list = []  # fn(path, sha256)
+
+
+def register_optimizer_step_hooks(pre=None, post=None) -> RemovableHandle:
+    """Call ``pre(optimizer, args, kwargs)`` before and ``post(optimizer, args, kwargs)`` after every step()."""
+    entry = (pre, post)
+    optimizer_step_hooks.append(entry)
+    return RemovableHandle(optimizer_step_hooks, entry)
+
+
+class _Handles(RemovableHandle):
+    """Several registrations removed together."""
+
+    __slots__ = ("_handles",)
+
+    def __init__(self, handles):
+        super().__init__([], None)
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def register_sampler_hooks(set_epoch=None, first_pass=None) -> RemovableHandle:
+    """Call ``set_epoch(sampler, epoch)`` after every DistributedSampler.set_epoch and ``first_pass(sampler,
+    indices)`` on each sampler's first pass."""
+    handles = []
+    for fn, registry in ((set_epoch, sampler_epoch_hooks), (first_pass, sampler_first_pass_hooks)):
+        if fn is not None:
+            registry.append(fn)
+            handles.append(RemovableHandle(registry, fn))
+    return _Handles(handles)
+
+
+def register_save_hook(fn) -> RemovableHandle:
+    """Call ``fn(path, sha256)`` after every successful ``mpnn.save`` (the file is hashed only when one exists)."""
+    save_hooks.append(fn)
+    return RemovableHandle(save_hooks, fn)

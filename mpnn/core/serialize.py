@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from mpnn import hooks
 from mpnn.core.tensor import Tensor
 
 MAGIC = b"MPNNCKPT"
@@ -73,12 +74,7 @@ def _encode(obj, arrays: list, where: str, active: set):
                     f"tuples, arrays, Tensors, numbers, strings and None")
 
 
-_save_hooks = []  # fn(path, sha256 of the file's bytes) after every save: the audit trail records checkpoints
-
-
-def register_save_hook(fn) -> None:
-    """Call ``fn(path, sha256)`` after every successful ``save`` (hashing the file only when a hook exists)."""
-    _save_hooks.append(fn)
+register_save_hook = hooks.register_save_hook  # fn(path, sha256) after every save: the audit trail records checkpoints
 
 
 def _file_sha256(path: str) -> str:
@@ -133,9 +129,9 @@ def save(obj, path, *, notify: bool = True) -> None:
             pass
         raise
     fsync_directory(directory)
-    if notify and _save_hooks:
+    if notify and hooks.save_hooks:
         digest_hex = _file_sha256(path)
-        for fn in _save_hooks:
+        for fn in tuple(hooks.save_hooks):
             fn(path, digest_hex)
 
 

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from mpnn import hooks
 from mpnn.core import random as mpnn_random
 from mpnn.worldspec import current_world
 
@@ -145,19 +146,15 @@ class BatchSampler(Sampler):
             self.sampler.load_state_dict(state)
 
 
-_set_epoch_hooks = []  # hook(sampler, epoch) after every DistributedSampler.set_epoch
-_first_pass_hooks = []  # hook(sampler, indices) the first time a DistributedSampler hands out its shard
-
-
-def register_set_epoch_hook(hook) -> None:
+def register_set_epoch_hook(hook):
     """Call ``hook(sampler, epoch)`` after every DistributedSampler.set_epoch (the plugin runtime tracks epochs)."""
-    _set_epoch_hooks.append(hook)
+    return hooks.register_sampler_hooks(set_epoch=hook)
 
 
-def register_first_pass_hook(hook) -> None:
+def register_first_pass_hook(hook):
     """Call ``hook(sampler, indices)`` once per DistributedSampler, on its first pass: the audit trail
     fingerprints each rank's shard from it."""
-    _first_pass_hooks.append(hook)
+    return hooks.register_sampler_hooks(first_pass=hook)
 
 
 def world_from_env():
@@ -220,7 +217,7 @@ class DistributedSampler(Sampler):
         shard = order[self.rank:self.total_size:self.num_replicas]
         self._passes += 1
         if self._passes == 1:
-            for hook in _first_pass_hooks:
+            for hook in tuple(hooks.sampler_first_pass_hooks):
                 hook(self, shard)
         return shard
 
@@ -233,7 +230,7 @@ class DistributedSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass use the shuffle of ``epoch`` (every rank must pass the same value)."""
         self.epoch = int(epoch)
-        for hook in _set_epoch_hooks:
+        for hook in tuple(hooks.sampler_epoch_hooks):
             hook(self, self.epoch)
 
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from mpnn import hooks
 from mpnn.core.inplace import bump_version
 from mpnn.core.tensor import Tensor, enable_grad
 
@@ -38,46 +39,35 @@ def checked_grad(param: Tensor, index: int) -> np.ndarray:
     return flat_view(g)
 
 
-_global_pre_hooks = []   # hook(optimizer, args, kwargs) before every optimizer's step (telemetry)
-_global_post_hooks = []  # hook(optimizer, args, kwargs) after it
-
-
-class _RemovableHook:
-    def __init__(self, hooks, hook):
-        self.hooks, self.hook = hooks, hook
-
-    def remove(self):
-        if self.hook in self.hooks:
-            self.hooks.remove(self.hook)
-
-
 def register_optimizer_step_pre_hook(hook):
     """Call ``hook(optimizer, args, kwargs)`` before every ``step()`` of every optimizer (as torch's)."""
-    _global_pre_hooks.append(hook)
-    return _RemovableHook(_global_pre_hooks, hook)
+    return hooks.register_optimizer_step_hooks(pre=hook)
 
 
 def register_optimizer_step_post_hook(hook):
     """Call ``hook(optimizer, args, kwargs)`` after every ``step()`` of every optimizer (as torch's)."""
-    _global_post_hooks.append(hook)
-    return _RemovableHook(_global_post_hooks, hook)
+    return hooks.register_optimizer_step_hooks(post=hook)
 
 
 def _with_step_hooks(step):
     """Wrap a subclass's step so the global hooks run around it once (not again for super().step())."""
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
-        if not (_global_pre_hooks or _global_post_hooks) or self.__dict__.get("_in_step"):
+        around = hooks.optimizer_step_hooks
+        if not around or self.__dict__.get("_in_step"):
             return step(self, *args, **kwargs)
-        for hook in _global_pre_hooks:
-            hook(self, args, kwargs)
+        around = tuple(around)
+        for pre, _ in around:
+            if pre is not None:
+                pre(self, args, kwargs)
         self._in_step = True
         try:
             out = step(self, *args, **kwargs)
         finally:
             self._in_step = False
-        for hook in _global_post_hooks:
-            hook(self, args, kwargs)
+        for _, post in around:
+            if post is not None:
+                post(self, args, kwargs)
         return out
     return wrapper
 

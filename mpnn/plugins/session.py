@@ -218,20 +218,14 @@ class PluginSession:
 
 
 def _wire_once() -> None:
-    """Register this process's listeners once: optimizer steps (for runs without a recorder), and the sampler's
-    set_epoch and mpnn.save where those modules offer hooks; each forwards to the current session."""
+    """Register this process's listeners once, through mpnn.hooks: optimizer steps (for runs without a recorder),
+    the sampler's set_epoch and first pass, and mpnn.save; each forwards to the current session."""
     global _wired
     if _wired:
         return
     _wired = True
-    from mpnn.core import serialize
-    from mpnn.data import sampler
-    from mpnn.optim.optimizer import register_optimizer_step_post_hook
-    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _current and _current.bare_step_end())
-    register_epoch = getattr(sampler, "register_set_epoch_hook", None)
-    if register_epoch is not None:
-        register_epoch(lambda s, epoch: _current and _current.set_epoch(s, epoch))
-    sampler.register_first_pass_hook(lambda s, indices: _current and _current.first_pass(s, indices))
-    register_save = getattr(serialize, "register_save_hook", None)
-    if register_save is not None:
-        register_save(lambda path, sha256: _current and _current.checkpoint_saved(path, sha256))
+    from mpnn import hooks
+    hooks.register_optimizer_step_hooks(post=lambda optimizer, args, kwargs: _current and _current.bare_step_end())
+    hooks.register_sampler_hooks(set_epoch=lambda s, epoch: _current and _current.set_epoch(s, epoch),
+                                 first_pass=lambda s, indices: _current and _current.first_pass(s, indices))
+    hooks.register_save_hook(lambda path, sha256: _current and _current.checkpoint_saved(path, sha256))

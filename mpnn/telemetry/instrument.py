@@ -10,7 +10,6 @@ from __future__ import annotations
 from time import perf_counter
 
 
-
 class _StepTimer:
     def __init__(self, recorder, comm=None):
         self.rec = recorder
@@ -67,12 +66,10 @@ def instrument(recorder, comm=None):
     global _installed
     if _installed is not None:
         return _installed
-    from mpnn.core.tensor import register_backward_hooks
-    from mpnn.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    from mpnn import hooks
     timer = _StepTimer(recorder, comm)
-    register_backward_hooks(timer.backward_pre, timer.backward_post)
-    register_optimizer_step_pre_hook(timer.opt_pre)
-    register_optimizer_step_post_hook(timer.opt_post)
+    hooks.register_backward_hooks(timer.backward_pre, timer.backward_post)
+    hooks.register_optimizer_step_hooks(timer.opt_pre, timer.opt_post)
     _installed = timer
     return timer
 
