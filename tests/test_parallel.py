@@ -104,3 +104,65 @@ def test_no_sync_accumulates_then_averages_the_sum():
                     np.testing.assert_allclose(local[n], p.grad.data, rtol=1e-6)
     for n in grads:
         np.testing.assert_allclose(synced[n], grads[n], rtol=2e-5, atol=1e-6, err_msg=n)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_step_worker(steps, batch, fail_step, set_to_none):
+    """Both ranks raise inside backward at `fail_step` (a post-accumulate hook on the first layer's weight, near
+    the end of backward, after some buckets were launched and while others wait), catch it, skip that step and
+    train on."""
+    comm = mpnn.init()
+    model = mpnn.DataParallel(_model(comm.rank), bucket_mb=0.0005)  # three buckets: some launched before the raise
+    opt = mpnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data(steps, batch * comm.world_size)
+    lo, hi = comm.rank * batch, (comm.rank + 1) * batch
+    first = model.module[0].weight  # Conv1d's: the last bucket, not launched when the hook raises
+    caught, grads, launched = [], [], []
+
+    def raise_in_backward(param):
+        launched.append([b.work is not None for b in model._buckets])  # reductions in flight at the failure
+        raise _Boom(f"injected failure in backward (parameter of shape {param.data.shape})")
+
+    for step in range(steps):
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = nn.functional.cross_entropy(model(mpnn.from_numpy(x[step, lo:hi])), mpnn.from_numpy(y[step, lo:hi]))
+        if step == fail_step:
+            handle = first.register_post_accumulate_grad_hook(raise_in_backward)
+            try:
+                loss.backward()
+            except _Boom as exc:
+                caught.append(str(exc))
+            finally:
+                handle.remove()
+            continue
+        loss.backward()
+        grads.append({n: p.grad.data.copy() for n, p in model.module.named_parameters()})
+        opt.step()
+    return caught, launched, grads, model.module.state_dict()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_training_goes_on_correctly_after_a_backward_that_raised(set_to_none):
+    """The failed backward's end-of-backward step is replaced by DataParallel's on_error (mpnn.hooks): it waits for
+    the launched buckets and resets, so every later step reduces every bucket; parameters and gradients then
+    equal a single process's on the same data without the failed step (before the fix, every later step skipped
+    the final bucket reduction)."""
+    steps, batch, fail_step, world = 5, 4, 1, 2
+    caught, launched, grads, state = run(_failing_step_worker, n=world, args=(steps, batch, fail_step, set_to_none))
+    assert len(caught) == 1 and "injected failure in backward" in caught[0]
+    assert launched == [[True, True, False]]  # two buckets in flight, one not launched, when backward raised
+    model = _model(0)
+    opt = mpnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data(steps, batch * world)
+    kept = [s for s in range(steps) if s != fail_step]
+    for i, s in enumerate(kept):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(mpnn.from_numpy(x[s])), mpnn.from_numpy(y[s])).backward()
+        for n, p in model.named_parameters():  # the true gradient of the whole batch: the mean over the ranks
+            np.testing.assert_allclose(grads[i][n], p.grad.data, rtol=2e-5, atol=2e-6, err_msg=f"step {s} {n}")
+        opt.step()
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(state[k], v, rtol=2e-5, atol=2e-6, err_msg=k)

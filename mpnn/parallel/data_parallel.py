@@ -11,6 +11,11 @@ while backward is still running (as torch's DistributedDataParallel).
   gradient contributes zeros; waiting on the communication thread would only add a hand-off), every
   launched bucket is awaited, and each ``.grad`` becomes a view of its averaged slice: any optimizer
   can then step. ``no_sync()`` skips all of this, for gradient accumulation.
+- A backward that raises midway (a failing op, a hook) drops that end-of-backward step; DataParallel's
+  ``on_error`` waits for every bucket already launched (every rank launched the same ones when all fail at the
+  same point, as a data-independent error does) and resets its per-backward state, so the script may catch the
+  error and go on: the next backward is reduced in full. The failed step's ``.grad`` are partial and not all
+  averaged, as after any failed backward: zero them (``optimizer.zero_grad()``) rather than step on them.
 - BatchNorm running statistics (buffers) are broadcast from rank 0 before each forward, as torch does.
 - A gradient codec (the run's compression plugin, or ``codec=``) replaces each bucket's mean all-reduce, like a
   DDP communication hook: it runs on the communicator's thread through comm.run_async, in bucket order, and its
@@ -26,7 +31,8 @@ import time
 import numpy as np
 
 from mpnn import telemetry
-from mpnn.core.tensor import Tensor, queue_callback
+from mpnn.core.tensor import Tensor
+from mpnn.hooks import queue_callback
 from mpnn.nn.module import Module
 from mpnn.plugins import session as plugin_session
 from mpnn.plugins.codec import BucketContext, run_codec
@@ -155,7 +161,7 @@ class DataParallel(Module):
             return
         if not self._pending:
             self._pending = True
-            queue_callback(self._finish)
+            queue_callback(self._finish, on_error=self._abandon)
         bucket, i = self._where[id(p)]
         slot = bucket.slot(i)
         g = p.grad.data
@@ -189,8 +195,35 @@ class DataParallel(Module):
                 b.work = self.comm.run_async(functools.partial(run_codec, self.codec, b.flat, b.ctx))
             self._next_launch = self._next_launch + 1
 
+    def _abandon(self, exc=None):
+        """The backward raised before its end: wait for the buckets already launched (their reductions write into
+        the flat buffers that .grad may view), then forget this backward, so that the next one starts afresh."""
+        for b in self._buckets[:self._next_launch]:
+            if b.work is not None:
+                try:
+                    b.work.wait()
+                except Exception:  # noqa: BLE001  the backward's own error is the one the caller sees
+                    pass
+        self._reset()
+
+    def _reset(self):
+        for b in self._buckets:
+            b.ready, b.work, b.span = 0, None, None
+        self._next_launch = 0
+        self._pending = False
+
     def _finish(self):
         """End of backward: launch what is left, wait for every bucket, point each .grad at its slice."""
+        try:
+            self._finish_buckets()
+        except BaseException:
+            self._abandon()  # a failed reduction must not leave the next step skipping its own
+            raise
+        self._step += 1
+        if self._named_params is not None:
+            self._plugins.after_backward({name: p.grad.data for name, p in self._named_params if p.grad is not None})
+
+    def _finish_buckets(self):
         rec = telemetry.get_recorder()
         t_wait = time.perf_counter()
         self._launch_ready(force=True)
@@ -216,6 +249,3 @@ class DataParallel(Module):
                 rec.add_metrics(codec_bytes=sent, codec_ratio=round(dense / sent, 3) if sent else None)
         self._next_launch = 0
         self._pending = False
-        self._step += 1
-        if self._named_params is not None:
-            self._plugins.after_backward({name: p.grad.data for name, p in self._named_params if p.grad is not None})
