@@ -185,22 +185,38 @@ def abs(a):
 
 
 def clip(a, min=None, max=None):
-    """Clamp to [min, max]; the gradient passes where the input was inside the range (as torch.clamp)."""
+    """Clamp to [min, max] (numbers or tensors, broadcast; min > max gives max, as torch.clamp). The gradient
+    goes to the input where it was inside the range, and to a tensor bound where that bound was the result."""
     if min is None and max is None:
         raise OpError("clip", "at least one of min and max must be given")
-    lo = min.data if isinstance(min, TensorBase) else min
-    hi = max.data if isinstance(max, TensorBase) else max
+    bounds = [b if isinstance(b, TensorBase) else None for b in (min, max)]
+    lo = min.data if bounds[0] is not None else min
+    hi = max.data if bounds[1] is not None else max
     ad = a.data
-    out = np.clip(ad, lo, hi).astype(ad.dtype, copy=False)
+    try:
+        out = np.clip(ad, lo, hi).astype(ad.dtype, copy=False)
+    except ValueError:
+        raise OpError("clip", f"bounds do not broadcast against the input of shape {ad.shape}") from None
+    if out.shape != ad.shape:
+        raise OpError("clip", f"bounds of shapes {np.shape(lo)} and {np.shape(hi)} would change the input's "
+                              f"shape {ad.shape}")
+    parents = (a,) + tuple(b for b in bounds if b is not None)
 
     def backward(g):
-        keep = np.ones(ad.shape, dtype=bool)
-        if lo is not None:
-            keep &= ad >= lo
-        if hi is not None:
-            keep &= ad <= hi
-        return (g * keep,)
-    return make_result(out, (a,), backward, "clip", saved=(a,))
+        use_lo = np.less(ad, lo) if lo is not None else np.zeros(ad.shape, bool)
+        use_hi = np.greater(ad, hi) if hi is not None else np.zeros(ad.shape, bool)
+        if lo is not None and hi is not None:
+            crossed = np.greater(lo, hi)
+            use_hi = use_hi | crossed
+            use_lo = use_lo & np.logical_not(crossed)
+        keep = np.logical_not(use_lo | use_hi)
+        grads = [g * keep]
+        for b, use in zip(bounds, (use_lo, use_hi)):
+            if b is not None:
+                grads.append(unbroadcast((g * use).astype(g.dtype, copy=False), b.data.shape)
+                             if b.requires_grad else None)
+        return tuple(grads)
+    return make_result(out, parents, backward, "clip", saved=parents)
 
 
 def sign(a):

@@ -35,7 +35,7 @@ class _GradMode:
         _set_enabled(self._prev)
         return False
 
-    def _fresh(self) -> "_GradMode":
+    def _fresh(self) -> _GradMode:
         return type(self)()
 
     def __call__(self, fn):
@@ -73,7 +73,7 @@ class set_grad_enabled(_GradMode):
     def __enter__(self):
         return self
 
-    def _fresh(self) -> "_GradMode":
+    def _fresh(self) -> _GradMode:
         return set_grad_enabled(self._flag)
 
     def __call__(self, fn):

@@ -11,14 +11,46 @@ Losses, normalization, convolution, pooling and padding have modules of their ow
 pool, pad). Each op's backward sits beside its forward in its family's file.
 """
 from mpnn.core.activation import dropout, gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401
-from mpnn.core.elementwise import (_pair, abs, add, clip, clone, div, exp, log, maximum, minimum, mul,  # noqa: F401
-                                   neg, pow, sign, sqrt, sub, to_dtype, unbroadcast)
+from mpnn.core.elementwise import (  # noqa: F401
+                                   _pair,
+                                   abs,
+                                   add,
+                                   clip,
+                                   clone,
+                                   div,
+                                   exp,
+                                   log,
+                                   maximum,
+                                   minimum,
+                                   mul,
+                                   neg,
+                                   pow,
+                                   sign,
+                                   sqrt,
+                                   sub,
+                                   to_dtype,
+                                   unbroadcast,
+)
 from mpnn.core.indexing import _is_basic, _unwrap_index, embedding, getitem, masked_fill, where  # noqa: F401
-from mpnn.core.inplace import (add_, clamp_, copy_, div_, fill_, masked_fill_, mul_, relu_, setitem,  # noqa: F401
-                               sub_, zero_)
+from mpnn.core.inplace import add_, clamp_, copy_, div_, fill_, masked_fill_, mul_, relu_, setitem, sub_, zero_  # noqa: F401
 from mpnn.core.linalg import linear, matmul  # noqa: F401
-from mpnn.core.movement import (cat, chunk, concat, contiguous, expand, flatten, permute, reshape,  # noqa: F401
-                                split, squeeze, stack, t, transpose, unsqueeze, view)
+from mpnn.core.movement import (  # noqa: F401
+                                   cat,
+                                   chunk,
+                                   concat,
+                                   contiguous,
+                                   expand,
+                                   flatten,
+                                   permute,
+                                   reshape,
+                                   split,
+                                   squeeze,
+                                   stack,
+                                   t,
+                                   transpose,
+                                   unsqueeze,
+                                   view,
+)
 from mpnn.core.reduce import amax, amin, argmax, argmin, max, mean, min, std, sum, var  # noqa: F401
 
 clamp = clip

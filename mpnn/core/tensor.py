@@ -23,9 +23,24 @@ from mpnn.core.inplace import InplaceMethods
 from mpnn.core.linalg import LinalgMethods
 from mpnn.core.movement import MovementMethods
 from mpnn.core.reduce import ReduceMethods
-from mpnn.core.tensor_base import (OUTPUT, TensorBase, as_tensor, bool_, check_device,  # noqa: F401 (re-exported)
-                                   float16, float32, float64, from_array, init_slots, int32, int64, is_device,
-                                   make_result, make_view, to_dtype)
+from mpnn.core.tensor_base import (  # noqa: F401 (re-exported)
+    OUTPUT,
+    TensorBase,
+    as_tensor,
+    bool_,
+    check_device,
+    float16,
+    float32,
+    float64,
+    from_array,
+    init_slots,
+    int32,
+    int64,
+    is_device,
+    make_result,
+    make_view,
+    to_dtype,
+)
 
 
 class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMethods, IndexingMethods, LinalgMethods,
@@ -117,19 +132,19 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
     def tolist(self):
         return self.data.tolist()
 
-    def detach(self) -> "Tensor":
+    def detach(self) -> Tensor:
         """The same data, cut from the tape; it shares the version counter, so writing to it in place
         is still caught by a backward that needs the original (as in torch)."""
         t = from_array(self.data)
         t._ver = self._ver
         return t
 
-    def detach_(self) -> "Tensor":
+    def detach_(self) -> Tensor:
         self._node = None
         self.requires_grad = False
         return self
 
-    def requires_grad_(self, flag: bool = True) -> "Tensor":
+    def requires_grad_(self, flag: bool = True) -> Tensor:
         if flag and self.data.dtype.kind != "f":
             raise TypeError(f"requires_grad_: only floating-point tensors can require gradients, "
                             f"got {self.data.dtype}")
@@ -188,7 +203,7 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
         out = cast(self, dtype)
         return out.clone() if copy and out is self else out
 
-    def cpu(self) -> "Tensor":
+    def cpu(self) -> Tensor:
         return self
 
     def cuda(self, *args, **kwargs):
@@ -198,7 +213,7 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
     def is_cuda(self) -> bool:
         return False
 
-    def type_as(self, other) -> "Tensor":
+    def type_as(self, other) -> Tensor:
         return self.to(other.data.dtype)
 
     def float(self):
