@@ -116,6 +116,37 @@ def test_algorithm_choice_covers_both_paths():
     assert not fits((3, 3, 1, 1, 1, 1, 1, 1, 2), 64, 64, 32)  # grouped
 
 
+
+def _problem(x_shape, w_shape, geom, out_hw):
+    x4, w4 = np.zeros(x_shape), np.zeros(w_shape)
+    return conv_module.ConvProblem(x4, w4, None, geom, *out_hw, False)
+
+
+def test_algorithm_registry_order_and_selection():
+    """ALGORITHMS is the selection order: Winograd first where it applies, im2col (which always applies) last."""
+    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "im2col"]
+    im2col = conv_module.ALGORITHMS[-1]
+    benchmark_layer = _problem((8, 32, 64, 64), (64, 32, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (64, 64))
+    strided = _problem((8, 32, 64, 64), (64, 32, 3, 3), (3, 3, 2, 2, 1, 1, 1, 1, 1), (32, 32))
+    mnist1d = _problem((100, 1, 1, 40), (25, 1, 1, 5), (1, 5, 1, 2, 0, 1, 1, 1, 1), (1, 19))
+    assert conv_module.select(benchmark_layer) is conv_module.WINOGRAD
+    assert conv_module.select(strided) is im2col
+    assert conv_module.select(mnist1d) is im2col
+    settings = conv_module._settings()
+    assert all(im2col.applies(p, settings) for p in (benchmark_layer, strided, mnist1d))
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_algorithm_alone_matches_reference(monkeypatch, index):
+    """Either algorithm, made the only one, computes a conv both can take (forward and all three gradients)."""
+    algorithm = conv_module.ALGORITHMS[index]
+    monkeypatch.setattr(conv_module, "ALGORITHMS", (algorithm,))
+    x, w, b = randn(2, 8, 9, 10), randn(8, 8, 3, 3), randn(8)
+    assert conv_module.select(_problem(x.shape, w.shape, (3, 3, 1, 1, 1, 1, 1, 1, 1), (9, 10))) is algorithm
+    out = conv2d(leaf(x), leaf(w), leaf(b), 1, 1)
+    np.testing.assert_allclose(out.data, ref_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), (1, 1), 1), atol=1e-10)
+    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, 1), [leaf(randn(1, 8, 5, 9)), leaf(w), leaf(b)])
+
 def test_winograd_path_forced_and_chunked_matches_reference(monkeypatch):
     """Few channels and many small chunks: the Winograd transforms' edges, odd sizes and chunk seams."""
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)

@@ -1,0 +1,83 @@
+"""What a convolution algorithm is to mpnn.core.conv: ConvProblem (one validated conv, as NCHW arrays and
+its geometry), ConvSettings (the tunables, read from mpnn.core.conv at each call), ConvAlgorithm (applies,
+forward, backward) and the per-thread scratch arrays the algorithms share. The algorithms themselves live
+beside this file (conv_im2col.py, conv_winograd.py); conv.py holds their selection order.
+"""
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+_local = threading.local()
+
+
+class ConvProblem(NamedTuple):
+    """One conv as the algorithms see it: x4 (N, C, H, W) C-contiguous, w4 (O, C/groups, kh, kw), b (O,) or
+    None, all of one float dtype; geom = (kh, kw, sh, sw, ph, pw, dh, dw, groups) with ph, pw the top/left
+    padding; the output is (N, O, oh, ow). weight_grad: whether a backward will want the weight's gradient
+    (the weight requires grad and grad mode is on), so that forward may keep what that backward reads."""
+
+    x4: np.ndarray
+    w4: np.ndarray
+    b: np.ndarray | None
+    geom: tuple
+    oh: int
+    ow: int
+    weight_grad: bool
+
+    @property
+    def channels(self):
+        return self.x4.shape[1]
+
+    @property
+    def out_channels(self):
+        return self.w4.shape[0]
+
+
+class ConvSettings(NamedTuple):
+    """The tunables (conv.py's module constants, which tests patch): the im2col tile budget in bytes, the
+    Winograd tile slots per chunk, and the fewest channels and output columns Winograd takes on."""
+
+    tile_bytes: int
+    winograd_tiles: int
+    winograd_min_channels: int
+    winograd_min_width: int
+
+
+class ConvAlgorithm:
+    """One way to compute a conv and its gradients.
+    applies(problem, settings): whether it can and should run this conv (conv.py asks in selection order).
+    forward(problem, out, settings): write conv(x4, w4) + b into out (N, O, oh, ow); return the state its
+    backward needs (it holds on to the input, the weight or what it made of them; never to `out`).
+    backward(state, g4, need_x, need_w, need_b): (dx, dw, db) for the output gradient g4 (N, O, oh, ow),
+    C-contiguous; dx shaped like x4, dw like w4, db (O,); None for each gradient not asked for."""
+
+    name = "conv"
+
+    def applies(self, problem, settings):
+        raise NotImplementedError
+
+    def forward(self, problem, out, settings):
+        raise NotImplementedError
+
+    def backward(self, state, g4, need_x, need_w, need_b):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def scratch(slot, shape, dtype):
+    """A reusable work array for one tile (never handed out of an op), kept per thread, slot and dtype."""
+    size = 1
+    for s in shape:
+        size *= s
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.size < size:
+        buf = bufs[(slot, dtype)] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)

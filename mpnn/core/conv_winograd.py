@@ -1,0 +1,132 @@
+"""Winograd F(4x4, 3x3) convolution: 3x3, stride 1, dilation 1, ungrouped convs with enough channels.
+
+4x fewer multiplies than im2col, whose three GEMMs alone (~27 ms on the 32->64, 64x64, batch 8 benchmark)
+took longer than torch's (oneDNN) whole forward+backward (~23 ms). F(2x2, 3x3) (2.25x) came to ~21.5 ms
+there, F(4x4, 3x3) to ~17 ms (kernels alone, one thread). Its price is float32 rounding: ~5e-6 of the
+largest output against ~3e-7 for F(2x2, 3x3) (interpolation points up to +-2); MKL-DNN (oneDNN) trains
+with the same F(4x4, 3x3). Work goes in chunks of whole 4x4 tile rows (settings.winograd_tiles slots,
+conv.py's _WINOGRAD_TILES) whose work arrays stay in L2; backward recomputes the input transform, so that
+a conv holds on to its input and the transformed weight only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mpnn.core import conv_kernels as K
+from mpnn.core.conv_algorithm import ConvAlgorithm, scratch
+
+_WINOGRAD_GEOMETRY = (3, 3, 1, 1, 1, 1, 1)  # (kh, kw, sh, sw, dh, dw, groups) it computes
+
+
+class WinogradF4x4(ConvAlgorithm):
+    """3x3, stride 1, dilation 1, one group, with at least settings.winograd_min_channels input and output
+    channels and settings.winograd_min_width output columns (where the transforms pay, see conv.py)."""
+
+    name = "winograd-f4x4"
+
+    def applies(self, problem, settings):
+        return self.fits(problem.geom, problem.channels, problem.out_channels, problem.ow, settings)
+
+    @staticmethod
+    def fits(geom, channels, out_ch, ow, settings):
+        """applies() on the bare numbers: geom as ConvProblem's, the input and output channels, output width."""
+        kh, kw, sh, sw, _, _, dh, dw, groups = geom
+        return ((kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY and ow >= settings.winograd_min_width
+                and min(channels, out_ch) >= settings.winograd_min_channels)
+
+    def forward(self, problem, out, settings):
+        x4, geom, tiles = problem.x4, problem.geom, settings.winograd_tiles
+        u = _winograd_weight(problem.w4)
+        _winograd_forward(x4, u, problem.b, geom[4], geom[5], out, tiles)
+        return x4, u, geom[4], geom[5], tiles
+
+    def backward(self, state, g4, need_x, need_w, need_b):
+        x4, u, ph, pw, tiles = state
+        return _winograd_backward(g4, x4, u, ph, pw, tiles, need_x, need_w, need_b)
+
+
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_GG = np.kron(_G, _G)  # (36, 9): entry 6a + b of G w G^T from the 9 taps of w, for all channel pairs in one GEMM
+_WINOGRAD_BLOCK = 36  # entries of a tile's transformed 6x6 block
+
+
+def _winograd_weight(w4):
+    """U (36, O, C): entry 6a + b of G w G^T for every (out, in) channel pair. One GEMM: a batched
+    np.matmul of 6x3 matrices per channel pair took ~3 ms at 128x128 channels."""
+    o, c = w4.shape[:2]
+    return (_GG.astype(w4.dtype) @ w4.reshape(o * c, 9).T).reshape(_WINOGRAD_BLOCK, o, c)
+
+
+def _winograd_buffer(slot, channels, tiles, dtype):
+    """A (36, P) work buffer and its (36, channels, tiles) GEMM view; P*itemsize is 64 bytes past a
+    multiple of 4 KiB so that the rows the kernels stream together fall in different L1 sets."""
+    itemsize = np.dtype(dtype).itemsize
+    page = 4096 // itemsize
+    p = -(-channels * tiles // page) * page + 64 // itemsize
+    buf = scratch(slot, (_WINOGRAD_BLOCK, p), dtype)
+    return buf, buf[:, :channels * tiles].reshape(_WINOGRAD_BLOCK, channels, tiles)
+
+
+def _winograd_chunks(n, out_h, out_w, tiles):
+    """(tiles_h, tiles_w, [(r0, rows)]): chunks of whole tile rows, ~`tiles` tile slots each
+    (a tile row has tiles_w + 1 slots, see conv_kernels)."""
+    tiles_h, tiles_w = (out_h + 3) // 4, (out_w + 3) // 4
+    step = max(1, tiles // (tiles_w + 1))
+    total = n * tiles_h
+    return tiles_h, tiles_w, [(r, min(step, total - r)) for r in range(0, total, step)]
+
+
+def _winograd_forward(x4, u, b, ph, pw, out, tiles):
+    """out (N, O, OH, OW) = conv(x4) + b: per chunk input transform (Numba), 36 GEMMs (BLAS), output transform."""
+    n, c = x4.shape[:2]
+    o = u.shape[1]
+    tiles_h, tiles_w, chunks = _winograd_chunks(n, out.shape[2], out.shape[3], tiles)
+    bias = b if b is not None else np.zeros(o, x4.dtype)
+    height = None
+    for r0, rows in chunks:
+        if rows != height:  # the work buffers change only for the last, shorter chunk
+            height, t = rows, rows * (tiles_w + 1)
+            vbuf, v = _winograd_buffer("v", c, t, x4.dtype)
+            mbuf, m = _winograd_buffer("m", o, t, x4.dtype)
+        K.winograd_input(x4, ph, pw, tiles_h, tiles_w, r0, rows, vbuf)
+        np.matmul(u, v, out=m)
+        K.winograd_output(mbuf, bias, tiles_h, tiles_w, r0, rows, out)
+
+
+def _winograd_backward(g4, x4, u, ph, pw, tiles, need_x, need_w, need_b):
+    """Gradients of the Winograd conv for output gradient g4 (N, O, OH, OW), chunk by chunk:
+    dM = A dY A^T, then dU += dM V^T and dV = U^T dM (BLAS), dx from B dV B^T, dw = G^T dU G.
+    The bias gradient is summed from dM's entry 7 = (1, 1), which is the sum of each tile's dY."""
+    dtype = x4.dtype
+    n, c = x4.shape[:2]
+    o = u.shape[1]
+    if not (need_x or need_w):
+        return None, None, (g4.sum(axis=(0, 2, 3)) if need_b else None)
+    tiles_h, tiles_w, chunks = _winograd_chunks(n, g4.shape[2], g4.shape[3], tiles)
+    dx = np.zeros(x4.shape, dtype) if need_x else None
+    du = np.zeros((_WINOGRAD_BLOCK, o, c), dtype) if need_w else None
+    sums = np.zeros((o, chunks[0][1] * (tiles_w + 1)))  # the bias gradient's partial sums (float64)
+    ut = u.transpose(0, 2, 1)
+    part = scratch("du", (_WINOGRAD_BLOCK, o, c), dtype)
+    height = None
+    for r0, rows in chunks:
+        if rows != height:  # the work buffers change only for the last, shorter chunk
+            height, t = rows, rows * (tiles_w + 1)
+            dmbuf, dm = _winograd_buffer("dm", o, t, dtype)
+            vtbuf, vt = _winograd_buffer("v", t, c, dtype)  # (36, T, C): channels innermost
+            dvbuf, dv = _winograd_buffer("dv", c, t, dtype)
+        K.winograd_grad_output(g4, tiles_h, tiles_w, r0, rows, dmbuf, sums)
+        if need_w:
+            # V^T laid out (T, C) makes dM @ V^T a plain NN product: OpenBLAS ran it at ~160-175 GFLOP/s
+            # against ~90 for the NT product on a (C, T) layout (measured, 100-130-tile chunks)
+            K.winograd_input_t(x4, ph, pw, tiles_h, tiles_w, r0, rows, vtbuf)
+            np.matmul(dm, vt, out=part)
+            du += part
+        if need_x:
+            np.matmul(ut, dm, out=dv)
+            K.winograd_grad_input(dvbuf, ph, pw, tiles_h, tiles_w, r0, rows, dx)
+    dw = None
+    if need_w:
+        dw = (du.reshape(_WINOGRAD_BLOCK, o * c).T @ _GG.astype(dtype)).reshape(o, c, 3, 3)
+    return dx, dw, (sums.sum(axis=1).astype(dtype) if need_b else None)
