@@ -8,6 +8,8 @@ Semantics (PyTorch's where it has the thing):
   order. Paths: when all ranks share this host, <= 32 KB goes through shared-memory mailboxes waited for by
   spinning (mailbox.py) and larger arrays through shared slots (shm.py); across hosts, <= 32 KB gathers whole
   arrays around the ring and reduces locally (latency), larger ones run ring reduce-scatter + all-gather.
+  Each path is a strategy class in algorithms.py; every collective runs the first of its registry's classes
+  that applies (the selection order is in that module's docstring).
 - broadcast(a, root) copies root's `a` into every rank's `a` in place (same dtype and shape everywhere).
 - allgather(a) returns every rank's array in rank order; same dtype everywhere, any shape per rank.
 - reduce_scatter(a, op) reduces `a` across ranks and returns this rank's part: a is split along axis 0 in
@@ -26,7 +28,6 @@ closed: every later call raises the first error.
 import atexit
 import hashlib
 import ipaddress
-import math
 import os
 import pickle
 import queue
@@ -39,15 +40,15 @@ import weakref
 import numpy as np
 import zmq
 
-from . import frames, mailbox, rendezvous, ring, shm
+from . import algorithms, frames, mailbox, rendezvous, shm
+from .algorithms import REDUCE_UFUNCS, Setup, accumulate_dtype
 from .auth import DataSocketSecurity
 from .env import WorldSpec
 from .errors import AuthError, CommError
 from .transport import FLUSH_LINGER_MS, RingLink
 
-SMALL_ALLREDUCE_BYTES = mailbox.SMALL_BYTES  # below: latency-bound; mailboxes on one host, else gather + reduce
-REDUCE_UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum}
-_LIVE = weakref.WeakSet()
+SMALL_ALLREDUCE_BYTES = algorithms.SMALL_BYTES  # below: latency-bound; mailboxes on one host, else gather + reduce
+_LIVE: "weakref.WeakSet[Communicator]" = weakref.WeakSet()  # closed at exit
 
 
 class Work:
@@ -105,6 +106,7 @@ class Communicator:
         self._ipc_dir = None
         self._slots = None  # shm.SharedSlots when the same-host shared-memory path is on
         self._mailboxes = None  # mailbox.Mailboxes (small all-reduces, barriers) when it is
+        self._setup = Setup(self.rank, self.world_size)  # what the algorithms may use (algorithms.py)
         if self.world_size > 1:
             if transport not in ("auto", "tcp"):
                 raise ValueError(f"Communicator: transport must be 'auto' or 'tcp', got {transport!r}")
@@ -184,7 +186,7 @@ class Communicator:
         if self.world_size == 1:
             return [a.copy()]
         flat = np.ascontiguousarray(a).reshape(-1)
-        pieces = self._run(call, lambda link: ring.allgather_pieces(link, flat, a.shape))
+        pieces = self._run(call, lambda link: self._allgather(link, flat, a.shape))
         pieces[self.rank] = a.copy()
         return pieces
 
@@ -208,7 +210,7 @@ class Communicator:
             return [obj]
         data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
         call = frames.Call(frames.ALLGATHER_OBJECT, dtype=frames.DTYPE_CODES[data.dtype])
-        pieces = self._run(call, lambda link: ring.allgather_pieces(link, data, data.shape))
+        pieces = self._run(call, lambda link: self._allgather(link, data, data.shape))
         return [obj if rank == self.rank else pickle.loads(piece.tobytes()) for rank, piece in enumerate(pieces)]
 
     def broadcast_object(self, obj, root=0):
@@ -220,7 +222,7 @@ class Communicator:
         if self.rank == root:
             data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
         call = frames.Call(frames.BROADCAST_OBJECT, dtype=frames.DTYPE_CODES[np.dtype(np.uint8)], root=root)
-        piece = self._run(call, lambda link: ring.broadcast_piece(link, data, root, np.uint8))
+        piece = self._run(call, lambda link: self._broadcast_object(link, data, root))
         return obj if self.rank == root else pickle.loads(piece.tobytes())
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -237,34 +239,11 @@ class Communicator:
 
     # -- the collectives' bodies (run under the lock, on this thread or the communication thread) ----------
     def _allreduce(self, link, a, op):
-        n, r = self.world_size, self.rank
         copied = not a.flags.c_contiguous
         flat = np.ascontiguousarray(a).reshape(-1) if copied else a.reshape(-1)
-        accumulate = np.float32 if a.dtype == np.float16 and op != "max" else a.dtype
-        if a.nbytes <= SMALL_ALLREDUCE_BYTES and self._mailboxes is not None:
-            self._mailboxes.allreduce(flat, REDUCE_UFUNCS[op], accumulate, n if op == "mean" else None)
-        elif a.nbytes <= SMALL_ALLREDUCE_BYTES:
-            gathered = np.empty((n, flat.size), a.dtype)
-            gathered[r] = flat
-            pieces = [(i * flat.size, (i + 1) * flat.size) for i in range(n)]
-            ring.allgather_segments(link, gathered.reshape(-1), pieces)
-            total = REDUCE_UFUNCS[op].reduce(gathered, axis=0, dtype=accumulate)
-            if op == "mean":
-                total /= n
-            flat[...] = total
-        elif self._slots is not None:
-            shm.allreduce(link, self._slots, flat, REDUCE_UFUNCS[op], accumulate, n if op == "mean" else None,
-                          self._mailboxes)
-        else:
-            segments = ring.split_bounds(flat.size, n)
-            work = flat if accumulate == a.dtype else flat.astype(accumulate)
-            ring.reduce_scatter(link, work, segments, REDUCE_UFUNCS[op])
-            low, high = segments[r]
-            if op == "mean":
-                np.divide(work[low:high], n, out=work[low:high])
-            if work is not flat:
-                flat[low:high] = work[low:high]
-            ring.allgather_segments(link, flat, segments)
+        setup = self._setup
+        algorithms.ALLREDUCE.select(setup, op, a.nbytes, a.dtype).run(link, setup, flat, op,
+                                                                      accumulate_dtype(a.dtype, op))
         if copied:
             np.copyto(a, flat.reshape(a.shape))
         return a
@@ -272,29 +251,28 @@ class Communicator:
     def _broadcast(self, link, a, root):
         copied = not a.flags.c_contiguous
         flat = np.ascontiguousarray(a).reshape(-1) if copied else a.reshape(-1)
-        ring.broadcast_chain(link, flat, root)
+        setup = self._setup
+        algorithms.BROADCAST.select(setup, None, a.nbytes, a.dtype).run(link, setup, flat, root)
         if copied and self.rank != root:
             np.copyto(a, flat.reshape(a.shape))
         return a
 
+    def _allgather(self, link, flat, shape):
+        setup = self._setup  # no size in the choice: ranks' pieces differ in size, the choice must not
+        return algorithms.ALLGATHER.select(setup, None, 0, flat.dtype).run(link, setup, flat, shape)
+
     def _reduce_scatter(self, link, a, op):
-        n = self.world_size
-        accumulate = np.float32 if a.dtype == np.float16 and op != "max" else a.dtype
-        work = np.array(a, dtype=accumulate, order="C").reshape(-1)
-        row = math.prod(a.shape[1:])
-        segments = [(low * row, high * row) for low, high in ring.split_bounds(a.shape[0], n)]
-        ring.reduce_scatter(link, work, segments, REDUCE_UFUNCS[op])
-        low, high = segments[self.rank]
-        part = work[low:high]
-        if op == "mean":
-            part /= n
-        rows = ring.split_bounds(a.shape[0], n)[self.rank]
-        return part.astype(a.dtype, copy=True).reshape((rows[1] - rows[0],) + a.shape[1:])
+        setup = self._setup
+        return algorithms.REDUCE_SCATTER.select(setup, op, a.nbytes, a.dtype).run(link, setup, a, op,
+                                                                                  accumulate_dtype(a.dtype, op))
 
     def _barrier(self, link):
-        if self._mailboxes is not None:
-            return self._mailboxes.barrier()
-        ring.allgather_pieces(link, np.empty(0, np.uint8), (0,))
+        setup = self._setup
+        algorithms.BARRIER.select(setup).run(link, setup)
+
+    def _broadcast_object(self, link, data, root):
+        setup = self._setup  # no size in the choice: only the root knows it
+        return algorithms.BROADCAST_OBJECT.select(setup).run(link, setup, data, root, np.uint8)
 
     # -- validation --------------------------------------------------------------------------------------
     def _array_call(self, op, a, reduce, writable=False, root=0):
@@ -452,19 +430,21 @@ class Communicator:
         self._seq = 0  # the user's first collective is #1 in error messages
 
     def _share_memory(self, table):
-        """Turn the shared-memory path on if every rank is on this host and offers slots, else drop ours."""
-        if self._slots is None:
-            return
-        if all(peer.get("shm") and peer["host"] == table[self.rank]["host"] for peer in table):
-            self._slots.attach([peer["shm"] for peer in table])
-            self._run(frames.Call(frames.BARRIER), self._barrier)  # everyone has mapped everyone's file
-            self._slots.unlink()
-            if mailbox.wanted(self.world_size):
-                self._mailboxes = mailbox.Mailboxes(self._slots, self.world_size, self.rank, self._link.tag,
-                                                    self.timeout)
-        else:
-            self._slots.close()
-            self._slots = None
+        """Turn the shared-memory path on if every rank is on this host and offers slots, else drop ours; then
+        tell the algorithms what the world offers (a new Setup)."""
+        same_host = all(peer["host"] == table[self.rank]["host"] for peer in table)
+        if self._slots is not None:
+            if same_host and all(peer.get("shm") for peer in table):
+                self._slots.attach([peer["shm"] for peer in table])
+                self._run(frames.Call(frames.BARRIER), self._barrier)  # everyone has mapped everyone's file
+                self._slots.unlink()
+                if mailbox.wanted(self.world_size):
+                    self._mailboxes = mailbox.Mailboxes(self._slots, self.world_size, self.rank, self._link.tag,
+                                                        self.timeout)
+            else:
+                self._slots.close()
+                self._slots = None
+        self._setup = Setup(self.rank, self.world_size, same_host, self._slots, self._mailboxes)
 
     def _bind_data(self, spec, transport, shared_memory):
         info = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "ipc": None, "tcp": None,
@@ -496,7 +476,8 @@ class Communicator:
                 self._worker.join(timeout=1.0)
         if self._link is not None:
             self._link.close(linger_ms=linger_ms)
-        self._mailboxes = None  # its views into the shared files go before the mappings
+        self._mailboxes = None  # its views into the shared files go before the mappings (the Setup's too)
+        self._setup = Setup(self.rank, self.world_size)
         if self._slots is not None:
             self._slots.close()
             self._slots = None
