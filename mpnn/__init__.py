@@ -12,9 +12,10 @@ from mpnn.core import (GradcheckError, OpError, Tensor, bool_, enable_grad, floa
 from mpnn.core.activation import dropout, log_softmax, softmax
 from mpnn.core.factory import (arange, empty, eye, from_numpy, full, linspace, ones, ones_like, rand, randint,
                                randn, randperm, zeros, zeros_like)
-from mpnn.core.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clip, concat, exp, flatten, log,
-                           matmul, max, maximum, mean, min, minimum, permute, relu, reshape, sigmoid, split,
-                           sqrt, squeeze, stack, sum, tanh, transpose, unsqueeze, where)
+from mpnn.core.ops import (abs, amax, amin, argmax, argmin, argsort, cat, chunk, clip, concat, cumsum, einsum, exp,
+                           flatten, flip, gather, log, logsumexp, matmul, max, maximum, mean, min, minimum,
+                           multinomial, permute, prod, relu, reshape, roll, scatter, scatter_add, sigmoid, sort, split,
+                           sqrt, squeeze, stack, sum, tanh, topk, transpose, tril, triu, unsqueeze, where)
 from mpnn.core.fpenv import set_flush_denormal
 from mpnn.core.random import manual_seed
 from mpnn.core.serialize import load, save

@@ -1,11 +1,14 @@
-"""Linear algebra: matmul with torch's broadcasting rules, and linear (x @ W.T + b) as one node."""
+"""Linear algebra: matmul with torch's broadcasting rules, linear (x @ W.T + b) as one node, and einsum."""
 from __future__ import annotations
+
+import math
+import string
 
 import numpy as np
 
 from mpnn.core.elementwise import _pair, unbroadcast
 from mpnn.core.errors import OpError
-from mpnn.core.tensor_base import make_result
+from mpnn.core.tensor_base import as_tensor, make_result
 
 
 def matmul(a, b):
@@ -72,6 +75,171 @@ def linear(x, weight, bias=None):
         return (gx, gw) if bias is None else (gx, gw, gb)
     return make_result(out, parents, backward, "linear", saved=(x, weight))
 
+
+
+# ----- einsum ---------------------------------------------------------------------------------------------------
+def einsum(equation: str, *operands):
+    """Einstein summation as torch.einsum: ``einsum("bhqd,bhkd->bhqk", q, k)``, any number of operands (or one
+    list of them), ``...`` for broadcast dims, size-1 dims broadcasting against any size, implicit output (no
+    ``->``: the letters used once, sorted) and repeated letters in an operand (a diagonal).
+
+    Ellipses and size-1 broadcasting are first spelled out with letters of their own, so every step below sees
+    plain subscripts. Two operands contract as one batched matmul (BLAS), more through np.einsum. The gradient of
+    each operand is another einsum, of the output's gradient with the other operands, into that operand's
+    letters; letters only it has (summed by the forward) are broadcast back, and repeated ones fill a diagonal."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str):
+        raise OpError("einsum", f"the equation must be a string, got {type(equation).__name__}")
+    if not operands:
+        raise OpError("einsum", f"needs at least one operand (equation {equation!r})")
+    tensors = tuple(as_tensor(o) for o in operands)
+    dtypes = {t.data.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise OpError("einsum", f"operands have different dtypes {[str(t.data.dtype) for t in tensors]} (equation "
+                                f"{equation!r}); cast them to one with .to(...) first")
+    arrays = [t.data for t in tensors]
+    subs, out_sub, sizes = _einsum_parse(equation, [a.shape for a in arrays])
+    out = _contract(subs, out_sub, arrays, sizes)
+
+    def backward(g):
+        grads = []
+        for i, t in enumerate(tensors):
+            if not t.requires_grad:
+                grads.append(None)
+                continue
+            terms = [out_sub] + [s for j, s in enumerate(subs) if j != i]
+            ins = [g] + [a for j, a in enumerate(arrays) if j != i]
+            grads.append(_einsum_grad(subs[i], arrays[i].shape, terms, ins, sizes))
+        return tuple(grads)
+    return make_result(out, tensors, backward, "einsum", saved=tensors if len(tensors) > 1 else ())
+
+
+def _einsum_parse(equation, shapes):
+    """(subscripts per operand, output subscripts, size per letter) with ellipses replaced by letters of their
+    own and every size-1 dim that broadcasts against a larger one given a fresh letter (summed over: a no-op)."""
+    eq = equation.replace(" ", "")
+    if eq.count("->") > 1:
+        raise OpError("einsum", f"equation {equation!r} has more than one '->'")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        raise OpError("einsum", f"equation {equation!r} has subscripts for {len(terms)} operands but "
+                                f"{len(shapes)} were given")
+    for term in terms + ([rhs] if arrow else []):
+        rest = term.replace("...", "", 1)
+        bad = [c for c in rest if c not in string.ascii_letters]
+        if bad:
+            raise OpError("einsum", f"invalid subscript {bad[0]!r} in equation {equation!r}: use letters a-z, A-Z "
+                                    f"and at most one '...' per operand")
+    fresh = (c for c in string.ascii_letters if c not in eq)
+
+    def new_letter():
+        try:
+            return next(fresh)
+        except StopIteration:
+            raise OpError("einsum", f"equation {equation!r} needs more than the 52 letters einsum has") from None
+
+    ell = []
+    for i, (term, shape) in enumerate(zip(terms, shapes)):
+        named = len(term.replace("...", ""))
+        if "..." in term and named <= len(shape):
+            ell.append(len(shape) - named)
+        elif named != len(shape):
+            raise OpError("einsum", f"the number of subscripts in the equation ({named}) does not match the number "
+                                    f"of dimensions ({len(shape)}) for operand {i} (shape {tuple(shape)})"
+                                    + ("" if "..." in term else " and no ellipsis was given"))
+        else:
+            ell.append(0)
+    ell_letters = [new_letter() for _ in range(max(ell, default=0))]
+    subs = []
+    for term, k in zip(terms, ell):
+        head, dots, tail = term.partition("...")
+        subs.append(list(head) + (ell_letters[len(ell_letters) - k:] if dots else []) + list(tail))
+    sizes: dict = {}
+    for i, (sub, shape) in enumerate(zip(subs, shapes)):
+        for c, n in zip(sub, shape):
+            seen = sizes.get(c, 1)
+            if n != 1:
+                if seen not in (1, n):
+                    raise OpError("einsum", f"subscript {c} has size {n} for operand {i} which does not broadcast "
+                                            f"with previously seen size {seen} (equation {equation!r})")
+                sizes[c] = n
+            else:
+                sizes.setdefault(c, 1)
+    if arrow:
+        head, dots, tail = rhs.partition("...")
+        out = list(head) + (ell_letters if dots else []) + list(tail)
+        for c in out:
+            if out.count(c) > 1:
+                raise OpError("einsum", f"output subscript {c} appears more than once in the output "
+                                        f"(equation {equation!r})")
+            if c not in sizes:
+                raise OpError("einsum", f"output subscript {c} does not appear in the equation for any input "
+                                        f"operand (equation {equation!r})")
+    else:  # implicit output: the broadcast dims, then the letters used exactly once, in sorted order
+        flat = [c for sub in subs for c in sub]
+        out = ell_letters + sorted(c for c in set(flat) if flat.count(c) == 1 and c not in ell_letters)
+    for sub, shape in zip(subs, shapes):
+        for j, (c, n) in enumerate(zip(sub, shape)):
+            if n == 1 and sizes[c] != 1:
+                sub[j] = new_letter()
+                sizes[sub[j]] = 1
+    return ["".join(sub) for sub in subs], "".join(out), sizes
+
+
+def _contract(subs, out, arrays, sizes):
+    """einsum of plain subscripts (no ellipsis, no broadcasting): two operands without repeated letters as one
+    batched matmul, anything else through np.einsum. Returns a new array (never a view of an operand)."""
+    if len(arrays) == 2 and all(len(set(s)) == len(s) for s in subs):
+        return _contract2(subs[0], subs[1], out, arrays[0], arrays[1], sizes)
+    res = np.einsum(",".join(subs) + "->" + out, *arrays, optimize=len(arrays) > 2)
+    return np.array(res) if len(arrays) == 1 else np.asarray(res)
+
+
+def _contract2(sa, sb, so, a, b, sizes):
+    """Two-operand einsum as one batched matmul: letters in both and the output are the batch, in both but not
+    the output are contracted, in one and the output are that side's rows/columns; letters in one operand only
+    are summed out first."""
+    only_a = [c for c in sa if c not in sb and c not in so]
+    if only_a:
+        a = a.sum(axis=tuple(sa.index(c) for c in only_a))
+        sa = "".join(c for c in sa if c not in only_a)
+    only_b = [c for c in sb if c not in sa and c not in so]
+    if only_b:
+        b = b.sum(axis=tuple(sb.index(c) for c in only_b))
+        sb = "".join(c for c in sb if c not in only_b)
+    batch = [c for c in so if c in sa and c in sb]
+    rows = [c for c in so if c in sa and c not in sb]
+    cols = [c for c in so if c in sb and c not in sa]
+    inner = [c for c in sa if c in sb and c not in so]
+    nb = [sizes[c] for c in batch]  # batch dims stay apart: a transposed view then needs no copy (BLAS reads it)
+    nr, nc, ni = (math.prod(sizes[c] for c in group) for group in (rows, cols, inner))
+    a2 = a.transpose([sa.index(c) for c in batch + rows + inner]).reshape(nb + [nr, ni])
+    b2 = b.transpose([sb.index(c) for c in batch + inner + cols]).reshape(nb + [ni, nc])
+    order = batch + rows + cols
+    res = np.matmul(a2, b2).reshape([sizes[c] for c in order])
+    return res.transpose([order.index(c) for c in so])
+
+
+def _einsum_grad(sub, shape, terms, ins, sizes):
+    """The gradient of the operand with subscripts ``sub`` and ``shape``: the einsum of ``terms``/``ins`` (the
+    output's gradient and the other operands) into its distinct letters, broadcast along letters no term has,
+    placed on the diagonal where ``sub`` repeats a letter."""
+    uniq = "".join(dict.fromkeys(sub))
+    have = set("".join(terms))
+    keep = "".join(c for c in uniq if c in have)
+    grad = _contract(terms, keep, ins, sizes)
+    if keep != uniq:  # summed by the forward over letters only this operand has: constant along them
+        grad = np.expand_dims(grad, tuple(k for k, c in enumerate(uniq) if c not in have))
+        grad = np.broadcast_to(grad, [sizes[c] for c in uniq])
+    if uniq != sub:  # a repeated letter reads a diagonal: the gradient lands on it, zero elsewhere
+        full = np.zeros(shape, dtype=grad.dtype)
+        place = tuple(np.arange(sizes[c]).reshape([-1 if k == uniq.index(c) else 1 for k in range(len(uniq))])
+                      for c in sub)
+        full[place] = grad
+        return full
+    return np.array(grad) if keep != uniq else grad  # a broadcast view is copied (it is read-only)
 
 
 class LinalgMethods:

@@ -1,5 +1,6 @@
-"""Movement ops: reshape, view, permute, transpose, squeeze, expand, cat, stack, split. Most return views that
-share the input's memory and version counter (``make_view``), so in-place writes through them are tracked."""
+"""Movement ops: reshape, view, permute, transpose, squeeze, expand, cat, stack, split, and the copying ones tril,
+triu, repeat, flip, roll. Most of the first group return views that share the input's memory and version counter
+(``make_view``), so in-place writes through them are tracked; the second group copies, as torch's do."""
 from __future__ import annotations
 
 import builtins
@@ -199,6 +200,89 @@ def chunk(a, chunks, dim=0):
 
 
 
+def tril(a, diagonal=0):
+    """The lower triangle of the last two dims (elements j <= i + diagonal), the rest zero, as torch.tril."""
+    return _triangle("tril", a, diagonal, np.tril)
+
+
+def triu(a, diagonal=0):
+    """The upper triangle of the last two dims (elements j >= i + diagonal), the rest zero, as torch.triu."""
+    return _triangle("triu", a, diagonal, np.triu)
+
+
+def _triangle(op, a, diagonal, fn):
+    if a.data.ndim < 2:
+        raise OpError(op, f"input must have at least 2 dimensions, got shape {a.data.shape}")
+    k = int(diagonal)
+
+    def backward(g):
+        return (fn(g, k),)
+    return make_result(fn(a.data, k), (a,), backward, op, saved=())
+
+
+def repeat(a, *sizes):
+    """Tile the tensor ``sizes[i]`` times along dim i (leading new dims when sizes is longer), as Tensor.repeat;
+    the gradient sums the copies."""
+    sizes = _shape_args(sizes)
+    src = a.data.shape
+    if len(sizes) < len(src):
+        raise OpError("repeat", f"number of repeat dims ({len(sizes)}: {sizes}) can not be smaller than the number "
+                                f"of dims of the tensor ({len(src)}: shape {src})")
+    if builtins.any(s < 0 for s in sizes):
+        raise OpError("repeat", f"repeats must be non-negative, got {sizes}")
+    padded = (1,) * (len(sizes) - len(src)) + src
+    out = np.tile(a.data.reshape(padded), sizes) if sizes else a.data.copy()
+    pairs = tuple(n for pair in zip(sizes, padded) for n in pair)
+    copies = tuple(range(0, 2 * len(sizes), 2))
+
+    def backward(g):
+        return (np.asarray(g.reshape(pairs).sum(axis=copies)).reshape(src),)
+    return make_result(out, (a,), backward, "repeat", saved=())
+
+
+def flip(a, *args, dims=None):
+    """Reverse the order of elements along ``dims`` (a copy, as torch.flip): ``flip(x, (0, 1))``,
+    ``flip(x, dims=[0])``, ``x.flip(0, 1)``."""
+    if dims is not None and args:
+        raise OpError("flip", f"dims given twice: {args} and dims={dims!r}")
+    dims = _shape_args(args if dims is None else ((dims,) if isinstance(dims, int) else (dims,)))
+    nd = a.data.ndim
+    axes = _axes("flip", dims, nd)
+    if len(set(axes)) != len(axes):
+        raise OpError("flip", f"dims {dims} name a dim more than once (tensor of shape {a.data.shape})")
+    if nd == 0:
+        axes = ()
+
+    def backward(g):
+        return (np.flip(g, axes) if axes else g,)
+    return make_result(np.flip(a.data, axes).copy() if axes else a.data.copy(), (a,), backward, "flip", saved=())
+
+
+def roll(a, shifts, dims=None):
+    """Shift elements cyclically by ``shifts`` along ``dims``; without dims, over the flattened tensor (shape
+    kept), as torch.roll. The gradient rolls back."""
+    shifts_t = (shifts,) if isinstance(shifts, (int, np.integer)) else tuple(shifts)
+    nd = a.data.ndim
+    if dims is None:
+        if len(shifts_t) != 1:
+            raise OpError("roll", f"without dims, shifts must be one int, got {shifts!r}")
+        shift, axes = int(shifts_t[0]), None
+    else:
+        dims_t = (dims,) if isinstance(dims, (int, np.integer)) else tuple(dims)
+        if len(shifts_t) != len(dims_t):
+            raise OpError("roll", f"shifts and dims must align: {len(shifts_t)} shifts {shifts_t} for "
+                                  f"{len(dims_t)} dims {dims_t}")
+        if nd == 0:
+            raise OpError("roll", f"dims {dims_t} given but the tensor has no dimensions (0-d)")
+        shift, axes = tuple(int(s) for s in shifts_t), _axes("roll", dims_t, nd)
+    neg = -shift if axes is None else tuple(-s for s in shift)
+
+    def backward(g):
+        return (np.asarray(np.roll(g, neg, axes)).reshape(g.shape),)
+    return make_result(np.asarray(np.roll(a.data, shift, axes)).reshape(a.data.shape), (a,), backward, "roll",
+                       saved=())
+
+
 class MovementMethods:
     """Tensor's shape methods (mixed into Tensor)."""
 
@@ -243,3 +327,18 @@ class MovementMethods:
 
     def chunk(self, chunks, dim=0):
         return chunk(self, chunks, dim)
+
+    def tril(self, diagonal=0):
+        return tril(self, diagonal)
+
+    def triu(self, diagonal=0):
+        return triu(self, diagonal)
+
+    def repeat(self, *sizes):
+        return repeat(self, *sizes)
+
+    def flip(self, *args, dims=None):
+        return flip(self, *args, dims=dims)
+
+    def roll(self, shifts, dims=None):
+        return roll(self, shifts, dims)

@@ -2,10 +2,12 @@
 
     elementwise  add sub mul div pow maximum minimum neg exp log sqrt abs clip sign clone to_dtype, unbroadcast
     activation   relu leaky_relu sigmoid tanh gelu softmax log_softmax dropout
-    reduce       sum mean var std max min amax amin argmax argmin
+    reduce       sum mean var std max min amax amin argmax argmin prod logsumexp cumsum
     movement     reshape view flatten permute transpose t squeeze unsqueeze expand contiguous cat stack split chunk
-    indexing     getitem where masked_fill embedding
-    linalg       matmul linear
+                 tril triu repeat flip roll
+    indexing     getitem where masked_fill embedding gather scatter scatter_add sort argsort topk
+    linalg       matmul linear einsum
+    random       multinomial
     inplace      setitem add_ sub_ mul_ div_ copy_ fill_ zero_ clamp_ relu_ masked_fill_
 Losses, normalization, convolution, pooling and padding have modules of their own (loss, normalization, conv,
 pool, pad). Each op's backward sits beside its forward in its family's file.
@@ -31,9 +33,22 @@ from mpnn.core.elementwise import (  # noqa: F401
                                    to_dtype,
                                    unbroadcast,
 )
-from mpnn.core.indexing import _is_basic, _unwrap_index, embedding, getitem, masked_fill, where  # noqa: F401
+from mpnn.core.indexing import (  # noqa: F401
+                                   _is_basic,
+                                   _unwrap_index,
+                                   argsort,
+                                   embedding,
+                                   gather,
+                                   getitem,
+                                   masked_fill,
+                                   scatter,
+                                   scatter_add,
+                                   sort,
+                                   topk,
+                                   where,
+)
 from mpnn.core.inplace import add_, clamp_, copy_, div_, fill_, masked_fill_, mul_, relu_, setitem, sub_, zero_  # noqa: F401
-from mpnn.core.linalg import linear, matmul  # noqa: F401
+from mpnn.core.linalg import einsum, linear, matmul  # noqa: F401
 from mpnn.core.movement import (  # noqa: F401
                                    cat,
                                    chunk,
@@ -41,16 +56,22 @@ from mpnn.core.movement import (  # noqa: F401
                                    contiguous,
                                    expand,
                                    flatten,
+                                   flip,
                                    permute,
+                                   repeat,
                                    reshape,
+                                   roll,
                                    split,
                                    squeeze,
                                    stack,
                                    t,
                                    transpose,
+                                   tril,
+                                   triu,
                                    unsqueeze,
                                    view,
 )
-from mpnn.core.reduce import amax, amin, argmax, argmin, max, mean, min, std, sum, var  # noqa: F401
+from mpnn.core.random import multinomial  # noqa: F401
+from mpnn.core.reduce import amax, amin, argmax, argmin, cumsum, logsumexp, max, mean, min, prod, std, sum, var  # noqa: F401
 
 clamp = clip
