@@ -48,6 +48,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("cli",),
     # 12. The package's public surface (mpnn/__init__.py) and `python -m mpnn`.
     ("mpnn",),
+    # 13. mpnn.compat: the torch alias forwards `torch.<name>` to the public surface; imported only by its users.
+    ("compat",),
 ]
 LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 

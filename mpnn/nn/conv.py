@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpnn.core.tensor import to_dtype
+from mpnn.core.tensor import check_device, to_dtype
 from mpnn.nn import functional as F
 from mpnn.nn import init
 from mpnn.nn.module import Module, Parameter
@@ -22,9 +22,15 @@ class _ConvNd(Module):
 
     _dims = 0
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dtype):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                 device, dtype):
         super().__init__()
         name, n = type(self).__name__, self._dims
+        check_device(device, name)
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"{name}: padding_mode must be one of 'zeros', 'reflect', 'replicate', 'circular', "
+                             f"got {padding_mode!r}")
+        self.padding_mode = padding_mode
         if groups <= 0 or in_channels % groups or out_channels % groups:
             raise ValueError(f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must both "
                              f"be divisible by groups ({groups})")
@@ -52,6 +58,18 @@ class _ConvNd(Module):
         """Kaiming uniform with a=sqrt(5) for the weight, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias."""
         init.default_weight_and_bias_(self.weight, self.bias)
 
+    def _pad(self, input):
+        """Pad explicitly for a padding_mode other than zeros (as torch: F.pad, then a convolution without padding)."""
+        if self.padding == "valid":
+            return input
+        if self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pairs = [(t // 2, t - t // 2) for t in total]
+        else:
+            pairs = [(p, p) for p in self.padding]
+        flat = [v for lo_hi in reversed(pairs) for v in lo_hi]
+        return F.pad(input, flat, mode=self.padding_mode)
+
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0,) * self._dims:
@@ -62,6 +80,8 @@ class _ConvNd(Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
         return s
 
 
@@ -71,10 +91,13 @@ class Conv1d(_ConvNd):
     _dims = 1
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dtype)
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device, dtype)
 
     def forward(self, input):
+        if self.padding_mode != "zeros":
+            return F.conv1d(self._pad(input), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -84,8 +107,11 @@ class Conv2d(_ConvNd):
     _dims = 2
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dtype)
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device, dtype)
 
     def forward(self, input):
+        if self.padding_mode != "zeros":
+            return F.conv2d(self._pad(input), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -11,7 +11,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 from mpnn.core.inplace import bump_version
-from mpnn.core.tensor import Tensor, to_dtype
+from mpnn.core.tensor import Tensor, is_device, to_dtype
 
 
 class Parameter(Tensor):
@@ -241,18 +241,22 @@ class Module:
         fn(self)
         return self
 
-    def to(self, *args, dtype=None, device=None) -> Module:
+    def to(self, *args, dtype=None, device=None, non_blocking: bool = False, memory_format=None) -> Module:
         """Cast floating parameters and buffers to ``dtype``; the only device is 'cpu'.
 
-        As in PyTorch, casting gives parameters new arrays: build optimizers after calling it.
+        Accepts torch's forms: ``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(tensor)`` (its dtype)
+        and the keywords. ``non_blocking`` and ``memory_format`` are accepted and have nothing to do on the CPU.
+        As in PyTorch, each Parameter object is kept (optimizers still hold it) but a cast gives it a new array.
         """
         for arg in args:
-            if isinstance(arg, str) and arg.split(":")[0] in ("cpu", "cuda", "mps", "meta", "xpu"):
+            if isinstance(arg, Tensor):
+                dtype = arg.data.dtype
+            elif is_device(arg):
                 device = arg
-            else:
+            elif arg is not None:
                 dtype = arg
-        if device is not None and str(device).split(":")[0] != "cpu":
-            raise ValueError(f"to: mpnn runs on the CPU only, got device {device!r}")
+        if device is not None and str(getattr(device, "type", device)).split(":")[0] != "cpu":
+            raise ValueError(f"to: mpnn runs on the CPU only, got device {str(device)!r}")
         if dtype is None:
             return self
         dt = to_dtype(dtype)
@@ -264,6 +268,42 @@ class Module:
                 if t.grad is not None:
                     t.grad.data = t.grad.data.astype(dt)
         return self
+
+    def cpu(self) -> Module:
+        """Every tensor already lives on the CPU: returns self (as torch's ``cpu()`` for a CPU module)."""
+        return self
+
+    def cuda(self, device=None) -> Module:
+        raise ValueError("cuda: mpnn runs on the CPU only; use .to('cpu') or leave the module where it is")
+
+    def half(self) -> Module:
+        return self.to(np.float16)
+
+    # ----- lookup by dotted name ----------------------------------------------------------------
+    def get_submodule(self, target: str) -> Module:
+        """The module at dotted path ``target`` ('' is self), as torch's get_submodule."""
+        mod = self
+        for item in target.split(".") if target else ():
+            child = mod._modules.get(item) if isinstance(mod, Module) else None
+            if child is None:
+                raise AttributeError(f"{type(mod).__name__} has no attribute `{item}`")
+            mod = child
+        return mod
+
+    def get_parameter(self, target: str) -> Parameter:
+        module_path, _, name = target.rpartition(".")
+        mod = self.get_submodule(module_path)
+        p = mod._parameters.get(name)
+        if not isinstance(p, Parameter):
+            raise AttributeError(f"`{name}` is not an nn.Parameter of {type(mod).__name__}")
+        return p
+
+    def get_buffer(self, target: str) -> Tensor:
+        module_path, _, name = target.rpartition(".")
+        mod = self.get_submodule(module_path)
+        if name not in mod._buffers or mod._buffers[name] is None:
+            raise AttributeError(f"`{name}` is not a buffer of {type(mod).__name__}")
+        return mod._buffers[name]
 
     def float(self) -> Module:
         return self.to(np.float32)

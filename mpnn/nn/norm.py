@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from mpnn.core.tensor import Tensor, to_dtype
+from mpnn.core.tensor import Tensor, check_device, to_dtype
 from mpnn.nn import functional as F
 from mpnn.nn.module import Module, Parameter
 
@@ -19,8 +19,9 @@ class _BatchNorm(Module):
     _input_dims = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, dtype=None, *, bias: bool = True):
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
         super().__init__()
+        check_device(device, type(self).__name__)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         dt = to_dtype(dtype)
@@ -89,8 +90,9 @@ class LayerNorm(Module):
     """Normalise over the trailing ``normalized_shape`` axes; elementwise weight 1 and bias 0."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 dtype=None):
+                 device=None, dtype=None):
         super().__init__()
+        check_device(device, "LayerNorm")
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(int(n) for n in normalized_shape)

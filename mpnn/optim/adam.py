@@ -12,14 +12,22 @@ _NO_MAX = {}  # dtype -> empty array passed as max_exp_avg_sq when amsgrad is of
 
 
 class Adam(Optimizer):
-    """Adam; ``weight_decay`` adds wd * param to the gradient (L2), as torch.optim.Adam does."""
+    """Adam; ``weight_decay`` adds wd * param to the gradient (L2), as torch.optim.Adam does, or, with
+    ``decoupled_weight_decay=True``, multiplies the parameter by 1 - lr * wd first (AdamW).
 
-    _decoupled = False
+    torch's signature; ``foreach``, ``fused`` and ``capturable`` are accepted and change nothing (see
+    Optimizer._check_implementation_flags); ``differentiable=True`` is refused. All of them are kept in each
+    parameter group, as torch keeps them, so state_dicts carry the same keys.
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
-                 amsgrad: bool = False, *, maximize: bool = False):
+                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize))
+                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+                                      differentiable=differentiable, fused=fused,
+                                      decoupled_weight_decay=decoupled_weight_decay))
 
     def _validate(self, group):
         name = type(self).__name__
@@ -36,8 +44,8 @@ class Adam(Optimizer):
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns closure()'s loss if given."""
         loss = self._closure_loss(closure)
-        decoupled = self._decoupled
         for group in self.param_groups:
+            decoupled = bool(group["decoupled_weight_decay"])
             beta1, beta2 = group["betas"]
             amsgrad, maximize = bool(group["amsgrad"]), bool(group["maximize"])
             cast_dtype = None
@@ -68,10 +76,15 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay: param *= 1 - lr * weight_decay before the Adam update."""
+    """Adam with decoupled weight decay: param *= 1 - lr * weight_decay before the Adam update.
 
-    _decoupled = True
+    torch's signature (``inspect.signature(AdamW).parameters`` lists ``fused``, which nanoGPT checks for);
+    the implementation flags are documented on Adam.
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)

@@ -98,8 +98,28 @@ class Optimizer:
     def _validate(self, group: dict) -> None:
         """Raise ValueError naming a bad hyperparameter value; each optimizer checks its own."""
 
+    @staticmethod
+    def _check_implementation_flags(name: str, group: dict) -> None:
+        """torch's implementation switches, which select how an update is computed, not what it computes.
+
+        ``foreach`` (torch: one multi-tensor kernel over all parameters) and ``fused`` (torch: one fused kernel
+        per parameter, CUDA/CPU) are accepted and have no effect: mpnn always updates each parameter with one
+        fused Numba pass. ``capturable`` (torch: CUDA-graph capture of the step) has nothing to do on the CPU.
+        ``differentiable=True`` (torch: record the step itself on the tape) is refused: mpnn's steps are not
+        differentiable, and ignoring it would silently give wrong higher-order results.
+        """
+        if group.get("fused") and group.get("foreach"):
+            raise RuntimeError(f"{name}: `fused` and `foreach` cannot be `True` together.")
+        if group.get("differentiable"):
+            raise NotImplementedError(f"{name}: differentiable=True (autograd through the optimizer step) is not "
+                                      f"supported by mpnn")
+
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group of parameters with its own hyperparameters (the rest from the defaults)."""
+        """Add a group of parameters with its own hyperparameters (the rest from the defaults).
+
+        As torch 2.6+, the parameters may be given as (name, tensor) pairs (``model.named_parameters()``): the
+        group then keeps their names under 'param_names' (saved in state_dict).
+        """
         name = type(self).__name__
         if not isinstance(param_group, dict):
             raise TypeError(f"{name}: a parameter group must be a dict, got {type(param_group).__name__}")
@@ -112,6 +132,13 @@ class Optimizer:
             raise ValueError(f"{name}: a parameter group needs a 'params' entry")
         params = list(params)
         gi = len(self.param_groups)
+        param_names = None
+        if params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+            param_names = [n for n, _ in params]
+            params = [p for _, p in params]
+        if self.param_groups and (param_names is not None) != ("param_names" in self.param_groups[0]):
+            raise ValueError(f"{name}: all optimizer param groups should be with/without names; group {gi} is "
+                             f"{'named' if param_names is not None else 'unnamed'} and group 0 is not")
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{name}: can only optimize Tensors, but parameter {i} of group {gi} is a "
@@ -128,9 +155,12 @@ class Optimizer:
         if any(id(p) in seen for p in params):
             raise ValueError(f"{name}: some parameters appear in more than one parameter group")
         group = dict(param_group, params=params)
+        if param_names is not None:
+            group["param_names"] = param_names
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._validate(group)
+        self._check_implementation_flags(name, group)
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -199,6 +229,7 @@ class Optimizer:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._validate(group)
+            self._check_implementation_flags(name, group)
             new_groups.append(group)
         self.state, self.param_groups = new_state, new_groups
 

@@ -10,12 +10,18 @@ _NO_BUFFER = {}  # dtype -> empty array passed as the momentum buffer when momen
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent; the momentum buffer starts as the first (decayed) gradient."""
+    """Stochastic gradient descent; the momentum buffer starts as the first (decayed) gradient.
+
+    torch's signature; ``foreach`` and ``fused`` are accepted and change nothing, ``differentiable=True`` is
+    refused (see Optimizer._check_implementation_flags).
+    """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused))
 
     def _validate(self, group):
         for key in ("lr", "momentum", "weight_decay"):
