@@ -26,6 +26,8 @@ def _axes(op, dim, ndim):
         if not -builtins.max(ndim, 1) <= d < builtins.max(ndim, 1):
             raise OpError(op, f"dim {d} is out of range for a tensor of {ndim} dimensions")
         out.append(d % builtins.max(ndim, 1))
+    if ndim == 0:
+        return ()  # torch accepts dim 0 or -1 on a 0-d tensor: a reduction over no axis
     return tuple(out)
 
 
@@ -116,12 +118,15 @@ def _extreme(op, a, dim, keepdim, reduce_fn, arg_fn):
         def backward(g):
             return ((mask * (g / count)).astype(g.dtype),)
         return make_result(out, (a,), backward, op, saved=())
-    axis = _axes(op, dim, ad.ndim)[0]
+    axes = _axes(op, dim, ad.ndim)
+    axis = axes[0] if axes else None
     idx = arg_fn(ad, axis=axis, keepdims=True) if ad.ndim else np.zeros((), np.int64)
     values = np.take_along_axis(ad, idx, axis=axis) if ad.ndim else ad.copy()
     shape = ad.shape
 
     def backward(g):
+        if not shape:
+            return (np.array(g, copy=True),)
         full = np.zeros(shape, dtype=g.dtype)
         gg = g if keepdim else np.expand_dims(g, axis)
         np.put_along_axis(full, idx, gg, axis=axis)
