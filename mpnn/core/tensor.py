@@ -102,7 +102,15 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
         return self._ver.value
 
     def size(self, dim=None):
-        return self.data.shape if dim is None else self.data.shape[dim]
+        shape = self.data.shape
+        if dim is None:
+            return shape
+        n = len(shape)
+        if not -n <= dim < n:
+            raise IndexError(f"size: dimension {dim} out of range for a tensor of shape {shape} "
+                             f"(expected a dim in [{-n}, {n - 1}])" if n else
+                             f"size: dimension specified as {dim} but the tensor has no dimensions")
+        return shape[dim]
 
     def dim(self):
         return self.data.ndim
