@@ -366,14 +366,23 @@ def test_the_same_file_on_real_torch_agrees(tmp_path, flash):
     m_logits, m_loss = m(x, y)
     np.testing.assert_allclose(m_logits.data, t_logits.detach().numpy(), atol=1e-5)
     assert abs(m_loss.item() - t_loss.item()) < 1e-5
-    # one optimizer step each from nanoGPT's configure_optimizers: same parameters after it
+    # one optimizer step each from nanoGPT's configure_optimizers: same gradients, same parameters after it
     t_opt = t.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     with torch_alias():
         m_opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert [{k: v for k, v in g.items() if k != "params"} for g in m_opt.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in t_opt.param_groups]
     for opt, loss in ((t_opt, t_loss), (m_opt, m_loss)):
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-    t_sd = t.state_dict()
-    for k, v in m.state_dict().items():
-        np.testing.assert_allclose(v, t_sd[k].numpy(), atol=1e-5, err_msg=k)
+    t_params = dict(t.named_parameters())
+    grads = {n: t_params[n].grad.numpy().copy() for n in t_params}
+    for n, p in m.named_parameters():
+        np.testing.assert_allclose(p.grad.data, grads[n], atol=1e-6, rtol=1e-4, err_msg=n)
+    t_opt.step()
+    m_opt.step()
+    for n, p in m.named_parameters():
+        # Adam's first step is lr * sign(grad): where the true gradient is 0 (the key bias: softmax ignores a
+        # per-row shift) the sign is rounding noise in both, so compare where the gradient is signal
+        signal = np.abs(grads[n]) > 1e-6
+        np.testing.assert_allclose(p.data[signal], t_params[n].detach().numpy()[signal], atol=1e-5, err_msg=n)
