@@ -82,11 +82,12 @@ class Registry:
 
     def select(self, setup, op=None, nbytes=0, dtype=None):
         """The first algorithm that applies to this call (cached per setup, op, dtype and size class)."""
-        key = (self.collective, op, dtype, bisect_left(self.bounds, nbytes) if self.bounds else 0)
-        choice = setup.choices.get(key)
-        if choice is None:
+        key = (self.collective, op, dtype, bisect_left(self.bounds, nbytes))
+        try:
+            return setup.choices[key]
+        except KeyError:
             choice = setup.choices[key] = self.applicable(setup, op, nbytes, dtype)[0]
-        return choice
+            return choice
 
     def applicable(self, setup, op=None, nbytes=0, dtype=None):
         """Every algorithm that applies, in selection order (the first one runs)."""

@@ -41,7 +41,7 @@ import numpy as np
 import zmq
 
 from . import algorithms, frames, mailbox, rendezvous, shm
-from .algorithms import REDUCE_UFUNCS, Setup, accumulate_dtype
+from .algorithms import ALLREDUCE, REDUCE_UFUNCS, Setup, accumulate_dtype
 from .auth import DataSocketSecurity
 from .env import WorldSpec
 from .errors import AuthError, CommError
@@ -241,9 +241,9 @@ class Communicator:
     def _allreduce(self, link, a, op):
         copied = not a.flags.c_contiguous
         flat = np.ascontiguousarray(a).reshape(-1) if copied else a.reshape(-1)
+        accumulate = np.float32 if a.dtype == np.float16 and op != "max" else a.dtype  # accumulate_dtype, inline
         setup = self._setup
-        algorithms.ALLREDUCE.select(setup, op, a.nbytes, a.dtype).run(link, setup, flat, op,
-                                                                      accumulate_dtype(a.dtype, op))
+        ALLREDUCE.select(setup, op, a.nbytes, a.dtype).run(link, setup, flat, op, accumulate)
         if copied:
             np.copyto(a, flat.reshape(a.shape))
         return a
