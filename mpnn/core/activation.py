@@ -95,29 +95,34 @@ def tanh(a):
 
 
 def gelu(a, approximate="none"):
-    """GELU, exact (erf) by default or the tanh approximation, as torch.nn.functional.gelu."""
-    from mpnn.core.kernels import erf
-    ad = a.data
-    if approximate == "none":
-        cdf = 0.5 * (1.0 + erf(ad * np.asarray(1 / np.sqrt(2), ad.dtype)))
-        out = ad * cdf
-
-        def backward(g):
-            pdf = np.exp(-0.5 * ad * ad) * np.asarray(1 / np.sqrt(2 * np.pi), ad.dtype)
-            return (g * (cdf + ad * pdf),)
-    elif approximate == "tanh":
-        k = np.asarray(np.sqrt(2 / np.pi), ad.dtype)
-        inner = k * (ad + 0.044715 * ad ** 3)
-        t = np.tanh(inner)
-        out = 0.5 * ad * (1 + t)
-
-        def backward(g):
-            dinner = k * (1 + 3 * 0.044715 * ad * ad)
-            return (g * (0.5 * (1 + t) + 0.5 * ad * (1 - t * t) * dinner),)
-    else:
+    """GELU, exact (erf) by default or the tanh approximation, as torch.nn.functional.gelu; fused Numba loops
+    (mpnn.core.activation_kernels says what was measured), other dtypes through float32."""
+    if approximate not in ("none", "tanh"):
         raise OpError("gelu", f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return make_result(out.astype(ad.dtype, copy=False), (a,), backward, "gelu", saved=(a,))
+    from mpnn.core import activation_kernels as K
+    ad = a.data
+    x = K.flat(ad if ad.dtype in (np.float32, np.float64) else ad.astype(np.float32))
+    out = np.empty_like(x)
+    kept = np.empty_like(x)  # the CDF (exact) or tanh(inner) (approximation), which backward reads
+    if approximate == "none":
+        (K.gelu_forward_float32 if x.dtype == np.float32 else K.gelu_forward_exact)(x, out, kept)
+    else:
+        K.gelu_tanh_inner(x, kept)
+        np.tanh(kept, out=kept)
+        K.gelu_tanh_forward(x, kept, out)
 
+    def backward(g):
+        gf = K.flat(g.astype(x.dtype, copy=False))
+        gx = np.empty_like(x)
+        if approximate == "none":
+            gauss = np.multiply(x, x, out=np.empty_like(x))
+            gauss *= -0.5
+            np.exp(gauss, out=gauss)
+            K.gelu_backward(x, gf, kept, gauss, gx)
+        else:
+            K.gelu_tanh_backward(x, kept, gf, gx)
+        return (gx.reshape(ad.shape).astype(ad.dtype, copy=False),)
+    return make_result(out.reshape(ad.shape).astype(ad.dtype, copy=False), (a,), backward, "gelu", saved=(a,))
 
 
 class ActivationMethods:

@@ -88,33 +88,32 @@ def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: flo
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and _arr(t).shape != shape:
             raise OpError("layer_norm", f"{name} has shape {_arr(t).shape}, expected {shape}")
-    axes = tuple(range(x.ndim - k, x.ndim))
+    from mpnn.core import normalization_kernels as K
     n = int(np.prod(shape))
-    mean = x.mean(axis=axes, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=axes, keepdims=True)
-    invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    xhat = centered * invstd
-    w = _arr(weight)
-    out = xhat * w if w is not None else xhat.copy()
-    if bias is not None:
-        out += _arr(bias)
+    dt = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    x2 = K.rows(x.astype(dt, copy=False), n)
+    w = np.ones(n, dt) if weight is None else _arr(weight).astype(dt, copy=False).reshape(n)
+    b = np.zeros(n, dt) if bias is None else _arr(bias).astype(dt, copy=False).reshape(n)
+    m = x2.shape[0]
+    out = np.empty_like(x2)
+    mean = np.empty(m, np.float64)
+    invstd = np.empty(m, np.float64)
+    K.layer_norm_forward(x2, w, b, float(eps), out, mean, invstd)
     parents = tuple(t for t in (input, weight, bias) if t is not None)
-    lead = tuple(range(x.ndim - k))
 
     def backward(g):
-        grads = []
-        if input.requires_grad:
-            dxhat = g * w if w is not None else g
-            s1 = dxhat.sum(axis=axes, keepdims=True)
-            s2 = (dxhat * xhat).sum(axis=axes, keepdims=True)
-            grads.append((invstd / n) * (n * dxhat - s1 - xhat * s2))
-        else:
-            grads.append(None)
+        need_x = input.requires_grad
+        need_wb = (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        g2 = K.rows(g.astype(dt, copy=False), n)
+        gx = np.empty_like(x2) if need_x else np.empty((0, n), dt)
+        gw = np.zeros(n, np.float64)
+        gb = np.zeros(n, np.float64)
+        K.layer_norm_backward(x2, w, g2, mean, invstd, need_x, need_wb, gx, gw, gb)
+        grads = [gx.reshape(x.shape).astype(x.dtype, copy=False) if need_x else None]
         if weight is not None:
-            grads.append((g * xhat).sum(axis=lead) if weight.requires_grad else None)
+            grads.append(gw.reshape(shape).astype(weight.data.dtype) if weight.requires_grad else None)
         if bias is not None:
-            grads.append(g.sum(axis=lead) if bias.requires_grad else None)
+            grads.append(gb.reshape(shape).astype(bias.data.dtype) if bias.requires_grad else None)
         return tuple(grads)
-    return make_result(out, parents, backward, "layer_norm",
-                       saved=() if weight is None else (weight,))
+    return make_result(out.reshape(x.shape).astype(x.dtype, copy=False), parents, backward, "layer_norm",
+                       saved=(input,) if weight is None else (input, weight))

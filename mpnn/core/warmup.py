@@ -14,6 +14,7 @@ def warmup() -> None:
     """Run each kernel-backed op once on tiny float32 inputs, forward and backward."""
     from mpnn.core.activation import gelu, log_softmax
     from mpnn.core.conv import conv1d, conv2d
+    from mpnn.core.normalization import layer_norm
     from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
     from mpnn.core.tensor import Tensor
 
@@ -29,7 +30,8 @@ def warmup() -> None:
         conv2d(x2, w2, leaf(8), padding=1),            # the Winograd path
         conv2d(x2, w3, None, stride=2, padding=1),     # the im2col path
         max_pool1d(x1, 2), avg_pool1d(x1, 2), max_pool2d(x2, 2), avg_pool2d(x2, 2),
-        adaptive_avg_pool2d(x2, 3), gelu(x1), log_softmax(x1, 1),
+        adaptive_avg_pool2d(x2, 3), gelu(x1), gelu(x1, approximate="tanh"), log_softmax(x1, 1),
+        layer_norm(x1, (12,), leaf(12), leaf(12)),
     ]
     loss = outs[0].sum()
     for out in outs[1:]:
