@@ -132,8 +132,8 @@ def test_algorithm_registry_order_and_selection():
     assert conv_module.select(benchmark_layer) is conv_module.WINOGRAD
     assert conv_module.select(strided) is im2col
     assert conv_module.select(mnist1d) is im2col
-    settings = conv_module._settings()
-    assert all(im2col.applies(p, settings) for p in (benchmark_layer, strided, mnist1d))
+    assert all(im2col.applies(p, conv_module.SETTINGS) for p in (benchmark_layer, strided, mnist1d))
+    assert conv_module.select(benchmark_layer, conv_module.settings_now()._replace(winograd_min_width=65)) is im2col
 
 
 @pytest.mark.parametrize("index", [0, 1])

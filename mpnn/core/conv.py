@@ -12,7 +12,7 @@ input only, as torch's does. Selection order, first match wins:
        of float32 rounding (~5e-6 of the largest output; oneDNN trains with the same F(4x4, 3x3)).
     2. Im2colGemm (conv_im2col.py): any geometry. The kernel taps of a tile of output positions become the
        columns of one GEMM; a bias rides in it as a row of ones.
-The tunables below stay module constants (tests patch them): each call reads them into a ConvSettings.
+The tunables below stay module constants (tests patch them); SETTINGS hands them to the algorithms live.
 """
 from __future__ import annotations
 
@@ -39,6 +39,32 @@ _WINOGRAD_MIN_WIDTH = 8
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 WINOGRAD = WinogradF4x4()
 ALGORITHMS = (WINOGRAD, Im2colGemm())  # the selection order: the first that applies runs; the last always does
+_new_problem = tuple.__new__  # ConvProblem without a Python-level __new__ frame (see conv_algorithm)
+
+
+class _LiveSettings:
+    """ConvSettings' attributes, read from this module's constants at each access (tests patch them)."""
+
+    __slots__ = ()
+
+    @property
+    def tile_bytes(self):
+        return _TILE_BYTES
+
+    @property
+    def winograd_tiles(self):
+        return _WINOGRAD_TILES
+
+    @property
+    def winograd_min_channels(self):
+        return _WINOGRAD_MIN_CHANNELS
+
+    @property
+    def winograd_min_width(self):
+        return _WINOGRAD_MIN_WIDTH
+
+
+SETTINGS = _LiveSettings()
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -141,10 +167,9 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
         oh, ow = out_sizes
     x4 = np.ascontiguousarray(x4)
     out = np.empty((x4.shape[0], out_ch, oh, ow), x4.dtype)
-    problem = ConvProblem(x4, w4, b, geom, oh, ow, weight.requires_grad and is_grad_enabled())
-    settings = _settings()
-    algorithm = select(problem, settings)
-    state = algorithm.forward(problem, out, settings)
+    problem = _new_problem(ConvProblem, (x4, w4, b, geom, oh, ow, weight.requires_grad and is_grad_enabled()))
+    algorithm = select(problem)
+    state = algorithm.forward(problem, out, SETTINGS)
     out_shape = (out_ch, *out_sizes) if not batched else (x4.shape[0], out_ch, *out_sizes)
     out = out.reshape(out_shape)
 
@@ -161,21 +186,19 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
     return make_result(out, parents, backward, op)
 
 
-def select(problem, settings=None):
+def select(problem, settings=SETTINGS):
     """The first algorithm of ALGORITHMS that applies to `problem` (a ConvProblem)."""
-    if settings is None:
-        settings = _settings()
     for algorithm in ALGORITHMS:
         if algorithm.applies(problem, settings):
             return algorithm
     raise LookupError(f"no conv algorithm applies to geometry {problem.geom}")  # unreachable: im2col always does
 
 
-def _settings():
-    """The tunables as they are now (tests patch the module constants)."""
+def settings_now():
+    """The tunables as they are now, fixed in a ConvSettings."""
     return ConvSettings(_TILE_BYTES, _WINOGRAD_TILES, _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_WIDTH)
 
 
 def _winograd_fits(geom, channels, out_ch, ow):
     """Whether Winograd takes a conv of this geometry (geom as ConvProblem's), channels and output width."""
-    return WINOGRAD.fits(geom, channels, out_ch, ow, _settings())
+    return WINOGRAD.fits(geom, channels, out_ch, ow, SETTINGS)

@@ -1,7 +1,11 @@
 """What a convolution algorithm is to mpnn.core.conv: ConvProblem (one validated conv, as NCHW arrays and
-its geometry), ConvSettings (the tunables, read from mpnn.core.conv at each call), ConvAlgorithm (applies,
-forward, backward) and the per-thread scratch arrays the algorithms share. The algorithms themselves live
-beside this file (conv_im2col.py, conv_winograd.py); conv.py holds their selection order.
+its geometry), ConvSettings (the tunables), ConvAlgorithm (applies, forward, backward) and the per-thread
+scratch arrays the algorithms share. The algorithms themselves live beside this file (conv_im2col.py,
+conv_winograd.py); conv.py holds their selection order.
+
+The small MNIST-1D convs take 30-150 us, so the per-call path allocates nothing it need not: conv.py builds
+the ConvProblem with tuple.__new__ (no Python frame; two NamedTuples built the usual way cost 1.2-1.7 us
+there, measured) and passes one live settings object (conv.SETTINGS) instead of a ConvSettings per call.
 """
 from __future__ import annotations
 
@@ -27,18 +31,12 @@ class ConvProblem(NamedTuple):
     ow: int
     weight_grad: bool
 
-    @property
-    def channels(self):
-        return self.x4.shape[1]
-
-    @property
-    def out_channels(self):
-        return self.w4.shape[0]
 
 
 class ConvSettings(NamedTuple):
-    """The tunables (conv.py's module constants, which tests patch): the im2col tile budget in bytes, the
-    Winograd tile slots per chunk, and the fewest channels and output columns Winograd takes on."""
+    """The tunables: the im2col tile budget in bytes, the Winograd tile slots per chunk, and the fewest
+    channels and output columns Winograd takes on. conv.SETTINGS has the same attributes, read live from
+    conv.py's module constants (which tests patch); a ConvSettings fixes them, e.g. for conv.select."""
 
     tile_bytes: int
     winograd_tiles: int
@@ -48,7 +46,8 @@ class ConvSettings(NamedTuple):
 
 class ConvAlgorithm:
     """One way to compute a conv and its gradients.
-    applies(problem, settings): whether it can and should run this conv (conv.py asks in selection order).
+    applies(problem, settings): whether it can and should run this conv (conv.py asks in selection order);
+    settings: a ConvSettings or conv.SETTINGS.
     forward(problem, out, settings): write conv(x4, w4) + b into out (N, O, oh, ow); return the state its
     backward needs (it holds on to the input, the weight or what it made of them; never to `out`).
     backward(state, g4, need_x, need_w, need_b): (dx, dw, db) for the output gradient g4 (N, O, oh, ow),

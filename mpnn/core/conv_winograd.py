@@ -25,7 +25,9 @@ class WinogradF4x4(ConvAlgorithm):
     name = "winograd-f4x4"
 
     def applies(self, problem, settings):
-        return self.fits(problem.geom, problem.channels, problem.out_channels, problem.ow, settings)
+        kh, kw, sh, sw, _, _, dh, dw, groups = problem.geom
+        return ((kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY and problem.ow >= settings.winograd_min_width
+                and min(problem.x4.shape[1], problem.w4.shape[0]) >= settings.winograd_min_channels)
 
     @staticmethod
     def fits(geom, channels, out_ch, ow, settings):
