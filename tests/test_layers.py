@@ -1,6 +1,6 @@
-"""Imports only go down the stack (issue 11; DESIGN.md "Layout": core <- nn, optim <- parallel <- launch; comm knows
-nothing of core). Every module under mpnn/ is parsed with `ast`, imports inside functions and under TYPE_CHECKING
-included, and each import of an mpnn module is checked against LAYERS: a unit may import itself and the units of
+"""Imports only go down the stack (issue 11; docs/architecture.md "Layers": core <- nn, optim <- parallel <- launch;
+comm knows nothing of core). Every module under mpnn/ is parsed with `ast`, imports inside functions and under
+TYPE_CHECKING included, and each import of an mpnn module is checked against LAYERS: a unit may import itself and the units of
 strictly lower layers, never a unit of its own layer or above. No mpnn module is imported, so this runs in a
 second and cannot be fooled by import order.
 
@@ -129,7 +129,7 @@ def test_every_unit_has_a_layer():
 
 
 def test_table_keeps_design_arrows():
-    """DESIGN.md's arrows, as the table must keep them."""
+    """docs/architecture.md's arrows, as the table must keep them."""
     assert LAYER["core"] < LAYER["nn"] < LAYER["parallel"] < LAYER["launch"]
     assert LAYER["core"] < LAYER["optim"] < LAYER["parallel"]
     assert LAYER["core"] < LAYER["data"]

@@ -4,7 +4,7 @@ the BLAS GEMMs (mpnn.core.conv), and the pooling windows (mpnn.core.pool).
 Every kernel takes C-contiguous float32 or float64 arrays, Python ints (int64) and bools, so each compiles
 to at most two specializations (one per float dtype), cached on disk. Outputs are written in place.
 Why Numba: a NumPy fancy-indexing im2col lost to oneDNN by 1.6x on wide layers and 6-10x on few channels
-(DESIGN.md); these loops copy whole contiguous runs per kernel tap instead. For pooling, a NumPy
+(docs/architecture.md); these loops copy whole contiguous runs per kernel tap instead. For pooling, a NumPy
 reshape-max (2x2, (64, 32, 32, 32) float32) took 30.6 ms against 6.7 ms for max_pool2d_forward here
 (torch: 11.6 ms forward+backward, these kernels 8.6 ms).
 """

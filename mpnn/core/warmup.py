@@ -1,8 +1,8 @@
 """Compile (or load from the on-disk cache) the float32 Numba kernels of the engine's ops, once.
 
-The launcher calls this (mpnn.launch.warmup) before it starts any worker, so the workers find a warm cache instead
-of racing to compile the same functions into it (DESIGN.md: concurrent cache=True compiles can race). Only the
-engine's own kernels: the layers above warm theirs from the launcher (the optimizers' fused updates, the
+The launcher calls this (mpnn.launch.warmup) before it starts any worker, so the workers find a warm cache
+instead of racing to compile the same functions into it (docs/architecture.md: concurrent cache=True compiles can
+race). Only the engine's own kernels: the layers above warm theirs from the launcher (the optimizers' fused updates, the
 communicator's fence), since core imports nothing above it.
 """
 from __future__ import annotations

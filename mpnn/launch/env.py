@@ -1,5 +1,6 @@
 """The environment each worker starts with: its place in the world, where the run lives, the rendezvous
-address and secret, and one thread per math library (DESIGN: set before NumPy is imported, as torchrun does).
+address and secret, and one thread per math library (docs/architecture.md: set before NumPy is imported, as
+torchrun does).
 
 Besides the MPNN_* contract every worker gets torchrun's names (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 GROUP_RANK, GROUP_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so that torchrun-style scripts that test RANK run

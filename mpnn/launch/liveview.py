@@ -32,7 +32,7 @@ def _parse(line: bytes) -> dict | None:
 class TelemetryFollower:
     """Follows worker-<rank>.jsonl from where the last poll stopped; keeps each rank's latest step record.
 
-    A step record has a numeric "step" (DESIGN's telemetry line); "event" lines are returned by poll();
+    A step record has a numeric "step" (docs/architecture.md's telemetry line); "event" lines are returned by poll();
     "total_steps" on any line (e.g. the start event) gives the total the status line shows.
     """
 

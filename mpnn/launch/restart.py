@@ -46,7 +46,8 @@ class Restart:
                 "how": self.how, "resume_from": None if self.resume_from is None else str(self.resume_from)}
 
     def event(self) -> dict:
-        """The telemetry event's details (DESIGN's event line: "t", "rank" and "event" are added per rank)."""
+        """The telemetry event's details (docs/architecture.md's event line: "t", "rank" and "event" are added
+        per rank)."""
         return {"restart": self.number, "max_restarts": self.max_restarts, "failed_rank": self.failed_rank,
                 "how": self.how, "resume_from": None if self.resume_from is None else str(self.resume_from)}
 

@@ -1,5 +1,5 @@
 """Numba cache strategy: compile every kernel once in the launcher, before any worker starts, so the workers load
-a warm on-disk cache instead of racing to write it (DESIGN: concurrent cache=True compiles can race).
+a warm on-disk cache instead of racing to write it (docs/architecture.md: concurrent cache=True compiles can race).
 
 Workers inherit the launcher's NUMBA_CACHE_DIR (or Numba's default __pycache__ beside the sources), so they
 read the files the launcher just wrote. One cache dir per worker was the alternative: no race, but every
