@@ -1,8 +1,8 @@
 """Imports only go down the stack (issue 11; docs/architecture.md "Layers": core <- nn, optim <- parallel <- launch;
 comm knows nothing of core). Every module under mpnn/ is parsed with `ast`, imports inside functions and under
-TYPE_CHECKING included, and each import of an mpnn module is checked against LAYERS: a unit may import itself and the units of
-strictly lower layers, never a unit of its own layer or above. No mpnn module is imported, so this runs in a
-second and cannot be fooled by import order.
+TYPE_CHECKING included, and each import of an mpnn module is checked against LAYERS: a unit may import itself and
+the units of strictly lower layers, never a unit of its own layer or above. No mpnn module is imported, so this
+runs in a second and cannot be fooled by import order.
 
 A unit is a subpackage (mpnn/core/ -> "core") or a top-level module (mpnn/runtime.py -> "runtime"); mpnn/__init__.py
 and mpnn/__main__.py are the unit "mpnn", the top (importing it, e.g. `import mpnn` or `from mpnn import
