@@ -21,8 +21,8 @@ Selection order, first match wins (the last entry of every registry always appli
 "Has shared slots" means: every rank is on this host, shared memory is on (MPNN_SHM, not 0; the Communicator's
 shared_memory=True), the transport is "auto" (MPNN_TRANSPORT=tcp has none) and /dev/shm gave every rank its
 file. "Has mailboxes" means it has slots and MPNN_MAILBOX says so (1, or auto with no more ranks than cores:
-mailbox.wanted). Both are fixed once the world is connected
-(collective #1, the ring-closing barrier, and the barrier after mapping the files run before either exists).
+mailbox.wanted). Both are fixed once the world is connected (collective #1, the ring-closing barrier, and the
+barrier after mapping the files run before either exists).
 
 Hot path: a registry caches its choice per Setup (what the world offers; a new Setup whenever that changes)
 and per (reduce op, dtype, size class); the size classes are cut at the byte bounds the algorithms declare
