@@ -13,6 +13,7 @@ Losses, normalization, convolution, pooling and padding have modules of their ow
 pool, pad). Each op's backward sits beside its forward in its family's file.
 """
 from mpnn.core.activation import dropout, gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh  # noqa: F401
+from mpnn.core.attention import scaled_dot_product_attention  # noqa: F401
 from mpnn.core.elementwise import (  # noqa: F401
                                    _pair,
                                    abs,

@@ -1,5 +1,6 @@
 """Every layer's functional twin, with torch.nn.functional's names and signatures."""
 from mpnn.core.activation import dropout, gelu, leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
+from mpnn.core.attention import scaled_dot_product_attention  # noqa: F401
 from mpnn.core.conv import conv1d, conv2d
 from mpnn.core.indexing import embedding
 from mpnn.core.linalg import linear
