@@ -251,6 +251,25 @@ def test_large_negative_additive_mask_is_finite_not_masked(blocks):
     np.testing.assert_allclose(out[0, 0], np.broadcast_to(v[0, 0].mean(0), (3, 4)), rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_scores_propagate_as_in_torch(bad):
+    """A NaN or inf in q or k makes that query's row NaN (softmax of it), not some finite weighting."""
+    q, k, v = randn(1, 2, 6, 4), randn(1, 2, 7, 4), randn(1, 2, 7, 3)
+    clean = sdpa(Tensor(q), Tensor(k), Tensor(v), is_causal=True).data
+    q[0, 1, 2, 0] = bad
+    out = sdpa(Tensor(q), Tensor(k), Tensor(v), is_causal=True).data
+    assert np.all(np.isnan(out[0, 1, 2]))
+    keep = np.ones(out.shape, np.bool_)
+    keep[0, 1, 2] = False
+    np.testing.assert_allclose(out[keep], clean[keep], rtol=1e-12)
+    k[0, 0, 3, 1] = bad  # a key every later query sees (an inf there scores +inf or -inf, by q's sign)
+    out = sdpa(Tensor(q), Tensor(k), Tensor(v), is_causal=True).data
+    assert np.all(np.isfinite(out[0, 0, :3]))
+    plus = np.isnan(q[0, 0, 3:, 1] * bad) | (q[0, 0, 3:, 1] * bad > 0)  # NaN, or +inf: softmax gives NaN
+    assert np.array_equal(np.isnan(out[0, 0, 3:]).all(-1), plus)
+
+
 def test_empty_keys_and_queries():
     q, k, v = leaf(randn(2, 3, 4)), leaf(randn(2, 0, 4)), leaf(randn(2, 0, 5))
     out = sdpa(q, k, v)
@@ -392,6 +411,7 @@ def test_backward_peak_memory_against_composed_ops():
 
     def measure(fn):
         ts = [leaf(a.copy()) for a in arrays]
+        fn(*(leaf(a[..., :8, :]) for a in arrays)).sum().backward()  # kernels loaded before counting
         tracemalloc.start()
         try:
             out = fn(*ts)

@@ -117,9 +117,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse = np.empty((n, L), dtype)
     if n and L:
         blk = br * bc if per_query_mask else 1
-        K.attention_forward(q3, k3, v3, qi, ki, vi, mode, bmask, amask, mi, causal, _edge(br, dtype), sc, br,
-                            bc, np.empty(E * L, dtype), np.empty(bc * br, dtype), np.empty(blk, np.bool_),
-                            np.empty(blk, dtype), *_vectors(4, br, dtype), np.empty(2, dtype), out, lse)
+        bad = K.attention_forward(q3, k3, v3, qi, ki, vi, mode, bmask, amask, mi, causal, _edge(br, dtype), sc,
+                                  br, bc, np.empty(E * L, dtype), np.empty(bc * br, dtype), np.empty(blk, np.bool_),
+                                  np.empty(blk, dtype), *_vectors(4, br, dtype), np.empty(2, dtype), out, lse)
+        if bad:  # NaN or inf among the scores: the composition propagates them as torch does
+            return _composed(q, k, v, attn_mask, md, dropout_p, is_causal, scale, group)
 
     def backward(g):
         # The inputs again, as contiguous (N, L, E) slabs: a copy only if the caller passed a strided view,

@@ -107,6 +107,7 @@ def _llvm_binary(name):
 # scalar (1.0 ns), nnan or not, and the equivalent -min(-mx, -x) vectorized only for some operand shapes.
 _fmax = _llvm_binary("maxnum")
 _fmin = _llvm_binary("minnum")
+_fmaximum = _llvm_binary("maximum")  # NaN-propagating max
 
 
 @njit(cache=True, fastmath={"nnan", "nsz", "contract"})
@@ -213,38 +214,41 @@ def _exp_impl(x):
 #   mode 1/2 with Lm = L: the mask's (rr, w) block transposed into tb / ta (w x rr, like st).
 # Indices are uint64 throughout: mx[r] with a signed r that Numba could not prove non-negative kept the max
 # pass scalar (7.4 against 1.6 Mcycles on the benchmark's forward).
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath={"nsz", "contract"})
 def block_max(st, w, rr, mode, lm, causal, edge, bf, af, mo, tb, ta, i0, j0, mx):
-    """mx[r] = max(mx[r], max over the block's key rows of x[c, r]) (x: st plus mask; -inf for none)."""
+    """mx[r] = max(mx[r], max over the block's key rows of x[c, r]) (x: st plus mask; -inf for none); returns
+    how many queries' maxima are NaN or +inf, i.e. met a NaN or +inf score. The max is llvm.maximum, which
+    propagates NaN, and this function has no nnan: the caller recomputes such queries the slow way, which
+    propagates them as torch does (this kernel's exp would have turned them into some finite weight)."""
     emax = edge.shape[0] // 2
     for c in range(w):
         b = c * rr
         rs = min(max(j0 + c - i0, 0), rr) if causal else 0
-        if rs == rr:  # causal: no query of the block sees this key
-            continue
         if rs > 0:
             eo = emax - rs
             for r in range(rr):
-                mx[uint64(r)] = _fmax(mx[uint64(r)], st[uint64(b + r)] + edge[uint64(eo + r)])
+                mx[uint64(r)] = _fmaximum(mx[uint64(r)], st[uint64(b + r)] + edge[uint64(eo + r)])
         elif mode == 0:
             for r in range(rr):
-                mx[uint64(r)] = _fmax(mx[uint64(r)], st[uint64(b + r)])
+                mx[uint64(r)] = _fmaximum(mx[uint64(r)], st[uint64(b + r)])
         elif lm == 1:
-            if mode == 1:
-                if bf[uint64(mo + c)]:
-                    for r in range(rr):
-                        mx[uint64(r)] = _fmax(mx[uint64(r)], st[uint64(b + r)])
-            else:
-                val = af[uint64(mo + c)]
-                for r in range(rr):
-                    mx[uint64(r)] = _fmax(mx[uint64(r)], st[uint64(b + r)] + val)
+            val = af[uint64(mo + c)] if mode == 2 else _F32_ZERO
+            if mode == 1 and not bf[uint64(mo + c)]:
+                val = _NEG_INF
+            for r in range(rr):
+                mx[uint64(r)] = _fmaximum(mx[uint64(r)], st[uint64(b + r)] + val)
         elif mode == 1:
             for r in range(rr):
                 x = st[uint64(b + r)]
-                mx[uint64(r)] = _fmax(mx[uint64(r)], x if tb[uint64(b + r)] else _NEG_INF)
+                mx[uint64(r)] = _fmaximum(mx[uint64(r)], x if tb[uint64(b + r)] else _NEG_INF)
         else:
             for r in range(rr):
-                mx[uint64(r)] = _fmax(mx[uint64(r)], st[uint64(b + r)] + ta[uint64(b + r)])
+                mx[uint64(r)] = _fmaximum(mx[uint64(r)], st[uint64(b + r)] + ta[uint64(b + r)])
+    bad = 0
+    for r in range(rr):
+        if not mx[r] < np.inf:
+            bad += 1
+    return bad
 
 
 @njit(cache=True, fastmath=_FM)
@@ -299,7 +303,8 @@ def _mask_block(mode, lm, bf, af, mslab, s_, i0, rows, j0, w, tb, ta):
 @njit(cache=True, fastmath=_FM)
 def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge, scale, br, bc,
                       qt, sbuf, tb, ta, m, mnew, lsum, alpha, ab, out, lse):
-    """out[n] = softmax(q k^T * scale + mask) v and lse[n] = its per-query log-sum-exp, n < out.shape[0].
+    """out[n] = softmax(q k^T * scale + mask) v and lse[n] = its per-query log-sum-exp, n < out.shape[0];
+    returns the number of scores that were NaN or infinite (then out is not to be trusted: see block_max).
 
     edge: 2*emax (emax >= br) entries, emax times -inf then emax zeros (see block_max). Work buffers: qt
     (E*L), sbuf (bc*br), tb (bool) and ta (bc*br with a per-query mask, else any), m,
@@ -310,6 +315,7 @@ def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge,
     lm = bmask.shape[1] if mode == 1 else amask.shape[1]
     bf, af = bmask.reshape(-1), amask.reshape(-1)
     qf, kf, vf, of = q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1)
+    bad = 0
     for n in range(n_):
         ko = ki[n] * s_ * e_
         vo = vi[n] * s_ * ev
@@ -334,7 +340,7 @@ def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge,
                 mo = mslab * s_ + j0
                 for r in range(rows):
                     mnew[r] = m[r]
-                block_max(sbuf, w, rows, mode, lm, causal, edge, bf, af, mo, tb, ta, i0, j0, mnew)
+                bad += block_max(sbuf, w, rows, mode, lm, causal, edge, bf, af, mo, tb, ta, i0, j0, mnew)
                 for r in range(rows):
                     # alpha: how much the old sum and output shrink against the new max; a query that no key
                     # took part in so far keeps max -inf and takes shift 0 (its alpha and P are 0)
@@ -359,6 +365,7 @@ def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge,
                 for c in range(ev):
                     of[uint64(oo + r * ev + c)] *= inv
                 lse[n, i0 + r] = m[r] + math.log(lr) if lr > 0.0 else _NEG_INF
+    return bad
 
 
 @njit(cache=True, fastmath=_FM)
