@@ -127,7 +127,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # The inputs again, as contiguous (N, L, E) slabs: a copy only if the caller passed a strided view,
         # so that the node never holds a second copy of its inputs.
         q3, k3, v3 = _slabs(qd, kd, vd)
-        g3 = np.ascontiguousarray(g, dtype=dtype).reshape(n, L, Ev)
+        g3 = _kernel_array(g.astype(dtype, copy=False)).reshape(n, L, Ev)
         # fresh: no slab of q, k, v is shared by two problems (no broadcast batch dims, no GQA), so the
         # kernel writes each gradient slab's first product instead of adding it to zeros
         fresh = n == q3.shape[0] == k3.shape[0] == v3.shape[0] and bool(S)
@@ -149,9 +149,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return make_result(out.reshape(batch + (L, Ev)), (q, k, v), backward, _OP, saved=saved)
 
 
+def _kernel_array(a):
+    """``a`` itself if C-contiguous and writeable, else a copy that is: the kernels see one array type (a
+    read-only or strided array would compile another specialization, seconds, at its first use)."""
+    return np.require(a, requirements=("C", "W"))
+
+
 def _slabs(*arrays):
     """Each array as contiguous (slabs, rows, cols), slabs = the product of its batch dims."""
-    return [np.ascontiguousarray(a).reshape((math.prod(a.shape[:-2]),) + a.shape[-2:]) for a in arrays]
+    return [_kernel_array(a).reshape((math.prod(a.shape[:-2]),) + a.shape[-2:]) for a in arrays]
 
 
 def _block(size, n):
@@ -173,7 +179,7 @@ def _index_map(shape, batch, group=1):
     ids = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
     if group > 1:
         ids = np.repeat(ids, group, axis=-1)
-    return np.ascontiguousarray(np.broadcast_to(ids, batch)).reshape(-1)
+    return np.array(np.broadcast_to(ids, batch), order="C").reshape(-1)
 
 
 def _mask_args(md, batch, L, S, dtype):
@@ -188,7 +194,7 @@ def _mask_args(md, batch, L, S, dtype):
     m3 = md.reshape(shape)
     if sm != S:
         m3 = np.broadcast_to(m3, mb + (lm, S))
-    m3 = np.ascontiguousarray(m3).reshape(-1, lm, S)
+    m3 = _kernel_array(m3).reshape(-1, lm, S)
     mi = _index_map(mb, batch)
     if md.dtype == np.bool_:
         return 1, m3, dummy_add, mi

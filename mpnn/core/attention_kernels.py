@@ -208,9 +208,10 @@ def _exp_impl(x):
 # query r is i = i0 + r. What takes part, per key row:
 #   causal: queries r >= rs = j - i0. A row with 0 < rs < rr adds edge[emax - rs + r] (edge: emax times
 #       -inf, then emax zeros), so that every loop runs over whole rows: loops that started at rs ran their
-#       vector remainders scalar (rows are 32-64 long) and cost up to 3 cycles per element;
+#       vector remainders scalar (rows are 32-64 long) and cost up to 3 cycles per element; a row with
+#       rs = rr (no query sees the key) is skipped, its P set to 0;
 #   mode 1/2 with Lm = 1: one mask value per key, bf/af[mo + c] (mo: the flat offset of the mask row at
-#       key j0); a False key row is skipped whole;
+#       key j0); a False key row counts as -inf, its P is 0;
 #   mode 1/2 with Lm = L: the mask's (rr, w) block transposed into tb / ta (w x rr, like st).
 # Indices are uint64 throughout: mx[r] with a signed r that Numba could not prove non-negative kept the max
 # pass scalar (7.4 against 1.6 Mcycles on the benchmark's forward).
@@ -224,6 +225,8 @@ def block_max(st, w, rr, mode, lm, causal, edge, bf, af, mo, tb, ta, i0, j0, mx)
     for c in range(w):
         b = c * rr
         rs = min(max(j0 + c - i0, 0), rr) if causal else 0
+        if rs == rr:  # causal: no query of the block sees this key
+            continue
         if rs > 0:
             eo = emax - rs
             for r in range(rr):
