@@ -21,8 +21,10 @@ from mpnn.data import DistributedSampler
 comm = mpnn.init()
 sampler = DistributedSampler(range(12), seed=3)
 shard = list(sampler)
-print("REPORT " + json.dumps({"rank": comm.rank, "world_size": comm.world_size, "sampler": [sampler.rank,
-      sampler.num_replicas], "shards": comm.allgather_object(shard), "env_rank": os.environ["RANK"]}), flush=True)
+report = {"rank": comm.rank, "world_size": comm.world_size, "sampler": [sampler.rank, sampler.num_replicas],
+          "shards": comm.allgather_object(shard), "env_rank": os.environ["RANK"]}
+with open(f"report-{comm.rank}.json", "w") as f:  # a file each: the ranks' stdout lines may interleave
+    json.dump(report, f)
 """
 
 
@@ -39,8 +41,7 @@ def test_torchrun_workers_shard_the_data_set_by_torchruns_rank(tmp_path):
     done = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    reports = sorted((json.loads(line.split("REPORT ", 1)[1]) for line in done.stdout.splitlines()
-                      if "REPORT " in line), key=lambda r: r["rank"])
+    reports = sorted((json.loads(p.read_text()) for p in tmp_path.glob("report-*.json")), key=lambda r: r["rank"])
     assert [(r["rank"], r["world_size"], r["sampler"], r["env_rank"]) for r in reports] == [
         (0, 2, [0, 2], "0"), (1, 2, [1, 2], "1")]
     shards = reports[0]["shards"]
