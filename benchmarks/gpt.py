@@ -1,0 +1,222 @@
+"""nanoGPT's CPU recipe on mpnn and on PyTorch, side by side in one process, one thread each: tokens/s and loss.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gpt.py              # speed: tokens/s, ratio
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gpt.py --full       # + 2000 steps, val loss
+    python benchmarks/gpt.py --full --text input.txt                                   # another text
+
+One model definition serves both libraries (``build(lib)`` gets torch or mpnn as ``lib``), so the two run the
+same code: character GPT, block 64, batch 12, 4 layers, 4 heads, 128 embedding, no bias, dropout 0, AdamW
+(betas 0.9/0.99, weight decay 0.1 on matrices), lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4, clip 1.0.
+Both see the same batches (drawn once with NumPy). Speed: the median over --repeats blocks of --steps steps of
+each library's tokens/s, after warm-up; the ratio is mpnn / torch (>1: mpnn faster).
+"""
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def build(lib, vocab, block=64, n_layer=4, n_head=4, n_embd=128):
+    """The GPT, written once against torch's API; ``lib`` is torch or mpnn."""
+    nn, F = lib.nn, lib.nn.functional
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+            self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+
+        def forward(self, x):
+            b, t, c = x.size()
+            q, k, v = self.c_attn(x).split(n_embd, dim=2)
+            q, k, v = (z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+            self.attn = Attention()
+            self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+            self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+            self.gelu = nn.GELU()
+            self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.c_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(vocab, n_embd)
+            self.wpe = nn.Embedding(block, n_embd)
+            self.h = nn.ModuleList([Block() for _ in range(n_layer)])
+            self.ln_f = nn.LayerNorm(n_embd, bias=False)
+            self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+            self.wte.weight = self.lm_head.weight
+
+        def forward(self, idx, targets):
+            t = idx.size(1)
+            x = self.wte(idx) + self.wpe(lib.arange(0, t, dtype=lib.long))
+            for blk in self.h:
+                x = blk(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    return GPT()
+
+
+def init_like(model, lib, seed):
+    """The same initial weights in both libraries: N(0, 0.02) matrices (scaled for c_proj), LayerNorm ones."""
+    rng = np.random.default_rng(seed)
+    with lib.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * 4) if name.endswith("c_proj.weight") else 0.02
+                values = rng.normal(0.0, std, size=tuple(p.shape)).astype(np.float32)
+            else:
+                values = np.ones(tuple(p.shape), np.float32)
+            p.copy_(lib.from_numpy(values))
+
+
+def optimizer(model, lib):
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return lib.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+
+
+def lr_at(step, steps):
+    if step < 100:
+        return 1e-3 * (step + 1) / 101
+    ratio = min(1.0, (step - 100) / max(1, steps - 100))
+    return 1e-4 + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1e-3 - 1e-4)
+
+
+def load_tokens(path):
+    if path:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        from pydoc_data.topics import topics
+        text = "".join(topics[k] for k in sorted(topics))
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return np.array([stoi[c] for c in text], dtype=np.int64), len(chars)
+
+
+def batches(tokens, n, seed, batch=12, block=64):
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - block - 1, size=(n, batch))
+    x = np.stack([[tokens[s:s + block] for s in row] for row in starts])
+    y = np.stack([[tokens[s + 1:s + 1 + block] for s in row] for row in starts])
+    return x, y
+
+
+class Trainer:
+    """One library's model, optimizer and step."""
+
+    def __init__(self, lib, vocab, seed, total_steps):
+        self.lib = lib
+        self.model = build(lib, vocab)
+        init_like(self.model, lib, seed)
+        self.opt = optimizer(self.model, lib)
+        self.total, self.done = total_steps, 0
+
+    def step(self, x, y):
+        lib = self.lib
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.done, self.total)
+        loss = self.model(lib.from_numpy(x), lib.from_numpy(y))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lib.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.done += 1
+        return loss
+
+    def evaluate(self, xs, ys):
+        lib = self.lib
+        self.model.eval()
+        with lib.no_grad():
+            losses = [self.model(lib.from_numpy(x), lib.from_numpy(y)).item() for x, y in zip(xs, ys)]
+        self.model.train()
+        return float(np.mean(losses))
+
+
+def libraries():
+    import torch
+
+    import mpnn
+    torch.set_num_threads(1)
+    return {"mpnn": mpnn, "torch": torch}
+
+
+def speed(libs, tokens, vocab, steps, repeats, warmup):
+    x, y = batches(tokens, steps * repeats + warmup, seed=1)
+    rates = {name: [] for name in libs}
+    trainers = {name: Trainer(lib, vocab, seed=0, total_steps=10_000) for name, lib in libs.items()}
+    for tr in trainers.values():
+        for i in range(warmup):
+            tr.step(x[i], y[i])
+    for r in range(repeats):  # interleave the libraries so that machine load hits both alike
+        for name, tr in trainers.items():
+            t0 = time.perf_counter()
+            for i in range(warmup + r * steps, warmup + (r + 1) * steps):
+                tr.step(x[i], y[i])
+            rates[name].append(steps * x.shape[1] * x.shape[2] / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}, rates
+
+
+def full_run(libs, tokens, vocab, steps, eval_iters):
+    split = int(0.9 * len(tokens))
+    train, val = tokens[:split], tokens[split:]
+    x, y = batches(train, steps, seed=2)
+    vx, vy = batches(val, eval_iters, seed=3)
+    out = {}
+    for name, lib in libs.items():
+        tr = Trainer(lib, vocab, seed=0, total_steps=steps)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            tr.step(x[i], y[i])
+        out[name] = SimpleNamespace(val=tr.evaluate(vx, vy), seconds=time.perf_counter() - t0)
+        print(f"{name:6s} {steps} steps in {out[name].seconds:7.1f} s, validation loss {out[name].val:.4f}",
+              flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--full", action="store_true", help="also train each library for --full-steps, report val loss")
+    p.add_argument("--full-steps", type=int, default=2000)
+    p.add_argument("--eval-iters", type=int, default=20)
+    p.add_argument("--text", default=None)
+    args = p.parse_args()
+    tokens, vocab = load_tokens(args.text)
+    libs = libraries()
+    med, rates = speed(libs, tokens, vocab, args.steps, args.repeats, args.warmup)
+    print(f"tokens/s (median of {args.repeats} blocks of {args.steps} steps, batch 12 x 64, one thread):")
+    for name in libs:
+        print(f"  {name:6s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}")
+    print(f"  ratio mpnn/torch {med['mpnn'] / med['torch']:.2f}x")
+    if args.full:
+        out = full_run(libs, tokens, vocab, args.full_steps, args.eval_iters)
+        print(f"validation loss after {args.full_steps} steps: mpnn {out['mpnn'].val:.4f}, torch "
+              f"{out['torch'].val:.4f} (difference {out['mpnn'].val - out['torch'].val:+.4f})")
+
+
+if __name__ == "__main__":
+    main()
