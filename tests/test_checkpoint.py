@@ -38,7 +38,7 @@ def assert_same_run(a, b):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert_same_run(x, y)
-    elif isinstance(a, (np.ndarray, np.generic)):
+    elif isinstance(a, (np.ndarray, np.generic, mpnn.Tensor)):
         assert np.asarray(a).dtype == np.asarray(b).dtype
         np.testing.assert_array_equal(a, b)
     else:

@@ -359,7 +359,7 @@ def test_the_same_file_on_real_torch_agrees(tmp_path, flash):
     t = real.GPT(real.GPTConfig(block_size=16, vocab_size=32, bias=flash, flash=flash))
     assert list(t.state_dict()) == list(m.state_dict())
     assert [n for n, _ in t.named_parameters()] == [n for n, _ in m.named_parameters()]
-    t.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in m.state_dict().items()})
+    t.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in m.state_dict().items()})
     x, y = _batches(32, 16, batch=4, seed=4)
     tx, ty = torch.from_numpy(x.data), torch.from_numpy(y.data)
     t_logits, t_loss = t(tx, ty)

@@ -77,18 +77,24 @@ def test_sequential_and_batchnorm_keys_are_pytorchs():
         "1.num_batches_tracked", "3.1.weight", "3.1.bias"]
     sd = model.state_dict()
     assert sd["1.num_batches_tracked"].dtype == np.int64 and sd["1.num_batches_tracked"].shape == ()
-    assert isinstance(sd, OrderedDict) and all(isinstance(v, np.ndarray) for v in sd.values())
+    assert isinstance(sd, OrderedDict) and all(isinstance(v, mpnn.Tensor) and not v.requires_grad for v in sd.values())
     named = nn.Sequential(OrderedDict([("fc", nn.Linear(2, 2)), ("act", nn.Tanh())]))
     assert list(named.state_dict()) == ["fc.weight", "fc.bias"]
 
 
-def test_state_dict_returns_copies_and_load_copies_in_place():
+def test_state_dict_shares_storage_as_torchs_and_load_copies_in_place():
     src, dst = nn.Linear(3, 2), nn.Linear(3, 2)
     sd = src.state_dict()
-    sd["weight"][...] = 5.0
-    assert not np.any(src.weight.data == 5.0)  # a copy, not the parameter's array
+    assert all(not v.requires_grad and v.grad_fn is None for v in sd.values())
+    snapshot = copy.deepcopy(sd)
+    version = src.weight._version
+    with mpnn.no_grad():
+        sd["weight"].copy_(mpnn.full((2, 3), 5.0))  # nanoGPT's from_pretrained writes weights this way
+    np.testing.assert_array_equal(src.weight.data, 5.0)  # into the parameter's own storage
+    assert src.weight._version == version + 1  # and the write is counted, as any in-place write
+    assert not np.any(snapshot["weight"].numpy() == 5.0)  # the deep copy is a snapshot
     weight_array = dst.weight.data
-    result = dst.load_state_dict({"weight": Tensor(sd["weight"]), "bias": sd["bias"].astype(np.float64)})
+    result = dst.load_state_dict({"weight": Tensor(sd["weight"]), "bias": sd["bias"].numpy().astype(np.float64)})
     assert dst.weight.data is weight_array  # loaded in place: optimizers keep pointing at it
     np.testing.assert_array_equal(dst.weight.data, 5.0)
     assert dst.bias.data.dtype == np.float32
@@ -98,7 +104,7 @@ def test_state_dict_returns_copies_and_load_copies_in_place():
 
 def test_strict_load_lists_every_missing_unexpected_and_mismatched_key_and_changes_nothing():
     model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
-    before = model.state_dict()
+    before = copy.deepcopy(model.state_dict())  # a snapshot: state_dict() shares storage, as torch's
     sd = model.state_dict()
     del sd["0.bias"], sd["1.running_var"]
     sd["extra.weight"] = np.zeros(1)

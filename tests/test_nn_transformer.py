@@ -31,7 +31,7 @@ def to_mpnn(torch_module, mpnn_module):
 
 def to_torch(mpnn_module, torch_module):
     torch = _torch()
-    sd = {k: torch.from_numpy(v.copy()) for k, v in mpnn_module.state_dict().items()}
+    sd = {k: torch.from_numpy(v.numpy().copy()) for k, v in mpnn_module.state_dict().items()}
     assert list(sd) == list(torch_module.state_dict())
     torch_module.load_state_dict(sd)
 

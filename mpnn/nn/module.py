@@ -326,12 +326,14 @@ class Module:
                 child._state_tensors(prefix + name + ".", out)
         return out
 
-    def state_dict(self, prefix: str = "", keep_vars: bool = False) -> OrderedDict[str, np.ndarray]:
-        """Parameters and persistent buffers by dotted name, as NumPy copies (Tensors if keep_vars)."""
+    def state_dict(self, prefix: str = "", keep_vars: bool = False) -> OrderedDict[str, Tensor]:
+        """Parameters and persistent buffers by dotted name, as torch's: detached tensors that share each one's
+        storage (``sd[k].copy_(w)`` under no_grad writes into the model; ``copy.deepcopy`` it for a snapshot);
+        the parameters themselves if keep_vars."""
         tensors = self._state_tensors(prefix)
         if keep_vars:
             return tensors
-        return OrderedDict((k, t.data.copy()) for k, t in tensors.items())
+        return OrderedDict((k, t.detach()) for k, t in tensors.items())
 
     def load_state_dict(self, state_dict, strict: bool = True):
         """Copy arrays (or Tensors) into the existing parameters and buffers, in place.
