@@ -159,6 +159,8 @@ def libraries():
 
     import mpnn
     torch.set_num_threads(1)
+    mpnn.init()  # as a training script starts: a world of one, flush-to-zero, freed memory kept (for both libraries:
+    #              malloc is the process's, and torch's CPU allocator sits on it too)
     return {"mpnn": mpnn, "torch": torch}
 
 

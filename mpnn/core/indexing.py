@@ -7,8 +7,10 @@ from collections import namedtuple
 
 import numpy as np
 
+from mpnn.core.autograd import SliceGrad
 from mpnn.core.elementwise import _pair, unbroadcast
 from mpnn.core.errors import OpError
+from mpnn.core.indexing_kernels import add_rows
 from mpnn.core.random import multinomial
 from mpnn.core.tensor_base import TensorBase, as_tensor, from_array, make_result, make_view
 
@@ -41,11 +43,10 @@ def getitem(a, idx):
     shape, dtype = a.data.shape, a.data.dtype
 
     def backward(g):
+        if basic:  # basic indices never repeat an element: the engine adds the region in place
+            return (SliceGrad(shape, idx, g),)
         full = np.zeros(shape, dtype=g.dtype)
-        if basic:
-            full[idx] = g  # basic indices never repeat an element
-        else:
-            np.add.at(full, idx, g)  # integer arrays may select an element more than once
+        np.add.at(full, idx, g)  # integer arrays may select an element more than once
         return (full,)
     if basic:
         return make_view(out, a, backward, "index", lambda arr: arr[idx])
@@ -93,7 +94,8 @@ def embedding(input, weight: TensorBase, padding_idx: int | None = None) -> Tens
 
     def backward(g):
         full = np.zeros(wshape, dtype=g.dtype)
-        np.add.at(full, idx.reshape(-1), g.reshape(-1, wshape[1]))
+        add_rows(full, np.ascontiguousarray(idx.reshape(-1), dtype=np.int64),
+                 np.ascontiguousarray(g.reshape(-1, wshape[1])))
         if padding_idx is not None:
             full[padding_idx] = 0
         return (full,)

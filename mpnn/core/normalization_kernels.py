@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def layer_norm_forward(x, w, b, eps, out, mean, invstd):
     m, n = x.shape
     for r in range(m):
@@ -31,7 +31,7 @@ def layer_norm_forward(x, w, b, eps, out, mean, invstd):
             out[r, j] = (x[r, j] - mu) * inv * w[j] + b[j]
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def layer_norm_backward(x, w, g, mean, invstd, need_x, need_wb, gx, gw, gb):
     m, n = x.shape
     for r in range(m):

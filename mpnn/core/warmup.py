@@ -15,6 +15,7 @@ def warmup() -> None:
     from mpnn.core.activation import gelu, log_softmax
     from mpnn.core.attention import scaled_dot_product_attention
     from mpnn.core.conv import conv1d, conv2d
+    from mpnn.core.indexing import embedding
     from mpnn.core.normalization import layer_norm
     from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
     from mpnn.core.tensor import Tensor
@@ -32,7 +33,7 @@ def warmup() -> None:
         conv2d(x2, w3, None, stride=2, padding=1),     # the im2col path
         max_pool1d(x1, 2), avg_pool1d(x1, 2), max_pool2d(x2, 2), avg_pool2d(x2, 2),
         adaptive_avg_pool2d(x2, 3), gelu(x1), gelu(x1, approximate="tanh"), log_softmax(x1, 1),
-        layer_norm(x1, (12,), leaf(12), leaf(12)),
+        layer_norm(x1, (12,), leaf(12), leaf(12)), embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
         scaled_dot_product_attention(x1, x1, x1, is_causal=True),
     ]
     loss = outs[0].sum()
