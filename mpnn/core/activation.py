@@ -114,7 +114,9 @@ def gelu(a, approximate="none"):
     def backward(g):
         gf = K.flat(g.astype(x.dtype, copy=False))
         gx = np.empty_like(x)
-        if approximate == "none":
+        if approximate == "none" and x.dtype == np.float32:
+            K.gelu_backward_float32(x, gf, kept, gx)
+        elif approximate == "none":
             gauss = np.multiply(x, x, out=np.empty_like(x))
             gauss *= -0.5
             np.exp(gauss, out=gauss)
