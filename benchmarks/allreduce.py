@@ -107,11 +107,20 @@ def bench_mpnn(context, world_size, sizes, transport, encrypt, shared_memory):
     port, run_id = _free_port(), secrets.token_hex(4)
     targets = []
     for rank in range(world_size):
-        env = {"MPNN_RANK": str(rank), "MPNN_WORLD_SIZE": str(world_size), "MPNN_LOCAL_RANK": str(rank),
-               "MPNN_LOCAL_WORLD_SIZE": str(world_size), "MPNN_RUN_ID": run_id, "MPNN_RUN_DIR": run_dir,
-               "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}", "MPNN_SECRET_FILE": secret_file,
-               "MPNN_TRANSPORT": transport, "MPNN_ENCRYPT": "1" if encrypt else "0", "MPNN_TIMEOUT": "120",
-               "MPNN_SHM": "1" if shared_memory else "0"}
+        env = {
+            "MPNN_RANK": str(rank),
+            "MPNN_WORLD_SIZE": str(world_size),
+            "MPNN_LOCAL_RANK": str(rank),
+            "MPNN_LOCAL_WORLD_SIZE": str(world_size),
+            "MPNN_RUN_ID": run_id,
+            "MPNN_RUN_DIR": run_dir,
+            "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}",
+            "MPNN_SECRET_FILE": secret_file,
+            "MPNN_TRANSPORT": transport,
+            "MPNN_ENCRYPT": "1" if encrypt else "0",
+            "MPNN_TIMEOUT": "120",
+            "MPNN_SHM": "1" if shared_memory else "0",
+        }
         env.update({name: "1" for name in THREAD_VARS})
         targets.append((_mpnn_rank, (env, sizes)))
     try:
@@ -149,17 +158,22 @@ def main():
     context = multiprocessing.get_context("spawn")
     mpnn, gloo = {}, {}
     for _ in range(args.rounds):
-        for best, timings in ((mpnn, bench_mpnn(context, args.ranks, sizes, args.transport, args.encrypt,
-                                                    not args.no_shm)),
-                              (gloo, bench_gloo(context, args.ranks, sizes))):
+        for best, timings in (
+            (mpnn, bench_mpnn(context, args.ranks, sizes, args.transport, args.encrypt, not args.no_shm)),
+            (gloo, bench_gloo(context, args.ranks, sizes)),
+        ):
             for nbytes, seconds in timings.items():
                 best[nbytes] = min(best.get(nbytes, seconds), seconds)
     n = args.ranks
-    print(f"all-reduce, float32 sum, {n} ranks, mpnn transport={args.transport} encrypt={args.encrypt} "
-          f"shared_memory={not args.no_shm}; "
-          f"rank 0's median of repetitions, best of {args.rounds} rounds")
-    print(f"{'size':>6} | {'mpnn time':>11} {'algbw':>10} {'busbw':>10} | {'gloo time':>11} {'algbw':>10} "
-          f"{'busbw':>10} | {'bw mpnn/gloo':>12} {'time mpnn/gloo':>14}")
+    print(
+        f"all-reduce, float32 sum, {n} ranks, mpnn transport={args.transport} encrypt={args.encrypt} "
+        f"shared_memory={not args.no_shm}; "
+        f"rank 0's median of repetitions, best of {args.rounds} rounds"
+    )
+    print(
+        f"{'size':>6} | {'mpnn time':>11} {'algbw':>10} {'busbw':>10} | {'gloo time':>11} {'algbw':>10} "
+        f"{'busbw':>10} | {'bw mpnn/gloo':>12} {'time mpnn/gloo':>14}"
+    )
     for nbytes in sizes:
         rows = []
         for timings in (mpnn, gloo):
@@ -167,8 +181,10 @@ def main():
             algbw = nbytes / seconds / 1e9
             rows.append((seconds, algbw, algbw * 2 * (n - 1) / n))
         (tm, am, bm), (tg, ag, bg) = rows
-        print(f"{_format_bytes(nbytes):>6} | {tm * 1e6:>9.1f}us {am:>7.3f}GB/s {bm:>7.3f}GB/s | {tg * 1e6:>9.1f}us "
-              f"{ag:>7.3f}GB/s {bg:>7.3f}GB/s | {am / ag:>11.2f}x {tm / tg:>13.2f}x")
+        print(
+            f"{_format_bytes(nbytes):>6} | {tm * 1e6:>9.1f}us {am:>7.3f}GB/s {bm:>7.3f}GB/s | {tg * 1e6:>9.1f}us "
+            f"{ag:>7.3f}GB/s {bg:>7.3f}GB/s | {am / ag:>11.2f}x {tm / tg:>13.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ out the time the thread waited for a core: on a shared, loaded machine the stead
 its own CPU flash-attention kernel (float32, 4-D inputs, no mask: the path F.scaled_dot_product_attention
 picks). The ratio is torch time / mpnn time: above 1 means mpnn is faster.
 """
+
 import os
 
 for _var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -54,10 +55,13 @@ def main():
     args = parser.parse_args()
 
     import torch
+
     torch.set_num_threads(1)
     F = torch.nn.functional
-    print(f"numpy {np.__version__}, torch {torch.__version__} (threads {torch.get_num_threads()}), "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(
+        f"numpy {np.__version__}, torch {torch.__version__} (threads {torch.get_num_threads()}), "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     rng = np.random.default_rng(0)
     rows = []
     for b, h, t, d in SHAPES:
@@ -91,12 +95,16 @@ def main():
         rows.append(((b, h, t, d), both, fwd, flops(b, h, t, d)))
 
     print("\ncausal scaled_dot_product_attention, float32, one thread (median ms; ratio = torch / mpnn)")
-    print(f"  {'(B, H, T, D)':<18}{'pass':<6}{'mpnn wall':>10}{'torch wall':>11}{'ratio':>7}"
-          f"{'mpnn cpu':>10}{'torch cpu':>10}{'ratio':>7}{'mpnn GFLOP/s':>14}")
+    print(
+        f"  {'(B, H, T, D)':<18}{'pass':<6}{'mpnn wall':>10}{'torch wall':>11}{'ratio':>7}"
+        f"{'mpnn cpu':>10}{'torch cpu':>10}{'ratio':>7}{'mpnn GFLOP/s':>14}"
+    )
     for shape, both, fwd, (ff, bf) in rows:
         for name, ((wm, cm), (wt, ct)), fl in (("f+b", both, ff + bf), ("fwd", fwd, ff)):
-            print(f"  {str(shape):<18}{name:<6}{wm * 1e3:10.3f}{wt * 1e3:11.3f}{wt / wm:6.2f}x"
-                  f"{cm * 1e3:10.3f}{ct * 1e3:10.3f}{ct / cm:6.2f}x{fl / cm / 1e9:14.1f}")
+            print(
+                f"  {str(shape):<18}{name:<6}{wm * 1e3:10.3f}{wt * 1e3:11.3f}{wt / wm:6.2f}x"
+                f"{cm * 1e3:10.3f}{ct * 1e3:10.3f}{ct / cm:6.2f}x{fl / cm / 1e9:14.1f}"
+            )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -15,6 +15,7 @@ socket ring and the communicator's bytes_sent is what a network would carry. Rea
 The CNN's gradient is 5,210 floats (20,840 bytes) in one bucket, below the communicator's 32 KB small-array
 path, so uncompressed steps send each rank's whole gradient to the other rank once (20,840 bytes per rank).
 """
+
 import argparse
 import os
 import re
@@ -40,9 +41,28 @@ def run_method(method, steps, seed, eval_every, log_dir):
 
     run_id = f"{re.sub(r'[^A-Za-z0-9._-]', '-', method.replace('=', ''))}-seed{seed}"
     plugin = [] if method == "none" else ["--plugin", method]
-    command = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--log-dir", str(log_dir), "--run-id", run_id,
-               *plugin, str(RECIPE), "--model", "cnn", "--steps", str(steps), "--eval-every", str(eval_every),
-               "--seed", str(seed)]
+    command = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "-n",
+        "2",
+        "--log-dir",
+        str(log_dir),
+        "--run-id",
+        run_id,
+        *plugin,
+        str(RECIPE),
+        "--model",
+        "cnn",
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(eval_every),
+        "--seed",
+        str(seed),
+    ]
     env = {**os.environ, "MPNN_SHM": "0", "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -62,10 +82,17 @@ def summarize(method, results):
     late = [late for (_, late), _, _ in results]
     _, wall, steps = results[0]
     sent = [s["bytes_sent"] for s in steps]
-    row = {"method": method, "acc_mean": statistics.fmean(accuracies), "accs": accuracies,
-           "acc_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, "late_mean": statistics.fmean(late),
-           "bytes_total": sum(sent), "bytes_step": statistics.median(sent),
-           "ms_step": 1e3 * statistics.median(s["step_s"] for s in steps), "wall_s": wall}
+    row = {
+        "method": method,
+        "acc_mean": statistics.fmean(accuracies),
+        "accs": accuracies,
+        "acc_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "late_mean": statistics.fmean(late),
+        "bytes_total": sum(sent),
+        "bytes_step": statistics.median(sent),
+        "ms_step": 1e3 * statistics.median(s["step_s"] for s in steps),
+        "wall_s": wall,
+    }
     if "codec_bytes" in steps[-1]:
         row["codec_bytes"] = statistics.median(s["codec_bytes"] for s in steps)
         row["codec_ratio"] = statistics.median(s["codec_ratio"] for s in steps)
@@ -86,18 +113,24 @@ def main():
             rows.append(summarize(method, results))
             print(f"done {method}: accuracies {rows[-1]['accs']}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["method"] == "none"), None)
-    print(f"MNIST-1D CNN, 2 workers, {args.steps} steps, seeds {args.seeds} (accuracy: mean over seeds; wire: "
-          f"seed {args.seeds[0]}, rank 0)")
-    print(f"{'method':<18}{'final acc':>10}{'sd':>7}{'vs none':>9}{'last 1/4':>10}{'vs none':>9}"
-          f"{'bytes/step':>12}{'x fewer':>9}{'total MB':>10}{'codec B/step':>14}{'codec ratio':>13}{'ms/step':>9}")
+    print(
+        f"MNIST-1D CNN, 2 workers, {args.steps} steps, seeds {args.seeds} (accuracy: mean over seeds; wire: "
+        f"seed {args.seeds[0]}, rank 0)"
+    )
+    print(
+        f"{'method':<18}{'final acc':>10}{'sd':>7}{'vs none':>9}{'last 1/4':>10}{'vs none':>9}"
+        f"{'bytes/step':>12}{'x fewer':>9}{'total MB':>10}{'codec B/step':>14}{'codec ratio':>13}{'ms/step':>9}"
+    )
     for r in rows:
         delta = f"{100 * (r['acc_mean'] - base['acc_mean']):+.2f}" if base else "-"
         late_delta = f"{100 * (r['late_mean'] - base['late_mean']):+.2f}" if base else "-"
         fewer = f"{base['bytes_step'] / r['bytes_step']:.1f}" if base and r["bytes_step"] else "-"
-        codec = (f"{r['codec_bytes']:>14.0f}{r['codec_ratio']:>13.1f}" if "codec_bytes" in r else f"{'-':>14}{'-':>13}")
-        print(f"{r['method']:<18}{100 * r['acc_mean']:>9.2f}%{100 * r['acc_sd']:>7.2f}{delta:>9}"
-              f"{100 * r['late_mean']:>9.2f}%{late_delta:>9}{r['bytes_step']:>12.0f}{fewer:>9}"
-              f"{r['bytes_total'] / 1e6:>10.2f}{codec}{r['ms_step']:>9.2f}")
+        codec = f"{r['codec_bytes']:>14.0f}{r['codec_ratio']:>13.1f}" if "codec_bytes" in r else f"{'-':>14}{'-':>13}"
+        print(
+            f"{r['method']:<18}{100 * r['acc_mean']:>9.2f}%{100 * r['acc_sd']:>7.2f}{delta:>9}"
+            f"{100 * r['late_mean']:>9.2f}%{late_delta:>9}{r['bytes_step']:>12.0f}{fewer:>9}"
+            f"{r['bytes_total'] / 1e6:>10.2f}{codec}{r['ms_step']:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Both run in this one process, interleaved repetition by repetition (so load from
 alike); each figure is the median after a warm-up, of wall time and of this thread's CPU time (which leaves
 out the time the thread waited for a core: on a shared, loaded machine the steadier of the two).
 """
+
 import os
 
 for _var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -28,8 +29,15 @@ def openblas_core():
     """The OpenBLAS kernel family NumPy dispatched to (threadpoolctl if present, else NumPy's own library)."""
     try:
         from threadpoolctl import threadpool_info
-        return ", ".join(f"{i.get('internal_api')}:{i.get('architecture')}" for i in threadpool_info()
-                         if i.get("user_api") == "blas") or "unknown"
+
+        return (
+            ", ".join(
+                f"{i.get('internal_api')}:{i.get('architecture')}"
+                for i in threadpool_info()
+                if i.get("user_api") == "blas"
+            )
+            or "unknown"
+        )
     except ImportError:
         pass
     libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
@@ -60,9 +68,11 @@ def side_by_side(fns, reps, warmup=3):
 
 def train_step(op, x, w, b, g, **kw):
     """Forward and backward of op (mpnn's or torch's) with fresh gradients, as one training step does."""
+
     def step():
         x.grad = w.grad = b.grad = None
         op(x, w, b, **kw).backward(g)
+
     return step
 
 
@@ -79,11 +89,14 @@ def main():
     args = parser.parse_args()
 
     import torch
+
     torch.set_num_threads(1)
     F = torch.nn.functional
-    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
-          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
-          f"numpy OpenBLAS core: {openblas_core()}")
+    print(
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
+        f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')} "
+        f"numpy OpenBLAS core: {openblas_core()}"
+    )
     print(f"numpy {np.__version__}, torch {torch.__version__} (threads {torch.get_num_threads()})")
     rng = np.random.default_rng(0)
 
@@ -92,8 +105,9 @@ def main():
     g = rng.standard_normal((8, 64, 64, 64)).astype(np.float32)
     flops = 3 * 2 * 8 * 64 * 64 * 64 * 32 * 9  # forward, input grad, weight grad: one GEMM's worth each
     mine = train_step(conv2d, *(Tensor(a, requires_grad=True) for a in (x, w, b)), g, padding=1)
-    theirs = train_step(F.conv2d, *(torch.tensor(a, requires_grad=True) for a in (x, w, b)),
-                        torch.from_numpy(g), padding=1)
+    theirs = train_step(
+        F.conv2d, *(torch.tensor(a, requires_grad=True) for a in (x, w, b)), torch.from_numpy(g), padding=1
+    )
     (w_mine, c_mine), (w_torch, c_torch) = side_by_side([mine, theirs], args.reps)
     print(f"\nconv2d 3x3 32->64 64x64 batch 8 pad 1, forward+backward ({flops / 1e9:.2f} GFLOP):")
     print(f"  {'':6}{'wall ms':>9}{'GFLOP/s':>9}{'cpu ms':>9}{'GFLOP/s':>9}")
@@ -120,16 +134,27 @@ def main():
                 F.conv1d(*tt, stride=2, padding=1)
 
         fwd = [cpu for _, cpu in side_by_side([mine_fwd, torch_fwd], 20 * args.reps)]
-        both = [cpu for _, cpu in side_by_side([train_step(conv1d, *mt, g, stride=2, padding=1),
-                                                train_step(F.conv1d, *tt, torch.from_numpy(g), stride=2,
-                                                           padding=1)], 20 * args.reps)]
+        both = [
+            cpu
+            for _, cpu in side_by_side(
+                [
+                    train_step(conv1d, *mt, g, stride=2, padding=1),
+                    train_step(F.conv1d, *tt, torch.from_numpy(g), stride=2, padding=1),
+                ],
+                20 * args.reps,
+            )
+        ]
         total_mine += both[0]
         total_torch += both[1]
         name = f"({c_in}->25, k{k}, s2, p1) {length}->{out_len}"
-        print(f"  {name:<34}{fwd[0] * 1e6:10.1f}{fwd[1] * 1e6:11.1f}{both[0] * 1e6:10.1f}{both[1] * 1e6:11.1f}"
-              f"{both[1] / both[0]:10.2f}x")
-    print(f"  {'all three':<34}{'':10}{'':11}{total_mine * 1e6:10.1f}{total_torch * 1e6:11.1f}"
-          f"{total_torch / total_mine:10.2f}x")
+        print(
+            f"  {name:<34}{fwd[0] * 1e6:10.1f}{fwd[1] * 1e6:11.1f}{both[0] * 1e6:10.1f}{both[1] * 1e6:11.1f}"
+            f"{both[1] / both[0]:10.2f}x"
+        )
+    print(
+        f"  {'all three':<34}{'':10}{'':11}{total_mine * 1e6:10.1f}{total_torch * 1e6:11.1f}"
+        f"{total_torch / total_mine:10.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ loaded machine two ranks in lockstep stall whenever either is preempted, and the
 little of that. Each setup runs --rounds times, interleaved, and the median of its runs is reported, with the
 load average around each round.
 """
+
 import os
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -45,16 +46,34 @@ STATISTICS = ("block median", "best block", "step median")
 
 def block_means(step_times, block):
     """Mean step time (seconds) of each run of `block` consecutive steps."""
-    return [statistics.fmean(step_times[i:i + block]) for i in range(0, len(step_times) - block + 1, block)]
+    return [statistics.fmean(step_times[i : i + block]) for i in range(0, len(step_times) - block + 1, block)]
 
 
 def mpnn_step_times(nproc, warmup, steps, log_dir, run_id):
     """Run the MNIST-1D CNN recipe under `mpnn launch -n nproc`; rank 0's step_s of the timed steps."""
     from mpnn.telemetry.reader import load_run
 
-    command = [sys.executable, "-m", "mpnn", "launch", "-n", str(nproc), "--log-dir", str(log_dir),
-               "--run-id", run_id, str(RECIPE), "--model", "cnn", "--batch-size", str(GLOBAL_BATCH),
-               "--steps", str(warmup + steps), "--eval-every", str(warmup + steps)]
+    command = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "-n",
+        str(nproc),
+        "--log-dir",
+        str(log_dir),
+        "--run-id",
+        run_id,
+        str(RECIPE),
+        "--model",
+        "cnn",
+        "--batch-size",
+        str(GLOBAL_BATCH),
+        "--steps",
+        str(warmup + steps),
+        "--eval-every",
+        str(warmup + steps),
+    ]
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         sys.exit(f"ddp_mnist1d: `{' '.join(command)}` failed with exit code {done.returncode}:\n{done.stdout}")
@@ -76,12 +95,19 @@ def _ddp_rank(rank, world_size, port, core, x, y, warmup, steps, out):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    model = nn.parallel.DistributedDataParallel(nn.Sequential(
-        nn.Unflatten(1, (1, x.shape[1])),
-        nn.Conv1d(1, 25, 5, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(125, 10)))
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(
+            nn.Unflatten(1, (1, x.shape[1])),
+            nn.Conv1d(1, 25, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(25, 25, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(25, 25, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(125, 10),
+        )
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
@@ -119,8 +145,12 @@ def ddp_step_times(world_size, warmup, steps, x, y):
     out = context.Queue()
     cores = sorted(os.sched_getaffinity(0))
     port = _free_port()
-    ranks = [context.Process(target=_ddp_rank, args=(rank, world_size, port, cores[rank % len(cores)], x, y,
-                                                     warmup, steps, out)) for rank in range(world_size)]
+    ranks = [
+        context.Process(
+            target=_ddp_rank, args=(rank, world_size, port, cores[rank % len(cores)], x, y, warmup, steps, out)
+        )
+        for rank in range(world_size)
+    ]
     for process in ranks:
         process.start()
     try:
@@ -157,10 +187,14 @@ def main():
     if args.warmup < 0 or args.block < 1 or args.steps < args.block or args.rounds < 1:
         parser.error("need --warmup >= 0, --block >= 1, --steps >= --block and --rounds >= 1")
     was_set = {var: os.environ.pop(var) for var in OPENBLAS_VARS if var in os.environ}
-    print(f"unset for the children: {was_set or 'none of ' + ', '.join(OPENBLAS_VARS) + ' was set'}; "
-          f"{', '.join(f'{v}={os.environ[v]}' for v in THREAD_VARS)}; cores {sorted(os.sched_getaffinity(0))}")
-    print(f"{args.warmup} warm-up steps, {args.steps} timed; block median = median of {args.steps // args.block} "
-          f"block means of {args.block} steps; {args.rounds} rounds")
+    print(
+        f"unset for the children: {was_set or 'none of ' + ', '.join(OPENBLAS_VARS) + ' was set'}; "
+        f"{', '.join(f'{v}={os.environ[v]}' for v in THREAD_VARS)}; cores {sorted(os.sched_getaffinity(0))}"
+    )
+    print(
+        f"{args.warmup} warm-up steps, {args.steps} timed; block median = median of {args.steps // args.block} "
+        f"block means of {args.block} steps; {args.rounds} rounds"
+    )
     from mpnn.data.datasets import load_mnist1d
 
     data = load_mnist1d()
@@ -168,23 +202,34 @@ def main():
     with tempfile.TemporaryDirectory(prefix="mpnn-ddp-bench-") as log_dir:
         for round_number in range(1, args.rounds + 1):
             load_before = os.getloadavg()[0]
-            runs = {"mpnn-2": mpnn_step_times(2, args.warmup, args.steps, Path(log_dir), f"r{round_number}-n2"),
-                    "mpnn-1": mpnn_step_times(1, args.warmup, args.steps, Path(log_dir), f"r{round_number}-n1"),
-                    "DDP-2": ddp_step_times(2, args.warmup, args.steps, data["x"], data["y"])}
+            runs = {
+                "mpnn-2": mpnn_step_times(2, args.warmup, args.steps, Path(log_dir), f"r{round_number}-n2"),
+                "mpnn-1": mpnn_step_times(1, args.warmup, args.steps, Path(log_dir), f"r{round_number}-n1"),
+                "DDP-2": ddp_step_times(2, args.warmup, args.steps, data["x"], data["y"]),
+            }
             print(f"round {round_number}: load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
             for name, times in runs.items():
                 results[name].append(summarize(times, args.block))
-                print(f"  {name:>6}: " + "  ".join(f"{label} {1e3 * s:.3f}" for label, s in
-                                                    zip(STATISTICS, results[name][-1])) + "  ms/step", flush=True)
+                print(
+                    f"  {name:>6}: "
+                    + "  ".join(f"{label} {1e3 * s:.3f}" for label, s in zip(STATISTICS, results[name][-1]))
+                    + "  ms/step",
+                    flush=True,
+                )
     print(f"median of {args.rounds} rounds, ms/step:")
     print(f"  {'':6}  " + "  ".join(f"{label:>13}" for label in STATISTICS))
     figure = {name: [statistics.median(column) for column in zip(*rows)] for name, rows in results.items()}
     for name, values in figure.items():
         print(f"  {name:>6}  " + "  ".join(f"{1e3 * s:13.3f}" for s in values))
-    for label, (num, den), target in (("mpnn-2 / DDP-2 ", ("mpnn-2", "DDP-2"), 0.3),
-                                      ("mpnn-2 / mpnn-1", ("mpnn-2", "mpnn-1"), 1.0)):
-        print(f"  {label}  " + "  ".join(f"{a / b:13.3f}" for a, b in zip(figure[num], figure[den]))
-              + f"   (target <= {target})")
+    for label, (num, den), target in (
+        ("mpnn-2 / DDP-2 ", ("mpnn-2", "DDP-2"), 0.3),
+        ("mpnn-2 / mpnn-1", ("mpnn-2", "mpnn-1"), 1.0),
+    ):
+        print(
+            f"  {label}  "
+            + "  ".join(f"{a / b:13.3f}" for a, b in zip(figure[num], figure[den]))
+            + f"   (target <= {target})"
+        )
 
 
 if __name__ == "__main__":

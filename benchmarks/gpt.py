@@ -10,6 +10,7 @@ same code: character GPT, block 64, batch 12, 4 layers, 4 heads, 128 embedding, 
 Both see the same batches (drawn once with NumPy). Speed: the median over --repeats blocks of --steps steps of
 each library's tokens/s, after warm-up; the ratio is mpnn / torch (>1: mpnn faster).
 """
+
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -91,8 +92,10 @@ def init_like(model, lib, seed):
 
 def optimizer(model, lib):
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return lib.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
 
 
@@ -109,6 +112,7 @@ def load_tokens(path):
             text = f.read()
     else:
         from pydoc_data.topics import topics
+
         text = "".join(topics[k] for k in sorted(topics))
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -118,8 +122,8 @@ def load_tokens(path):
 def batches(tokens, n, seed, batch=12, block=64):
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - block - 1, size=(n, batch))
-    x = np.stack([[tokens[s:s + block] for s in row] for row in starts])
-    y = np.stack([[tokens[s + 1:s + 1 + block] for s in row] for row in starts])
+    x = np.stack([[tokens[s : s + block] for s in row] for row in starts])
+    y = np.stack([[tokens[s + 1 : s + 1 + block] for s in row] for row in starts])
     return x, y
 
 
@@ -158,6 +162,7 @@ def libraries():
     import torch
 
     import mpnn
+
     torch.set_num_threads(1)
     mpnn.init()  # as a training script starts: a world of one, flush-to-zero, freed memory kept (for both libraries:
     #              malloc is the process's, and torch's CPU allocator sits on it too)
@@ -192,8 +197,7 @@ def full_run(libs, tokens, vocab, steps, eval_iters):
         for i in range(steps):
             tr.step(x[i], y[i])
         out[name] = SimpleNamespace(val=tr.evaluate(vx, vy), seconds=time.perf_counter() - t0)
-        print(f"{name:6s} {steps} steps in {out[name].seconds:7.1f} s, validation loss {out[name].val:.4f}",
-              flush=True)
+        print(f"{name:6s} {steps} steps in {out[name].seconds:7.1f} s, validation loss {out[name].val:.4f}", flush=True)
     return out
 
 
@@ -216,8 +220,10 @@ def main():
     print(f"  ratio mpnn/torch {med['mpnn'] / med['torch']:.2f}x")
     if args.full:
         out = full_run(libs, tokens, vocab, args.full_steps, args.eval_iters)
-        print(f"validation loss after {args.full_steps} steps: mpnn {out['mpnn'].val:.4f}, torch "
-              f"{out['torch'].val:.4f} (difference {out['mpnn'].val - out['torch'].val:+.4f})")
+        print(
+            f"validation loss after {args.full_steps} steps: mpnn {out['mpnn'].val:.4f}, torch "
+            f"{out['torch'].val:.4f} (difference {out['mpnn'].val - out['torch'].val:+.4f})"
+        )
 
 
 if __name__ == "__main__":

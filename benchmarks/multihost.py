@@ -56,8 +56,22 @@ class VethHosts:
 
     def popen(self, node, argv, **kwargs):
         """Start argv in node's namespace, in its own UTS namespace with hostname node<i>."""
-        return subprocess.Popen(["ip", "netns", "exec", self.names[node], "unshare", "--uts", "sh", "-c",
-                                 'hostname "$0" && exec "$@"', f"node{node}", *argv], **kwargs)
+        return subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.names[node],
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                'hostname "$0" && exec "$@"',
+                f"node{node}",
+                *argv,
+            ],
+            **kwargs,
+        )
 
 
 def _ip(*args):
@@ -71,16 +85,42 @@ def run_pair(hosts, workdir, run_id, port, encrypt, sizes, iters):
     secret = workdir / "secret"
     procs = []
     for node in range(2):
-        argv = [sys.executable, "-m", "mpnn", "launch", "--nnodes", "2", "--node-rank", str(node),
-                "--master-addr", hosts.addrs[0], "--master-port", str(port), "--run-id", run_id,
-                "--secret-file", str(secret), "--log-dir", str(workdir / "runs"), "--timeout", "120", "-n", "1",
-                "--encrypt" if encrypt else "--no-encrypt", __file__, "--worker", "--sizes", sizes]
+        argv = [
+            sys.executable,
+            "-m",
+            "mpnn",
+            "launch",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            hosts.addrs[0],
+            "--master-port",
+            str(port),
+            "--run-id",
+            run_id,
+            "--secret-file",
+            str(secret),
+            "--log-dir",
+            str(workdir / "runs"),
+            "--timeout",
+            "120",
+            "-n",
+            "1",
+            "--encrypt" if encrypt else "--no-encrypt",
+            __file__,
+            "--worker",
+            "--sizes",
+            sizes,
+        ]
         if iters:
             argv += ["--iters", str(iters)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MPNN_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        procs.append(hosts.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 cwd=ROOT, env=env))
+        procs.append(
+            hosts.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        )
     outputs = [proc.communicate(timeout=RUN_LIMIT_S)[0] for proc in procs]
     if any(proc.returncode for proc in procs):
         raise SystemExit(f"multihost benchmark: run {run_id} failed:\n" + "\n".join(outputs))
@@ -122,21 +162,27 @@ def main():
         for round_ in range(args.rounds):
             for encrypt in (False, True):
                 run_id = f"bench-{round_}-{'curve' if encrypt else 'plain'}"
-                result = run_pair(hosts, workdir, run_id, 29500 + 2 * round_ + encrypt, encrypt, args.sizes,
-                                  args.iters)
+                result = run_pair(hosts, workdir, run_id, 29500 + 2 * round_ + encrypt, encrypt, args.sizes, args.iters)
                 if result["encrypt"] is not encrypt:
                     raise SystemExit(f"multihost benchmark: run {run_id} had encrypt={result['encrypt']}")
                 seconds[encrypt].append([median for _, median in result["timings"]])
-                print(f"round {round_ + 1}/{args.rounds} {'CURVE' if encrypt else 'plain'}: " + ", ".join(
-                    f"{format_size(n)} {n / s / 1e9:.3f} GB/s" for n, s in zip(sizes, seconds[encrypt][-1])),
-                    file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {'CURVE' if encrypt else 'plain'}: "
+                    + ", ".join(
+                        f"{format_size(n)} {n / s / 1e9:.3f} GB/s" for n, s in zip(sizes, seconds[encrypt][-1])
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(f"2-node all-reduce over veth (float32 sum, algbw = bytes / time, median of {args.rounds} rounds)")
     print(f"{'size':>8} {'plain GB/s':>11} {'CURVE GB/s':>11} {'plain/CURVE':>12}")
     for i, nbytes in enumerate(sizes):
         plain = statistics.median(r[i] for r in seconds[False])
         curve = statistics.median(r[i] for r in seconds[True])
-        print(f"{format_size(nbytes):>8} {nbytes / plain / 1e9:>11.3f} {nbytes / curve / 1e9:>11.3f} "
-              f"{curve / plain:>11.2f}x")
+        print(
+            f"{format_size(nbytes):>8} {nbytes / plain / 1e9:>11.3f} {nbytes / curve / 1e9:>11.3f} "
+            f"{curve / plain:>11.2f}x"
+        )
 
 
 if __name__ == "__main__":

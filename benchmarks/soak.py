@@ -13,6 +13,7 @@ its telemetry (every rank's worker-<rank>.jsonl):
   watchdog's cost over the long run, on the same machine in the same session.
 Not a CI test: 50,000 steps take minutes.
 """
+
 import argparse
 import os
 import statistics
@@ -29,12 +30,35 @@ RECIPE = REPO / "launch" / "mnist1d.py"
 
 def launch(log_dir: Path, run_id: str, steps: int, plugins: list[str]) -> tuple[Path, float]:
     """One launched run; returns its run directory and wall seconds; exits with its output if it failed."""
-    command = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--log-dir", str(log_dir), "--run-id", run_id,
-               *[arg for plugin in plugins for arg in ("--plugin", plugin)], str(RECIPE), "--model", "mlp",
-               "--steps", str(steps), "--eval-every", str(max(steps // 10, 1))]
+    command = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "-n",
+        "2",
+        "--log-dir",
+        str(log_dir),
+        "--run-id",
+        run_id,
+        *[arg for plugin in plugins for arg in ("--plugin", plugin)],
+        str(RECIPE),
+        "--model",
+        "mlp",
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(max(steps // 10, 1)),
+    ]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if done.returncode != 0:
         sys.exit(f"soak: `{' '.join(command)}` failed with exit code {done.returncode}:\n{done.stdout[-4000:]}")
     return log_dir / run_id, time.perf_counter() - started
@@ -62,11 +86,13 @@ def report(run_dir: Path, window: int, wall: float) -> float:
         start, end = after[0]["rss_bytes"], after[-1]["rss_bytes"]
         rate = slope([r["step"] for r in after], [r["rss_bytes"] for r in after])
         events = [e["event"] for e in log.events if e["event"] in ("leak", "memory_trend")]
-        print(f"    rank {rank}: RSS after warm-up {start / 2**20:.1f} MiB, at the end {end / 2**20:.1f} MiB "
-              f"({(end - start) / 2**10:+.0f} KiB), slope {rate:+.2f} B/step, peak "
-              f"{max(r['rss_bytes'] for r in steps) / 2**20:.1f} MiB; watchdog events: {events or 'none'}")
+        print(
+            f"    rank {rank}: RSS after warm-up {start / 2**20:.1f} MiB, at the end {end / 2**20:.1f} MiB "
+            f"({(end - start) / 2**10:+.0f} KiB), slope {rate:+.2f} B/step, peak "
+            f"{max(r['rss_bytes'] for r in steps) / 2**20:.1f} MiB; watchdog events: {events or 'none'}"
+        )
     times = [r["step_s"] for r in run.ranks[0].steps if "step_s" in r]
-    columns = [statistics.median(times[i:i + window]) * 1e3 for i in range(0, len(times), window)]
+    columns = [statistics.median(times[i : i + window]) * 1e3 for i in range(0, len(times), window)]
     print(f"    rank 0 median step per window of {window} steps, ms: {' '.join(f'{c:.3f}' for c in columns)}")
     return statistics.median(times[window:]) if len(times) > window else statistics.median(times)
 
@@ -85,8 +111,10 @@ def main():
             run_dir, wall = launch(Path(log_dir), name, args.steps, plugins)
             medians[name] = report(run_dir, args.window, wall)
     if args.baseline:
-        print(f"  median step: watchdog {medians['watchdog'] * 1e3:.3f} ms, bare {medians['bare'] * 1e3:.3f} ms, "
-              f"ratio {medians['watchdog'] / medians['bare']:.3f}")
+        print(
+            f"  median step: watchdog {medians['watchdog'] * 1e3:.3f} ms, bare {medians['bare'] * 1e3:.3f} ms, "
+            f"ratio {medians['watchdog'] / medians['bare']:.3f}"
+        )
     print(f"  load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -3,6 +3,7 @@ must not import mpnn's top level: mpnn.init sits above the plugins).
 
     python benchmarks/watchdog_overhead.py [--features 40 --hidden 256 --batch 100] [--block 100] [--blocks 40]
 """
+
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -21,8 +22,7 @@ from mpnn.plugins.hookspec import hookimpl  # noqa: E402
 from mpnn.plugins.watchdog import Watchdog  # noqa: E402
 
 
-def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, block: int = 100,
-                     blocks: int = 40) -> dict:
+def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, block: int = 100, blocks: int = 40) -> dict:
     """The watchdog's cost in step time, as `--plugin watchdog` adds it to a recorded run: an mpnn MLP
     (features-hidden-hidden-10 on `batch` random rows) in this process under mpnn.init(plugins=[Watchdog()]) with a run
     directory, past warm-up. Blocks of `block` steps rotate through three set-ups, so that drift on a busy machine
@@ -35,8 +35,10 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
     plugins the recorder builds a step's line at flush time instead of at the step, and a flush landing in another
     set-up's block charged that set-up with it (which made "record" look ~2.5 points dearer than it is). The
     defaults are a worst case (a ~0.2 ms step); features=40, hidden=256, batch=100 is the MNIST-1D MLP's shape."""
+
     class TimedWatchdog(Watchdog):
         """The watchdog, timing its own step hook."""
+
         hook_s, hook_calls = 0.0, 0
 
         @hookimpl(trylast=True)
@@ -57,8 +59,9 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
         rng = np.random.default_rng(0)
         x = mpnn.from_numpy(rng.standard_normal((batch, features)).astype(np.float32))
         y = mpnn.from_numpy(rng.integers(0, 10, batch))
-        model = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                              nn.Linear(hidden, 10))
+        model = nn.Sequential(
+            nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+        )
         opt = mpnn.optim.Adam(model.parameters(), lr=1e-3)
 
         def steps(n, setup):
@@ -74,21 +77,25 @@ def measure_overhead(features: int = 32, hidden: int = 64, batch: int = 64, bloc
         steps(dog.warmup + dog.window, "watchdog")  # past warm-up: every watched step now feeds the trend checks
         names, times = list(setups), {name: [] for name in setups}
         for b in range(blocks):
-            for name in names[b % 3:] + names[:b % 3]:
+            for name in names[b % 3 :] + names[: b % 3]:
                 times[name].append(steps(block, name))
         recorder.on_step = setups["watchdog"]
         telemetry.stop()
         del os.environ["MPNN_RUN_DIR"]
     bare = statistics.median(times["bare"])
-    result = {name: 100.0 * (statistics.median(t / b for t, b in zip(times[name], times["bare"])) - 1.0)
-              for name in ("record", "watchdog")}
+    result = {
+        name: 100.0 * (statistics.median(t / b for t, b in zip(times[name], times["bare"])) - 1.0)
+        for name in ("record", "watchdog")
+    }
     result["hook"] = 100.0 * dog.hook_s / dog.hook_calls / bare
-    print(f"step time over bare telemetry ({1e6 * bare:.1f} us/step): record dict for plugins "
-          f"{result['record']:+.2f}%, with the watchdog {result['watchdog']:+.2f}%; inside the watchdog's hook "
-          f"{1e6 * dog.hook_s / dog.hook_calls:.2f} us/step = {result['hook']:.2f}% (medians over {blocks} rounds of "
-          f"{block}-step blocks; {dog._stats['checks']} trend checks of "
-          f"{1e6 * dog._stats['check_s'] / max(1, dog._stats['checks']):.0f} us, {dog._stats['suspicions']} "
-          "tracemalloc confirmations)")
+    print(
+        f"step time over bare telemetry ({1e6 * bare:.1f} us/step): record dict for plugins "
+        f"{result['record']:+.2f}%, with the watchdog {result['watchdog']:+.2f}%; inside the watchdog's hook "
+        f"{1e6 * dog.hook_s / dog.hook_calls:.2f} us/step = {result['hook']:.2f}% (medians over {blocks} rounds of "
+        f"{block}-step blocks; {dog._stats['checks']} trend checks of "
+        f"{1e6 * dog._stats['check_s'] / max(1, dog._stats['checks']):.0f} us, {dog._stats['suspicions']} "
+        "tracemalloc confirmations)"
+    )
     return result
 
 

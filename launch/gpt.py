@@ -10,6 +10,7 @@ dropout 0, no biases, AdamW lr 1e-3 with 100 warm-up steps and cosine decay to 1
 (0.9, 0.99), weight decay 0.1 on matrices only, gradient clip 1.0; validation loss is the mean over
 --eval-iters random batches of the held-out 10%.
 """
+
 import argparse
 import math
 import os
@@ -50,8 +51,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, t, self.n_head, hs).transpose(1, 2)
         k = k.view(b, t, self.n_head, hs).transpose(1, 2)
         v = v.view(b, t, self.n_head, hs).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_dropout(self.c_proj(y))
 
@@ -85,13 +85,15 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -123,14 +125,16 @@ class GPT(nn.Module):
     def configure_optimizer(self, weight_decay, lr, betas):
         """AdamW with weight decay on matrices (dim >= 2: linear weights and embeddings) only."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         return mpnn.optim.AdamW(groups, lr=lr, betas=betas)
 
     @mpnn.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         for _ in range(max_new_tokens):
-            cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
             logits, _ = self(cond)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
@@ -147,6 +151,7 @@ def load_text(path=None):
         with open(path, encoding="utf-8") as f:
             return f.read()
     from pydoc_data.topics import topics
+
     return "".join(topics[k] for k in sorted(topics))
 
 
@@ -160,7 +165,7 @@ class Windows(Dataset):
         return len(self.tokens) - self.block_size
 
     def __getitem__(self, i):
-        return self.tokens[i:i + self.block_size], self.tokens[i + 1:i + 1 + self.block_size]
+        return self.tokens[i : i + self.block_size], self.tokens[i + 1 : i + 1 + self.block_size]
 
 
 def lr_at(step, args):
@@ -181,8 +186,8 @@ def estimate_loss(model, tokens, args, seed=1234):
     losses = []
     for _ in range(args.eval_iters):
         starts = rng.integers(0, len(tokens) - args.block_size - 1, args.batch_size)
-        x = np.stack([tokens[s:s + args.block_size] for s in starts])
-        y = np.stack([tokens[s + 1:s + 1 + args.block_size] for s in starts])
+        x = np.stack([tokens[s : s + args.block_size] for s in starts])
+        y = np.stack([tokens[s + 1 : s + 1 + args.block_size] for s in starts])
         losses.append(model(mpnn.from_numpy(x), mpnn.from_numpy(y))[1].item())
     model.train()
     return float(np.mean(losses))
@@ -228,21 +233,29 @@ def main(argv=None):
     train, val = tokens[:split], tokens[split:]
 
     mpnn.manual_seed(args.seed)
-    cfg = GPTConfig(block_size=args.block_size, vocab_size=len(chars), n_layer=args.n_layer, n_head=args.n_head,
-                    n_embd=args.n_embd, dropout=args.dropout)
+    cfg = GPTConfig(
+        block_size=args.block_size,
+        vocab_size=len(chars),
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+    )
     gpt = GPT(cfg)
     model = mpnn.DataParallel(gpt) if world > 1 else gpt
     opt = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99))
     windows = Windows(train, args.block_size)
     sampler = DistributedSampler(windows, shuffle=True, seed=args.seed)
     loader = DataLoader(windows, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    ckpt = mpnn.Checkpointer(model, opt, sampler=sampler, loader=loader, every=args.checkpoint_every,
-                             directory=args.checkpoint_dir)
+    ckpt = mpnn.Checkpointer(
+        model, opt, sampler=sampler, loader=loader, every=args.checkpoint_every, directory=args.checkpoint_dir
+    )
     resumed = ckpt.restore()
     if rank == 0:
         n = sum(p.numel() for p in gpt.parameters())
-        print(f"{len(tokens):,} characters, vocabulary {len(chars)}, {n / 1e6:.2f}M parameters, world {world}",
-              flush=True)
+        print(
+            f"{len(tokens):,} characters, vocabulary {len(chars)}, {n / 1e6:.2f}M parameters, world {world}", flush=True
+        )
         if resumed.resumed:
             print(f"resumed from {resumed.path} at step {resumed.step}", flush=True)
 
@@ -266,8 +279,11 @@ def main(argv=None):
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 elapsed = time.perf_counter() - start
                 tok_s = (step - resumed.step) * args.batch_size * args.block_size * world / elapsed
-                print(f"step {step:5d}/{args.steps}  loss {loss.item():.4f}  val {estimate_loss(gpt, val, args):.4f}"
-                      f"  lr {lr:.2e}  {tok_s:,.0f} tokens/s", flush=True)
+                print(
+                    f"step {step:5d}/{args.steps}  loss {loss.item():.4f}  val {estimate_loss(gpt, val, args):.4f}"
+                    f"  lr {lr:.2e}  {tok_s:,.0f} tokens/s",
+                    flush=True,
+                )
             if step == args.steps:
                 break
         epoch += 1

@@ -1,7 +1,8 @@
 """A whole plugin in under 30 lines: log each layer's gradient norm every `every` steps (event + line).
 
-    PYTHONPATH=. mpnn launch -n 2 --plugin launch.grad_norms:GradNorms:every=500 launch/mnist1d.py   # repo root
+PYTHONPATH=. mpnn launch -n 2 --plugin launch.grad_norms:GradNorms:every=500 launch/mnist1d.py   # repo root
 """
+
 import numpy as np
 
 from mpnn.plugins import Option, hookimpl

@@ -3,6 +3,7 @@ memory-leak watchdog has a real leak to find (and, with --leak-bytes 0, the same
 
     mpnn launch -n 2 --plugin watchdog:action=abort launch/leaky.py --steps 2000
 """
+
 import argparse
 
 import numpy as np

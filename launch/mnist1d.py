@@ -1,10 +1,11 @@
 """MNIST-1D, the paper's recipe (Greydanus 2020): an MLP or a small CNN, Adam lr 1e-2, batch 100, 8000 steps.
 
-    python launch/mnist1d.py --model cnn
-    mpnn launch -n 2 launch/mnist1d.py --model cnn      # the global batch of 100 is split across ranks
-    mpnn launch -n 2 --checkpoint-every 500 launch/mnist1d.py   # checkpoints in the run directory
-    python launch/mnist1d.py --checkpoint-every 500 --checkpoint-dir ckpt   # run again: resumes from ckpt
+python launch/mnist1d.py --model cnn
+mpnn launch -n 2 launch/mnist1d.py --model cnn      # the global batch of 100 is split across ranks
+mpnn launch -n 2 --checkpoint-every 500 launch/mnist1d.py   # checkpoints in the run directory
+python launch/mnist1d.py --checkpoint-every 500 --checkpoint-dir ckpt   # run again: resumes from ckpt
 """
+
 import argparse
 import os
 import sys
@@ -59,8 +60,10 @@ MODELS = {"mlp": MLP, "cnn": CNN}
 def accuracy(model, x, y, batch=1000):
     model.eval()
     with mpnn.no_grad():
-        correct = sum(int((model(mpnn.from_numpy(x[i:i + batch])).numpy().argmax(1) == y[i:i + batch]).sum())
-                      for i in range(0, len(x), batch))
+        correct = sum(
+            int((model(mpnn.from_numpy(x[i : i + batch])).numpy().argmax(1) == y[i : i + batch]).sum())
+            for i in range(0, len(x), batch)
+        )
     model.train()
     return correct / len(x)
 
@@ -75,11 +78,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--num-samples", type=int, default=5000, help="MNIST-1D samples (80%% train, 20%% test)")
-    p.add_argument("--checkpoint-every", type=int, default=int(os.environ.get("MPNN_CHECKPOINT_EVERY") or 0),
-                   help="steps between checkpoints, 0 for none (default: $MPNN_CHECKPOINT_EVERY, which "
-                        "`mpnn launch --checkpoint-every` sets)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="where checkpoints go and are resumed from (default: the run directory of `mpnn launch`)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=int(os.environ.get("MPNN_CHECKPOINT_EVERY") or 0),
+        help="steps between checkpoints, 0 for none (default: $MPNN_CHECKPOINT_EVERY, which "
+        "`mpnn launch --checkpoint-every` sets)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints go and are resumed from (default: the run directory of `mpnn launch`)",
+    )
     return p.parse_args(argv)
 
 
@@ -98,8 +108,9 @@ def main(argv=None):
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size // world, sampler=sampler, drop_last=True)
     opt = mpnn.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ckpt = mpnn.Checkpointer(model, opt, sampler=sampler, loader=loader, every=args.checkpoint_every,
-                             directory=args.checkpoint_dir)
+    ckpt = mpnn.Checkpointer(
+        model, opt, sampler=sampler, loader=loader, every=args.checkpoint_every, directory=args.checkpoint_dir
+    )
     resumed = ckpt.restore()  # the newest valid checkpoint of $MPNN_RESUME_FROM or --checkpoint-dir, if any
     if rank == 0 and resumed.resumed:
         print(f"resumed from {resumed.path} at step {resumed.step} (epoch {resumed.epoch})", flush=True)
@@ -117,9 +128,12 @@ def main(argv=None):
             ckpt.step(step, epoch=epoch)
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 elapsed = time.perf_counter() - start
-                print(f"step {step:5d}/{args.steps}  epoch {epoch}  loss {loss.item():.4f}  "
-                      f"test acc {accuracy(model, data['x_test'], data['y_test']):.4f}  "
-                      f"{1e3 * elapsed / (step - resumed.step):.3f} ms/step", flush=True)
+                print(
+                    f"step {step:5d}/{args.steps}  epoch {epoch}  loss {loss.item():.4f}  "
+                    f"test acc {accuracy(model, data['x_test'], data['y_test']):.4f}  "
+                    f"{1e3 * elapsed / (step - resumed.step):.3f} ms/step",
+                    flush=True,
+                )
             if step == args.steps:
                 break
         epoch += 1

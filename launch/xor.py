@@ -1,6 +1,7 @@
 """XOR with the classic 2-3-1 sigmoid MLP: the smallest complete mpnn training loop.
 
 With MPNN_CHECKPOINT_EVERY set (`mpnn launch --checkpoint-every N`) it checkpoints and resumes like any run."""
+
 import mpnn
 from mpnn import nn
 

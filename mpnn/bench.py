@@ -1,5 +1,6 @@
 """Collective benchmarks: time the Communicator's all-reduce over a list of sizes on n workers started by mpnn's
 own launcher (mpnn.launch.run), and turn rank 0's medians into latency and bandwidth (nccl-tests' conventions)."""
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,14 @@ def check_arguments(sizes: list[int], dtype: str, op: str) -> None:
     itemsize = np.dtype(dtype).itemsize
     for nbytes in sizes:
         if nbytes % itemsize:
-            raise ValueError(f"size {format_size(nbytes)} is not a whole number of {dtype} elements "
-                             f"({itemsize} bytes each)")
+            raise ValueError(
+                f"size {format_size(nbytes)} is not a whole number of {dtype} elements ({itemsize} bytes each)"
+            )
 
 
-def time_allreduce(comm, sizes: list[int], dtype: str = "float32", op: str = "sum", iters: int | None = None,
-                   warmup: int = WARMUP) -> list[tuple[int, float]]:
+def time_allreduce(
+    comm, sizes: list[int], dtype: str = "float32", op: str = "sum", iters: int | None = None, warmup: int = WARMUP
+) -> list[tuple[int, float]]:
     """(iterations, median seconds) of comm.allreduce per size on this rank: `warmup` untimed calls, then
     `iters` (default auto_iters) timed calls, each on freshly filled ones and right after a barrier."""
     timings = []
@@ -120,32 +123,57 @@ class AllreduceTiming:
         return self.algbw * 2 * (self.world_size - 1) / self.world_size
 
 
-def bench_allreduce(n: int, sizes: list[int], dtype: str = "float32", op: str = "sum", iters: int | None = None,
-                    warmup: int = WARMUP, transport: str = "auto", shared_memory: bool = True,
-                    timeout: float = 120.0) -> list[AllreduceTiming]:
+def bench_allreduce(
+    n: int,
+    sizes: list[int],
+    dtype: str = "float32",
+    op: str = "sum",
+    iters: int | None = None,
+    warmup: int = WARMUP,
+    transport: str = "auto",
+    shared_memory: bool = True,
+    timeout: float = 120.0,
+) -> list[AllreduceTiming]:
     """Start n workers through mpnn.launch.run, time the all-reduce of each size there, return rank 0's figures.
     timeout is the collective timeout handed to the workers (a hung peer fails the run instead of hanging it)."""
     check_arguments(sizes, dtype, op)
     if iters is not None and iters < 1:
         raise ValueError(f"iters {iters}: must be at least 1")
-    timings = run(_allreduce_worker, n, args=(sizes, dtype, op, iters, warmup, transport, shared_memory),
-                  timeout=timeout)
+    timings = run(
+        _allreduce_worker, n, args=(sizes, dtype, op, iters, warmup, transport, shared_memory), timeout=timeout
+    )
     itemsize = np.dtype(dtype).itemsize
-    return [AllreduceTiming(nbytes, nbytes // itemsize, count, seconds, n)
-            for nbytes, (count, seconds) in zip(sizes, timings)]
+    return [
+        AllreduceTiming(nbytes, nbytes // itemsize, count, seconds, n)
+        for nbytes, (count, seconds) in zip(sizes, timings)
+    ]
 
 
 def timings_record(timings: list[AllreduceTiming], **setup) -> dict:
     """One JSON-ready dict: the setup (world_size, dtype, op, ...) and a row per size; seconds and bytes/s."""
-    return {**setup, "results": [
-        {"size": format_size(t.nbytes), "bytes": t.nbytes, "elements": t.elements, "iters": t.iters,
-         "median_s": t.seconds, "algbw_bytes_per_s": t.algbw, "busbw_bytes_per_s": t.busbw} for t in timings]}
+    return {
+        **setup,
+        "results": [
+            {
+                "size": format_size(t.nbytes),
+                "bytes": t.nbytes,
+                "elements": t.elements,
+                "iters": t.iters,
+                "median_s": t.seconds,
+                "algbw_bytes_per_s": t.algbw,
+                "busbw_bytes_per_s": t.busbw,
+            }
+            for t in timings
+        ],
+    }
 
 
 def format_table(timings: list[AllreduceTiming]) -> str:
     """Aligned text table: size, elements, iterations, median time (us), algbw and busbw (GB/s = 1e9 bytes/s)."""
     lines = [f"{'size':>8} {'elements':>10} {'iters':>6} {'median us':>12} {'algbw GB/s':>11} {'busbw GB/s':>11}"]
     for t in timings:
-        lines.append(f"{format_size(t.nbytes):>8} {t.elements:>10} {t.iters:>6} {t.seconds * 1e6:>12.1f} "
-                     f"{t.algbw / 1e9:>11.3f} {t.busbw / 1e9:>11.3f}")
+        lines.append(
+            f"{format_size(t.nbytes):>8} {t.elements:>10} {t.iters:>6} {t.seconds * 1e6:>12.1f} "
+            f"{t.algbw / 1e9:>11.3f} {t.busbw / 1e9:>11.3f}"
+        )
     return "\n".join(lines)

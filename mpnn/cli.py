@@ -1,4 +1,5 @@
 """The `mpnn` command line: a thin dispatcher; each command lives beside the code it drives."""
+
 import click
 
 from mpnn.bench_cli import bench

@@ -29,6 +29,7 @@ process (or a ``with torch_alias():`` block) that runs mpnn only.
         import model            # nanoGPT's model.py, unchanged
         gpt = model.GPT(model.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,8 +90,9 @@ class _TorchProxy(types.ModuleType):
         try:
             return getattr(mpnn, name)
         except AttributeError:
-            raise AttributeError(f"module 'torch' (mpnn alias) has no attribute {name!r}: mpnn does not provide "
-                                 f"torch.{name}") from None
+            raise AttributeError(
+                f"module 'torch' (mpnn alias) has no attribute {name!r}: mpnn does not provide torch.{name}"
+            ) from None
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(dir(mpnn)))

@@ -19,6 +19,7 @@ returns a ``RemovableHandle``. This module imports nothing from mpnn, so any lay
   (the audit trail fingerprints each rank's shard).
 - ``register_save_hook(fn)``: ``fn(path, sha256)`` after every successful ``mpnn.save`` (checkpoint digests).
 """
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """mpnn.init(): join the world the launcher (or mpirun, srun, torchrun) describes, and start telemetry."""
+
 from __future__ import annotations
 
 import os
@@ -32,11 +33,13 @@ def init(plugins=None, timeout: float | None = None):
     run_dir = current_world().run_dir
     if run_dir and telemetry.get_recorder() is None:
         from mpnn.telemetry.instrument import instrument
+
         rec = telemetry.start(run_dir, comm.rank, comm.world_size)
         instrument(rec, comm)
     specs = os.environ.get("MPNN_PLUGINS", "")
     if plugins or specs.strip():
         from mpnn.plugins import session
+
         session.start(comm, telemetry.get_recorder(), specs, plugins)
     return comm
 

@@ -2,6 +2,7 @@
 torchrun set it: left at their defaults, each rank's pools take every core and the ranks fight for them
 (`mpirun -np 2 python launch/mnist1d.py --steps 300` ran 44 s against 9.6 s with one thread each, on 2 cores).
 mpnn/__init__.py imports this module first, so it runs before NumPy loads; a variable the user set is kept."""
+
 from __future__ import annotations
 
 import os

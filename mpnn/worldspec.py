@@ -66,8 +66,10 @@ class WorldSpec:
         if self.rendezvous is None and self.rendezvous_error:
             raise ValueError(self.rendezvous_error)
         if self.rendezvous is None:
-            raise ValueError(f"{self.launcher}: no rendezvous address for a world of {self.world_size}: set "
-                             "MPNN_RENDEZVOUS=tcp://<rank 0's host>:<free port> for every rank")
+            raise ValueError(
+                f"{self.launcher}: no rendezvous address for a world of {self.world_size}: set "
+                "MPNN_RENDEZVOUS=tcp://<rank 0's host>:<free port> for every rank"
+            )
         match = re.fullmatch(r"tcp://(\[[0-9a-fA-F:]+\]|[^:/\s]+):(\d+)", self.rendezvous or "")
         if not match or not 0 < int(match.group(2)) < 65536:
             raise ValueError(f"rendezvous address must look like tcp://HOST:PORT, got {self.rendezvous!r}")
@@ -75,8 +77,18 @@ class WorldSpec:
 
 
 # Every variable the parse reads has one of these names or prefixes: current_world() keys its cache on them.
-WORLD_VARIABLES = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                             "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+WORLD_VARIABLES = frozenset(
+    {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+)
 WORLD_PREFIXES = ("MPNN_", "OMPI_", "SLURM_", "PMIX_", "TORCHELASTIC_")
 
 _cache_lock = threading.Lock()
@@ -123,8 +135,11 @@ def _parse(env):
     elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env):
         spec = _from_slurm(env)
     else:
-        spec = WorldSpec(run_dir=env.get("MPNN_RUN_DIR") or None, secret_file=env.get("MPNN_SECRET_FILE") or None,
-                         timeout=_timeout(env))
+        spec = WorldSpec(
+            run_dir=env.get("MPNN_RUN_DIR") or None,
+            secret_file=env.get("MPNN_SECRET_FILE") or None,
+            timeout=_timeout(env),
+        )
     _check(spec)
     return spec
 
@@ -182,23 +197,37 @@ def _address(env, launcher, run_id, multi_host, master_port_offset, first_host=N
 
 
 def _no_address(launcher):
-    return (f"{launcher}: a world across several hosts needs the rendezvous address: set MPNN_RENDEZVOUS="
-            "tcp://<first host>:<free port> (or MASTER_ADDR and MASTER_PORT) and pass it to every rank")
+    return (
+        f"{launcher}: a world across several hosts needs the rendezvous address: set MPNN_RENDEZVOUS="
+        "tcp://<first host>:<free port> (or MASTER_ADDR and MASTER_PORT) and pass it to every rank"
+    )
 
 
 def _from_mpnn(env):
     world_size = _int(env, "MPNN_WORLD_SIZE")
     local_world_size = _int(env, "MPNN_LOCAL_WORLD_SIZE", world_size)
     return WorldSpec(
-        rank=_int(env, "MPNN_RANK"), world_size=world_size,
-        local_rank=_int(env, "MPNN_LOCAL_RANK", _int(env, "MPNN_RANK")), local_world_size=local_world_size,
-        node_rank=_int(env, "MPNN_NODE_RANK", 0), nnodes=_int(env, "MPNN_NNODES", 1),
-        run_id=env.get("MPNN_RUN_ID") or "mpnn", run_dir=env.get("MPNN_RUN_DIR") or None,
-        rendezvous=env.get("MPNN_RENDEZVOUS") or None, secret_file=env.get("MPNN_SECRET_FILE") or None,
-        timeout=_timeout(env), launcher="mpnn", rank_var="MPNN_RANK", world_size_var="MPNN_WORLD_SIZE",
-        rendezvous_error=None if env.get("MPNN_RENDEZVOUS") else (
+        rank=_int(env, "MPNN_RANK"),
+        world_size=world_size,
+        local_rank=_int(env, "MPNN_LOCAL_RANK", _int(env, "MPNN_RANK")),
+        local_world_size=local_world_size,
+        node_rank=_int(env, "MPNN_NODE_RANK", 0),
+        nnodes=_int(env, "MPNN_NNODES", 1),
+        run_id=env.get("MPNN_RUN_ID") or "mpnn",
+        run_dir=env.get("MPNN_RUN_DIR") or None,
+        rendezvous=env.get("MPNN_RENDEZVOUS") or None,
+        secret_file=env.get("MPNN_SECRET_FILE") or None,
+        timeout=_timeout(env),
+        launcher="mpnn",
+        rank_var="MPNN_RANK",
+        world_size_var="MPNN_WORLD_SIZE",
+        rendezvous_error=None
+        if env.get("MPNN_RENDEZVOUS")
+        else (
             "mpnn: MPNN_RENDEZVOUS is not set: the launcher gives every worker rank 0's rendezvous address "
-            "(tcp://HOST:PORT); set it for a world started by hand"))
+            "(tcp://HOST:PORT); set it for a world started by hand"
+        ),
+    )
 
 
 def _from_torchrun(env):
@@ -208,12 +237,22 @@ def _from_torchrun(env):
     # torchrun's own store holds MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE): mpnn rendezvouses on MASTER_PORT + 1.
     run_id = f"torchrun-{env.get('TORCHELASTIC_RUN_ID', 'none')}-{env.get('MASTER_PORT', '')}"
     return WorldSpec(
-        rank=_int(env, "RANK"), world_size=world_size, local_rank=_int(env, "LOCAL_RANK", 0),
-        local_world_size=local_world_size, node_rank=_int(env, "GROUP_RANK", 0), nnodes=nnodes,
-        run_id=run_id, run_dir=env.get("MPNN_RUN_DIR") or None,
+        rank=_int(env, "RANK"),
+        world_size=world_size,
+        local_rank=_int(env, "LOCAL_RANK", 0),
+        local_world_size=local_world_size,
+        node_rank=_int(env, "GROUP_RANK", 0),
+        nnodes=nnodes,
+        run_id=run_id,
+        run_dir=env.get("MPNN_RUN_DIR") or None,
         rendezvous=_address(env, "torchrun", run_id, nnodes > 1, master_port_offset=1),
-        secret_file=env.get("MPNN_SECRET_FILE") or None, timeout=_timeout(env), launcher="torchrun",
-        rank_var="RANK", world_size_var="WORLD_SIZE", rendezvous_error=_no_address("torchrun"))
+        secret_file=env.get("MPNN_SECRET_FILE") or None,
+        timeout=_timeout(env),
+        launcher="torchrun",
+        rank_var="RANK",
+        world_size_var="WORLD_SIZE",
+        rendezvous_error=_no_address("torchrun"),
+    )
 
 
 def _from_openmpi(env):
@@ -224,12 +263,22 @@ def _from_openmpi(env):
     job = env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_orte_ess_jobid") or "0"
     run_id = f"ompi-{job}"
     return WorldSpec(
-        rank=rank, world_size=world_size, local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
-        local_world_size=local_world_size, node_rank=_int(env, "MPNN_NODE_RANK", rank // max(local_world_size, 1)),
-        nnodes=nnodes, run_id=run_id, run_dir=env.get("MPNN_RUN_DIR") or None,
+        rank=rank,
+        world_size=world_size,
+        local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+        local_world_size=local_world_size,
+        node_rank=_int(env, "MPNN_NODE_RANK", rank // max(local_world_size, 1)),
+        nnodes=nnodes,
+        run_id=run_id,
+        run_dir=env.get("MPNN_RUN_DIR") or None,
         rendezvous=_address(env, "mpirun", run_id, nnodes > 1, master_port_offset=0),
-        secret_file=env.get("MPNN_SECRET_FILE") or None, timeout=_timeout(env), launcher="mpirun",
-        rank_var="OMPI_COMM_WORLD_RANK", world_size_var="OMPI_COMM_WORLD_SIZE", rendezvous_error=_no_address("mpirun"))
+        secret_file=env.get("MPNN_SECRET_FILE") or None,
+        timeout=_timeout(env),
+        launcher="mpirun",
+        rank_var="OMPI_COMM_WORLD_RANK",
+        world_size_var="OMPI_COMM_WORLD_SIZE",
+        rendezvous_error=_no_address("mpirun"),
+    )
 
 
 def _tasks_on_node(tasks_per_node, node):
@@ -254,24 +303,46 @@ def _from_slurm(env):
     node_rank = _int(env, "SLURM_NODEID", 0)
     nnodes = _int(env, "MPNN_NNODES", _int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1)))
     local_world_size = _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), node_rank) or max(
-        1, world_size // max(nnodes, 1))
+        1, world_size // max(nnodes, 1)
+    )
     run_id = f"slurm-{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}"
     return WorldSpec(
-        rank=_int(env, "SLURM_PROCID"), world_size=world_size, local_rank=_int(env, "SLURM_LOCALID", 0),
-        local_world_size=local_world_size, node_rank=node_rank, nnodes=nnodes, run_id=run_id,
+        rank=_int(env, "SLURM_PROCID"),
+        world_size=world_size,
+        local_rank=_int(env, "SLURM_LOCALID", 0),
+        local_world_size=local_world_size,
+        node_rank=node_rank,
+        nnodes=nnodes,
+        run_id=run_id,
         run_dir=env.get("MPNN_RUN_DIR") or None,
-        rendezvous=_address(env, "srun", run_id, nnodes > 1, master_port_offset=0, first_host=first_slurm_host(
-            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "")),
-        secret_file=env.get("MPNN_SECRET_FILE") or None, timeout=_timeout(env), launcher="srun",
-        rank_var="SLURM_PROCID", world_size_var="SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else
-        "SLURM_NTASKS" if env.get("SLURM_NTASKS") else "", rendezvous_error=_no_address("srun"))
+        rendezvous=_address(
+            env,
+            "srun",
+            run_id,
+            nnodes > 1,
+            master_port_offset=0,
+            first_host=first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""),
+        ),
+        secret_file=env.get("MPNN_SECRET_FILE") or None,
+        timeout=_timeout(env),
+        launcher="srun",
+        rank_var="SLURM_PROCID",
+        world_size_var="SLURM_STEP_NUM_TASKS"
+        if env.get("SLURM_STEP_NUM_TASKS")
+        else "SLURM_NTASKS"
+        if env.get("SLURM_NTASKS")
+        else "",
+        rendezvous_error=_no_address("srun"),
+    )
 
 
 def _check(spec):
     if spec.world_size < 1:
         raise ValueError(f"{spec.launcher}: world size must be >= 1, got {spec.describe('world_size')}")
     if not 0 <= spec.rank < spec.world_size:
-        raise ValueError(f"{spec.launcher}: rank {spec.describe('rank')} is outside the world of size "
-                         f"{spec.describe('world_size')}: a rank must be in [0, {spec.world_size})")
+        raise ValueError(
+            f"{spec.launcher}: rank {spec.describe('rank')} is outside the world of size "
+            f"{spec.describe('world_size')}: a rank must be in [0, {spec.world_size})"
+        )
     if spec.world_size > 1 and spec.rendezvous is not None:
         spec.rendezvous_host_port()  # a malformed address given is an error now, with its value in the message

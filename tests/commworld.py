@@ -16,8 +16,20 @@ import time
 import traceback
 from dataclasses import dataclass
 
-LAUNCHER_PREFIXES = ("MPNN_", "OMPI_", "SLURM_", "TORCHELASTIC_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                     "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE")
+LAUNCHER_PREFIXES = (
+    "MPNN_",
+    "OMPI_",
+    "SLURM_",
+    "TORCHELASTIC_",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+)
 
 
 @dataclass
@@ -40,26 +52,64 @@ def free_port():
 def world_env(launcher, rank, world_size, run_dir, secret_file, port, comm_timeout, run_id):
     """The environment `launcher` ("mpnn", "torchrun", "mpirun" or "srun", all on one host) gives `rank`;
     only the mpnn launcher hands out a secret file."""
-    common = {"MPNN_TIMEOUT": str(comm_timeout), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    common = {
+        "MPNN_TIMEOUT": str(comm_timeout),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "NUMBA_NUM_THREADS": "1",
+    }
     if launcher == "mpnn":
-        return {**common, "MPNN_RANK": str(rank), "MPNN_WORLD_SIZE": str(world_size), "MPNN_LOCAL_RANK": str(rank),
-                "MPNN_LOCAL_WORLD_SIZE": str(world_size), "MPNN_RUN_ID": run_id, "MPNN_RUN_DIR": run_dir,
-                "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}", "MPNN_SECRET_FILE": secret_file,
-                "MPNN_NNODES": "1", "MPNN_NODE_RANK": "0"}
+        return {
+            **common,
+            "MPNN_RANK": str(rank),
+            "MPNN_WORLD_SIZE": str(world_size),
+            "MPNN_LOCAL_RANK": str(rank),
+            "MPNN_LOCAL_WORLD_SIZE": str(world_size),
+            "MPNN_RUN_ID": run_id,
+            "MPNN_RUN_DIR": run_dir,
+            "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}",
+            "MPNN_SECRET_FILE": secret_file,
+            "MPNN_NNODES": "1",
+            "MPNN_NODE_RANK": "0",
+        }
     if launcher == "torchrun":
-        return {**common, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port - 1),
-                "TORCHELASTIC_RUN_ID": run_id, "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1"}
+        return {
+            **common,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port - 1),
+            "TORCHELASTIC_RUN_ID": run_id,
+            "GROUP_RANK": "0",
+            "GROUP_WORLD_SIZE": "1",
+        }
     if launcher == "mpirun":
-        return {**common, "OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(world_size),
-                "OMPI_COMM_WORLD_LOCAL_RANK": str(rank), "OMPI_COMM_WORLD_LOCAL_SIZE": str(world_size),
-                "OMPI_MCA_ess_base_jobid": run_id, "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}"}
+        return {
+            **common,
+            "OMPI_COMM_WORLD_RANK": str(rank),
+            "OMPI_COMM_WORLD_SIZE": str(world_size),
+            "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": str(world_size),
+            "OMPI_MCA_ess_base_jobid": run_id,
+            "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}",
+        }
     if launcher == "srun":
-        return {**common, "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(world_size),
-                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_STEP_NUM_NODES": "1",
-                "SLURM_STEP_TASKS_PER_NODE": str(world_size), "SLURM_JOB_ID": run_id, "SLURM_STEP_ID": "0",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        return {
+            **common,
+            "SLURM_PROCID": str(rank),
+            "SLURM_STEP_NUM_TASKS": str(world_size),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_STEP_NUM_NODES": "1",
+            "SLURM_STEP_TASKS_PER_NODE": str(world_size),
+            "SLURM_JOB_ID": run_id,
+            "SLURM_STEP_ID": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
@@ -83,8 +133,9 @@ def _child(rank, env, fn, args, init, results):
         results.put(RankResult(rank, error=error, traceback=traceback.format_exc()))
 
 
-def run_world(fn, world_size, args=(), *, init=True, comm_timeout=10.0, deadline=90.0, env=None, rank_env=None,
-              launcher="mpnn"):
+def run_world(
+    fn, world_size, args=(), *, init=True, comm_timeout=10.0, deadline=90.0, env=None, rank_env=None, launcher="mpnn"
+):
     """Run fn in `world_size` fresh processes started as `launcher` would; returns one RankResult per rank (rank
     order). `env` adds variables for every rank, `rank_env` maps rank -> extra variables; a rank that neither
     returns nor raises within `deadline` seconds gets RankResult(error=TimeoutError)."""
@@ -114,9 +165,17 @@ def run_world(fn, world_size, args=(), *, init=True, comm_timeout=10.0, deadline
             except queue.Empty:
                 if all(not p.is_alive() for p in processes) and results.empty():
                     break
-        return [collected.get(rank) or RankResult(rank, error=TimeoutError(
-            f"rank {rank} neither returned nor raised within {deadline} s (exit code "
-            f"{processes[rank].exitcode})")) for rank in range(world_size)]
+        return [
+            collected.get(rank)
+            or RankResult(
+                rank,
+                error=TimeoutError(
+                    f"rank {rank} neither returned nor raised within {deadline} s (exit code "
+                    f"{processes[rank].exitcode})"
+                ),
+            )
+            for rank in range(world_size)
+        ]
     finally:
         grace_end = time.monotonic() + 5.0
         for process in processes:

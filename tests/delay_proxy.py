@@ -48,8 +48,10 @@ async def _relay(client_reader, client_writer, delay_s, stats):
         client_writer.close()
         return
     stats["connections"] += 1
-    await asyncio.gather(_pump(client_reader, server_writer, delay_s, stats, "bytes_up"),
-                         _pump(server_reader, client_writer, delay_s, stats, "bytes_down"))
+    await asyncio.gather(
+        _pump(client_reader, server_writer, delay_s, stats, "bytes_up"),
+        _pump(server_reader, client_writer, delay_s, stats, "bytes_down"),
+    )
 
 
 async def main(port, delay_s, stats_path):

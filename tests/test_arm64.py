@@ -4,6 +4,7 @@ kernels included; the flush-to-zero control register (MXCSR on x86-64, FPCR on a
 world of two; a short two-worker MNIST-1D run through `mpnn launch -n 2`; and launch/xor.py. Float32 only,
 because under emulation compiling each kernel costs seconds; the float64 gradchecks stay in the native suite.
 They run on every platform, as part of the ordinary suite too."""
+
 import math
 import platform
 import re
@@ -62,8 +63,10 @@ def assert_float32_close(got, want, what):
 
 def check_conv2d(x, w, b, stride, padding, dilation, groups):
     """conv2d in float32 (forward and the x, w, b gradients) against ref_conv2d in float64."""
+
     def ref(xx=x, ww=w):
         return ref_conv2d(xx, ww, b, (stride,) * 2, (padding,) * 2, (padding,) * 2, (dilation,) * 2, groups)
+
     leaves = [float32_leaf(a) for a in (x, w, b)]
     out = conv2d(*leaves, stride, padding, dilation, groups)
     assert_float32_close(out.data, ref(), "conv2d forward")
@@ -108,14 +111,34 @@ def test_pool_kernels_float32_match_numpy():
     """max, avg and adaptive avg pooling, forward and backward (values spaced apart: no ties for max)."""
     x = RNG.permutation(np.arange(2 * 3 * 7 * 8) * 0.01).reshape(2, 3, 7, 8)
     cases = [
-        (lambda t: max_pool2d(t, 3, 2, 1, 1, True),
-         lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True, lambda v, r, c: v.max(-1))),
-        (lambda t: avg_pool2d(t, 3, 2, 1, True, False),
-         lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True,
-                              avg_reduce((3, 3), (2, 2), (1, 1), 7, 8, False))),
-        (lambda t: adaptive_avg_pool2d(t, (3, 5)),
-         lambda a: np.stack([np.stack([a[:, :, (i * 7) // 3:-((-(i + 1) * 7) // 3), (j * 8) // 5:-((-(j + 1) * 8) // 5)]
-                                       .mean(axis=(2, 3)) for j in range(5)], -1) for i in range(3)], -2)),
+        (
+            lambda t: max_pool2d(t, 3, 2, 1, 1, True),
+            lambda a: ref_pool2d(a, (3, 3), (2, 2), (1, 1), (1, 1), True, lambda v, r, c: v.max(-1)),
+        ),
+        (
+            lambda t: avg_pool2d(t, 3, 2, 1, True, False),
+            lambda a: ref_pool2d(
+                a, (3, 3), (2, 2), (1, 1), (1, 1), True, avg_reduce((3, 3), (2, 2), (1, 1), 7, 8, False)
+            ),
+        ),
+        (
+            lambda t: adaptive_avg_pool2d(t, (3, 5)),
+            lambda a: np.stack(
+                [
+                    np.stack(
+                        [
+                            a[:, :, (i * 7) // 3 : -((-(i + 1) * 7) // 3), (j * 8) // 5 : -((-(j + 1) * 8) // 5)].mean(
+                                axis=(2, 3)
+                            )
+                            for j in range(5)
+                        ],
+                        -1,
+                    )
+                    for i in range(3)
+                ],
+                -2,
+            ),
+        ),
     ]
     for pool, ref in cases:
         leaf = float32_leaf(x)
@@ -132,16 +155,28 @@ def test_erf_kernel_float32_matches_math_erf():
     assert_float32_close(gelu(Tensor(x.astype(np.float32))).data, want, "gelu (erf kernel)")
 
 
-@pytest.mark.parametrize("make,reference", [
-    (lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
-     lambda p, gs: sgd_reference(p, gs, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)),
-    (lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, weight_decay=0.01, nesterov=True, maximize=True),
-     lambda p, gs: sgd_reference(p, gs, lr=0.05, momentum=0.8, weight_decay=0.01, nesterov=True, maximize=True)),
-    (lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
-     lambda p, gs: adam_reference(p, gs, lr=0.01, weight_decay=0.1, amsgrad=True)),
-    (lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.3),
-     lambda p, gs: adam_reference(p, gs, lr=0.01, weight_decay=0.3, decoupled=True)),
-], ids=["sgd", "sgd-nesterov", "adam-amsgrad", "adamw"])
+@pytest.mark.parametrize(
+    "make,reference",
+    [
+        (
+            lambda ps: optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
+            lambda p, gs: sgd_reference(p, gs, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        ),
+        (
+            lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, weight_decay=0.01, nesterov=True, maximize=True),
+            lambda p, gs: sgd_reference(p, gs, lr=0.05, momentum=0.8, weight_decay=0.01, nesterov=True, maximize=True),
+        ),
+        (
+            lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.1, amsgrad=True),
+            lambda p, gs: adam_reference(p, gs, lr=0.01, weight_decay=0.1, amsgrad=True),
+        ),
+        (
+            lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.3),
+            lambda p, gs: adam_reference(p, gs, lr=0.01, weight_decay=0.3, decoupled=True),
+        ),
+    ],
+    ids=["sgd", "sgd-nesterov", "adam-amsgrad", "adamw"],
+)
 def test_optimizer_kernels_float32_match_numpy(make, reference):
     start, grads = RNG.standard_normal(300), [RNG.standard_normal(300) for _ in range(4)]
     param = float32_leaf(start)
@@ -181,8 +216,25 @@ def test_collectives_in_a_world_of_two(env):
 
 def test_mnist1d_on_two_workers_through_mpnn_launch(tmp_path):
     steps, run_id = 100, f"arm64-{uuid.uuid4().hex[:8]}"
-    proc = run_example(["-m", "mpnn", "launch", "-n", "2", "--log-dir", str(tmp_path), "--run-id", run_id,
-                        str(REPO / "launch" / "mnist1d.py"), "--steps", str(steps), "--eval-every", "50"], tmp_path)
+    proc = run_example(
+        [
+            "-m",
+            "mpnn",
+            "launch",
+            "-n",
+            "2",
+            "--log-dir",
+            str(tmp_path),
+            "--run-id",
+            run_id,
+            str(REPO / "launch" / "mnist1d.py"),
+            "--steps",
+            str(steps),
+            "--eval-every",
+            "50",
+        ],
+        tmp_path,
+    )
     found = re.search(rf"final test accuracy ([0-9.]+) \(cnn, {steps} steps, world 2\)", proc.stdout)
     assert found, proc.stdout[-3000:]
     assert float(found.group(1)) > 0.3, proc.stdout[-3000:]  # chance is 0.1; 0.55 after 100 steps on x86-64

@@ -1,6 +1,7 @@
 """scaled_dot_product_attention (fused Numba kernels): forward and gradients against a plain composition of mpnn
 ops in float64, finite-difference gradchecks, float32 against float64, torch where installed, the errors, the
 composed (dropout, differentiable mask) path, and what the node keeps for backward."""
+
 import math
 import tracemalloc
 
@@ -90,20 +91,20 @@ def outputs_and_grads(fn, arrays, g):
 
 # shapes: (q, k, v, mask shape or None, mask kind, causal, gqa group)
 CASES = [
-    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 6), None, None, False, 1),          # L != S, E != Ev
+    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 6), None, None, False, 1),  # L != S, E != Ev
     ((2, 3, 13, 4), (2, 3, 7, 4), (2, 3, 7, 4), None, None, False, 1),
-    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), None, None, True, 1),           # causal, L < S
-    ((1, 2, 13, 4), (1, 2, 7, 4), (1, 2, 7, 3), None, None, True, 1),            # causal, L > S
-    ((2, 2, 9, 4), (2, 2, 9, 4), (2, 2, 9, 4), None, None, True, 1),             # causal, L == S
-    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 6), (7, 13), "bool", False, 1),     # mask over batch and heads
+    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), None, None, True, 1),  # causal, L < S
+    ((1, 2, 13, 4), (1, 2, 7, 4), (1, 2, 7, 3), None, None, True, 1),  # causal, L > S
+    ((2, 2, 9, 4), (2, 2, 9, 4), (2, 2, 9, 4), None, None, True, 1),  # causal, L == S
+    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 6), (7, 13), "bool", False, 1),  # mask over batch and heads
     ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), (2, 1, 7, 13), "add", False, 1),  # per batch, over heads
     ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), (2, 1, 1, 13), "bool", False, 1),  # key padding (one row)
-    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), (3, 1, 13), "add", False, 1),   # one additive row per head
-    ((5, 7, 4), (5, 13, 4), (5, 13, 3), (7, 13), "bool", False, 1),              # 3-D inputs
-    ((7, 4), (9, 4), (9, 5), None, None, True, 1),                               # 2-D inputs
-    ((2, 3, 7, 5), (1, 3, 13, 5), (2, 1, 13, 5), None, None, False, 1),          # broadcast batch dims
+    ((2, 3, 7, 5), (2, 3, 13, 5), (2, 3, 13, 5), (3, 1, 13), "add", False, 1),  # one additive row per head
+    ((5, 7, 4), (5, 13, 4), (5, 13, 3), (7, 13), "bool", False, 1),  # 3-D inputs
+    ((7, 4), (9, 4), (9, 5), None, None, True, 1),  # 2-D inputs
+    ((2, 3, 7, 5), (1, 3, 13, 5), (2, 1, 13, 5), None, None, False, 1),  # broadcast batch dims
     ((2, 4, 7, 5), (2, 2, 11, 5), (2, 2, 11, 3), (2, 1, 7, 11), "add", False, 2),  # grouped-query heads
-    ((3, 4, 6, 4), (3, 1, 6, 4), (3, 1, 6, 4), None, None, True, 1),              # shared k/v head (MQA)
+    ((3, 4, 6, 4), (3, 1, 6, 4), (3, 1, 6, 4), None, None, True, 1),  # shared k/v head (MQA)
 ]
 
 
@@ -126,8 +127,10 @@ def make_mask(shape, kind, dtype):
 
 def out_shape(qs, ks, vs, gqa):
     """The output shape: the batch dims broadcast (k and v heads repeated gqa times), then (L, Ev)."""
+
     def heads(shape):
         return shape[:-1] + (shape[-1] * gqa,) if gqa > 1 else shape
+
     return np.broadcast_shapes(qs[:-2], heads(ks[:-2]), heads(vs[:-2])) + (qs[-2], vs[-1])
 
 
@@ -139,7 +142,8 @@ def test_matches_composed_ops_float64(case, blocks):
     shape = out_shape(qs, ks, vs, gqa)
     g = randn(*shape)
     out, grads = outputs_and_grads(
-        lambda a, b, c: sdpa(a, b, c, attn_mask=mask, is_causal=causal, enable_gqa=gqa > 1), (q, k, v), g)
+        lambda a, b, c: sdpa(a, b, c, attn_mask=mask, is_causal=causal, enable_gqa=gqa > 1), (q, k, v), g
+    )
     ref, ref_grads = outputs_and_grads(lambda a, b, c: composed(a, b, c, mask, causal, gqa=gqa), (q, k, v), g)
     assert out.shape == ref.shape == shape
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
@@ -195,8 +199,11 @@ def test_gradcheck(setup, monkeypatch):
 def test_float32_close_to_float64(shape, causal, blocks):
     q, k, v, g = (randn(*shape) for _ in range(4))
     out64, grads64 = outputs_and_grads(lambda a, b, c: sdpa(a, b, c, is_causal=causal), (q, k, v), g)
-    out32, grads32 = outputs_and_grads(lambda a, b, c: sdpa(a, b, c, is_causal=causal),
-                                       tuple(a.astype(np.float32) for a in (q, k, v)), g.astype(np.float32))
+    out32, grads32 = outputs_and_grads(
+        lambda a, b, c: sdpa(a, b, c, is_causal=causal),
+        tuple(a.astype(np.float32) for a in (q, k, v)),
+        g.astype(np.float32),
+    )
     assert out32.dtype == np.float32 and all(d.dtype == np.float32 for d in grads32)
     np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=2e-5)
     for got, want in zip(grads32, grads64):
@@ -205,12 +212,19 @@ def test_float32_close_to_float64(shape, causal, blocks):
 
 def test_float32_masks_close_to_float64(blocks):
     q, k, v, g = randn(2, 3, 20, 8), randn(2, 3, 17, 8), randn(2, 3, 17, 5), randn(2, 3, 20, 5)
-    for mask in (make_mask((20, 17), "bool", np.float64), make_mask((2, 1, 20, 17), "add", np.float64),
-                 make_mask((2, 1, 1, 17), "bool", np.float64), make_mask((3, 1, 17), "add", np.float64)):
+    for mask in (
+        make_mask((20, 17), "bool", np.float64),
+        make_mask((2, 1, 20, 17), "add", np.float64),
+        make_mask((2, 1, 1, 17), "bool", np.float64),
+        make_mask((3, 1, 17), "add", np.float64),
+    ):
         out64, grads64 = outputs_and_grads(lambda a, b, c, m=mask: sdpa(a, b, c, attn_mask=m), (q, k, v), g)
         m32 = mask if mask.dtype == np.bool_ else mask.astype(np.float32)
-        out32, grads32 = outputs_and_grads(lambda a, b, c, m=m32: sdpa(a, b, c, attn_mask=m),
-                                           tuple(a.astype(np.float32) for a in (q, k, v)), g.astype(np.float32))
+        out32, grads32 = outputs_and_grads(
+            lambda a, b, c, m=m32: sdpa(a, b, c, attn_mask=m),
+            tuple(a.astype(np.float32) for a in (q, k, v)),
+            g.astype(np.float32),
+        )
         np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=2e-5)
         for got, want in zip(grads32, grads64):
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
@@ -351,6 +365,7 @@ def test_dropout_gradcheck_with_fixed_draws():
     def fn(a, b, c):
         mpnn.manual_seed(11)  # the same dropout mask on every evaluation
         return sdpa(a, b, c, attn_mask=mask, dropout_p=0.3)
+
     assert gradcheck(fn, [q, k, v])
     out = fn(q, k, v)
     assert np.all(out.data[..., -1, :] == 0)  # the fully masked row: 0, as in the fused op
@@ -392,8 +407,7 @@ def test_node_keeps_only_per_row_state_beyond_inputs_and_output():
     for kw in ({"is_causal": True}, {"attn_mask": mask}):
         out = sdpa(q, k, v, **kw)
         known = [q.data, k.data, v.data, out.data, mask]
-        extra = [a for a in _closure_arrays(out.grad_fn.backward)
-                 if not any(np.may_share_memory(a, b) for b in known)]
+        extra = [a for a in _closure_arrays(out.grad_fn.backward) if not any(np.may_share_memory(a, b) for b in known)]
         extra_bytes = sum(a.nbytes for a in extra)
         # the log-sum-exp per query row (B*H*T floats) and 4 index maps of B*H entries; no T x T array
         assert max(a.size for a in extra) <= B * H * T
@@ -425,7 +439,7 @@ def test_backward_peak_memory_against_composed_ops():
     fused_held, fused_peak = measure(lambda a, b, c: sdpa(a, b, c, is_causal=True))
     comp_held, comp_peak = measure(lambda a, b, c: composed(a, b, c, causal=True))
     assert fused_held < B * H * T * 4 + 4096  # the log-sum-exp (and index maps)
-    assert comp_held > 2 * tt                 # scores and probabilities, at least
+    assert comp_held > 2 * tt  # scores and probabilities, at least
     # fused: the gradients and their copies into .grad, Q^T and dO^T of one head, the block buffers
     assert fused_peak < 8 * arrays[0].nbytes + 256 * 1024 < tt // 2
     assert comp_peak > 3 * tt
@@ -443,7 +457,8 @@ def test_matches_torch(case, dtype):
     out = sdpa(*(leaf(a) for a in (q, k, v)), attn_mask=mask, **kw)
     tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
     tout = torch.nn.functional.scaled_dot_product_attention(
-        tq, tk, tv, attn_mask=None if mask is None else torch.tensor(mask), **kw)
+        tq, tk, tv, attn_mask=None if mask is None else torch.tensor(mask), **kw
+    )
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(out.data, tout.detach().numpy(), **tol)
     g = randn(*out.shape, dtype=dtype)
@@ -451,5 +466,6 @@ def test_matches_torch(case, dtype):
     sdpa(*mine, attn_mask=mask, **kw).backward(g)
     tout.backward(torch.tensor(g))
     for t, tt in zip(mine, (tq, tk, tv)):
-        np.testing.assert_allclose(t.grad.data, tt.grad.numpy(), **(dict(rtol=1e-4, atol=1e-4)
-                                                                   if dtype == np.float32 else tol))
+        np.testing.assert_allclose(
+            t.grad.data, tt.grad.numpy(), **(dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else tol)
+        )

@@ -1,5 +1,6 @@
 """The audit trail: every kind of tampering named by verify, the signed head against truncation, the key file's
 rules, the policy (all violations at once, before any worker), provenance facts, the report and the CLI."""
+
 import hashlib
 import hmac
 import json
@@ -56,15 +57,33 @@ def run_dir(tmp_path):
 
 def launch_info(run_dir, key, specs=None, args=("--steps", "10", "--seed", "7"), world_size=2):
     specs = specs if specs is not None else [f"audit:key={key}", "watchdog"]
-    return types.SimpleNamespace(run_id=run_dir.name, run_dir=run_dir, nprocs=world_size, nnodes=1, node_rank=0,
-                                 world_size=world_size, script=SCRIPT, script_args=list(args),
-                                 argv=["mpnn", "launch", "-n", str(world_size), str(SCRIPT), *args],
-                                 plugin_specs=specs, env={"MPNN_RUN_ID": run_dir.name}, seed=None)
+    return types.SimpleNamespace(
+        run_id=run_dir.name,
+        run_dir=run_dir,
+        nprocs=world_size,
+        nnodes=1,
+        node_rank=0,
+        world_size=world_size,
+        script=SCRIPT,
+        script_args=list(args),
+        argv=["mpnn", "launch", "-n", str(world_size), str(SCRIPT), *args],
+        plugin_specs=specs,
+        env={"MPNN_RUN_ID": run_dir.name},
+        seed=None,
+    )
 
 
 def run_info(run_dir, rank=0, comm=None):
-    return types.SimpleNamespace(rank=rank, world_size=2, local_rank=rank, run_id=run_dir.name, run_dir=run_dir,
-                                 comm=comm or FakeComm(rank), recorder=None, config={})
+    return types.SimpleNamespace(
+        rank=rank,
+        world_size=2,
+        local_rank=rank,
+        run_id=run_dir.name,
+        run_dir=run_dir,
+        comm=comm or FakeComm(rank),
+        recorder=None,
+        config={},
+    )
 
 
 def full_run(run_dir, key, epochs=3):
@@ -112,8 +131,18 @@ def test_intact_trail_verifies_and_each_record_is_chained_and_signed(run_dir, ke
         assert record["key"] == hashlib.sha256(secret).hexdigest()[:16]
         prev = hashlib.sha256(line).hexdigest()
         kinds.append(record["kind"])
-    assert kinds == ["run_start", "plugins", "workers_start", "dataset", "epoch", "epoch", "epoch", "checkpoint",
-                     "workers_end", "run_end"]
+    assert kinds == [
+        "run_start",
+        "plugins",
+        "workers_start",
+        "dataset",
+        "epoch",
+        "epoch",
+        "epoch",
+        "checkpoint",
+        "workers_end",
+        "run_end",
+    ]
     head = json.loads((run_dir / HEAD_FILE).read_text())
     assert head["seq"] == n - 1 and head["hash"] == prev
     assert json.loads((run_dir / "run.json").read_text())["audit_head"] == head
@@ -129,6 +158,7 @@ def test_run_start_records_provenance(run_dir, key):
     plugins = json.loads(lines(run_dir)[1])["data"]["plugins"]
     watchdog = next(p for p in plugins if p["name"] == "watchdog")
     from mpnn.plugins import watchdog as module
+
     assert watchdog["sha256"] == hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
     assert watchdog["options"]["action"] == "warn" and watchdog["version"] == module.Watchdog.version
     dataset = json.loads(lines(run_dir)[3])["data"]
@@ -260,8 +290,9 @@ def test_wrong_key_is_named(run_dir, key, tmp_path):
     other = tmp_path / "other.key"
     create_key(other)
     verdict = verify(run_dir, load_key(other))
-    assert not verdict.ok and verdict.message.startswith(f"wrong key: no record verifies under key "
-                                                         f"{fingerprint(other.read_bytes())}")
+    assert not verdict.ok and verdict.message.startswith(
+        f"wrong key: no record verifies under key {fingerprint(other.read_bytes())}"
+    )
     assert fingerprint(key.read_bytes()) in verdict.message
 
 
@@ -304,9 +335,14 @@ for _ in range(5):
 def test_without_a_launcher_rank_0_begins_and_closes_the_trail(tmp_path, key):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    done = subprocess.run([sys.executable, "-c", WORKER_ONLY, str(key), "--seed", "4"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "MPNN_RUN_DIR": str(run_dir)})
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_ONLY, str(key), "--seed", "4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MPNN_RUN_DIR": str(run_dir)},
+    )
     assert done.returncode == 0, done.stderr
     verdict = check(run_dir, key)
     assert verdict.ok, verdict.message
@@ -338,10 +374,22 @@ def test_report_renders_the_key_facts_in_markdown_and_html(run_dir, key, tmp_pat
     md = runner.invoke(audit, ["report", str(run_dir), "--key", str(key)])
     assert md.exit_code == 0
     text = md.output
-    for fact in ("# Audit report: run run-1", "Trail verified: intact", start["user"], start["host"],
-                 start["code"]["sha256"], "c" * 64, "a" * 64, "| audit |", "| watchdog |", "d" * 64,
-                 "| 2 | 0.333333 | 40 |", "**Seed:** 7 (from the script --seed argument)", "**World size:** 2",
-                 "**Status:** ok"):
+    for fact in (
+        "# Audit report: run run-1",
+        "Trail verified: intact",
+        start["user"],
+        start["host"],
+        start["code"]["sha256"],
+        "c" * 64,
+        "a" * 64,
+        "| audit |",
+        "| watchdog |",
+        "d" * 64,
+        "| 2 | 0.333333 | 40 |",
+        "**Seed:** 7 (from the script --seed argument)",
+        "**World size:** 2",
+        "**Status:** ok",
+    ):
         assert fact in text, fact
     if start["code"]["git"]["commit"]:
         assert start["code"]["git"]["commit"] in text
@@ -406,16 +454,24 @@ def test_missing_or_empty_key_is_refused(tmp_path):
 # ----- the policy --------------------------------------------------------------------------------
 def test_policy_violations_are_listed_at_once_and_the_run_never_starts(run_dir, key, tmp_path):
     policy = tmp_path / "policy.toml"
-    policy.write_text('require_seed = true\nrequired_plugins = ["watchdog", "topk"]\nmax_world_size = 1\n'
-                      'min_key_bytes = 64\nallowed_scripts = ["launch/mnist1d.py"]\n')
+    policy.write_text(
+        'require_seed = true\nrequired_plugins = ["watchdog", "topk"]\nmax_world_size = 1\n'
+        'min_key_bytes = 64\nallowed_scripts = ["launch/mnist1d.py"]\n'
+    )
     plugin = AuditTrail(key=str(key), policy=str(policy))
     launch = launch_info(run_dir, key, specs=[f"audit:key={key}"], args=["--steps", "10"])
     with pytest.raises(PluginRefusal) as refused:
         plugin.mpnn_launch_start(launch)
     message = str(refused.value)
     assert refused.value.plugin == "audit" and "6 violation(s)" in message
-    for expected in ("require_seed", "plugin 'watchdog' is not in the run", "plugin 'topk' is not in the run",
-                     "world size 2 is over 1", "32 bytes, fewer than 64", f"script {SCRIPT}"):
+    for expected in (
+        "require_seed",
+        "plugin 'watchdog' is not in the run",
+        "plugin 'topk' is not in the run",
+        "world size 2 is over 1",
+        "32 bytes, fewer than 64",
+        f"script {SCRIPT}",
+    ):
         assert expected in message, expected
     records = [json.loads(line) for line in lines(run_dir)]
     verdict = next(r for r in records if r["kind"] == "policy")["data"]
@@ -424,13 +480,15 @@ def test_policy_violations_are_listed_at_once_and_the_run_never_starts(run_dir, 
     assert records[-1]["kind"] == "run_end" and records[-1]["data"]["status"] == "refused"
     assert check(run_dir, key).ok  # the refused run's trail is closed and signed
     plugin.mpnn_launch_end(launch, "failed", {}, "refused")  # a launcher that still calls the end hook
-    assert len(lines(run_dir)) == len(records)                # adds nothing after the refusal
+    assert len(lines(run_dir)) == len(records)  # adds nothing after the refusal
 
 
 def test_policy_that_passes_is_recorded_and_workers_judge_data_by_it(run_dir, key, tmp_path):
     policy = tmp_path / "policy.toml"
-    policy.write_text('require_seed = true\nmax_world_size = 8\nallowed_scripts = ["launch/leaky.py"]\n'
-                      f'allowed_datasets = ["{"c" * 64}"]\n')
+    policy.write_text(
+        'require_seed = true\nmax_world_size = 8\nallowed_scripts = ["launch/leaky.py"]\n'
+        f'allowed_datasets = ["{"c" * 64}"]\n'
+    )
     (tmp_path / "launch").mkdir()
     (tmp_path / "launch" / "leaky.py").symlink_to(SCRIPT)
     AuditTrail(key=str(key), policy=str(policy)).mpnn_launch_start(launch_info(run_dir, key))
@@ -458,8 +516,11 @@ def test_bad_policy_file_lists_every_problem(tmp_path):
     with pytest.raises(AuditError) as error:
         load_policy(policy)
     message = str(error.value)
-    assert "max_world_size = 'eight'" in message and "require_seed = 1" in message and "unknown rule 'max_worlds'" \
-        in message
+    assert (
+        "max_world_size = 'eight'" in message
+        and "require_seed = 1" in message
+        and "unknown rule 'max_worlds'" in message
+    )
 
 
 def test_example_policy_loads():
@@ -468,16 +529,21 @@ def test_example_policy_loads():
 
 
 # ----- provenance --------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, seed", [(["--seed", "3"], 3), (["--lr", "1", "--seed=5"], 5), (["--steps", "2"], None),
-                                        (["--seed"], None)])
+@pytest.mark.parametrize(
+    "args, seed", [(["--seed", "3"], 3), (["--lr", "1", "--seed=5"], 5), (["--steps", "2"], None), (["--seed"], None)]
+)
 def test_seed_from_script_args(args, seed):
     assert seed_from_args(args) == seed
 
 
 def test_git_state_commit_dirty_flag_and_diff_hash(tmp_path):
     def git(*args):
-        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              capture_output=True, check=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            capture_output=True,
+            check=True,
+        ).stdout
+
     git("init", "-q")
     script = tmp_path / "train.py"
     script.write_text("print(1)\n")
@@ -496,10 +562,28 @@ def test_git_state_commit_dirty_flag_and_diff_hash(tmp_path):
 # ----- end to end through `mpnn launch` ----------------------------------------------------------
 def _launch(tmp_path, specs, args):
     plugins = [arg for spec in specs for arg in ("--plugin", spec)]
-    return subprocess.run([sys.executable, "-m", "mpnn", "launch", "-n", "2", "--log-dir", str(tmp_path / "runs"),
-                           "--run-id", "e2e", *plugins, str(SCRIPT.relative_to(ROOT)), *args],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpnn",
+            "launch",
+            "-n",
+            "2",
+            "--log-dir",
+            str(tmp_path / "runs"),
+            "--run-id",
+            "e2e",
+            *plugins,
+            str(SCRIPT.relative_to(ROOT)),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
 
 
 def test_launched_run_leaves_an_intact_trail(tmp_path, key):
@@ -522,8 +606,12 @@ def test_policy_violations_stop_a_launched_run_before_any_worker_starts(tmp_path
     policy.write_text('require_seed = true\nrequired_plugins = ["watchdog"]\nmax_world_size = 1\n')
     done = _launch(tmp_path, [f"audit:key={key},policy={policy}"], ["--steps", "30"])
     assert done.returncode != 0
-    for violation in ("3 violation(s)", "require_seed", "plugin 'watchdog' is not in the run",
-                      "world size 2 is over 1"):
+    for violation in (
+        "3 violation(s)",
+        "require_seed",
+        "plugin 'watchdog' is not in the run",
+        "world size 2 is over 1",
+    ):
         assert violation in done.stderr, violation
     run_dir = tmp_path / "runs" / "e2e"
     assert not list(run_dir.glob("worker-*"))  # no worker was started

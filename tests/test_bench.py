@@ -1,5 +1,6 @@
 """mpnn bench allreduce: size parsing (good and bad values), the timing protocol against a fake communicator, and
 the command end to end on real workers, its figures checked against each other (bandwidth = bytes / time)."""
+
 import json
 import re
 
@@ -9,18 +10,30 @@ from click.testing import CliRunner
 from mpnn.bench import auto_iters, format_size, parse_size, parse_sizes, time_allreduce
 from mpnn.bench_cli import bench
 
-KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
+KB, MB, GB = 1024, 1024**2, 1024**3
 
 
-@pytest.mark.parametrize("text, nbytes", [
-    ("4KB", 4 * KB), ("1MB", MB), ("16mb", 16 * MB), ("64MB", 64 * MB), ("1GB", GB), ("512B", 512), ("512", 512),
-    ("1.5KB", 1536), (" 2 kb ", 2 * KB), (".5MB", MB // 2), ("3.KB", 3 * KB)])
+@pytest.mark.parametrize(
+    "text, nbytes",
+    [
+        ("4KB", 4 * KB),
+        ("1MB", MB),
+        ("16mb", 16 * MB),
+        ("64MB", 64 * MB),
+        ("1GB", GB),
+        ("512B", 512),
+        ("512", 512),
+        ("1.5KB", 1536),
+        (" 2 kb ", 2 * KB),
+        (".5MB", MB // 2),
+        ("3.KB", 3 * KB),
+    ],
+)
 def test_parse_size_accepts_units_in_powers_of_1024(text, nbytes):
     assert parse_size(text) == nbytes
 
 
-@pytest.mark.parametrize("text", ["", "KB", "4XB", "4 K B", "-1KB", "1e3", "4KB5", "0", "0KB", "0.3B", "1.1B",
-                                  "four"])
+@pytest.mark.parametrize("text", ["", "KB", "4XB", "4 K B", "-1KB", "1e3", "4KB5", "0", "0KB", "0.3B", "1.1B", "four"])
 def test_parse_size_rejects_garbage_naming_it(text):
     with pytest.raises(ValueError, match=re.escape(repr(text))):
         parse_size(text)
@@ -34,8 +47,10 @@ def test_parse_sizes_splits_on_commas_and_names_the_bad_entry():
         parse_sizes("4KB,,1MB")
 
 
-@pytest.mark.parametrize("nbytes, text", [(512, "512B"), (4 * KB, "4KB"), (1536, "1.5KB"), (MB, "1MB"),
-                                          (64 * MB, "64MB"), (2 * GB, "2GB"), (1000, "1000B")])
+@pytest.mark.parametrize(
+    "nbytes, text",
+    [(512, "512B"), (4 * KB, "4KB"), (1536, "1.5KB"), (MB, "1MB"), (64 * MB, "64MB"), (2 * GB, "2GB"), (1000, "1000B")],
+)
 def test_format_size_is_exact_and_parses_back(nbytes, text):
     assert format_size(nbytes) == text
     assert parse_size(text) == nbytes
@@ -77,9 +92,16 @@ def invoke(*args):
     return CliRunner().invoke(bench, ["allreduce", *args])
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--sizes", "4KB,1XB"], "'1XB'"), (["--sizes", "-4KB"], "'-4KB'"), (["--sizes", "3B"], "3B"),
-    (["--dtype", "int32", "--op", "mean"], "'int32'"), (["--dtype", "complex64"], "'complex64'")])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--sizes", "4KB,1XB"], "'1XB'"),
+        (["--sizes", "-4KB"], "'-4KB'"),
+        (["--sizes", "3B"], "3B"),
+        (["--dtype", "int32", "--op", "mean"], "'int32'"),
+        (["--dtype", "complex64"], "'complex64'"),
+    ],
+)
 def test_bad_arguments_end_in_one_error_line_naming_the_value(args, named):
     result = invoke("-n", "2", *args)
     assert result.exit_code == 2
@@ -107,12 +129,15 @@ def test_table_end_to_end_on_two_workers():
 
 
 def test_json_end_to_end_on_three_workers_has_consistent_bandwidths():
-    result = invoke("-n", "3", "--sizes", "4KB,64KB", "--iters", "3", "--dtype", "float64", "--op", "mean",
-                    "--json")
+    result = invoke("-n", "3", "--sizes", "4KB,64KB", "--iters", "3", "--dtype", "float64", "--op", "mean", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert {k: record[k] for k in ("collective", "world_size", "dtype", "op")} == {
-        "collective": "allreduce", "world_size": 3, "dtype": "float64", "op": "mean"}
+        "collective": "allreduce",
+        "world_size": 3,
+        "dtype": "float64",
+        "op": "mean",
+    }
     assert [r["bytes"] for r in record["results"]] == [4 * KB, 64 * KB]
     assert [r["size"] for r in record["results"]] == ["4KB", "64KB"]
     for r in record["results"]:

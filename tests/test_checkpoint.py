@@ -3,6 +3,7 @@ never stopped (one process, and two workers with a topk error-feedback codec), a
 checkpoint is skipped with one warning for the older one, resuming from nothing valid fails naming the place,
 rotation keeps K, the plugin hook and telemetry event carry the manifest's SHA-256, and SIGKILL at random moments
 of saving never leaves a checkpoint that restore() would load wrongly."""
+
 import hashlib
 import json
 import os
@@ -97,12 +98,12 @@ def _train(model, opt, schedule, loader, ckpt, start, until, sampler=None):
 
 def test_resume_mid_epoch_in_one_process_is_bit_exact(tmp_path):
     full = _train_alone(tmp_path / "full", until=40)
-    _train_alone(tmp_path / "stopped", until=17)           # checkpoints at 5, 10, 15; stops 2 steps later
+    _train_alone(tmp_path / "stopped", until=17)  # checkpoints at 5, 10, 15; stops 2 steps later
     resumed = _train_alone(tmp_path / "stopped", until=40)  # its own directory: resumes from step 15
     assert (resumed[0].step, resumed[0].epoch, resumed[0].path.name) == (15, 1, "step-00000015")
     assert full[0].step == 0 and not full[0].resumed
     assert_same_run(full[1:], resumed[1:])
-    assert full[3] == [1e-2 * 0.5 ** 5]  # the schedule really moved across the stop
+    assert full[3] == [1e-2 * 0.5**5]  # the schedule really moved across the stop
 
 
 # ----- two workers: DataParallel with topk error feedback, DistributedSampler, dropout, Adam, StepLR ---------
@@ -169,7 +170,8 @@ def test_each_checkpoint_fires_the_hook_and_a_telemetry_event_with_the_manifest_
         for rank in (0, 1):
             events = [json.loads(line) for line in (run_dir / f"worker-{rank}.jsonl").read_text().splitlines()]
             assert {"step": step, "path": path, "sha256": sha256}.items() <= next(
-                e for e in events if e.get("event") == "checkpoint" and e["step"] == step).items()
+                e for e in events if e.get("event") == "checkpoint" and e["step"] == step
+            ).items()
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(two_worker_runs):
@@ -201,7 +203,7 @@ def _flip_byte(path):
 
 def _truncate(path):
     raw = path.read_bytes()
-    path.write_bytes(raw[:len(raw) // 2])
+    path.write_bytes(raw[: len(raw) // 2])
 
 
 CORRUPTIONS = {
@@ -245,8 +247,11 @@ def test_resume_from_a_place_without_a_valid_checkpoint_fails_naming_it(tmp_path
     _, ckpt = _stamped(tmp_path / "run" / "checkpoints", [5])
     _flip_byte(tmp_path / "run" / "checkpoints" / "step-00000005" / "model.mpnn")
     monkeypatch.setenv("MPNN_RESUME_FROM", str(tmp_path / "run"))
-    with pytest.raises(ResumeError, match=r"no valid checkpoint in .*run/checkpoints to resume from "
-                                          r"\(step-00000005: model.mpnn has SHA-256"):
+    with pytest.raises(
+        ResumeError,
+        match=r"no valid checkpoint in .*run/checkpoints to resume from "
+        r"\(step-00000005: model.mpnn has SHA-256",
+    ):
         ckpt.restore()
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("MPNN_RESUME_FROM", str(tmp_path / "empty"))
@@ -261,8 +266,11 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path):
     _stamped(tmp_path, [1])
     other = nn.Linear(4, 2)
     ckpt = Checkpointer(other, mpnn.optim.SGD(other.parameters(), lr=0.1), directory=tmp_path)
-    with pytest.raises(ResumeError, match=r"(?s)rank 0: .*step-00000001 does not fit this run: .*size mismatch for "
-                                          r"weight: .*\(2, 3\) from checkpoint, .* is \(2, 4\)"):
+    with pytest.raises(
+        ResumeError,
+        match=r"(?s)rank 0: .*step-00000001 does not fit this run: .*size mismatch for "
+        r"weight: .*\(2, 3\) from checkpoint, .* is \(2, 4\)",
+    ):
         ckpt.restore()
 
 
@@ -270,8 +278,14 @@ def test_the_example_refuses_to_resume_from_nothing(tmp_path):
     env = dict(os.environ, MPNN_RESUME_FROM=str(tmp_path))
     for name in ("MPNN_RUN_DIR", "MPNN_CHECKPOINT_EVERY", "MPNN_RANK", "MPNN_WORLD_SIZE"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "mnist1d.py"), "--model", "mlp", "--steps", "5"],
-                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "mnist1d.py"), "--model", "mlp", "--steps", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode != 0
     assert f"ResumeError: Checkpointer.restore: no valid checkpoint in {tmp_path} to resume from" in done.stderr
     assert "final test accuracy" not in done.stdout
@@ -366,8 +380,13 @@ def test_sigkill_of_a_lone_process_while_saving_leaves_only_whole_checkpoints(tm
     delays, resumed_at = [random.uniform(0, 0.5) for _ in range(4)], []
     for delay in delays:
         before = {name for _, name in layout.list_checkpoints(directory)}
-        child = subprocess.Popen([sys.executable, str(script), str(SIZE), str(directory)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(SIZE), str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             line = child.stdout.readline()  # it restored (and checked) the newest checkpoint
             _wait_for_new_checkpoint(directory, before, child)
@@ -391,13 +410,22 @@ def _launch_and_kill(script, log_dir, run_id, victim, delay, resume=None):
     run_dir = log_dir / run_id
     command = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--log-dir", str(log_dir), "--run-id", run_id]
     command += ["--resume", str(resume)] if resume else []
-    launcher = subprocess.Popen(command + [str(script), str(SIZE)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, stdin=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        command + [str(script), str(SIZE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         _wait_for_new_checkpoint(run_dir / "checkpoints", set(), launcher)
         time.sleep(delay)
-        starts = [json.loads(line) for rank in (0, 1) for line in (run_dir / f"worker-{rank}.jsonl").open()
-                  if '"event":"start"' in line]
+        starts = [
+            json.loads(line)
+            for rank in (0, 1)
+            for line in (run_dir / f"worker-{rank}.jsonl").open()
+            if '"event":"start"' in line
+        ]
         os.kill(starts[victim]["pid"], signal.SIGKILL)
         output, _ = launcher.communicate(timeout=60)
     finally:
@@ -417,7 +445,6 @@ def test_sigkill_of_a_worker_while_saving_leaves_only_whole_checkpoints_and_resu
     first, output = _launch_and_kill(script, tmp_path, "first", victim=1, delay=random.uniform(0, 0.4))
     _assert_every_checkpoint_whole(first / "checkpoints", 2)
     newest = layout.list_checkpoints(first / "checkpoints")[0][0]
-    second, output = _launch_and_kill(script, tmp_path, "second", victim=0, delay=random.uniform(0, 0.4),
-                                      resume=first)
+    second, output = _launch_and_kill(script, tmp_path, "second", victim=0, delay=random.uniform(0, 0.4), resume=first)
     assert f"[0] resumed {newest}" in output and f"[1] resumed {newest}" in output, output
     _assert_every_checkpoint_whole(second / "checkpoints", 2)

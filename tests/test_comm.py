@@ -108,8 +108,13 @@ class Checker:
         part = self.comm.reduce_scatter(mine, op)
         expected = np.array_split(reference(inputs, op), self.comm.world_size)[self.comm.rank]
         self.record(f"reduce_scatter({dtype}, {shape}, {op})", part, expected, dtype, shared=False)
-        self.record(f"reduce_scatter({dtype}, {shape}) input untouched", mine, reference([inputs[self.comm.rank]],
-                                                                                        "sum"), dtype, shared=False)
+        self.record(
+            f"reduce_scatter({dtype}, {shape}) input untouched",
+            mine,
+            reference([inputs[self.comm.rank]], "sum"),
+            dtype,
+            shared=False,
+        )
 
     def report(self):
         return {"failures": self.failures, "checks": self.checks, "digest": self.digest.hexdigest()}
@@ -165,7 +170,8 @@ def collectives_worker(comm, big):
     objects = comm.allgather_object({"rank": comm.rank, "blob": bytes(700_000 if comm.rank == 0 else comm.rank)})
     checker.checks += 1
     if [o["rank"] for o in objects] != list(range(n)) or [len(o["blob"]) for o in objects] != [
-            700_000 if rank == 0 else rank for rank in range(n)]:
+        700_000 if rank == 0 else rank for rank in range(n)
+    ]:
         checker.failures.append(f"rank {comm.rank}: allgather_object returned {[o['rank'] for o in objects]}")
     for root in sorted({0, n - 1}):
         payload = {"root": root, "array": np.arange(250_000) * root}
@@ -195,7 +201,8 @@ def async_worker(comm):
     handles += [comm.allreduce_async(a, "mean") for a in arrays[3:]]
     results = [h.wait() for h in handles]
     expected = [sum(r + a.size for r in range(n)) for a in arrays[:3]] + [
-        sum(r + a.size for r in range(n)) / n for a in arrays[3:]]
+        sum(r + a.size for r in range(n)) / n for a in arrays[3:]
+    ]
     from mpnn.comm import get_comm, init_from_env
 
     return {
@@ -219,9 +226,18 @@ def test_collectives_match_numpy(world_size):
     assert_world_ok(values(run_world(collectives_worker, world_size, (world_size <= 4,), deadline=150)))
 
 
-@pytest.mark.parametrize("world_size,env", [
-    (2, {"MPNN_SHM": "0"}), (5, {"MPNN_SHM": "0"}), (3, {"MPNN_TRANSPORT": "tcp"}),  # tcp has no shm either
-    (2, {"MPNN_MAILBOX": "0"}), (3, {"MPNN_MAILBOX": "1"}), (5, {"MPNN_MAILBOX": "1"}), (8, {"MPNN_MAILBOX": "1"})])
+@pytest.mark.parametrize(
+    "world_size,env",
+    [
+        (2, {"MPNN_SHM": "0"}),
+        (5, {"MPNN_SHM": "0"}),
+        (3, {"MPNN_TRANSPORT": "tcp"}),  # tcp has no shm either
+        (2, {"MPNN_MAILBOX": "0"}),
+        (3, {"MPNN_MAILBOX": "1"}),
+        (5, {"MPNN_MAILBOX": "1"}),
+        (8, {"MPNN_MAILBOX": "1"}),
+    ],
+)
 def test_collectives_match_numpy_over_each_path(world_size, env):
     """The socket ring, and small all-reduces through shared-memory mailboxes forced on in worlds with more
     ranks than this machine has cores (by default those use the sockets) or off where they would be on."""
@@ -264,8 +280,7 @@ CASES = st.tuples(
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(world_size=st.integers(2, 5), cases=st.lists(CASES, min_size=10, max_size=25),
-       shm=st.sampled_from(["0", "1"]))
+@given(world_size=st.integers(2, 5), cases=st.lists(CASES, min_size=10, max_size=25), shm=st.sampled_from(["0", "1"]))
 def test_random_cases_match_numpy(world_size, cases, shm):
     env = {"MPNN_SHM": shm, "MPNN_MAILBOX": shm}
     reports = values(run_world(hypothesis_worker, world_size, (cases,), env=env))

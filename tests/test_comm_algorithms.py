@@ -24,11 +24,14 @@ def names(registry, setup, op="sum", nbytes=0, dtype=F32):
     return [a.name for a in registry.applicable(setup, op, nbytes, dtype)]
 
 
-@pytest.mark.parametrize("setup,small,large", [
-    ("ring only", "gather", "ring"),
-    ("slots", "gather", "shared-memory"),
-    ("slots + mailboxes", "mailbox", "shared-memory"),
-])
+@pytest.mark.parametrize(
+    "setup,small,large",
+    [
+        ("ring only", "gather", "ring"),
+        ("slots", "gather", "shared-memory"),
+        ("slots + mailboxes", "mailbox", "shared-memory"),
+    ],
+)
 def test_allreduce_selection_order(setup, small, large):
     """<= 32 KB: mailboxes where the world has them, else gather; above: shared memory, else the ring."""
     s = SETUPS[setup]
@@ -84,9 +87,11 @@ def which_worker(comm):
     ran = []
     for registry in algorithms.REGISTRIES.values():
         for algorithm in registry.algorithms:
+
             def spy(*args, _run=algorithm.run, _name=f"{registry.collective}:{algorithm.name}"):
                 ran.append(_name)
                 return _run(*args)
+
             algorithm.run = spy  # this process only: the strategies are module-level singletons
     small, large = np.ones(16, np.float32), np.ones(100_000, np.float32)
     comm.allreduce(small)
@@ -100,13 +105,24 @@ def which_worker(comm):
     return ran, float(small[0]), float(large[0])
 
 
-@pytest.mark.parametrize("env,small,large,barrier", [
-    ({"MPNN_MAILBOX": "1"}, "mailbox", "shared-memory", "mailbox"),
-    ({"MPNN_MAILBOX": "0"}, "gather", "shared-memory", "ring"),
-    ({"MPNN_SHM": "0", "MPNN_MAILBOX": "1"}, "gather", "ring", "ring"),  # mailboxes live in the shm files
-])
+@pytest.mark.parametrize(
+    "env,small,large,barrier",
+    [
+        ({"MPNN_MAILBOX": "1"}, "mailbox", "shared-memory", "mailbox"),
+        ({"MPNN_MAILBOX": "0"}, "gather", "shared-memory", "ring"),
+        ({"MPNN_SHM": "0", "MPNN_MAILBOX": "1"}, "gather", "ring", "ring"),  # mailboxes live in the shm files
+    ],
+)
 def test_each_setting_runs_its_algorithms(env, small, large, barrier):
     for ran, small_value, large_value in values(run_world(which_worker, 2, env=env, deadline=60)):
-        assert ran == [f"allreduce:{small}", f"allreduce:{large}", f"barrier:{barrier}", "broadcast:chain",
-                       "allgather:ring", "reduce_scatter:ring", "allgather:ring", "broadcast_object:chain"]
+        assert ran == [
+            f"allreduce:{small}",
+            f"allreduce:{large}",
+            f"barrier:{barrier}",
+            "broadcast:chain",
+            "allgather:ring",
+            "reduce_scatter:ring",
+            "allgather:ring",
+            "broadcast_object:chain",
+        ]
         assert (small_value, large_value) == (2.0, 1.0)

@@ -16,25 +16,50 @@ def test_no_launcher_is_a_world_of_one():
 
 
 def test_mpnn_launcher():
-    spec = spec_from_env({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "4", "MPNN_LOCAL_RANK": "0",
-                          "MPNN_LOCAL_WORLD_SIZE": "2", "MPNN_NNODES": "2", "MPNN_NODE_RANK": "1",
-                          "MPNN_RUN_ID": "r1", "MPNN_RUN_DIR": "/runs/r1", "MPNN_RENDEZVOUS": "tcp://10.0.0.1:5000",
-                          "MPNN_SECRET_FILE": "/s", "MPNN_TIMEOUT": "12.5"})
+    spec = spec_from_env(
+        {
+            "MPNN_RANK": "2",
+            "MPNN_WORLD_SIZE": "4",
+            "MPNN_LOCAL_RANK": "0",
+            "MPNN_LOCAL_WORLD_SIZE": "2",
+            "MPNN_NNODES": "2",
+            "MPNN_NODE_RANK": "1",
+            "MPNN_RUN_ID": "r1",
+            "MPNN_RUN_DIR": "/runs/r1",
+            "MPNN_RENDEZVOUS": "tcp://10.0.0.1:5000",
+            "MPNN_SECRET_FILE": "/s",
+            "MPNN_TIMEOUT": "12.5",
+        }
+    )
     assert (spec.rank, spec.world_size, spec.local_rank, spec.local_world_size) == (2, 4, 0, 2)
     assert (spec.nnodes, spec.node_rank, spec.multi_host, spec.run_id) == (2, 1, True, "r1")
     assert spec.rendezvous_host_port() == ("10.0.0.1", 5000) and spec.timeout == 12.5 and spec.secret_file == "/s"
 
 
 def test_torchrun_rendezvous_is_next_to_master_port_never_on_it():
-    spec = spec_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc"})
+    spec = spec_from_env(
+        {
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "TORCHELASTIC_RUN_ID": "abc",
+        }
+    )
     assert spec.rendezvous == "tcp://127.0.0.1:29501" and spec.launcher == "torchrun"
     assert (spec.rank, spec.world_size, spec.nnodes) == (1, 2, 1) and "abc" in spec.run_id
 
 
 def test_openmpi_on_one_host_derives_a_loopback_port_from_the_job():
-    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_MCA_ess_base_jobid": "12345"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "OMPI_MCA_ess_base_jobid": "12345",
+    }
     spec = spec_from_env(env)
     assert spec.rendezvous == f"tcp://127.0.0.1:{_derived_port(spec.run_id)}" and spec.nnodes == 1
     assert 20000 <= _derived_port(spec.run_id) < 40000 and spec.rank == 3
@@ -49,9 +74,18 @@ def test_openmpi_across_hosts_needs_an_address():
 
 
 def test_slurm_step_and_batch_script():
-    env = {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "11", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
-           "SLURM_STEP_NUM_NODES": "3", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3", "SLURM_JOB_ID": "77",
-           "SLURM_STEP_ID": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "6000"}
+    env = {
+        "SLURM_PROCID": "9",
+        "SLURM_STEP_NUM_TASKS": "11",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_STEP_NUM_NODES": "3",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),3",
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "6000",
+    }
     spec = spec_from_env(env)
     assert (spec.rank, spec.world_size, spec.local_world_size, spec.node_rank, spec.nnodes) == (9, 11, 3, 2, 3)
     assert spec.run_id == "slurm-77.0" and spec.rendezvous == "tcp://n0:6000"
@@ -59,18 +93,37 @@ def test_slurm_step_and_batch_script():
     assert spec_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
 
 
-SRUN_TWO_NODES = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
-                  "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "cn[017-018]",
-                  "SLURM_JOB_NODELIST": "cn[017-020]"}
+SRUN_TWO_NODES = {
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NODELIST": "cn[017-018]",
+    "SLURM_JOB_NODELIST": "cn[017-020]",
+}
 
 
 def test_srun_across_nodes_rendezvouses_on_the_steps_first_node():
-    specs = [spec_from_env({**SRUN_TWO_NODES, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2),
-                            "SLURM_NODEID": str(rank // 2)}) for rank in range(4)]
+    specs = [
+        spec_from_env(
+            {
+                **SRUN_TWO_NODES,
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank % 2),
+                "SLURM_NODEID": str(rank // 2),
+            }
+        )
+        for rank in range(4)
+    ]
     port = _derived_port("slurm-4242.0")
     assert {spec.rendezvous for spec in specs} == {f"tcp://cn017:{port}"} and 20000 <= port < 40000
     assert [(s.rank, s.local_rank, s.node_rank, s.nnodes, s.local_world_size) for s in specs] == [
-        (0, 0, 0, 2, 2), (1, 1, 0, 2, 2), (2, 0, 1, 2, 2), (3, 1, 1, 2, 2)]
+        (0, 0, 0, 2, 2),
+        (1, 1, 0, 2, 2),
+        (2, 0, 1, 2, 2),
+        (3, 1, 1, 2, 2),
+    ]
     assert all(s.multi_host and s.launcher == "srun" and s.run_id == "slurm-4242.0" for s in specs)
     job_only = {k: v for k, v in SRUN_TWO_NODES.items() if k != "SLURM_STEP_NODELIST"}
     assert spec_from_env({**job_only, "SLURM_PROCID": "3"}).rendezvous == f"tcp://cn017:{port}"
@@ -84,23 +137,42 @@ def test_srun_across_nodes_without_a_node_list_names_what_to_set():
         spec_from_env({**env, "SLURM_PROCID": "0"})
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("cn017", "cn017"), ("cn017,gpu2", "cn017"), ("cn[017-020]", "cn017"), ("gpu[07,09-12],login1", "gpu07"),
-    ("rack[2-3]-n[05-08]", "rack2-n05"), ("n[1-2]-ib,x", "n1-ib"), ("", None)])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("cn017", "cn017"),
+        ("cn017,gpu2", "cn017"),
+        ("cn[017-020]", "cn017"),
+        ("gpu[07,09-12],login1", "gpu07"),
+        ("rack[2-3]-n[05-08]", "rack2-n05"),
+        ("n[1-2]-ib,x", "n1-ib"),
+        ("", None),
+    ],
+)
 def test_first_host_of_a_slurm_hostlist(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1", "MPNN_TIMEOUT": "-1"},
-     "MPNN_TIMEOUT"),
-    ({"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1"},
-     r"rank 2 \(MPNN_RANK=2\) is outside the world of size 2 \(MPNN_WORLD_SIZE=2\)"),
-    ({"RANK": "3", "WORLD_SIZE": "2"}, r"torchrun: rank 3 \(RANK=3\) is outside the world of size 2 \(WORLD_SIZE=2\)"),
-    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2"}, "MPNN_RENDEZVOUS is not set"),
-    ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "h:1"}, "tcp://HOST:PORT"),
-    ({"MPNN_RANK": "x", "MPNN_WORLD_SIZE": "2"}, "MPNN_RANK must be an integer"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        (
+            {"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1", "MPNN_TIMEOUT": "-1"},
+            "MPNN_TIMEOUT",
+        ),
+        (
+            {"MPNN_RANK": "2", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "tcp://h:1"},
+            r"rank 2 \(MPNN_RANK=2\) is outside the world of size 2 \(MPNN_WORLD_SIZE=2\)",
+        ),
+        (
+            {"RANK": "3", "WORLD_SIZE": "2"},
+            r"torchrun: rank 3 \(RANK=3\) is outside the world of size 2 \(WORLD_SIZE=2\)",
+        ),
+        ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2"}, "MPNN_RENDEZVOUS is not set"),
+        ({"MPNN_RANK": "0", "MPNN_WORLD_SIZE": "2", "MPNN_RENDEZVOUS": "h:1"}, "tcp://HOST:PORT"),
+        ({"MPNN_RANK": "x", "MPNN_WORLD_SIZE": "2"}, "MPNN_RANK must be an integer"),
+    ],
+)
 def test_bad_environment_is_one_clear_error(env, message):
     with pytest.raises(ValueError, match=message):
         spec_from_env(env)
@@ -110,8 +182,12 @@ def test_many_hosts_without_a_secret_are_refused_in_one_line(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("MPNN_", "OMPI_", "SLURM_")) or name in ("RANK", "WORLD_SIZE"):
             monkeypatch.delenv(name)
-    for name, value in {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
-                        "MPNN_RENDEZVOUS": "tcp://127.0.0.1:1"}.items():
+    for name, value in {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "MPNN_RENDEZVOUS": "tcp://127.0.0.1:1",
+    }.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(AuthError) as caught:
         init_from_env()
@@ -139,16 +215,19 @@ def test_secret_file_must_be_private_long_and_hex(tmp_path):
     assert os.path.dirname(temp_secret_path("a/b c")) and "a_b_c" in temp_secret_path("a/b c")
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda c: c.allreduce([1.0, 2.0]), TypeError, "allreduce: expected a NumPy array, got list"),
-    (lambda c: c.allreduce(np.ones(3, np.complex64)), TypeError, "allreduce: dtype complex64 is not supported"),
-    (lambda c: c.allreduce(np.ones(3), op="min"), ValueError, "allreduce: op must be"),
-    (lambda c: c.allreduce(np.ones(3, np.int32), op="mean"), TypeError, "needs a floating dtype, got int32"),
-    (lambda c: c.allreduce(np.broadcast_to(np.ones(1), (3,))), ValueError, "read-only"),
-    (lambda c: c.broadcast(np.ones(3), root=1), ValueError, "broadcast: root must be a rank in 0..0, got 1"),
-    (lambda c: c.reduce_scatter(np.ones(())), ValueError, "at least one dimension"),
-    (lambda c: c.allgather("x"), TypeError, "allgather: expected a NumPy array"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda c: c.allreduce([1.0, 2.0]), TypeError, "allreduce: expected a NumPy array, got list"),
+        (lambda c: c.allreduce(np.ones(3, np.complex64)), TypeError, "allreduce: dtype complex64 is not supported"),
+        (lambda c: c.allreduce(np.ones(3), op="min"), ValueError, "allreduce: op must be"),
+        (lambda c: c.allreduce(np.ones(3, np.int32), op="mean"), TypeError, "needs a floating dtype, got int32"),
+        (lambda c: c.allreduce(np.broadcast_to(np.ones(1), (3,))), ValueError, "read-only"),
+        (lambda c: c.broadcast(np.ones(3), root=1), ValueError, "broadcast: root must be a rank in 0..0, got 1"),
+        (lambda c: c.reduce_scatter(np.ones(())), ValueError, "at least one dimension"),
+        (lambda c: c.allgather("x"), TypeError, "allgather: expected a NumPy array"),
+    ],
+)
 def test_bad_input_names_the_collective(call, error, message):
     with pytest.raises(error, match=message):
         call(Communicator())
@@ -168,14 +247,17 @@ def test_get_comm_before_joining_says_what_to_call():
 
 # ----- the one parse: mpnn.worldspec.current_world -------------------------------------------------------------
 
+
 def _clear_world(monkeypatch):
     from mpnn.worldspec import world_variables
+
     for name, _ in world_variables():
         monkeypatch.delenv(name)
 
 
 def test_current_world_is_cached_until_a_world_variable_changes(monkeypatch):
     from mpnn.worldspec import current_world
+
     _clear_world(monkeypatch)
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
@@ -193,10 +275,20 @@ def test_current_world_is_cached_until_a_world_variable_changes(monkeypatch):
 def test_mpnn_names_win_over_torchruns_which_the_launcher_sets_too():
     """`mpnn launch` sets MPNN_* and torchrun's names: the parse reads MPNN_*, so the rendezvous is MPNN_RENDEZVOUS,
     never MASTER_PORT (left free for the script) nor MASTER_PORT + 1 (torchrun's rule)."""
-    env = {"MPNN_RANK": "1", "MPNN_WORLD_SIZE": "2", "MPNN_LOCAL_RANK": "1", "MPNN_LOCAL_WORLD_SIZE": "2",
-           "MPNN_RENDEZVOUS": "tcp://127.0.0.1:40001", "MPNN_RUN_ID": "r1",
-           "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "40100"}
+    env = {
+        "MPNN_RANK": "1",
+        "MPNN_WORLD_SIZE": "2",
+        "MPNN_LOCAL_RANK": "1",
+        "MPNN_LOCAL_WORLD_SIZE": "2",
+        "MPNN_RENDEZVOUS": "tcp://127.0.0.1:40001",
+        "MPNN_RUN_ID": "r1",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "40100",
+    }
     spec = spec_from_env(env)
     assert (spec.launcher, spec.rank, spec.world_size, spec.run_id) == ("mpnn", 1, 2, "r1")
     assert spec.rendezvous_host_port() == ("127.0.0.1", 40001)
@@ -205,6 +297,7 @@ def test_mpnn_names_win_over_torchruns_which_the_launcher_sets_too():
 def test_rank_and_world_are_readable_without_a_rendezvous_address():
     """Reading the world (a sampler) needs no address; joining it (spec_from_env, init_from_env) does."""
     from mpnn.worldspec import _parse
+
     env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     spec = _parse(env)
     assert (spec.rank, spec.world_size, spec.nnodes, spec.rendezvous) == (3, 4, 2, None)
@@ -224,11 +317,14 @@ def test_the_parse_imports_nothing_but_the_standard_library():
     import subprocess
     import sys
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[1] / "mpnn" / "worldspec.py"
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('worldspec_alone', {str(path)!r})\n"
-            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mpnn', 'numpy', 'zmq')))\n"
-            "print(module.spec_from_env({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_STEP_ID': '0'}).rank)\n")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('worldspec_alone', {str(path)!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mpnn', 'numpy', 'zmq')))\n"
+        "print(module.spec_from_env({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_STEP_ID': '0'}).rank)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.stdout.split("\n")[:2] == ["[]", "1"], out.stderr

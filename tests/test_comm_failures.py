@@ -79,8 +79,9 @@ def test_different_ops_fail_at_once_naming_both_ranks(env):
         assert later == "CollectiveMismatch"  # the communicator stays failed with the first error
 
 
-@pytest.mark.parametrize("big,env", [(False, MAILBOX_OFF), (False, MAILBOX_ON), (True, {})],
-                         ids=["small-sockets", "small-mailbox", "big"])
+@pytest.mark.parametrize(
+    "big,env", [(False, MAILBOX_OFF), (False, MAILBOX_ON), (True, {})], ids=["small-sockets", "small-mailbox", "big"]
+)
 def test_different_shapes_fail_at_once_naming_both_ranks(big, env):
     outcomes = values(run_world(shape_mismatch_worker, 2, (big,), comm_timeout=TIMEOUT * 5, env=env))
     sizes = (300_000, 300_002) if big else (10, 12)
@@ -137,15 +138,19 @@ def foreign_data_worker(comm):
     events = {}
     if comm.rank == 0:
         context = zmq.Context()
-        clients = {"null": context.socket(zmq.PUSH), "plain": context.socket(zmq.PUSH),
-                   "curve": context.socket(zmq.PUSH)}
+        clients = {
+            "null": context.socket(zmq.PUSH),
+            "plain": context.socket(zmq.PUSH),
+            "curve": context.socket(zmq.PUSH),
+        }
         clients["plain"].plain_username, clients["plain"].plain_password = b"mpnn", b"guessed"
         public, secret = zmq.curve_keypair()
         clients["curve"].curve_publickey, clients["curve"].curve_secretkey = public, secret
         clients["curve"].curve_serverkey = comm._security._keys[1][0] if comm.encrypt else zmq.curve_keypair()[0]
         monitors = {name: sock.get_monitor_socket() for name, sock in clients.items()}
-        forged_call = frames.Call(frames.ALLREDUCE, frames.REDUCE_CODES["sum"], frames.DTYPE_CODES[np.dtype("float32")],
-                                  (1000,))
+        forged_call = frames.Call(
+            frames.ALLREDUCE, frames.REDUCE_CODES["sum"], frames.DTYPE_CODES[np.dtype("float32")], (1000,)
+        )
         forged = frames.pack(frames.KIND_DATA, forged_call, 0, 0, comm._seq + 2, frames.run_tag(comm.run_id))
         for sock in clients.values():
             sock.linger = 0
@@ -195,6 +200,7 @@ class _Booby:
 def _attack_rendezvous(address, run_id, marker, log):
     context = zmq.Context()
     try:
+
         def exchange(sock, *parts):
             sock.send_multipart(list(parts))
             return sock.recv_multipart() if sock.poll(2000) else None
@@ -224,8 +230,11 @@ def rendezvous_attack_worker(marker):
     if int(os.environ["MPNN_RANK"]) == 1:
         time.sleep(1.5)  # the attacker gets the rendezvous to itself first
     else:
-        attacker = threading.Thread(target=_attack_rendezvous, daemon=True, args=(
-            os.environ["MPNN_RENDEZVOUS"], os.environ["MPNN_RUN_ID"], marker, log))
+        attacker = threading.Thread(
+            target=_attack_rendezvous,
+            daemon=True,
+            args=(os.environ["MPNN_RENDEZVOUS"], os.environ["MPNN_RUN_ID"], marker, log),
+        )
         time.sleep(0.2)
         attacker.start()
     comm = init_from_env()
@@ -234,8 +243,10 @@ def rendezvous_attack_worker(marker):
     comm.close()
     if comm.rank == 0:
         attacker.join()
-    return {"log": {key: [part[:60] for part in reply] if reply else reply for key, reply in log.items()},
-            "ok": bool(np.all(a == 3.0))}
+    return {
+        "log": {key: [part[:60] for part in reply] if reply else reply for key, reply in log.items()},
+        "ok": bool(np.all(a == 3.0)),
+    }
 
 
 def test_strangers_at_the_rendezvous_are_refused(tmp_path):
@@ -265,8 +276,11 @@ def test_rank_with_the_wrong_secret_is_turned_away(tmp_path):
     other = tmp_path / "other-secret"
     other.write_text(os.urandom(32).hex())
     other.chmod(0o600)
-    results = values(run_world(wrong_secret_worker, 2, init=False, comm_timeout=TIMEOUT,
-                               rank_env={1: {"MPNN_SECRET_FILE": str(other)}}))
+    results = values(
+        run_world(
+            wrong_secret_worker, 2, init=False, comm_timeout=TIMEOUT, rank_env={1: {"MPNN_SECRET_FILE": str(other)}}
+        )
+    )
     assert results[1][0] == "AuthError" and "could not prove it holds the run's secret" in results[1][1]
     assert results[0][0] == "CommTimeout" and "rank(s) [1] did not join" in results[0][1]
 

@@ -1,6 +1,7 @@
 """mpnn.compat.install_torch_alias (issue 12): a PyTorch model file in the style of nanoGPT's model.py, written
 here against torch's API, imports with `torch` resolved to mpnn, builds, trains (the loss falls) and generates.
 When torch is installed, the same file also runs on real torch and both agree on the loss for the same weights."""
+
 import importlib.util
 import inspect
 import math
@@ -248,7 +249,8 @@ def test_alias_puts_mpnn_under_torchs_module_names(alias):
     with pytest.raises(ImportError):
         import torch.distributed  # noqa: F401
     assert {"fused", "foreach", "capturable", "differentiable", "maximize"} <= set(
-        inspect.signature(torch.optim.AdamW).parameters)
+        inspect.signature(torch.optim.AdamW).parameters
+    )
 
 
 def test_install_uninstall_restores_real_torch_modules():
@@ -370,8 +372,9 @@ def test_the_same_file_on_real_torch_agrees(tmp_path, flash):
     t_opt = t.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     with torch_alias():
         m_opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
-    assert [{k: v for k, v in g.items() if k != "params"} for g in m_opt.param_groups] == \
-        [{k: v for k, v in g.items() if k != "params"} for g in t_opt.param_groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in m_opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in t_opt.param_groups
+    ]
     for opt, loss in ((t_opt, t_loss), (m_opt, m_loss)):
         opt.zero_grad(set_to_none=True)
         loss.backward()

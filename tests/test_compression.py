@@ -2,6 +2,7 @@
 values, topk at ratio 1, powersgd at rank >= the matrix's rank), the wire bytes each reports, bit-identical
 results on every rank, error feedback converging on a quadratic where the codec without it stalls, residuals
 through a checkpoint, DataParallel training with each codec, and comm.run_async ordering and abort."""
+
 import math
 import time
 
@@ -31,14 +32,21 @@ def _inputs():
     return {
         # float16-exact values (11 significant bits and their sums too), magnitudes 2**-12 to 2**10
         "fp16": rng.integers(-1023, 1024, (WORLD, 300)).astype(np.float32) * 2.0 ** rng.integers(-12, 1, 300),
-        "fp16_large": np.full((WORLD, 50), 60000.0, np.float32),                 # sum overflows float16
-        "fp16_tiny": rng.uniform(1e-7, 2e-7, (WORLD, 50)).astype(np.float32),   # float16 denormals unscaled
+        "fp16_large": np.full((WORLD, 50), 60000.0, np.float32),  # sum overflows float16
+        "fp16_tiny": rng.uniform(1e-7, 2e-7, (WORLD, 50)).astype(np.float32),  # float16 denormals unscaled
         "dense": rng.standard_normal((WORLD, 301)).astype(np.float32),
         "two_sizes": rng.standard_normal((WORLD, 301)).astype(np.float32) * np.repeat([1.0, 100.0], [200, 101]),
         # powersgd: a 12x9 matrix of rank 2 (common left factor), a bias, and a 2x2 too small to compress
-        "low_rank": [np.concatenate([(u @ rng.standard_normal((2, 9))).astype(np.float32).ravel(),
-                                     rng.standard_normal(5).astype(np.float32),
-                                     rng.standard_normal(4).astype(np.float32)]) for _ in range(WORLD)],
+        "low_rank": [
+            np.concatenate(
+                [
+                    (u @ rng.standard_normal((2, 9))).astype(np.float32).ravel(),
+                    rng.standard_normal(5).astype(np.float32),
+                    rng.standard_normal(4).astype(np.float32),
+                ]
+            )
+            for _ in range(WORLD)
+        ],
     }
 
 
@@ -63,9 +71,9 @@ def _exactness_worker():
     code("topk", TopK(ratio=0.1), data["dense"])
     code("powersgd", PowerSGD(rank=2), data["low_rank"], LOW_RANK_SHAPES, steps=2)
     code("powersgd_fp16", PowerSGD(rank=2, fp16=True), data["low_rank"], LOW_RANK_SHAPES, steps=2)
-    tiny = [g * np.float32(1e-6) for g in data["low_rank"]]   # unscaled, P and Q would be float16 denormals
+    tiny = [g * np.float32(1e-6) for g in data["low_rank"]]  # unscaled, P and Q would be float16 denormals
     code("powersgd_fp16_tiny", PowerSGD(rank=2, fp16=True), tiny, LOW_RANK_SHAPES, steps=2)
-    huge = [g * np.float32(3e4) for g in data["low_rank"]]    # unscaled, P, Q and their sums would overflow
+    huge = [g * np.float32(3e4) for g in data["low_rank"]]  # unscaled, P, Q and their sums would overflow
     code("powersgd_fp16_huge", PowerSGD(rank=2, fp16=True), huge, LOW_RANK_SHAPES, steps=2)
     code("signsgd", SignSGD(), data["two_sizes"], TWO_SIZES_SHAPES)
     return comm.allgather_object(out)
@@ -87,16 +95,16 @@ def test_fp16_is_exact_for_representable_values_and_scaled_against_overflow(two_
     np.testing.assert_array_equal(out["fp16"][0], data["fp16"].sum(0) / WORLD)
     assert out["fp16"][1] == (300 * 2 + 4, 300 * 4)  # float16 payload + the float32 max
     # 60000 + 60000 overflows float16 unscaled; scaled, it comes back within float16's rounding
-    np.testing.assert_allclose(out["fp16_large"][0], 60000.0, rtol=2 ** -10)
+    np.testing.assert_allclose(out["fp16_large"][0], 60000.0, rtol=2**-10)
     # 1e-7 is a float16 denormal (3 significant bits); scaled up it keeps float16's 11 bits
-    np.testing.assert_allclose(out["fp16_tiny"][0], data["fp16_tiny"].mean(0), rtol=2 ** -10)
+    np.testing.assert_allclose(out["fp16_tiny"][0], data["fp16_tiny"].mean(0), rtol=2**-10)
 
 
 def test_fp16_scale_keeps_the_sum_below_two_to_the_fifteen():
     for amax in (1e-20, 3e-5, 0.7, 1.0, 1000.0, 65504.0, 3e9):
         for world in (1, 2, 3, 8):
             e = scale_exponent(amax, world)
-            assert 2.0 ** 14 <= amax * world * 2.0 ** e < 2.0 ** 15
+            assert 2.0**14 <= amax * world * 2.0**e < 2.0**15
     assert scale_exponent(1e-35, 2) == 100  # clamped: the decode's 2**-e stays a normal float32
     assert scale_exponent(0.0, 2) == 0 and scale_exponent(float("inf"), 2) == 0
 
@@ -119,12 +127,13 @@ def test_powersgd_is_exact_when_rank_covers_the_matrix(two_ranks):
     mean = (data["low_rank"][0] + data["low_rank"][1]) / WORLD
     decoded, wire = out["powersgd"]
     np.testing.assert_allclose(decoded[:108], mean[:108], rtol=1e-4, atol=1e-5)  # P Q^T of the rank-2 matrix
-    np.testing.assert_array_equal(decoded[108:], mean[108:])                       # bias and 2x2: uncompressed
+    np.testing.assert_array_equal(decoded[108:], mean[108:])  # bias and 2x2: uncompressed
     assert wire == (4 * (12 * 2 + 9 * 2 + 5 + 4), 4 * 117)
 
 
-@pytest.mark.parametrize("name, scale", [("powersgd_fp16", 1.0), ("powersgd_fp16_tiny", 1e-6),
-                                         ("powersgd_fp16_huge", 3e4)])
+@pytest.mark.parametrize(
+    "name, scale", [("powersgd_fp16", 1.0), ("powersgd_fp16_tiny", 1e-6), ("powersgd_fp16_huge", 3e4)]
+)
 def test_powersgd_fp16_halves_the_bytes_within_float16_rounding_at_any_scale(two_ranks, name, scale):
     data, out = _inputs(), two_ranks[0]
     mean = (data["low_rank"][0] + data["low_rank"][1]) / WORLD * np.float32(scale)
@@ -134,14 +143,21 @@ def test_powersgd_fp16_halves_the_bytes_within_float16_rounding_at_any_scale(two
     np.testing.assert_allclose(decoded[:108], mean[:108], rtol=0, atol=4e-3 * np.abs(mean[:108]).max())
     # the uncompressed pieces: each rank's value rounded to float16 (11 bits) before the sum
     largest = max(np.abs(g[108:]).max() for g in data["low_rank"]) * scale
-    np.testing.assert_allclose(decoded[108:], mean[108:], rtol=0, atol=2 ** -10 * largest)
+    np.testing.assert_allclose(decoded[108:], mean[108:], rtol=0, atol=2**-10 * largest)
     assert wire == (2 * (12 * 2 + 9 * 2 + 5 + 4) + 4, 4 * 117)  # float16 factors + the float32 max
 
 
 def test_signsgd_decodes_the_mean_of_signs_scaled_per_parameter(two_ranks):
     data, out = _inputs(), two_ranks[0]
-    expected = np.mean([np.concatenate([np.abs(part).mean(dtype=np.float32) * np.where(part >= 0, 1, -1)
-                                        for part in np.split(g, [200])]) for g in data["two_sizes"]], axis=0)
+    expected = np.mean(
+        [
+            np.concatenate(
+                [np.abs(part).mean(dtype=np.float32) * np.where(part >= 0, 1, -1) for part in np.split(g, [200])]
+            )
+            for g in data["two_sizes"]
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(out["signsgd"][0], expected, rtol=1e-6)
     assert out["signsgd"][1] == (2 * 4 + math.ceil(301 / 8), 301 * 4)
 
@@ -163,8 +179,9 @@ def test_topk_and_signsgd_keep_what_they_did_not_send_as_residual():
     np.testing.assert_allclose(sign.residuals[0], g - scale * np.sign(g), rtol=1e-6)
 
 
-@pytest.mark.parametrize("make", [lambda: TopK(ratio=0.3), lambda: PowerSGD(rank=1), SignSGD],
-                         ids=["topk", "powersgd", "signsgd"])
+@pytest.mark.parametrize(
+    "make", [lambda: TopK(ratio=0.3), lambda: PowerSGD(rank=1), SignSGD], ids=["topk", "powersgd", "signsgd"]
+)
 def test_residuals_survive_a_checkpoint(make, tmp_path):
     comm, shapes = Communicator(), [(6, 5), (4,)]
     grads = np.random.default_rng(3).standard_normal((4, 34)).astype(np.float32)
@@ -200,10 +217,15 @@ def _quadratic_worker(steps):
     c = (3 * rng.standard_normal((WORLD, 200))).astype(np.float32)
     x_star = (a * c).sum(0) / a.sum(0)
     errors = {}
-    for name, codec in [("topk", TopK(0.05)), ("topk_no_ef", TopK(0.05, error_feedback=False)),
-                        ("signsgd", SignSGD()), ("signsgd_no_ef", SignSGD(error_feedback=False)),
-                        ("powersgd", PowerSGD(1)), ("powersgd_no_ef", PowerSGD(1, error_feedback=False)),
-                        ("fp16", FP16())]:
+    for name, codec in [
+        ("topk", TopK(0.05)),
+        ("topk_no_ef", TopK(0.05, error_feedback=False)),
+        ("signsgd", SignSGD()),
+        ("signsgd_no_ef", SignSGD(error_feedback=False)),
+        ("powersgd", PowerSGD(1)),
+        ("powersgd_no_ef", PowerSGD(1, error_feedback=False)),
+        ("fp16", FP16()),
+    ]:
         x, trace = np.zeros(200, np.float32), []
         for t in range(steps):
             g = a[comm.rank] * (x - c[comm.rank])
@@ -238,8 +260,14 @@ def _train_worker(steps):
     comm = mpnn.init()
     w = np.random.default_rng(99).standard_normal((10, 4))
     results, plain_state = {}, None
-    for name, codec in [("none", None), ("plainmean", PlainMean()), ("fp16", FP16()), ("topk", TopK(0.05)),
-                        ("powersgd", PowerSGD(2)), ("signsgd", SignSGD())]:
+    for name, codec in [
+        ("none", None),
+        ("plainmean", PlainMean()),
+        ("fp16", FP16()),
+        ("topk", TopK(0.05)),
+        ("powersgd", PowerSGD(2)),
+        ("signsgd", SignSGD()),
+    ]:
         rng = np.random.default_rng(comm.rank)
         mpnn.manual_seed(0)
         model = mpnn.DataParallel(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)), codec=codec)
@@ -292,6 +320,7 @@ def _run_async_worker():
         if comm.rank == 1:
             raise ValueError("codec bug on rank 1")
         comm.allreduce(np.ones(2))  # rank 0 waits here for rank 1, which never comes
+
     started = time.monotonic()
     try:
         comm.run_async(fail).wait()
@@ -341,6 +370,7 @@ def test_a_failing_codec_fails_the_run_naming_it():
     started = time.monotonic()
     with pytest.raises(WorkerError) as info:
         run(_flaky_worker, n=WORLD)
-    assert ("plugin 'flaky' failed in allreduce (bucket 0, step 2): FloatingPointError: lost a bit"
-            in str(info.value)), str(info.value)
+    assert "plugin 'flaky' failed in allreduce (bucket 0, step 2): FloatingPointError: lost a bit" in str(info.value), (
+        str(info.value)
+    )
     assert time.monotonic() - started < 30

@@ -1,5 +1,6 @@
 """conv1d/conv2d (im2col and Winograd paths), pooling and pad: forward values against straightforward NumPy
 references written here, float64 finite-difference gradients, and clear errors for bad input."""
+
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ def ref_conv2d(x, w, b, stride, pad_lo, pad_hi, dilation, groups):
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     xp = np.zeros((n, c, h + pad_lo[0] + pad_hi[0], wd + pad_lo[1] + pad_hi[1]))
-    xp[:, :, pad_lo[0]:pad_lo[0] + h, pad_lo[1]:pad_lo[1] + wd] = x
+    xp[:, :, pad_lo[0] : pad_lo[0] + h, pad_lo[1] : pad_lo[1] + wd] = x
     oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     og = o // groups
@@ -38,9 +39,13 @@ def ref_conv2d(x, w, b, stride, pad_lo, pad_hi, dilation, groups):
         for i in range(oh):
             for j in range(ow):
                 r0, c0 = i * stride[0], j * stride[1]
-                patch = xp[:, g * cg:(g + 1) * cg, r0:r0 + dilation[0] * (kh - 1) + 1:dilation[0],
-                           c0:c0 + dilation[1] * (kw - 1) + 1:dilation[1]]
-                out[:, g * og:(g + 1) * og, i, j] = np.einsum("nckl,ockl->no", patch, w[g * og:(g + 1) * og])
+                patch = xp[
+                    :,
+                    g * cg : (g + 1) * cg,
+                    r0 : r0 + dilation[0] * (kh - 1) + 1 : dilation[0],
+                    c0 : c0 + dilation[1] * (kw - 1) + 1 : dilation[1],
+                ]
+                out[:, g * og : (g + 1) * og, i, j] = np.einsum("nckl,ockl->no", patch, w[g * og : (g + 1) * og])
     if b is not None:
         out += b[None, :, None, None]
     return out
@@ -76,12 +81,15 @@ def test_conv2d_matches_reference(case, batched):
     np.testing.assert_allclose(out.data, want if batched else want[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("n,c,length,o,k,s,p,d,g", [
-    (100, 1, 40, 25, 5, 2, 1, 1, 1),  # the MNIST-1D CNN's layers
-    (100, 25, 19, 25, 3, 2, 1, 1, 1),
-    (3, 4, 11, 6, 3, 1, 2, 2, 2),
-    (2, 3, 7, 3, 7, 1, 0, 1, 3),
-])
+@pytest.mark.parametrize(
+    "n,c,length,o,k,s,p,d,g",
+    [
+        (100, 1, 40, 25, 5, 2, 1, 1, 1),  # the MNIST-1D CNN's layers
+        (100, 25, 19, 25, 3, 2, 1, 1, 1),
+        (3, 4, 11, 6, 3, 1, 2, 2, 2),
+        (2, 3, 7, 3, 7, 1, 0, 1, 3),
+    ],
+)
 @pytest.mark.parametrize("batched", [True, False])
 def test_conv1d_matches_reference(n, c, length, o, k, s, p, d, g, batched):
     x, w, b = randn(n, c, length), randn(o, c // g, k), randn(o)
@@ -116,7 +124,6 @@ def test_algorithm_choice_covers_both_paths():
     assert not fits((3, 3, 1, 1, 1, 1, 1, 1, 2), 64, 64, 32)  # grouped
 
 
-
 def _problem(x_shape, w_shape, geom, out_hw):
     x4, w4 = np.zeros(x_shape), np.zeros(w_shape)
     return conv_module.ConvProblem(x4, w4, None, geom, *out_hw, False)
@@ -147,14 +154,21 @@ def test_each_algorithm_alone_matches_reference(monkeypatch, index):
     np.testing.assert_allclose(out.data, ref_conv2d(x, w, b, (1, 1), (1, 1), (1, 1), (1, 1), 1), atol=1e-10)
     gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, 1), [leaf(randn(1, 8, 5, 9)), leaf(w), leaf(b)])
 
+
 def test_winograd_path_forced_and_chunked_matches_reference(monkeypatch):
     """Few channels and many small chunks: the Winograd transforms' edges, odd sizes and chunk seams."""
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 5)
     # 4x4 tiles: widths and heights off a multiple of 4, a map smaller than one tile, padding 0-3
-    for (n, c, h, w_, o, p) in [(2, 3, 7, 9, 4, 1), (3, 2, 8, 6, 3, 0), (1, 3, 6, 7, 2, 2), (2, 2, 13, 11, 3, 1),
-                                (1, 2, 3, 3, 2, 1), (2, 3, 9, 9, 2, 3)]:
+    for n, c, h, w_, o, p in [
+        (2, 3, 7, 9, 4, 1),
+        (3, 2, 8, 6, 3, 0),
+        (1, 3, 6, 7, 2, 2),
+        (2, 2, 13, 11, 3, 1),
+        (1, 2, 3, 3, 2, 1),
+        (2, 3, 9, 9, 2, 3),
+    ]:
         x, w, b = randn(n, c, h, w_), randn(o, c, 3, 3), randn(o)
         assert conv_module._winograd_fits((3, 3, 1, 1, p, p, 1, 1, 1), c, o, w_ + 2 * p - 2)
         out = conv2d(leaf(x), leaf(w), leaf(b), 1, p)
@@ -167,8 +181,10 @@ def test_im2col_tiles_split_samples_and_positions(monkeypatch):
     x, w, b = randn(3, 4, 9, 8), randn(6, 2, 3, 2), randn(6)
     out = conv2d(leaf(x), leaf(w), leaf(b), (2, 1), (1, 2), (2, 1), 2)
     np.testing.assert_allclose(out.data, ref_conv2d(x, w, b, (2, 1), (1, 2), (1, 2), (2, 1), 2), atol=1e-10)
-    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, (2, 1), (1, 2), (2, 1), 2),
-              [leaf(randn(2, 4, 5, 4)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))])
+    gradcheck(
+        lambda a, ww, bb: conv2d(a, ww, bb, (2, 1), (1, 2), (2, 1), 2),
+        [leaf(randn(2, 4, 5, 4)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))],
+    )
 
 
 @pytest.mark.parametrize("winograd", [False, True])
@@ -195,16 +211,17 @@ def test_conv2d_float32_close_to_float64(winograd):
 
 # ----- conv gradients -----------------------------------------------------------------------------------------
 def test_conv2d_gradcheck_im2col_with_groups_stride_dilation():
-    gradcheck(lambda a, w, b: conv2d(a, w, b, (2, 1), (1, 2), (1, 2), 2),
-              [leaf(randn(2, 4, 5, 6)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))])
+    gradcheck(
+        lambda a, w, b: conv2d(a, w, b, (2, 1), (1, 2), (1, 2), 2),
+        [leaf(randn(2, 4, 5, 6)), leaf(randn(4, 2, 3, 2)), leaf(randn(4))],
+    )
 
 
 def test_conv2d_gradcheck_winograd(monkeypatch):
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 1)
     monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 4)
-    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 2, 5, 6)), leaf(randn(3, 2, 3, 3)),
-                                                      leaf(randn(3))])
+    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 2, 5, 6)), leaf(randn(3, 2, 3, 3)), leaf(randn(3))])
     gradcheck(lambda a, w: conv2d(a, w, None, 1, 0), [leaf(randn(1, 2, 6, 5)), leaf(randn(2, 2, 3, 3))])
     gradcheck(lambda a, w: conv2d(a, w, None, 1, 2), [leaf(randn(1, 1, 3, 2)), leaf(randn(1, 1, 3, 3))])
 
@@ -213,8 +230,9 @@ def test_conv2d_gradcheck_winograd_default_rule():
     """8 channels, maps 9-10 wide: Winograd by the default rule, with partial 4x4 tiles on both edges
     and several tile rows per chunk; then each of input, weight and bias alone."""
     assert conv_module._winograd_fits((3, 3, 1, 1, 1, 1, 1, 1, 1), 8, 8, 10)
-    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 8, 9, 10)), leaf(randn(8, 8, 3, 3)),
-                                                      leaf(randn(8))])
+    gradcheck(
+        lambda a, w, b: conv2d(a, w, b, 1, 1), [leaf(randn(2, 8, 9, 10)), leaf(randn(8, 8, 3, 3)), leaf(randn(8))]
+    )
     x, w, b = randn(1, 8, 10, 9), randn(8, 8, 3, 3), randn(8)
     gradcheck(lambda ww: conv2d(leaf(x, False), ww, leaf(b, False), 1, 1), [leaf(w)])
     gradcheck(lambda a, bb: conv2d(a, leaf(w, False), bb, 1, 1), [leaf(x), leaf(b)])
@@ -225,8 +243,9 @@ def test_conv2d_gradcheck_noncontiguous_unbatched_and_size_one_dims():
     transposed = randn(2, 3, 6, 5).transpose(0, 1, 3, 2)  # (2, 3, 5, 6) strided view
     assert not transposed.flags.c_contiguous
     gradcheck(lambda a, w: conv2d(a, w, None, 1, 1), [leaf(transposed), leaf(randn(2, 3, 3, 3))])
-    gradcheck(lambda a, w, b: conv2d(a, w, b, 1, "same"), [leaf(randn(2, 4, 5)), leaf(randn(3, 2, 2, 2)),
-                                                           leaf(randn(3))])
+    gradcheck(
+        lambda a, w, b: conv2d(a, w, b, 1, "same"), [leaf(randn(2, 4, 5)), leaf(randn(3, 2, 2, 2)), leaf(randn(3))]
+    )
     gradcheck(lambda a, w, b: conv2d(a, w, b), [leaf(randn(1, 1, 1, 4)), leaf(randn(1, 1, 1, 2)), leaf(randn(1))])
 
 
@@ -238,8 +257,7 @@ def test_conv2d_gradients_with_some_inputs_frozen():
 
 
 def test_conv1d_gradcheck():
-    gradcheck(lambda a, w, b: conv1d(a, w, b, 2, 1, 2, 2), [leaf(randn(2, 4, 9)), leaf(randn(6, 2, 3)),
-                                                            leaf(randn(6))])
+    gradcheck(lambda a, w, b: conv1d(a, w, b, 2, 1, 2, 2), [leaf(randn(2, 4, 9)), leaf(randn(6, 2, 3)), leaf(randn(6))])
     gradcheck(lambda a, w, b: conv1d(a, w, b, 2, 1), [leaf(randn(3, 8)), leaf(randn(2, 3, 5)), leaf(randn(2))])
     strided = randn(7, 3).T  # (3, 7) unbatched, non-contiguous
     gradcheck(lambda a, w: conv1d(a, w, None, 1, "same"), [leaf(strided), leaf(randn(2, 3, 4))])
@@ -275,16 +293,20 @@ def avg_reduce(kernel, stride, padding, h, w, count_include_pad, divisor_overrid
             nc = min(cols[-1] + 1, w + padding[1]) - cols[0]
             return vals.sum(-1) / (nr * nc)
         return vals.mean(-1)
+
     return reduce
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [
-    ((2, 2), (2, 2), (0, 0), (1, 1), False),
-    ((3, 3), (2, 2), (1, 1), (1, 1), False),
-    ((3, 2), (2, 1), (1, 1), (2, 1), False),
-    ((3, 3), (2, 2), (0, 0), (1, 1), True),
-    ((3, 3), (2, 2), (1, 1), (1, 1), True),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,ceil_mode",
+    [
+        ((2, 2), (2, 2), (0, 0), (1, 1), False),
+        ((3, 3), (2, 2), (1, 1), (1, 1), False),
+        ((3, 2), (2, 1), (1, 1), (2, 1), False),
+        ((3, 3), (2, 2), (0, 0), (1, 1), True),
+        ((3, 3), (2, 2), (1, 1), (1, 1), True),
+    ],
+)
 def test_max_pool2d_matches_reference_with_ties(kernel, stride, padding, dilation, ceil_mode):
     x = leaf(np.round(randn(2, 3, 9, 8)))  # many ties
     out, idx = max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
@@ -321,20 +343,22 @@ def test_max_pool_first_maximum_wins_ties():
     assert out1.data.tolist() == [[5.0, 5.0, 5.0]] and idx1.data.tolist() == [[1, 1, 4]]
 
 
-@pytest.mark.parametrize("kernel,stride,padding,ceil_mode,count_include_pad,divisor", [
-    ((2, 2), (2, 2), (0, 0), False, True, None),
-    ((3, 3), (2, 2), (1, 1), False, True, None),
-    ((3, 3), (2, 2), (1, 1), False, False, None),
-    ((3, 3), (2, 2), (1, 1), True, True, None),  # the last window hangs past the padding
-    ((3, 2), (2, 1), (1, 1), True, False, None),
-    ((3, 2), (1, 2), (0, 1), False, True, 5),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,ceil_mode,count_include_pad,divisor",
+    [
+        ((2, 2), (2, 2), (0, 0), False, True, None),
+        ((3, 3), (2, 2), (1, 1), False, True, None),
+        ((3, 3), (2, 2), (1, 1), False, False, None),
+        ((3, 3), (2, 2), (1, 1), True, True, None),  # the last window hangs past the padding
+        ((3, 2), (2, 1), (1, 1), True, False, None),
+        ((3, 2), (1, 2), (0, 1), False, True, 5),
+    ],
+)
 def test_avg_pool2d_matches_reference(kernel, stride, padding, ceil_mode, count_include_pad, divisor):
     x = randn(2, 3, 9, 8)
     out = avg_pool2d(leaf(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor)
     reduce = avg_reduce(kernel, stride, padding, 9, 8, count_include_pad, divisor)
-    np.testing.assert_allclose(out.data, ref_pool2d(x, kernel, stride, padding, (1, 1), ceil_mode, reduce),
-                               rtol=1e-12)
+    np.testing.assert_allclose(out.data, ref_pool2d(x, kernel, stride, padding, (1, 1), ceil_mode, reduce), rtol=1e-12)
 
 
 def test_pool1d_match_reference_and_unbatched():
@@ -387,8 +411,15 @@ NUMPY_MODE = {"constant": "constant", "reflect": "reflect", "replicate": "edge",
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
-@pytest.mark.parametrize("shape,widths", [((2, 3, 5), (2, 3)), ((2, 3, 4, 5), (1, 2, 3, 1)),
-                                          ((3, 4, 5), (0, 2, 1, 1)), ((1, 2, 3, 4, 5), (1, 2, 2, 1, 1, 1))])
+@pytest.mark.parametrize(
+    "shape,widths",
+    [
+        ((2, 3, 5), (2, 3)),
+        ((2, 3, 4, 5), (1, 2, 3, 1)),
+        ((3, 4, 5), (0, 2, 1, 1)),
+        ((1, 2, 3, 4, 5), (1, 2, 2, 1, 1, 1)),
+    ],
+)
 def test_pad_matches_numpy(mode, shape, widths):
     x = randn(*shape)
     pairs = [(widths[2 * i], widths[2 * i + 1]) for i in reversed(range(len(widths) // 2))]
@@ -401,8 +432,7 @@ def test_pad_matches_numpy(mode, shape, widths):
 
 def test_pad_negative_widths_crop():
     x = randn(2, 4, 6)
-    np.testing.assert_array_equal(pad(leaf(x), (-1, 2, 1, -2)).data,
-                                  np.pad(x[:, :2, 1:], [(0, 0), (1, 0), (0, 2)]))
+    np.testing.assert_array_equal(pad(leaf(x), (-1, 2, 1, -2)).data, np.pad(x[:, :2, 1:], [(0, 0), (1, 0), (0, 2)]))
     row = leaf(np.arange(5.0)[None, None])
     assert pad(row, (-1, 2), "circular").data.ravel().tolist() == [1, 2, 3, 4, 1, 2]
     assert pad(row, (2, -1), "reflect").data.ravel().tolist() == [2, 1, 0, 1, 2, 3]

@@ -1,5 +1,6 @@
 """mpnn.data: DistributedSampler against a port of PyTorch's algorithm, DataLoader batching and exact
 resume, MNIST-1D generation and caching, transforms."""
+
 import json
 import math
 import random
@@ -29,6 +30,7 @@ from mpnn.data import datasets as datasets_module
 from mpnn.worldspec import world_variables
 
 # ----- DistributedSampler -------------------------------------------------------------------------
+
 
 def reference_distributed_indices(n, num_replicas, rank, shuffle, seed, epoch, drop_last):
     """torch.utils.data.DistributedSampler.__iter__, line by line, with NumPy's permutation for randperm."""
@@ -62,8 +64,9 @@ def test_distributed_sampler_matches_torch_algorithm_and_shards_are_disjoint_and
         for n in (1, 2, 7, 10, 13, 24, 31):
             shards = []
             for rank in range(world):
-                sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle,
-                                             seed=5, drop_last=drop_last)
+                sampler = DistributedSampler(
+                    range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last
+                )
                 sampler.set_epoch(3)
                 got = list(sampler)
                 assert got == reference_distributed_indices(n, world, rank, shuffle, 5, 3, drop_last)
@@ -77,10 +80,10 @@ def test_distributed_sampler_matches_torch_algorithm_and_shards_are_disjoint_and
             if drop_last:
                 assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint, nothing padded
             else:
-                assert set(flat) == set(range(n))                      # complete
+                assert set(flat) == set(range(n))  # complete
                 assert len(flat) == math.ceil(n / world) * world
                 counts = np.bincount(flat, minlength=n)
-                assert counts.max() <= math.ceil(len(flat) / n)        # padding repeats evenly
+                assert counts.max() <= math.ceil(len(flat) / n)  # padding repeats evenly
 
 
 def test_distributed_sampler_epochs_and_seeds():
@@ -88,6 +91,7 @@ def test_distributed_sampler_epochs_and_seeds():
         s = DistributedSampler(range(100), num_replicas=2, rank=rank, seed=seed)
         s.set_epoch(epoch)
         return list(s)
+
     assert order(0, 0) != order(0, 1), "a new epoch reshuffles"
     assert order(0, 1) == order(0, 1), "same seed and epoch, same order in a fresh instance"
     assert order(0, 0) != order(1, 0)
@@ -113,25 +117,71 @@ def clear_world(monkeypatch):
 
 # What each launcher puts in rank r's environment, for a world of 3 ranks.
 LAUNCHER_ENVS = {
-    "mpnn": lambda r: {"MPNN_RANK": r, "MPNN_WORLD_SIZE": 3, "MPNN_LOCAL_RANK": r, "MPNN_LOCAL_WORLD_SIZE": 3,
-                       "MPNN_NNODES": 1, "MPNN_NODE_RANK": 0, "MPNN_RUN_ID": "r", "MPNN_RENDEZVOUS": "tcp://127.0.0.1:9",
-                       # `mpnn launch` sets torchrun's names too; they agree, and MPNN_* is what is read
-                       "RANK": r, "WORLD_SIZE": 3, "LOCAL_RANK": r, "LOCAL_WORLD_SIZE": 3,
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29999},
-    "torchrun": lambda r: {"RANK": r, "WORLD_SIZE": 3, "LOCAL_RANK": r, "LOCAL_WORLD_SIZE": 3, "GROUP_RANK": 0,
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500, "TORCHELASTIC_RUN_ID": "job"},
-    "mpirun": lambda r: {"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3, "OMPI_COMM_WORLD_LOCAL_RANK": r,
-                         "OMPI_COMM_WORLD_LOCAL_SIZE": 3, "OMPI_COMM_WORLD_NODE_RANK": 0, "OMPI_MCA_ess_base_jobid": 7},
+    "mpnn": lambda r: {
+        "MPNN_RANK": r,
+        "MPNN_WORLD_SIZE": 3,
+        "MPNN_LOCAL_RANK": r,
+        "MPNN_LOCAL_WORLD_SIZE": 3,
+        "MPNN_NNODES": 1,
+        "MPNN_NODE_RANK": 0,
+        "MPNN_RUN_ID": "r",
+        "MPNN_RENDEZVOUS": "tcp://127.0.0.1:9",
+        # `mpnn launch` sets torchrun's names too; they agree, and MPNN_* is what is read
+        "RANK": r,
+        "WORLD_SIZE": 3,
+        "LOCAL_RANK": r,
+        "LOCAL_WORLD_SIZE": 3,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": 29999,
+    },
+    "torchrun": lambda r: {
+        "RANK": r,
+        "WORLD_SIZE": 3,
+        "LOCAL_RANK": r,
+        "LOCAL_WORLD_SIZE": 3,
+        "GROUP_RANK": 0,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": 29500,
+        "TORCHELASTIC_RUN_ID": "job",
+    },
+    "mpirun": lambda r: {
+        "OMPI_COMM_WORLD_RANK": r,
+        "OMPI_COMM_WORLD_SIZE": 3,
+        "OMPI_COMM_WORLD_LOCAL_RANK": r,
+        "OMPI_COMM_WORLD_LOCAL_SIZE": 3,
+        "OMPI_COMM_WORLD_NODE_RANK": 0,
+        "OMPI_MCA_ess_base_jobid": 7,
+    },
     # across hosts without any address: joining would need MPNN_RENDEZVOUS, reading rank and world does not
-    "mpirun-2-hosts": lambda r: {"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3,
-                                 "OMPI_COMM_WORLD_LOCAL_RANK": r % 2, "OMPI_COMM_WORLD_LOCAL_SIZE": 2},
-    "srun": lambda r: {"SLURM_PROCID": r, "SLURM_NTASKS": 3, "SLURM_STEP_NUM_TASKS": 3, "SLURM_LOCALID": r,
-                       "SLURM_NODEID": 0, "SLURM_STEP_NUM_NODES": 1, "SLURM_STEP_TASKS_PER_NODE": "3",
-                       "SLURM_JOB_ID": 77, "SLURM_STEP_ID": 0},
-    "srun-2-nodes": lambda r: {"SLURM_PROCID": r, "SLURM_NTASKS": 3, "SLURM_STEP_NUM_TASKS": 3,
-                               "SLURM_LOCALID": r % 2, "SLURM_NODEID": r // 2, "SLURM_STEP_NUM_NODES": 2,
-                               "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_JOB_ID": 78, "SLURM_STEP_ID": 0,
-                               "SLURM_STEP_NODELIST": "cn[1-2]"},
+    "mpirun-2-hosts": lambda r: {
+        "OMPI_COMM_WORLD_RANK": r,
+        "OMPI_COMM_WORLD_SIZE": 3,
+        "OMPI_COMM_WORLD_LOCAL_RANK": r % 2,
+        "OMPI_COMM_WORLD_LOCAL_SIZE": 2,
+    },
+    "srun": lambda r: {
+        "SLURM_PROCID": r,
+        "SLURM_NTASKS": 3,
+        "SLURM_STEP_NUM_TASKS": 3,
+        "SLURM_LOCALID": r,
+        "SLURM_NODEID": 0,
+        "SLURM_STEP_NUM_NODES": 1,
+        "SLURM_STEP_TASKS_PER_NODE": "3",
+        "SLURM_JOB_ID": 77,
+        "SLURM_STEP_ID": 0,
+    },
+    "srun-2-nodes": lambda r: {
+        "SLURM_PROCID": r,
+        "SLURM_NTASKS": 3,
+        "SLURM_STEP_NUM_TASKS": 3,
+        "SLURM_LOCALID": r % 2,
+        "SLURM_NODEID": r // 2,
+        "SLURM_STEP_NUM_NODES": 2,
+        "SLURM_STEP_TASKS_PER_NODE": "2,1",
+        "SLURM_JOB_ID": 78,
+        "SLURM_STEP_ID": 0,
+        "SLURM_STEP_NODELIST": "cn[1-2]",
+    },
 }
 
 
@@ -169,12 +219,20 @@ def test_distributed_sampler_explicit_arguments_win(monkeypatch, launcher):
     s = DistributedSampler(range(10), num_replicas=2, rank=0, shuffle=False)
     assert (s.num_replicas, s.rank, list(s)) == (2, 0, [0, 2, 4, 6, 8])
     assert (DistributedSampler(range(10), rank=2).num_replicas, DistributedSampler(range(10), num_replicas=5).rank) == (
-        3, 1)
+        3,
+        1,
+    )
 
 
-@pytest.mark.parametrize("launcher, rank_var, size_var", [
-    ("mpnn", "MPNN_RANK", "MPNN_WORLD_SIZE"), ("torchrun", "RANK", "WORLD_SIZE"),
-    ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")])
+@pytest.mark.parametrize(
+    "launcher, rank_var, size_var",
+    [
+        ("mpnn", "MPNN_RANK", "MPNN_WORLD_SIZE"),
+        ("torchrun", "RANK", "WORLD_SIZE"),
+        ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
+    ],
+)
 def test_distributed_sampler_refuses_a_rank_outside_the_world(monkeypatch, launcher, rank_var, size_var):
     set_world(monkeypatch, LAUNCHER_ENVS[launcher](2))
     with pytest.raises(ValueError, match=rf"invalid rank 3, .*\[0, 2\] \(num_replicas=3 from {size_var}\)"):
@@ -182,26 +240,33 @@ def test_distributed_sampler_refuses_a_rank_outside_the_world(monkeypatch, launc
     with pytest.raises(ValueError, match=rf"invalid rank 2 \(from {rank_var}\), .*\[0, 1\] \(num_replicas=2\)"):
         DistributedSampler(range(10), num_replicas=2)
     monkeypatch.setenv(rank_var, "3")  # the launcher's own rank outside its world: the parse names both variables
-    with pytest.raises(ValueError, match=rf"DistributedSampler: .*rank 3 \({rank_var}=3\) is outside the world of "
-                                         rf"size 3 \({size_var}=3\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"DistributedSampler: .*rank 3 \({rank_var}=3\) is outside the world of "
+        rf"size 3 \({size_var}=3\)",
+    ):
         DistributedSampler(range(10))
     monkeypatch.setenv(rank_var, "two")
     with pytest.raises(ValueError, match=f"{rank_var} must be an integer, got 'two'"):
         DistributedSampler(range(10))
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(num_replicas=2, rank=2), r"invalid rank 2"),
-    (dict(num_replicas=2, rank=-1), r"invalid rank -1"),
-    (dict(num_replicas=0, rank=0), r"num_replicas should be a positive integer"),
-    (dict(num_replicas=2, rank=0, seed=-1), r"seed must be a non-negative int"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(num_replicas=2, rank=2), r"invalid rank 2"),
+        (dict(num_replicas=2, rank=-1), r"invalid rank -1"),
+        (dict(num_replicas=0, rank=0), r"num_replicas should be a positive integer"),
+        (dict(num_replicas=2, rank=0, seed=-1), r"seed must be a non-negative int"),
+    ],
+)
 def test_distributed_sampler_bad_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         DistributedSampler(range(10), **kwargs)
 
 
 # ----- samplers and datasets ----------------------------------------------------------------------
+
 
 def test_random_sampler_is_a_permutation_and_follows_manual_seed():
     mpnn_random.manual_seed(123)
@@ -214,8 +279,9 @@ def test_random_sampler_is_a_permutation_and_follows_manual_seed():
     assert list(sampler) != list(sampler), "each pass draws a new order"
     drawn = list(RandomSampler(range(4), num_samples=10, generator=np.random.default_rng(0)))
     assert len(drawn) == 10 and sorted(drawn[:8]) == [0, 0, 1, 1, 2, 2, 3, 3]
-    with_replacement = list(RandomSampler(range(4), replacement=True, num_samples=50,
-                                          generator=np.random.default_rng(0)))
+    with_replacement = list(
+        RandomSampler(range(4), replacement=True, num_samples=50, generator=np.random.default_rng(0))
+    )
     assert len(with_replacement) == 50 and set(with_replacement) <= {0, 1, 2, 3}
     with pytest.raises(ValueError, match="num_samples should be a positive integer"):
         RandomSampler(range(4), num_samples=0)
@@ -268,6 +334,7 @@ def test_subset_and_random_split():
 
 
 # ----- DataLoader ---------------------------------------------------------------------------------
+
 
 class RowDataset(Dataset):
     """A dataset without batched indexing: the DataLoader must collate it sample by sample."""
@@ -359,8 +426,9 @@ def test_loader_custom_sampler_batch_sampler_and_collate_fn():
 def test_loader_bad_arguments():
     ds = TensorDataset(np.arange(10))
     for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match=f"DataLoader: batch_size should be a positive integer value, "
-                                             f"but got batch_size={bad!r}"):
+        with pytest.raises(
+            ValueError, match=f"DataLoader: batch_size should be a positive integer value, but got batch_size={bad!r}"
+        ):
             DataLoader(ds, batch_size=bad)
     with pytest.raises(ValueError, match="sampler option is mutually exclusive with shuffle"):
         DataLoader(ds, sampler=SequentialSampler(ds), shuffle=True)
@@ -425,6 +493,7 @@ def test_loader_resumes_mid_epoch_exactly_with_random_sampler(batched):
     def make(variant):
         mpnn_random.manual_seed(100 + variant)
         return DataLoader(ds, batch_size=5, shuffle=True)
+
     _resume_check(make, epochs=4, cut_epoch=1, cut_batch=3)
     _resume_check(make, epochs=3, cut_epoch=0, cut_batch=0)
     _resume_check(make, epochs=3, cut_epoch=2, cut_batch=7)  # a whole epoch consumed, iterator not yet ended
@@ -440,6 +509,7 @@ def test_loader_resumes_mid_epoch_exactly_with_distributed_sampler():
 
     def set_epoch(loader, epoch):
         loader.sampler.set_epoch(epoch)
+
     _resume_check(make, epochs=3, cut_epoch=1, cut_batch=2, before_epoch=set_epoch)
     loader = make(0)
     with pytest.raises(ValueError, match=r"batches_consumed=9 is outside \[0, 5\]"):
@@ -464,6 +534,7 @@ def test_loader_fast_path_per_batch_cost():
 
 
 # ----- MNIST-1D -----------------------------------------------------------------------------------
+
 
 def test_mnist1d_shapes_dtypes_labels_and_matches_mnist1d(tmp_path):
     from mnist1d.data import get_dataset_args, make_dataset
@@ -505,6 +576,7 @@ def test_mnist1d_is_deterministic_and_cached(tmp_path, monkeypatch):
 
     def must_not_generate(*args):
         raise AssertionError("cache miss: make_dataset was called again")
+
     monkeypatch.setattr(datasets_module, "_generate", must_not_generate)
     cached = load_mnist1d(num_samples=100, seed=3, root=tmp_path / "a")
     np.testing.assert_array_equal(cached["x"], first["x"])
@@ -520,11 +592,13 @@ def test_mnist1d_concurrent_loaders_generate_once_and_corrupt_cache_regenerates(
         calls.append(seed)
         time.sleep(0.2)
         return real_generate(num_samples, seed)
+
     monkeypatch.setattr(datasets_module, "_generate", slow_generate)
     results = [None] * 4
 
     def worker(i):
         results[i] = load_mnist1d(num_samples=50, seed=1, root=tmp_path)
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -549,6 +623,7 @@ def test_mnist1d_bad_arguments(tmp_path):
 
 
 # ----- transforms ---------------------------------------------------------------------------------
+
 
 def test_transforms_normalize_compose_lambda():
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
@@ -585,7 +660,7 @@ class EpochShuffledBatches:
 
     def __iter__(self):
         order = np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist()
-        return iter([order[i:i + self.size] for i in range(0, self.n, self.size)])
+        return iter([order[i : i + self.size] for i in range(0, self.n, self.size)])
 
     def __len__(self):
         return math.ceil(self.n / self.size)
@@ -605,4 +680,5 @@ def test_loader_resumes_mid_epoch_exactly_with_a_user_batch_sampler():
 
     def set_epoch(loader, epoch):
         loader.batch_sampler.epoch = epoch
+
     _resume_check(make, epochs=3, cut_epoch=1, cut_batch=5, before_epoch=set_epoch)

@@ -2,6 +2,7 @@
 frozen with SIGSTOP, an exception on one rank, a read-only or full disk. Each ends with one report naming the rank
 or the file, a non-zero exit within seconds (never after waiting out --timeout where nothing needs to time out),
 and no process left behind, the stopped one included."""
+
 import errno
 import os
 import signal
@@ -73,8 +74,9 @@ def start_faults(tmp_path, mode, n, victim, timeout=TIMEOUT, **env):
     """Start `mpnn launch -n n --timeout timeout` on FAULTS (env: extra variables); returns (launcher Popen, run id,
     run dir)."""
     script = write_script(tmp_path, FAULTS)
-    proc, run_id = start_launcher(tmp_path, ["-n", str(n), "--timeout", str(timeout), str(script), mode, str(victim)],
-                                  env=launch_env(**env))
+    proc, run_id = start_launcher(
+        tmp_path, ["-n", str(n), "--timeout", str(timeout), str(script), mode, str(victim)], env=launch_env(**env)
+    )
     return proc, run_id, tmp_path / "runs" / run_id
 
 
@@ -143,7 +145,7 @@ def test_exception_on_one_rank_stops_the_others_at_once(tmp_path):
     assert elapsed < 10.0, f"took {elapsed:.1f} s"  # the others were stopped, not left to wait out --timeout
     assert proc.returncode == 1, err
     assert headline(err).startswith(f"mpnn launch: rank {victim} (pid ") and "exited with code 1" in err
-    report = err[err.index("---- last "):]
+    report = err[err.index("---- last ") :]
     assert "Traceback (most recent call last)" in report
     assert f"RuntimeError: injected failure on rank {victim}" in report
     assert leftover_processes(run_id) == []
@@ -160,8 +162,9 @@ def mount_tmpfs(tmp_path):
         path.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
         try:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
-                                  text=True)
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+            )
             refusal = done.stderr.strip() if done.returncode else None
         except FileNotFoundError:
             refusal = "no mount command"
@@ -243,8 +246,10 @@ def test_disk_full_during_a_run_is_named_and_nothing_hangs(tmp_path, mount_tmpfs
     proc, run_dir = launch_into(tmp_path, disk, ["-n", "1", str(script)])
     full = os.strerror(errno.ENOSPC)
     assert "[0] worker done" in proc.stdout and "[0] line 2999 of a worker" in proc.stdout
-    assert f"mpnn launch: cannot write {run_dir / 'worker-0.log'}: {full}; rank 0's output goes to the console only" \
+    assert (
+        f"mpnn launch: cannot write {run_dir / 'worker-0.log'}: {full}; rank 0's output goes to the console only"
         in proc.stderr
+    )
     assert f"mpnn telemetry: rank 0: cannot write {run_dir / 'worker-0.jsonl'}: {full}" in proc.stdout
     assert proc.returncode == 1 and f"Error: cannot write {run_dir / 'run.json'}: {full}" in proc.stderr
 

@@ -1,5 +1,6 @@
 """launch/gpt.py: the character GPT learns in one process, and trains, checkpoints and resumes under
 `mpnn launch -n 2` with a compression plugin, its telemetry written as for any model (issue 12)."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,24 @@ from examples import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 GPT = load_example("gpt")
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "8",
-        "--eval-iters", "4", "--sample-chars", "0", "--warmup-steps", "5"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-iters",
+    "4",
+    "--sample-chars",
+    "0",
+    "--warmup-steps",
+    "5",
+]
 
 
 def test_the_model_is_nanogpts_shape_with_tied_weights():
@@ -51,10 +68,22 @@ def test_the_sampler_shards_windows_and_generate_extends(tmp_path):
 def _launch(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPNN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--plugin", "topk:ratio=0.01", "--checkpoint-every",
-           "5", *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-                          stdin=subprocess.DEVNULL, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "-n",
+        "2",
+        "--plugin",
+        "topk:ratio=0.01",
+        "--checkpoint-every",
+        "5",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL, check=False
+    )
 
 
 @pytest.mark.slow
@@ -70,7 +99,8 @@ def test_two_workers_with_topk_checkpoint_and_resume(tmp_path):
         steps = [r for r in steps if "step" in r and "event" not in r]
         assert [r["step"] for r in steps][-1] == 12 and all(np.isfinite(r["loss"]) for r in steps)
         assert any(r.get("codec_bytes") for r in steps)  # top-k carried the gradients
-    resumed = _launch(tmp_path, "--run-id", "gpt-b", "--resume", str(run), script, "--steps", "15",
-                      "--eval-every", "100", *TINY)
+    resumed = _launch(
+        tmp_path, "--run-id", "gpt-b", "--resume", str(run), script, "--steps", "15", "--eval-every", "100", *TINY
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "at step 10" in resumed.stdout and "final validation loss" in resumed.stdout

@@ -1,5 +1,6 @@
 """The worked example plugin launch/grad_norms.py: on a real 2-worker run it logs, every `every` steps, each
 parameter's averaged gradient norm, equal to the norm of the .grad the optimizer then uses."""
+
 import json
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def test_grad_norms_logs_each_layers_averaged_gradient_norm(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(REPO))  # as the docstring's PYTHONPATH=. from the repository root
     norms = run(_train, n=2, args=(6,), log_dir=tmp_path, plugins=["launch.grad_norms:GradNorms:every=2"])
     run_dir = next(tmp_path.iterdir())
-    events = [json.loads(line) for line in (run_dir / "worker-0.jsonl").read_text().splitlines()
-              if '"event":"grad_norms"' in line]
+    events = [
+        json.loads(line)
+        for line in (run_dir / "worker-0.jsonl").read_text().splitlines()
+        if '"event":"grad_norms"' in line
+    ]
     assert [e["step"] for e in events] == [2, 4, 6]
     for event in events:
         expected = norms[event["step"] - 1]

@@ -13,6 +13,7 @@ carries an mpnn implementation and a NumPy one; a graph is a recipe replayed by 
 ``test_random_tree_graphs`` uses each node at most once (no reuse anywhere, so it checks the harness and the
 ops); ``test_random_dag_graphs`` draws operands from all earlier nodes, so shared subexpressions and residuals
 abound. A few named regression graphs pin the classic failures."""
+
 import itertools
 
 import numpy as np
@@ -30,9 +31,13 @@ KINK_MARGIN = 1e-4  # relu inputs closer than this to 0 would make finite differ
 EPS = 1e-6
 ATOL, RTOL = 1e-6, 1e-5
 
-SETTINGS = settings(derandomize=True, max_examples=60, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+SETTINGS = settings(
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 # ----- the op table ---------------------------------------------------------------------------------------------
@@ -110,7 +115,7 @@ def _dim_params(r, s):
         return (None, False)
     if kind == "one":
         return (r.int(-nd, nd - 1), r.bool())
-    dims = r.perm(nd)[:r.int(2, nd)]
+    dims = r.perm(nd)[: r.int(2, nd)]
     return (dims, r.bool())
 
 
@@ -120,6 +125,7 @@ def _mp_reduce(method):
         if dim is None:
             return getattr(a, method)()
         return getattr(a, method)(dim, keepdim=keepdim)
+
     return fn
 
 
@@ -127,6 +133,7 @@ def _np_reduce(fn):
     def ref(p, a):
         dim, keepdim = p
         return np.asarray(fn(a, axis=dim, keepdims=keepdim))
+
     return ref
 
 
@@ -144,7 +151,7 @@ def _reshape_params(r, s):
     target = r.pick(_shapes_with_numel(_numel(s)))
     if target and r.bool():
         i = r.int(0, len(target) - 1)
-        target = target[:i] + (-1,) + target[i + 1:]
+        target = target[:i] + (-1,) + target[i + 1 :]
     return target
 
 
@@ -154,7 +161,7 @@ def _index_params(r, s):
     nd = len(s)
     k = r.int(1, nd)
     trailing = r.bool()
-    dims = s[nd - k:] if trailing else s[:k]
+    dims = s[nd - k :] if trailing else s[:k]
     parts = []
     for n in dims:
         if r.bool():
@@ -202,30 +209,69 @@ OPS = [
     Op("exp_tanh", 1, lambda p, a: a.tanh().exp(), lambda p, a: np.exp(np.tanh(a))),
     Op("tanh", 1, lambda p, a: a.tanh(), lambda p, a: np.tanh(a)),
     Op("sigmoid", 1, lambda p, a: a.sigmoid(), lambda p, a: _np_sigmoid(a)),
-    Op("relu_res", 1, lambda p, a: a.relu() + a, lambda p, a: np.maximum(a, 0) + a,
-       internal_reuse=True, kinks=lambda p, a: a),
+    Op(
+        "relu_res",
+        1,
+        lambda p, a: a.relu() + a,
+        lambda p, a: np.maximum(a, 0) + a,
+        internal_reuse=True,
+        kinks=lambda p, a: a,
+    ),
     Op("sum", 1, _mp_reduce("sum"), _np_reduce(np.sum), params=_dim_params),
     Op("mean", 1, _mp_reduce("mean"), _np_reduce(np.mean), params=_dim_params),
     Op("reshape", 1, lambda p, a: a.reshape(p), lambda p, a: a.reshape(p), params=_reshape_params),
     Op("view", 1, lambda p, a: a.contiguous().view(p), lambda p, a: a.reshape(p), params=_reshape_params),
-    Op("transpose", 1, lambda p, a: a.transpose(*p), lambda p, a: np.swapaxes(a, *p),
-       ok=lambda s: len(s) >= 2,
-       params=lambda r, s: (r.int(-len(s), len(s) - 1), r.int(-len(s), len(s) - 1))),
-    Op("permute", 1, lambda p, a: a.permute(*p), lambda p, a: np.transpose(a, p), ok=lambda s: len(s) >= 2,
-       params=lambda r, s: r.perm(len(s))),
-    Op("getitem", 1, lambda p, a: a[p], lambda p, a: np.asarray(a[p]), ok=lambda s: len(s) >= 1,
-       params=_index_params),
-    Op("unsqueeze", 1, lambda p, a: a.unsqueeze(p), lambda p, a: np.expand_dims(a, p % (a.ndim + 1)),
-       ok=lambda s: len(s) <= 2, params=lambda r, s: r.int(-len(s) - 1, len(s))),
-    Op("expand", 1, lambda p, a: a.expand(*p), lambda p, a: np.broadcast_to(a, _expanded_shape(a.shape, p)),
-       ok=lambda s: len(s) <= 2 and 2 * _numel(s) <= MAX_NUMEL, params=_expand_params),
-    Op("softmax", 1, lambda p, a: mpnn.softmax(a, dim=p), lambda p, a: _np_softmax(a, p),
-       ok=lambda s: len(s) >= 1, params=lambda r, s: r.int(-len(s), len(s) - 1)),
-    Op("log_softmax", 1, lambda p, a: mpnn.log_softmax(a, dim=p), lambda p, a: _np_log_softmax(a, p),
-       ok=lambda s: len(s) >= 1, params=lambda r, s: r.int(-len(s), len(s) - 1)),
+    Op(
+        "transpose",
+        1,
+        lambda p, a: a.transpose(*p),
+        lambda p, a: np.swapaxes(a, *p),
+        ok=lambda s: len(s) >= 2,
+        params=lambda r, s: (r.int(-len(s), len(s) - 1), r.int(-len(s), len(s) - 1)),
+    ),
+    Op(
+        "permute",
+        1,
+        lambda p, a: a.permute(*p),
+        lambda p, a: np.transpose(a, p),
+        ok=lambda s: len(s) >= 2,
+        params=lambda r, s: r.perm(len(s)),
+    ),
+    Op("getitem", 1, lambda p, a: a[p], lambda p, a: np.asarray(a[p]), ok=lambda s: len(s) >= 1, params=_index_params),
+    Op(
+        "unsqueeze",
+        1,
+        lambda p, a: a.unsqueeze(p),
+        lambda p, a: np.expand_dims(a, p % (a.ndim + 1)),
+        ok=lambda s: len(s) <= 2,
+        params=lambda r, s: r.int(-len(s) - 1, len(s)),
+    ),
+    Op(
+        "expand",
+        1,
+        lambda p, a: a.expand(*p),
+        lambda p, a: np.broadcast_to(a, _expanded_shape(a.shape, p)),
+        ok=lambda s: len(s) <= 2 and 2 * _numel(s) <= MAX_NUMEL,
+        params=_expand_params,
+    ),
+    Op(
+        "softmax",
+        1,
+        lambda p, a: mpnn.softmax(a, dim=p),
+        lambda p, a: _np_softmax(a, p),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op(
+        "log_softmax",
+        1,
+        lambda p, a: mpnn.log_softmax(a, dim=p),
+        lambda p, a: _np_log_softmax(a, p),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
     Op("matmul", 2, lambda p, a, b: a @ b, lambda p, a, b: np.matmul(a, b), ok=_matmul_ok),
-    Op("matmul_t", 2, lambda p, a, b: a.matmul(b.transpose(0, 1)), lambda p, a, b: np.matmul(a, b.T),
-       ok=_matmul_t_ok),
+    Op("matmul_t", 2, lambda p, a, b: a.matmul(b.transpose(0, 1)), lambda p, a, b: np.matmul(a, b.T), ok=_matmul_t_ok),
 ]
 OPS_BY_NAME = {op.name: op for op in OPS}
 # Used only by the named graphs below: unbounded, so random graphs would overflow with it.
@@ -288,12 +334,15 @@ class Graph:
         return max(uses) > 1 or any(self.op(n).internal_reuse for n, _, _ in self.steps)
 
     def __repr__(self):
-        lines = [f"n{i} = input{tuple(x.shape)} {np.array2string(x.ravel(), precision=3)}"
-                 for i, x in enumerate(self.inputs)]
+        lines = [
+            f"n{i} = input{tuple(x.shape)} {np.array2string(x.ravel(), precision=3)}" for i, x in enumerate(self.inputs)
+        ]
         for k, (name, args, p) in enumerate(self.steps):
             arg_s = ", ".join(f"n{i}" for i in args)
-            lines.append(f"n{len(self.inputs) + k} = {name}({arg_s}{'' if p is None else f', {p!r}'})"
-                         f"  -> {self.shapes[len(self.inputs) + k]}")
+            lines.append(
+                f"n{len(self.inputs) + k} = {name}({arg_s}{'' if p is None else f', {p!r}'})"
+                f"  -> {self.shapes[len(self.inputs) + k]}"
+            )
         lines.append(f"loss = sum of sinks {[f'n{i}' for i in self.sinks]} times fixed weights")
         return "Graph(\n  " + "\n  ".join(lines) + "\n)"
 
@@ -301,7 +350,7 @@ class Graph:
 @st.composite
 def graphs(draw, reuse):
     n_inputs = draw(st.integers(1, 3))
-    seed = draw(st.integers(0, 2 ** 32 - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
     r = Chooser(seed)
     shapes = [r.pick(SHAPES) for _ in range(n_inputs)]
     inputs = [r.rng.uniform(-1.5, 1.5, size=s) for s in shapes]
@@ -346,7 +395,7 @@ def finite_difference_grads(graph):
     grads = []
     for k, x in enumerate(graph.inputs):
         g = np.zeros(x.shape)
-        for idx in (np.ndindex(*x.shape) if x.ndim else [()]):
+        for idx in np.ndindex(*x.shape) if x.ndim else [()]:
             plus = [a.copy() for a in graph.inputs]
             minus = [a.copy() for a in graph.inputs]
             plus[k][idx] += EPS
@@ -383,8 +432,13 @@ def check_graph(graph):
     for k, (leaf, num) in enumerate(zip(leaves, numeric)):
         assert leaf.grad is not None, f"input n{k} got no gradient"
         assert leaf.grad.shape == leaf.shape, f"input n{k}: grad shape {leaf.grad.shape}, leaf {leaf.shape}"
-        np.testing.assert_allclose(leaf.grad.data, num, atol=ATOL, rtol=RTOL,
-                                   err_msg=f"gradient of input n{k} vs finite differences of the oracle")
+        np.testing.assert_allclose(
+            leaf.grad.data,
+            num,
+            atol=ATOL,
+            rtol=RTOL,
+            err_msg=f"gradient of input n{k} vs finite differences of the oracle",
+        )
 
     fresh = [mpnn.tensor(x, requires_grad=True) for x in graph.inputs]
     assert gradcheck(lambda *xs: graph.mpnn_loss(xs), fresh)
@@ -413,8 +467,12 @@ def _residual_chain(depth=5):
     steps, h = [], 0
     for _ in range(depth):
         base = 2 + len(steps)
-        steps += [("mul", (h, 0), None), ("add", (base, 1), None), ("tanh", (base + 1,), None),
-                  ("add", (h, base + 2), None)]
+        steps += [
+            ("mul", (h, 0), None),
+            ("add", (base, 1), None),
+            ("tanh", (base + 1,), None),
+            ("add", (h, base + 2), None),
+        ]
         h = base + 3
     return steps
 
@@ -423,28 +481,39 @@ NAMED = {
     "x_plus_exp_x": Graph([[0.1, 0.5, 1.0]], [("exp", (0,), None), ("add", (0, 1), None)]),
     "exp_x_plus_x": Graph([[0.1, 0.5, 1.0]], [("exp", (0,), None), ("add", (1, 0), None)]),
     "x_times_sigmoid_x": Graph([[-0.7, 0.2, 1.3]], [("sigmoid", (0,), None), ("mul", (0, 1), None)]),
-    "residual_chain_depth5": Graph([[[0.3, -0.6, 0.9], [0.5, 0.1, -0.4]], [0.2, -0.1, 0.05]],
-                                   _residual_chain(5)),
+    "residual_chain_depth5": Graph([[[0.3, -0.6, 0.9], [0.5, 0.1, -0.4]], [0.2, -0.1, 0.05]], _residual_chain(5)),
     # a -> (b, c) -> d -> e, and e reads a again
-    "diamond": Graph([[[0.4, -0.8, 1.1], [0.3, 0.7, -0.2]]],
-                     [("exp_tanh", (0,), None), ("sigmoid", (0,), None), ("mul", (1, 2), None),
-                      ("mul", (0, 3), None)]),
+    "diamond": Graph(
+        [[[0.4, -0.8, 1.1], [0.3, 0.7, -0.2]]],
+        [("exp_tanh", (0,), None), ("sigmoid", (0,), None), ("mul", (1, 2), None), ("mul", (0, 3), None)],
+    ),
     # x (2,1) and y (1,3) broadcast into z; x is read again at a later depth; the reduction meets y again
-    "broadcast_diamond": Graph([[[0.5], [-1.2]], [[0.3, -0.9, 1.4]]],
-                               [("mul", (0, 1), None), ("add", (2, 0), None), ("mean", (3,), (1, True)),
-                                ("mul", (4, 1), None)]),
+    "broadcast_diamond": Graph(
+        [[[0.5], [-1.2]], [[0.3, -0.9, 1.4]]],
+        [("mul", (0, 1), None), ("add", (2, 0), None), ("mean", (3,), (1, True)), ("mul", (4, 1), None)],
+    ),
     # normalise by a sum that the numerator also feeds
-    "shared_reduction": Graph([[[0.4, 0.8, 1.2], [0.9, 0.3, 0.6]]],
-                              [("sum", (0,), (-1, True)), ("div", (0, 1), None), ("softmax", (2,), 0),
-                               ("mul", (3, 0), None)]),
+    "shared_reduction": Graph(
+        [[[0.4, 0.8, 1.2], [0.9, 0.3, 0.6]]],
+        [("sum", (0,), (-1, True)), ("div", (0, 1), None), ("softmax", (2,), 0), ("mul", (3, 0), None)],
+    ),
     # a 0-d leaf broadcast into every level of a chain
-    "zero_dim_scale_everywhere": Graph([0.7, [0.2, -0.5, 0.9]],
-                                       [("mul", (1, 0), None), ("tanh", (2,), None), ("mul", (3, 0), None),
-                                        ("add", (4, 0), None), ("relu_res", (5,), None), ("sum", (6,), (None, False)),
-                                        ("mul", (7, 0), None)]),
+    "zero_dim_scale_everywhere": Graph(
+        [0.7, [0.2, -0.5, 0.9]],
+        [
+            ("mul", (1, 0), None),
+            ("tanh", (2,), None),
+            ("mul", (3, 0), None),
+            ("add", (4, 0), None),
+            ("relu_res", (5,), None),
+            ("sum", (6,), (None, False)),
+            ("mul", (7, 0), None),
+        ],
+    ),
     # the same tensor as both matmul operands, plus a residual
-    "matmul_self": Graph([[[0.3, -0.2], [0.5, 0.8]]],
-                         [("matmul", (0, 0), None), ("add", (1, 0), None), ("matmul_t", (2, 0), None)]),
+    "matmul_self": Graph(
+        [[[0.3, -0.2], [0.5, 0.8]]], [("matmul", (0, 0), None), ("add", (1, 0), None), ("matmul_t", (2, 0), None)]
+    ),
 }
 
 

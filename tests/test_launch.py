@@ -1,5 +1,6 @@
 """`mpnn launch` end to end: the environment and core each worker gets, the run dir, [rank] output, failure
 reports, signals to the launcher, multi-node flags, and that no process (grandchildren included) outlives a run."""
+
 import json
 import os
 import random
@@ -65,8 +66,9 @@ def start_launcher(tmp_path, args, env=None, run_id=None):
     run_id = run_id or f"t-{uuid.uuid4().hex[:8]}"
     STARTED_RUNS.append(run_id)
     cmd = [sys.executable, "-m", "mpnn", "launch", "--log-dir", str(tmp_path / "runs"), "--run-id", run_id, *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env or launch_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env or launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     return proc, run_id
 
 
@@ -112,7 +114,7 @@ def reports(stdout):
     for line in stdout.splitlines():
         prefix, _, rest = line.partition(" ")
         if rest.startswith("REPORT "):
-            found[int(prefix.strip("[]"))] = json.loads(rest[len("REPORT "):])
+            found[int(prefix.strip("[]"))] = json.loads(rest[len("REPORT ") :])
     return found
 
 
@@ -121,11 +123,28 @@ def test_env_pinning_run_dir_and_prefixes(tmp_path):
     script = write_script(tmp_path, ENV_REPORT)
     n = len(CORES) + 1  # more workers than cpus: allowed, with a warning; the plan repeats past the usable cpus
     plan = pin_plan(n, read_layout())
-    rc, out, err, run_id = run_launcher(tmp_path, ["-n", str(n), "--timeout", "12.5", "--plugin", "topk:ratio=0.01",
-                                                   "--plugin", "watchdog", str(script), "--epochs", "3", "-n", "9"])
+    rc, out, err, run_id = run_launcher(
+        tmp_path,
+        [
+            "-n",
+            str(n),
+            "--timeout",
+            "12.5",
+            "--plugin",
+            "topk:ratio=0.01",
+            "--plugin",
+            "watchdog",
+            str(script),
+            "--epochs",
+            "3",
+            "-n",
+            "9",
+        ],
+    )
     assert rc == 0, err
     assert [line for line in err.splitlines() if line.startswith("mpnn launch:")] == [
-        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cpus; workers will share cpus"]
+        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cpus; workers will share cpus"
+    ]
     run_dir = (tmp_path / "runs" / run_id).resolve()
     got = reports(out)
     assert sorted(got) == list(range(n))
@@ -206,7 +225,7 @@ def test_torchrun_style_script_runs_distributed(tmp_path):
     for line in out.splitlines():
         prefix, _, rest = line.partition(" ")
         if rest.startswith("TORCHRUN "):
-            got[int(prefix.strip("[]"))] = json.loads(rest[len("TORCHRUN "):])
+            got[int(prefix.strip("[]"))] = json.loads(rest[len("TORCHRUN ") :])
     assert sorted(got) == [0, 1], out + err
     rendezvous = {r["env"]["MPNN_RENDEZVOUS"] for r in got.values()}
     master_port = {r["env"]["MASTER_PORT"] for r in got.values()}
@@ -216,8 +235,14 @@ def test_torchrun_style_script_runs_distributed(tmp_path):
     for rank, report in got.items():
         assert report["ddp"] is True
         assert report["env"] | {"MASTER_PORT": None, "MPNN_RENDEZVOUS": None} == {
-            "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None, "MPNN_RENDEZVOUS": None}
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": None,
+            "MPNN_RENDEZVOUS": None,
+        }
         assert report["comm"] == [rank, 2, rank] and report["sum"] == 1.0
         assert report["parse"] == ["mpnn", rendezvous]
 
@@ -239,11 +264,14 @@ FAILING = """
 """
 
 
-@pytest.mark.parametrize("how, expected, code", [
-    ("sys.exit(3)", "exited with code 3", 3),
-    ("os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL", 128 + signal.SIGKILL),
-    ("raise RuntimeError('boom')", "exited with code 1", 1),
-])
+@pytest.mark.parametrize(
+    "how, expected, code",
+    [
+        ("sys.exit(3)", "exited with code 3", 3),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL", 128 + signal.SIGKILL),
+        ("raise RuntimeError('boom')", "exited with code 1", 1),
+    ],
+)
 def test_failed_rank_stops_the_others_and_reports(tmp_path, how, expected, code):
     """One failing rank: the others (one ignores SIGTERM) and all grandchildren are gone within 5 s; one block."""
     n, bad = 4, 2
@@ -261,7 +289,7 @@ def test_failed_rank_stops_the_others_and_reports(tmp_path, how, expected, code)
     assert len(headline) == 1
     assert f"rank {bad} (pid " in headline[0] and expected in headline[0]
     assert "stopped the 3 other running worker(s) (1 needed SIGKILL)" in headline[0]
-    tail = err[err.index("last "):]
+    tail = err[err.index("last ") :]
     if how.startswith("raise"):
         assert "RuntimeError: boom" in tail and "line 29 of rank 2" in tail
     else:
@@ -276,16 +304,24 @@ def test_failed_rank_stops_the_others_and_reports(tmp_path, how, expected, code)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_launcher_stops_everything(tmp_path, sig):
     n = 3
-    script = write_script(tmp_path, """
+    script = write_script(
+        tmp_path,
+        """
         import os, subprocess, sys, time
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         print("ready", flush=True)
         time.sleep(60)
-    """)
+    """,
+    )
     proc, run_id = start_launcher(tmp_path, ["-n", str(n), str(script)])
     run_dir = tmp_path / "runs" / run_id
-    wait_for(lambda: all((run_dir / f"worker-{r}.log").exists() and "ready" in (run_dir / f"worker-{r}.log").read_text()
-                         for r in range(n)), what="workers ready")
+    wait_for(
+        lambda: all(
+            (run_dir / f"worker-{r}.log").exists() and "ready" in (run_dir / f"worker-{r}.log").read_text()
+            for r in range(n)
+        ),
+        what="workers ready",
+    )
     wait_for(lambda: len(leftover_processes(run_id)) == 2 * n + 1, what="grandchildren started")  # + the guardian
     sent_at = time.monotonic()
     proc.send_signal(sig)
@@ -301,15 +337,19 @@ def test_signal_to_launcher_stops_everything(tmp_path, sig):
 def test_sigkilled_launcher_leaves_no_process(tmp_path):
     """The launcher cannot catch SIGKILL: its guardian process stops the workers and their children."""
     n = 2
-    script = write_script(tmp_path, """
+    script = write_script(
+        tmp_path,
+        """
         import subprocess, sys, time
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         time.sleep(60)
-    """)
+    """,
+    )
     proc, run_id = start_launcher(tmp_path, ["-n", str(n), str(script)])
     wait_for(lambda: len(leftover_processes(run_id)) == 2 * n + 1, what="workers, grandchildren and guardian")
-    secret = Path(next(p.environ()["MPNN_SECRET_FILE"] for p in leftover_processes(run_id)
-                       if "MPNN_SECRET_FILE" in p.environ()))
+    secret = Path(
+        next(p.environ()["MPNN_SECRET_FILE"] for p in leftover_processes(run_id) if "MPNN_SECRET_FILE" in p.environ())
+    )
     assert secret.is_file()
     proc.kill()
     proc.wait()
@@ -323,16 +363,21 @@ def test_random_kills_leave_no_process(tmp_path):
     """Seeded rounds: SIGKILL a random worker at a random moment (startup included); all gone, right report."""
     rng = random.Random(20240611)
     n = 4
-    script = write_script(tmp_path, """
+    script = write_script(
+        tmp_path,
+        """
         import os, subprocess, sys, time
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         print("working", flush=True)
         time.sleep(60)
-    """)
+    """,
+    )
     for _ in range(4):
         proc, run_id = start_launcher(tmp_path, ["-n", str(n), str(script)])
-        wait_for(lambda run_id=run_id: (read_record(tmp_path, run_id) or {}).get("status") == "running",
-                 what="workers spawned")
+        wait_for(
+            lambda run_id=run_id: (read_record(tmp_path, run_id) or {}).get("status") == "running",
+            what="workers spawned",
+        )
         pids = {w["rank"]: w["pid"] for w in read_record(tmp_path, run_id)["workers"]}
         time.sleep(rng.uniform(0.0, 0.6))
         victim = rng.randrange(n)
@@ -349,8 +394,9 @@ def test_module_flag_and_python_m_entry(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
     (tmp_path / "pkg" / "job.py").write_text("import os, sys\nprint('job', os.environ['MPNN_RANK'], sys.argv[1:])\n")
-    rc, out, err, _ = run_launcher(tmp_path, ["-n", "2", "-m", "pkg.job", "x", "--y"],
-                                   env=launch_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}"))
+    rc, out, err, _ = run_launcher(
+        tmp_path, ["-n", "2", "-m", "pkg.job", "x", "--y"], env=launch_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    )
     assert rc == 0, err
     assert sorted(line for line in out.splitlines()) == ["[0] job 0 ['x', '--y']", "[1] job 1 ['x', '--y']"]
 
@@ -378,10 +424,21 @@ def test_two_nodes_on_one_host(tmp_path):
     os.close(fd)
     script = write_script(tmp_path, ENV_REPORT)
     run_id = f"t-{uuid.uuid4().hex[:8]}"
-    common = ["-n", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "29517",
-              "--secret-file", str(secret)]
-    nodes = [start_launcher(tmp_path, [*common, "--node-rank", str(k), str(script)], run_id=run_id)[0]
-             for k in range(2)]
+    common = [
+        "-n",
+        "2",
+        "--nnodes",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "29517",
+        "--secret-file",
+        str(secret),
+    ]
+    nodes = [
+        start_launcher(tmp_path, [*common, "--node-rank", str(k), str(script)], run_id=run_id)[0] for k in range(2)
+    ]
     outputs = [node.communicate(timeout=60) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
     for k, (out, _) in enumerate(outputs):
@@ -390,25 +447,42 @@ def test_two_nodes_on_one_host(tmp_path):
         for rank, report in got.items():
             env = report["env"]
             assert (env["MPNN_LOCAL_RANK"], env["MPNN_WORLD_SIZE"], env["MPNN_LOCAL_WORLD_SIZE"]) == (
-                str(rank - 2 * k), "4", "2")
+                str(rank - 2 * k),
+                "4",
+                "2",
+            )
             assert (env["MPNN_NNODES"], env["MPNN_NODE_RANK"]) == ("2", str(k))
             assert env["MPNN_RENDEZVOUS"] == "tcp://127.0.0.1:29517"
             assert env["MPNN_SECRET_FILE"] == str(secret) and report["secret"] == "ab" * 32
     run_dir = tmp_path / "runs" / run_id
     assert sorted(p.name for p in run_dir.iterdir()) == ["run-node1.json", "run.json"] + [
-        f"worker-{r}.log" for r in range(4)]
+        f"worker-{r}.log" for r in range(4)
+    ]
     assert read_record(tmp_path, run_id, "run-node1.json")["config"]["node_rank"] == 1
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--master-addr", "127.0.0.1", "--run-id", "x"], "pass --secret-file or set MPNN_SECRET_FILE"),
-    (["--run-id", "x", "--secret-file", "s"], "needs --master-addr"),
-    (["--node-rank", "2", "--run-id", "x"], "--node-rank 2: must be in [0, 2)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--master-addr", "127.0.0.1", "--run-id", "x"], "pass --secret-file or set MPNN_SECRET_FILE"),
+        (["--run-id", "x", "--secret-file", "s"], "needs --master-addr"),
+        (["--node-rank", "2", "--run-id", "x"], "--node-rank 2: must be in [0, 2)"),
+    ],
+)
 def test_multi_node_refusals(tmp_path, flags, message):
     script = write_script(tmp_path, "print('never')\n")
-    cmd = [sys.executable, "-m", "mpnn", "launch", "--log-dir", str(tmp_path / "runs"), "--nnodes", "2", *flags,
-           str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--nnodes",
+        "2",
+        *flags,
+        str(script),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and message in proc.stderr and "never" not in proc.stdout
 

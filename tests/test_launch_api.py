@@ -1,5 +1,6 @@
 """mpnn.launch.run: a function (module-level, lambda or closure) runs on n workers through the same launcher;
 rank 0's return value comes back; a failed rank raises WorkerError with its rank and traceback."""
+
 import os
 import signal
 import threading
@@ -13,8 +14,13 @@ from test_launch import leftover_processes
 
 def whoami(scale, offset=0):
     rank = int(os.environ["MPNN_RANK"])
-    return {"rank": rank, "world": int(os.environ["MPNN_WORLD_SIZE"]), "value": rank * scale + offset,
-            "affinity": sorted(os.sched_getaffinity(0)), "threads": os.environ["OPENBLAS_NUM_THREADS"]}
+    return {
+        "rank": rank,
+        "world": int(os.environ["MPNN_WORLD_SIZE"]),
+        "value": rank * scale + offset,
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "threads": os.environ["OPENBLAS_NUM_THREADS"],
+    }
 
 
 def fail_on_rank_one():
@@ -36,7 +42,8 @@ def test_returns_rank_zeros_value(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is handler_before
     run_dir = only_run_dir(tmp_path)
     assert {"run.json", "payload.pkl", "result-0.pkl", "worker-0.log", "worker-1.log", "worker-2.log"} == {
-        p.name for p in run_dir.iterdir()}
+        p.name for p in run_dir.iterdir()
+    }
     assert oct((run_dir / "payload.pkl").stat().st_mode & 0o777) == oct(0o600)
 
 
@@ -62,8 +69,9 @@ def test_kernel_warmup_hook_runs_before_workers(tmp_path, monkeypatch):
     import mpnn.core
 
     calls = []
-    monkeypatch.setattr(mpnn.core, "warmup", lambda: calls.append(sorted(p.name for p in tmp_path.iterdir())),
-                        raising=False)
+    monkeypatch.setattr(
+        mpnn.core, "warmup", lambda: calls.append(sorted(p.name for p in tmp_path.iterdir())), raising=False
+    )
     assert run(int, 1, args=("5",), log_dir=tmp_path) == 5
     assert calls == [[]]  # called once, before the run dir (and so any worker) existed
 
@@ -77,7 +85,8 @@ def test_failing_warmup_is_a_warning(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mpnn.core, "warmup", broken, raising=False)
     assert run(int, 1, args=("6",), log_dir=tmp_path) == 6
     assert "kernel warm-up failed (RuntimeError: no compiler); workers will compile their own kernels" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_exception_names_rank_and_carries_traceback(tmp_path):

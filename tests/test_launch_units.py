@@ -1,5 +1,6 @@
 """The launcher's parts on their own: pinning plan, environment, secret file, run ids, log tails, exit wording,
 and the live view's telemetry follower, status line and rich rendering."""
+
 import io
 import json
 import os
@@ -53,10 +54,21 @@ def test_worker_env_for_second_node():
     run = RunContext("r1", Path("/runs/r1"), "tcp://10.0.0.1:29500", Path("/tmp/s"), 7.0, ("a:x=1", "b"))
     env = worker_env({"MKL_NUM_THREADS": "4", "HOME": "/h"}, world, 2, run)
     assert {k: env[k] for k in env if k.startswith("MPNN_")} == {
-        "MPNN_RANK": "5", "MPNN_WORLD_SIZE": "6", "MPNN_LOCAL_RANK": "2", "MPNN_LOCAL_WORLD_SIZE": "3",
-        "MPNN_NNODES": "2", "MPNN_NODE_RANK": "1", "MPNN_RUN_ID": "r1", "MPNN_RUN_DIR": "/runs/r1",
-        "MPNN_RENDEZVOUS": "tcp://10.0.0.1:29500", "MPNN_SECRET_FILE": "/tmp/s", "MPNN_TIMEOUT": "7",
-        "MPNN_PLUGINS": "a:x=1;b", "MPNN_RESTART_COUNT": "0", "MPNN_MAX_RESTARTS": "0"}
+        "MPNN_RANK": "5",
+        "MPNN_WORLD_SIZE": "6",
+        "MPNN_LOCAL_RANK": "2",
+        "MPNN_LOCAL_WORLD_SIZE": "3",
+        "MPNN_NNODES": "2",
+        "MPNN_NODE_RANK": "1",
+        "MPNN_RUN_ID": "r1",
+        "MPNN_RUN_DIR": "/runs/r1",
+        "MPNN_RENDEZVOUS": "tcp://10.0.0.1:29500",
+        "MPNN_SECRET_FILE": "/tmp/s",
+        "MPNN_TIMEOUT": "7",
+        "MPNN_PLUGINS": "a:x=1;b",
+        "MPNN_RESTART_COUNT": "0",
+        "MPNN_MAX_RESTARTS": "0",
+    }
     assert (env["MKL_NUM_THREADS"], env["OMP_NUM_THREADS"], env["HOME"]) == ("4", "1", "/h")
 
 
@@ -65,21 +77,44 @@ def test_worker_env_has_torchruns_names_which_the_world_parse_reads_after_mpnns(
     MASTER_PORT is never the rendezvous port; an inherited elastic agent's variables are dropped."""
     world = World(nproc_per_node=3, nnodes=2, node_rank=1)
     run = RunContext("r1", Path("/runs/r1"), "tcp://10.0.0.1:29500", Path("/tmp/s"), 7.0)
-    inherited = {"RANK": "9", "WORLD_SIZE": "99", "TORCHELASTIC_USE_AGENT_STORE": "True",
-                 "TORCHELASTIC_RUN_ID": "old", "ROLE_RANK": "9", "OMPI_COMM_WORLD_RANK": "0",
-                 "OMPI_COMM_WORLD_SIZE": "1"}
+    inherited = {
+        "RANK": "9",
+        "WORLD_SIZE": "99",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": "old",
+        "ROLE_RANK": "9",
+        "OMPI_COMM_WORLD_RANK": "0",
+        "OMPI_COMM_WORLD_SIZE": "1",
+    }
     env = worker_env(inherited, world, 2, run)
     assert {k: env[k] for k in TORCHRUN_VARS} == {
-        "RANK": "5", "LOCAL_RANK": "2", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
-        "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}  # the same on every node
+        "RANK": "5",
+        "LOCAL_RANK": "2",
+        "WORLD_SIZE": "6",
+        "LOCAL_WORLD_SIZE": "3",
+        "GROUP_RANK": "1",
+        "GROUP_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29501",
+    }  # the same on every node
     assert not [k for k in env if k.startswith(("TORCHELASTIC_", "ROLE_"))]
     spec = spec_from_env(env)  # MPNN_* wins over torchrun's (and Open MPI's) names: mpnn's rendezvous, not MASTER_PORT
     assert (spec.launcher, spec.rank, spec.world_size, spec.local_rank, spec.node_rank, spec.nnodes) == (
-        "mpnn", 5, 6, 2, 1, 2)
+        "mpnn",
+        5,
+        6,
+        2,
+        1,
+        2,
+    )
     assert spec.rendezvous == "tcp://10.0.0.1:29500"
     chosen = worker_env({}, World(nproc_per_node=2), 1, replace(run, rendezvous="tcp://[::1]:7000", master_port=4321))
     assert (chosen["RANK"], chosen["WORLD_SIZE"], chosen["MASTER_ADDR"], chosen["MASTER_PORT"]) == (
-        "1", "2", "::1", "4321")
+        "1",
+        "2",
+        "::1",
+        "4321",
+    )
 
 
 def test_script_master_port_is_free_and_never_the_rendezvous_port():
@@ -196,10 +231,14 @@ def test_telemetry_follower_reads_incrementally(tmp_path):
 
 
 def test_status_line():
-    latest = {0: {"step": 12, "loss": 0.5, "step_s": 0.1}, 1: {"step": 11, "loss": 0.7, "step_s": 0.25},
-              2: {"step": 12, "loss": 0.6, "step_s": "bad"}}
+    latest = {
+        0: {"step": 12, "loss": 0.5, "step_s": 0.1},
+        1: {"step": 11, "loss": 0.7, "step_s": 0.25},
+        2: {"step": 12, "loss": 0.6, "step_s": "bad"},
+    }
     assert status_line(latest, 100, 3, 3) == (
-        "step 11/100 · loss 0.5 · 4 steps/s · slowest rank 1 (0.25 s/step) · 3/3 running")
+        "step 11/100 · loss 0.5 · 4 steps/s · slowest rank 1 (0.25 s/step) · 3/3 running"
+    )
     assert status_line({1: {"step": 4}}, None, 1, 2) == "step 4 · 1/2 running"
     assert status_line({}, None, 2, 2) == "2/2 workers running · waiting for telemetry"
     assert describe_event(2, {"event": "restart", "t": 1.0, "rank": 2, "attempt": 1}) == "[2] event restart attempt=1"
@@ -211,8 +250,13 @@ def test_rich_view_shows_lines_events_and_status(tmp_path):
     out = io.StringIO()
     view = RichView(tmp_path, [0, 1], console=Console(file=out, force_terminal=True, width=120))
     view.line(1, "hello from one")
-    append(tmp_path / "worker-0.jsonl", json.dumps({"event": "start", "total_steps": 10}) + "\n"
-           + json.dumps({"step": 5, "loss": 1.25, "step_s": 0.5}) + "\n")
+    append(
+        tmp_path / "worker-0.jsonl",
+        json.dumps({"event": "start", "total_steps": 10})
+        + "\n"
+        + json.dumps({"step": 5, "loss": 1.25, "step_s": 0.5})
+        + "\n",
+    )
     append(tmp_path / "worker-1.jsonl", json.dumps({"step": 6, "loss": 1.5, "step_s": 0.25}) + "\n")
     view.refresh(running=2)
     view.close()

@@ -9,6 +9,7 @@ and mpnn/__main__.py are the unit "mpnn", the top (importing it, e.g. `import mp
 __version__`, imports everything). A new subpackage or top-level module fails test_every_unit_has_a_layer until it
 is given a place here.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,10 +21,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mpnn"
 
 LAYERS: list[tuple[str, ...]] = [
     # 0. Leaves: import nothing from mpnn, so that any layer may use them.
-    ("_version",    # the one version string (pyproject.toml reads it too)
-     "hooks",       # the engine's events (backward pre/post, queued callbacks) that the layers above subscribe to
-     "threads",     # one BLAS/Numba thread per rank; runs before NumPy loads
-     "worldspec"),  # the one parse of rank, world size and rendezvous from the environment
+    (
+        "_version",  # the one version string (pyproject.toml reads it too)
+        "hooks",  # the engine's events (backward pre/post, queued callbacks) that the layers above subscribe to
+        "threads",  # one BLAS/Numba thread per rank; runs before NumPy loads
+        "worldspec",
+    ),  # the one parse of rank, world size and rendezvous from the environment
     # 1. The engine and the transport, side by side: comm moves NumPy buffers and knows nothing of core, and core
     #    nothing of comm.
     ("core", "comm"),
@@ -116,8 +119,10 @@ def violations() -> dict[str, str]:
             rel = path.relative_to(PACKAGE.parent).as_posix()
             key = f"{rel}:{unit} -> {target}"
             found.setdefault(key, "")
-            found[key] += (f"\n  {rel}:{line}: {unit} (layer {LAYER.get(unit)}) imports {dotted} "
-                           f"({target}, layer {LAYER.get(target)})")
+            found[key] += (
+                f"\n  {rel}:{line}: {unit} (layer {LAYER.get(unit)}) imports {dotted} "
+                f"({target}, layer {LAYER.get(target)})"
+            )
     return found
 
 
@@ -151,8 +156,10 @@ def test_leaves_import_nothing_from_mpnn():
 def test_imports_go_down_the_stack():
     found = violations()
     new = {key: lines for key, lines in found.items() if key not in ALLOWED}
-    assert not new, ("imports up (or across) the stack; move the code to the layer that may import both, or "
-                     "subscribe through mpnn.hooks:" + "".join(new.values()))
+    assert not new, (
+        "imports up (or across) the stack; move the code to the layer that may import both, or "
+        "subscribe through mpnn.hooks:" + "".join(new.values())
+    )
 
 
 def test_allowlist_is_not_stale():
@@ -160,11 +167,18 @@ def test_allowlist_is_not_stale():
     assert not stale, f"these ALLOWED entries are fixed: remove them: {sorted(stale)}"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from mpnn.optim import SGD", "optim"), ("import mpnn.core.tensor", "core"), ("from mpnn import nn", "nn"),
-    ("from mpnn import __version__", "mpnn"), ("import mpnn", "mpnn"), ("from ..optim import SGD", "optim"),
-    ("from . import ops", "core"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from mpnn.optim import SGD", "optim"),
+        ("import mpnn.core.tensor", "core"),
+        ("from mpnn import nn", "nn"),
+        ("from mpnn import __version__", "mpnn"),
+        ("import mpnn", "mpnn"),
+        ("from ..optim import SGD", "optim"),
+        ("from . import ops", "core"),
+    ],
+)
 def test_import_resolution(source, expected):
     """The checker's own resolution, for a function-level import in a module at mpnn/core/x.py."""
     (dotted,) = [d for _, d in mpnn_imports(PACKAGE / "core" / "x.py", f"def f():\n    {source}\n")]

@@ -1,5 +1,6 @@
 """The cpu layout read from fake sysfs trees (SMT x86, ARM big.LITTLE, two packages, a sparse /sys, a narrowed
 affinity mask), the pinning plan made from it with its warnings, and `mpnn launch --print-layout` on this machine."""
+
 import os
 import subprocess
 import sys
@@ -15,13 +16,28 @@ from mpnn.launch.pinning import default_nproc, layout_report, pin_plan, size_cla
 REPO = Path(__file__).resolve().parents[1]
 
 
-def add_cpu(root, cpu, core_id, siblings, package=0, node=0, capacity=None, cluster=None,
-            siblings_file="core_cpus_list", package_file="physical_package_id"):
+def add_cpu(
+    root,
+    cpu,
+    core_id,
+    siblings,
+    package=0,
+    node=0,
+    capacity=None,
+    cluster=None,
+    siblings_file="core_cpus_list",
+    package_file="physical_package_id",
+):
     """Write cpu<cpu>/ as Linux does: topology files, the NUMA node link (a directory here), cpu_capacity."""
     topology = root / f"cpu{cpu}" / "topology"
     topology.mkdir(parents=True)
-    files = {"core_id": core_id, package_file: package, "die_id": 0, siblings_file: siblings,
-             "cluster_id": cluster if cluster is not None else core_id}
+    files = {
+        "core_id": core_id,
+        package_file: package,
+        "die_id": 0,
+        siblings_file: siblings,
+        "cluster_id": cluster if cluster is not None else core_id,
+    }
     for name, value in files.items():
         (topology / name).write_text(f"{value}\n")
     (root / f"cpu{cpu}" / f"node{node}").mkdir()
@@ -41,8 +57,7 @@ def smt_x86(root, cpus=8):
 def big_little(root):
     """ARM: cpus 0-3 LITTLE (capacity 446, cluster 0), 4-7 big (capacity 1024, cluster 1), no SMT."""
     for cpu in range(8):
-        add_cpu(root, cpu, core_id=cpu % 4, siblings=str(cpu), capacity=446 if cpu < 4 else 1024,
-                cluster=cpu // 4)
+        add_cpu(root, cpu, core_id=cpu % 4, siblings=str(cpu), capacity=446 if cpu < 4 else 1024, cluster=cpu // 4)
     (root / "online").write_text("0-7\n")
     return root
 
@@ -83,8 +98,10 @@ def test_big_little_pins_big_cores_first_and_warns_on_mixed_sizes(tmp_path):
 
     plan = pin_plan(6, layout)
     assert plan.cpus == (4, 5, 6, 7, 0, 1)
-    assert plan.warnings == ("ranks 0-3 on capacity 1024 (cpus 4-7), ranks 4-5 on capacity 446 (cpus 0-1): "
-                             "a straggler by construction, every step waits for the smaller cores",)
+    assert plan.warnings == (
+        "ranks 0-3 on capacity 1024 (cpus 4-7), ranks 4-5 on capacity 446 (cpus 0-1): "
+        "a straggler by construction, every step waits for the smaller cores",
+    )
 
 
 def test_near_equal_capacities_are_one_size():
@@ -97,12 +114,20 @@ def test_near_equal_capacities_are_one_size():
 def test_two_packages_are_filled_evenly_with_ranks_contiguous_per_package(tmp_path):
     """Cpus numbered across sockets (0,2 on package 0; 1,3 on package 1), old sysfs names, NUMA node per package."""
     for cpu in range(4):
-        add_cpu(tmp_path, cpu, core_id=cpu // 2, siblings=str(cpu), package=cpu % 2, node=cpu % 2,
-                siblings_file="thread_siblings_list", package_file="package_id" if cpu == 3 else "physical_package_id")
+        add_cpu(
+            tmp_path,
+            cpu,
+            core_id=cpu // 2,
+            siblings=str(cpu),
+            package=cpu % 2,
+            node=cpu % 2,
+            siblings_file="thread_siblings_list",
+            package_file="package_id" if cpu == 3 else "physical_package_id",
+        )
     layout = read_layout(tmp_path, usable=range(4))
     assert [(core.package, core.node) for core in layout.cores] == [(0, 0), (1, 1), (0, 0), (1, 1)]
-    assert pin_plan(2, layout).cpus == (0, 1)         # one on each package
-    assert pin_plan(4, layout).cpus == (0, 2, 1, 3)   # ranks 0-1 on package 0, ranks 2-3 on package 1
+    assert pin_plan(2, layout).cpus == (0, 1)  # one on each package
+    assert pin_plan(4, layout).cpus == (0, 2, 1, 3)  # ranks 0-1 on package 0, ranks 2-3 on package 1
     assert pin_plan(3, layout).cpus == (0, 2, 1)
 
 
@@ -174,13 +199,18 @@ def test_print_layout_on_this_machine():
     """`mpnn launch --print-layout -n N` needs no script, starts nothing, shows every usable cpu and N ranks."""
     usable = sorted(os.sched_getaffinity(0))
     n = len(usable) + 1
-    proc = subprocess.run([sys.executable, "-m", "mpnn", "launch", "--print-layout", "-n", str(n)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpnn", "launch", "--print-layout", "-n", str(n)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     layout = read_layout()
     if layout.unknown is None:
-        rows = {int(line.split()[0]) for line in lines[2:2 + len(usable)]}
+        rows = {int(line.split()[0]) for line in lines[2 : 2 + len(usable)]}
         assert rows == set(usable)
     assert f"usable cpus ({format_cpu_list(usable)})" in lines[0]
     assert f"default -n: {default_nproc(layout)} (one worker per usable physical core of the biggest size)" in lines

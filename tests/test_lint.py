@@ -1,7 +1,8 @@
-"""Lint and types as part of the README's test command (issue 11): `ruff check` over the code and `mypy` over the
-packages pyproject.toml's [tool.mypy] lists (mpnn/comm, mpnn/launch so far). Both come with the `test` extra. They
-run as subprocesses with their configuration from pyproject.toml; a failure shows the tool's own report. Neither
+"""Lint, format and types as part of the README's test command (issue 11): `ruff check` and `ruff format --check`
+over the code and `mypy` over the packages pyproject.toml's [tool.mypy] lists (mpnn/comm, mpnn/launch so far).
+Both come with the `test` extra. They run as subprocesses with their configuration from pyproject.toml; a failure shows the tool's own report. Neither
 writes a cache into the working tree (ruff --no-cache; mypy's cache in a temp dir)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -43,9 +44,21 @@ def test_ruff_check():
         pytest.fail(f"ruff check {' '.join(LINTED)} found problems:\n{result.stdout}{result.stderr}", pytrace=False)
 
 
+def test_ruff_format():
+    result = run_tool(tool("ruff", "ruff") + ["format", "--check", "--no-cache", *LINTED])
+    if result.returncode != 0:
+        pytest.fail(
+            f"ruff format --check {' '.join(LINTED)}: run `ruff format {' '.join(LINTED)}`:\n"
+            f"{result.stdout}{result.stderr}",
+            pytrace=False,
+        )
+
+
 def test_mypy(tmp_path):
-    result = run_tool(tool("mypy", "mypy") + ["--cache-dir", str(tmp_path / "mypy"), "--no-error-summary",
-                                               "--hide-error-context", *TYPED])
+    result = run_tool(
+        tool("mypy", "mypy")
+        + ["--cache-dir", str(tmp_path / "mypy"), "--no-error-summary", "--hide-error-context", *TYPED]
+    )
     if result.returncode != 0:
         pytest.fail(f"mypy {' '.join(TYPED)} found problems:\n{result.stdout}{result.stderr}", pytrace=False)
 

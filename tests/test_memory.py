@@ -1,5 +1,6 @@
 """The tape frees itself: after backward no op closure or intermediate survives, and 10,000 training steps of
 the MNIST-1D CNN do not grow the process's memory after warm-up."""
+
 import gc
 import os
 import weakref

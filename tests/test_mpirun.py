@@ -17,10 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN_TIMEOUT_S = 180  # wall limit for one mpirun on a loaded 2-core machine
 
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
-                                  reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)")
+needs_mpirun = pytest.mark.skipif(
+    shutil.which("mpirun") is None, reason="Open MPI's mpirun is not installed (apt-get install openmpi-bin)"
+)
 
-CHECK_SCRIPT = '''
+CHECK_SCRIPT = """
 import json
 import numpy as np
 import mpnn
@@ -32,19 +33,29 @@ ok = bool((a == sum(range(1, comm.world_size + 1))).all())
 ids = comm.allgather_object(comm.run_id)
 print("REPORT " + json.dumps({"rank": comm.rank, "world_size": comm.world_size, "launcher": spec_from_env().launcher,
                               "allreduce_ok": ok, "run_ids": ids}), flush=True)
-'''
+"""
 
 
 def clean_env(tmp_path, **extra):
     """This environment without any launcher's variables, with mpnn importable, `python` being this interpreter,
     a private temp dir, one math thread per worker (as the templates set; unbound workers with a BLAS thread per
     core ran 5x slower here), and Open MPI allowed to run as root (it refuses unless told twice)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MPNN_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), TMPDIR=str(tmp_path),
-               PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]), MPNN_TIMEOUT="60",
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MPNN_", "OMPI_", "PMIX_", "SLURM_", "TORCHELASTIC_"))
+        and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        TMPDIR=str(tmp_path),
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
+        MPNN_TIMEOUT="60",
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        NUMBA_NUM_THREADS="1",
+    )
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env.update(extra)
@@ -54,8 +65,15 @@ def clean_env(tmp_path, **extra):
 def run(command, env):
     """Run a launcher from the repository root, bounded; returns the CompletedProcess."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=MPIRUN_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=MPIRUN_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{command[0]} still running after {MPIRUN_TIMEOUT_S} s: {e.stdout}\n{e.stderr}")
 
@@ -84,10 +102,13 @@ def test_mpirun_ranks_join_one_ring_and_leave_no_secret(tmp_path):
     result = mpirun(tmp_path, sys.executable, str(script))
     assert result.returncode == 0, result.stdout + result.stderr
     decoder = json.JSONDecoder()  # mpirun may glue the ranks' lines together: decode each report where it starts
-    reports = sorted((decoder.raw_decode(part)[0] for part in output(result).split("REPORT ")[1:]),
-                     key=lambda r: r["rank"])
+    reports = sorted(
+        (decoder.raw_decode(part)[0] for part in output(result).split("REPORT ")[1:]), key=lambda r: r["rank"]
+    )
     assert [(r["rank"], r["world_size"], r["launcher"], r["allreduce_ok"]) for r in reports] == [
-        (0, 2, "mpirun", True), (1, 2, "mpirun", True)]
+        (0, 2, "mpirun", True),
+        (1, 2, "mpirun", True),
+    ]
     run_ids = reports[0]["run_ids"]
     assert run_ids == reports[1]["run_ids"] and len(set(run_ids)) == 1 and run_ids[0].startswith("ompi-")
     assert not list(tmp_path.glob("mpnn-*.secret")), "rank 0's temp secret outlived the run"
@@ -95,8 +116,9 @@ def test_mpirun_ranks_join_one_ring_and_leave_no_secret(tmp_path):
 
 @needs_mpirun
 def test_mpirun_trains_mnist1d(tmp_path):
-    result = mpirun(tmp_path, sys.executable, "launch/mnist1d.py", "--model", "mlp", "--steps", "300",
-                    "--eval-every", "100")
+    result = mpirun(
+        tmp_path, sys.executable, "launch/mnist1d.py", "--model", "mlp", "--steps", "300", "--eval-every", "100"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     losses = [float(x) for x in re.findall(r"^step\s+\d+/300 .*?loss (\d+\.\d+)", output(result), re.MULTILINE)]
     assert len(losses) == 3 and losses[-1] < losses[0], result.stdout
@@ -113,10 +135,24 @@ def test_mpirun_template_trains_with_its_secret_and_rendezvous(tmp_path):
     port = socket.create_server(("127.0.0.1", 0))
     address = f"tcp://127.0.0.1:{port.getsockname()[1]}"
     port.close()
-    env = clean_env(tmp_path, MPNN_RENDEZVOUS=address, MPNN_SECRET_FILE=str(tmp_path / "secret"),
-                    MPNN_RUN_DIR=str(tmp_path / "run"))
-    result = run(["bash", "launch/mpirun.sh", str(tmp_path / "hostfile"), "2", "--model", "mlp", "--steps", "100",
-                  "--eval-every", "50"], env)
+    env = clean_env(
+        tmp_path, MPNN_RENDEZVOUS=address, MPNN_SECRET_FILE=str(tmp_path / "secret"), MPNN_RUN_DIR=str(tmp_path / "run")
+    )
+    result = run(
+        [
+            "bash",
+            "launch/mpirun.sh",
+            str(tmp_path / "hostfile"),
+            "2",
+            "--model",
+            "mlp",
+            "--steps",
+            "100",
+            "--eval-every",
+            "50",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert final_accuracy(output(result), 100) > 0.3
     assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600  # the template made it, private
@@ -145,8 +181,15 @@ def test_slurm_template_trains_under_a_stand_in_srun(tmp_path):
     (bin_dir / "srun").write_text(f"#!{sys.executable}\n{FAKE_SRUN}")
     (bin_dir / "srun").chmod(0o755)
     job_id = str(os.getpid())
-    env = clean_env(tmp_path, HOME=str(tmp_path), SLURM_JOB_ID=job_id, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1",
-                    SLURM_JOB_NODELIST="localhost", MPNN_RUN_DIR=str(tmp_path / "run"))
+    env = clean_env(
+        tmp_path,
+        HOME=str(tmp_path),
+        SLURM_JOB_ID=job_id,
+        SLURM_NNODES="2",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_JOB_NODELIST="localhost",
+        MPNN_RUN_DIR=str(tmp_path / "run"),
+    )
     env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
     result = run(["bash", "launch/slurm.sbatch", "--model", "mlp", "--steps", "100", "--eval-every", "50"], env)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -23,7 +23,7 @@ LAUNCH_TIMEOUT_S = 150  # wall limit for one two-node launch on a loaded 2-core 
 
 
 # Rank 0 broadcasts a plaintext marker, then every rank checks two all-reduces against NumPy and reports.
-CHECK_SCRIPT = '''
+CHECK_SCRIPT = """
 import json, os, socket
 import numpy as np
 import mpnn
@@ -38,10 +38,10 @@ for n in (7, 100_000):
     np.testing.assert_array_equal(a, np.arange(n, dtype=np.float32) * sum(range(1, comm.world_size + 1)))
 print("REPORT " + json.dumps({"rank": comm.rank, "world_size": comm.world_size, "encrypt": comm.encrypt,
                               "host": socket.gethostname()}), flush=True)
-'''
+"""
 
 # Captures every frame on one interface (AF_PACKET, both directions) and counts the marker in them.
-SNIFF_SCRIPT = '''
+SNIFF_SCRIPT = """
 import json, signal, socket, sys
 iface, marker, out = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
@@ -61,7 +61,7 @@ while not stopping:
     stats["marker_hits"] += frame.count(marker)
 with open(out, "w") as f:
     json.dump(stats, f)
-'''
+"""
 
 
 def _ip(*args, check=True):
@@ -132,14 +132,30 @@ class Hosts:
 
     def exec(self, node, argv, **kwargs):
         """Popen argv inside node's namespace with its own UTS namespace and hostname node<i>."""
-        wrapped = ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "sh", "-c",
-                   'hostname "$0" && exec "$@"', f"node{node}", *argv]
+        wrapped = [
+            "ip",
+            "netns",
+            "exec",
+            self.names[node],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            f"node{node}",
+            *argv,
+        ]
         return subprocess.Popen(wrapped, **kwargs)
 
     def iptables(self, node, *args):
         """Run iptables inside node's namespace (its rules go with the namespace); returns stdout."""
-        return subprocess.run(["ip", "netns", "exec", self.names[node], "iptables", *args], check=True, timeout=30,
-                              capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["ip", "netns", "exec", self.names[node], "iptables", *args],
+            check=True,
+            timeout=30,
+            capture_output=True,
+            text=True,
+        ).stdout
 
 
 class RoutedHosts(Hosts):
@@ -167,8 +183,9 @@ class RoutedHosts(Hosts):
                 _ip("-n", name, "link", "set", link, "up")
             _ip("-n", self.names[node], "route", "add", "default", "via", self.gateways[node])
         _ip("-n", router, "link", "set", "lo", "up")
-        subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True,
-                       timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True, timeout=30
+        )
 
 
 def _made_hosts(made):
@@ -217,8 +234,7 @@ def secret_file(tmp_path):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MPNN_", "OMPI_", "SLURM_", "TORCHELASTIC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPNN_", "OMPI_", "SLURM_", "TORCHELASTIC_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
@@ -228,10 +244,32 @@ def start_nodes(hosts, tmp_path, secret_file, script_argv, flags=(), nproc=1, ti
     """Start `mpnn launch --nnodes 2` on both hosts; returns the two Popen objects (output in node<i>.out)."""
     procs = []
     for node in range(2):
-        argv = [sys.executable, "-m", "mpnn", "launch", "--nnodes", "2", "--node-rank", str(node),
-                "--master-addr", hosts.addrs[0], "--master-port", "29500", "--run-id", RUN_ID,
-                "--secret-file", str(secret_file), "--log-dir", str(tmp_path / "runs"), "--timeout", str(timeout),
-                "-n", str(nproc), *flags, *script_argv]
+        argv = [
+            sys.executable,
+            "-m",
+            "mpnn",
+            "launch",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            hosts.addrs[0],
+            "--master-port",
+            "29500",
+            "--run-id",
+            RUN_ID,
+            "--secret-file",
+            str(secret_file),
+            "--log-dir",
+            str(tmp_path / "runs"),
+            "--timeout",
+            str(timeout),
+            "-n",
+            str(nproc),
+            *flags,
+            *script_argv,
+        ]
         out = open(tmp_path / f"node{node}.out", "w")
         procs.append(hosts.exec(node, argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(**env)))
         out.close()
@@ -256,8 +294,10 @@ def _outputs(tmp_path):
 
 
 def _reports(outputs):
-    return sorted((json.loads(line.split("REPORT ", 1)[1]) for out in outputs for line in out.splitlines()
-                   if "REPORT " in line), key=lambda r: r["rank"])
+    return sorted(
+        (json.loads(line.split("REPORT ", 1)[1]) for out in outputs for line in out.splitlines() if "REPORT " in line),
+        key=lambda r: r["rank"],
+    )
 
 
 @pytest.mark.parametrize("flag,encrypted,nproc", [("--no-encrypt", False, 2), ("--encrypt", True, 2), (None, True, 1)])
@@ -265,12 +305,23 @@ def test_two_hosts_collectives_and_curve_on_the_wire(hosts, tmp_path, secret_fil
     marker = f"MPNN-PLAINTEXT-MARKER-{os.getpid()}-{flag}"
     (tmp_path / "check.py").write_text(CHECK_SCRIPT)
     (tmp_path / "sniff.py").write_text(SNIFF_SCRIPT)
-    sniffer = hosts.exec(1, [sys.executable, str(tmp_path / "sniff.py"), hosts.links[1], marker,
-                             str(tmp_path / "wire.json")], stdout=subprocess.PIPE, text=True)
+    sniffer = hosts.exec(
+        1,
+        [sys.executable, str(tmp_path / "sniff.py"), hosts.links[1], marker, str(tmp_path / "wire.json")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert sniffer.stdout.readline().strip() == "ready"
-        procs = start_nodes(hosts, tmp_path, secret_file, [str(tmp_path / "check.py")],
-                            flags=[flag] if flag else [], nproc=nproc, MARKER=marker)
+        procs = start_nodes(
+            hosts,
+            tmp_path,
+            secret_file,
+            [str(tmp_path / "check.py")],
+            flags=[flag] if flag else [],
+            nproc=nproc,
+            MARKER=marker,
+        )
         results = wait_nodes(procs, tmp_path)
     finally:
         sniffer.send_signal(signal.SIGTERM)
@@ -279,7 +330,8 @@ def test_two_hosts_collectives_and_curve_on_the_wire(hosts, tmp_path, secret_fil
     reports = _reports(out for _, out in results)
     world = 2 * nproc
     assert [(r["rank"], r["world_size"], r["encrypt"]) for r in reports] == [
-        (k, world, encrypted) for k in range(world)]
+        (k, world, encrypted) for k in range(world)
+    ]
     assert [r["host"] for r in reports] == [f"node{k // nproc}" for k in range(world)]
     wire = json.loads((tmp_path / "wire.json").read_text())
     assert wire["bytes"] > len(marker) * 2000, wire  # the broadcast crossed the veth link
@@ -294,10 +346,31 @@ def test_two_hosts_collectives_and_curve_on_the_wire(hosts, tmp_path, secret_fil
 @pytest.mark.parametrize("flag,encrypted", [(None, False), ("--encrypt", True)])
 def test_encrypt_flag_on_one_node(tmp_path, flag, encrypted):
     (tmp_path / "check.py").write_text(CHECK_SCRIPT)
-    argv = [sys.executable, "-m", "mpnn", "launch", "-n", "2", "--run-id", RUN_ID, "--log-dir", str(tmp_path),
-            "--timeout", "60", *([flag] if flag else []), str(tmp_path / "check.py")]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=_env(MARKER="m"),
-                            timeout=LAUNCH_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    argv = [
+        sys.executable,
+        "-m",
+        "mpnn",
+        "launch",
+        "-n",
+        "2",
+        "--run-id",
+        RUN_ID,
+        "--log-dir",
+        str(tmp_path),
+        "--timeout",
+        "60",
+        *([flag] if flag else []),
+        str(tmp_path / "check.py"),
+    ]
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(MARKER="m"),
+        timeout=LAUNCH_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert [(r["rank"], r["encrypt"]) for r in _reports([result.stdout])] == [(0, encrypted), (1, encrypted)]
     assert json.loads((tmp_path / RUN_ID / "run.json").read_text())["config"]["encrypt"] is encrypted
@@ -314,8 +387,9 @@ def test_mnist1d_trains_across_hosts_despite_random_loss(firewall, tmp_path, sec
     hosts = firewall  # default encryption across hosts: CURVE
     for chain in ("INPUT", "OUTPUT"):
         hosts.iptables(1, "-A", chain, "-m", "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP")
-    procs = start_nodes(hosts, tmp_path, secret_file,
-                        [str(MNIST1D), "--model", "mlp", "--steps", "100", "--eval-every", "50"])
+    procs = start_nodes(
+        hosts, tmp_path, secret_file, [str(MNIST1D), "--model", "mlp", "--steps", "100", "--eval-every", "50"]
+    )
     results = wait_nodes(procs, tmp_path)
     assert [code for code, _ in results] == [0, 0], _outputs(tmp_path)
     assert _final_accuracy(results[0][1]) > 0.3
@@ -333,8 +407,13 @@ def _steps_done(run_dir, rank):
 
 def test_cut_link_times_out_naming_the_silent_rank(firewall, tmp_path, secret_file):
     hosts = firewall
-    procs = start_nodes(hosts, tmp_path, secret_file,
-                        [str(MNIST1D), "--model", "mlp", "--steps", "100000", "--eval-every", "100000"], timeout=4)
+    procs = start_nodes(
+        hosts,
+        tmp_path,
+        secret_file,
+        [str(MNIST1D), "--model", "mlp", "--steps", "100000", "--eval-every", "100000"],
+        timeout=4,
+    )
     run_dir = tmp_path / "runs" / RUN_ID
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while _steps_done(run_dir, 0) < 10:
@@ -350,13 +429,14 @@ def test_cut_link_times_out_naming_the_silent_rank(firewall, tmp_path, secret_fi
     for node, (code, output) in enumerate(results):
         me, other = node, 1 - node  # one worker per node: rank == node
         assert code != 0 and f"mpnn launch: rank {me} (pid" in output, _outputs(tmp_path)
-        assert re.search(rf"CommTimeout: rank {other} (is silent|stopped sending): rank {me} waited 4 s", output), \
+        assert re.search(rf"CommTimeout: rank {other} (is silent|stopped sending): rank {me} waited 4 s", output), (
             _outputs(tmp_path)
+        )
         assert hosts.pids(node) == [], f"processes left on node{node}"
 
 
 # Every rank times ROUNDS all-reduces (after one that makes the connections), checks them against NumPy, reports.
-TIMED_ALLREDUCE_SCRIPT = '''
+TIMED_ALLREDUCE_SCRIPT = """
 import json, os, time
 import numpy as np
 import mpnn
@@ -369,7 +449,7 @@ for _ in range(rounds):
     comm.allreduce(a)
     np.testing.assert_array_equal(a, np.arange(100_000, dtype=np.float32) * sum(range(1, comm.world_size + 1)))
 print("REPORT " + json.dumps({"rank": comm.rank, "seconds": time.perf_counter() - start}), flush=True)
-'''
+"""
 PROXY_PORT = 15999
 DELAY_S = 0.03  # each way, per chunk
 ROUNDS = 20
@@ -383,16 +463,30 @@ def test_two_hosts_finish_through_a_delaying_lossy_router(routed_hosts, tmp_path
         hosts.iptables(router, "-t", "nat", "-S")
     except subprocess.CalledProcessError as e:
         pytest.skip(f"iptables nat does not work in a network namespace here: {e.stderr.strip()}")
-    proxy = subprocess.Popen(["ip", "netns", "exec", hosts.names[router], sys.executable, str(ROOT / "tests" /
-                              "delay_proxy.py"), str(PROXY_PORT), str(DELAY_S), str(tmp_path / "proxy.json")],
-                             stdout=subprocess.PIPE, text=True)
+    proxy = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            hosts.names[router],
+            sys.executable,
+            str(ROOT / "tests" / "delay_proxy.py"),
+            str(PROXY_PORT),
+            str(DELAY_S),
+            str(tmp_path / "proxy.json"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proxy.stdout.readline().strip() == "ready"
-        hosts.iptables(router, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT", "--to-ports",
-                       str(PROXY_PORT))
+        hosts.iptables(
+            router, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(PROXY_PORT)
+        )
         for chain in ("INPUT", "OUTPUT"):
-            hosts.iptables(router, "-A", chain, "-m", "statistic", "--mode", "random", "--probability", "0.03",
-                           "-j", "DROP")
+            hosts.iptables(
+                router, "-A", chain, "-m", "statistic", "--mode", "random", "--probability", "0.03", "-j", "DROP"
+            )
         (tmp_path / "timed.py").write_text(TIMED_ALLREDUCE_SCRIPT)
         procs = start_nodes(hosts, tmp_path, secret_file, [str(tmp_path / "timed.py")], ROUNDS=str(ROUNDS))
         results = wait_nodes(procs, tmp_path, limit=60)

@@ -1,5 +1,6 @@
 """nn.Module registration and state_dict as PyTorch names them, layers against NumPy, init statistics,
 gradient clipping."""
+
 import copy
 import math
 import pickle
@@ -65,16 +66,26 @@ def test_assigning_none_and_wrong_types():
     class Early(nn.Module):
         def __init__(self):
             self.w = nn.Parameter(np.ones(1))
+
     with pytest.raises(AttributeError, match="before Module.__init__"):
         Early()
 
 
 def test_sequential_and_batchnorm_keys_are_pytorchs():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    )
     assert list(model.state_dict()) == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
-        "1.num_batches_tracked", "3.1.weight", "3.1.bias"]
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "3.1.weight",
+        "3.1.bias",
+    ]
     sd = model.state_dict()
     assert sd["1.num_batches_tracked"].dtype == np.int64 and sd["1.num_batches_tracked"].shape == ()
     assert isinstance(sd, OrderedDict) and all(isinstance(v, mpnn.Tensor) and not v.requires_grad for v in sd.values())
@@ -117,8 +128,10 @@ def test_strict_load_lists_every_missing_unexpected_and_mismatched_key_and_chang
     assert "Error(s) in loading state_dict for Sequential" in msg
     assert 'Missing key(s) in state_dict: "0.bias", "1.running_var".' in msg
     assert 'Unexpected key(s) in state_dict: "extra.weight", "head.bias".' in msg
-    assert "size mismatch for 2.weight: copying a param with shape (2, 3) from checkpoint, " \
-           "the shape in current model is (1, 3)." in msg
+    assert (
+        "size mismatch for 2.weight: copying a param with shape (2, 3) from checkpoint, "
+        "the shape in current model is (1, 3)." in msg
+    )
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, before[k])  # nothing was copied
 
@@ -178,8 +191,12 @@ def test_train_eval_zero_grad_apply_to_requires_grad_and_deepcopy():
 
 
 def test_repr_reads_like_pytorchs():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Sequential(nn.Flatten(), nn.Linear(8, 10, bias=False)))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Flatten(), nn.Linear(8, 10, bias=False)),
+    )
     assert repr(model) == (
         "Sequential(\n"
         "  (0): Conv2d(1, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))\n"
@@ -189,9 +206,11 @@ def test_repr_reads_like_pytorchs():
         "    (0): Flatten(start_dim=1, end_dim=-1)\n"
         "    (1): Linear(in_features=8, out_features=10, bias=False)\n"
         "  )\n"
-        ")")
-    assert repr(nn.BatchNorm1d(4, bias=False)) == ("BatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, bias=False, "
-                                                   "track_running_stats=True)")
+        ")"
+    )
+    assert repr(nn.BatchNorm1d(4, bias=False)) == (
+        "BatchNorm1d(4, eps=1e-05, momentum=0.1, affine=True, bias=False, track_running_stats=True)"
+    )
     assert repr(nn.LayerNorm(3)) == "LayerNorm((3,), eps=1e-05, elementwise_affine=True, bias=True)"
     assert repr(nn.Parameter(np.zeros(1, np.float32))).startswith("Parameter containing:\ntensor(")
 
@@ -223,7 +242,7 @@ def test_default_inits_follow_pytorch_bounds():
     for arr in (lin.weight.data, lin.bias.data):
         assert np.abs(arr).max() <= bound and np.abs(arr).max() > 0.98 * bound
     w = lin.weight.data.astype(np.float64)
-    assert abs(w.mean()) < 0.01 * bound and abs(w.var() - bound ** 2 / 3) < 0.02 * bound ** 2
+    assert abs(w.mean()) < 0.01 * bound and abs(w.var() - bound**2 / 3) < 0.02 * bound**2
 
     conv = nn.Conv2d(6, 20, (3, 5), groups=2)
     fan_in = 3 * 3 * 5
@@ -249,7 +268,7 @@ def test_init_functions_gains_and_fans():
     assert init.calculate_gain("tanh") == 5 / 3
     assert init.calculate_gain("conv2d") == 1
     assert init.calculate_gain("leaky_relu", 0.2) == math.sqrt(2 / 1.04)
-    assert init.calculate_gain("leaky_relu") == math.sqrt(2 / (1 + 0.01 ** 2))
+    assert init.calculate_gain("leaky_relu") == math.sqrt(2 / (1 + 0.01**2))
     with pytest.raises(ValueError, match="unsupported nonlinearity 'swish'"):
         init.calculate_gain("swish")
 
@@ -321,8 +340,12 @@ def _conv2d_ref(x, w, b, stride, pad, dil, groups):
         g = oc // og
         for i in range(oh):
             for j in range(ow):
-                patch = xp[:, g * cg:(g + 1) * cg, i * stride[0]:i * stride[0] + dil[0] * (kh - 1) + 1:dil[0],
-                           j * stride[1]:j * stride[1] + dil[1] * (kw - 1) + 1:dil[1]]
+                patch = xp[
+                    :,
+                    g * cg : (g + 1) * cg,
+                    i * stride[0] : i * stride[0] + dil[0] * (kh - 1) + 1 : dil[0],
+                    j * stride[1] : j * stride[1] + dil[1] * (kw - 1) + 1 : dil[1],
+                ]
                 out[:, oc, i, j] = np.sum(patch * w[oc], axis=(1, 2, 3)) + b[oc]
     return out
 
@@ -353,8 +376,11 @@ def test_batchnorm_training_running_stats_and_eval():
     assert int(bn.num_batches_tracked.data) == 1
     bn.eval()
     y_eval = bn(Tensor(x)).data
-    np.testing.assert_allclose(y_eval, (x - bn.running_mean.data) / np.sqrt(bn.running_var.data + 1e-5)
-                               * bn.weight.data + bn.bias.data, rtol=1e-10)
+    np.testing.assert_allclose(
+        y_eval,
+        (x - bn.running_mean.data) / np.sqrt(bn.running_var.data + 1e-5) * bn.weight.data + bn.bias.data,
+        rtol=1e-10,
+    )
     assert int(bn.num_batches_tracked.data) == 1  # eval does not count batches
 
     cumulative = nn.BatchNorm2d(2, momentum=None, dtype="float64")
@@ -374,12 +400,18 @@ def test_layernorm_activations_dropout_flatten():
     np.testing.assert_allclose(ln(Tensor(x)).data, (x - m) / np.sqrt(v + 1e-5), rtol=1e-10)
     t = Tensor(x)
     erf = np.vectorize(math.erf)
-    cases = [(nn.ReLU(), np.maximum(x, 0)), (nn.LeakyReLU(0.2), np.where(x > 0, x, 0.2 * x)),
-             (nn.GELU(), 0.5 * x * (1 + erf(x / math.sqrt(2)))), (nn.Tanh(), np.tanh(x)),
-             (nn.Sigmoid(), 1 / (1 + np.exp(-x))),
-             (nn.Softmax(dim=1), np.exp(x) / np.exp(x).sum(1, keepdims=True)),
-             (nn.LogSoftmax(dim=-1), x - np.log(np.exp(x).sum(-1, keepdims=True))),
-             (nn.Flatten(), x.reshape(2, 12)), (nn.Flatten(0, 1), x.reshape(6, 4)), (nn.Identity(), x)]
+    cases = [
+        (nn.ReLU(), np.maximum(x, 0)),
+        (nn.LeakyReLU(0.2), np.where(x > 0, x, 0.2 * x)),
+        (nn.GELU(), 0.5 * x * (1 + erf(x / math.sqrt(2)))),
+        (nn.Tanh(), np.tanh(x)),
+        (nn.Sigmoid(), 1 / (1 + np.exp(-x))),
+        (nn.Softmax(dim=1), np.exp(x) / np.exp(x).sum(1, keepdims=True)),
+        (nn.LogSoftmax(dim=-1), x - np.log(np.exp(x).sum(-1, keepdims=True))),
+        (nn.Flatten(), x.reshape(2, 12)),
+        (nn.Flatten(0, 1), x.reshape(6, 4)),
+        (nn.Identity(), x),
+    ]
     for module, ref in cases:
         np.testing.assert_allclose(module(t).data, ref, rtol=1e-7, atol=1e-12, err_msg=repr(module))
     drop = nn.Dropout(0.25)
@@ -395,18 +427,20 @@ def test_layernorm_activations_dropout_flatten():
 def test_pooling_layers():
     x = _x(2, 3, 6, 4)
     np.testing.assert_allclose(nn.MaxPool2d(2)(Tensor(x)).data, x.reshape(2, 3, 3, 2, 2, 2).max(axis=(3, 5)))
-    np.testing.assert_allclose(nn.AvgPool2d(2)(Tensor(x)).data, x.reshape(2, 3, 3, 2, 2, 2).mean(axis=(3, 5)),
-                               rtol=1e-12)
-    np.testing.assert_allclose(nn.AdaptiveAvgPool2d(1)(Tensor(x)).data, x.mean(axis=(2, 3), keepdims=True),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        nn.AvgPool2d(2)(Tensor(x)).data, x.reshape(2, 3, 3, 2, 2, 2).mean(axis=(3, 5)), rtol=1e-12
+    )
+    np.testing.assert_allclose(nn.AdaptiveAvgPool2d(1)(Tensor(x)).data, x.mean(axis=(2, 3), keepdims=True), rtol=1e-12)
     x1 = _x(2, 3, 8)
     np.testing.assert_allclose(nn.MaxPool1d(2)(Tensor(x1)).data, x1.reshape(2, 3, 4, 2).max(-1))
-    np.testing.assert_allclose(nn.AvgPool1d(4, stride=4)(Tensor(x1)).data, x1.reshape(2, 3, 2, 4).mean(-1),
-                               rtol=1e-12)
+    np.testing.assert_allclose(nn.AvgPool1d(4, stride=4)(Tensor(x1)).data, x1.reshape(2, 3, 2, 4).mean(-1), rtol=1e-12)
     windows = np.lib.stride_tricks.sliding_window_view
     np.testing.assert_allclose(nn.MaxPool1d(3, stride=1)(Tensor(x1)).data, windows(x1, 3, axis=-1).max(-1))
-    np.testing.assert_allclose(nn.AvgPool2d(2, stride=1, divisor_override=1)(Tensor(x)).data,
-                               windows(x, (2, 2), axis=(2, 3)).sum(axis=(-2, -1)), rtol=1e-12)
+    np.testing.assert_allclose(
+        nn.AvgPool2d(2, stride=1, divisor_override=1)(Tensor(x)).data,
+        windows(x, (2, 2), axis=(2, 3)).sum(axis=(-2, -1)),
+        rtol=1e-12,
+    )
 
 
 def test_loss_modules():
@@ -448,7 +482,8 @@ def test_clip_grad_norm_scales_all_gradients_together():
     np.testing.assert_array_equal(untouched[0].grad.data, g1)
     inf_params = _with_grads(g1, g2)
     assert clip_grad_norm_(inf_params, 0.5, norm_type="inf").item() == pytest.approx(
-        max(np.abs(g1).max(), np.abs(g2).max()))
+        max(np.abs(g1).max(), np.abs(g2).max())
+    )
     one = _with_grads(g1)
     assert clip_grad_norm_(one[0], 10.0, norm_type=1).item() == pytest.approx(np.abs(g1).sum(), rel=1e-6)
     assert clip_grad_norm_([nn.Parameter(np.zeros(2))], 1.0).item() == 0.0  # no grads at all

@@ -2,6 +2,7 @@
 tying, buffers, Module.to/cpu, the init functions, Embedding/LayerNorm/GELU/Conv signatures, and
 MultiheadAttention / TransformerEncoderLayer / TransformerEncoder against torch (forward, attention weights and
 gradients, state_dicts loaded both ways). The torch comparisons skip when torch is not installed."""
+
 import copy
 import inspect
 import math
@@ -92,7 +93,10 @@ def test_weight_tying_buffers_and_state_dict_keys_as_torch():
     assert sum(p.numel() for p in m.parameters()) == 5 * 4 + 4
     assert list(m.state_dict()) == ["count", "transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"]
     assert [n for n, _ in m.named_parameters(remove_duplicate=False)] == [
-        "transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"]
+        "transformer.wte.weight",
+        "transformer.ln_f.weight",
+        "lm_head.weight",
+    ]
     assert [n for n, _ in m.named_buffers()] == ["mask", "count"]  # non-persistent: a buffer, not saved
     sd = m.state_dict()
     sd["lm_head.weight"] = sd["transformer.wte.weight"] = np.full((5, 4), 0.5, dtype=np.float32)
@@ -121,8 +125,9 @@ def test_weight_tying_buffers_and_state_dict_keys_as_torch():
     class TTied(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.transformer = torch.nn.ModuleDict(dict(wte=torch.nn.Embedding(5, 4),
-                                                        ln_f=torch.nn.LayerNorm(4, bias=False)))
+            self.transformer = torch.nn.ModuleDict(
+                dict(wte=torch.nn.Embedding(5, 4), ln_f=torch.nn.LayerNorm(4, bias=False))
+            )
             self.lm_head = torch.nn.Linear(4, 5, bias=False)
             self.transformer.wte.weight = self.lm_head.weight
             self.register_buffer("mask", torch.tril(torch.ones(3, 3)), persistent=False)
@@ -197,8 +202,11 @@ def test_gelu_layernorm_and_padding_modes_match_torch():
     torch = _torch()
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
     for approx in ("none", "tanh"):
-        np.testing.assert_allclose(nn.GELU(approximate=approx)(mpnn.tensor(x)).data,
-                                   torch.nn.GELU(approximate=approx)(torch.from_numpy(x)).numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            nn.GELU(approximate=approx)(mpnn.tensor(x)).data,
+            torch.nn.GELU(approximate=approx)(torch.from_numpy(x)).numpy(),
+            atol=1e-6,
+        )
     t, m = torch.nn.LayerNorm(8, bias=False), nn.LayerNorm(8, bias=False)
     with torch.no_grad():
         t.weight.uniform_()
@@ -232,8 +240,14 @@ def _compare(t_mod, m_mod, t_inputs, m_inputs, kwargs_t=None, kwargs_m=None, pic
             np.testing.assert_allclose(mx.grad.data, tx.grad.numpy(), atol=atol * 10, rtol=1e-3)
 
 
-MHA_CASES = [dict(), dict(batch_first=True), dict(bias=False), dict(kdim=5, vdim=7), dict(add_bias_kv=True),
-             dict(add_zero_attn=True, batch_first=True)]
+MHA_CASES = [
+    dict(),
+    dict(batch_first=True),
+    dict(bias=False),
+    dict(kdim=5, vdim=7),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True, batch_first=True),
+]
 
 
 @pytest.mark.parametrize("kwargs", MHA_CASES, ids=str)
@@ -253,9 +267,13 @@ def test_multihead_attention_matches_torch(kwargs):
     pad = rng.random((N, S)) < 0.3
     attn[:, 0] = pad[:, 0] = False  # no fully masked rows (NaN in both)
     float_attn = rng.standard_normal((N * 2, L, S)).astype(np.float32)
-    cases = [dict(), dict(attn_mask=attn), dict(key_padding_mask=pad),
-             dict(attn_mask=attn, key_padding_mask=pad, average_attn_weights=False),
-             dict(attn_mask=float_attn, need_weights=False)]
+    cases = [
+        dict(),
+        dict(attn_mask=attn),
+        dict(key_padding_mask=pad),
+        dict(attn_mask=attn, key_padding_mask=pad, average_attn_weights=False),
+        dict(attn_mask=float_attn, need_weights=False),
+    ]
     for case in cases:
         t.zero_grad()
         m.zero_grad()
@@ -304,15 +322,23 @@ def test_multihead_attention_errors_are_torchs():
         m(mpnn.randn(3, 2, 5), x, x)
     with pytest.raises(TypeError, match="only bool and floating"):
         m(x, x, x, attn_mask=mpnn.zeros(3, 3, dtype=mpnn.int64))
-    assert [n for n, _ in m.named_parameters()] == ["in_proj_weight", "in_proj_bias", "out_proj.weight",
-                                                    "out_proj.bias"]
+    assert [n for n, _ in m.named_parameters()] == [
+        "in_proj_weight",
+        "in_proj_bias",
+        "out_proj.weight",
+        "out_proj.bias",
+    ]
     assert not m.in_proj_bias.data.any() and not m.out_proj.bias.data.any()
     bound = math.sqrt(6 / (4 + 12))  # xavier_uniform_ over the packed (3E, E) weight, as torch
     assert np.abs(m.in_proj_weight.data).max() <= bound
 
 
-LAYER_CASES = [dict(), dict(activation="gelu", norm_first=True), dict(batch_first=True, bias=False),
-               dict(activation="relu", layer_norm_eps=1e-3, batch_first=True)]
+LAYER_CASES = [
+    dict(),
+    dict(activation="gelu", norm_first=True),
+    dict(batch_first=True, bias=False),
+    dict(activation="relu", layer_norm_eps=1e-3, batch_first=True),
+]
 
 
 @pytest.mark.parametrize("kwargs", LAYER_CASES, ids=str)
@@ -327,10 +353,11 @@ def test_transformer_encoder_layer_matches_torch(kwargs):
     pad = rng.random((3, 5)) < 0.3
     pad[:, 0] = False
     causal = generate_square_subsequent_mask(5)
-    for tk, mk in [({}, {}),
-                   (dict(src_key_padding_mask=torch.from_numpy(pad)), dict(src_key_padding_mask=mpnn.tensor(pad))),
-                   (dict(src_mask=torch.from_numpy(causal.data), is_causal=True),
-                    dict(src_mask=causal, is_causal=True))]:
+    for tk, mk in [
+        ({}, {}),
+        (dict(src_key_padding_mask=torch.from_numpy(pad)), dict(src_key_padding_mask=mpnn.tensor(pad))),
+        (dict(src_mask=torch.from_numpy(causal.data), is_causal=True), dict(src_mask=causal, is_causal=True)),
+    ]:
         t.zero_grad()
         m.zero_grad()
         _compare(t, m, [torch.tensor(x, requires_grad=True)], [mpnn.tensor(x, requires_grad=True)], tk, mk)
@@ -342,8 +369,9 @@ def test_transformer_encoder_layers_are_deep_copies_and_match_torch_both_ways():
     m = nn.TransformerEncoder(layer, num_layers=2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
     assert m.layers[0] is not layer and m.layers[0].linear1.weight is not m.layers[1].linear1.weight
     assert m.layers[0].activation is F.gelu
-    t_layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, activation="gelu",
-                                               batch_first=True)
+    t_layer = torch.nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.1, activation="gelu", batch_first=True
+    )
     t = torch.nn.TransformerEncoder(t_layer, num_layers=2, norm=torch.nn.LayerNorm(8), enable_nested_tensor=False)
     assert list(t.state_dict()) == list(m.state_dict())
     assert list(m.state_dict())[:2] == ["layers.0.self_attn.in_proj_weight", "layers.0.self_attn.in_proj_bias"]
@@ -358,12 +386,18 @@ def test_transformer_encoder_layers_are_deep_copies_and_match_torch_both_ways():
     pad = np.zeros((2, 5), dtype=bool)
     pad[1, 3:] = True
     causal = np.triu(np.ones((5, 5), dtype=bool), 1)  # bool, as the padding mask (torch warns on a mix)
-    _compare(t, m, [torch.tensor(x, requires_grad=True)], [mpnn.tensor(x, requires_grad=True)],
-             dict(mask=torch.from_numpy(causal), src_key_padding_mask=torch.from_numpy(pad)),
-             dict(mask=mpnn.tensor(causal), src_key_padding_mask=mpnn.tensor(pad)))
+    _compare(
+        t,
+        m,
+        [torch.tensor(x, requires_grad=True)],
+        [mpnn.tensor(x, requires_grad=True)],
+        dict(mask=torch.from_numpy(causal), src_key_padding_mask=torch.from_numpy(pad)),
+        dict(mask=mpnn.tensor(causal), src_key_padding_mask=mpnn.tensor(pad)),
+    )
     # and back: a fresh mpnn encoder loads torch's weights
-    fresh = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, 0.1, "gelu", batch_first=True), 2,
-                                  norm=nn.LayerNorm(8)).eval()
+    fresh = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, 0.1, "gelu", batch_first=True), 2, norm=nn.LayerNorm(8)
+    ).eval()
     to_mpnn(t, fresh)
     np.testing.assert_allclose(fresh(mpnn.tensor(x)).data, m(mpnn.tensor(x)).data, atol=1e-6)
 

@@ -1,5 +1,6 @@
 """Every elementwise, reduction, shape, indexing and matmul op: float64 finite-difference gradients,
 forward values against NumPy, broadcasting, non-contiguous inputs, size-1 dims, and clear errors."""
+
 import numpy as np
 import pytest
 
@@ -31,20 +32,33 @@ def T(*shape, positive=False, noncontig=False, away_from=None):
     return t
 
 
-SHAPE_PAIRS = [((3, 4), (3, 4)), ((3, 4), (4,)), ((2, 1, 4), (3, 1)), ((1,), (2, 3)), ((), (2, 2)),
-               ((2, 3, 1), (1, 1, 5))]
+SHAPE_PAIRS = [
+    ((3, 4), (3, 4)),
+    ((3, 4), (4,)),
+    ((2, 1, 4), (3, 1)),
+    ((1,), (2, 3)),
+    ((), (2, 2)),
+    ((2, 3, 1), (1, 1, 5)),
+]
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("fn", [ops.add, ops.sub, ops.mul, ops.div, ops.maximum, ops.minimum],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [ops.add, ops.sub, ops.mul, ops.div, ops.maximum, ops.minimum], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("sa,sb", SHAPE_PAIRS)
 def test_binary_broadcast_gradients(fn, sa, sb):
     a, b = T(*sa), T(*sb, positive=fn is ops.div)
     assert gradcheck(fn, [a, b])
-    np.testing.assert_allclose(fn(a, b).data, {"add": np.add, "sub": np.subtract, "mul": np.multiply,
-                                               "div": np.divide, "maximum": np.maximum,
-                                               "minimum": np.minimum}[fn.__name__](a.data, b.data))
+    np.testing.assert_allclose(
+        fn(a, b).data,
+        {
+            "add": np.add,
+            "sub": np.subtract,
+            "mul": np.multiply,
+            "div": np.divide,
+            "maximum": np.maximum,
+            "minimum": np.minimum,
+        }[fn.__name__](a.data, b.data),
+    )
 
 
 def test_binary_on_noncontiguous_inputs():
@@ -56,14 +70,14 @@ def test_binary_on_noncontiguous_inputs():
 def test_pow_both_operands_and_scalar_exponent():
     a, b = T(3, 4, positive=True), T(3, 4)
     assert gradcheck(ops.pow, [a, b])
-    assert gradcheck(lambda x: x ** 3, [T(2, 3)])
-    assert gradcheck(lambda x: 2.0 ** x, [T(2, 3)])
-    assert gradcheck(lambda x: x ** 0.5, [T(4, positive=True)])
+    assert gradcheck(lambda x: x**3, [T(2, 3)])
+    assert gradcheck(lambda x: 2.0**x, [T(2, 3)])
+    assert gradcheck(lambda x: x**0.5, [T(4, positive=True)])
 
 
 def test_operators_with_python_numbers_keep_dtype():
     x = mpnn.tensor([1.0, 2.0])
-    for y in (x + 1, 1 + x, x * 2.5, 2.5 * x, x - 1, 1 - x, x / 2, 2 / x, x ** 2, -x):
+    for y in (x + 1, 1 + x, x * 2.5, 2.5 * x, x - 1, 1 - x, x / 2, 2 / x, x**2, -x):
         assert y.dtype == np.float32
     np.testing.assert_allclose((1 - x).data, [0.0, -1.0])
     np.testing.assert_allclose((2 / x).data, [2.0, 1.0])
@@ -78,10 +92,16 @@ def test_maximum_tie_splits_gradient():
 
 
 UNARY = [
-    ("neg", ops.neg, {}), ("exp", ops.exp, {}), ("log", ops.log, {"positive": True}),
-    ("sqrt", ops.sqrt, {"positive": True}), ("abs", ops.abs, {"away_from": 0.0}),
-    ("relu", ops.relu, {"away_from": 0.0}), ("leaky_relu", lambda x: ops.leaky_relu(x, 0.2), {"away_from": 0.0}),
-    ("sigmoid", ops.sigmoid, {}), ("tanh", ops.tanh, {}), ("gelu", ops.gelu, {}),
+    ("neg", ops.neg, {}),
+    ("exp", ops.exp, {}),
+    ("log", ops.log, {"positive": True}),
+    ("sqrt", ops.sqrt, {"positive": True}),
+    ("abs", ops.abs, {"away_from": 0.0}),
+    ("relu", ops.relu, {"away_from": 0.0}),
+    ("leaky_relu", lambda x: ops.leaky_relu(x, 0.2), {"away_from": 0.0}),
+    ("sigmoid", ops.sigmoid, {}),
+    ("tanh", ops.tanh, {}),
+    ("gelu", ops.gelu, {}),
     ("gelu_tanh", lambda x: ops.gelu(x, approximate="tanh"), {}),
     ("clip", lambda x: ops.clip(x, -0.5, 0.7), {"away_from": 0.7}),
     ("clip_min", lambda x: ops.clip(x, min=-0.5), {"away_from": -0.5}),
@@ -111,6 +131,7 @@ def test_unary_forward_values():
     np.testing.assert_allclose(ops.sigmoid(t).data, 1 / (1 + np.exp(-x)))
     np.testing.assert_allclose(ops.leaky_relu(t, 0.1).data, np.where(x > 0, x, 0.1 * x))
     from math import erf
+
     np.testing.assert_allclose(ops.gelu(t).data, [v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in x], rtol=1e-12)
     big = mpnn.tensor([-1000.0, 1000.0])
     with np.errstate(over="raise", invalid="raise", divide="raise"):
@@ -198,7 +219,9 @@ def test_cat_stack_split_chunk():
 def test_indexing_basic_and_integer_arrays():
     x = T(4, 5)
     cases = [
-        (1, x.data[1]), ((slice(1, 3), 2), x.data[1:3, 2]), ((Ellipsis, None, -1), x.data[..., None, -1]),
+        (1, x.data[1]),
+        ((slice(1, 3), 2), x.data[1:3, 2]),
+        ((Ellipsis, None, -1), x.data[..., None, -1]),
         (np.array([0, 2, 2]), x.data[[0, 2, 2]]),
         ((np.array([0, 1, 1]), np.array([4, 0, 0])), x.data[[0, 1, 1], [4, 0, 0]]),
         (x.data > 0, x.data[x.data > 0]),
@@ -221,8 +244,18 @@ def test_where_masked_fill():
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((4,), (4, 5)), ((3, 4), (4,)),
-                                   ((4,), (4,)), ((2, 1, 3, 4), (5, 4, 2)), ((1, 4), (4, 1))])
+@pytest.mark.parametrize(
+    "sa,sb",
+    [
+        ((3, 4), (4, 5)),
+        ((2, 3, 4), (4, 5)),
+        ((4,), (4, 5)),
+        ((3, 4), (4,)),
+        ((4,), (4,)),
+        ((2, 1, 3, 4), (5, 4, 2)),
+        ((1, 4), (4, 1)),
+    ],
+)
 def test_matmul_gradients(sa, sb):
     a, b = T(*sa), T(*sb)
     np.testing.assert_allclose(ops.matmul(a, b).data, np.matmul(a.data, b.data))
@@ -266,6 +299,7 @@ def test_dropout_scales_and_masks():
     def reseeded_dropout(a):  # the same mask on every finite-difference evaluation
         mpnn.manual_seed(5)
         return dropout(a, 0.4)
+
     assert gradcheck(reseeded_dropout, [T(4, 6)])
     with pytest.raises(OpError, match="dropout"):
         dropout(x, 1.5)
@@ -295,8 +329,11 @@ def test_batch_norm_train_and_eval(shape):
     axes = (0,) + tuple(range(2, len(shape)))
     mean, var = x.data.mean(axis=axes), x.data.var(axis=axes)
     bs = (1, c) + (1,) * (len(shape) - 2)
-    np.testing.assert_allclose(out.data, (x.data - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + 1e-5)
-                               * w.data.reshape(bs) + b.data.reshape(bs), rtol=1e-10)
+    np.testing.assert_allclose(
+        out.data,
+        (x.data - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + 1e-5) * w.data.reshape(bs) + b.data.reshape(bs),
+        rtol=1e-10,
+    )
     n = x.data.size // c
     np.testing.assert_allclose(rm, 0.1 * mean)
     np.testing.assert_allclose(rv, 0.9 + 0.1 * var * n / (n - 1))

@@ -4,6 +4,7 @@ scatter, scatter_add, topk, sort, argsort, einsum, multinomial, the axis=/keepdi
 Each op: forward against NumPy, float64 finite-difference gradients (mpnn.core.gradcheck) including a 0-d or
 degenerate case where the op allows one, and errors that name the op and the values. A causal attention built
 from these ops is gradchecked as a whole. The tests at the end compare with PyTorch when it is installed."""
+
 import numpy as np
 import pytest
 
@@ -58,8 +59,19 @@ def test_tril_triu_need_two_dims():
         mpnn.tensor(1.0).triu()
 
 
-@pytest.mark.parametrize("shape,sizes", [((2, 3), (2, 1)), ((2, 3), (1, 3)), ((2, 3), (2, 2, 2)), ((3,), (4, 2)),
-                                         ((2, 3), (0, 2)), ((), (3,)), ((), (2, 3)), ((2, 1), (1, 1))])
+@pytest.mark.parametrize(
+    "shape,sizes",
+    [
+        ((2, 3), (2, 1)),
+        ((2, 3), (1, 3)),
+        ((2, 3), (2, 2, 2)),
+        ((3,), (4, 2)),
+        ((2, 3), (0, 2)),
+        ((), (3,)),
+        ((), (2, 3)),
+        ((2, 1), (1, 1)),
+    ],
+)
 def test_repeat_forward_and_gradient(shape, sizes):
     x = T(*shape)
     out = x.repeat(*sizes)
@@ -101,8 +113,9 @@ def test_flip_zero_dim_and_errors():
         mpnn.ones(2, 3).flip(2)
 
 
-@pytest.mark.parametrize("shifts,dims", [(1, None), (-7, None), (1, 0), (2, -1), ((1, -2), (0, 1)), ((5, 1), (1, 1)),
-                                         (0, 1)])
+@pytest.mark.parametrize(
+    "shifts,dims", [(1, None), (-7, None), (1, 0), (2, -1), ((1, -2), (0, 1)), ((5, 1), (1, 1)), (0, 1)]
+)
 def test_roll_forward_and_gradient(shifts, dims):
     x = T(3, 4)
     out = mpnn.roll(x, shifts, dims)
@@ -294,11 +307,17 @@ def test_gather_errors_name_the_values():
         x.gather(1, idx([[-1]]))
     with pytest.raises(OpError, match=r"gather: index must be an integer tensor .*float32"):
         x.gather(1, mpnn.tensor([[1.0]]))
-    with pytest.raises(OpError, match=r"gather: index must have as many dims as the input: index shape \(2,\), "
-                                      r"input shape \(3, 4\)"):
+    with pytest.raises(
+        OpError,
+        match=r"gather: index must have as many dims as the input: index shape \(2,\), "
+        r"input shape \(3, 4\)",
+    ):
         x.gather(1, idx([0, 1]))
-    with pytest.raises(OpError, match=r"gather: index of shape \(4, 1\) is larger than the input of shape \(3, 4\) "
-                                      r"in dim 0"):
+    with pytest.raises(
+        OpError,
+        match=r"gather: index of shape \(4, 1\) is larger than the input of shape \(3, 4\) "
+        r"in dim 0",
+    ):
         x.gather(1, idx([[0], [0], [0], [0]]))
     with pytest.raises(OpError, match=r"gather: dim 2 is out of range for a tensor of 2 dimensions"):
         x.gather(2, idx([[0]]))
@@ -346,8 +365,11 @@ def test_scatter_errors():
     x = mpnn.ones(3, 4)
     with pytest.raises(OpError, match=r"scatter: give src \(a tensor\) or value \(a number\)"):
         mpnn.scatter(x, 1, idx([[0]]))
-    with pytest.raises(OpError, match=r"scatter: index of shape \(2, 1\) is larger than src of shape \(1, 1\) "
-                                      r"in dim 0"):
+    with pytest.raises(
+        OpError,
+        match=r"scatter: index of shape \(2, 1\) is larger than src of shape \(1, 1\) "
+        r"in dim 0",
+    ):
         mpnn.scatter(x, 1, idx([[0], [1]]), mpnn.ones(1, 1))
     with pytest.raises(OpError, match=r"scatter: src dtype float64 does not match the input's float32"):
         mpnn.scatter(x, 1, idx([[0]]), mpnn.ones(1, 1, dtype="float64"))
@@ -383,8 +405,9 @@ def test_sort_is_stable_both_ways_and_puts_nan_last():
     assert v.shape == () and i.shape == () and i.item() == 0 and gradcheck(lambda a: a.sort(0).values, [s])
 
 
-@pytest.mark.parametrize("k,dim,largest", [(1, -1, True), (3, -1, True), (4, 1, False), (2, 0, True), (0, 1, True),
-                                           (3, 0, False)])
+@pytest.mark.parametrize(
+    "k,dim,largest", [(1, -1, True), (3, -1, True), (4, 1, False), (2, 0, True), (0, 1, True), (3, 0, False)]
+)
 def test_topk_forward_and_gradient(k, dim, largest):
     x = T(3, 4)
     values, indices = mpnn.topk(x, k, dim=dim, largest=largest)
@@ -407,6 +430,7 @@ def test_topk_ties_namedtuple_zero_dim_and_top_k_filter():
     def top_k(a):
         v, _ = mpnn.topk(a, 3)
         return a.masked_fill(a < v[:, [-1]], float("-inf")).softmax(-1)
+
     probs = top_k(logits)
     assert ((probs.data > 0).sum(1) == 3).all()
     assert gradcheck(top_k, [logits])
@@ -481,19 +505,24 @@ def test_einsum_broadcasts_size_one_dims_and_sums_unlisted_ellipsis_as_torch():
 
 def test_einsum_matches_matmul_and_linear():
     q, k = T(2, 3, 4, 5), T(2, 3, 6, 5)
-    np.testing.assert_allclose(mpnn.einsum("bhqd,bhkd->bhqk", q, k).data, (q @ k.transpose(-2, -1)).data,
-                               rtol=1e-12)
+    np.testing.assert_allclose(mpnn.einsum("bhqd,bhkd->bhqk", q, k).data, (q @ k.transpose(-2, -1)).data, rtol=1e-12)
     x, w = T(3, 4), T(5, 4)
     np.testing.assert_allclose(mpnn.einsum("bi,oi->bo", x, w).data, ops.linear(x, w).data, rtol=1e-12)
 
 
 def test_einsum_errors():
     a, b = mpnn.ones(2, 3), mpnn.ones(4, 4)
-    with pytest.raises(OpError, match=r"einsum: subscript j has size 4 for operand 1 which does not broadcast "
-                                      r"with previously seen size 3"):
+    with pytest.raises(
+        OpError,
+        match=r"einsum: subscript j has size 4 for operand 1 which does not broadcast "
+        r"with previously seen size 3",
+    ):
         mpnn.einsum("ij,jk->ik", a, b)
-    with pytest.raises(OpError, match=r"einsum: the number of subscripts in the equation \(3\) does not match the "
-                                      r"number of dimensions \(2\) for operand 0"):
+    with pytest.raises(
+        OpError,
+        match=r"einsum: the number of subscripts in the equation \(3\) does not match the "
+        r"number of dimensions \(2\) for operand 0",
+    ):
         mpnn.einsum("bij", a)
     with pytest.raises(OpError, match=r"einsum: output subscript i appears more than once"):
         mpnn.einsum("ij->ii", a)
@@ -570,9 +599,14 @@ def test_factories_take_cpu_device_and_refuse_cuda_by_name():
     o = mpnn.ones(3)
     assert o.to("cpu") is o and o.cpu() is o and o.device == "cpu"
     assert mpnn.ones(2, device="cpu:0").shape == (2,)
-    for make in (lambda: mpnn.zeros(2, device="cuda"), lambda: mpnn.arange(3, device="cuda:1"),
-                 lambda: mpnn.tensor([1.0], device="cuda"), lambda: mpnn.ones(2).to("cuda"),
-                 lambda: mpnn.ones(2).cuda(), lambda: mpnn.randn(2, device="mps")):
+    for make in (
+        lambda: mpnn.zeros(2, device="cuda"),
+        lambda: mpnn.arange(3, device="cuda:1"),
+        lambda: mpnn.tensor([1.0], device="cuda"),
+        lambda: mpnn.ones(2).to("cuda"),
+        lambda: mpnn.ones(2).cuda(),
+        lambda: mpnn.randn(2, device="mps"),
+    ):
         with pytest.raises(RuntimeError, match=r"device '(cuda|cuda:1|mps)' is not available"):
             make()
 
@@ -637,24 +671,56 @@ TORCH_CASES = [
     ("prod_all", [(3, 4)], lambda m, a: m.prod(a), lambda t, a: t.prod(a)),
     ("logsumexp", [(2, 3, 4)], lambda m, a: m.logsumexp(a, (0, 2)), lambda t, a: t.logsumexp(a, (0, 2))),
     ("cumsum", [(3, 4)], lambda m, a: m.cumsum(a, -1), lambda t, a: t.cumsum(a, -1)),
-    ("gather", [(3, 4)], lambda m, a: m.gather(a, 1, idx([[0, 0], [3, 1]])),
-     lambda t, a: t.gather(a, 1, t.tensor([[0, 0], [3, 1]]))),
-    ("scatter", [(3, 4), (2, 2)], lambda m, a, b: m.scatter(a, 1, idx([[3, 0], [1, 2]]), b),
-     lambda t, a, b: t.scatter(a, 1, t.tensor([[3, 0], [1, 2]]), b)),
-    ("scatter_add", [(3, 4), (2, 3)], lambda m, a, b: m.scatter_add(a, 1, idx([[3, 3, 0], [1, 1, 1]]), b),
-     lambda t, a, b: t.scatter_add(a, 1, t.tensor([[3, 3, 0], [1, 1, 1]]), b)),
-    ("topk", [(3, 5)], lambda m, a: m.topk(a, 2, 0, largest=False).values,
-     lambda t, a: t.topk(a, 2, 0, largest=False).values),
-    ("sort", [(3, 5)], lambda m, a: m.sort(a, 1, descending=True).values,
-     lambda t, a: t.sort(a, 1, descending=True).values),
-    ("einsum_attn", [(2, 3, 4, 5), (2, 3, 6, 5)], lambda m, a, b: m.einsum("bhqd,bhkd->bhqk", a, b),
-     lambda t, a, b: t.einsum("bhqd,bhkd->bhqk", a, b)),
-    ("einsum_bcast", [(2, 1, 3, 4), (5, 4, 2)], lambda m, a, b: m.einsum("...ij,...jk->...ik", a, b),
-     lambda t, a, b: t.einsum("...ij,...jk->...ik", a, b)),
+    (
+        "gather",
+        [(3, 4)],
+        lambda m, a: m.gather(a, 1, idx([[0, 0], [3, 1]])),
+        lambda t, a: t.gather(a, 1, t.tensor([[0, 0], [3, 1]])),
+    ),
+    (
+        "scatter",
+        [(3, 4), (2, 2)],
+        lambda m, a, b: m.scatter(a, 1, idx([[3, 0], [1, 2]]), b),
+        lambda t, a, b: t.scatter(a, 1, t.tensor([[3, 0], [1, 2]]), b),
+    ),
+    (
+        "scatter_add",
+        [(3, 4), (2, 3)],
+        lambda m, a, b: m.scatter_add(a, 1, idx([[3, 3, 0], [1, 1, 1]]), b),
+        lambda t, a, b: t.scatter_add(a, 1, t.tensor([[3, 3, 0], [1, 1, 1]]), b),
+    ),
+    (
+        "topk",
+        [(3, 5)],
+        lambda m, a: m.topk(a, 2, 0, largest=False).values,
+        lambda t, a: t.topk(a, 2, 0, largest=False).values,
+    ),
+    (
+        "sort",
+        [(3, 5)],
+        lambda m, a: m.sort(a, 1, descending=True).values,
+        lambda t, a: t.sort(a, 1, descending=True).values,
+    ),
+    (
+        "einsum_attn",
+        [(2, 3, 4, 5), (2, 3, 6, 5)],
+        lambda m, a, b: m.einsum("bhqd,bhkd->bhqk", a, b),
+        lambda t, a, b: t.einsum("bhqd,bhkd->bhqk", a, b),
+    ),
+    (
+        "einsum_bcast",
+        [(2, 1, 3, 4), (5, 4, 2)],
+        lambda m, a, b: m.einsum("...ij,...jk->...ik", a, b),
+        lambda t, a, b: t.einsum("...ij,...jk->...ik", a, b),
+    ),
     ("einsum_trace", [(3, 3)], lambda m, a: m.einsum("ii", a), lambda t, a: t.einsum("ii", a)),
     ("einsum_sum_ellipsis", [(2, 3)], lambda m, a: m.einsum("...i->i", a), lambda t, a: t.einsum("...i->i", a)),
-    ("attention", [(2, 2, 4, 3)] * 3, lambda m, a, b, c: causal_attention(a, b, c),
-     lambda t, a, b, c: t.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)),
+    (
+        "attention",
+        [(2, 2, 4, 3)] * 3,
+        lambda m, a, b, c: causal_attention(a, b, c),
+        lambda t, a, b, c: t.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True),
+    ),
 ]
 
 
@@ -685,6 +751,8 @@ def test_sort_topk_indices_against_torch():
     data = np.array([[1.0, 2.0, 2.0, 1.0, 0.5], [3.0, 3.0, 3.0, -1.0, 3.0]])
     x, t = mpnn.tensor(data), torch.tensor(data)
     for descending in (False, True):
-        assert x.sort(-1, descending=descending).indices.tolist() == \
-            t.sort(dim=-1, descending=descending, stable=True).indices.tolist()
+        assert (
+            x.sort(-1, descending=descending).indices.tolist()
+            == t.sort(dim=-1, descending=descending, stable=True).indices.tolist()
+        )
     np.testing.assert_array_equal(x.topk(3).values.data, t.topk(3).values.numpy())

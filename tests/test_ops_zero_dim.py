@@ -5,6 +5,7 @@ reduces "axis 0" of a 0-d array differently, and a backward that reshapes to (1,
 So each case runs the op on float64 leaves (0-d, or 0-d broadcast against (2, 3)) and checks the output's
 shape (PyTorch's), dtype and value (NumPy in float64), then ``gradcheck`` (float64 finite differences), and
 that every leaf's .grad came back with the leaf's own shape."""
+
 import math
 
 import numpy as np
@@ -31,7 +32,7 @@ def _gelu(a):
 
 
 def _gelu_tanh(a):
-    return 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
+    return 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
 
 
 def _sigmoid(a):
@@ -82,17 +83,22 @@ case("clip_max_only", lambda a: a.clip(max=1.0), [X], (), lambda a: np.minimum(a
 case("clamp_method", lambda a: a.clamp(-0.5, 0.5), [XN], (), lambda a: np.clip(a, -0.5, 0.5))
 case("mpnn_clamp", lambda a: mpnn.clamp(a, min=0.0), [X], (), lambda a: np.maximum(a, 0.0))
 case("mpnn_clip", lambda a: mpnn.clip(a, max=0.0), [XN], (), lambda a: np.minimum(a, 0.0))
-case("clamp_tensor_bounds", lambda a, lo, hi: a.clamp(lo, hi), [X, -0.2, 0.5], (),
-     lambda a, lo, hi: np.minimum(np.maximum(a, lo), hi))
+case(
+    "clamp_tensor_bounds",
+    lambda a, lo, hi: a.clamp(lo, hi),
+    [X, -0.2, 0.5],
+    (),
+    lambda a, lo, hi: np.minimum(np.maximum(a, lo), hi),
+)
 case("clone", lambda a: a.clone(), [X], (), lambda a: a)
 case("contiguous", lambda a: a.contiguous(), [X], (), lambda a: a)
 case("to_float64", lambda a: a.to(mpnn.float64), [X], (), lambda a: a)
 case("to_float64_by_name", lambda a: a.to("float64"), [X], (), lambda a: a)
 case("double", lambda a: a.double(), [X], (), lambda a: a)
 case("type_as", lambda a: a.type_as(mpnn.tensor(np.zeros(2))), [X], (), lambda a: a)
-case("pow_2", lambda a: a ** 2, [X], (), lambda a: a ** 2)
+case("pow_2", lambda a: a**2, [X], (), lambda a: a**2)
 case("pow_half", lambda a: a.pow(0.5), [X], (), np.sqrt)
-case("rpow", lambda a: 2.0 ** a, [X], (), lambda a: 2.0 ** a)
+case("rpow", lambda a: 2.0**a, [X], (), lambda a: 2.0**a)
 case("radd", lambda a: 1.0 + a, [X], (), lambda a: 1.0 + a)
 case("rsub", lambda a: 1.0 - a, [X], (), lambda a: 1.0 - a)
 case("rmul", lambda a: 3.0 * a, [X], (), lambda a: 3.0 * a)
@@ -122,22 +128,31 @@ for _name, _fn, _ref in BINARY:
     case(f"{_name}-0d_2x3", _fn, [X, M], (2, 3), _ref)
     case(f"{_name}-2x3_0d", _fn, [M, Y], (2, 3), _ref)
 
-case("pow-0d_0d", lambda a, b: a ** b, [X, Y], (), np.power)
+case("pow-0d_0d", lambda a, b: a**b, [X, Y], (), np.power)
 case("pow_method-0d_0d", lambda a, b: a.pow(b), [X, Y], (), np.power)
-case("pow-0d_base_2x3_exponent", lambda a, b: a ** b, [X, M], (2, 3), np.power)
-case("pow-2x3_base_0d_exponent", lambda a, b: a ** b, [P, Y], (2, 3), np.power)
+case("pow-0d_base_2x3_exponent", lambda a, b: a**b, [X, M], (2, 3), np.power)
+case("pow-2x3_base_0d_exponent", lambda a, b: a**b, [P, Y], (2, 3), np.power)
 
 _T0 = mpnn.tensor(True)
 _F0 = mpnn.tensor(False)
 _CM = np.array([[True, False, True], [False, False, True]])
 case("where-0d_cond_true", lambda a, b: mpnn.where(_T0, a, b), [X, Y], (), lambda a, b: a)
 case("where-0d_cond_false", lambda a, b: mpnn.where(_F0, a, b), [X, Y], (), lambda a, b: b)
-case("where-0d_cond_0d_2x3", lambda a, b: mpnn.where(_T0, a, b), [X, M], (2, 3),
-     lambda a, b: np.where(True, a, b))
-case("where-2x3_cond_0d_2x3", lambda a, b: mpnn.where(mpnn.tensor(_CM), a, b), [X, M], (2, 3),
-     lambda a, b: np.where(_CM, a, b))
-case("where-2x3_cond_2x3_0d", lambda a, b: mpnn.where(mpnn.tensor(_CM), a, b), [M, Y], (2, 3),
-     lambda a, b: np.where(_CM, a, b))
+case("where-0d_cond_0d_2x3", lambda a, b: mpnn.where(_T0, a, b), [X, M], (2, 3), lambda a, b: np.where(True, a, b))
+case(
+    "where-2x3_cond_0d_2x3",
+    lambda a, b: mpnn.where(mpnn.tensor(_CM), a, b),
+    [X, M],
+    (2, 3),
+    lambda a, b: np.where(_CM, a, b),
+)
+case(
+    "where-2x3_cond_2x3_0d",
+    lambda a, b: mpnn.where(mpnn.tensor(_CM), a, b),
+    [M, Y],
+    (2, 3),
+    lambda a, b: np.where(_CM, a, b),
+)
 case("masked_fill-0d_mask_true", lambda a: a.masked_fill(_T0, 0.25), [X], (), lambda a: np.float64(0.25))
 case("masked_fill-0d_mask_false", lambda a: a.masked_fill(_F0, 0.25), [X], (), lambda a: a)
 
@@ -196,19 +211,33 @@ case("getitem_empty_tuple", lambda a: a[()], [X], (), lambda a: a)
 case("getitem_none_ellipsis_none", lambda a: a[None, ..., None], [X], (1, 1), lambda a: a.reshape(1, 1))
 case("stack", lambda a, b: mpnn.stack([a, b]), [X, Y], (2,), lambda a, b: np.stack([a, b]))
 case("stack_dim-1", lambda a, b: mpnn.stack([a, b], dim=-1), [X, Y], (2,), lambda a, b: np.stack([a, b]))
-case("cat_unsqueezed", lambda a, b: mpnn.cat([a.unsqueeze(0), b.unsqueeze(0)]), [X, Y], (2,),
-     lambda a, b: np.stack([a, b]))
+case(
+    "cat_unsqueezed",
+    lambda a, b: mpnn.cat([a.unsqueeze(0), b.unsqueeze(0)]),
+    [X, Y],
+    (2,),
+    lambda a, b: np.stack([a, b]),
+)
 
 # ----- losses and embedding -----------------------------------------------------------------------------------
 case("mse_loss", F.mse_loss, [X, Y], (), lambda a, b: (a - b) ** 2)
 case("mse_loss_sum", lambda a, b: F.mse_loss(a, b, reduction="sum"), [X, Y], (), lambda a, b: (a - b) ** 2)
 case("mse_loss_none", lambda a, b: F.mse_loss(a, b, reduction="none"), [X, Y], (), lambda a, b: (a - b) ** 2)
 case("l1_loss", lambda a: F.l1_loss(a, mpnn.tensor(np.asarray(Y))), [X], (), lambda a: np.abs(a - Y))
-case("bce_with_logits", lambda a: F.binary_cross_entropy_with_logits(a, mpnn.tensor(np.asarray(0.3))), [X], (),
-     lambda a: _bce_logits(a, 0.3))
-case("bce_with_logits_none",
-     lambda a: F.binary_cross_entropy_with_logits(a, mpnn.tensor(np.asarray(0.8)), reduction="none"), [XN], (),
-     lambda a: _bce_logits(a, 0.8))
+case(
+    "bce_with_logits",
+    lambda a: F.binary_cross_entropy_with_logits(a, mpnn.tensor(np.asarray(0.3))),
+    [X],
+    (),
+    lambda a: _bce_logits(a, 0.3),
+)
+case(
+    "bce_with_logits_none",
+    lambda a: F.binary_cross_entropy_with_logits(a, mpnn.tensor(np.asarray(0.8)), reduction="none"),
+    [XN],
+    (),
+    lambda a: _bce_logits(a, 0.8),
+)
 case("embedding_0d_index", lambda w: F.embedding(mpnn.tensor(2), w), [W], (3,), lambda w: w[2])
 
 
@@ -244,7 +273,7 @@ def test_zero_dim_backward_values_by_hand():
     """Spot values worked out by hand, so a gradcheck that agreed with a wrong forward cannot hide."""
     x = mpnn.tensor(np.asarray(0.5), requires_grad=True)
     y = mpnn.tensor(np.asarray(2.0), requires_grad=True)
-    (x ** y).backward()  # d/dx x^y = y x^(y-1) = 1; d/dy = x^y ln x = 0.25 ln 0.5
+    (x**y).backward()  # d/dx x^y = y x^(y-1) = 1; d/dy = x^y ln x = 0.25 ln 0.5
     np.testing.assert_allclose(x.grad.data, 1.0)
     np.testing.assert_allclose(y.grad.data, 0.25 * math.log(0.5))
     assert x.grad.shape == () and y.grad.shape == ()

@@ -1,5 +1,6 @@
 """Optimizers step by step against NumPy re-implementations of torch.optim's documented algorithms;
 state_dict round trips; bad input; learning-rate schedules."""
+
 import copy
 import math
 
@@ -32,8 +33,9 @@ def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, n
     return out
 
 
-def adam_reference(p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                   decoupled=False):
+def adam_reference(
+    p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False
+):
     b1, b2 = betas
     p, m, v, vmax, out = p.copy(), np.zeros_like(p), np.zeros_like(p), np.zeros_like(p), []
     for t, g in enumerate(grads, start=1):
@@ -43,13 +45,13 @@ def adam_reference(p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
         elif weight_decay != 0:
             g = g + weight_decay * p
         m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g ** 2
-        m_hat = m / (1 - b1 ** t)
+        v = b2 * v + (1 - b2) * g**2
+        m_hat = m / (1 - b1**t)
         if amsgrad:
             vmax = np.maximum(vmax, v)
-            v_hat = vmax / (1 - b2 ** t)
+            v_hat = vmax / (1 - b2**t)
         else:
-            v_hat = v / (1 - b2 ** t)
+            v_hat = v / (1 - b2**t)
         p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
         out.append(p.copy())
     return out
@@ -78,11 +80,20 @@ def _run(opt, params, grads, dtype):
     return history
 
 
-SGD_CASES = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1),
-             dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01), dict(lr=0.1, momentum=0.5, maximize=True),
-             dict(lr=0.1, weight_decay=0.5, maximize=True)]
-ADAM_CASES = [dict(lr=0.01), dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-              dict(lr=0.02, amsgrad=True), dict(lr=0.01, amsgrad=True, weight_decay=0.05, maximize=True)]
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1),
+    dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+    dict(lr=0.1, momentum=0.5, maximize=True),
+    dict(lr=0.1, weight_decay=0.5, maximize=True),
+]
+ADAM_CASES = [
+    dict(lr=0.01),
+    dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+    dict(lr=0.02, amsgrad=True),
+    dict(lr=0.01, amsgrad=True, weight_decay=0.05, maximize=True),
+]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-11), (np.float32, 2e-5)])
@@ -97,9 +108,12 @@ def test_sgd_matches_the_documented_algorithm(kwargs, dtype, rtol):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
-@pytest.mark.parametrize("cls,kwargs", [(optim.Adam, k) for k in ADAM_CASES]
-                         + [(optim.AdamW, dict(lr=0.01)), (optim.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True))],
-                         ids=str)
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(optim.Adam, k) for k in ADAM_CASES]
+    + [(optim.AdamW, dict(lr=0.01)), (optim.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True))],
+    ids=str,
+)
 def test_adam_and_adamw_match_the_documented_algorithm(cls, kwargs, dtype, rtol):
     starts, params, grads = _params_and_grads(dtype, seed=1)
     history = _run(cls(params, **kwargs), params, grads, dtype)
@@ -142,6 +156,7 @@ def test_step_runs_the_closure_and_training_reduces_the_loss():
         loss = F.mse_loss(model(x), y)
         loss.backward()
         return loss
+
     first = opt.step(closure).item()
     for _ in range(150):
         last = opt.step(closure).item()
@@ -163,9 +178,14 @@ def _step(model, opt, grads):
     opt.step()
 
 
-@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.01, amsgrad=True, weight_decay=0.1),
-                                  lambda ps: optim.AdamW(ps, lr=0.01),
-                                  lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: optim.Adam(ps, lr=0.01, amsgrad=True, weight_decay=0.1),
+        lambda ps: optim.AdamW(ps, lr=0.01),
+        lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+)
 def test_state_dict_round_trip_through_a_file_gives_identical_next_steps(make, tmp_path):
     model, grads = _model_and_grads()
     opt = make(model.parameters())
@@ -283,13 +303,16 @@ def _lrs(opt, scheduler, n):
 def test_simple_schedules_follow_their_formulas():
     opt = _opt(0.5)
     assert _lrs(opt, sched.StepLR(opt, step_size=3, gamma=0.1), 8) == pytest.approx(
-        [0.5 * 0.1 ** (t // 3) for t in range(8)])
+        [0.5 * 0.1 ** (t // 3) for t in range(8)]
+    )
     opt = _opt(2.0)
     assert _lrs(opt, sched.CosineAnnealingLR(opt, T_max=4, eta_min=0.5), 7) == pytest.approx(
-        [0.5 + 1.5 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(7)])
+        [0.5 + 1.5 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(7)]
+    )
     opt = _opt(1.0)
     assert _lrs(opt, sched.LinearWarmup(opt, warmup_steps=4, start_factor=0.2), 6) == pytest.approx(
-        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    )
     opt = _opt(1.0)
     assert _lrs(opt, sched.ExponentialLR(opt, gamma=0.5), 4) == pytest.approx([1, 0.5, 0.25, 0.125])
     opt = _opt(3.0)

@@ -2,6 +2,7 @@
 lr written into param_groups taking effect at the next step, zero_grad(set_to_none=True) by default, torch's
 constructor signatures (nanoGPT checks `'fused' in inspect.signature(AdamW).parameters`), the implementation flags
 accepted, named parameters, and optimizer state_dicts moved between mpnn and torch mid-run."""
+
 import inspect
 
 import numpy as np
@@ -39,11 +40,18 @@ def _set_grads(params, grads, torch=None):
 LRS = [1e-2, 5e-3, 0.0, 2e-2, 1e-3]
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("AdamW", dict(betas=(0.9, 0.95))), ("AdamW", dict(amsgrad=True, eps=1e-6)), ("Adam", dict(weight_decay=0.0)),
-    ("Adam", dict(decoupled_weight_decay=True)), ("SGD", dict(momentum=0.9)),
-    ("SGD", dict(momentum=0.9, nesterov=True)),
-], ids=str)
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("AdamW", dict(betas=(0.9, 0.95))),
+        ("AdamW", dict(amsgrad=True, eps=1e-6)),
+        ("Adam", dict(weight_decay=0.0)),
+        ("Adam", dict(decoupled_weight_decay=True)),
+        ("SGD", dict(momentum=0.9)),
+        ("SGD", dict(momentum=0.9, nesterov=True)),
+    ],
+    ids=str,
+)
 def test_per_group_weight_decay_and_written_lr_match_torch(name, kwargs):
     torch = pytest.importorskip("torch")
     ours = _params()
@@ -101,8 +109,9 @@ def test_signatures_and_group_keys_are_torchs(name):
     m = cls([nn.Parameter(np.ones(2, dtype=np.float32))])
     t = getattr(torch.optim, name)([torch.nn.Parameter(torch.ones(2))])
     assert m.param_groups[0].keys() == t.param_groups[0].keys()
-    assert {k: v for k, v in m.param_groups[0].items() if k != "params"} == \
-        {k: v for k, v in t.param_groups[0].items() if k != "params"}
+    assert {k: v for k, v in m.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in t.param_groups[0].items() if k != "params"
+    }
 
 
 def test_implementation_flags_are_accepted_and_change_nothing():
@@ -132,8 +141,12 @@ def test_named_parameters_give_param_names_as_torch():
     assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert opt.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     named = dict(model.named_parameters())
-    grouped = optim.AdamW([{"params": [(n, p) for n, p in named.items() if p.dim() >= 2], "weight_decay": 0.1},
-                           {"params": [(n, p) for n, p in named.items() if p.dim() < 2], "weight_decay": 0.0}])
+    grouped = optim.AdamW(
+        [
+            {"params": [(n, p) for n, p in named.items() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [(n, p) for n, p in named.items() if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    )
     assert [g["param_names"] for g in grouped.param_groups] == [["0.weight"], ["0.bias", "1.weight", "1.bias"]]
     with pytest.raises(ValueError, match="with/without names"):
         grouped.add_param_group({"params": [nn.Parameter(np.ones(1))]})
@@ -157,16 +170,23 @@ def test_optimizer_state_moves_between_mpnn_and_torch_mid_run():
         for p, q in zip(ours, theirs):
             q.copy_(torch.from_numpy(p.data))
     sd = m_opt.state_dict()
-    t_opt.load_state_dict({"state": {i: {k: torch.from_numpy(np.array(v)) for k, v in s.items()}
-                                     for i, s in sd["state"].items()},
-                           "param_groups": sd["param_groups"]})
+    t_opt.load_state_dict(
+        {
+            "state": {i: {k: torch.from_numpy(np.array(v)) for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": sd["param_groups"],
+        }
+    )
     for g in grads[3:5]:  # two on torch
         _set_grads(theirs, g, torch)
         t_opt.step()
     tsd = t_opt.state_dict()
     back = optim.AdamW(_groups(ours), lr=1.0)
-    back.load_state_dict({"state": {i: {k: v.numpy() for k, v in s.items()} for i, s in tsd["state"].items()},
-                          "param_groups": tsd["param_groups"]})
+    back.load_state_dict(
+        {
+            "state": {i: {k: v.numpy() for k, v in s.items()} for i, s in tsd["state"].items()},
+            "param_groups": tsd["param_groups"],
+        }
+    )
     assert back.param_groups[0]["lr"] == 1e-2 and back.param_groups[1]["weight_decay"] == 0.0
     for p, q in zip(ours, theirs):
         p.data[...] = q.detach().numpy()

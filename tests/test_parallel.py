@@ -1,6 +1,7 @@
 """DataParallel against single-process training: 2 (and 3) workers at batch B each match one process at
 batch world*B; the same seed gives bit-identical parameters twice; no_sync accumulates; bucketing is exact
 whatever the bucket size."""
+
 import numpy as np
 import pytest
 
@@ -11,8 +12,14 @@ from mpnn.launch import run
 
 def _model(seed):
     mpnn.manual_seed(seed)
-    return nn.Sequential(nn.Conv1d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8, 16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Conv1d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8, 16),
+        nn.Tanh(),
+        nn.Linear(16, 3),
+    )
 
 
 def _data(steps, batch):
@@ -95,8 +102,9 @@ def test_no_sync_accumulates_then_averages_the_sum():
     for r in range(2):
         for s in range(2):
             model.zero_grad()
-            nn.functional.cross_entropy(model(mpnn.from_numpy(x[s, r * 4:(r + 1) * 4])),
-                                        mpnn.from_numpy(y[s, r * 4:(r + 1) * 4])).backward()
+            nn.functional.cross_entropy(
+                model(mpnn.from_numpy(x[s, r * 4 : (r + 1) * 4])), mpnn.from_numpy(y[s, r * 4 : (r + 1) * 4])
+            ).backward()
             for n, p in model.named_parameters():
                 grads[n] = grads.get(n, 0) + p.grad.data / 2
             if r == 0 and s == 0:

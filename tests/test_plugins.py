@@ -1,6 +1,7 @@
 """The plugin architecture: spec strings, option conversion and the messages that list what is accepted, entry
 point discovery and `mpnn plugins list`, hook dispatch that names a failing plugin, the launcher refusing bad
 specs before any worker starts, launch hooks, and every worker-side hook seen from a real 2-worker run."""
+
 import json
 import os
 import subprocess
@@ -37,13 +38,28 @@ class Journal:
 
     @hookimpl
     def mpnn_run_start(self, run):
-        self.calls.append(["run_start", run.rank, run.world_size, str(run.run_dir), run.recorder is not None,
-                           run.config["plugin_specs"]])
+        self.calls.append(
+            [
+                "run_start",
+                run.rank,
+                run.world_size,
+                str(run.run_dir),
+                run.recorder is not None,
+                run.config["plugin_specs"],
+            ]
+        )
 
     @hookimpl
     def mpnn_step_end(self, run, record):
-        self.calls.append(["step_end", {k: record.get(k) for k in ("rank", "step", "loss", "bytes_sent",
-                                                                   "rss_bytes", "codec_bytes", "codec_ratio")}])
+        self.calls.append(
+            [
+                "step_end",
+                {
+                    k: record.get(k)
+                    for k in ("rank", "step", "loss", "bytes_sent", "rss_bytes", "codec_bytes", "codec_ratio")
+                },
+            ]
+        )
 
     @hookimpl
     def mpnn_epoch_end(self, run, epoch, metrics):
@@ -85,10 +101,18 @@ class Gatekeeper:
     def mpnn_launch_start(self, launch):
         if launch.world_size > self.max_world:
             raise PluginRefusal(f"world size {launch.world_size} is over {self.max_world}")
-        (launch.run_dir / "launch.json").write_text(json.dumps(
-            {"world_size": launch.world_size, "script": launch.script.name, "args": launch.script_args,
-             "specs": launch.plugin_specs, "env_run_dir": launch.env["MPNN_RUN_DIR"],
-             "rank_in_env": "MPNN_RANK" in launch.env}))
+        (launch.run_dir / "launch.json").write_text(
+            json.dumps(
+                {
+                    "world_size": launch.world_size,
+                    "script": launch.script.name,
+                    "args": launch.script_args,
+                    "specs": launch.plugin_specs,
+                    "env_run_dir": launch.env["MPNN_RUN_DIR"],
+                    "rank_in_env": "MPNN_RANK" in launch.env,
+                }
+            )
+        )
 
     @hookimpl
     def mpnn_launch_end(self, launch, status, exit_codes, error):
@@ -131,20 +155,25 @@ def test_parse_spec_forms():
     assert parse_spec("plainmod:Thing").target == "plainmod:Thing"
 
 
-@pytest.mark.parametrize("spec,needles", [
-    ("topkk:ratio=0.1", ["no plugin named 'topkk'", "did you mean 'topk'", "fp16", "powersgd", "signsgd"]),
-    ("topk:ratoi=0.1", ["no option 'ratoi'", "did you mean 'ratio'", "ratio=<float> (default 0.01)",
-                        "error_feedback=<bool>"]),
-    ("topk:ratio=lots", ["ratio='lots'", "must be a float", "accepted options"]),
-    ("powersgd:rank=1.5", ["rank='1.5'", "must be an int"]),
-    ("signsgd:error_feedback=maybe", ["must be a bool"]),
-    ("topk:ratio", ["option 'ratio' is not key=value"]),
-    ("topk:ratio=0.1,ratio=0.2", ["'ratio' is given twice"]),
-    ("topk:ratio=3", ["topk refused its options", "ratio must be in (0, 1]"]),
-    ("fp16:scale=2", ["no option 'scale'", "fp16 takes no options"]),
-    ("no_such_module_xyz:Plugin", ["no_such_module_xyz:Plugin cannot be loaded", "ModuleNotFoundError"]),
-    ("test_plugins:Observer", ["is not an mpnn plugin", "name"]),
-])
+@pytest.mark.parametrize(
+    "spec,needles",
+    [
+        ("topkk:ratio=0.1", ["no plugin named 'topkk'", "did you mean 'topk'", "fp16", "powersgd", "signsgd"]),
+        (
+            "topk:ratoi=0.1",
+            ["no option 'ratoi'", "did you mean 'ratio'", "ratio=<float> (default 0.01)", "error_feedback=<bool>"],
+        ),
+        ("topk:ratio=lots", ["ratio='lots'", "must be a float", "accepted options"]),
+        ("powersgd:rank=1.5", ["rank='1.5'", "must be an int"]),
+        ("signsgd:error_feedback=maybe", ["must be a bool"]),
+        ("topk:ratio", ["option 'ratio' is not key=value"]),
+        ("topk:ratio=0.1,ratio=0.2", ["'ratio' is given twice"]),
+        ("topk:ratio=3", ["topk refused its options", "ratio must be in (0, 1]"]),
+        ("fp16:scale=2", ["no option 'scale'", "fp16 takes no options"]),
+        ("no_such_module_xyz:Plugin", ["no_such_module_xyz:Plugin cannot be loaded", "ModuleNotFoundError"]),
+        ("test_plugins:Observer", ["is not an mpnn plugin", "name"]),
+    ],
+)
 def test_bad_specs_name_the_problem_and_what_is_accepted(spec, needles):
     with pytest.raises(PluginError) as info:
         resolve(spec).create()
@@ -153,8 +182,10 @@ def test_bad_specs_name_the_problem_and_what_is_accepted(spec, needles):
 
 
 def test_option_values_convert_to_their_declared_types():
-    assert resolve("topk:ratio=0.25,error_feedback=off").create().__dict__.items() >= {
-        "ratio": 0.25, "error_feedback": False}.items()
+    assert (
+        resolve("topk:ratio=0.25,error_feedback=off").create().__dict__.items()
+        >= {"ratio": 0.25, "error_feedback": False}.items()
+    )
     assert resolve("powersgd:rank=4").options == {"rank": 4}
     words = ("1", "True", "yes", "on", "0", "FALSE", "no", "off")
     assert [convert_value(bool, v) for v in words] == [True] * 4 + [False] * 4
@@ -178,7 +209,8 @@ def test_two_codecs_and_a_repeated_plugin_are_refused():
 @pytest.fixture
 def installed_plugin(tmp_path, monkeypatch):
     """A distribution 'acme-plugins 2.5' on sys.path whose entry point 'acme' is acme_plugin:Acme."""
-    (tmp_path / "acme_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "acme_plugin.py").write_text(
+        textwrap.dedent('''
         from mpnn.plugins import Option, hookimpl
         class Acme:
             """Count steps, loudly."""
@@ -186,7 +218,8 @@ def installed_plugin(tmp_path, monkeypatch):
             options = {"level": Option(int, 1, "how loud"), "mode": Option(("a", "b"), "a", "which")}
             def __init__(self, level=1, mode="a"):
                 self.level, self.mode = level, mode
-    '''))
+    ''')
+    )
     dist = tmp_path / "acme_plugins-2.5.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-plugins\nVersion: 2.5\n")
@@ -211,8 +244,12 @@ def test_plugins_list_shows_every_plugin_with_options_and_help(installed_plugin)
     found = {p["name"]: p for p in json.loads(result.output)}
     assert {"fp16", "topk", "powersgd", "signsgd", "acme", "broken"} <= set(found)
     assert found["topk"]["help"].startswith("Send only the largest")
-    assert {"name": "ratio", "type": "float", "default": 0.01,
-            "help": "fraction of each bucket's entries sent per step, in (0, 1]"} in found["topk"]["options"]
+    assert {
+        "name": "ratio",
+        "type": "float",
+        "default": 0.01,
+        "help": "fraction of each bucket's entries sent per step, in (0, 1]",
+    } in found["topk"]["options"]
     assert found["acme"]["version"] == "2.5" and found["acme"]["help"] == "Count steps, loudly."
     assert [o["type"] for o in found["acme"]["options"]] == ["int", "a|b"]
     assert "ModuleNotFoundError" in found["broken"]["error"]
@@ -240,6 +277,7 @@ def test_hooks_run_last_registered_first_and_a_raise_names_the_plugin():
 def test_unmarked_or_unknown_hook_methods_are_refused():
     class Unmarked:
         """Forgot @hookimpl."""
+
         name, version, options = "unmarked", "1", {}
 
         def mpnn_step_end(self, run, record):
@@ -247,6 +285,7 @@ def test_unmarked_or_unknown_hook_methods_are_refused():
 
     class Typo:
         """Misspelt hook."""
+
         name, version, options = "typo", "1", {}
 
         @hookimpl
@@ -255,6 +294,7 @@ def test_unmarked_or_unknown_hook_methods_are_refused():
 
     class WrongArgs:
         """Asks for an argument the hook does not have."""
+
         name, version, options = "wrongargs", "1", {}
 
         @hookimpl
@@ -276,18 +316,36 @@ def _launch(tmp_path, *args, pythonpath=()):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPNN_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *map(str, pythonpath), env.get("PYTHONPATH", "")])
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", "from mpnn.cli import main; main()", "launch", "-n", "2",
-                           "--log-dir", str(tmp_path / "runs"), *args, str(script)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mpnn.cli import main; main()",
+            "launch",
+            "-n",
+            "2",
+            "--log-dir",
+            str(tmp_path / "runs"),
+            *args,
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     return proc, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("specs,needles", [
-    (["topk:ratoi=0.1"], ["'ratoi'", "ratio=<float>", "error_feedback=<bool>"]),
-    (["fp17"], ["no plugin named 'fp17'", "fp16"]),
-    (["powersgd:rank=two"], ["rank='two'", "must be an int"]),
-    (["topk", "signsgd"], ["two gradient codecs"]),
-])
+@pytest.mark.parametrize(
+    "specs,needles",
+    [
+        (["topk:ratoi=0.1"], ["'ratoi'", "ratio=<float>", "error_feedback=<bool>"]),
+        (["fp17"], ["no plugin named 'fp17'", "fp16"]),
+        (["powersgd:rank=two"], ["rank='two'", "must be an int"]),
+        (["topk", "signsgd"], ["two gradient codecs"]),
+    ],
+)
 def test_bad_plugin_specs_stop_the_launch_before_any_worker(tmp_path, specs, needles):
     proc, elapsed = _launch(tmp_path, *[arg for spec in specs for arg in ("--plugin", spec)])
     assert proc.returncode != 0
@@ -309,9 +367,17 @@ def test_a_launch_start_refusal_stops_the_run_and_launch_hooks_see_the_launch(tm
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "started").exists()
     seen = json.loads((tmp_path / "runs" / "ok" / "launch.json").read_text())
-    assert seen == {"world_size": 2, "script": "train.py", "args": [], "specs": ["test_plugins:Gatekeeper"],
-                    "env_run_dir": str((tmp_path / "runs" / "ok").resolve()), "rank_in_env": False,
-                    "status": "ok", "exit_codes": {"0": 0, "1": 0}, "error": None}
+    assert seen == {
+        "world_size": 2,
+        "script": "train.py",
+        "args": [],
+        "specs": ["test_plugins:Gatekeeper"],
+        "env_run_dir": str((tmp_path / "runs" / "ok").resolve()),
+        "rank_in_env": False,
+        "status": "ok",
+        "exit_codes": {"0": 0, "1": 0},
+        "error": None,
+    }
 
 
 # ----- worker side: a real 2-worker run ------------------------------------------------------------------
@@ -335,8 +401,7 @@ def test_worker_hooks_see_run_start_each_step_epoch_and_run_end(tmp_path):
     run_dir = next(tmp_path.iterdir())
     for rank in (0, 1):
         calls = json.loads((run_dir / f"journal-{rank}.json").read_text())
-        assert calls[0] == ["run_start", rank, 2, str(run_dir), True,
-                            ["test_plugins:Journal:tag=x", "topk:ratio=0.5"]]
+        assert calls[0] == ["run_start", rank, 2, str(run_dir), True, ["test_plugins:Journal:tag=x", "topk:ratio=0.5"]]
         steps = [c[1] for c in calls if c[0] == "step_end"]
         assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
         assert all(s["rank"] == rank and s["loss"] > 0 and s["rss_bytes"] > 0 and s["bytes_sent"] > 0 for s in steps)
@@ -358,8 +423,9 @@ def test_a_plugin_raising_in_a_hook_fails_the_run_naming_it(tmp_path):
     assert "PluginError: plugin 'boom' failed in mpnn_step_end: RuntimeError: boom at step 3" in str(info.value)
     assert time.monotonic() - t0 < 30
     run_dir = next(tmp_path.iterdir())
-    error_events = [json.loads(line) for line in (run_dir / "worker-1.jsonl").read_text().splitlines()
-                    if '"event":"error"' in line]
+    error_events = [
+        json.loads(line) for line in (run_dir / "worker-1.jsonl").read_text().splitlines() if '"event":"error"' in line
+    ]
     assert error_events and "plugin 'boom'" in error_events[0]["message"]
 
 
@@ -374,6 +440,7 @@ def test_epoch_end_fires_when_the_epoch_changes_between_steps_and_at_run_end():
 
     class EpochLog:
         """Log epoch ends and the run end."""
+
         name, version, options = "epochlog", "1", {}
 
         def __init__(self):
@@ -405,7 +472,8 @@ def test_epoch_end_fires_when_the_epoch_changes_between_steps_and_at_run_end():
 def test_without_a_run_directory_plugins_still_see_each_step(tmp_path):
     """A plain `python train.py` (no launcher, no telemetry): mpnn_step_end gets a smaller record."""
     script = tmp_path / "plain.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent('''
         import json, sys
         import mpnn
         from mpnn.plugins import hookimpl
@@ -429,7 +497,8 @@ def test_without_a_run_directory_plugins_still_see_each_step(tmp_path):
             opt.zero_grad()
             (w * w).sum().backward()
             opt.step()
-    '''))
+    ''')
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPNN_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
@@ -439,7 +508,8 @@ def test_without_a_run_directory_plugins_still_see_each_step(tmp_path):
 
 def test_a_plugin_raising_at_run_end_still_fails_the_process(tmp_path):
     script = tmp_path / "end.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent('''
         import mpnn
         from mpnn.plugins import hookimpl
 
@@ -453,7 +523,8 @@ def test_a_plugin_raising_at_run_end_still_fails_the_process(tmp_path):
 
         mpnn.init(plugins=[Closer()])
         print("trained")
-    '''))
+    ''')
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPNN_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)

@@ -1,12 +1,15 @@
 """mpnn.init() in a worker: denormals flushed to zero on the training thread unless MPNN_FLUSH_DENORMAL=0."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 
-CODE = ("import numpy as np, mpnn; tiny = np.float32(1e-39); before = bool(tiny * np.float32(2) == 0); "
-        "mpnn.init(); print(before, bool(tiny * np.float32(2) == 0))")
+CODE = (
+    "import numpy as np, mpnn; tiny = np.float32(1e-39); before = bool(tiny * np.float32(2) == 0); "
+    "mpnn.init(); print(before, bool(tiny * np.float32(2) == 0))"
+)
 
 
 @pytest.mark.parametrize("setting,flushed", [(None, True), ("1", True), ("0", False), ("no", False)])

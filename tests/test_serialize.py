@@ -1,4 +1,5 @@
 """Checkpoint files: exact round trips, every corruption caught naming the file, atomic replacement."""
+
 import math
 import os
 from collections import OrderedDict
@@ -14,15 +15,28 @@ from mpnn.core.tensor import Tensor
 def _nested():
     rng = np.random.default_rng(0)
     return {
-        "model": OrderedDict([("0.weight", rng.standard_normal((3, 4)).astype(np.float32)),
-                              ("0.bias", np.zeros(3, np.float64)),
-                              ("bn.num_batches_tracked", np.array(7, dtype=np.int64))]),
-        "optim": {"state": {0: {"step": np.float32(3.0), "exp_avg": rng.standard_normal(5)}},
-                  "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "amsgrad": False}]},
-        "misc": [None, True, 2 ** 70, -5, 1.5, float("inf"), "ünïcode ✓", (1, (2, "x")), []],
-        "dtypes": [np.arange(6, dtype=np.float16).reshape(2, 3), np.array([True, False]),
-                   np.array([1 + 2j], dtype=np.complex64), np.arange(4, dtype=">i4"), np.zeros((0, 3)),
-                   np.arange(12.0).reshape(3, 4).T, np.array(2.5), np.uint8(200)],
+        "model": OrderedDict(
+            [
+                ("0.weight", rng.standard_normal((3, 4)).astype(np.float32)),
+                ("0.bias", np.zeros(3, np.float64)),
+                ("bn.num_batches_tracked", np.array(7, dtype=np.int64)),
+            ]
+        ),
+        "optim": {
+            "state": {0: {"step": np.float32(3.0), "exp_avg": rng.standard_normal(5)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "amsgrad": False}],
+        },
+        "misc": [None, True, 2**70, -5, 1.5, float("inf"), "ünïcode ✓", (1, (2, "x")), []],
+        "dtypes": [
+            np.arange(6, dtype=np.float16).reshape(2, 3),
+            np.array([True, False]),
+            np.array([1 + 2j], dtype=np.complex64),
+            np.arange(4, dtype=">i4"),
+            np.zeros((0, 3)),
+            np.arange(12.0).reshape(3, 4).T,
+            np.array(2.5),
+            np.uint8(200),
+        ],
         "tensor": Tensor(np.array([[1.0, 2.0]], dtype=np.float32)),
         (1, "tuple-key"): "value",
     }
@@ -145,6 +159,7 @@ def test_failure_mid_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
         real_write(self, raw)
+
     monkeypatch.setattr(serialize._HashingWriter, "write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         save({"version": "new", "w": np.zeros(1000), "v": np.zeros(1000)}, path)
@@ -160,6 +175,7 @@ def test_failure_at_fsync_leaves_the_old_file(tmp_path, monkeypatch):
 
     def broken_fsync(fd):
         raise OSError(5, "Input/output error")
+
     monkeypatch.setattr(serialize.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="Input/output"):
         save([3, 4], path)

@@ -4,6 +4,7 @@ freed by backward, grad mode (decorators, set_grad_enabled, per thread), 0-d ten
 torch-shaped conveniences (expand with -1, bool sums, .to / .cpu / iteration / format, randint, hooks).
 
 Every expected value here is worked out by hand or with NumPy in float64; PyTorch is not imported."""
+
 import threading
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_reuse_normalize_by_sum():
     s = v.sum()
     np.testing.assert_allclose(y.data, v / s, rtol=1e-12)
     # d/dx_j sum_i w_i x_i / S = w_j / S - sum_i w_i x_i / S^2
-    np.testing.assert_allclose(x.grad.data, w / s - (w * v).sum() / s ** 2, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.data, w / s - (w * v).sum() / s**2, rtol=1e-12)
     assert gradcheck(lambda a: a / a.sum(-1, keepdim=True), [f64(X3)])
 
 

@@ -1,6 +1,7 @@
 """mpnn.telemetry: a fake run recorded through the Recorder with a fake clock, checked against figures computed
 here; straggler detection; the CLI (show, --json, trace, plot); the trace's no-overlap-per-lane property;
 flushing within a second of a SIGKILL; the error event of an uncaught exception; thread safety."""
+
 import errno
 import io
 import json
@@ -113,14 +114,29 @@ def straggler_run(tmp_path, monkeypatch):
 
 # ----- recorder, reader and summary -------------------------------------------------------------------
 
+
 def test_step_lines_hold_the_contract_keys_and_the_spans(straggler_run):
     run_dir, times = straggler_run
     lines = [json.loads(line) for line in (run_dir / "worker-1.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "step" in line and "event" not in line]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for k, (record, step_s) in enumerate(zip(steps, times[1])):
-        assert {"t", "rank", "step", "epoch", "loss", "batch", "step_s", "compute_s", "comm_s", "opt_s",
-                "bytes_sent", "bytes_recv", "rss_bytes", "spans"} <= record.keys()
+        assert {
+            "t",
+            "rank",
+            "step",
+            "epoch",
+            "loss",
+            "batch",
+            "step_s",
+            "compute_s",
+            "comm_s",
+            "opt_s",
+            "bytes_sent",
+            "bytes_recv",
+            "rss_bytes",
+            "spans",
+        } <= record.keys()
         assert record["rank"] == 1 and record["epoch"] == k // 5 and record["batch"] == 32
         assert record["loss"] == pytest.approx(1.0 / (k + 1))
         assert record["step_s"] == pytest.approx(step_s, rel=1e-6)
@@ -171,8 +187,10 @@ def test_straggler_named_when_one_rank_is_over_20_percent_slower(straggler_run):
     assert straggler["median_step_s"] == pytest.approx(slow, rel=1e-6)
     assert straggler["others_median_step_s"] == pytest.approx(others, rel=1e-6)
     assert straggler["excess"] == pytest.approx(slow / others - 1, rel=1e-5)
-    expected = (f"straggler: rank 2 (median {slow * 1e3:.2f} ms, others {others * 1e3:.2f} ms, "
-                f"+{(slow / others - 1) * 100:.0f}%)")
+    expected = (
+        f"straggler: rank 2 (median {slow * 1e3:.2f} ms, others {others * 1e3:.2f} ms, "
+        f"+{(slow / others - 1) * 100:.0f}%)"
+    )
     assert expected in format_text(summary).splitlines()
 
 
@@ -233,7 +251,8 @@ def test_a_file_that_cannot_be_written_costs_one_warning_not_the_run(tmp_path, m
         rec.flush()
     rec.close()
     assert capsys.readouterr().err.splitlines() == [
-        f"mpnn telemetry: rank 3: cannot write {rec.path}: {os.strerror(errno.ENOSPC)}; telemetry lines dropped"]
+        f"mpnn telemetry: rank 3: cannot write {rec.path}: {os.strerror(errno.ENOSPC)}; telemetry lines dropped"
+    ]
 
 
 def test_spans_and_bytes_from_other_threads_are_all_counted(tmp_path):
@@ -296,6 +315,7 @@ def test_a_forked_child_writes_nothing_of_its_parent(tmp_path):
 
 # ----- CLI --------------------------------------------------------------------------------------------
 
+
 def test_show_prints_one_row_per_rank_and_the_straggler(straggler_run):
     run_dir, _ = straggler_run
     result = CliRunner().invoke(telemetry_cli, ["show", str(run_dir)])
@@ -327,20 +347,24 @@ def test_rich_table_names_every_rank(straggler_run):
     lines = text.splitlines()
     assert any(line.split()[:2] == ["rank", "steps"] for line in lines)
     assert [line.split()[:2] for line in lines if line.split()[:1] in (["0"], ["1"], ["2"])] == [
-        [str(rank), str(STEPS)] for rank in range(3)]
+        [str(rank), str(STEPS)] for rank in range(3)
+    ]
     assert any(line.startswith("straggler: rank 2 ") for line in lines)
 
 
 @pytest.mark.parametrize("command", ["show", "trace", "plot"])
 def test_missing_or_empty_run_dir_is_one_error_line(tmp_path, command):
-    for run_dir, message in [(tmp_path / "nope", "no such run directory"),
-                             (tmp_path, "no telemetry in this run directory (no worker-<rank>.jsonl files)")]:
+    for run_dir, message in [
+        (tmp_path / "nope", "no such run directory"),
+        (tmp_path, "no telemetry in this run directory (no worker-<rank>.jsonl files)"),
+    ]:
         result = CliRunner().invoke(telemetry_cli, [command, str(run_dir)])
         assert result.exit_code != 0
         assert result.output.splitlines() == [f"Error: {run_dir}: {message}"]
 
 
 # ----- trace ------------------------------------------------------------------------------------------
+
 
 def _ns(microseconds):
     return round(microseconds * 1000)
@@ -367,7 +391,14 @@ def test_trace_is_valid_and_lanes_never_overlap(straggler_run, tmp_path):
     for pid in range(3):
         assert sum(1 for e in slices if e["pid"] == pid) == STEPS * (len(SPAN_PLAN) + 1)  # nothing dropped
         assert {name for (p, _), name in names.items() if p == pid} == {
-            "step", "data", "compute", "comm", "comm #2", "comm_wait", "optimizer"}
+            "step",
+            "data",
+            "compute",
+            "comm",
+            "comm #2",
+            "comm_wait",
+            "optimizer",
+        }
     # Spans sit at their offsets in their step (step slices may be nudged by the timestamps' rounding).
     data = [e for e in slices if e["pid"] == 2 and e["name"] == "next batch"][3]
     forward = [e for e in slices if e["pid"] == 2 and e["name"] == "forward"][3]
@@ -383,13 +414,22 @@ def test_trace_has_counters_and_instant_events(straggler_run):
     events = build_trace(load_run(run_dir))["traceEvents"]
     for pid in range(3):
         rss = [e["args"]["rss"] for e in events if e["ph"] == "C" and e["pid"] == pid and e["name"] == "rss_bytes"]
-        sent = [e["args"]["sent"] for e in events
-                if e["ph"] == "C" and e["pid"] == pid and e["name"] == "bytes per step"]
+        sent = [
+            e["args"]["sent"] for e in events if e["ph"] == "C" and e["pid"] == pid and e["name"] == "bytes per step"
+        ]
         assert rss == rss_values(pid)
         assert sent == [1000 * (k + 1) for k in range(STEPS)]
     instants = {(e["pid"], e["name"]) for e in events if e["ph"] == "i"}
-    assert instants == {(0, "start"), (0, "end"), (1, "start"), (1, "plugin"), (1, "end"),
-                        (2, "start"), (2, "error"), (2, "end")}
+    assert instants == {
+        (0, "start"),
+        (0, "end"),
+        (1, "start"),
+        (1, "plugin"),
+        (1, "end"),
+        (2, "start"),
+        (2, "error"),
+        (2, "end"),
+    }
 
 
 def test_trace_is_strict_json_when_the_loss_diverges(tmp_path):
@@ -429,6 +469,7 @@ def test_lay_out_never_overlaps_and_moves_slices_at_most_the_nudge(intervals):
 
 # ----- plot -------------------------------------------------------------------------------------------
 
+
 def test_plot_writes_a_png(straggler_run, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (optional: pip install matplotlib)")
     run_dir, _ = straggler_run
@@ -448,31 +489,39 @@ def test_plot_without_matplotlib_says_how_to_install_it(straggler_run, tmp_path,
 
 # ----- subprocesses: flush within a second, error event ----------------------------------------------
 
+
 def _worker(script: str, run_dir: Path) -> subprocess.Popen:
     """Run `script` in a fresh Python (from a file, so tracebacks show source lines) with run_dir defined."""
     run_dir.mkdir(exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}-worker.py"
     path.write_text("import sys, time\nfrom mpnn import telemetry\nrun_dir = sys.argv[1]\n" + textwrap.dedent(script))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, str(path), str(run_dir)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(path), str(run_dir)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def test_sigkill_loses_at_most_about_a_second(tmp_path):
-    busy = _worker("""
+    busy = _worker(
+        """
         rec = telemetry.start(run_dir, 0, 1)
         print("recording", flush=True)
         while True:
             rec.step_end()
             time.sleep(0.005)
-    """, tmp_path / "busy")
-    idle = _worker("""
+    """,
+        tmp_path / "busy",
+    )
+    idle = _worker(
+        """
         rec = telemetry.start(run_dir, 0, 1)
         for _ in range(7):
             rec.step_end()
         print("idle", flush=True)
         time.sleep(60)
-    """, tmp_path / "idle")
+    """,
+        tmp_path / "idle",
+    )
     try:
         assert busy.stdout.readline() == "recording\n"
         assert idle.stdout.readline() == "idle\n"
@@ -492,13 +541,16 @@ def test_sigkill_loses_at_most_about_a_second(tmp_path):
 
 
 def test_uncaught_exception_becomes_an_error_event(tmp_path):
-    worker = _worker("""
+    worker = _worker(
+        """
         rec = telemetry.start(run_dir, 0, 1)
         rec.step_end()
         def train():
             raise RuntimeError("boom at step 2")
         train()
-    """, tmp_path / "run")
+    """,
+        tmp_path / "run",
+    )
     _, stderr = worker.communicate(timeout=60)
     assert worker.returncode != 0
     assert "RuntimeError: boom at step 2" in stderr  # the previous excepthook still printed it

@@ -1,5 +1,6 @@
 """The memory-leak watchdog: its robust trend, a real leak caught and named by file:line, clean runs left alone,
 warn/abort, the telemetry event, and launch/leaky.py end to end."""
+
 import json
 import os
 import subprocess
@@ -60,8 +61,16 @@ def test_threshold_in_percent_of_rss_per_window():
     assert both.trend_threshold(50e6) == 4096  # the lower of the two limits decides
 
 
-@pytest.mark.parametrize("options", [dict(threshold_bytes_per_step=0, threshold_pct=0.0), dict(window=4),
-                                     dict(interval=1), dict(warmup=-1), dict(action="explode")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(threshold_bytes_per_step=0, threshold_pct=0.0),
+        dict(window=4),
+        dict(interval=1),
+        dict(warmup=-1),
+        dict(action="explode"),
+    ],
+)
 def test_bad_options_are_refused_naming_the_plugin(options):
     with pytest.raises(PluginError, match="watchdog"):
         Watchdog(**options)
@@ -73,7 +82,7 @@ def test_one_off_rss_jump_mid_window_raises_no_alarm():
     for step in range(1, 600):
         rss = 100_000_000 + (1 << 20) * (step >= 110)  # the jump lands mid-window of the check at step 140
         dog.mpnn_step_end(_run(), {"step": step, "rss_bytes": rss})
-    assert dog._stats["trends"] >= 1       # the jump did look like a trend once ...
+    assert dog._stats["trends"] >= 1  # the jump did look like a trend once ...
     assert dog._stats["suspicions"] == 0 and dog.leaks == []  # ... but not in the next window
 
 
@@ -87,8 +96,7 @@ def test_growth_no_python_line_explains_is_noted_in_telemetry_but_never_alarmed(
     events = [json.loads(line) for line in (tmp_path / "worker-0.jsonl").read_text().splitlines()]
     trends = [e for e in events if e.get("event") == "memory_trend"]
     assert len(trends) == dog._stats["suspicions"] >= 2 and not any(e.get("event") == "leak" for e in events)
-    assert all(t["rate_bytes_per_step"] == pytest.approx(20_000, rel=0.01) and t["confirmed"] is False
-               for t in trends)
+    assert all(t["rate_bytes_per_step"] == pytest.approx(20_000, rel=0.01) and t["confirmed"] is False for t in trends)
 
 
 # ----- a real leak in this process ---------------------------------------------------------------
@@ -140,15 +148,35 @@ def test_warn_mode_alarms_once_per_site_logs_it_and_records_a_leak_event(tmp_pat
     summary = next(e for e in events if e.get("event") == "watchdog")
     assert summary["leaks"] == 1 and summary["steps"] == 699 and "garbage" in summary["gc"]
     import tracemalloc
+
     assert not tracemalloc.is_tracing()  # the watchdog stopped what it started
 
 
 # ----- launch/leaky.py end to end through `mpnn launch` ----------------------------------------------
 def _launch(tmp_path, *args, plugin="watchdog:action=abort", n=2):
-    done = subprocess.run([sys.executable, "-m", "mpnn", "launch", "-n", str(n), "--log-dir", str(tmp_path),
-                           "--run-id", "run", "--plugin", plugin, str(LEAKY.relative_to(ROOT)), *args],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpnn",
+            "launch",
+            "-n",
+            str(n),
+            "--log-dir",
+            str(tmp_path),
+            "--run-id",
+            "run",
+            "--plugin",
+            plugin,
+            str(LEAKY.relative_to(ROOT)),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     events = {}
     for file in sorted((tmp_path / "run").glob("worker-*.jsonl")):
         lines = [json.loads(line) for line in file.read_text().splitlines()]

@@ -23,12 +23,15 @@ from mpnn.comm import CommError, Communicator, frames
 from mpnn.comm.auth import DataSocketSecurity
 from mpnn.comm.transport import RingLink
 
-FUZZ = settings(max_examples=40, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 ZMTP_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00"  # signature + version 3.0: the peer starts a handshake
 # A whole NULL-mechanism greeting, then a long command frame announcing 2**63 - 1 bytes: an oversize length.
-OVERSIZE = (ZMTP_GREETING + b"NULL".ljust(20, b"\x00") + bytes(32) + b"\x06" + (2**63 - 1).to_bytes(8, "big")
-            + bytes(64))
+OVERSIZE = ZMTP_GREETING + b"NULL".ljust(20, b"\x00") + bytes(32) + b"\x06" + (2**63 - 1).to_bytes(8, "big") + bytes(64)
 RUN_ID = "fuzz-run"
 
 
@@ -36,9 +39,14 @@ def valid_header(call, seq=1, sender=0, kind=frames.KIND_DATA, run_id=RUN_ID):
     return frames.pack(kind, call, sender, sender, seq, frames.run_tag(run_id))
 
 
-calls = st.builds(frames.Call, op=st.integers(0, 255), reduce=st.integers(0, 255), dtype=st.integers(0, 255),
-                  shape=st.lists(st.integers(-2**63, 2**63 - 1), max_size=6).map(tuple),
-                  root=st.integers(0, 2**32 - 1))
+calls = st.builds(
+    frames.Call,
+    op=st.integers(0, 255),
+    reduce=st.integers(0, 255),
+    dtype=st.integers(0, 255),
+    shape=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6).map(tuple),
+    root=st.integers(0, 2**32 - 1),
+)
 
 
 @st.composite
@@ -47,8 +55,11 @@ def hostile_headers(draw):
     if draw(st.booleans()):
         return draw(st.binary(max_size=200))
     call = draw(st.one_of(calls, st.just(frames.Call(frames.ALLREDUCE, 1, 2, (10,)))))
-    header = bytearray(valid_header(call, seq=draw(st.integers(0, 3)), sender=draw(st.integers(0, 2**32 - 1)),
-                                    kind=draw(st.integers(0, 255))))
+    header = bytearray(
+        valid_header(
+            call, seq=draw(st.integers(0, 3)), sender=draw(st.integers(0, 2**32 - 1)), kind=draw(st.integers(0, 255))
+        )
+    )
     for _ in range(draw(st.integers(0, 4))):
         header[draw(st.integers(0, len(header) - 1))] = draw(st.integers(0, 255))
     cut = draw(st.integers(0, len(header) + 16))
@@ -90,7 +101,7 @@ def test_header_and_payloads_are_little_endian():
     fields = frames.FIXED.size
     assert header[12:16] == (258).to_bytes(4, "little") and header[16:20] == (259).to_bytes(4, "little")
     assert header[24:32] == (2**40 + 5).to_bytes(8, "little")
-    assert header[fields + 8:fields + 16] == (70000).to_bytes(8, "little", signed=True)
+    assert header[fields + 8 : fields + 16] == (70000).to_bytes(8, "little", signed=True)
     assert all(dtype.str[0] in "<|" for dtype in frames.DTYPES)  # "<f4" on any host; "|u1" has no order
     with pytest.raises(TypeError, match=">f4"):
         Communicator().allreduce(np.ones(3, ">f4"))
@@ -158,17 +169,35 @@ def _hello(rank=1, run=RUN_ID, nonce=None):
 
 
 NASTY_HELLOS = [  # JSON that parses but breaks naive checks: int(inf) overflows, deep nesting recurses
-    b'{"rank": Infinity, "run": "fuzz-run", "nonce": "00"}', b"[" * 60_000, b'{"rank": NaN}', b'[1, "x"]']
+    b'{"rank": Infinity, "run": "fuzz-run", "nonce": "00"}',
+    b"[" * 60_000,
+    b'{"rank": NaN}',
+    b'[1, "x"]',
+]
 rendezvous_messages = st.one_of(
     st.lists(st.binary(max_size=300), min_size=1, max_size=4),
-    st.tuples(st.just(b"HELLO"), st.one_of(
-        st.binary(max_size=300),
-        st.builds(_hello, rank=st.one_of(st.integers(-2**70, 2**70), st.floats(), st.text(max_size=5), st.none()),
-                  run=st.one_of(st.just(RUN_ID), st.text(max_size=10)), nonce=st.binary(max_size=40)),
-        st.builds(lambda data: json.dumps(data).encode(), st.recursive(
-            st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["rank", "run", "nonce"]),
-                                                                         inner, max_size=3), max_leaves=8)))
+    st.tuples(
+        st.just(b"HELLO"),
+        st.one_of(
+            st.binary(max_size=300),
+            st.builds(
+                _hello,
+                rank=st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=5), st.none()),
+                run=st.one_of(st.just(RUN_ID), st.text(max_size=10)),
+                nonce=st.binary(max_size=40),
+            ),
+            st.builds(
+                lambda data: json.dumps(data).encode(),
+                st.recursive(
+                    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: (
+                        st.lists(inner, max_size=3)
+                        | st.dictionaries(st.sampled_from(["rank", "run", "nonce"]), inner, max_size=3)
+                    ),
+                    max_leaves=8,
+                ),
+            ),
+        ),
     ).map(list),
     st.tuples(st.just(b"PROOF"), st.binary(max_size=200), st.binary(max_size=40)).map(list),
 )
@@ -178,8 +207,7 @@ def _fuzz_rendezvous(context, port):
     address = f"tcp://127.0.0.1:{port}"
 
     @FUZZ
-    @given(message=rendezvous_messages, raw=st.binary(max_size=512), greet=st.booleans(),
-           hello_first=st.booleans())
+    @given(message=rendezvous_messages, raw=st.binary(max_size=512), greet=st.booleans(), hello_first=st.booleans())
     @example(message=[b"HELLO", NASTY_HELLOS[0]], raw=b"", greet=True, hello_first=False)
     @example(message=[b"HELLO", NASTY_HELLOS[1]], raw=b"", greet=False, hello_first=True)
     @example(message=[b"HELLO", NASTY_HELLOS[2]], raw=b"", greet=False, hello_first=False)
@@ -213,9 +241,13 @@ def _fuzz_data_ports(context, endpoints):
     guessed_password = os.urandom(32).hex().encode()  # the shape of the real one (64 hex digits), not its value
 
     @FUZZ
-    @given(target=st.sampled_from(ports), raw=st.binary(max_size=512), greet=st.booleans(),
-           mechanism=st.sampled_from(["null", "plain", "curve"]),
-           parts=st.lists(st.one_of(hostile_headers(), st.binary(max_size=2048)), min_size=1, max_size=4))
+    @given(
+        target=st.sampled_from(ports),
+        raw=st.binary(max_size=512),
+        greet=st.booleans(),
+        mechanism=st.sampled_from(["null", "plain", "curve"]),
+        parts=st.lists(st.one_of(hostile_headers(), st.binary(max_size=2048)), min_size=1, max_size=4),
+    )
     @example(target=ports[0], raw=OVERSIZE, greet=False, mechanism="plain", parts=[b"x" * 200_000])
     @example(target=ports[1], raw=OVERSIZE, greet=False, mechanism="null", parts=[OVERSIZE])
     def fuzz(target, raw, greet, mechanism, parts):
@@ -244,8 +276,12 @@ def test_fuzzed_ports_leave_a_running_world_correct():
         shared_dir = Path(shared)
         outcome = {}
         env = {"MPNN_TRANSPORT": "tcp", "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}", "MPNN_RUN_ID": RUN_ID}
-        world = threading.Thread(target=lambda: outcome.update(results=run_world(
-            fuzzed_world_worker, 2, (shared,), init=False, comm_timeout=30, deadline=90, env=env)), daemon=True)
+        world = threading.Thread(
+            target=lambda: outcome.update(
+                results=run_world(fuzzed_world_worker, 2, (shared,), init=False, comm_timeout=30, deadline=90, env=env)
+            ),
+            daemon=True,
+        )
         world.start()
         context = zmq.Context()
         try:

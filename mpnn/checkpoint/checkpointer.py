@@ -12,6 +12,7 @@ Every rank then fires mpnn_checkpoint_saved and writes a telemetry "checkpoint" 
 A restore: every rank checks the newest checkpoint (the manifest, the shared files and its own file, by SHA-256)
 and all agree to load it or to skip it, with one warning line naming it and why, for the next older one.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,18 @@ class Checkpointer:
     comm: the world (default: the DataParallel's, else mpnn.init()'s; a lone process needs none).
     """
 
-    def __init__(self, model, optimizer, scheduler=None, sampler=None, loader=None, every=None, keep=None,
-                 directory=None, comm=None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler=None,
+        sampler=None,
+        loader=None,
+        every=None,
+        keep=None,
+        directory=None,
+        comm=None,
+    ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.sampler, self.loader = sampler, loader
         self.module, self.data_parallel = unwrap(model)
@@ -73,8 +84,10 @@ class Checkpointer:
         self.keep = settings.keep_from(keep)
         self.directory = settings.directory_from(directory)
         if self.every and self.directory is None:
-            raise ValueError(f"Checkpointer: checkpoints every {self.every} steps need a directory: pass "
-                             f"directory=, or run under `mpnn launch` (checkpoints go into its run directory)")
+            raise ValueError(
+                f"Checkpointer: checkpoints every {self.every} steps need a directory: pass "
+                f"directory=, or run under `mpnn launch` (checkpoints go into its run directory)"
+            )
         self._comm = comm if comm is not None else getattr(self.data_parallel, "comm", None)
 
     # ----- saving ----------------------------------------------------------------------------------------
@@ -99,12 +112,14 @@ class Checkpointer:
         self._agree(writing_failed)  # the barrier: every rank's files are complete before the manifest
         outcome = None
         if comm.rank == 0:
+
             def finish():
                 files = [name for name in os.listdir(temporary) if name != layout.MANIFEST]
                 digest = layout.write_manifest(temporary, step, epoch, comm.world_size, files)
                 layout.publish(temporary, final)
                 layout.rotate(directory, self.keep)
                 return digest
+
             outcome = _attempt(0, f"finish {final}", finish)
         digest, error = comm.broadcast_object(outcome, root=0)
         if error:
@@ -131,6 +146,7 @@ class Checkpointer:
 
     def _announce(self, path: Path, sha256: str, step: int) -> None:
         from mpnn.plugins import session
+
         rec = telemetry.get_recorder()
         if rec is not None:
             rec.event("checkpoint", step=int(step), path=str(path), sha256=sha256)
@@ -151,8 +167,10 @@ class Checkpointer:
         where = explicit if explicit is not None else self.directory
         restarts = settings.restart_count()
         if explicit is not None and not explicit.is_dir():
-            raise ResumeError(f"Checkpointer.restore: {explicit} is not a directory (resume from a run directory, "
-                              f"its checkpoints/ folder or a step-* checkpoint)")
+            raise ResumeError(
+                f"Checkpointer.restore: {explicit} is not a directory (resume from a run directory, "
+                f"its checkpoints/ folder or a step-* checkpoint)"
+            )
         if where is None:
             return ResumeState(restart_count=restarts)
         directory, candidates = _candidates(where)
@@ -167,8 +185,11 @@ class Checkpointer:
             mismatch = next((why for kind, why in verdicts if kind == "world"), None)
             if mismatch:
                 raise ResumeError(f"Checkpointer.restore: {path}: {mismatch}")
-            problems = [why + (f" (rank {rank})" if rank else "")
-                        for rank, (kind, why) in enumerate(verdicts) if kind == "invalid"]
+            problems = [
+                why + (f" (rank {rank})" if rank else "")
+                for rank, (kind, why) in enumerate(verdicts)
+                if kind == "invalid"
+            ]
             if not problems:
                 resumed = self._load(path, verdicts[comm.rank][1], restarts)
                 if comm.rank == 0:
@@ -187,8 +208,10 @@ class Checkpointer:
         try:
             manifest, digest = layout.read_manifest(path)
             if manifest["world_size"] != world_size:
-                return "world", (f"written by a world of {manifest['world_size']}, this run has {world_size}: "
-                                 f"an exact resume needs the same number of workers")
+                return "world", (
+                    f"written by a world of {manifest['world_size']}, this run has {world_size}: "
+                    f"an exact resume needs the same number of workers"
+                )
             if path.name != layout.step_name(manifest["step"]):
                 raise InvalidCheckpoint(f"its manifest says step {manifest['step']}")
             names = [MODEL, OPTIMIZER, layout.rank_file(rank)] + ([SCHEDULER] if self.scheduler is not None else [])
@@ -231,13 +254,16 @@ class Checkpointer:
 def _default_comm():
     from mpnn.comm import CommError, Communicator, get_comm
     from mpnn.worldspec import current_world
+
     try:
         return get_comm()
     except CommError:
         spec = current_world()
         if spec.world_size > 1:
-            raise RuntimeError(f"Checkpointer: this process is rank {spec.describe('rank')} of a world of "
-                               f"{spec.describe('world_size')} but has not joined it: call mpnn.init() first") from None
+            raise RuntimeError(
+                f"Checkpointer: this process is rank {spec.describe('rank')} of a world of "
+                f"{spec.describe('world_size')} but has not joined it: call mpnn.init() first"
+            ) from None
         return Communicator()
 
 
@@ -277,5 +303,7 @@ def _warn_interrupted(directory: Path, loaded_step: int) -> None:
     """One line for each save newer than the checkpoint loaded that never finished."""
     for step, name in layout.interrupted_saves(directory):
         if step > loaded_step:
-            _warn(f"ignoring {directory / name}: a save that never finished (no checkpoint is read from "
-                  f"a temporary directory)")
+            _warn(
+                f"ignoring {directory / name}: a save that never finished (no checkpoint is read from "
+                f"a temporary directory)"
+            )

@@ -7,6 +7,7 @@ renamed into place, with manifest.json (written last) listing each file's size a
 A rename is atomic, so a directory named step-* is always complete; old checkpoints are renamed to .tmp-old-*
 before they are deleted, so a kill during rotation leaves no half-deleted step-* either.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,16 +102,26 @@ def write_manifest(directory: Path, step: int, epoch: int, world_size: int, file
     """Hash `files` in `directory`, write manifest.json (with a digest of its own content, so an edit to it is
     caught too), fsync it; return the SHA-256 of the manifest's bytes, which stands for the whole checkpoint."""
     from mpnn._version import __version__
-    body = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "epoch": int(epoch),
-            "world_size": int(world_size), "time": time.time(), "mpnn_version": __version__,
-            "files": {name: {"bytes": os.path.getsize(directory / name), "sha256": file_sha256(directory / name)}
-                      for name in sorted(files)}}
+
+    body = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": int(step),
+        "epoch": int(epoch),
+        "world_size": int(world_size),
+        "time": time.time(),
+        "mpnn_version": __version__,
+        "files": {
+            name: {"bytes": os.path.getsize(directory / name), "sha256": file_sha256(directory / name)}
+            for name in sorted(files)
+        },
+    }
     raw = (json.dumps({**body, "manifest_sha256": _body_digest(body)}, indent=1) + "\n").encode()
     fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(raw)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -134,10 +145,13 @@ def read_manifest(directory: Path) -> tuple[dict, str]:
     if _body_digest(body) != recorded:
         raise InvalidCheckpoint(f"{MANIFEST} does not match its own digest (corrupted or edited)")
     if body.get("format") != FORMAT or body.get("version") != FORMAT_VERSION:
-        raise InvalidCheckpoint(f"{MANIFEST} is format {body.get('format')!r} version {body.get('version')!r}; "
-                                f"this mpnn reads {FORMAT!r} version {FORMAT_VERSION}")
-    if not all(isinstance(body.get(key), int) for key in ("step", "epoch", "world_size")) \
-            or not isinstance(body.get("files"), dict):
+        raise InvalidCheckpoint(
+            f"{MANIFEST} is format {body.get('format')!r} version {body.get('version')!r}; "
+            f"this mpnn reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    if not all(isinstance(body.get(key), int) for key in ("step", "epoch", "world_size")) or not isinstance(
+        body.get("files"), dict
+    ):
         raise InvalidCheckpoint(f"{MANIFEST} lacks its step, epoch, world_size or files")
     return body, hashlib.sha256(raw).hexdigest()
 
@@ -154,12 +168,15 @@ def verify_files(directory: Path, manifest: dict, names) -> None:
         except FileNotFoundError:
             raise InvalidCheckpoint(f"{name} is missing") from None
         if size != listed[name]["bytes"]:
-            raise InvalidCheckpoint(f"{name} is {size} bytes, the manifest records {listed[name]['bytes']} "
-                                    f"(truncated or overwritten)")
+            raise InvalidCheckpoint(
+                f"{name} is {size} bytes, the manifest records {listed[name]['bytes']} (truncated or overwritten)"
+            )
         digest = file_sha256(path)
         if digest != listed[name]["sha256"]:
-            raise InvalidCheckpoint(f"{name} has SHA-256 {digest[:16]}..., the manifest records "
-                                    f"{listed[name]['sha256'][:16]}... (corrupted)")
+            raise InvalidCheckpoint(
+                f"{name} has SHA-256 {digest[:16]}..., the manifest records "
+                f"{listed[name]['sha256'][:16]}... (corrupted)"
+            )
 
 
 def publish(temporary: Path, final: Path) -> None:
@@ -192,4 +209,3 @@ def _remove(path: Path) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
-

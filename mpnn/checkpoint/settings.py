@@ -1,6 +1,7 @@
 """The Checkpointer's settings from its arguments and the launcher's environment (the launcher's flags win):
 MPNN_CHECKPOINT_EVERY (--checkpoint-every), MPNN_CHECKPOINT_KEEP (--checkpoint-keep), MPNN_RESUME_FROM (--resume or
 an automatic restart), MPNN_RESTART_COUNT, and MPNN_RUN_DIR for where checkpoints go by default."""
+
 from __future__ import annotations
 
 import numbers

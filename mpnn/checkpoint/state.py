@@ -4,6 +4,7 @@ Shared state is the same on every rank (model, optimizer, schedule): rank 0 writ
 every random stream mpnn's runs draw from (mpnn's generator for init and dropout, NumPy's global one, Python's
 random), where its data loader and sampler stand, and DataParallel's gradient-codec state (error feedback).
 """
+
 from __future__ import annotations
 
 import random
@@ -24,8 +25,11 @@ def unwrap(model):
 
 def rng_state() -> dict:
     """Every random stream's state: mpnn's generator, NumPy's global RandomState, Python's random."""
-    return {"mpnn": mpnn_random.get_rng_state(), "numpy": np.random.get_state(legacy=False),
-            "python": random.getstate()}
+    return {
+        "mpnn": mpnn_random.get_rng_state(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -40,10 +44,15 @@ def set_rng_state(state: dict) -> None:
 
 def rank_state(step: int, epoch: int, rank: int, data_parallel, sampler, loader) -> dict:
     """This rank's own part of a checkpoint."""
-    return {"step": int(step), "epoch": int(epoch), "rank": int(rank), "rng": rng_state(),
-            "sampler": sampler.state_dict() if sampler is not None else None,
-            "loader": loader.state_dict() if loader is not None else None,
-            "data_parallel": data_parallel.codec_state_dict() if data_parallel is not None else None}
+    return {
+        "step": int(step),
+        "epoch": int(epoch),
+        "rank": int(rank),
+        "rng": rng_state(),
+        "sampler": sampler.state_dict() if sampler is not None else None,
+        "loader": loader.state_dict() if loader is not None else None,
+        "data_parallel": data_parallel.codec_state_dict() if data_parallel is not None else None,
+    }
 
 
 def load_rank_state(state: dict, data_parallel, sampler, loader) -> None:

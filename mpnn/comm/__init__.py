@@ -14,5 +14,15 @@ from .env import WorldSpec, spec_from_env
 from .errors import AuthError, CollectiveMismatch, CommError, CommTimeout
 from .world import get_comm, init_from_env
 
-__all__ = ["Communicator", "Work", "WorldSpec", "spec_from_env", "init_from_env", "get_comm", "CommError",
-           "CommTimeout", "CollectiveMismatch", "AuthError"]
+__all__ = [
+    "Communicator",
+    "Work",
+    "WorldSpec",
+    "spec_from_env",
+    "init_from_env",
+    "get_comm",
+    "CommError",
+    "CommTimeout",
+    "CollectiveMismatch",
+    "AuthError",
+]

@@ -32,6 +32,7 @@ all-reduce takes ~17 us). Every rank must choose alike, since the algorithms' fr
 what all ranks agree on (allgather and broadcast_object pass no size: ranks' pieces differ, or only the root
 knows it).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,10 @@ class Setup:
         self.choices = {}  # Registry.select's cache: (collective, op, dtype, size class) -> algorithm
 
     def __repr__(self):
-        return (f"Setup(rank={self.rank}, world_size={self.world_size}, same_host={self.same_host}, "
-                f"slots={self.slots is not None}, mailboxes={self.mailboxes is not None})")
+        return (
+            f"Setup(rank={self.rank}, world_size={self.world_size}, same_host={self.same_host}, "
+            f"slots={self.slots is not None}, mailboxes={self.mailboxes is not None})"
+        )
 
 
 class Algorithm:
@@ -97,8 +100,9 @@ class Registry:
         """Every algorithm that applies, in selection order (the first one runs)."""
         found = [a for a in self.algorithms if a.applies(setup, op, nbytes, dtype)]
         if not found:
-            raise LookupError(f"no {self.collective} algorithm applies to op={op!r}, {nbytes} bytes of {dtype} "
-                              f"on {setup!r}")
+            raise LookupError(
+                f"no {self.collective} algorithm applies to op={op!r}, {nbytes} bytes of {dtype} on {setup!r}"
+            )
         return found
 
     def __repr__(self):
@@ -152,8 +156,15 @@ class SharedMemoryAllreduce(Algorithm):
         return setup.slots is not None
 
     def run(self, link, setup, flat, op, accumulate):
-        shm.allreduce(link, setup.slots, flat, REDUCE_UFUNCS[op], accumulate,
-                      setup.world_size if op == "mean" else None, setup.mailboxes)
+        shm.allreduce(
+            link,
+            setup.slots,
+            flat,
+            REDUCE_UFUNCS[op],
+            accumulate,
+            setup.world_size if op == "mean" else None,
+            setup.mailboxes,
+        )
 
 
 class RingAllreduce(Algorithm):
@@ -253,8 +264,10 @@ BROADCAST = Registry("broadcast", [ChainBroadcast()])
 ALLGATHER = Registry("allgather", [RingAllgather()])
 REDUCE_SCATTER = Registry("reduce_scatter", [RingReduceScatter()])
 BROADCAST_OBJECT = Registry("broadcast_object", [ChainBroadcastObject()])
-REGISTRIES = {registry.collective: registry
-              for registry in (ALLREDUCE, BARRIER, BROADCAST, ALLGATHER, REDUCE_SCATTER, BROADCAST_OBJECT)}
+REGISTRIES = {
+    registry.collective: registry
+    for registry in (ALLREDUCE, BARRIER, BROADCAST, ALLGATHER, REDUCE_SCATTER, BROADCAST_OBJECT)
+}
 
 
 def accumulate_dtype(dtype, op):

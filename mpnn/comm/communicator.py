@@ -263,8 +263,9 @@ class Communicator:
 
     def _reduce_scatter(self, link, a, op):
         setup = self._setup
-        return algorithms.REDUCE_SCATTER.select(setup, op, a.nbytes, a.dtype).run(link, setup, a, op,
-                                                                                  accumulate_dtype(a.dtype, op))
+        return algorithms.REDUCE_SCATTER.select(setup, op, a.nbytes, a.dtype).run(
+            link, setup, a, op, accumulate_dtype(a.dtype, op)
+        )
 
     def _barrier(self, link):
         setup = self._setup
@@ -318,8 +319,10 @@ class Communicator:
             return result
         except BaseException as error:
             if not isinstance(error, CommError):
-                error = CommError(f"rank {self.rank} aborted {call.describe()} at collective #{self._seq}: "
-                                  f"{type(error).__name__}: {error}")
+                error = CommError(
+                    f"rank {self.rank} aborted {call.describe()} at collective #{self._seq}: "
+                    f"{type(error).__name__}: {error}"
+                )
             self._error = error
             if self._mailboxes is not None:
                 self._mailboxes.mark_aborted(error)
@@ -377,8 +380,9 @@ class Communicator:
         except BaseException as error:
             with self._lock:
                 if self._error is None and not self._closed:  # fn failed between collectives: abort the world
-                    self._error = CommError(f"rank {self.rank} aborted after collective #{self._seq}: "
-                                            f"{type(error).__name__}: {error}")
+                    self._error = CommError(
+                        f"rank {self.rank} aborted after collective #{self._seq}: {type(error).__name__}: {error}"
+                    )
                     if self._mailboxes is not None:
                         self._mailboxes.mark_aborted(self._error, between=True)
                     self._link.abort(self._error)
@@ -397,8 +401,9 @@ class Communicator:
     def _connect(self, spec, secret, transport, shared_memory):
         load_secret = secret if callable(secret) else (lambda: secret)
         if not callable(secret) and not isinstance(secret, bytes):
-            raise AuthError(f"rank {self.rank}: a world of {self.world_size} needs the run's secret "
-                            "(set MPNN_SECRET_FILE)")
+            raise AuthError(
+                f"rank {self.rank}: a world of {self.world_size} needs the run's secret (set MPNN_SECRET_FILE)"
+            )
         self._context = zmq.Context()
         deadline = time.monotonic() + self.timeout
         address = _bind_address(spec)
@@ -406,18 +411,19 @@ class Communicator:
         def prepare(proven_secret):
             self._security = DataSocketSecurity(proven_secret, self.run_id, self.world_size, self.encrypt)
             self._security.start(self._context)
-            self._link = RingLink(self._context, self.rank, self.world_size, self.run_id, self.timeout,
-                                  self._security)
+            self._link = RingLink(self._context, self.rank, self.world_size, self.run_id, self.timeout, self._security)
             return self._bind_data(spec, transport, shared_memory)
 
         router = None
         if self.rank == 0:
             own = prepare(load_secret())
-            table, router = rendezvous.serve(self._context, address, self.run_id, self.world_size,
-                                             load_secret(), own, deadline)
+            table, router = rendezvous.serve(
+                self._context, address, self.run_id, self.world_size, load_secret(), own, deadline
+            )
         else:
-            _, table = rendezvous.join(self._context, spec.rendezvous, self.rank, self.run_id, load_secret,
-                                       callable(secret), prepare, deadline)
+            _, table = rendezvous.join(
+                self._context, spec.rendezvous, self.rank, self.run_id, load_secret, callable(secret), prepare, deadline
+            )
         try:
             self._link.connect(_pick_endpoint(table[self._link.next], table[self.rank]))
             self._run(frames.Call(frames.BARRIER), self._barrier)  # collective #1 proves the ring is closed
@@ -439,16 +445,23 @@ class Communicator:
                 self._run(frames.Call(frames.BARRIER), self._barrier)  # everyone has mapped everyone's file
                 self._slots.unlink()
                 if mailbox.wanted(self.world_size):
-                    self._mailboxes = mailbox.Mailboxes(self._slots, self.world_size, self.rank, self._link.tag,
-                                                        self.timeout)
+                    self._mailboxes = mailbox.Mailboxes(
+                        self._slots, self.world_size, self.rank, self._link.tag, self.timeout
+                    )
             else:
                 self._slots.close()
                 self._slots = None
         self._setup = Setup(self.rank, self.world_size, same_host, self._slots, self._mailboxes)
 
     def _bind_data(self, spec, transport, shared_memory):
-        info = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "ipc": None, "tcp": None,
-                "shm": None}
+        info = {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "ipc": None,
+            "tcp": None,
+            "shm": None,
+        }
         tag = hashlib.sha256(f"{self.run_id}|{spec.rendezvous}".encode()).hexdigest()[:12]
         if transport == "auto":
             self._ipc_dir = _ipc_dir(tag)
@@ -540,8 +553,10 @@ def _pick_endpoint(peer, me):
     if peer.get("ipc") and peer.get("host") == me.get("host"):
         return peer["ipc"]
     if not peer.get("tcp"):
-        raise CommError(f"rank {me['rank']} cannot reach rank {peer['rank']} on host {peer.get('host')}: it offers "
-                        "no tcp endpoint (set MPNN_NNODES to the number of hosts on every rank)")
+        raise CommError(
+            f"rank {me['rank']} cannot reach rank {peer['rank']} on host {peer.get('host')}: it offers "
+            "no tcp endpoint (set MPNN_NNODES to the number of hosts on every rank)"
+        )
     return peer["tcp"]
 
 

@@ -26,9 +26,15 @@ FIXED_FIELDS = 12
 KIND_DATA, KIND_ABORT, KIND_WAITING = 1, 2, 3
 
 ALLREDUCE, BROADCAST, ALLGATHER, REDUCE_SCATTER, BARRIER, ALLGATHER_OBJECT, BROADCAST_OBJECT = range(1, 8)
-OP_NAMES = {ALLREDUCE: "allreduce", BROADCAST: "broadcast", ALLGATHER: "allgather",
-            REDUCE_SCATTER: "reduce_scatter", BARRIER: "barrier", ALLGATHER_OBJECT: "allgather_object",
-            BROADCAST_OBJECT: "broadcast_object"}
+OP_NAMES = {
+    ALLREDUCE: "allreduce",
+    BROADCAST: "broadcast",
+    ALLGATHER: "allgather",
+    REDUCE_SCATTER: "reduce_scatter",
+    BARRIER: "barrier",
+    ALLGATHER_OBJECT: "allgather_object",
+    BROADCAST_OBJECT: "broadcast_object",
+}
 REDUCE_CODES = {"sum": 1, "mean": 2, "max": 3}
 REDUCE_NAMES = {code: name for name, code in REDUCE_CODES.items()}
 DTYPES = [np.dtype(code) for code in ("<f2", "<f4", "<f8", "<i4", "<i8", "|u1")]  # payloads are little-endian
@@ -98,8 +104,9 @@ def _layout(ndim):
 def pack(kind, call, sender, origin, seq, tag, shape=None):
     """Encode a header; `shape` overrides call.shape (allgather pieces carry their own shape)."""
     shape = call.shape if shape is None else shape
-    return _layout(len(shape)).pack(MAGIC, VERSION, kind, call.op, call.reduce, call.dtype, len(shape), sender,
-                                    origin, call.root, seq, tag, *shape)
+    return _layout(len(shape)).pack(
+        MAGIC, VERSION, kind, call.op, call.reduce, call.dtype, len(shape), sender, origin, call.root, seq, tag, *shape
+    )
 
 
 def unpack(data):

@@ -20,6 +20,7 @@ point (CollectiveMismatch naming both), a peer that aborted (its flag), or no pe
 the silent rank). Stores are ordered by a full memory fence before each publish and after each read of a
 peer's number: x86-64 keeps stores in order anyway, aarch64 does not.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,16 +35,16 @@ from numba.extending import intrinsic
 from . import frames
 from .errors import CollectiveMismatch, CommError, CommTimeout
 
-SMALL_BYTES = 32 * 1024        # the largest array that goes through the mailbox
+SMALL_BYTES = 32 * 1024  # the largest array that goes through the mailbox
 CONTROL_BYTES = 1024
-HEADER_MAX = 224                # wire header bytes kept in the control line (40 + 8 * ndim: up to 23 dims)
-MESSAGE_AT = 32 + HEADER_MAX    # then the error of a rank that aborted, UTF-8, cut to fit
+HEADER_MAX = 224  # wire header bytes kept in the control line (40 + 8 * ndim: up to 23 dims)
+MESSAGE_AT = 32 + HEADER_MAX  # then the error of a rank that aborted, UTF-8, cut to fit
 MAILBOX_BYTES = CONTROL_BYTES + 2 * SMALL_BYTES
 _PUBLISHED, _ABORTED, _ANNOUNCED, _HEADER_LEN = range(4)  # int64 words of the control line
-SPIN_CHECKS = 2000             # pure spinning first (~0.3 ms): a peer on its own core answers within that;
-                               # only on the main thread: the communication thread yields (and so lets go of
-                               # the GIL) between checks, so the backward pass it overlaps keeps running
-YIELD_CHECKS = 20000           # then give the core away between checks, then sleep
+SPIN_CHECKS = 2000  # pure spinning first (~0.3 ms): a peer on its own core answers within that;
+# only on the main thread: the communication thread yields (and so lets go of
+# the GIL) between checks, so the backward pass it overlaps keeps running
+YIELD_CHECKS = 20000  # then give the core away between checks, then sleep
 SLEEP_S = 50e-6
 PHASE_BITS = 20
 
@@ -66,6 +67,7 @@ def _full_fence(typingctx):
     def codegen(context, builder, signature, args):
         builder.fence("seq_cst")
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
@@ -98,7 +100,7 @@ class Mailboxes:
         words = self._words[self.rank]
         words[_ANNOUNCED] = -1  # being rewritten
         memory_fence()
-        self._control[self.rank][32:32 + len(header)] = np.frombuffer(header, np.uint8)
+        self._control[self.rank][32 : 32 + len(header)] = np.frombuffer(header, np.uint8)
         words[_HEADER_LEN] = len(header)
         memory_fence()
         words[_ANNOUNCED] = seq
@@ -107,9 +109,9 @@ class Mailboxes:
         """Record that this rank aborted its current collective (or, `between` collectives, the next one) with
         `error`: a peer waiting in it, or finishing it, fails at once with that error instead of timing out or
         completing a collective its peers gave up on."""
-        message = str(error).encode("utf-8", "replace")[:CONTROL_BYTES - MESSAGE_AT - 1]
+        message = str(error).encode("utf-8", "replace")[: CONTROL_BYTES - MESSAGE_AT - 1]
         control = self._control[self.rank]
-        control[MESSAGE_AT:MESSAGE_AT + len(message)] = np.frombuffer(message, np.uint8)
+        control[MESSAGE_AT : MESSAGE_AT + len(message)] = np.frombuffer(message, np.uint8)
         control[MESSAGE_AT + len(message)] = 0
         memory_fence()
         self._words[self.rank][_ABORTED] = self._seq + 1 if between else max(self._seq, 1)
@@ -121,10 +123,10 @@ class Mailboxes:
         start = (self._count % 2) * SMALL_BYTES
         self._count += 1
         size = flat.nbytes
-        mine = self._data[r][start:start + size].view(flat.dtype)
+        mine = self._data[r][start : start + size].view(flat.dtype)
         mine[...] = flat
         self.sync()
-        views = [self._data[k][start:start + size].view(flat.dtype) for k in range(n)]
+        views = [self._data[k][start : start + size].view(flat.dtype) for k in range(n)]
         total = views[0].astype(accumulate, copy=True)
         for view in views[1:]:
             ufunc(total, view, out=total)
@@ -161,7 +163,9 @@ class Mailboxes:
                 if time.monotonic() > deadline:
                     raise CommTimeout(
                         f"rank {pending[0]} is silent: rank {self.rank} waited {self.timeout:g} s for it in "
-                        f"{self._where()} (stuck, dead, or not calling it)", silent_rank=pending[0])
+                        f"{self._where()} (stuck, dead, or not calling it)",
+                        silent_rank=pending[0],
+                    )
             if checks > YIELD_CHECKS:
                 time.sleep(SLEEP_S)
             elif checks > spin:
@@ -174,7 +178,7 @@ class Mailboxes:
         announced = int(words[_ANNOUNCED])
         if announced != seq:
             return announced > seq  # past it: it finished this collective, so it agreed with everyone
-        header = bytes(self._control[k][32:32 + min(max(int(words[_HEADER_LEN]), 0), HEADER_MAX)])
+        header = bytes(self._control[k][32 : 32 + min(max(int(words[_HEADER_LEN]), 0), HEADER_MAX)])
         memory_fence()
         if int(words[_ANNOUNCED]) != seq:
             return False
@@ -189,7 +193,7 @@ class Mailboxes:
         header = b""
         if announced >= seq:
             length = int(words[_HEADER_LEN])
-            header = bytes(self._control[k][32:32 + min(max(length, 0), HEADER_MAX)])
+            header = bytes(self._control[k][32 : 32 + min(max(length, 0), HEADER_MAX)])
         memory_fence()
         if int(words[_ANNOUNCED]) != announced:
             return  # it moved on while this was read; look again next time
@@ -203,7 +207,8 @@ class Mailboxes:
             raise CollectiveMismatch(
                 f"collective mismatch: rank {self.rank} is at collective #{seq} calling {self._call.describe()} "
                 f"but rank {k} went past it without contributing (it is at collective #{announced})",
-                ranks=(self.rank, k))
+                ranks=(self.rank, k),
+            )
         self._raise_mismatch(k, header, seq)
         if words[_ABORTED]:
             raise self._peer_aborted(k)
@@ -223,7 +228,9 @@ class Mailboxes:
             described = theirs.call.describe() if theirs is not None else "an unreadable collective"
             raise CollectiveMismatch(
                 f"collective mismatch: rank {self.rank} called {self._call.describe()} but rank {k} called "
-                f"{described} at collective #{seq}", ranks=(self.rank, k))
+                f"{described} at collective #{seq}",
+                ranks=(self.rank, k),
+            )
 
     def _where(self):
         return f"{self._call.describe()} at collective #{self._seq}"

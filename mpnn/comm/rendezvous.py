@@ -38,16 +38,19 @@ def serve(context, address, run_id, world_size, secret, own_info, deadline):
         router.bind(address)
     except zmq.ZMQError as error:
         router.close()
-        raise CommError(f"rank 0 cannot serve the rendezvous at {address}: {error} (set MPNN_RENDEZVOUS to "
-                        "tcp://HOST:<free port>)") from None
+        raise CommError(
+            f"rank 0 cannot serve the rendezvous at {address}: {error} (set MPNN_RENDEZVOUS to tcp://HOST:<free port>)"
+        ) from None
     pending = {}  # router identity -> (rank, client nonce, server nonce)
     joined = {0: (None, None, own_info)}  # rank -> (identity, client nonce, info)
     try:
         while len(joined) < world_size:
             if not router.poll(_seconds_left(deadline) * 1000):
                 missing = sorted(set(range(world_size)) - set(joined))
-                message = (f"rendezvous at {address}: rank(s) {missing} did not join within the timeout "
-                           f"(ranks {sorted(joined)} did)")
+                message = (
+                    f"rendezvous at {address}: rank(s) {missing} did not join within the timeout "
+                    f"(ranks {sorted(joined)} did)"
+                )
                 for identity, _, _ in list(joined.values())[1:]:
                     router.send_multipart([identity, b"FAILED", message.encode()])
                 raise CommTimeout(message, silent_rank=missing[0])
@@ -116,8 +119,10 @@ def join(context, address, rank, run_id, load_secret, reload_secret, prepare, de
             if verify(mac(secret, b"server", client_nonce, rank, run_id), server_proof):
                 break
             if not reload_secret or time.monotonic() > deadline:
-                raise AuthError(f"the rendezvous at {address} (rank 0) could not prove it holds the run's secret: "
-                                "the ranks read different secret files, or a foreign process holds that port")
+                raise AuthError(
+                    f"the rendezvous at {address} (rank 0) could not prove it holds the run's secret: "
+                    "the ranks read different secret files, or a foreign process holds that port"
+                )
             time.sleep(0.05)
         info_json = json.dumps(prepare(secret)).encode()
         dealer.send_multipart([b"PROOF", info_json, mac(secret, b"client", server_nonce, rank, run_id, info_json)])
@@ -133,12 +138,16 @@ def _receive(dealer, address, rank, deadline, expected, length):
     """Wait for the `expected` reply from rank 0; DENIED/FAILED replies and silence become errors."""
     while True:
         if not dealer.poll(_seconds_left(deadline) * 1000):
-            raise CommTimeout(f"rank {rank} got no {expected.decode()} from the rendezvous at {address} (rank 0) "
-                              "within the timeout: rank 0 is not up, or another rank has not joined", silent_rank=0)
+            raise CommTimeout(
+                f"rank {rank} got no {expected.decode()} from the rendezvous at {address} (rank 0) "
+                "within the timeout: rank 0 is not up, or another rank has not joined",
+                silent_rank=0,
+            )
         reply = dealer.recv_multipart()
         if reply[0] == b"DENIED" and len(reply) == 2:
-            raise AuthError(f"rank {rank} was refused by the rendezvous at {address}: "
-                            f"{reply[1].decode('utf-8', 'replace')}")
+            raise AuthError(
+                f"rank {rank} was refused by the rendezvous at {address}: {reply[1].decode('utf-8', 'replace')}"
+            )
         if reply[0] == b"FAILED" and len(reply) == 2:
             raise CommTimeout(reply[1].decode("utf-8", "replace"))
         if reply[0] == expected and len(reply) == length:

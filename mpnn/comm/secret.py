@@ -27,13 +27,16 @@ def read_secret(path):
     if info.st_uid != os.getuid():
         raise AuthError(f"secret file {path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
     if stat.S_IMODE(info.st_mode) & 0o077:
-        raise AuthError(f"secret file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); "
-                        f"run `chmod 600 {path}`")
+        raise AuthError(
+            f"secret file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):o}); run `chmod 600 {path}`"
+        )
     try:
         secret = bytes.fromhex(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise AuthError(f"secret file {path} must hold hex digits only (e.g. `python -c "
-                        "'import secrets; print(secrets.token_hex(32))'`)") from None
+        raise AuthError(
+            f"secret file {path} must hold hex digits only (e.g. `python -c "
+            "'import secrets; print(secrets.token_hex(32))'`)"
+        ) from None
     if len(secret) < MIN_SECRET_BYTES:
         raise AuthError(f"secret file {path} holds {len(secret)} bytes; at least {MIN_SECRET_BYTES} are required")
     return secret
@@ -73,6 +76,7 @@ def wait_for_secret(path, timeout, rank):
                 if time.monotonic() > deadline:
                     raise
         elif time.monotonic() > deadline:
-            raise CommTimeout(f"rank {rank} waited {timeout:g} s for rank 0 to create the run's secret file {path}",
-                              silent_rank=0)
+            raise CommTimeout(
+                f"rank {rank} waited {timeout:g} s for rank 0 to create the run's secret file {path}", silent_rank=0
+            )
         time.sleep(0.02)

@@ -53,8 +53,10 @@ class SharedSlots:
             try:
                 info = os.fstat(fd)
                 if info.st_uid != os.getuid() or info.st_mode & 0o077 or info.st_size != self.file_bytes:
-                    raise PermissionError(f"shared-memory file {path} of rank {rank} is not a private "
-                                          f"{self.file_bytes}-byte file of this user")
+                    raise PermissionError(
+                        f"shared-memory file {path} of rank {rank} is not a private "
+                        f"{self.file_bytes}-byte file of this user"
+                    )
                 self._maps[rank] = mmap.mmap(fd, self.file_bytes)
             finally:
                 os.close(fd)
@@ -124,4 +126,4 @@ def allreduce(link, slots, flat, ufunc, accumulate, divide_by, mailboxes=None):
             own[:] = total
         wait_for_all()
         for rank, (start, stop) in enumerate(bounds):
-            flat[low + start:low + stop] = views[rank][start:stop]
+            flat[low + start : low + stop] = views[rank][start:stop]

@@ -103,8 +103,10 @@ class RingLink:
         if frame is None:
             frame = self.pull.recv(copy=False)
         if frame.buffer.nbytes != nbytes:
-            raise CommError(f"rank {self.rank} expected {nbytes} bytes from rank {self.prev} in {self._where()} "
-                            f"but received {frame.buffer.nbytes}")
+            raise CommError(
+                f"rank {self.rank} expected {nbytes} bytes from rank {self.prev} in {self._where()} "
+                f"but received {frame.buffer.nbytes}"
+            )
         self.bytes_recv += nbytes
         return frame
 
@@ -123,9 +125,11 @@ class RingLink:
         for tracker in self._trackers:
             while not tracker.done:
                 if time.monotonic() > deadline:
-                    raise CommTimeout(f"rank {self.next} is not receiving: rank {self.rank} could not hand its "
-                                      f"data over in {self._where()} within {self.timeout:g} s",
-                                      silent_rank=self.next)
+                    raise CommTimeout(
+                        f"rank {self.next} is not receiving: rank {self.rank} could not hand its "
+                        f"data over in {self._where()} within {self.timeout:g} s",
+                        silent_rank=self.next,
+                    )
                 try:
                     tracker.wait(0.05)
                 except zmq.NotDone:
@@ -183,17 +187,20 @@ class RingLink:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CommTimeout(f"rank {self.next} is not receiving: rank {self.rank} could not send to it for "
-                                  f"{self.timeout:g} s in {self._where()} (dead, stuck, or never connected)",
-                                  silent_rank=self.next)
+                raise CommTimeout(
+                    f"rank {self.next} is not receiving: rank {self.rank} could not send to it for "
+                    f"{self.timeout:g} s in {self._where()} (dead, stuck, or never connected)",
+                    silent_rank=self.next,
+                )
             events = dict(self._send_poller.poll(remaining * 1000))
             if self.push in events:
                 return
             if self.pull in events:
                 header = self.pull.recv(NOBLOCK)
                 if not self.pull.getsockopt(RCVMORE):
-                    raise CommError(f"rank {self.rank} received a frame without payload from rank {self.prev} "
-                                    f"in {self._where()}")
+                    raise CommError(
+                        f"rank {self.rank} received a frame without payload from rank {self.prev} in {self._where()}"
+                    )
                 frame = self.pull.recv(copy=False)
                 self._raise_if_abort(header, frame)
                 self._stash.append((header, frame))
@@ -214,15 +221,21 @@ class RingLink:
         if self.pull.poll(grace * 1000, zmq.POLLIN):
             return
         if self._prev_waiting:
-            message = (f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
-                       f"{self._where()}; it said it was waiting on rank {(self.prev - 1) % self.world_size}, "
-                       "but no diagnosis came down the ring")
+            message = (
+                f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
+                f"{self._where()}; it said it was waiting on rank {(self.prev - 1) % self.world_size}, "
+                "but no diagnosis came down the ring"
+            )
         elif self._heard:
-            message = (f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
-                       f"{self._where()} after it had joined (it may be waiting on a rank before it)")
+            message = (
+                f"rank {self.prev} stopped sending: rank {self.rank} waited {self.timeout:g} s for it in "
+                f"{self._where()} after it had joined (it may be waiting on a rank before it)"
+            )
         else:
-            message = (f"rank {self.prev} is silent: rank {self.rank} waited {self.timeout:g} s for it in "
-                       f"{self._where()}, which rank {self.prev} never joined (stuck, dead, or not calling it)")
+            message = (
+                f"rank {self.prev} is silent: rank {self.rank} waited {self.timeout:g} s for it in "
+                f"{self._where()}, which rank {self.prev} never joined (stuck, dead, or not calling it)"
+            )
         raise CommTimeout(message, silent_rank=self.prev)
 
     def _take(self, expected):
@@ -238,8 +251,9 @@ class RingLink:
                 header = self.pull.recv(NOBLOCK)
                 frame = None
                 if not self.pull.getsockopt(RCVMORE):
-                    raise CommError(f"rank {self.rank} received a frame without payload from rank {self.prev} in "
-                                    f"{self._where()}")
+                    raise CommError(
+                        f"rank {self.rank} received a frame without payload from rank {self.prev} in {self._where()}"
+                    )
             if header == expected:
                 break
             if self._skip_waiting(header, frame):
@@ -248,8 +262,9 @@ class RingLink:
                 self._raise_if_abort(header, None)
             self._check(header)
             if expected is not None:
-                raise CommError(f"rank {self.rank} received an out-of-order frame from rank {self.prev} in "
-                                f"{self._where()}")
+                raise CommError(
+                    f"rank {self.rank} received an out-of-order frame from rank {self.prev} in {self._where()}"
+                )
             break
         self._heard = True
         return header, frame
@@ -287,8 +302,10 @@ class RingLink:
             if received == buf.nbytes:
                 np.copyto(buf.reshape(-1).view(np.uint8), np.frombuffer(payload, np.uint8))
         if received != buf.nbytes:
-            raise CommError(f"rank {self.rank} expected {buf.nbytes} bytes from rank {self.prev} in {self._where()} "
-                            f"but received {received}")
+            raise CommError(
+                f"rank {self.rank} expected {buf.nbytes} bytes from rank {self.prev} in {self._where()} "
+                f"but received {received}"
+            )
         self.bytes_recv += received
 
     def _raise_if_abort(self, header, frame):
@@ -311,18 +328,25 @@ class RingLink:
         """Explain why `header` is not what this rank expects (mismatch, foreign run, malformed) or accept it."""
         decoded = frames.unpack(header)
         if decoded is None or decoded.tag != self.tag or decoded.kind != frames.KIND_DATA:
-            raise CommError(f"rank {self.rank} received a malformed frame (or one of another run) from rank "
-                            f"{self.prev} in {self._where()}")
+            raise CommError(
+                f"rank {self.rank} received a malformed frame (or one of another run) from rank "
+                f"{self.prev} in {self._where()}"
+            )
         theirs, mine = decoded.call, self.call
         if decoded.seq != self.seq:
             raise CollectiveMismatch(
                 f"collective mismatch: rank {self.rank} is at collective #{self.seq} calling {mine.describe()} but "
                 f"rank {decoded.sender} sent collective #{decoded.seq}, {theirs.describe()}",
-                ranks=(self.rank, decoded.sender))
+                ranks=(self.rank, decoded.sender),
+            )
         if theirs.key() != mine.key():
             raise CollectiveMismatch(
                 f"collective mismatch: rank {self.rank} called {mine.describe()} but rank {decoded.sender} called "
-                f"{theirs.describe()} at collective #{self.seq}", ranks=(self.rank, decoded.sender))
+                f"{theirs.describe()} at collective #{self.seq}",
+                ranks=(self.rank, decoded.sender),
+            )
         if decoded.sender != self.prev:
-            raise CommError(f"rank {self.rank} received a frame claiming to come from rank {decoded.sender} "
-                            f"instead of rank {self.prev} in {self._where()}")
+            raise CommError(
+                f"rank {self.rank} received a frame claiming to come from rank {decoded.sender} "
+                f"instead of rank {self.prev} in {self._where()}"
+            )

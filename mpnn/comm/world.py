@@ -52,7 +52,8 @@ def _secret_for(spec):
             f"MPNN_SECRET_FILE is not set: a world across {spec.nnodes} hosts needs a shared secret; create one with "
             "`python -c 'import secrets; print(secrets.token_hex(32))' > ~/.mpnn-secret && chmod 600 ~/.mpnn-secret` "
             "and pass MPNN_SECRET_FILE=~/.mpnn-secret to every rank (mpirun -x MPNN_SECRET_FILE, "
-            "srun --export=ALL, or export it before torchrun)")
+            "srun --export=ALL, or export it before torchrun)"
+        )
     path = temp_secret_path(spec.run_id)
     if spec.rank == 0:
         return write_secret(path)

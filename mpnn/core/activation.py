@@ -1,5 +1,6 @@
 """Activations: relu, leaky_relu, sigmoid, tanh, gelu, softmax, log_softmax, dropout; each backward by its forward
 (softmax and log_softmax fused, cheaper than composing)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,6 +25,7 @@ def softmax(a: TensorBase, dim: int = None, dtype=None) -> TensorBase:
 
     def backward(g):
         return (out * (g - (g * out).sum(axis=ax, keepdims=True)),)
+
     return make_result(out, (a,), backward, "softmax", saved=(OUTPUT,))
 
 
@@ -35,6 +37,7 @@ def log_softmax(a: TensorBase, dim: int = None, dtype=None) -> TensorBase:
 
     def backward(g):
         return (g - np.exp(out) * g.sum(axis=ax, keepdims=True),)
+
     return make_result(out, (a,), backward, "log_softmax", saved=(OUTPUT,))
 
 
@@ -45,6 +48,7 @@ def dropout(a: TensorBase, p: float = 0.5, training: bool = True) -> TensorBase:
     if not training or p == 0.0:
         return a
     from mpnn.core.random import generator
+
     if p == 1.0:
         mask = np.zeros(a.data.shape, dtype=a.data.dtype)
     else:
@@ -53,6 +57,7 @@ def dropout(a: TensorBase, p: float = 0.5, training: bool = True) -> TensorBase:
 
     def backward(g):
         return (g * mask,)
+
     return make_result(a.data * mask, (a,), backward, "dropout", saved=())
 
 
@@ -62,6 +67,7 @@ def relu(a):
 
     def backward(g):
         return (g * (ad > 0),)
+
     return make_result(out, (a,), backward, "relu", saved=(a,))
 
 
@@ -72,6 +78,7 @@ def leaky_relu(a, negative_slope=0.01):
 
     def backward(g):
         return (g * slope,)
+
     return make_result(out, (a,), backward, "leaky_relu", saved=())
 
 
@@ -83,6 +90,7 @@ def sigmoid(a):
 
     def backward(g):
         return (g * out * (1 - out),)
+
     return make_result(out, (a,), backward, "sigmoid", saved=(OUTPUT,))
 
 
@@ -91,6 +99,7 @@ def tanh(a):
 
     def backward(g):
         return (g * (1 - out * out),)
+
     return make_result(out, (a,), backward, "tanh", saved=(OUTPUT,))
 
 
@@ -100,6 +109,7 @@ def gelu(a, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise OpError("gelu", f"approximate must be 'none' or 'tanh', got {approximate!r}")
     from mpnn.core import activation_kernels as K
+
     ad = a.data
     x = K.flat(ad if ad.dtype in (np.float32, np.float64) else ad.astype(np.float32))
     out = np.empty_like(x)
@@ -124,6 +134,7 @@ def gelu(a, approximate="none"):
         else:
             K.gelu_tanh_backward(x, kept, gf, gx)
         return (gx.reshape(ad.shape).astype(ad.dtype, copy=False),)
+
     return make_result(out.reshape(ad.shape).astype(ad.dtype, copy=False), (a,), backward, "gelu", saved=(a,))
 
 

@@ -9,6 +9,7 @@ in a Numba loop, NumPy's SIMD exp 0.23 ms plus its passes over memory). float64 
 math.erf: the float64 gradient checks need the exact function. error_model="numpy" drops Python's
 division-by-zero check, which alone kept the loops from vectorizing. Arrays are flat and C-contiguous.
 """
+
 import math
 
 import numpy as np
@@ -20,11 +21,28 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
-_A = [np.float32(c) for c in (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04,
-                              -5.69250639462346e-05, -2.10102402082508e-06, 2.77068142495902e-08,
-                              -2.72614225801306e-10)]
-_B = [np.float32(c) for c in (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03,
-                              -2.13374055278905e-04, -1.45660718464996e-05)]
+_A = [
+    np.float32(c)
+    for c in (
+        -1.60960333262415e-02,
+        -2.95459980854025e-03,
+        -7.34990630326855e-04,
+        -5.69250639462346e-05,
+        -2.10102402082508e-06,
+        2.77068142495902e-08,
+        -2.72614225801306e-10,
+    )
+]
+_B = [
+    np.float32(c)
+    for c in (
+        -1.42647390514189e-02,
+        -7.37332916720468e-03,
+        -1.68282697438203e-03,
+        -2.13374055278905e-04,
+        -1.45660718464996e-05,
+    )
+]
 A0, A1, A2, A3, A4, A5, A6 = _A
 B0, B1, B2, B3, B4 = _B
 _F4, _M4 = np.float32(4.0), np.float32(-4.0)

@@ -8,6 +8,7 @@ the nanoGPT CPU recipe (benchmarks/gpt.py) pinning both thresholds made the mpnn
 switches the dynamic mmap threshold off, leaving it at 128 KB). torch's CPU allocator sits on the same malloc.
 The cost: the process keeps up to ``trim_mb`` of freed memory mapped, so RSS stays at its peak working set.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -23,6 +23,7 @@ Semantics, as torch's (checked against torch 2.13 on CPU):
   and a plain softmax composition give NaN there; 0 is the safe answer (a padded row must not poison a
   batch's loss with NaN).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,21 +49,29 @@ _BWD_Q = 64
 _DUMMY_BOOL = np.zeros((1, 1, 1), np.bool_)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
-                                 scale=None, enable_gqa=False):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
+):
     """softmax(query @ key^T * scale + attn_mask) @ value, with torch's signature and semantics (see module
     docstring): returns (*batch, L, Ev)."""
     q, k, v = as_tensor(query), as_tensor(key), as_tensor(value)
     qd, kd, vd = q.data, k.data, v.data
     if qd.ndim < 2 or kd.ndim < 2 or vd.ndim < 2:
-        raise OpError(_OP, f"query, key and value need at least 2 dims (..., L, E), got shapes {qd.shape}, "
-                           f"{kd.shape}, {vd.shape}")
+        raise OpError(
+            _OP, f"query, key and value need at least 2 dims (..., L, E), got shapes {qd.shape}, {kd.shape}, {vd.shape}"
+        )
     if not (qd.dtype == kd.dtype == vd.dtype) or qd.dtype not in _FLOATS:
-        raise OpError(_OP, f"query, key and value must have one float dtype (float32 or float64), got "
-                           f"{qd.dtype}, {kd.dtype}, {vd.dtype}")
+        raise OpError(
+            _OP,
+            f"query, key and value must have one float dtype (float32 or float64), got "
+            f"{qd.dtype}, {kd.dtype}, {vd.dtype}",
+        )
     if kd.shape[-1] != qd.shape[-1] or kd.shape[-2] != vd.shape[-2]:
-        raise OpError(_OP, f"shapes do not fit: query (..., L, E) {qd.shape}, key (..., S, E) {kd.shape}, "
-                           f"value (..., S, Ev) {vd.shape}")
+        raise OpError(
+            _OP,
+            f"shapes do not fit: query (..., L, E) {qd.shape}, key (..., S, E) {kd.shape}, "
+            f"value (..., S, Ev) {vd.shape}",
+        )
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p <= 1.0:
         raise OpError(_OP, f"dropout probability has to be between 0 and 1, got {dropout_p}")
@@ -77,17 +86,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     group = 1
     if enable_gqa and qb and kb and vb and kb[-1] != qb[-1] and kb[-1] != 1:
         if qb[-1] % kb[-1] or kb[-1] != vb[-1]:
-            raise OpError(_OP, f"enable_gqa: query heads (dim -3) {qb[-1]} must be a multiple of key and "
-                               f"value heads, got key {kd.shape} and value {vd.shape}")
+            raise OpError(
+                _OP,
+                f"enable_gqa: query heads (dim -3) {qb[-1]} must be a multiple of key and "
+                f"value heads, got key {kd.shape} and value {vd.shape}",
+            )
         group = qb[-1] // kb[-1]
     kb_eff = kb[:-1] + (kb[-1] * group,) if group > 1 else kb
     vb_eff = vb[:-1] + (vb[-1] * group,) if group > 1 else vb
     try:
         batch = np.broadcast_shapes(qb, kb_eff, vb_eff)
     except ValueError:
-        raise OpError(_OP, f"batch dims do not broadcast: query {qd.shape}, key {kd.shape}, value {vd.shape}"
-                           f"{' (enable_gqa=True lets key/value have fewer heads)' if not enable_gqa else ''}"
-                      ) from None
+        raise OpError(
+            _OP,
+            f"batch dims do not broadcast: query {qd.shape}, key {kd.shape}, value {vd.shape}"
+            f"{' (enable_gqa=True lets key/value have fewer heads)' if not enable_gqa else ''}",
+        ) from None
 
     mask_t = None
     md = None
@@ -117,9 +131,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse = np.empty((n, L), dtype)
     if n and L:
         blk = br * bc if per_query_mask else 1
-        bad = K.attention_forward(q3, k3, v3, qi, ki, vi, mode, bmask, amask, mi, causal, _edge(br, dtype), sc,
-                                  br, bc, np.empty(E * L, dtype), np.empty(bc * br, dtype), np.empty(blk, np.bool_),
-                                  np.empty(blk, dtype), *_vectors(4, br, dtype), np.empty(2, dtype), out, lse)
+        bad = K.attention_forward(
+            q3,
+            k3,
+            v3,
+            qi,
+            ki,
+            vi,
+            mode,
+            bmask,
+            amask,
+            mi,
+            causal,
+            _edge(br, dtype),
+            sc,
+            br,
+            bc,
+            np.empty(E * L, dtype),
+            np.empty(bc * br, dtype),
+            np.empty(blk, np.bool_),
+            np.empty(blk, dtype),
+            *_vectors(4, br, dtype),
+            np.empty(2, dtype),
+            out,
+            lse,
+        )
         if bad:  # NaN or inf among the scores: the composition propagates them as torch does
             return _composed(q, k, v, attn_mask, md, dropout_p, is_causal, scale, group)
 
@@ -136,14 +172,44 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if n and S and (L or fresh):
             bk, bq = _block(_BWD_K, S), _block(_BWD_Q, L)
             blk = bk * bq if per_query_mask else 1
-            K.attention_backward(q3, k3, v3, out, g3, lse, qi, ki, vi, mode, bmask, amask, mi, causal,
-                                 _edge(bq, dtype), sc, bk, bq, fresh, np.empty(E * L, dtype),
-                                 np.empty(Ev * L, dtype), *_vectors(2, L, dtype), np.empty(bk * bq, dtype),
-                                 np.empty(bk * bq, dtype), np.empty(blk, np.bool_), np.empty(blk, dtype),
-                                 np.empty(bq, dtype), np.empty(2, dtype), dq, dk, dv)
-        return (dq.reshape(qd.shape) if q.requires_grad else None,
-                dk.reshape(kd.shape) if k.requires_grad else None,
-                dv.reshape(vd.shape) if v.requires_grad else None)
+            K.attention_backward(
+                q3,
+                k3,
+                v3,
+                out,
+                g3,
+                lse,
+                qi,
+                ki,
+                vi,
+                mode,
+                bmask,
+                amask,
+                mi,
+                causal,
+                _edge(bq, dtype),
+                sc,
+                bk,
+                bq,
+                fresh,
+                np.empty(E * L, dtype),
+                np.empty(Ev * L, dtype),
+                *_vectors(2, L, dtype),
+                np.empty(bk * bq, dtype),
+                np.empty(bk * bq, dtype),
+                np.empty(blk, np.bool_),
+                np.empty(blk, dtype),
+                np.empty(bq, dtype),
+                np.empty(2, dtype),
+                dq,
+                dk,
+                dv,
+            )
+        return (
+            dq.reshape(qd.shape) if q.requires_grad else None,
+            dk.reshape(kd.shape) if k.requires_grad else None,
+            dv.reshape(vd.shape) if v.requires_grad else None,
+        )
 
     saved = (q, k, v) + ((mask_t,) if mask_t is not None else ()) + (OUTPUT,)
     return make_result(out.reshape(batch + (L, Ev)), (q, k, v), backward, _OP, saved=saved)

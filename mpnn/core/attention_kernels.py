@@ -32,6 +32,7 @@ backward) and row strides (blocks of Q^T and dO^T used where they lie). OpenBLAS
 M*N*K ~ 512K through its small-matrix kernels at 125-155 GFLOP/s here against 85-100 for larger ones
 (float32, one thread), which is what the block sizes in mpnn.core.attention aim at.
 """
+
 import math
 
 import numpy as np
@@ -81,11 +82,13 @@ def _pow2(typingctx, n):
         i = builder.fptosi(args[0], ity)
         i = builder.shl(builder.add(i, ir.Constant(ity, bias)), ir.Constant(ity, mant))
         return builder.bitcast(i, context.get_value_type(signature.return_type))
+
     return n(n), codegen
 
 
 def _llvm_binary(name):
     """An intrinsic calling LLVM's llvm.<name> on two floats (float32, or float64 if either is)."""
+
     @intrinsic
     def fn(typingctx, a, b):
         if a not in (types.float32, types.float64) or b not in (types.float32, types.float64):
@@ -95,10 +98,13 @@ def _llvm_binary(name):
         def codegen(context, builder, signature, args):
             ty = context.get_value_type(signature.return_type)
             suffix = "f32" if signature.return_type == types.float32 else "f64"
-            decl = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty]),
-                                                  f"llvm.{name}.{suffix}")
+            decl = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ty, [ty, ty]), f"llvm.{name}.{suffix}"
+            )
             return builder.call(decl, args)
+
         return t(t, t), codegen
+
     return fn
 
 
@@ -143,14 +149,31 @@ def _address(typingctx, addr):
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+
     return types.voidptr(addr), codegen
 
 
 # int numba_xxgemm(kind, transa, transb, m, n, k, *alpha, *a, lda, *b, ldb, *beta, *c, ldc): column-major
 # ?gemm of Numba's helper library (numba/_lapack.c), exported to jitted code; np.dot calls it the same way.
-_XXGEMM = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr, types.voidptr,
-    types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
+_XXGEMM = types.ExternalFunction(
+    "numba_xxgemm",
+    types.intc(
+        types.char,
+        types.char,
+        types.char,
+        types.intp,
+        types.intp,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.intp,
+        types.voidptr,
+        types.intp,
+        types.voidptr,
+        types.voidptr,
+        types.intp,
+    ),
+)
 
 
 @njit(cache=True)
@@ -165,9 +188,22 @@ def gemm(ta, tb, m, n, k, alpha, a, ao, lda, b, bo, ldb, beta, c, co, ldc, ab):
     sz = c.itemsize
     base = ab.ctypes.data
     # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same flags, operands swapped
-    _XXGEMM(115 if sz == 4 else 100, tb, ta, n, m, k, _address(base), _address(b.ctypes.data + bo * sz),
-            max(ldb, 1), _address(a.ctypes.data + ao * sz), max(lda, 1), _address(base + sz),
-            _address(c.ctypes.data + co * sz), max(ldc, 1))
+    _XXGEMM(
+        115 if sz == 4 else 100,
+        tb,
+        ta,
+        n,
+        m,
+        k,
+        _address(base),
+        _address(b.ctypes.data + bo * sz),
+        max(ldb, 1),
+        _address(a.ctypes.data + ao * sz),
+        max(lda, 1),
+        _address(base + sz),
+        _address(c.ctypes.data + co * sz),
+        max(ldc, 1),
+    )
 
 
 @njit(cache=True, fastmath=_FM)
@@ -304,8 +340,34 @@ def _mask_block(mode, lm, bf, af, mslab, s_, i0, rows, j0, w, tb, ta):
 
 
 @njit(cache=True, fastmath=_FM)
-def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge, scale, br, bc,
-                      qt, sbuf, tb, ta, m, mnew, lsum, alpha, ab, out, lse):
+def attention_forward(
+    q,
+    k,
+    v,
+    qi,
+    ki,
+    vi,
+    mode,
+    bmask,
+    amask,
+    mi,
+    causal,
+    edge,
+    scale,
+    br,
+    bc,
+    qt,
+    sbuf,
+    tb,
+    ta,
+    m,
+    mnew,
+    lsum,
+    alpha,
+    ab,
+    out,
+    lse,
+):
     """out[n] = softmax(q k^T * scale + mask) v and lse[n] = its per-query log-sum-exp, n < out.shape[0];
     returns the number of scores that were NaN or infinite (then out is not to be trusted: see block_max).
 
@@ -360,8 +422,25 @@ def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge,
                         for c in range(ev):
                             of[uint64(oo + r * ev + c)] *= a
                 # O_b (+)= P V_b, P = st^T (rows x w)
-                gemm(_T, _N, rows, ev, w, 1.0, sbuf, 0, rows, vf, vo + j0 * ev, ev, 1.0 if j0 > 0 else 0.0,
-                     of, oo, ev, ab)
+                gemm(
+                    _T,
+                    _N,
+                    rows,
+                    ev,
+                    w,
+                    1.0,
+                    sbuf,
+                    0,
+                    rows,
+                    vf,
+                    vo + j0 * ev,
+                    ev,
+                    1.0 if j0 > 0 else 0.0,
+                    of,
+                    oo,
+                    ev,
+                    ab,
+                )
             for r in range(rows):
                 lr = lsum[r]
                 inv = 1.0 / lr if lr > 0.0 else 0.0
@@ -372,8 +451,40 @@ def attention_forward(q, k, v, qi, ki, vi, mode, bmask, amask, mi, causal, edge,
 
 
 @njit(cache=True, fastmath=_FM)
-def attention_backward(q, k, v, o, do, lse, qi, ki, vi, mode, bmask, amask, mi, causal, edge, scale, bk, bq,
-                       fresh, qt, dot, dsc, shift, pbuf, dpbuf, tb, ta, acc, ab, dq, dk, dv):
+def attention_backward(
+    q,
+    k,
+    v,
+    o,
+    do,
+    lse,
+    qi,
+    ki,
+    vi,
+    mode,
+    bmask,
+    amask,
+    mi,
+    causal,
+    edge,
+    scale,
+    bk,
+    bq,
+    fresh,
+    qt,
+    dot,
+    dsc,
+    shift,
+    pbuf,
+    dpbuf,
+    tb,
+    ta,
+    acc,
+    ab,
+    dq,
+    dk,
+    dv,
+):
     """dq, dk, dv (+)= the gradients of sum(out * do), recomputing P from lse block by block.
 
     Per block of bk keys, per chunk of bq queries (from the block's first key on when causal). fresh: every
@@ -415,11 +526,9 @@ def attention_backward(q, k, v, o, do, lse, qi, ki, vi, mode, bmask, amask, mi, 
                 # P^T = exp(scale * K_b Q_a^T + mask - lse) (w x rr)
                 gemm(_N, _N, w, rr, e_, scale, kf, ko + j0 * e_, e_, qt, a, l_, 0.0, pbuf, 0, rr, ab)
                 _mask_block(mode, lm, bf, af, mslab, s_, a, rr, j0, w, tb, ta)
-                block_exp(pbuf, w, rr, mode, lm, causal, edge, bf, af, mslab * s_ + j0, tb, ta, a, j0, shift, a,
-                          acc, 0)
+                block_exp(pbuf, w, rr, mode, lm, causal, edge, bf, af, mslab * s_ + j0, tb, ta, a, j0, shift, a, acc, 0)
                 # dV_b += P^T dO_a
-                gemm(_N, _N, w, ev, rr, 1.0, pbuf, 0, rr, dof, oo + a * ev, ev, first_kv, dvf, vo + j0 * ev, ev,
-                     ab)
+                gemm(_N, _N, w, ev, rr, 1.0, pbuf, 0, rr, dof, oo + a * ev, ev, first_kv, dvf, vo + j0 * ev, ev, ab)
                 # dS^T * scale = P^T * (scale * V_b dO_a^T - scale * D), into dpbuf
                 gemm(_N, _N, w, rr, ev, scale, vf, vo + j0 * ev, ev, dot, a, l_, 0.0, dpbuf, 0, rr, ab)
                 for c in range(w):
@@ -427,7 +536,5 @@ def attention_backward(q, k, v, o, do, lse, qi, ki, vi, mode, bmask, amask, mi, 
                     for r in range(rr):
                         dpbuf[uint64(b + r)] = pbuf[uint64(b + r)] * (dpbuf[uint64(b + r)] - dsc[uint64(a + r)])
                 # dK_b += dS^T Q_a; dQ_a += dS K_b
-                gemm(_N, _N, w, e_, rr, 1.0, dpbuf, 0, rr, qf, qo + a * e_, e_, first_kv, dkf, ko + j0 * e_, e_,
-                     ab)
-                gemm(_T, _N, rr, e_, w, 1.0, dpbuf, 0, rr, kf, ko + j0 * e_, e_, first_q, dqf, qo + a * e_, e_,
-                     ab)
+                gemm(_N, _N, w, e_, rr, 1.0, dpbuf, 0, rr, qf, qo + a * e_, e_, first_kv, dkf, ko + j0 * e_, e_, ab)
+                gemm(_T, _N, rr, e_, w, 1.0, dpbuf, 0, rr, kf, ko + j0 * e_, e_, first_q, dqf, qo + a * e_, e_, ab)

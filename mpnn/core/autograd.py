@@ -15,6 +15,7 @@ Saved tensors: an op names the tensors its backward reads (``saved=``); the node
 counter and value, and running the node after one of them was written in place raises torch's error instead
 of computing a wrong gradient. A node run without ``retain_graph`` drops its closure; reaching it again raises.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -37,10 +38,12 @@ class Version:
 
 _seq = itertools.count()
 
-SECOND_BACKWARD = ("Trying to backward through the graph a second time (or directly access saved tensors "
-                   "after they have already been freed): the intermediate values of op {op!r} were freed "
-                   "by the first backward. Specify retain_graph=True on the first backward if you need to "
-                   "backward through the graph a second time")
+SECOND_BACKWARD = (
+    "Trying to backward through the graph a second time (or directly access saved tensors "
+    "after they have already been freed): the intermediate values of op {op!r} were freed "
+    "by the first backward. Specify retain_graph=True on the first backward if you need to "
+    "backward through the graph a second time"
+)
 
 
 class Node:
@@ -74,7 +77,8 @@ class Node:
                     f"one of the variables needed for gradient computation has been modified by an inplace "
                     f"operation: the {dtype} tensor of shape {tuple(shape)} that op {self.op!r} saved is at "
                     f"version {ver.value}; expected version {value} instead. Compute it out of place (or "
-                    f"clone() it before the in-place write)")
+                    f"clone() it before the in-place write)"
+                )
         grads = backward(g)
         if not retain_graph:
             self.backward = None
@@ -142,10 +146,12 @@ def edge_of(t):
 
 def view_backward(view_fn, base_shape):
     """Backward of a view: scatter the view's gradient into zeros of the base's shape."""
+
     def backward(g):
         full = np.zeros(base_shape, dtype=g.dtype)
         view_fn(full)[...] = g
         return (full,)
+
     return backward
 
 
@@ -220,8 +226,9 @@ def _execute(root, grad, retain_graph):
                 if pg is not None:
                     expect = e.shape if type(e) is Node else e.data.shape
                     if pg.shape != expect:
-                        raise OpError(node.op, f"backward gave a gradient of shape {pg.shape} for an input "
-                                               f"of shape {expect}")
+                        raise OpError(
+                            node.op, f"backward gave a gradient of shape {pg.shape} for an input of shape {expect}"
+                        )
                     prev = grads.get(k)
                     grads[k] = pg if prev is None else _accumulate(prev, pg, k, owned)
             left = deps[k] - 1
@@ -237,6 +244,7 @@ def _execute(root, grad, retain_graph):
 
 def _run_grad_hooks(fns, g):
     from mpnn.core.tensor import Tensor
+
     for fn in fns:
         out = fn(Tensor._from_array(g))
         if out is not None:

@@ -14,6 +14,7 @@ input only, as torch's does. Selection order, first match wins:
        columns of one GEMM; a bias rides in it as a row of ones.
 The tunables below stay module constants (tests patch them); SETTINGS hands them to the algorithms live.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,8 +82,11 @@ def _ints(op, name, value, n, minimum):
     """value as a tuple of n Python ints >= minimum (an int is repeated)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         out = (int(value),) * n
-    elif isinstance(value, (tuple, list)) and len(value) == n and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == n
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    ):
         out = tuple(int(v) for v in value)
     else:
         raise OpError(op, f"{name} must be an int or a tuple of {n} ints, got {value!r}")
@@ -132,8 +136,11 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
     if out_ch % groups:
         raise OpError(op, f"groups={groups} does not divide the {out_ch} output channels of weight {w.shape}")
     if channels != in_per_group * groups:
-        raise OpError(op, f"input {x.shape} has {channels} channels but weight {w.shape} with groups={groups} "
-                          f"expects {in_per_group * groups}")
+        raise OpError(
+            op,
+            f"input {x.shape} has {channels} channels but weight {w.shape} with groups={groups} "
+            f"expects {in_per_group * groups}",
+        )
     b = None
     if bias is not None:
         bias = as_tensor(bias)
@@ -150,8 +157,11 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
     for size, k, s, d, lo, hi in zip(spatial, kernel, stride, dilation, pad_lo, pad_hi):
         span = d * (k - 1) + 1
         if size + lo + hi < span:
-            raise OpError(op, f"kernel {tuple(kernel)} (dilation {dilation}) spans more than the padded input: "
-                              f"input {x.shape}, padding {padding!r}")
+            raise OpError(
+                op,
+                f"kernel {tuple(kernel)} (dilation {dilation}) spans more than the padded input: "
+                f"input {x.shape}, padding {padding!r}",
+            )
         out_sizes.append((size + lo + hi - span) // s + 1)
 
     if nd == 1:  # a height of 1: the 2-D kernels with (1, k) taps
@@ -162,8 +172,7 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
     else:
         x4 = x if batched else x[None]
         w4 = w
-        geom = (kernel[0], kernel[1], stride[0], stride[1], pad_lo[0], pad_lo[1], dilation[0], dilation[1],
-                groups)
+        geom = (kernel[0], kernel[1], stride[0], stride[1], pad_lo[0], pad_lo[1], dilation[0], dilation[1], groups)
         oh, ow = out_sizes
     x4 = np.ascontiguousarray(x4)
     out = np.empty((x4.shape[0], out_ch, oh, ow), x4.dtype)

@@ -7,6 +7,7 @@ The small MNIST-1D convs take 30-150 us, so the per-call path allocates nothing 
 the ConvProblem with tuple.__new__ (no Python frame; two NamedTuples built the usual way cost 1.2-1.7 us
 there, measured) and passes one live settings object (conv.SETTINGS) instead of a ConvSettings per call.
 """
+
 from __future__ import annotations
 
 import threading
@@ -30,7 +31,6 @@ class ConvProblem(NamedTuple):
     oh: int
     ow: int
     weight_grad: bool
-
 
 
 class ConvSettings(NamedTuple):

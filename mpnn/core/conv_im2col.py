@@ -7,6 +7,7 @@ conv.py's _TILE_BYTES). A bias rides in the GEMM as a row of ones (forward adds 
 free). Backward recomputes the columns tile by tile, so that a conv holds on to its input only, as torch's
 does, except for single-tile convs whose weight needs a gradient: their forward keeps its columns.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,12 @@ class Im2colGemm(ConvAlgorithm):
     def forward(self, problem, out, settings):
         x4, w4, b, geom, oh, ow = problem.x4, problem.w4, problem.b, problem.geom, problem.oh, problem.ow
         groups = geom[8]
-        plan = _plan(x4.shape[0], (x4.shape[1] * w4.shape[2] * w4.shape[3] + groups) * x4.dtype.itemsize,
-                     oh * ow, settings.tile_bytes)
+        plan = _plan(
+            x4.shape[0],
+            (x4.shape[1] * w4.shape[2] * w4.shape[3] + groups) * x4.dtype.itemsize,
+            oh * ow,
+            settings.tile_bytes,
+        )
         keep = len(plan) == 1 and problem.weight_grad
         cols = _forward(x4, w4, b, geom, ow, plan, out.reshape(x4.shape[0], w4.shape[0], oh * ow), keep)
         return x4, w4, geom, ow, plan, cols
@@ -125,12 +130,10 @@ def _backward(g3, x4, w4, geom, ow, plan, need_x, need_w, need_b, kept):
         if need_x:
             dcols = scratch("dcols", (groups, taps, nb * t), dtype)
             np.matmul(wt, gc, out=dcols)
-            K.col2im(dcols.reshape(groups * taps, nb, t), kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow,
-                     dx[n0:n1])
+            K.col2im(dcols.reshape(groups * taps, nb, t), kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, dx[n0:n1])
     dw = None
     if need_w:
         dw = dwt[:, :taps, :].transpose(0, 2, 1).reshape(w4.shape)
         if need_b:
             db = dwt[:, taps, :].reshape(out_ch)
     return dx, dw, db
-

@@ -8,6 +8,7 @@ Why Numba: a NumPy fancy-indexing im2col lost to oneDNN by 1.6x on wide layers a
 reshape-max (2x2, (64, 32, 32, 32) float32) took 30.6 ms against 6.7 ms for max_pool2d_forward here
 (torch: 11.6 ms forward+backward, these kernels 8.6 ms).
 """
+
 import numpy as np
 from numba import njit, uint64
 
@@ -308,6 +309,7 @@ def adaptive_avg_pool2d_backward(g, dx):
                         for iw in range(wlo[ow], whi[ow]):
                             plane[ih, iw] += share
 
+
 # ----- Winograd F(4x4, 3x3): 3x3 convolutions with stride 1 and dilation 1 ---------------------------------
 # The GEMM stage runs 36 products (O, C) x (C, tiles) per 4x4 output tile instead of (O, 9C) x (9C, 16):
 # 4x fewer multiplies than im2col (F(2x2, 3x3), 2.25x, measured 1.2-1.4x slower end to end; Lavin & Gray
@@ -375,24 +377,28 @@ def _load_phases(src, s, dst, d, stride, lo, hi, count, offset, size):
 def _bt(d, two, four, five):
     """B^T d, the F(4x4, 3x3) input transform of 6 values (interpolation points 0, 1, -1, 2, -2)."""
     d0, d1, d2, d3, d4, d5 = d
-    return (four * d0 - five * d2 + d4,
-            (d3 + d4) - four * (d1 + d2),
-            (d4 - d3) + four * (d1 - d2),
-            (d4 - d2) + two * (d3 - d1),
-            (d4 - d2) - two * (d3 - d1),
-            four * d1 - five * d3 + d5)
+    return (
+        four * d0 - five * d2 + d4,
+        (d3 + d4) - four * (d1 + d2),
+        (d4 - d3) + four * (d1 - d2),
+        (d4 - d2) + two * (d3 - d1),
+        (d4 - d2) - two * (d3 - d1),
+        four * d1 - five * d3 + d5,
+    )
 
 
 @njit(cache=True, fastmath=False, inline="always")
 def _b(v, two, four, five):
     """B v, the adjoint of _bt."""
     v0, v1, v2, v3, v4, v5 = v
-    return (four * v0,
-            four * (v2 - v1) + two * (v4 - v3) + four * v5,
-            -(five * v0 + four * (v1 + v2) + (v3 + v4)),
-            (v1 - v2) + two * (v3 - v4) - five * v5,
-            v0 + v1 + v2 + v3 + v4,
-            v5)
+    return (
+        four * v0,
+        four * (v2 - v1) + two * (v4 - v3) + four * v5,
+        -(five * v0 + four * (v1 + v2) + (v3 + v4)),
+        (v1 - v2) + two * (v3 - v4) - five * v5,
+        v0 + v1 + v2 + v3 + v4,
+        v5,
+    )
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -415,8 +421,14 @@ def _a(g, two, four, eight):
 @njit(cache=True, fastmath=False, inline="always")
 def _row6(f, i, stride):
     """The 6 columns of tile i in four phase rows stride apart: phases 0-3 of slot i, phases 0-1 of i + 1."""
-    return (f[uint64(i)], f[uint64(i + stride)], f[uint64(i + 2 * stride)], f[uint64(i + 3 * stride)],
-            f[uint64(i + 1)], f[uint64(i + stride + 1)])
+    return (
+        f[uint64(i)],
+        f[uint64(i + stride)],
+        f[uint64(i + 2 * stride)],
+        f[uint64(i + 3 * stride)],
+        f[uint64(i + 1)],
+        f[uint64(i + stride + 1)],
+    )
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -433,8 +445,14 @@ def _put6(f, i, stride, t):
 @njit(cache=True, fastmath=False, inline="always")
 def _get6(f, i, stride):
     """(f[i], f[i + stride], ..., f[i + 5*stride])."""
-    return (f[uint64(i)], f[uint64(i + stride)], f[uint64(i + 2 * stride)], f[uint64(i + 3 * stride)],
-            f[uint64(i + 4 * stride)], f[uint64(i + 5 * stride)])
+    return (
+        f[uint64(i)],
+        f[uint64(i + stride)],
+        f[uint64(i + 2 * stride)],
+        f[uint64(i + 3 * stride)],
+        f[uint64(i + 4 * stride)],
+        f[uint64(i + 5 * stride)],
+    )
 
 
 @njit(cache=True, fastmath=False)
@@ -555,15 +573,41 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     for i in range(4):
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
-            _put6(z, 6 * i * size + j, size, _a((q[uint64(4 * i * size + j)], q[uint64((4 * i + 1) * size + j)],
-                                                 q[uint64((4 * i + 2) * size + j)],
-                                                 q[uint64((4 * i + 3) * size + j)]), two, four, eight))
+            _put6(
+                z,
+                6 * i * size + j,
+                size,
+                _a(
+                    (
+                        q[uint64(4 * i * size + j)],
+                        q[uint64((4 * i + 1) * size + j)],
+                        q[uint64((4 * i + 2) * size + j)],
+                        q[uint64((4 * i + 3) * size + j)],
+                    ),
+                    two,
+                    four,
+                    eight,
+                ),
+            )
     for b in range(6):
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
-            _put6(df, b * p + j, 6 * p, _a((z[uint64(b * size + j)], z[uint64((6 + b) * size + j)],
-                                            z[uint64((12 + b) * size + j)], z[uint64((18 + b) * size + j)]),
-                                           two, four, eight))
+            _put6(
+                df,
+                b * p + j,
+                6 * p,
+                _a(
+                    (
+                        z[uint64(b * size + j)],
+                        z[uint64((6 + b) * size + j)],
+                        z[uint64((12 + b) * size + j)],
+                        z[uint64((18 + b) * size + j)],
+                    ),
+                    two,
+                    four,
+                    eight,
+                ),
+            )
     for o in range(o_):
         base = 7 * p + o * t_
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
@@ -671,9 +715,14 @@ def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
             s = a * row
             # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
             for m in range(tiles_w * c_):
-                d = (stage[uint64(s + m)], stage[uint64(s + phase + m)], stage[uint64(s + 2 * phase + m)],
-                     stage[uint64(s + 3 * phase + m)], stage[uint64(s + c_ + m)],
-                     stage[uint64(s + phase + c_ + m)])
+                d = (
+                    stage[uint64(s + m)],
+                    stage[uint64(s + phase + m)],
+                    stage[uint64(s + 2 * phase + m)],
+                    stage[uint64(s + 3 * phase + m)],
+                    stage[uint64(s + c_ + m)],
+                    stage[uint64(s + phase + c_ + m)],
+                )
                 _put6(tf, 6 * a * p + t + m, p, _bt(d, two, four, five))
         t += tiles_w * c_  # the junk slot
         for i in range(36):

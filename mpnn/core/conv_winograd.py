@@ -8,6 +8,7 @@ with the same F(4x4, 3x3). Work goes in chunks of whole 4x4 tile rows (settings.
 conv.py's _WINOGRAD_TILES) whose work arrays stay in L2; backward recomputes the input transform, so that
 a conv holds on to its input and the transformed weight only.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,15 +27,21 @@ class WinogradF4x4(ConvAlgorithm):
 
     def applies(self, problem, settings):
         kh, kw, sh, sw, _, _, dh, dw, groups = problem.geom
-        return ((kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY and problem.ow >= settings.winograd_min_width
-                and min(problem.x4.shape[1], problem.w4.shape[0]) >= settings.winograd_min_channels)
+        return (
+            (kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY
+            and problem.ow >= settings.winograd_min_width
+            and min(problem.x4.shape[1], problem.w4.shape[0]) >= settings.winograd_min_channels
+        )
 
     @staticmethod
     def fits(geom, channels, out_ch, ow, settings):
         """applies() on the bare numbers: geom as ConvProblem's, the input and output channels, output width."""
         kh, kw, sh, sw, _, _, dh, dw, groups = geom
-        return ((kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY and ow >= settings.winograd_min_width
-                and min(channels, out_ch) >= settings.winograd_min_channels)
+        return (
+            (kh, kw, sh, sw, dh, dw, groups) == _WINOGRAD_GEOMETRY
+            and ow >= settings.winograd_min_width
+            and min(channels, out_ch) >= settings.winograd_min_channels
+        )
 
     def forward(self, problem, out, settings):
         x4, geom, tiles = problem.x4, problem.geom, settings.winograd_tiles
@@ -47,8 +54,16 @@ class WinogradF4x4(ConvAlgorithm):
         return _winograd_backward(g4, x4, u, ph, pw, tiles, need_x, need_w, need_b)
 
 
-_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-               [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ]
+)
 _GG = np.kron(_G, _G)  # (36, 9): entry 6a + b of G w G^T from the 9 taps of w, for all channel pairs in one GEMM
 _WINOGRAD_BLOCK = 36  # entries of a tile's transformed 6x6 block
 
@@ -67,7 +82,7 @@ def _winograd_buffer(slot, channels, tiles, dtype):
     page = 4096 // itemsize
     p = -(-channels * tiles // page) * page + 64 // itemsize
     buf = scratch(slot, (_WINOGRAD_BLOCK, p), dtype)
-    return buf, buf[:, :channels * tiles].reshape(_WINOGRAD_BLOCK, channels, tiles)
+    return buf, buf[:, : channels * tiles].reshape(_WINOGRAD_BLOCK, channels, tiles)
 
 
 def _winograd_chunks(n, out_h, out_w, tiles):

@@ -3,6 +3,7 @@
 Every binary op reduces a broadcast gradient back to its input's shape (``unbroadcast``) and returns None for an
 input that does not require grad, so no work is spent on it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,6 @@ def _broadcast_error(op, a, b):
     return OpError(op, f"shapes {tuple(a.shape)} and {tuple(b.shape)} do not broadcast")
 
 
-
 # ----- binary ---------------------------------------------------------------------------------------
 def add(a, b):
     a, b = _pair("add", a, b)
@@ -50,8 +50,8 @@ def add(a, b):
     sa, sb = a.data.shape, b.data.shape
 
     def backward(g):
-        return (unbroadcast(g, sa) if a.requires_grad else None,
-                unbroadcast(g, sb) if b.requires_grad else None)
+        return (unbroadcast(g, sa) if a.requires_grad else None, unbroadcast(g, sb) if b.requires_grad else None)
+
     return make_result(out, (a, b), backward, "add", saved=())
 
 
@@ -64,8 +64,8 @@ def sub(a, b):
     sa, sb = a.data.shape, b.data.shape
 
     def backward(g):
-        return (unbroadcast(g, sa) if a.requires_grad else None,
-                unbroadcast(-g, sb) if b.requires_grad else None)
+        return (unbroadcast(g, sa) if a.requires_grad else None, unbroadcast(-g, sb) if b.requires_grad else None)
+
     return make_result(out, (a, b), backward, "sub", saved=())
 
 
@@ -78,8 +78,11 @@ def mul(a, b):
     ad, bd = a.data, b.data
 
     def backward(g):
-        return (unbroadcast(g * bd, ad.shape) if a.requires_grad else None,
-                unbroadcast(g * ad, bd.shape) if b.requires_grad else None)
+        return (
+            unbroadcast(g * bd, ad.shape) if a.requires_grad else None,
+            unbroadcast(g * ad, bd.shape) if b.requires_grad else None,
+        )
+
     return make_result(out, (a, b), backward, "mul", saved=(a, b))
 
 
@@ -95,13 +98,14 @@ def div(a, b):
         ga = unbroadcast(g / bd, ad.shape) if a.requires_grad else None
         gb = unbroadcast(-g * out / bd, bd.shape) if b.requires_grad else None
         return ga, gb
+
     return make_result(out, (a, b), backward, "div", saved=(b, OUTPUT))
 
 
 def pow(a, b):
     a, b = _pair("pow", a, b)
     try:
-        out = a.data ** b.data
+        out = a.data**b.data
     except ValueError:
         raise _broadcast_error("pow", a, b) from None
     ad, bd = a.data, b.data
@@ -115,6 +119,7 @@ def pow(a, b):
                 logs = np.where(ad > 0, np.log(np.where(ad > 0, ad, 1)), 0).astype(out.dtype)
             gb = unbroadcast(g * out * logs, bd.shape)
         return ga, gb
+
     return make_result(out, (a, b), backward, "pow", saved=(a, b, OUTPUT))
 
 
@@ -141,14 +146,15 @@ def _minmax(op, a, b, better):
         ga = unbroadcast((g * wa).astype(g.dtype), ad.shape) if a.requires_grad else None
         gb = unbroadcast((g * (1 - wa)).astype(g.dtype), bd.shape) if b.requires_grad else None
         return ga, gb
-    return make_result(out, (a, b), backward, op, saved=(a, b))
 
+    return make_result(out, (a, b), backward, op, saved=(a, b))
 
 
 # ----- unary ----------------------------------------------------------------------------------------
 def neg(a):
     def backward(g):
         return (-g,)
+
     return make_result(-a.data, (a,), backward, "neg", saved=())
 
 
@@ -157,6 +163,7 @@ def exp(a):
 
     def backward(g):
         return (g * out,)
+
     return make_result(out, (a,), backward, "exp", saved=(OUTPUT,))
 
 
@@ -165,6 +172,7 @@ def log(a):
 
     def backward(g):
         return (g / ad,)
+
     return make_result(np.log(ad), (a,), backward, "log", saved=(a,))
 
 
@@ -173,6 +181,7 @@ def sqrt(a):
 
     def backward(g):
         return (g / (2 * out),)
+
     return make_result(out, (a,), backward, "sqrt", saved=(OUTPUT,))
 
 
@@ -181,6 +190,7 @@ def abs(a):
 
     def backward(g):
         return (g * np.sign(ad),)
+
     return make_result(np.abs(ad), (a,), backward, "abs", saved=(a,))
 
 
@@ -198,8 +208,9 @@ def clip(a, min=None, max=None):
     except ValueError:
         raise OpError("clip", f"bounds do not broadcast against the input of shape {ad.shape}") from None
     if out.shape != ad.shape:
-        raise OpError("clip", f"bounds of shapes {np.shape(lo)} and {np.shape(hi)} would change the input's "
-                              f"shape {ad.shape}")
+        raise OpError(
+            "clip", f"bounds of shapes {np.shape(lo)} and {np.shape(hi)} would change the input's shape {ad.shape}"
+        )
     parents = (a,) + tuple(b for b in bounds if b is not None)
 
     def backward(g):
@@ -213,9 +224,11 @@ def clip(a, min=None, max=None):
         grads = [g * keep]
         for b, use in zip(bounds, (use_lo, use_hi)):
             if b is not None:
-                grads.append(unbroadcast((g * use).astype(g.dtype, copy=False), b.data.shape)
-                             if b.requires_grad else None)
+                grads.append(
+                    unbroadcast((g * use).astype(g.dtype, copy=False), b.data.shape) if b.requires_grad else None
+                )
         return tuple(grads)
+
     return make_result(out, parents, backward, "clip", saved=parents)
 
 
@@ -226,12 +239,14 @@ def sign(a):
 def clone(a):
     def backward(g):
         return (g,)
+
     return make_result(a.data.copy(), (a,), backward, "clone", saved=())
 
 
 def to_dtype(a, dtype):
     """Cast; the gradient flows back cast to the input's dtype."""
     from mpnn.core.tensor import to_dtype as _dt
+
     dt = _dt(dtype)
     src = a.data.dtype
     if dt == src:
@@ -241,14 +256,15 @@ def to_dtype(a, dtype):
 
     def backward(g):
         return (g.astype(src),)
-    return make_result(a.data.astype(dt), (a,), backward, "to", saved=())
 
+    return make_result(a.data.astype(dt), (a,), backward, "to", saved=())
 
 
 def _compare(np_fn):
     def fn(self, other):
         other = other.data if isinstance(other, TensorBase) else other
         return _from(np_fn(self.data, other))
+
     return fn
 
 

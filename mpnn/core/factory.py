@@ -1,4 +1,5 @@
 """Tensor constructors with torch's names: zeros, ones, full, arange, randn, rand, randint, eye, ..."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,13 +39,19 @@ def full(size, fill_value, dtype=None, requires_grad=False, device=None):
 
 
 def zeros_like(t, dtype=None, requires_grad=False, device=None):
-    return _make(np.zeros_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad, device,
-                 "zeros_like")
+    return _make(
+        np.zeros_like(t.data, dtype=None if dtype is None else to_dtype(dtype)),
+        None,
+        requires_grad,
+        device,
+        "zeros_like",
+    )
 
 
 def ones_like(t, dtype=None, requires_grad=False, device=None):
-    return _make(np.ones_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad, device,
-                 "ones_like")
+    return _make(
+        np.ones_like(t.data, dtype=None if dtype is None else to_dtype(dtype)), None, requires_grad, device, "ones_like"
+    )
 
 
 def arange(start, end=None, step=1, dtype=None, requires_grad=False, device=None):
@@ -65,13 +72,15 @@ def eye(n, m=None, dtype=None, requires_grad=False, device=None):
 
 def _gen():
     from mpnn.core.random import generator
+
     return generator()
 
 
 def randn(*size, dtype=None, requires_grad=False, device=None):
     dt = to_dtype(dtype)
-    return _make(_gen().standard_normal(_shape(size), dtype=np.float64).astype(dt), None, requires_grad, device,
-                 "randn")
+    return _make(
+        _gen().standard_normal(_shape(size), dtype=np.float64).astype(dt), None, requires_grad, device, "randn"
+    )
 
 
 def rand(*size, dtype=None, requires_grad=False, device=None):

@@ -9,6 +9,7 @@ the update, such values count as zero; their effect on an update is below float3
 x86-64: MXCSR bits FTZ (0x8000) and DAZ (0x0040) through LLVM's stmxcsr/ldmxcsr intrinsics.
 aarch64: FPCR bit FZ (1 << 24) through llvm.aarch64.get/set.fpcr. Elsewhere: no-ops.
 """
+
 from __future__ import annotations
 
 import platform
@@ -35,6 +36,7 @@ def _x86_csr_call(builder, name, slot):
 @intrinsic
 def _get_fp_control(typingctx):
     """The FP control register (MXCSR on x86-64, FPCR on aarch64; 0 elsewhere) as a uint64."""
+
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         if X86:
@@ -45,6 +47,7 @@ def _get_fp_control(typingctx):
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, []), "llvm.aarch64.get.fpcr")
             return builder.call(fn, [])
         return ir.Constant(i64, 0)
+
     return types.uint64(), codegen
 
 
@@ -60,6 +63,7 @@ def _set_fp_control(typingctx, value):
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.aarch64.set.fpcr")
             builder.call(fn, [args[0]])
         return context.get_dummy_value()
+
     return types.void(types.uint64), codegen
 
 

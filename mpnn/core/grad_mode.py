@@ -4,6 +4,7 @@ Thread-local because the communication thread runs user code (gradient codecs, h
 is in the middle of a forward pass: one thread's ``no_grad`` must not switch recording off for another. A new
 thread starts with recording on, as in torch. Each mode is a context manager and a decorator.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,6 +47,7 @@ class _GradMode:
         def wrapper(*args, **kwargs):
             with self._fresh():
                 return fn(*args, **kwargs)
+
         return wrapper
 
 

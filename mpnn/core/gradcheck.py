@@ -1,4 +1,5 @@
 """Finite-difference gradient check in float64: the test every op's backward must pass."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ def _output_tensors(out):
     raise TypeError(f"gradcheck: fn must return a Tensor or a tuple of Tensors, got {type(out).__name__}")
 
 
-def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-4,
-              seed: int = 0, raise_exception: bool = True) -> bool:
+def gradcheck(
+    fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-4, seed: int = 0, raise_exception: bool = True
+) -> bool:
     """Compare backward's gradients of ``fn(*inputs)`` with central finite differences.
 
     Each output is contracted with a fixed random weight so that every output element's gradient
@@ -38,8 +40,9 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
 
     def scalar():
         with no_grad():
-            return float(sum(np.sum(o.data.astype(np.float64) * w)
-                             for o, w in zip(_output_tensors(fn(*inputs)), weights)))
+            return float(
+                sum(np.sum(o.data.astype(np.float64) * w) for o, w in zip(_output_tensors(fn(*inputs)), weights))
+            )
 
     for i in checked:
         inputs[i].grad = None
@@ -68,10 +71,12 @@ def gradcheck(fn, inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1
         bad = np.abs(analytic - numeric) > atol + rtol * np.abs(numeric)
         if bad.any():
             where = tuple(int(k) for k in np.argwhere(bad)[0])
-            msg = (f"gradcheck: input {i} (shape {x.data.shape}) gradient mismatch at {where}: "
-                   f"analytic {analytic[where]:.8g}, numeric {numeric[where]:.8g}; "
-                   f"{int(bad.sum())} of {bad.size} elements off, max abs diff "
-                   f"{np.max(np.abs(analytic - numeric)):.3g}")
+            msg = (
+                f"gradcheck: input {i} (shape {x.data.shape}) gradient mismatch at {where}: "
+                f"analytic {analytic[where]:.8g}, numeric {numeric[where]:.8g}; "
+                f"{int(bad.sum())} of {bad.size} elements off, max abs diff "
+                f"{np.max(np.abs(analytic - numeric)):.3g}"
+            )
             if raise_exception:
                 raise GradcheckError(msg)
             return False

@@ -1,5 +1,6 @@
 """Indexing ops: tensor[index] (basic indices give views, integer arrays gather), where, masked_fill, embedding;
 gather, scatter and scatter_add along a dim; sort, argsort and topk (values on the tape, indices off it)."""
+
 from __future__ import annotations
 
 import builtins
@@ -48,6 +49,7 @@ def getitem(a, idx):
         full = np.zeros(shape, dtype=g.dtype)
         np.add.at(full, idx, g)  # integer arrays may select an element more than once
         return (full,)
+
     if basic:
         return make_view(out, a, backward, "index", lambda arr: arr[idx])
     if not isinstance(out, np.ndarray):
@@ -67,15 +69,17 @@ def where(cond, a, b):
     sa, sb = a.data.shape, b.data.shape
 
     def backward(g):
-        return (unbroadcast(np.where(cond, g, 0).astype(g.dtype), sa) if a.requires_grad else None,
-                unbroadcast(np.where(cond, 0, g).astype(g.dtype), sb) if b.requires_grad else None)
+        return (
+            unbroadcast(np.where(cond, g, 0).astype(g.dtype), sa) if a.requires_grad else None,
+            unbroadcast(np.where(cond, 0, g).astype(g.dtype), sb) if b.requires_grad else None,
+        )
+
     return make_result(out, (a, b), backward, "where", saved=())
 
 
 def masked_fill(a, mask, value):
     m = mask.data if isinstance(mask, TensorBase) else np.asarray(mask)
     return where(m, as_tensor(value, like=a), a)
-
 
 
 def embedding(input, weight: TensorBase, padding_idx: int | None = None) -> TensorBase:
@@ -94,11 +98,13 @@ def embedding(input, weight: TensorBase, padding_idx: int | None = None) -> Tens
 
     def backward(g):
         full = np.zeros(wshape, dtype=g.dtype)
-        add_rows(full, np.ascontiguousarray(idx.reshape(-1), dtype=np.int64),
-                 np.ascontiguousarray(g.reshape(-1, wshape[1])))
+        add_rows(
+            full, np.ascontiguousarray(idx.reshape(-1), dtype=np.int64), np.ascontiguousarray(g.reshape(-1, wshape[1]))
+        )
         if padding_idx is not None:
             full[padding_idx] = 0
         return (full,)
+
     return make_result(out, (weight,), backward, "embedding", saved=())
 
 
@@ -131,8 +137,11 @@ def _along(op, shape, dim, index, src_shape=None):
         shape, idx, src_shape = (1,), idx.reshape(1), None if src_shape is None else (1,)
     for d in range(len(shape)):
         if d != ax and idx.shape[d] > shape[d]:
-            raise OpError(op, f"index of shape {ishape} is larger than the input of shape {tuple(shape)} in dim {d} "
-                              f"(only dim {dim} may differ)")
+            raise OpError(
+                op,
+                f"index of shape {ishape} is larger than the input of shape {tuple(shape)} in dim {d} "
+                f"(only dim {dim} may differ)",
+            )
         if src_shape is not None and idx.shape[d] > src_shape[d]:
             raise OpError(op, f"index of shape {ishape} is larger than src of shape {tuple(src_shape)} in dim {d}")
     n = shape[ax]
@@ -162,6 +171,7 @@ def gather(input, dim, index, *, sparse_grad=False):
         full = np.zeros(work, dtype=g.dtype)
         np.add.at(full, grids, g.reshape(wshape))
         return (full.reshape(shape),)
+
     return make_result(out, (input,), backward, "gather", saved=())
 
 
@@ -195,6 +205,7 @@ def scatter(input, dim, index, src=None, value=None, *, reduce=None):
             _corner(gs, ishape)[...] = g1[grids]
             gs = gs.reshape(src.data.shape)
         return (gi,) if src is None else (gi, gs)
+
     return make_result(out.reshape(shape), (input,) if src is None else (input, src), backward, "scatter", saved=())
 
 
@@ -218,6 +229,7 @@ def scatter_add(input, dim, index, src):
             _corner(gs, ishape)[...] = g.reshape(work)[grids]
             gs = gs.reshape(src.data.shape)
         return (g if input.requires_grad else None, gs)
+
     return make_result(out.reshape(shape), (input, src), backward, "scatter_add", saved=())
 
 
@@ -246,8 +258,11 @@ def _take_sorted(op, input, order, ax, out_shape):
         full = np.zeros(x.shape, dtype=g.dtype)
         np.put_along_axis(full, order, g.reshape(order.shape), axis=ax)  # indices along ax never repeat
         return (full.reshape(shape),)
-    return (make_result(values.reshape(out_shape), (input,), backward, op, saved=()),
-            from_array(order.astype(np.int64, copy=False).reshape(out_shape)))
+
+    return (
+        make_result(values.reshape(out_shape), (input,), backward, op, saved=()),
+        from_array(order.astype(np.int64, copy=False).reshape(out_shape)),
+    )
 
 
 def sort(input, dim=-1, descending=False, stable=False):
@@ -275,8 +290,9 @@ def topk(input, k, dim=-1, largest=True, sorted=True):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise OpError("topk", f"k must be an int, got {k!r}")
     if not 0 <= k <= n:
-        raise OpError("topk", f"k ({k}) is out of range for dim {dim} of size {n} (shape {ad.shape}); "
-                              f"need 0 <= k <= {n}")
+        raise OpError(
+            "topk", f"k ({k}) is out of range for dim {dim} of size {n} (shape {ad.shape}); need 0 <= k <= {n}"
+        )
     x = ad.reshape(1) if ad.ndim == 0 else ad
     order = _order(x, ax, largest)
     order = order[(slice(None),) * ax + (slice(0, int(k)),)]

@@ -4,6 +4,7 @@ embedding's gradient adds each picked row's gradient into its weight row: np.add
 step's (768, 128) float32 token gradient into 65 rows (it handles any index generally, element by element);
 this loop adds whole contiguous rows, about 0.05 ms.
 """
+
 from numba import njit
 
 

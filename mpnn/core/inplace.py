@@ -7,6 +7,7 @@ the write is recorded: the tensor gets a new node whose edges lead to its old no
 A write through a view of such a tensor is recorded on the base (its gradient flows around the written region
 and through the op inside it) and the view is re-derived from the base, as torch's CopySlices does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,10 @@ def _check_writable(t: TensorBase, op: str) -> None:
     leaf = t if t._base is None else t._base
     if leaf._node is None and leaf.requires_grad:
         what = "a leaf tensor that requires grad" if t._base is None else "a view of a leaf tensor that requires grad"
-        raise RuntimeError(f"{op}: {what} is being used in an in-place operation; do it under mpnn.no_grad() "
-                           f"(as an optimizer does), or on a clone()")
+        raise RuntimeError(
+            f"{op}: {what} is being used in an in-place operation; do it under mpnn.no_grad() "
+            f"(as an optimizer does), or on a clone()"
+        )
 
 
 def apply_inplace(t: TensorBase, op: str, write, backward, others=(), saved=(), saves_result=False):
@@ -69,6 +72,7 @@ def apply_inplace(t: TensorBase, op: str, write, backward, others=(), saved=(), 
         grads = backward(np.array(region, copy=True))
         region[...] = 0 if grads[0] is None else grads[0]
         return (gb,) + tuple(grads[1:])
+
     base._node = Node((old_edge,) + other_edges, base_backward, op, keep, base.data.shape)
     base.requires_grad = True
     t._node = Node((base._node,), view_backward(view_fn, base.data.shape), "view", (), t.data.shape)
@@ -84,8 +88,11 @@ def _operand(t, other, op):
     except ValueError:
         shape = None
     if shape != t.data.shape:
-        raise OpError(op, f"an operand of shape {tuple(o.data.shape)} does not broadcast to the written "
-                          f"tensor's shape {tuple(t.data.shape)}")
+        raise OpError(
+            op,
+            f"an operand of shape {tuple(o.data.shape)} does not broadcast to the written "
+            f"tensor's shape {tuple(t.data.shape)}",
+        )
     return o
 
 
@@ -94,8 +101,12 @@ def _ufunc_write(fn, t, o, op):
         try:
             fn(t.data, o.data, out=t.data, casting="same_kind")
         except TypeError as e:
-            raise OpError(op, f"result of dtype {np.result_type(t.data, o.data)} can't be written into a "
-                              f"tensor of dtype {t.data.dtype}: {e}") from None
+            raise OpError(
+                op,
+                f"result of dtype {np.result_type(t.data, o.data)} can't be written into a "
+                f"tensor of dtype {t.data.dtype}: {e}",
+            ) from None
+
     return write
 
 
@@ -104,8 +115,13 @@ def add_(t, other, alpha=1):
     oshape = o.data.shape
     if alpha != 1:
         o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
-    return apply_inplace(t, "add_", _ufunc_write(np.add, t, o, "add_"),
-                         lambda g: (g, _unbroadcast(g, oshape) if o.requires_grad else None), (o,))
+    return apply_inplace(
+        t,
+        "add_",
+        _ufunc_write(np.add, t, o, "add_"),
+        lambda g: (g, _unbroadcast(g, oshape) if o.requires_grad else None),
+        (o,),
+    )
 
 
 def sub_(t, other, alpha=1):
@@ -113,8 +129,13 @@ def sub_(t, other, alpha=1):
     oshape = o.data.shape
     if alpha != 1:
         o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
-    return apply_inplace(t, "sub_", _ufunc_write(np.subtract, t, o, "sub_"),
-                         lambda g: (g, _unbroadcast(-g, oshape) if o.requires_grad else None), (o,))
+    return apply_inplace(
+        t,
+        "sub_",
+        _ufunc_write(np.subtract, t, o, "sub_"),
+        lambda g: (g, _unbroadcast(-g, oshape) if o.requires_grad else None),
+        (o,),
+    )
 
 
 def _scaled(o, alpha):
@@ -128,6 +149,7 @@ def mul_(t, other):
 
     def backward(g):
         return (g * od, _unbroadcast(g * old, od.shape) if old is not None else None)
+
     return apply_inplace(t, "mul_", _ufunc_write(np.multiply, t, o, "mul_"), backward, (o,), saved=(o,))
 
 
@@ -138,8 +160,10 @@ def div_(t, other):
 
     def backward(g):
         return (g / od, _unbroadcast(-g * out / od, od.shape) if o.requires_grad else None)
-    return apply_inplace(t, "div_", _ufunc_write(np.true_divide, t, o, "div_"), backward, (o,), saved=(o,),
-                         saves_result=True)
+
+    return apply_inplace(
+        t, "div_", _ufunc_write(np.true_divide, t, o, "div_"), backward, (o,), saved=(o,), saves_result=True
+    )
 
 
 def copy_(t, src, non_blocking=False):
@@ -149,9 +173,14 @@ def copy_(t, src, non_blocking=False):
 
     def write():
         np.copyto(t.data, o.data, casting="unsafe")
-    return apply_inplace(t, "copy_", write,
-                         lambda g: (None, _unbroadcast(g, oshape).astype(o.data.dtype, copy=False)
-                                    if o.requires_grad else None), (o,))
+
+    return apply_inplace(
+        t,
+        "copy_",
+        write,
+        lambda g: (None, _unbroadcast(g, oshape).astype(o.data.dtype, copy=False) if o.requires_grad else None),
+        (o,),
+    )
 
 
 def fill_(t, value):
@@ -162,13 +191,14 @@ def fill_(t, value):
 
     def write():
         t.data[...] = v
-    return apply_inplace(t, "fill_", write, lambda g: (None,) + ((g.sum().reshape(()),) if others else ()),
-                         others)
+
+    return apply_inplace(t, "fill_", write, lambda g: (None,) + ((g.sum().reshape(()),) if others else ()), others)
 
 
 def zero_(t):
     def write():
         t.data[...] = 0
+
     return apply_inplace(t, "zero_", write, lambda g: (None,))
 
 
@@ -185,6 +215,7 @@ def clamp_(t, min=None, max=None):
 
     def write():
         np.clip(t.data, lo, hi, out=t.data)
+
     return apply_inplace(t, "clamp_", write, lambda g: (g * keep,))
 
 
@@ -193,6 +224,7 @@ def relu_(t):
 
     def write():
         np.maximum(t.data, 0, out=t.data)
+
     return apply_inplace(t, "relu_", write, lambda g: (g * keep,))
 
 
@@ -204,6 +236,7 @@ def masked_fill_(t, mask, value):
 
     def write():
         np.copyto(t.data, np.asarray(v, dtype=t.data.dtype), where=np.broadcast_to(m, t.data.shape))
+
     return apply_inplace(t, "masked_fill_", write, lambda g: (np.where(m, 0, g).astype(g.dtype),))
 
 
@@ -230,6 +263,7 @@ def setitem(t, idx, value):
             gv = _unbroadcast(region, o.data.shape)
         gt[index] = 0
         return (gt, gv) if others else (gt,)
+
     return apply_inplace(t, "setitem", write, backward, others)
 
 

@@ -1,4 +1,5 @@
 """Linear algebra: matmul with torch's broadcasting rules, linear (x @ W.T + b) as one node, and einsum."""
+
 from __future__ import annotations
 
 import math
@@ -18,13 +19,19 @@ def matmul(a, b):
     if ad.ndim == 0 or bd.ndim == 0:
         raise OpError("matmul", f"both operands need at least 1 dimension, got shapes {ad.shape} and {bd.shape}")
     if ad.dtype != bd.dtype:
-        raise OpError("matmul", f"operands have different dtypes {ad.dtype} and {bd.dtype} (shapes {ad.shape} "
-                                f"and {bd.shape}); cast one with .to(...) first")
+        raise OpError(
+            "matmul",
+            f"operands have different dtypes {ad.dtype} and {bd.dtype} (shapes {ad.shape} "
+            f"and {bd.shape}); cast one with .to(...) first",
+        )
     try:
         out = ad @ bd
     except ValueError:
-        raise OpError("matmul", f"shapes {ad.shape} and {bd.shape} cannot be multiplied "
-                                f"({ad.shape[-1]} != {bd.shape[-2] if bd.ndim > 1 else bd.shape[0]})") from None
+        raise OpError(
+            "matmul",
+            f"shapes {ad.shape} and {bd.shape} cannot be multiplied "
+            f"({ad.shape[-1]} != {bd.shape[-2] if bd.ndim > 1 else bd.shape[0]})",
+        ) from None
 
     def backward(g):
         if ad.ndim == 1 and bd.ndim == 1:
@@ -44,6 +51,7 @@ def matmul(a, b):
             gb = np.swapaxes(a2, -1, -2) @ g2
             gb = unbroadcast(gb, b2.shape).reshape(bd.shape)
         return ga, gb
+
     return make_result(out, (a, b), backward, "matmul", saved=(a, b))
 
 
@@ -51,15 +59,21 @@ def linear(x, weight, bias=None):
     """x @ weight.T + bias in one node (one GEMM forward, two backward), as torch.nn.functional.linear."""
     xd, wd = x.data, weight.data
     if xd.dtype != wd.dtype:
-        raise OpError("linear", f"input dtype {xd.dtype} does not match weight dtype {wd.dtype} "
-                                f"(input shape {xd.shape}, weight shape {wd.shape})")
+        raise OpError(
+            "linear",
+            f"input dtype {xd.dtype} does not match weight dtype {wd.dtype} "
+            f"(input shape {xd.shape}, weight shape {wd.shape})",
+        )
     if wd.ndim != 2 or xd.shape[-1:] != wd.shape[1:]:
-        raise OpError("linear", f"input of shape {xd.shape} does not match weight of shape {wd.shape} "
-                                f"(expects last dim {wd.shape[-1] if wd.ndim else '?'})")
+        raise OpError(
+            "linear",
+            f"input of shape {xd.shape} does not match weight of shape {wd.shape} "
+            f"(expects last dim {wd.shape[-1] if wd.ndim else '?'})",
+        )
     # Leading dims folded into one GEMM: NumPy runs a 3-D @ 2-D product as one GEMM per batch entry, 1.9x slower
     # than the single (12*64, 128) @ (128, 384) GEMM of a GPT block (measured, one thread).
     x2 = xd.reshape(-1, xd.shape[-1])
-    out = (x2 @ wd.T)
+    out = x2 @ wd.T
     if bias is not None:
         if bias.data.shape != (wd.shape[0],):
             raise OpError("linear", f"bias of shape {bias.data.shape} does not match weight {wd.shape}")
@@ -76,8 +90,8 @@ def linear(x, weight, bias=None):
         if bias is not None and bias.requires_grad:
             gb = g2.sum(axis=0)
         return (gx, gw) if bias is None else (gx, gw, gb)
-    return make_result(out, parents, backward, "linear", saved=(x, weight))
 
+    return make_result(out, parents, backward, "linear", saved=(x, weight))
 
 
 # ----- einsum ---------------------------------------------------------------------------------------------------
@@ -99,8 +113,11 @@ def einsum(equation: str, *operands):
     tensors = tuple(as_tensor(o) for o in operands)
     dtypes = {t.data.dtype for t in tensors}
     if len(dtypes) > 1:
-        raise OpError("einsum", f"operands have different dtypes {[str(t.data.dtype) for t in tensors]} (equation "
-                                f"{equation!r}); cast them to one with .to(...) first")
+        raise OpError(
+            "einsum",
+            f"operands have different dtypes {[str(t.data.dtype) for t in tensors]} (equation "
+            f"{equation!r}); cast them to one with .to(...) first",
+        )
     arrays = [t.data for t in tensors]
     subs, out_sub, sizes = _einsum_parse(equation, [a.shape for a in arrays])
     out = _contract(subs, out_sub, arrays, sizes)
@@ -115,6 +132,7 @@ def einsum(equation: str, *operands):
             ins = [g] + [a for j, a in enumerate(arrays) if j != i]
             grads.append(_einsum_grad(subs[i], arrays[i].shape, terms, ins, sizes))
         return tuple(grads)
+
     return make_result(out, tensors, backward, "einsum", saved=tensors if len(tensors) > 1 else ())
 
 
@@ -127,14 +145,18 @@ def _einsum_parse(equation, shapes):
     lhs, arrow, rhs = eq.partition("->")
     terms = lhs.split(",")
     if len(terms) != len(shapes):
-        raise OpError("einsum", f"equation {equation!r} has subscripts for {len(terms)} operands but "
-                                f"{len(shapes)} were given")
+        raise OpError(
+            "einsum", f"equation {equation!r} has subscripts for {len(terms)} operands but {len(shapes)} were given"
+        )
     for term in terms + ([rhs] if arrow else []):
         rest = term.replace("...", "", 1)
         bad = [c for c in rest if c not in string.ascii_letters]
         if bad:
-            raise OpError("einsum", f"invalid subscript {bad[0]!r} in equation {equation!r}: use letters a-z, A-Z "
-                                    f"and at most one '...' per operand")
+            raise OpError(
+                "einsum",
+                f"invalid subscript {bad[0]!r} in equation {equation!r}: use letters a-z, A-Z "
+                f"and at most one '...' per operand",
+            )
     fresh = (c for c in string.ascii_letters if c not in eq)
 
     def new_letter():
@@ -149,24 +171,30 @@ def _einsum_parse(equation, shapes):
         if "..." in term and named <= len(shape):
             ell.append(len(shape) - named)
         elif named != len(shape):
-            raise OpError("einsum", f"the number of subscripts in the equation ({named}) does not match the number "
-                                    f"of dimensions ({len(shape)}) for operand {i} (shape {tuple(shape)})"
-                                    + ("" if "..." in term else " and no ellipsis was given"))
+            raise OpError(
+                "einsum",
+                f"the number of subscripts in the equation ({named}) does not match the number "
+                f"of dimensions ({len(shape)}) for operand {i} (shape {tuple(shape)})"
+                + ("" if "..." in term else " and no ellipsis was given"),
+            )
         else:
             ell.append(0)
     ell_letters = [new_letter() for _ in range(max(ell, default=0))]
     subs = []
     for term, k in zip(terms, ell):
         head, dots, tail = term.partition("...")
-        subs.append(list(head) + (ell_letters[len(ell_letters) - k:] if dots else []) + list(tail))
+        subs.append(list(head) + (ell_letters[len(ell_letters) - k :] if dots else []) + list(tail))
     sizes: dict = {}
     for i, (sub, shape) in enumerate(zip(subs, shapes)):
         for c, n in zip(sub, shape):
             seen = sizes.get(c, 1)
             if n != 1:
                 if seen not in (1, n):
-                    raise OpError("einsum", f"subscript {c} has size {n} for operand {i} which does not broadcast "
-                                            f"with previously seen size {seen} (equation {equation!r})")
+                    raise OpError(
+                        "einsum",
+                        f"subscript {c} has size {n} for operand {i} which does not broadcast "
+                        f"with previously seen size {seen} (equation {equation!r})",
+                    )
                 sizes[c] = n
             else:
                 sizes.setdefault(c, 1)
@@ -175,11 +203,15 @@ def _einsum_parse(equation, shapes):
         out = list(head) + (ell_letters if dots else []) + list(tail)
         for c in out:
             if out.count(c) > 1:
-                raise OpError("einsum", f"output subscript {c} appears more than once in the output "
-                                        f"(equation {equation!r})")
+                raise OpError(
+                    "einsum", f"output subscript {c} appears more than once in the output (equation {equation!r})"
+                )
             if c not in sizes:
-                raise OpError("einsum", f"output subscript {c} does not appear in the equation for any input "
-                                        f"operand (equation {equation!r})")
+                raise OpError(
+                    "einsum",
+                    f"output subscript {c} does not appear in the equation for any input "
+                    f"operand (equation {equation!r})",
+                )
     else:  # implicit output: the broadcast dims, then the letters used exactly once, in sorted order
         flat = [c for sub in subs for c in sub]
         out = ell_letters + sorted(c for c in set(flat) if flat.count(c) == 1 and c not in ell_letters)
@@ -238,8 +270,9 @@ def _einsum_grad(sub, shape, terms, ins, sizes):
         grad = np.broadcast_to(grad, [sizes[c] for c in uniq])
     if uniq != sub:  # a repeated letter reads a diagonal: the gradient lands on it, zero elsewhere
         full = np.zeros(shape, dtype=grad.dtype)
-        place = tuple(np.arange(sizes[c]).reshape([-1 if k == uniq.index(c) else 1 for k in range(len(uniq))])
-                      for c in sub)
+        place = tuple(
+            np.arange(sizes[c]).reshape([-1 if k == uniq.index(c) else 1 for k in range(len(uniq))]) for c in sub
+        )
         full[place] = grad
         return full
     return np.array(grad) if keep != uniq else grad  # a broadcast view is copied (it is read-only)

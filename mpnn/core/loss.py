@@ -1,4 +1,5 @@
 """Losses with torch.nn.functional's signatures; cross_entropy fuses log_softmax and nll in one node."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,10 @@ def _class_last(op, x, target):
         raise OpError(op, f"input must have shape (N, C) or (N, C, d1, ...), got {x.shape}")
     expect = (x.shape[0],) + x.shape[2:]
     if target.shape != expect:
-        raise OpError(op, f"target of shape {target.shape} does not match input of shape {x.shape} "
-                          f"(expected target shape {expect})")
+        raise OpError(
+            op,
+            f"target of shape {target.shape} does not match input of shape {x.shape} (expected target shape {expect})",
+        )
     c = x.shape[1]
     rows = np.moveaxis(x, 1, -1).reshape(-1, c) if x.ndim > 2 else x
     return rows, target.reshape(-1), c
@@ -37,13 +40,17 @@ def _check_labels(op, labels, c, ignore_index):
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= c))
     if bad.any():
-        raise OpError(op, f"target label {int(labels[bad][0])} is out of range for {c} classes "
-                          f"(valid labels are 0..{c - 1}, or ignore_index={ignore_index})")
+        raise OpError(
+            op,
+            f"target label {int(labels[bad][0])} is out of range for {c} classes "
+            f"(valid labels are 0..{c - 1}, or ignore_index={ignore_index})",
+        )
     return valid
 
 
-def cross_entropy(input: Tensor, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(
+    input: Tensor, target, weight=None, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
     """Softmax cross-entropy against integer labels (or class probabilities of the input's shape)."""
     _check_reduction("cross_entropy", reduction)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -95,17 +102,21 @@ def cross_entropy(input: Tensor, target, weight=None, ignore_index: int = -100, 
         if ndim > 2:
             grow = np.moveaxis(grow.reshape((shape[0],) + shape[2:] + (shape[1],)), -1, 1)
         return (np.ascontiguousarray(grow),)
+
     return make_result(out, (input,), backward, "cross_entropy", saved=())
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
     target = as_tensor(target)
     if target.data.shape != input.data.shape:
-        raise OpError("cross_entropy", f"probability target of shape {target.data.shape} must match input "
-                                       f"shape {input.data.shape}")
+        raise OpError(
+            "cross_entropy",
+            f"probability target of shape {target.data.shape} must match input shape {input.data.shape}",
+        )
     c = input.data.shape[1] if input.data.ndim > 1 else input.data.shape[0]
     dim = 1 if input.data.ndim > 1 else 0
     from mpnn.core.activation import log_softmax
+
     q = target * (1 - label_smoothing) + label_smoothing / c
     logp = log_softmax(input, dim=dim)
     if weight is not None:
@@ -151,13 +162,17 @@ def nll_loss(input: Tensor, target, weight=None, ignore_index: int = -100, reduc
         if ndim > 2:
             grow = np.moveaxis(grow.reshape((shape[0],) + shape[2:] + (shape[1],)), -1, 1)
         return (np.ascontiguousarray(grow),)
+
     return make_result(out.astype(x.dtype, copy=False), (input,), backward, "nll_loss", saved=())
 
 
 def _same_shape(op, a, b):
     if a.data.shape != b.data.shape:
-        raise OpError(op, f"input of shape {a.data.shape} and target of shape {b.data.shape} differ; "
-                          f"reshape one of them (broadcasting here is almost always a bug)")
+        raise OpError(
+            op,
+            f"input of shape {a.data.shape} and target of shape {b.data.shape} differ; "
+            f"reshape one of them (broadcasting here is almost always a bug)",
+        )
 
 
 def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
@@ -175,8 +190,9 @@ def l1_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
     return _reduce(ops.abs(input - target), reduction)
 
 
-def binary_cross_entropy_with_logits(input: Tensor, target, weight=None, reduction: str = "mean",
-                                     pos_weight=None) -> Tensor:
+def binary_cross_entropy_with_logits(
+    input: Tensor, target, weight=None, reduction: str = "mean", pos_weight=None
+) -> Tensor:
     """Sigmoid + binary cross-entropy in one stable node: log(1 + e^-|x|) + max(-x, 0) never overflows."""
     _check_reduction("binary_cross_entropy_with_logits", reduction)
     target = as_tensor(target, like=input)
@@ -212,5 +228,5 @@ def binary_cross_entropy_with_logits(input: Tensor, target, weight=None, reducti
             gy = gy * w if w is not None else gy
             gy = gy.astype(x.dtype, copy=False)
         return gx if input.requires_grad else None, gy
-    return make_result(out, (input, target), backward, "binary_cross_entropy_with_logits",
-                       saved=(input, target))
+
+    return make_result(out, (input, target), backward, "binary_cross_entropy_with_logits", saved=(input, target))

@@ -1,6 +1,7 @@
 """Movement ops: reshape, view, permute, transpose, squeeze, expand, cat, stack, split, and the copying ones tril,
 triu, repeat, flip, roll. Most of the first group return views that share the input's memory and version counter
 (``make_view``), so in-place writes through them are tracked; the second group copies, as torch's do."""
+
 from __future__ import annotations
 
 import builtins
@@ -26,11 +27,13 @@ def reshape(a, *shape):
     try:
         out = a.data.reshape(shape)
     except ValueError:
-        raise OpError("reshape", f"cannot reshape a tensor of shape {src} ({a.data.size} elements) "
-                                 f"into {shape}") from None
+        raise OpError(
+            "reshape", f"cannot reshape a tensor of shape {src} ({a.data.size} elements) into {shape}"
+        ) from None
 
     def backward(g):
         return (g.reshape(src),)
+
     return make_view(out, a, backward, "reshape", lambda arr: arr.reshape(shape))
 
 
@@ -46,19 +49,21 @@ def flatten(a, start_dim=0, end_dim=-1):
     if s > e:
         raise OpError("flatten", f"start_dim {start_dim} comes after end_dim {end_dim} for {nd} dims")
     shp = a.data.shape
-    return reshape(a, shp[:s] + (-1 if 0 not in shp[s:e + 1] else 0,) + shp[e + 1:])
+    return reshape(a, shp[:s] + (-1 if 0 not in shp[s : e + 1] else 0,) + shp[e + 1 :])
 
 
 def permute(a, *dims):
     dims = _shape_args(dims)
     nd = a.data.ndim
     if sorted(d % builtins.max(nd, 1) for d in dims) != list(range(nd)):
-        raise OpError("permute", f"dims {dims} are not a permutation of the {nd} dimensions of a tensor "
-                                 f"of shape {a.data.shape}")
+        raise OpError(
+            "permute", f"dims {dims} are not a permutation of the {nd} dimensions of a tensor of shape {a.data.shape}"
+        )
     inv = np.argsort([d % nd for d in dims])
 
     def backward(g):
         return (g.transpose(inv),)
+
     return make_view(a.data.transpose(dims), a, backward, "permute", lambda arr: arr.transpose(dims))
 
 
@@ -71,8 +76,10 @@ def transpose(a, dim0=0, dim1=1):
 
     def backward(g):
         return (np.swapaxes(g, dim0, dim1),)
-    return make_view(np.swapaxes(a.data, dim0, dim1), a, backward, "transpose",
-                     lambda arr: np.swapaxes(arr, dim0, dim1))
+
+    return make_view(
+        np.swapaxes(a.data, dim0, dim1), a, backward, "transpose", lambda arr: np.swapaxes(arr, dim0, dim1)
+    )
 
 
 def t(a):
@@ -94,6 +101,7 @@ def squeeze(a, dim=None):
 
     def backward(g):
         return (g.reshape(src),)
+
     return make_view(out, a, backward, "squeeze", lambda arr: arr.reshape(shape))
 
 
@@ -105,6 +113,7 @@ def unsqueeze(a, dim):
 
     def backward(g):
         return (g.reshape(src),)
+
     axis = dim % nd
     return make_view(np.expand_dims(a.data, axis), a, backward, "unsqueeze", lambda arr: np.expand_dims(arr, axis))
 
@@ -116,8 +125,9 @@ def expand(a, *sizes):
     if lead < 0:
         raise OpError("expand", f"cannot expand shape {src} to fewer dimensions {sizes}")
     if builtins.any(s == -1 for s in sizes[:lead]):
-        raise OpError("expand", f"the expanded size -1 isn't allowed in a leading, new dimension (shape {src} "
-                                f"to {sizes})")
+        raise OpError(
+            "expand", f"the expanded size -1 isn't allowed in a leading, new dimension (shape {src} to {sizes})"
+        )
     target = tuple(src[i - lead] if s == -1 else s for i, s in enumerate(sizes))
     try:
         out = np.broadcast_to(a.data, target)
@@ -126,6 +136,7 @@ def expand(a, *sizes):
 
     def backward(g):
         return (unbroadcast(g, src),)
+
     return make_view(out, a, backward, "expand", lambda arr: np.broadcast_to(arr, target))
 
 
@@ -142,14 +153,16 @@ def cat(tensors, dim=0):
     try:
         out = np.concatenate([x.data for x in tensors], axis=dim)
     except (ValueError, IndexError) as e:  # AxisError subclasses both (np.exceptions is NumPy >= 1.25)
-        raise OpError("cat", f"cannot concatenate shapes {[tuple(x.shape) for x in tensors]} along dim "
-                             f"{dim}: {e}") from None
+        raise OpError(
+            "cat", f"cannot concatenate shapes {[tuple(x.shape) for x in tensors]} along dim {dim}: {e}"
+        ) from None
     ax = dim % out.ndim
     bounds = np.cumsum([x.data.shape[ax] for x in tensors])[:-1]
 
     def backward(g):
         parts = np.split(g, bounds, axis=ax)
         return tuple(p if x.requires_grad else None for p, x in zip(parts, tensors))
+
     return make_result(out, tuple(tensors), backward, "cat", saved=())
 
 
@@ -163,12 +176,14 @@ def stack(tensors, dim=0):
     try:
         out = np.stack([x.data for x in tensors], axis=dim)
     except ValueError:
-        raise OpError("stack", f"all tensors must have the same shape, got "
-                               f"{[tuple(x.shape) for x in tensors]}") from None
+        raise OpError(
+            "stack", f"all tensors must have the same shape, got {[tuple(x.shape) for x in tensors]}"
+        ) from None
     ax = dim % out.ndim
 
     def backward(g):
         return tuple(np.take(g, i, axis=ax) if x.requires_grad else None for i, x in enumerate(tensors))
+
     return make_result(out, tuple(tensors), backward, "stack", saved=())
 
 
@@ -199,7 +214,6 @@ def chunk(a, chunks, dim=0):
     return split(a, -(-n // chunks) if n else 1, dim)
 
 
-
 def tril(a, diagonal=0):
     """The lower triangle of the last two dims (elements j <= i + diagonal), the rest zero, as torch.tril."""
     return _triangle("tril", a, diagonal, np.tril)
@@ -217,6 +231,7 @@ def _triangle(op, a, diagonal, fn):
 
     def backward(g):
         return (fn(g, k),)
+
     return make_result(fn(a.data, k), (a,), backward, op, saved=())
 
 
@@ -226,8 +241,11 @@ def repeat(a, *sizes):
     sizes = _shape_args(sizes)
     src = a.data.shape
     if len(sizes) < len(src):
-        raise OpError("repeat", f"number of repeat dims ({len(sizes)}: {sizes}) can not be smaller than the number "
-                                f"of dims of the tensor ({len(src)}: shape {src})")
+        raise OpError(
+            "repeat",
+            f"number of repeat dims ({len(sizes)}: {sizes}) can not be smaller than the number "
+            f"of dims of the tensor ({len(src)}: shape {src})",
+        )
     if builtins.any(s < 0 for s in sizes):
         raise OpError("repeat", f"repeats must be non-negative, got {sizes}")
     padded = (1,) * (len(sizes) - len(src)) + src
@@ -237,6 +255,7 @@ def repeat(a, *sizes):
 
     def backward(g):
         return (np.asarray(g.reshape(pairs).sum(axis=copies)).reshape(src),)
+
     return make_result(out, (a,), backward, "repeat", saved=())
 
 
@@ -255,6 +274,7 @@ def flip(a, *args, dims=None):
 
     def backward(g):
         return (np.flip(g, axes) if axes else g,)
+
     return make_result(np.flip(a.data, axes).copy() if axes else a.data.copy(), (a,), backward, "flip", saved=())
 
 
@@ -270,8 +290,9 @@ def roll(a, shifts, dims=None):
     else:
         dims_t = (dims,) if isinstance(dims, (int, np.integer)) else tuple(dims)
         if len(shifts_t) != len(dims_t):
-            raise OpError("roll", f"shifts and dims must align: {len(shifts_t)} shifts {shifts_t} for "
-                                  f"{len(dims_t)} dims {dims_t}")
+            raise OpError(
+                "roll", f"shifts and dims must align: {len(shifts_t)} shifts {shifts_t} for {len(dims_t)} dims {dims_t}"
+            )
         if nd == 0:
             raise OpError("roll", f"dims {dims_t} given but the tensor has no dimensions (0-d)")
         shift, axes = tuple(int(s) for s in shifts_t), _axes("roll", dims_t, nd)
@@ -279,8 +300,8 @@ def roll(a, shifts, dims=None):
 
     def backward(g):
         return (np.asarray(np.roll(g, neg, axes)).reshape(g.shape),)
-    return make_result(np.asarray(np.roll(a.data, shift, axes)).reshape(a.data.shape), (a,), backward, "roll",
-                       saved=())
+
+    return make_result(np.asarray(np.roll(a.data, shift, axes)).reshape(a.data.shape), (a,), backward, "roll", saved=())
 
 
 class MovementMethods:

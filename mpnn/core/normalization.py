@@ -1,4 +1,5 @@
 """batch_norm and layer_norm with fused backward; variance by two passes (mean, then squared deviations)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,26 +12,35 @@ def _arr(t):
     return None if t is None else t.data
 
 
-def batch_norm(input: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+def batch_norm(
+    input: Tensor,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
     """Normalize over every dim but 1 (channels). Training uses batch statistics and updates the running
     ones in place (unbiased variance, as torch); eval uses the running statistics."""
     x = input.data
     if x.ndim < 2:
         raise OpError("batch_norm", f"expects input of shape (N, C, ...), got {x.shape}")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and _arr(t).shape != (c,):
-            raise OpError("batch_norm", f"{name} has shape {_arr(t).shape} but the input has {c} channels "
-                                        f"(input shape {x.shape})")
+            raise OpError(
+                "batch_norm", f"{name} has shape {_arr(t).shape} but the input has {c} channels (input shape {x.shape})"
+            )
     axes = (0,) + tuple(range(2, x.ndim))
     bshape = (1, c) + (1,) * (x.ndim - 2)
     n = x.size // c
     if training:
         if n <= 1:
-            raise OpError("batch_norm", f"expected more than 1 value per channel when training, got input "
-                                        f"of shape {x.shape}")
+            raise OpError(
+                "batch_norm", f"expected more than 1 value per channel when training, got input of shape {x.shape}"
+            )
         mean = x.mean(axis=axes)
         centered = x - mean.reshape(bshape)
         var = (centered * centered).mean(axis=axes)
@@ -73,8 +83,8 @@ def batch_norm(input: Tensor, running_mean, running_var, weight=None, bias=None,
         if bias is not None:
             grads.append(gb)
         return tuple(grads)
-    return make_result(out, parents, backward, "batch_norm",
-                       saved=() if weight is None else (weight,))
+
+    return make_result(out, parents, backward, "batch_norm", saved=() if weight is None else (weight,))
 
 
 def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -82,13 +92,13 @@ def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: flo
     x = input.data
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(shape)
-    if x.shape[x.ndim - k:] != shape:
-        raise OpError("layer_norm", f"normalized_shape {shape} does not match the trailing dims of input "
-                                    f"{x.shape}")
+    if x.shape[x.ndim - k :] != shape:
+        raise OpError("layer_norm", f"normalized_shape {shape} does not match the trailing dims of input {x.shape}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and _arr(t).shape != shape:
             raise OpError("layer_norm", f"{name} has shape {_arr(t).shape}, expected {shape}")
     from mpnn.core import normalization_kernels as K
+
     n = int(np.prod(shape))
     dt = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
     x2 = K.rows(x.astype(dt, copy=False), n)
@@ -115,5 +125,11 @@ def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: flo
         if bias is not None:
             grads.append(gb.reshape(shape).astype(bias.data.dtype) if bias.requires_grad else None)
         return tuple(grads)
-    return make_result(out.reshape(x.shape).astype(x.dtype, copy=False), parents, backward, "layer_norm",
-                       saved=(input,) if weight is None else (input, weight))
+
+    return make_result(
+        out.reshape(x.shape).astype(x.dtype, copy=False),
+        parents,
+        backward,
+        "layer_norm",
+        saved=(input,) if weight is None else (input, weight),
+    )

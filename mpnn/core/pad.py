@@ -4,6 +4,7 @@ The pad tuple runs from the last dim backwards: (left, right, top, bottom, ...).
 Constant padding is two slice copies; the other modes gather each padded dim through an index map
 (NumPy take), and their backward folds the gradient back with np.add.at on that map.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,7 @@ def pad(input, pad, mode="constant", value=None):
 
     def backward(g):
         for d, idx in reversed(maps):
-            folded = np.zeros(g.shape[:d] + (x.shape[d],) + g.shape[d + 1:], g.dtype)
+            folded = np.zeros(g.shape[:d] + (x.shape[d],) + g.shape[d + 1 :], g.dtype)
             np.add.at(np.moveaxis(folded, d, 0), idx, np.moveaxis(g, d, 0))
             g = folded
         return (g,)
@@ -48,15 +49,21 @@ def _pairs(shape, pad, mode):
     """[(before, after)] for the last dims, checked: an even-length int sequence the input's rank covers."""
     if mode not in _MODES:
         raise OpError("pad", f"mode must be one of {_MODES}, got {mode!r}")
-    if (not isinstance(pad, (tuple, list)) or len(pad) % 2
-            or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in pad)):
+    if (
+        not isinstance(pad, (tuple, list))
+        or len(pad) % 2
+        or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in pad)
+    ):
         raise OpError("pad", f"pad must be a tuple of an even number of ints, got {pad!r}")
     count = len(pad) // 2
     if count > len(shape):
         raise OpError("pad", f"pad {tuple(pad)} pads {count} dims but the input {shape} has {len(shape)}")
     if mode != "constant" and not (1 <= count <= 3 and len(shape) in (count + 1, count + 2)):
-        raise OpError("pad", f'mode "{mode}" pads the last 1-3 dims of a batched or unbatched input '
-                             f"(pad of {count} dims needs {count + 1} or {count + 2} dims), got input {shape}")
+        raise OpError(
+            "pad",
+            f'mode "{mode}" pads the last 1-3 dims of a batched or unbatched input '
+            f"(pad of {count} dims needs {count + 1} or {count + 2} dims), got input {shape}",
+        )
     return [(int(pad[2 * i]), int(pad[2 * i + 1])) for i in range(count)]
 
 

@@ -3,6 +3,7 @@
 The Generator object itself never changes: manual_seed and set_rng_state reseed it in place, so code
 that kept a reference from ``generator()`` follows the new seed too.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,8 +66,11 @@ def multinomial(input, num_samples: int, replacement: bool = False, *, generator
             raise OpError("multinomial", f"cannot sample {num_samples} > {n} categories without replacement")
         positive = int((rows > 0).sum(axis=1).min())
         if num_samples > positive:
-            raise OpError("multinomial", f"cannot sample {num_samples} without replacement from a row with only "
-                                         f"{positive} categories of non-zero weight")
+            raise OpError(
+                "multinomial",
+                f"cannot sample {num_samples} without replacement from a row with only "
+                f"{positive} categories of non-zero weight",
+            )
         # Exponential races (Efraimidis-Spirakis): category i finishes at E_i / w_i, E_i ~ Exp(1); the first
         # num_samples to finish, in finishing order, are an ordered draw without replacement. Zero weight: never.
         with np.errstate(divide="ignore"):

@@ -3,6 +3,7 @@ cumsum (a scan, kept with the reductions it shares ``dim`` handling with).
 
 Each takes torch's NumPy-style aliases too (``axis=`` for ``dim=``, ``keepdims=`` for ``keepdim=``), as keyword-only
 arguments checked with one ``is not None`` test, so the common call pays next to nothing for them."""
+
 from __future__ import annotations
 
 import builtins
@@ -67,6 +68,7 @@ def sum(a, dim=None, keepdim=False, dtype=None, *, axis=None, keepdims=None):
 
     def backward(g):
         return (np.array(_expand_back(g, shape, axes, keepdim), order="C"),)  # (ascontiguousarray makes 0-d 1-d)
+
     return make_result(out, (a,), backward, "sum", saved=())
 
 
@@ -82,6 +84,7 @@ def mean(a, dim=None, keepdim=False, *, axis=None, keepdims=None):
 
     def backward(g):
         return (np.array(_expand_back(g / count, shape, axes, keepdim), dtype=g.dtype, order="C"),)
+
     return make_result(out, (a,), backward, "mean", saved=())
 
 
@@ -117,6 +120,7 @@ def _extreme(op, a, dim, keepdim, reduce_fn, arg_fn):
 
         def backward(g):
             return ((mask * (g / count)).astype(g.dtype),)
+
         return make_result(out, (a,), backward, op, saved=())
     axes = _axes(op, dim, ad.ndim)
     axis = axes[0] if axes else None
@@ -131,6 +135,7 @@ def _extreme(op, a, dim, keepdim, reduce_fn, arg_fn):
         gg = g if keepdim else np.expand_dims(g, axis)
         np.put_along_axis(full, idx, gg, axis=axis)
         return (full,)
+
     indices = idx.squeeze(axis) if not keepdim and ad.ndim else idx
     if not keepdim and ad.ndim:
         values = values.squeeze(axis)
@@ -181,6 +186,7 @@ def _amaxmin(op, a, axes, keepdim, fn):
     def backward(g):
         gg = g if keepdim else np.expand_dims(g, axes)
         return ((mask * gg / count).astype(g.dtype),)
+
     out = kept if keepdim else np.squeeze(kept, axis=axes)
     return make_result(out, (a,), backward, op, saved=())
 
@@ -234,6 +240,7 @@ def prod(a, dim=None, keepdim=False, dtype=None, *, axis=None, keepdims=None):
         else:
             others = _others_product(ad, axes[0])
         return ((_expand_back(g, shape, axes, keepdim) * others).astype(g.dtype, copy=False),)
+
     return make_result(out, (a,), backward, "prod", saved=(a,))
 
 
@@ -260,8 +267,10 @@ def logsumexp(a, dim=None, keepdim=False, *, axis=None, keepdims=None):
     if ad.dtype.kind != "f":  # integers and booleans give a float result, as in torch
         ad = ad.astype(np.float32)
     if ad.ndim == 0:
+
         def backward0(g):
             return (np.array(g),)
+
         return make_result(ad.copy(), (a,), backward0, "logsumexp", saved=())
     m = np.max(ad, axis=axes, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0).astype(ad.dtype, copy=False)
@@ -275,6 +284,7 @@ def logsumexp(a, dim=None, keepdim=False, *, axis=None, keepdims=None):
         gg = g if keepdim else np.expand_dims(g, axes)
         with np.errstate(invalid="ignore", divide="ignore"):  # a row of -inf has no direction: nan, as torch
             return ((gg * (np.exp(ad - m) / total)).astype(g.dtype, copy=False),)
+
     return make_result(out, (a,), backward, "logsumexp", saved=(a,))
 
 
@@ -296,6 +306,7 @@ def cumsum(a, dim=None, dtype=None, *, axis=None):
         if g.ndim == 0:
             return (np.array(g, dtype=src),)
         return (np.flip(np.cumsum(np.flip(g, ax), axis=ax), ax).astype(src, copy=False),)
+
     return make_result(out, (a,), backward, "cumsum", saved=())
 
 

@@ -11,6 +11,7 @@ The SHA-256 covers the header (with the digest field zeroed) and the payload, so
 anywhere is caught. save writes a temp file in the same directory, fsyncs it, renames it over the
 target and fsyncs the directory: a crash leaves either the old file or the new one, never a mix.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,10 @@ def _encode(obj, arrays: list, where: str, active: set):
     if isinstance(obj, (Tensor, np.ndarray, np.generic)):
         arr = np.asarray(obj.data if isinstance(obj, Tensor) else obj)
         if arr.dtype.kind not in _ARRAY_KINDS or arr.dtype.fields is not None:
-            raise TypeError(f"save: cannot store an array of dtype {arr.dtype} at {where} "
-                            f"(only bool, integer, float and complex arrays)")
+            raise TypeError(
+                f"save: cannot store an array of dtype {arr.dtype} at {where} "
+                f"(only bool, integer, float and complex arrays)"
+            )
         arrays.append(arr if arr.flags.c_contiguous else np.array(arr, order="C"))
         return {"scalar" if isinstance(obj, np.generic) else "array": len(arrays) - 1}
     if isinstance(obj, (dict, list, tuple)):
@@ -63,15 +66,21 @@ def _encode(obj, arrays: list, where: str, active: set):
         active.add(id(obj))
         if isinstance(obj, dict):
             tag = "odict" if isinstance(obj, OrderedDict) else "dict"
-            out = {tag: [[_encode(k, arrays, f"{where} (a key)", active), _encode(v, arrays, f"{where}[{k!r}]", active)]
-                         for k, v in obj.items()]}
+            out = {
+                tag: [
+                    [_encode(k, arrays, f"{where} (a key)", active), _encode(v, arrays, f"{where}[{k!r}]", active)]
+                    for k, v in obj.items()
+                ]
+            }
         else:
             items = [_encode(v, arrays, f"{where}[{i}]", active) for i, v in enumerate(obj)]
             out = {"tuple": items} if isinstance(obj, tuple) else items
         active.discard(id(obj))
         return out
-    raise TypeError(f"save: cannot store a {type(obj).__name__} at {where}; checkpoints hold dicts, lists, "
-                    f"tuples, arrays, Tensors, numbers, strings and None")
+    raise TypeError(
+        f"save: cannot store a {type(obj).__name__} at {where}; checkpoints hold dicts, lists, "
+        f"tuples, arrays, Tensors, numbers, strings and None"
+    )
 
 
 register_save_hook = hooks.register_save_hook  # fn(path, sha256) after every save: the audit trail records checkpoints
@@ -177,25 +186,33 @@ def load(path, map_location=None):
                 raise CheckpointError(path, f"truncated: the file is only {size} bytes")
             raise CheckpointError(path, f"not an mpnn checkpoint (bad magic {header[:8]!r}, expected {MAGIC!r})")
         if len(header) < _HEADER.size:
-            raise CheckpointError(path, f"truncated: the file is {size} bytes, shorter than the "
-                                        f"{_HEADER.size}-byte header")
+            raise CheckpointError(
+                path, f"truncated: the file is {size} bytes, shorter than the {_HEADER.size}-byte header"
+            )
         _, version, _, payload_len, recorded = _HEADER.unpack(header)
         if version != FORMAT_VERSION:
-            raise CheckpointError(path, f"unsupported format version {version} (this mpnn reads version "
-                                        f"{FORMAT_VERSION}), or a corrupted header")
+            raise CheckpointError(
+                path,
+                f"unsupported format version {version} (this mpnn reads version "
+                f"{FORMAT_VERSION}), or a corrupted header",
+            )
         have = size - _HEADER.size
         if have < payload_len:
-            raise CheckpointError(path, f"truncated: the header promises {payload_len} payload bytes, the file "
-                                        f"holds {have}")
+            raise CheckpointError(
+                path, f"truncated: the header promises {payload_len} payload bytes, the file holds {have}"
+            )
         if have > payload_len:
             raise CheckpointError(path, f"{have - payload_len} unexpected bytes after the payload (corrupted)")
         payload = bytearray(payload_len)
         f.readinto(payload)
-    digest = hashlib.sha256(header[:_DIGEST_AT] + bytes(32) + header[_DIGEST_AT + 32:])
+    digest = hashlib.sha256(header[:_DIGEST_AT] + bytes(32) + header[_DIGEST_AT + 32 :])
     digest.update(payload)
     if digest.digest() != recorded:
-        raise CheckpointError(path, f"checksum mismatch: the content's SHA-256 is {digest.hexdigest()[:16]}..., "
-                                    f"the header records {recorded.hex()[:16]}... (corrupted or edited)")
+        raise CheckpointError(
+            path,
+            f"checksum mismatch: the content's SHA-256 is {digest.hexdigest()[:16]}..., "
+            f"the header records {recorded.hex()[:16]}... (corrupted or edited)",
+        )
     try:
         return _decode_payload(payload)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -204,7 +221,7 @@ def load(path, map_location=None):
 
 def _decode_payload(payload: bytearray):
     (meta_len,) = struct.unpack_from("<Q", payload, 0)
-    meta = json.loads(payload[8:8 + meta_len].decode("utf-8"))
+    meta = json.loads(payload[8 : 8 + meta_len].decode("utf-8"))
     data_start = _aligned(8 + meta_len)
     arrays = []
     for entry in meta["arrays"]:
@@ -212,8 +229,12 @@ def _decode_payload(payload: bytearray):
         shape = tuple(int(n) for n in entry["shape"])
         count = int(np.prod(shape, dtype=np.int64))
         start = data_start + int(entry["offset"])
-        if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or count * dtype.itemsize != entry["nbytes"] \
-                or start + entry["nbytes"] > len(payload):
+        if (
+            dtype.kind not in _ARRAY_KINDS
+            or dtype.fields is not None
+            or count * dtype.itemsize != entry["nbytes"]
+            or start + entry["nbytes"] > len(payload)
+        ):
             raise ValueError(f"bad array entry {entry}")
         arrays.append(np.frombuffer(payload, dtype=dtype, count=count, offset=start).reshape(shape))
     return _decode(meta["root"], arrays)
@@ -226,7 +247,7 @@ def _decode(node, arrays):
         return [_decode(v, arrays) for v in node]
     if not isinstance(node, dict) or len(node) != 1:
         raise ValueError(f"unknown node {str(node)[:60]}")
-    (tag, value), = node.items()
+    ((tag, value),) = node.items()
     if tag == "array":
         return arrays[value]
     if tag == "scalar":

@@ -6,6 +6,7 @@ that readers, IDEs and type checkers see; what is left here is the Python protoc
 and ``backward``. Slots, dtypes and ``make_result`` live in ``mpnn.core.tensor_base``; the tape and the
 reverse pass in ``mpnn.core.autograd``.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -43,8 +44,16 @@ from mpnn.core.tensor_base import (  # noqa: F401 (re-exported)
 )
 
 
-class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMethods, IndexingMethods, LinalgMethods,
-             InplaceMethods, TensorBase):
+class Tensor(
+    ElementwiseMethods,
+    ActivationMethods,
+    ReduceMethods,
+    MovementMethods,
+    IndexingMethods,
+    LinalgMethods,
+    InplaceMethods,
+    TensorBase,
+):
     """An n-dimensional array with an optional gradient, shaped after torch.Tensor."""
 
     __slots__ = ()
@@ -107,9 +116,11 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
             return shape
         n = len(shape)
         if not -n <= dim < n:
-            raise IndexError(f"size: dimension {dim} out of range for a tensor of shape {shape} "
-                             f"(expected a dim in [{-n}, {n - 1}])" if n else
-                             f"size: dimension specified as {dim} but the tensor has no dimensions")
+            raise IndexError(
+                f"size: dimension {dim} out of range for a tensor of shape {shape} (expected a dim in [{-n}, {n - 1}])"
+                if n
+                else f"size: dimension specified as {dim} but the tensor has no dimensions"
+            )
         return shape[dim]
 
     def dim(self):
@@ -133,8 +144,9 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
 
     def item(self):
         if self.data.size != 1:
-            raise ValueError(f"item: only a one-element tensor converts to a Python scalar, "
-                             f"got shape {self.data.shape}")
+            raise ValueError(
+                f"item: only a one-element tensor converts to a Python scalar, got shape {self.data.shape}"
+            )
         return self.data.item()
 
     def tolist(self):
@@ -154,11 +166,12 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
 
     def requires_grad_(self, flag: bool = True) -> Tensor:
         if flag and self.data.dtype.kind != "f":
-            raise TypeError(f"requires_grad_: only floating-point tensors can require gradients, "
-                            f"got {self.data.dtype}")
+            raise TypeError(f"requires_grad_: only floating-point tensors can require gradients, got {self.data.dtype}")
         if not flag and self._node is not None:
-            raise RuntimeError("requires_grad_: you can only change requires_grad flags of leaf tensors; use "
-                               "detach() to cut an op's result from the tape")
+            raise RuntimeError(
+                "requires_grad_: you can only change requires_grad flags of leaf tensors; use "
+                "detach() to cut an op's result from the tape"
+            )
         self.requires_grad = flag
         return self
 
@@ -285,18 +298,21 @@ class Tensor(ElementwiseMethods, ActivationMethods, ReduceMethods, MovementMetho
         if inputs is not None:
             raise NotImplementedError("backward: inputs= is not supported; every leaf receives its gradient")
         if not self.requires_grad:
-            raise RuntimeError("backward: this tensor does not require grad and has no grad_fn "
-                               "(did you compute it under no_grad, or from inputs that do not require grad?)")
+            raise RuntimeError(
+                "backward: this tensor does not require grad and has no grad_fn "
+                "(did you compute it under no_grad, or from inputs that do not require grad?)"
+            )
         if gradient is None:
             if self.data.size != 1:
-                raise RuntimeError(f"backward: a gradient can be implied only for a scalar output; this "
-                                   f"output has shape {self.data.shape}, pass gradient= of that shape")
+                raise RuntimeError(
+                    f"backward: a gradient can be implied only for a scalar output; this "
+                    f"output has shape {self.data.shape}, pass gradient= of that shape"
+                )
             g = np.ones_like(self.data)
         else:
             g = gradient.data if isinstance(gradient, Tensor) else np.asarray(gradient, dtype=self.data.dtype)
             if g.shape != self.data.shape:
-                raise RuntimeError(f"backward: gradient has shape {g.shape} but the output has shape "
-                                   f"{self.data.shape}")
+                raise RuntimeError(f"backward: gradient has shape {g.shape} but the output has shape {self.data.shape}")
         around = tuple(hooks.backward_hooks)
         for pre, _ in around:
             if pre is not None:

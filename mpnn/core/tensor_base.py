@@ -5,6 +5,7 @@ The op families (elementwise, reduce, movement, indexing, linalg, activation, ..
 ``mpnn.core.tensor``: ``Tensor`` is built from their method mixins, so it is defined after them and registers
 itself here (``bind``) for ``make_result`` to instantiate.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +14,19 @@ from mpnn.core.autograd import Node, Version, edge_of, saved_versions
 from mpnn.core.grad_mode import _state as _grad_state
 
 _DTYPES = {
-    None: np.float32, "float32": np.float32, "float": np.float32, "float64": np.float64,
-    "double": np.float64, "float16": np.float16, "half": np.float16, "int64": np.int64,
-    "long": np.int64, "int32": np.int32, "int": np.int64, "bool": np.bool_, "uint8": np.uint8,
+    None: np.float32,
+    "float32": np.float32,
+    "float": np.float32,
+    "float64": np.float64,
+    "double": np.float64,
+    "float16": np.float16,
+    "half": np.float16,
+    "int64": np.int64,
+    "long": np.int64,
+    "int32": np.int32,
+    "int": np.int64,
+    "bool": np.bool_,
+    "uint8": np.uint8,
 }
 
 float32 = np.dtype(np.float32)
@@ -32,8 +43,7 @@ def to_dtype(dtype) -> np.dtype:
         try:
             return np.dtype(_DTYPES[dtype])
         except KeyError:
-            raise TypeError(f"tensor: unknown dtype {dtype!r}; use one of "
-                            f"{sorted(k for k in _DTYPES if k)}") from None
+            raise TypeError(f"tensor: unknown dtype {dtype!r}; use one of {sorted(k for k in _DTYPES if k)}") from None
     return np.dtype(dtype)
 
 
@@ -57,8 +67,19 @@ class TensorBase:
     """The slots of a tensor: its array, gradient, and place on the tape (node, version counter shared with
     its views, and for a view its base and how to take the view from the base's array)."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_node", "_hooks", "_grad_hooks", "_ver", "_base", "_view_fn",
-                 "_view_ver", "__weakref__")
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "_node",
+        "_hooks",
+        "_grad_hooks",
+        "_ver",
+        "_base",
+        "_view_fn",
+        "_view_ver",
+        "__weakref__",
+    )
 
 
 _tensor_class: type = TensorBase  # the full Tensor, once mpnn.core.tensor has built it
@@ -147,6 +168,9 @@ def as_tensor(x, like=None):
     if isinstance(x, TensorBase):
         return x
     if like is not None and isinstance(x, (int, float, bool)):
-        return from_array(np.asarray(x, dtype=like.data.dtype if like.data.dtype.kind == "f"
-                                     else np.result_type(like.data.dtype, type(x))))
+        return from_array(
+            np.asarray(
+                x, dtype=like.data.dtype if like.data.dtype.kind == "f" else np.result_type(like.data.dtype, type(x))
+            )
+        )
     return _tensor_class(x)

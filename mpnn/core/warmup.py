@@ -5,6 +5,7 @@ instead of racing to compile the same functions into it (docs/architecture.md: c
 race). Only the engine's own kernels: the layers above warm theirs from the launcher (the optimizers' fused updates, the
 communicator's fence), since core imports nothing above it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,11 +30,18 @@ def warmup() -> None:
     x2, w2, w3 = leaf(2, 8, 10, 10), leaf(8, 8, 3, 3), leaf(4, 8, 3, 3)
     outs = [
         conv1d(x1, w1, leaf(4), stride=2, padding=1),
-        conv2d(x2, w2, leaf(8), padding=1),            # the Winograd path
-        conv2d(x2, w3, None, stride=2, padding=1),     # the im2col path
-        max_pool1d(x1, 2), avg_pool1d(x1, 2), max_pool2d(x2, 2), avg_pool2d(x2, 2),
-        adaptive_avg_pool2d(x2, 3), gelu(x1), gelu(x1, approximate="tanh"), log_softmax(x1, 1),
-        layer_norm(x1, (12,), leaf(12), leaf(12)), embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
+        conv2d(x2, w2, leaf(8), padding=1),  # the Winograd path
+        conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
+        max_pool1d(x1, 2),
+        avg_pool1d(x1, 2),
+        max_pool2d(x2, 2),
+        avg_pool2d(x2, 2),
+        adaptive_avg_pool2d(x2, 3),
+        gelu(x1),
+        gelu(x1, approximate="tanh"),
+        log_softmax(x1, 1),
+        layer_norm(x1, (12,), leaf(12), leaf(12)),
+        embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
         scaled_dot_product_attention(x1, x1, x1, is_causal=True),
     ]
     loss = outs[0].sum()

@@ -1,10 +1,25 @@
 """Data loading shaped after torch.utils.data: datasets, samplers (incl. DistributedSampler), DataLoader."""
+
 from mpnn.data import transforms
 from mpnn.data.dataset import Dataset, Subset, TensorDataset, random_split
 from mpnn.data.datasets import MNIST1D, load_mnist1d
 from mpnn.data.loader import DataLoader, default_collate, default_convert
 from mpnn.data.sampler import BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-__all__ = ["BatchSampler", "DataLoader", "Dataset", "DistributedSampler", "MNIST1D", "RandomSampler", "Sampler",
-           "SequentialSampler", "Subset", "TensorDataset", "default_collate", "default_convert", "load_mnist1d",
-           "random_split", "transforms"]
+__all__ = [
+    "BatchSampler",
+    "DataLoader",
+    "Dataset",
+    "DistributedSampler",
+    "MNIST1D",
+    "RandomSampler",
+    "Sampler",
+    "SequentialSampler",
+    "Subset",
+    "TensorDataset",
+    "default_collate",
+    "default_convert",
+    "load_mnist1d",
+    "random_split",
+    "transforms",
+]

@@ -3,6 +3,7 @@
 A dataset whose ``batched_getitem`` is True also accepts a 1-D integer index array in ``__getitem__`` and
 returns the whole batch at once (one fancy-index per array), which is the DataLoader's fast path.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,10 @@ class TensorDataset(Dataset):
         lengths = [a.shape[0] for a in arrays]
         if len(set(lengths)) != 1:
             shapes = ", ".join(str(a.shape) for a in arrays)
-            raise ValueError(f"TensorDataset: all inputs must have the same first dim (size mismatch between "
-                             f"tensors): got shapes {shapes}")
+            raise ValueError(
+                f"TensorDataset: all inputs must have the same first dim (size mismatch between "
+                f"tensors): got shapes {shapes}"
+            )
         self._arrays = arrays
         self.tensors = tuple(Tensor._from_array(a) for a in arrays)
 
@@ -74,19 +77,24 @@ class TensorDataset(Dataset):
     def __getitem__(self, index):
         """One sample (a tuple of Tensors) for an int; the stacked batch for an index array, list or slice."""
         if isinstance(index, (np.ndarray, list, slice)):
-            idx = index if type(index) is np.ndarray and index.dtype == np.intp else \
-                _check_batch_index(index, len(self), "TensorDataset")
+            idx = (
+                index
+                if type(index) is np.ndarray and index.dtype == np.intp
+                else _check_batch_index(index, len(self), "TensorDataset")
+            )
             try:
                 return tuple([Tensor._from_array(a[idx]) for a in self._arrays])
             except IndexError:
                 bad = idx[(idx >= len(self)) | (idx < -len(self))]
-                raise IndexError(f"TensorDataset: index {bad[0]} out of range for a dataset of "
-                                 f"{len(self)} samples") from None
+                raise IndexError(
+                    f"TensorDataset: index {bad[0]} out of range for a dataset of {len(self)} samples"
+                ) from None
         try:
             i = operator.index(index)
         except TypeError:
-            raise TypeError(f"TensorDataset: index must be an int or an integer array, "
-                            f"got {type(index).__name__}") from None
+            raise TypeError(
+                f"TensorDataset: index must be an int or an integer array, got {type(index).__name__}"
+            ) from None
         if not -len(self) <= i < len(self):
             raise IndexError(f"TensorDataset: index {i} out of range for a dataset of {len(self)} samples")
         return tuple(Tensor._from_array(a[i, ...]) for a in self._arrays)
@@ -112,8 +120,7 @@ class Subset(Dataset):
             try:
                 return self.dataset[self._index_array[_check_batch_index(index, len(self), "Subset")]]
             except IndexError:
-                raise IndexError(f"Subset: a batch index is out of range for a subset of {len(self)} "
-                                 f"samples") from None
+                raise IndexError(f"Subset: a batch index is out of range for a subset of {len(self)} samples") from None
         try:
             i = operator.index(index)
         except TypeError:
@@ -138,11 +145,11 @@ def random_split(dataset, lengths, generator: np.random.Generator | None = None)
             sizes[i % len(sizes)] += 1
         lengths = sizes
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 for k in lengths):
-        raise ValueError(f"random_split: lengths must be non-negative ints or fractions summing to 1, "
-                         f"got {lengths}")
+        raise ValueError(f"random_split: lengths must be non-negative ints or fractions summing to 1, got {lengths}")
     if sum(lengths) != n:
-        raise ValueError(f"random_split: sum of input lengths {sum(lengths)} does not equal the length of "
-                         f"the input dataset {n}")
+        raise ValueError(
+            f"random_split: sum of input lengths {sum(lengths)} does not equal the length of the input dataset {n}"
+        )
     gen = default_generator() if generator is None else generator
     order = gen.permutation(n)
     offsets = np.cumsum([0] + lengths)

@@ -5,6 +5,7 @@ Generation (mnist1d's make_dataset; its get_dataset would download, so it is nev
 is a few milliseconds. The cache is written atomically (temp file + rename) under a file lock, so when
 many worker processes start at once one of them generates and the others wait and load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,10 +54,12 @@ def _generate(num_samples: int, seed: int) -> dict:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return {"x": np.ascontiguousarray(data["x"], dtype=np.float32),
-            "y": np.ascontiguousarray(data["y"], dtype=np.int64),
-            "x_test": np.ascontiguousarray(data["x_test"], dtype=np.float32),
-            "y_test": np.ascontiguousarray(data["y_test"], dtype=np.int64)}
+    return {
+        "x": np.ascontiguousarray(data["x"], dtype=np.float32),
+        "y": np.ascontiguousarray(data["y"], dtype=np.int64),
+        "x_test": np.ascontiguousarray(data["x_test"], dtype=np.float32),
+        "y_test": np.ascontiguousarray(data["y_test"], dtype=np.int64),
+    }
 
 
 def _read(path: Path) -> dict | None:
@@ -116,8 +119,15 @@ class MNIST1D(TensorDataset):
 
     classes = [str(digit) for digit in range(10)]
 
-    def __init__(self, train: bool = True, num_samples: int = 5000, seed: int = 42, root=None,
-                 transform=None, target_transform=None):
+    def __init__(
+        self,
+        train: bool = True,
+        num_samples: int = 5000,
+        seed: int = 42,
+        root=None,
+        transform=None,
+        target_transform=None,
+    ):
         arrays = load_mnist1d(num_samples, seed, root)
         x, y = (arrays["x"], arrays["y"]) if train else (arrays["x_test"], arrays["y_test"])
         super().__init__(x, y)

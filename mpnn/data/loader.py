@@ -5,6 +5,7 @@ two fast paths: the sampler's whole order is drawn as one int64 array and sliced
 with ``batched_getitem`` (TensorDataset, MNIST1D, Subset of them) fetches a batch in one fancy-index per
 array instead of collating samples one by one.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -70,11 +71,15 @@ def default_collate(batch):
         return {key: default_collate([d[key] for d in batch]) for key in elem}
     if isinstance(elem, (tuple, list)):
         if len({len(sample) for sample in batch}) != 1:
-            raise ValueError("default_collate: each element in list of batch should be of equal size, got "
-                             f"lengths {sorted({len(sample) for sample in batch})}")
+            raise ValueError(
+                "default_collate: each element in list of batch should be of equal size, got "
+                f"lengths {sorted({len(sample) for sample in batch})}"
+            )
         return [default_collate(list(samples)) for samples in zip(*batch)]
-    raise TypeError(f"default_collate: batch must contain Tensors, NumPy arrays, numbers, dicts or lists; "
-                    f"found {type(elem).__name__}")
+    raise TypeError(
+        f"default_collate: batch must contain Tensors, NumPy arrays, numbers, dicts or lists; "
+        f"found {type(elem).__name__}"
+    )
 
 
 class _Pass:
@@ -99,28 +104,44 @@ class DataLoader:
     100-row fancy-indexes (torch 2.13's DataLoader with per-sample collation: 219 us per batch).
     """
 
-    def __init__(self, dataset, batch_size: int | None = 1, shuffle: bool | None = None, sampler=None,
-                 batch_sampler=None, num_workers: int = 0, collate_fn=None, pin_memory: bool = False,
-                 drop_last: bool = False, generator: np.random.Generator | None = None, *,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler=None,
+        batch_sampler=None,
+        num_workers: int = 0,
+        collate_fn=None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        generator: np.random.Generator | None = None,
+        *,
+        seed: int | None = None,
+    ):
         if batch_size is not None:
             _check_positive_int(batch_size, "batch_size", "DataLoader")
         if sampler is not None and shuffle:
             raise ValueError("DataLoader: sampler option is mutually exclusive with shuffle")
         if batch_sampler is not None:
             if batch_size != 1 or shuffle or sampler is not None or drop_last:
-                raise ValueError("DataLoader: batch_sampler option is mutually exclusive with batch_size, "
-                                 "shuffle, sampler, and drop_last")
+                raise ValueError(
+                    "DataLoader: batch_sampler option is mutually exclusive with batch_size, "
+                    "shuffle, sampler, and drop_last"
+                )
             batch_size, drop_last = None, False
         elif batch_size is None and drop_last:
-            raise ValueError("DataLoader: batch_size=None option disables auto-batching and is mutually "
-                             "exclusive with drop_last")
+            raise ValueError(
+                "DataLoader: batch_size=None option disables auto-batching and is mutually exclusive with drop_last"
+            )
         if generator is not None and seed is not None:
             raise ValueError("DataLoader: pass either generator or seed, not both")
         if num_workers:
             # Each mpnn worker is already one process per core; loader subprocesses would only compete.
-            warnings.warn(f"DataLoader: num_workers={num_workers} is ignored; mpnn loads batches in the "
-                          f"calling process", stacklevel=2)
+            warnings.warn(
+                f"DataLoader: num_workers={num_workers} is ignored; mpnn loads batches in the calling process",
+                stacklevel=2,
+            )
         if seed is not None:
             generator = np.random.default_rng(seed)
         if sampler is None:
@@ -137,8 +158,9 @@ class DataLoader:
         self.pin_memory = pin_memory  # accepted for PyTorch habits; CPU memory needs no pinning
         self.num_workers = num_workers
         self._auto_collation = batch_sampler is not None
-        self.collate_fn = collate_fn if collate_fn is not None else (
-            default_collate if self._auto_collation else default_convert)
+        self.collate_fn = (
+            collate_fn if collate_fn is not None else (default_collate if self._auto_collation else default_convert)
+        )
         self._next_epoch = 0
         self._resume_skip = 0
         self._pass: _Pass | None = None
@@ -162,6 +184,7 @@ class DataLoader:
             if isinstance(indices, np.ndarray):
                 indices = indices.tolist()
             return collate([dataset[i] for i in indices])
+
         return per_sample
 
     def __iter__(self):
@@ -185,7 +208,7 @@ class DataLoader:
         """The fast path: batches are views into the pass's whole order array."""
         for start in range(skip * size, stop, size):
             current.consumed += 1
-            yield fetch(order[start:start + size])
+            yield fetch(order[start : start + size])
         current.finished = True
 
     @staticmethod
@@ -200,22 +223,31 @@ class DataLoader:
         """Where iteration stands: ``{"epoch", "batches_consumed", "sampler"}`` (plain Python values)."""
         current = self._pass
         if current is not None and not current.finished:
-            return {"epoch": current.epoch, "batches_consumed": current.consumed,
-                    "sampler": copy.deepcopy(current.start_state)}
+            return {
+                "epoch": current.epoch,
+                "batches_consumed": current.consumed,
+                "sampler": copy.deepcopy(current.start_state),
+            }
         source = self._index_sampler
-        return {"epoch": self._next_epoch, "batches_consumed": self._resume_skip,
-                "sampler": copy.deepcopy(source.state_dict()) if hasattr(source, "state_dict") else None}
+        return {
+            "epoch": self._next_epoch,
+            "batches_consumed": self._resume_skip,
+            "sampler": copy.deepcopy(source.state_dict()) if hasattr(source, "state_dict") else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler now; the next ``iter()`` is pass ``state["epoch"]`` minus the consumed batches."""
         try:
             epoch, consumed, sampler_state = state["epoch"], state["batches_consumed"], state["sampler"]
         except (KeyError, TypeError):
-            raise ValueError(f"DataLoader.load_state_dict: expected a dict with keys epoch, batches_consumed, "
-                             f"sampler; got {state!r}") from None
+            raise ValueError(
+                f"DataLoader.load_state_dict: expected a dict with keys epoch, batches_consumed, sampler; got {state!r}"
+            ) from None
         if not 0 <= consumed <= len(self):
-            raise ValueError(f"DataLoader.load_state_dict: batches_consumed={consumed} is outside "
-                             f"[0, {len(self)}] for this loader of {len(self)} batches")
+            raise ValueError(
+                f"DataLoader.load_state_dict: batches_consumed={consumed} is outside "
+                f"[0, {len(self)}] for this loader of {len(self)} batches"
+            )
         source = self._index_sampler
         if sampler_state is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(copy.deepcopy(sampler_state))
@@ -225,6 +257,7 @@ class DataLoader:
 def _timed_when_recording(fetch):
     """In a run that records telemetry, time each batch fetch as a "data" span (else fetch as is)."""
     from mpnn.telemetry.instrument import data_span, is_recording
+
     if not is_recording():
         return fetch
     from time import perf_counter
@@ -234,4 +267,5 @@ def _timed_when_recording(fetch):
         batch = fetch(indices)
         data_span(t0, perf_counter())
         return batch
+
     return timed

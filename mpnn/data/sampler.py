@@ -4,6 +4,7 @@ Each sampler that can also gives one pass's whole order as an int64 array (``_ep
 DataLoader slices into batches without a Python loop over indices. Samplers that shuffle expose
 ``state_dict``/``load_state_dict`` so that a resumed run draws the same order again.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,16 +57,21 @@ class RandomSampler(Sampler):
     generator at construction, so call mpnn.manual_seed before building the sampler (or DataLoader).
     """
 
-    def __init__(self, data_source, replacement: bool = False, num_samples: int | None = None,
-                 generator: np.random.Generator | None = None):
+    def __init__(
+        self,
+        data_source,
+        replacement: bool = False,
+        num_samples: int | None = None,
+        generator: np.random.Generator | None = None,
+    ):
         if not isinstance(replacement, bool):
-            raise TypeError(f"RandomSampler: replacement should be a boolean value, but got "
-                            f"replacement={replacement!r}")
+            raise TypeError(
+                f"RandomSampler: replacement should be a boolean value, but got replacement={replacement!r}"
+            )
         if num_samples is not None:
             _check_positive_int(num_samples, "num_samples", "RandomSampler")
         if generator is not None and not isinstance(generator, np.random.Generator):
-            raise TypeError(f"RandomSampler: generator must be an np.random.Generator, got "
-                            f"{type(generator).__name__}")
+            raise TypeError(f"RandomSampler: generator must be an np.random.Generator, got {type(generator).__name__}")
         self.data_source = data_source
         self.replacement = replacement
         self._num_samples = num_samples
@@ -86,7 +92,7 @@ class RandomSampler(Sampler):
         # As torch: whole permutations, then the first k % n of one more.
         parts = [self.generator.permutation(n) for _ in range(k // n)]
         if k % n:
-            parts.append(self.generator.permutation(n)[:k % n])
+            parts.append(self.generator.permutation(n)[: k % n])
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def __iter__(self):
@@ -103,8 +109,9 @@ class RandomSampler(Sampler):
         try:
             self.generator.bit_generator.state = copy.deepcopy(state["generator"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"RandomSampler.load_state_dict: not a state from RandomSampler.state_dict "
-                             f"({exc!r})") from None
+            raise ValueError(
+                f"RandomSampler.load_state_dict: not a state from RandomSampler.state_dict ({exc!r})"
+            ) from None
 
 
 class BatchSampler(Sampler):
@@ -123,7 +130,7 @@ class BatchSampler(Sampler):
             order = self.sampler._epoch_indices()
             stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
             for start in range(0, stop, self.batch_size):
-                yield order[start:start + self.batch_size].tolist()
+                yield order[start : start + self.batch_size].tolist()
             return
         batch = []
         for idx in self.sampler:
@@ -174,8 +181,15 @@ class DistributedSampler(Sampler):
     Call ``set_epoch(epoch)`` before each epoch for a new shuffle.
     """
 
-    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         given = (num_replicas, rank)
         if num_replicas is None or rank is None:
             spec = world_from_env()
@@ -185,8 +199,10 @@ class DistributedSampler(Sampler):
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
             rank_from = f"{rank!r}" if given[1] is not None else f"{rank} (from {spec.rank_var or 'the default'})"
             world_from = "" if given[0] is not None else f" from {spec.world_size_var or 'the default world of one'}"
-            raise ValueError(f"DistributedSampler: invalid rank {rank_from}, rank should be in the interval "
-                             f"[0, {num_replicas - 1}] (num_replicas={num_replicas}{world_from})")
+            raise ValueError(
+                f"DistributedSampler: invalid rank {rank_from}, rank should be in the interval "
+                f"[0, {num_replicas - 1}] (num_replicas={num_replicas}{world_from})"
+            )
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"DistributedSampler: seed must be a non-negative int, got {seed!r}")
         self.dataset = dataset
@@ -211,10 +227,10 @@ class DistributedSampler(Sampler):
         else:
             order = np.arange(n, dtype=np.int64)
         if self.drop_last:
-            order = order[:self.total_size]
+            order = order[: self.total_size]
         elif self.total_size > n:
             order = np.concatenate([order, np.resize(order, self.total_size - n)])  # repeats the head cyclically
-        shard = order[self.rank:self.total_size:self.num_replicas]
+        shard = order[self.rank : self.total_size : self.num_replicas]
         self._passes += 1
         if self._passes == 1:
             for hook in tuple(hooks.sampler_first_pass_hooks):
@@ -240,5 +256,6 @@ class DistributedSampler(Sampler):
         try:
             self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"DistributedSampler.load_state_dict: not a state from "
-                             f"DistributedSampler.state_dict ({exc!r})") from None
+            raise ValueError(
+                f"DistributedSampler.load_state_dict: not a state from DistributedSampler.state_dict ({exc!r})"
+            ) from None

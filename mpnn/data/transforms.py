@@ -4,6 +4,7 @@ They act on NumPy arrays or mpnn Tensors and return the same kind; they are data
 gradient flows through them. (torchvision's ToTensor converts HWC uint8 images; mpnn's samples are
 already arrays, which the DataLoader turns into Tensors, so there is no ToTensor here.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,8 +55,10 @@ class Normalize:
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
         if self.mean.ndim > 1 or self.std.ndim > 1:
-            raise ValueError(f"Normalize: mean and std must be numbers or 1-D sequences, got shapes "
-                             f"{self.mean.shape} and {self.std.shape}")
+            raise ValueError(
+                f"Normalize: mean and std must be numbers or 1-D sequences, got shapes "
+                f"{self.mean.shape} and {self.std.shape}"
+            )
         if np.any(self.std == 0):
             raise ValueError(f"Normalize: std evaluated to zero, leading to division by zero (std={std!r})")
         self.inplace = inplace

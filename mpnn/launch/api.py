@@ -1,5 +1,6 @@
 """mpnn.launch.run(fn, n): call a Python function on n worker processes (like torch.multiprocessing.spawn),
 supervised by the same launch() as `mpnn launch`, and return rank 0's return value."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,10 @@ def _payload(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     try:
         call = cloudpickle.dumps((fn, tuple(args), dict(kwargs)))
     except Exception as e:
-        raise TypeError(f"mpnn.launch.run: cannot pickle {getattr(fn, '__qualname__', fn)!r} "
-                        f"with its arguments: {type(e).__name__}: {e}") from e
+        raise TypeError(
+            f"mpnn.launch.run: cannot pickle {getattr(fn, '__qualname__', fn)!r} "
+            f"with its arguments: {type(e).__name__}: {e}"
+        ) from e
     # The worker gets this process's sys.path, so functions of test modules and notebooks import there too.
     return pickle.dumps({"sys_path": list(sys.path), "call": call})
 
@@ -38,8 +41,15 @@ def _pythonpath() -> str:
     return os.pathsep.join([package_root, existing]) if existing else package_root
 
 
-def run(fn: Callable, n: int | None = None, args: tuple = (), kwargs: dict | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S, log_dir: str | os.PathLike | None = None, plugins=()) -> Any:
+def run(
+    fn: Callable,
+    n: int | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    log_dir: str | os.PathLike | None = None,
+    plugins=(),
+) -> Any:
     """Run fn(*args, **kwargs) on n workers (default: one per usable core) and return rank 0's return value.
 
     fn and its arguments travel by cloudpickle, so lambdas, closures and notebook functions work. Each worker
@@ -51,10 +61,18 @@ def run(fn: Callable, n: int | None = None, args: tuple = (), kwargs: dict | Non
     with contextlib.ExitStack() as stack:
         if log_dir is None:
             log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-run-"))
-        result = launch(LaunchConfig(
-            command=["-m", WORKER_MODULE], nproc_per_node=n, log_dir=Path(log_dir), timeout=timeout,
-            extra_env={"PYTHONPATH": _pythonpath()}, run_files={PAYLOAD_FILE: payload}, plugins=tuple(plugins),
-            command_line=["mpnn.launch.run", f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"]))
+        result = launch(
+            LaunchConfig(
+                command=["-m", WORKER_MODULE],
+                nproc_per_node=n,
+                log_dir=Path(log_dir),
+                timeout=timeout,
+                extra_env={"PYTHONPATH": _pythonpath()},
+                run_files={PAYLOAD_FILE: payload},
+                plugins=tuple(plugins),
+                command_line=["mpnn.launch.run", f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"],
+            )
+        )
         if result.failure is not None:
             failure = result.failure
             traceback_file = error_path(result.run_dir, failure.rank)

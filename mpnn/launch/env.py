@@ -9,6 +9,7 @@ port: on one node a port the OS reports free, on several the rendezvous port + 1
 worker's world parse (mpnn.worldspec) reads MPNN_* first, so mpnn itself never binds MASTER_PORT. TORCHELASTIC_*
 and ROLE_* are left out (and removed when inherited): they would tell torch that an elastic agent's store holds
 MASTER_PORT, and none does."""
+
 from __future__ import annotations
 
 import socket
@@ -52,11 +53,11 @@ class RunContext:
     plugins: Sequence[str] = ()
     encrypt: bool | None = None  # None: the workers' default (CURVE only across nodes)
     checkpoint_every: int | None = None  # MPNN_CHECKPOINT_EVERY; None: the script's own setting
-    checkpoint_keep: int | None = None   # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default
-    resume_from: Path | None = None      # MPNN_RESUME_FROM: the run dir this attempt resumes from, if any
-    restart_count: int = 0               # MPNN_RESTART_COUNT: 0 on the first attempt, k on the k-th restart
-    max_restarts: int = 0                # MPNN_MAX_RESTARTS (torchrun's TORCHELASTIC_MAX_RESTARTS)
-    master_port: int | None = None       # MASTER_PORT for the script (script_master_port); None: rendezvous port + 1
+    checkpoint_keep: int | None = None  # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default
+    resume_from: Path | None = None  # MPNN_RESUME_FROM: the run dir this attempt resumes from, if any
+    restart_count: int = 0  # MPNN_RESTART_COUNT: 0 on the first attempt, k on the k-th restart
+    max_restarts: int = 0  # MPNN_MAX_RESTARTS (torchrun's TORCHELASTIC_MAX_RESTARTS)
+    master_port: int | None = None  # MASTER_PORT for the script (script_master_port); None: rendezvous port + 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,8 +98,16 @@ def _host_port(rendezvous: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                 "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 _FOREIGN_AGENT_PREFIXES = ("TORCHELASTIC_", "ROLE_")  # an elastic agent's, describing another world
 
 
@@ -127,9 +136,13 @@ def worker_env(base: Mapping[str, str], world: World, local_rank: int, run: RunC
         del env[name]
     # torchrun's names, for scripts written for torchrun (nanoGPT: ddp = int(os.environ.get('RANK', -1)) != -1)
     env.update(
-        RANK=env["MPNN_RANK"], LOCAL_RANK=env["MPNN_LOCAL_RANK"], WORLD_SIZE=env["MPNN_WORLD_SIZE"],
-        LOCAL_WORLD_SIZE=env["MPNN_LOCAL_WORLD_SIZE"], GROUP_RANK=env["MPNN_NODE_RANK"],
-        GROUP_WORLD_SIZE=env["MPNN_NNODES"], MASTER_ADDR=host,
+        RANK=env["MPNN_RANK"],
+        LOCAL_RANK=env["MPNN_LOCAL_RANK"],
+        WORLD_SIZE=env["MPNN_WORLD_SIZE"],
+        LOCAL_WORLD_SIZE=env["MPNN_LOCAL_WORLD_SIZE"],
+        GROUP_RANK=env["MPNN_NODE_RANK"],
+        GROUP_WORLD_SIZE=env["MPNN_NNODES"],
+        MASTER_ADDR=host,
         MASTER_PORT=str(run.master_port if run.master_port is not None else _next_port(port)),
     )
     if run.encrypt is not None:

@@ -6,6 +6,7 @@ those groups: SIGTERM, then SIGKILL after a grace period, and removes those dire
 
 The launcher runs this file by path with `python -I` (no mpnn import, no user site, no script dir on sys.path).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,13 @@ class Guardian:
     """The launcher's handle on its guardian: watch(pgid) for each worker, close() once they are all stopped."""
 
     def __init__(self, env: dict[str, str]):
-        self._proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                                      env=env, start_new_session=True, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            text=True,
+        )
         assert self._proc.stdin is not None  # stdin=PIPE
         self._stdin = self._proc.stdin
 

@@ -2,6 +2,7 @@
 kernel cache, makes the run dir and per-run secret, starts one pinned worker per local rank, supervises them,
 starts them all again after a failure while --max-restarts allows, prints the failure report, and closes run.json
 with the status and exit codes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -42,27 +43,27 @@ READER_JOIN_S = 2.0
 class LaunchConfig:
     """Everything one launcher needs; the fields mirror `mpnn launch`'s flags."""
 
-    command: Sequence[str]                    # what follows sys.executable: [script, *args] or ["-m", module, ...]
-    nproc_per_node: int | None = None         # None: one worker per usable core
+    command: Sequence[str]  # what follows sys.executable: [script, *args] or ["-m", module, ...]
+    nproc_per_node: int | None = None  # None: one worker per usable core
     log_dir: Path = Path("runs")
     run_id: str | None = None
-    timeout: float = DEFAULT_TIMEOUT_S        # collective timeout handed to workers (MPNN_TIMEOUT), not a wall limit
+    timeout: float = DEFAULT_TIMEOUT_S  # collective timeout handed to workers (MPNN_TIMEOUT), not a wall limit
     plugins: Sequence[str] = ()
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
     secret_file: Path | None = None
-    encrypt: bool | None = None               # CURVE on the data sockets (MPNN_ENCRYPT); None: only across nodes
+    encrypt: bool | None = None  # CURVE on the data sockets (MPNN_ENCRYPT); None: only across nodes
     extra_env: Mapping[str, str] = field(default_factory=dict)
     run_files: Mapping[str, bytes] = field(default_factory=dict)  # written (0600) into the run dir before spawning
     command_line: Sequence[str] = field(default_factory=lambda: list(sys.argv))
     kill_grace_s: float = KILL_GRACE_S
-    live: bool | None = None                  # None: the rich status line when stdout is a TTY
-    checkpoint_every: int | None = None       # MPNN_CHECKPOINT_EVERY for the workers; None or 0: the script's own
-    checkpoint_keep: int | None = None        # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default (3)
-    resume: Path | None = None                # a run dir to resume from (its newest complete checkpoint)
-    max_restarts: int = 0                     # restarts of the whole world after a worker fails
+    live: bool | None = None  # None: the rich status line when stdout is a TTY
+    checkpoint_every: int | None = None  # MPNN_CHECKPOINT_EVERY for the workers; None or 0: the script's own
+    checkpoint_keep: int | None = None  # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default (3)
+    resume: Path | None = None  # a run dir to resume from (its newest complete checkpoint)
+    max_restarts: int = 0  # restarts of the whole world after a worker fails
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ def _check(config: LaunchConfig, layout: Layout) -> tuple[World, str]:
     if config.nnodes < 1:
         raise LaunchError(f"--nnodes {config.nnodes}: must be at least 1")
     if not 0 <= config.node_rank < config.nnodes:
-        raise LaunchError(f"--node-rank {config.node_rank}: must be in [0, {config.nnodes}) "
-                          f"for --nnodes {config.nnodes}")
+        raise LaunchError(
+            f"--node-rank {config.node_rank}: must be in [0, {config.nnodes}) for --nnodes {config.nnodes}"
+        )
     if config.timeout <= 0:
         raise LaunchError(f"--timeout {config.timeout}: must be positive (seconds)")
     if not config.command:
@@ -103,15 +105,19 @@ def _check(config: LaunchConfig, layout: Layout) -> tuple[World, str]:
 def _check_restarts(config: LaunchConfig) -> Path | None:
     """Check the checkpoint and restart settings; the run dir to resume from, if any (LaunchError if it has none)."""
     if config.checkpoint_every is not None and config.checkpoint_every < 0:
-        raise LaunchError(f"--checkpoint-every {config.checkpoint_every}: must be 0 (the script's own setting) "
-                          "or a positive number of steps")
+        raise LaunchError(
+            f"--checkpoint-every {config.checkpoint_every}: must be 0 (the script's own setting) "
+            "or a positive number of steps"
+        )
     if config.checkpoint_keep is not None and config.checkpoint_keep < 1:
         raise LaunchError(f"--checkpoint-keep {config.checkpoint_keep}: must be at least 1")
     if config.max_restarts < 0:
         raise LaunchError(f"--max-restarts {config.max_restarts}: must be 0 or more")
     if config.max_restarts and config.nnodes > 1:
-        raise LaunchError(f"--max-restarts {config.max_restarts} needs --nnodes 1: restarting a multi-node world "
-                          "takes every node's launcher restarting together, which mpnn launch does not coordinate")
+        raise LaunchError(
+            f"--max-restarts {config.max_restarts} needs --nnodes 1: restarting a multi-node world "
+            "takes every node's launcher restarting together, which mpnn launch does not coordinate"
+        )
     return None if config.resume is None else check_resume(config.resume)
 
 
@@ -132,26 +138,37 @@ def _shared_secret(config: LaunchConfig) -> Path:
     assert config.nnodes > 1, "one node without --secret-file makes its own secret (_owns_secret)"
     shared = os.environ.get("MPNN_SECRET_FILE")
     if not shared:
-        raise LaunchError(f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
-                          "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)")
+        raise LaunchError(
+            f"--nnodes {config.nnodes} needs a secret shared by every node: pass --secret-file "
+            "or set MPNN_SECRET_FILE (a 0600 file, e.g. `openssl rand -hex 32 > secret`)"
+        )
     return check_secret_file(Path(shared))
 
 
-def _record_fields(config: LaunchConfig, world: World, run_id: str, rendezvous: str, layout: Layout,
-                   plan: Plan) -> dict:
+def _record_fields(
+    config: LaunchConfig, world: World, run_id: str, rendezvous: str, layout: Layout, plan: Plan
+) -> dict:
     return {
         "run_id": run_id,
         "status": "starting",
         "command_line": list(config.command_line),
         "script": config.command[0] if config.command[0] != "-m" else " ".join(config.command[:2]),
-        "args": list(config.command[2 if config.command[0] == "-m" else 1:]),
+        "args": list(config.command[2 if config.command[0] == "-m" else 1 :]),
         "config": {
-            "nproc_per_node": world.nproc_per_node, "nnodes": world.nnodes, "node_rank": world.node_rank,
-            "master_addr": config.master_addr, "master_port": config.master_port, "rendezvous": rendezvous,
-            "timeout": config.timeout, "plugins": list(config.plugins), "log_dir": str(config.log_dir),
+            "nproc_per_node": world.nproc_per_node,
+            "nnodes": world.nnodes,
+            "node_rank": world.node_rank,
+            "master_addr": config.master_addr,
+            "master_port": config.master_port,
+            "rendezvous": rendezvous,
+            "timeout": config.timeout,
+            "plugins": list(config.plugins),
+            "log_dir": str(config.log_dir),
             "encrypt": world.nnodes > 1 if config.encrypt is None else config.encrypt,
-            "pinning": plan.record(), "usable_cores": len(layout.cpus),
-            "checkpoint_every": config.checkpoint_every, "checkpoint_keep": config.checkpoint_keep,
+            "pinning": plan.record(),
+            "usable_cores": len(layout.cpus),
+            "checkpoint_every": config.checkpoint_every,
+            "checkpoint_keep": config.checkpoint_keep,
             "max_restarts": config.max_restarts,
         },
         "resumed_from": None if config.resume is None else str(Path(config.resume).resolve()),
@@ -183,18 +200,34 @@ def launch(config: LaunchConfig) -> LaunchResult:
         master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
         rendezvous = rendezvous_address(config.master_addr, master_port)
         record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, layout, plan))
-        run = RunContext(run_id, run_dir, rendezvous, secret_file, config.timeout, tuple(config.plugins),
-                         config.encrypt, checkpoint_every=config.checkpoint_every,
-                         checkpoint_keep=config.checkpoint_keep, resume_from=resume_from,
-                         max_restarts=config.max_restarts,
-                         master_port=script_master_port(rendezvous, world.nnodes))
+        run = RunContext(
+            run_id,
+            run_dir,
+            rendezvous,
+            secret_file,
+            config.timeout,
+            tuple(config.plugins),
+            config.encrypt,
+            checkpoint_every=config.checkpoint_every,
+            checkpoint_keep=config.checkpoint_keep,
+            resume_from=resume_from,
+            max_restarts=config.max_restarts,
+            master_port=script_master_port(rendezvous, world.nnodes),
+        )
         try:
             if plugins is None:
                 return _supervise(config, world, run, plan.cpus, record, stack)
             info = launch_info(config.command, config.command_line, world, run, {**os.environ, **config.extra_env})
             launch_start(plugins, info)
-            result = _supervise(config, world, run, plan.cpus, record, stack,
-                                on_restart=lambda r: launch_restart(plugins, info, r.number, r.failed_rank, r.how))
+            result = _supervise(
+                config,
+                world,
+                run,
+                plan.cpus,
+                record,
+                stack,
+                on_restart=lambda r: launch_restart(plugins, info, r.number, r.failed_rank, r.how),
+            )
             exit_codes = {w["rank"]: w.get("returncode") for w in record.fields.get("workers", [])}
             error = None if result.failure is None else f"rank {result.failure.rank} {result.failure.how}"
             launch_end(plugins, info, result.status, exit_codes, error)
@@ -204,8 +237,15 @@ def launch(config: LaunchConfig) -> LaunchResult:
             raise
 
 
-def _supervise(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord,
-               stack: contextlib.ExitStack, on_restart: Callable[[Restart], None] | None = None) -> LaunchResult:
+def _supervise(
+    config: LaunchConfig,
+    world: World,
+    run: RunContext,
+    cpus: Sequence[int],
+    record: RunRecord,
+    stack: contextlib.ExitStack,
+    on_restart: Callable[[Restart], None] | None = None,
+) -> LaunchResult:
     """Run attempts until one ends without a failed worker, a stop signal comes, or no restart is left."""
     stop = stack.enter_context(StopSignals())
     view = make_view(run.run_dir, world.local_global_ranks(), config.live)
@@ -215,9 +255,15 @@ def _supervise(config: LaunchConfig, world: World, run: RunContext, cpus: Sequen
             workers, failed, still_running, sigkilled = _attempt(config, world, run, cpus, record, stop, view)
             if failed is None or stop.received is not None or len(restarts) == config.max_restarts:
                 break
-            restart = Restart(len(restarts) + 1, config.max_restarts, failed.rank, failed.pid,
-                              describe_returncode(failed.proc.returncode), still_running,
-                              resume_after_failure(run.run_dir, run.resume_from))
+            restart = Restart(
+                len(restarts) + 1,
+                config.max_restarts,
+                failed.rank,
+                failed.pid,
+                describe_returncode(failed.proc.returncode),
+                still_running,
+                resume_after_failure(run.run_dir, run.resume_from),
+            )
             restarts.append(restart)
             view.note(restart.headline())
             record.update(restarts=[r.record() for r in restarts])
@@ -230,8 +276,9 @@ def _supervise(config: LaunchConfig, world: World, run: RunContext, cpus: Sequen
     return _finish(workers, failed, stop, still_running, sigkilled, record, run, len(restarts), config.max_restarts)
 
 
-def _attempt(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord,
-             stop: StopSignals, view) -> tuple[list[Worker], Worker | None, int, list[int]]:
+def _attempt(
+    config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord, stop: StopSignals, view
+) -> tuple[list[Worker], Worker | None, int, list[int]]:
     """Start every local worker, watch them until they all exit 0, one fails or a stop signal comes, then stop
     them all: (workers, the failed worker or None, how many were still running, the ranks that needed SIGKILL)."""
     base_env = {**os.environ, **config.extra_env}
@@ -247,30 +294,46 @@ def _attempt(config: LaunchConfig, world: World, run: RunContext, cpus: Sequence
                     break
                 rank = world.global_rank(local_rank)
                 env = worker_env(base_env, world, local_rank, run)
-                workers.append(spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log",
-                                            view.line))
+                workers.append(
+                    spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log", view.line)
+                )
                 guardian.watch(workers[-1].pid)
-            record.update(status="running", workers=[
-                {"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers])
+            record.update(
+                status="running",
+                workers=[{"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers],
+            )
             if stop.received is None:
                 failed = watch(workers, stop, view.refresh)
         finally:
             still_running = sum(w.proc.poll() is None for w in workers)
-            sigkilled = stop_all(workers, config.kill_grace_s,
-                                 hurry=lambda: stop.count >= (2 if failed is None else 1))
+            sigkilled = stop_all(workers, config.kill_grace_s, hurry=lambda: stop.count >= (2 if failed is None else 1))
             deadline = time.monotonic() + READER_JOIN_S
             for w in workers:
                 w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
     return workers, failed, still_running, sigkilled
 
 
-def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: list[int], record: RunRecord,
-            run: RunContext, restarts: int, max_restarts: int) -> LaunchResult:
+def _finish(
+    workers,
+    failed,
+    stop: StopSignals,
+    still_running: int,
+    sigkilled: list[int],
+    record: RunRecord,
+    run: RunContext,
+    restarts: int,
+    max_restarts: int,
+) -> LaunchResult:
     failure = None
     if failed is not None:
-        failure = WorkerFailure(failed.rank, failed.pid, failed.proc.returncode,
-                                describe_returncode(failed.proc.returncode), failed.log_path,
-                                tuple(tail_lines(failed.log_path, TAIL_LINES)))
+        failure = WorkerFailure(
+            failed.rank,
+            failed.pid,
+            failed.proc.returncode,
+            describe_returncode(failed.proc.returncode),
+            failed.log_path,
+            tuple(tail_lines(failed.log_path, TAIL_LINES)),
+        )
         note = ""
         if max_restarts and restarts == max_restarts:
             note = f"; no restart left ({restarts}/{max_restarts} used)"
@@ -280,17 +343,31 @@ def _finish(workers, failed, stop: StopSignals, still_running: int, sigkilled: l
         status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None
     elif stop.received is not None:
         sig = stop.received
-        print(f"mpnn launch: got {signal.Signals(sig).name}; stopped {still_running} running worker(s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"mpnn launch: got {signal.Signals(sig).name}; stopped {still_running} running worker(s)",
+            file=sys.stderr,
+            flush=True,
+        )
         status, exit_code = "interrupted", 128 + sig
     else:
         status, exit_code, sig = "ok", 0, None
     record.update(
-        status=status, exit_code=exit_code, end_time=utc_now(),
+        status=status,
+        exit_code=exit_code,
+        end_time=utc_now(),
         failure=None if failure is None else {"rank": failure.rank, "how": failure.how},
         signal=None if sig is None else signal.Signals(sig).name,
-        workers=[{"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid,
-                  "returncode": w.proc.returncode,
-                  "how": None if w.proc.returncode is None else describe_returncode(w.proc.returncode),
-                  "sigkilled": w.rank in sigkilled} for w in workers])
+        workers=[
+            {
+                "rank": w.rank,
+                "local_rank": w.local_rank,
+                "core": w.core,
+                "pid": w.pid,
+                "returncode": w.proc.returncode,
+                "how": None if w.proc.returncode is None else describe_returncode(w.proc.returncode),
+                "sigkilled": w.rank in sigkilled,
+            }
+            for w in workers
+        ],
+    )
     return LaunchResult(run.run_id, run.run_dir, status, exit_code, failure, sig, restarts)

@@ -1,5 +1,6 @@
 """The CPU layout Linux shows under /sys/devices/system/cpu (physical cores, SMT siblings, packages, NUMA nodes,
 big.LITTLE capacities), kept to the cpus this process may use: what the pinning plan is made from."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,8 @@ class Core:
     package: int | None = None
     die: int | None = None
     cluster: int | None = None
-    node: int | None = None        # NUMA node
-    capacity: int | None = None    # cpu_capacity: 1024 on the biggest cores; smaller on big.LITTLE's LITTLE ones
+    node: int | None = None  # NUMA node
+    capacity: int | None = None  # cpu_capacity: 1024 on the biggest cores; smaller on big.LITTLE's LITTLE ones
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,17 @@ def _cores(root: Path, cpus: tuple[int, ...]) -> tuple[Core, ...]:
         threads = tuple(sorted((set(_cpu_list(siblings_file)) | {cpu}) & usable - placed))
         placed.update(threads)
         package = _int_or_none(topology / "physical_package_id")
-        cores.append(Core(
-            cpus=threads, core_id=_int_or_none(topology / "core_id"),
-            package=package if package is not None else _int_or_none(topology / "package_id"),
-            die=_int_or_none(topology / "die_id"), cluster=_int_or_none(topology / "cluster_id"),
-            node=_numa_node(root / f"cpu{cpu}"), capacity=capacities[cpu]))
+        cores.append(
+            Core(
+                cpus=threads,
+                core_id=_int_or_none(topology / "core_id"),
+                package=package if package is not None else _int_or_none(topology / "package_id"),
+                die=_int_or_none(topology / "die_id"),
+                cluster=_int_or_none(topology / "cluster_id"),
+                node=_numa_node(root / f"cpu{cpu}"),
+                capacity=capacities[cpu],
+            )
+        )
     return tuple(cores)
 
 
@@ -153,15 +160,27 @@ def format_layout(layout: Layout) -> str:
     rows = [("cpu", "core", "siblings", "package", "die", "cluster", "node", "capacity")]
     for core in layout.cores:
         for cpu in core.cpus:
-            rows.append((str(cpu), _show(core.core_id), format_cpu_list(core.cpus), _show(core.package),
-                         _show(core.die), _show(core.cluster), _show(core.node), _show(core.capacity)))
+            rows.append(
+                (
+                    str(cpu),
+                    _show(core.core_id),
+                    format_cpu_list(core.cpus),
+                    _show(core.package),
+                    _show(core.die),
+                    _show(core.cluster),
+                    _show(core.node),
+                    _show(core.capacity),
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     packages = {core.package for core in layout.cores}
     capacities = sorted({core.capacity for core in layout.cores if core.capacity is not None}, reverse=True)
-    summary = (f"  {len(layout.cores)} physical cores, {'SMT' if layout.smt else 'no SMT'}, "
-               f"{len(packages)} package{'s' if len(packages) > 1 else ''}, capacities "
-               f"{', '.join(map(str, capacities)) if capacities else 'not shown'}")
+    summary = (
+        f"  {len(layout.cores)} physical cores, {'SMT' if layout.smt else 'no SMT'}, "
+        f"{len(packages)} package{'s' if len(packages) > 1 else ''}, capacities "
+        f"{', '.join(map(str, capacities)) if capacities else 'not shown'}"
+    )
     return "\n".join([header, *table, summary])
 
 

@@ -1,6 +1,7 @@
 """The launcher's console: worker lines with a [rank] prefix; on a TTY, also a rich status line (step of total,
 loss, steps/s, slowest rank) and telemetry events, fed by worker-<rank>.jsonl files read incrementally and
 robust to files that are missing, half-written, truncated or hold bad lines."""
+
 from __future__ import annotations
 
 import json
@@ -133,8 +134,14 @@ class RichView:
         self._follower = TelemetryFollower(run_dir, ranks)
         self._nproc = len(ranks)
         self._next_refresh = 0.0
-        self._live = Live(Text("starting workers"), console=self._console, auto_refresh=False,
-                          transient=True, redirect_stdout=False, redirect_stderr=False)
+        self._live = Live(
+            Text("starting workers"),
+            console=self._console,
+            auto_refresh=False,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self._live.start()
 
     def line(self, rank: int, text: str) -> None:

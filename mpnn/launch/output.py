@@ -1,5 +1,6 @@
 """Worker output: one reader thread per worker pipe copies each line into worker-<rank>.log (flushed per line)
 and hands it to the console; tail_lines reads a log's end for the failure report."""
+
 from __future__ import annotations
 
 import sys
@@ -58,8 +59,10 @@ class PipeReader(threading.Thread):
             pass  # the unwritten buffer's failure was reported already
 
     def _log_failed(self, error: OSError) -> None:
-        sys.stderr.write(f"mpnn launch: cannot write {self.log_path}: {error.strerror or error}; rank {self.rank}'s "
-                         "output goes to the console only\n")
+        sys.stderr.write(
+            f"mpnn launch: cannot write {self.log_path}: {error.strerror or error}; rank {self.rank}'s "
+            "output goes to the console only\n"
+        )
         sys.stderr.flush()
 
 

@@ -1,5 +1,6 @@
 """Where mpnn.launch.run and its workers meet in the run dir: the pickled call, rank 0's result, each rank's
 traceback. Kept apart from worker.py so that importing mpnn.launch never imports the `-m` entry module."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Which cpu each worker runs on (one per physical core, biggest cores first, spread over packages; SMT siblings
 only when there are more workers than cores), and pinning a child to it from its first instruction (before it
 imports NumPy, so BLAS and Numba see one cpu)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -94,17 +95,26 @@ def _domain(core: Core) -> tuple[int, int]:
 
 
 def _where(core: Core) -> str:
-    parts = [f"{name} {value}" for name, value in (("core", core.core_id), ("package", core.package),
-                                                   ("node", core.node), ("capacity", core.capacity))
-             if value is not None]
+    parts = [
+        f"{name} {value}"
+        for name, value in (
+            ("core", core.core_id),
+            ("package", core.package),
+            ("node", core.node),
+            ("capacity", core.capacity),
+        )
+        if value is not None
+    ]
     return ", ".join(parts) or f"cpu {core.cpus[0]}"
 
 
 def _policy(layout: Layout) -> str:
     if layout.unknown:
         return f"round-robin over usable cpus (topology unknown: {layout.unknown})"
-    return ("one worker per physical core, biggest capacity first, spread evenly over packages and NUMA nodes "
-            f"with ranks contiguous per package; SMT siblings only beyond {len(layout.cores)} physical cores")
+    return (
+        "one worker per physical core, biggest capacity first, spread evenly over packages and NUMA nodes "
+        f"with ranks contiguous per package; SMT siblings only beyond {len(layout.cores)} physical cores"
+    )
 
 
 def _warnings(layout: Layout, slots: list, classes: dict[Core, int], nproc: int) -> tuple[str, ...]:
@@ -113,8 +123,10 @@ def _warnings(layout: Layout, slots: list, classes: dict[Core, int], nproc: int)
         warnings.append(f"-n {nproc} is more than the {len(layout.cpus)} usable cpus; workers will share cpus")
     elif nproc > len(layout.cores):
         siblings = [rank for rank, (_, _, level) in enumerate(slots) if level]
-        warnings.append(f"-n {nproc} is more than the {len(layout.cores)} physical cores; ranks "
-                        f"{format_cpu_list(siblings)} run on SMT siblings of busy cores")
+        warnings.append(
+            f"-n {nproc} is more than the {len(layout.cores)} physical cores; ranks "
+            f"{format_cpu_list(siblings)} run on SMT siblings of busy cores"
+        )
     ranks_by_size = defaultdict(list)
     for rank in range(nproc):
         ranks_by_size[classes[slots[rank % len(slots)][1]]].append(rank)
@@ -135,8 +147,11 @@ def layout_report(layout: Layout, nproc: int | None = None) -> str:
     default = default_nproc(layout)
     plan = pin_plan(nproc or default, layout)
     width = len(str(max(plan.cpus)))
-    lines = [format_layout(layout), f"default -n: {default} (one worker per usable physical core of the biggest size)",
-             f"plan for -n {len(plan.cpus)}: {plan.policy}"]
+    lines = [
+        format_layout(layout),
+        f"default -n: {default} (one worker per usable physical core of the biggest size)",
+        f"plan for -n {len(plan.cpus)}: {plan.policy}",
+    ]
     lines += [f"  rank {rank} -> cpu {cpu:>{width}}  {why}" for rank, (cpu, why) in enumerate(zip(plan.cpus, plan.why))]
     lines += [f"warning: {warning}" for warning in plan.warnings]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The launcher's side of plugins: every --plugin spec is resolved and built before anything starts (a bad spec
 is one LaunchError listing what is accepted), then mpnn_launch_start may refuse the run before any worker
 starts, mpnn_launch_restart hears of each restart, and mpnn_launch_end hears how it ended."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,12 +29,22 @@ def load_plugins(specs) -> PluginManager | None:
 def launch_info(command, command_line, world: World, run: RunContext, base_env) -> LaunchInfo:
     """What the launch hooks are told about this launch."""
     module = command[0] == "-m"
-    env = {k: v for k, v in worker_env(base_env, world, 0, run).items()
-           if k.startswith("MPNN_") and k not in RANK_SPECIFIC}
-    return LaunchInfo(run_id=run.run_id, run_dir=run.run_dir, nprocs=world.nproc_per_node, nnodes=world.nnodes,
-                      node_rank=world.node_rank, world_size=world.world_size,
-                      script=Path(command[1] if module else command[0]), script_args=list(command[2 if module else 1:]),
-                      argv=list(command_line), plugin_specs=list(run.plugins), env=env)
+    env = {
+        k: v for k, v in worker_env(base_env, world, 0, run).items() if k.startswith("MPNN_") and k not in RANK_SPECIFIC
+    }
+    return LaunchInfo(
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        nprocs=world.nproc_per_node,
+        nnodes=world.nnodes,
+        node_rank=world.node_rank,
+        world_size=world.world_size,
+        script=Path(command[1] if module else command[0]),
+        script_args=list(command[2 if module else 1 :]),
+        argv=list(command_line),
+        plugin_specs=list(run.plugins),
+        env=env,
+    )
 
 
 def launch_start(manager: PluginManager, info: LaunchInfo) -> None:
@@ -43,8 +54,11 @@ def launch_start(manager: PluginManager, info: LaunchInfo) -> None:
 
 def launch_restart(manager: PluginManager, info: LaunchInfo, restart: int, failed_rank: int, how: str) -> None:
     """mpnn_launch_restart; a plugin failing there ends the launch (mpnn_launch_end is told) with a LaunchError."""
-    _or_end_launch(manager, info, lambda: manager.hook.mpnn_launch_restart(
-        launch=info, restart=restart, failed_rank=failed_rank, how=how))
+    _or_end_launch(
+        manager,
+        info,
+        lambda: manager.hook.mpnn_launch_restart(launch=info, restart=restart, failed_rank=failed_rank, how=how),
+    )
 
 
 def _or_end_launch(manager: PluginManager, info: LaunchInfo, call) -> None:

@@ -1,4 +1,5 @@
 """The one block the launcher prints when a worker fails: which rank, how, what was stopped, its log's end."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@ stopped, the whole world starts again in the same run dir with the same run id, 
 checkpoint. Each restart is told three ways: one line on the console, an entry of run.json's "restarts", and a
 "restart" event line in every restarted rank's worker-<rank>.jsonl (appended by the launcher while no worker runs,
 so it never interleaves with a worker's own lines)."""
+
 from __future__ import annotations
 
 import json
@@ -27,29 +28,45 @@ class Restart:
     failed_rank: int
     failed_pid: int
     how: str
-    stopped: int                     # other workers that were still running and had to be stopped
-    resume_from: Path | None         # MPNN_RESUME_FROM of the next attempt; None: it starts from scratch
+    stopped: int  # other workers that were still running and had to be stopped
+    resume_from: Path | None  # MPNN_RESUME_FROM of the next attempt; None: it starts from scratch
     time: str = field(default_factory=utc_now)
 
     def headline(self) -> str:
         """The console line, e.g. 'mpnn launch: rank 1 (pid 4242) killed by SIGKILL; stopped the 1 other running
         worker(s); restart 1/2 begins, resuming from runs/x'."""
         stopped = f"; stopped the {self.stopped} other running worker(s)" if self.stopped else ""
-        where = (f"resuming from {self.resume_from}" if self.resume_from is not None
-                 else "from scratch (no checkpoint saved yet)")
-        return (f"mpnn launch: rank {self.failed_rank} (pid {self.failed_pid}) {self.how}{stopped}; "
-                f"restart {self.number}/{self.max_restarts} begins, {where}")
+        where = (
+            f"resuming from {self.resume_from}"
+            if self.resume_from is not None
+            else "from scratch (no checkpoint saved yet)"
+        )
+        return (
+            f"mpnn launch: rank {self.failed_rank} (pid {self.failed_pid}) {self.how}{stopped}; "
+            f"restart {self.number}/{self.max_restarts} begins, {where}"
+        )
 
     def record(self) -> dict:
         """The entry of run.json's "restarts" list."""
-        return {"restart": self.number, "time": self.time, "failed_rank": self.failed_rank, "pid": self.failed_pid,
-                "how": self.how, "resume_from": None if self.resume_from is None else str(self.resume_from)}
+        return {
+            "restart": self.number,
+            "time": self.time,
+            "failed_rank": self.failed_rank,
+            "pid": self.failed_pid,
+            "how": self.how,
+            "resume_from": None if self.resume_from is None else str(self.resume_from),
+        }
 
     def event(self) -> dict:
         """The telemetry event's details (docs/architecture.md's event line: "t", "rank" and "event" are added
         per rank)."""
-        return {"restart": self.number, "max_restarts": self.max_restarts, "failed_rank": self.failed_rank,
-                "how": self.how, "resume_from": None if self.resume_from is None else str(self.resume_from)}
+        return {
+            "restart": self.number,
+            "max_restarts": self.max_restarts,
+            "failed_rank": self.failed_rank,
+            "how": self.how,
+            "resume_from": None if self.resume_from is None else str(self.resume_from),
+        }
 
 
 def resume_after_failure(run_dir: Path, resumed_from: Path | None) -> Path | None:
@@ -63,8 +80,12 @@ def append_restart_event(run_dir: Path, ranks: Sequence[int], restart: Restart) 
     A file that cannot be written costs one warning line, never the run (as for the workers' own telemetry)."""
     for rank in ranks:
         path = Recorder.path_for(run_dir, rank)
-        line = json.dumps({"t": round(time.time(), 6), "rank": rank, "event": "restart", **restart.event()},
-                          separators=(",", ":")).encode() + b"\n"
+        line = (
+            json.dumps(
+                {"t": round(time.time(), 6), "rank": rank, "event": "restart", **restart.event()}, separators=(",", ":")
+            ).encode()
+            + b"\n"
+        )
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -74,5 +95,8 @@ def append_restart_event(run_dir: Path, ranks: Sequence[int], restart: Restart) 
             finally:
                 os.close(fd)
         except OSError as error:
-            print(f"mpnn launch: warning: cannot write the restart event to {path}: {error.strerror or error}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mpnn launch: warning: cannot write the restart event to {path}: {error.strerror or error}",
+                file=sys.stderr,
+                flush=True,
+            )

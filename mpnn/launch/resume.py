@@ -2,6 +2,7 @@
 from nothing is one clear error, not a run that silently begins again at step 0), and a restart resumes from the
 run's own checkpoints once it has one. The layout is mpnn.Checkpointer's (mpnn/checkpoint/layout.py); here only
 the manifests are read, the workers' Checkpointer checks every file's SHA-256 when it loads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,10 @@ def check_resume(path: Path) -> Path:
         raise LaunchError(f"--resume {path}: no such run directory")
     folder = checkpoints_in(path)
     if folder == path and not list_checkpoints(path):
-        raise LaunchError(f"--resume {path}: no {CHECKPOINTS}/ directory in it; only a run that saved checkpoints "
-                          "(mpnn.Checkpointer, e.g. with --checkpoint-every N) can be resumed")
+        raise LaunchError(
+            f"--resume {path}: no {CHECKPOINTS}/ directory in it; only a run that saved checkpoints "
+            "(mpnn.Checkpointer, e.g. with --checkpoint-every N) can be resumed"
+        )
     newest, passed_over = newest_checkpoint(path)
     if newest is None:
         why = "; ".join(passed_over) if passed_over else "it is empty"

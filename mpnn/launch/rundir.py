@@ -1,5 +1,6 @@
 """The run directory runs/<run-id>/: the run id, the directory, and run.json, the record of how a run was
 started (config, args, world, host, version, command line) and how it ended (status, exit codes, end time)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,9 @@ def new_run_id() -> str:
 def check_run_id(run_id: str) -> str:
     """Refuse a run id that is not a plain directory name (it becomes a path under --log-dir)."""
     if not _RUN_ID.fullmatch(run_id):
-        raise LaunchError(f"--run-id {run_id!r}: use up to 128 letters, digits, '.', '_' or '-', "
-                          "not starting with '.' or '-'")
+        raise LaunchError(
+            f"--run-id {run_id!r}: use up to 128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )
     return run_id
 
 
@@ -55,7 +57,7 @@ def check_writable(directory: Path, probe_bytes: int = PROBE_BYTES) -> None:
         try:
             view = memoryview(bytes(probe_bytes))
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
             probe.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """The per-run secret that workers prove they hold before anything is unpickled from a peer: 32 random bytes as
 hex in a 0600 file, kept outside the run dir (which people copy and share) and removed when the run ends."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +39,7 @@ def check_secret_file(path: Path) -> Path:
     if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
         raise LaunchError(f"secret file {path}: must be a non-empty regular file")
     if info.st_mode & 0o077:
-        raise LaunchError(f"secret file {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read it; "
-                          f"run `chmod 600 {path}`")
+        raise LaunchError(
+            f"secret file {path}: mode {stat.S_IMODE(info.st_mode):04o} lets others read it; run `chmod 600 {path}`"
+        )
     return path

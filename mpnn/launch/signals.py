@@ -1,5 +1,6 @@
 """Stop signals: SIGINT, SIGTERM and SIGHUP to the launcher become an orderly stop of every worker, instead of
 killing the launcher and orphaning them. Handlers can only be installed from the main thread."""
+
 from __future__ import annotations
 
 import signal

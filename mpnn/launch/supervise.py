@@ -1,5 +1,6 @@
 """Worker processes: start each pinned, in its own process group; watch them; stop them all (SIGTERM to every
 group, SIGKILL after a grace period) so that no process, grandchildren included, outlives the run."""
+
 from __future__ import annotations
 
 import os
@@ -56,12 +57,25 @@ class Worker:
             pass
 
 
-def spawn_worker(argv: Sequence[str], env: Mapping[str, str], rank: int, local_rank: int, core: int,
-                 log_path: Path, sink: Callable[[int, str], None]) -> Worker:
+def spawn_worker(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    rank: int,
+    local_rank: int,
+    core: int,
+    log_path: Path,
+    sink: Callable[[int, str], None],
+) -> Worker:
     """Start `argv` pinned to `core` in a new session (its own process group), output teed to log_path and sink."""
     with thread_pinned_to(core):
-        proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     assert proc.stdout is not None  # stdout=PIPE
     reader = PipeReader(rank, proc.stdout, log_path, sink)
     reader.start()
@@ -83,7 +97,7 @@ def live_process_groups() -> set[int]:
                 stat = f.read()
         except OSError:  # exited while we looked
             continue
-        state, _ppid, pgrp = stat[stat.rindex(b")") + 2:].split()[:3]
+        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
         if state not in (b"Z", b"X"):
             groups.add(int(pgrp))
     return groups

@@ -9,6 +9,7 @@ The warm-up spans layers, so it lives here, at the top of the stack: mpnn.core.w
 kernels (core imports nothing above it); this module then steps each optimizer (their fused update kernels) and
 calls the communicator's fence.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,10 +28,14 @@ def warm_numba_cache() -> bool:
             engine()
         warm_optimizers()
         from mpnn.comm.mailbox import memory_fence
+
         memory_fence()  # the communicator's one Numba function
     except Exception as e:  # the run can still go on: each worker compiles what it needs
-        print(f"mpnn launch: warning: kernel warm-up failed ({type(e).__name__}: {e}); "
-              "workers will compile their own kernels", file=sys.stderr)
+        print(
+            f"mpnn launch: warning: kernel warm-up failed ({type(e).__name__}: {e}); "
+            "workers will compile their own kernels",
+            file=sys.stderr,
+        )
         return False
     return True
 

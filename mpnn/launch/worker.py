@@ -1,5 +1,6 @@
 """Entry point of a mpnn.launch.run worker (`python -m mpnn.launch.worker`): load the pickled call from the run
 dir, run it, and leave rank 0's return value (or this rank's traceback) in the run dir for the caller."""
+
 from __future__ import annotations
 
 import pickle

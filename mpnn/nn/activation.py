@@ -2,6 +2,7 @@
 
 ``inplace=True`` is accepted for PyTorch compatibility; the result is computed out of place either way.
 """
+
 from __future__ import annotations
 
 from mpnn.nn import functional as F

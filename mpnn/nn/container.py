@@ -1,5 +1,6 @@
 """Containers as torch.nn names them: Sequential and ModuleList (children named '0', '1', ... so that keys read
 '0.weight'), ModuleDict (children by name), ParameterList and ParameterDict."""
+
 from __future__ import annotations
 
 import operator
@@ -54,7 +55,7 @@ class Sequential(Module):
 
     def __delitem__(self, idx):
         keys = list(self._modules)
-        for key in (keys[idx] if isinstance(idx, slice) else [keys[_index(idx, len(self), "Sequential")]]):
+        for key in keys[idx] if isinstance(idx, slice) else [keys[_index(idx, len(self), "Sequential")]]:
             del self._modules[key]
 
     def append(self, module: Module) -> Sequential:
@@ -117,8 +118,9 @@ def _pairs(items, who: str):
     if isinstance(items, Mapping):
         return list(items.items())
     if isinstance(items, (Module, Tensor, str)) or not hasattr(items, "__iter__"):
-        raise TypeError(f"{who}.update should be called with an iterable of key/value pairs, but got "
-                        f"{type(items).__name__}")
+        raise TypeError(
+            f"{who}.update should be called with an iterable of key/value pairs, but got {type(items).__name__}"
+        )
     pairs = []
     for j, item in enumerate(items):
         if not hasattr(item, "__len__") or isinstance(item, (str, Module, Tensor)):
@@ -226,9 +228,12 @@ class ParameterList(Module):
         return self
 
     def extra_repr(self):
-        return "\n".join(f"({i}): Parameter containing: [{p.data.dtype} of size {'x'.join(map(str, p.shape))}]"
-                         if isinstance(p, Tensor) else f"({i}): Object of type: {type(p).__name__}"
-                         for i, p in enumerate(self))
+        return "\n".join(
+            f"({i}): Parameter containing: [{p.data.dtype} of size {'x'.join(map(str, p.shape))}]"
+            if isinstance(p, Tensor)
+            else f"({i}): Object of type: {type(p).__name__}"
+            for i, p in enumerate(self)
+        )
 
 
 class ParameterDict(Module):
@@ -288,6 +293,9 @@ class ParameterDict(Module):
             self[key] = value
 
     def extra_repr(self):
-        return "\n".join(f"({k}): Parameter containing: [{p.data.dtype} of size {'x'.join(map(str, p.shape))}]"
-                         if isinstance(p, Tensor) else f"({k}): Object of type: {type(p).__name__}"
-                         for k, p in self.items())
+        return "\n".join(
+            f"({k}): Parameter containing: [{p.data.dtype} of size {'x'.join(map(str, p.shape))}]"
+            if isinstance(p, Tensor)
+            else f"({k}): Object of type: {type(p).__name__}"
+            for k, p in self.items()
+        )

@@ -1,4 +1,5 @@
 """Identity, Linear and Embedding: the layers that are one matrix product or one row lookup."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,40 +54,71 @@ class Embedding(Module):
     is the same). ``max_norm`` and ``scale_grad_by_freq`` are refused (not implemented).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
-                 sparse: bool = False, _weight=None, _freeze: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        _weight=None,
+        _freeze: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_device(device, "Embedding")
         if max_norm is not None or scale_grad_by_freq:
             raise NotImplementedError("Embedding: max_norm and scale_grad_by_freq are not supported by mpnn")
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"Embedding: padding_idx {padding_idx} must be within num_embeddings "
-                                 f"({num_embeddings})")
+                raise ValueError(
+                    f"Embedding: padding_idx {padding_idx} must be within num_embeddings ({num_embeddings})"
+                )
             padding_idx = padding_idx % num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = max_norm, norm_type, False, sparse
         if _weight is None:
-            self.weight = Parameter(np.empty((num_embeddings, embedding_dim), dtype=to_dtype(dtype)),
-                                    requires_grad=not _freeze)
+            self.weight = Parameter(
+                np.empty((num_embeddings, embedding_dim), dtype=to_dtype(dtype)), requires_grad=not _freeze
+            )
             self.reset_parameters()
         else:
             data = _weight.data if isinstance(_weight, Tensor) else np.asarray(_weight)
             if data.shape != (num_embeddings, embedding_dim):
-                raise ValueError(f"Embedding: _weight has shape {data.shape}, expected "
-                                 f"{(num_embeddings, embedding_dim)}")
+                raise ValueError(
+                    f"Embedding: _weight has shape {data.shape}, expected {(num_embeddings, embedding_dim)}"
+                )
             self.weight = Parameter(data, requires_grad=not _freeze)
 
     @classmethod
-    def from_pretrained(cls, embeddings, freeze: bool = True, padding_idx: int | None = None, max_norm=None,
-                        norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> Embedding:
+    def from_pretrained(
+        cls,
+        embeddings,
+        freeze: bool = True,
+        padding_idx: int | None = None,
+        max_norm=None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+    ) -> Embedding:
         """An Embedding whose table is ``embeddings`` (2-d); frozen (no grad) unless freeze=False."""
         data = embeddings.data if isinstance(embeddings, Tensor) else np.asarray(embeddings)
         if data.ndim != 2:
             raise ValueError("Embedding.from_pretrained: embeddings parameter is expected to be 2-dimensional")
-        return cls(data.shape[0], data.shape[1], padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
-                   _weight=data, _freeze=freeze)
+        return cls(
+            data.shape[0],
+            data.shape[1],
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            sparse,
+            _weight=data,
+            _freeze=freeze,
+        )
 
     def reset_parameters(self):
         init.normal_(self.weight)

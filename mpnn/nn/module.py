@@ -4,6 +4,7 @@ Attribute assignment registers things: a Parameter goes to ``_parameters``, a Mo
 a tensor assigned to a name made by ``register_buffer`` stays a buffer. ``state_dict`` walks the tree
 in PyTorch's order (own parameters, own persistent buffers, then children) with PyTorch's keys.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict, namedtuple
@@ -62,8 +63,9 @@ class Module:
         """Add a parameter (or None, a declared but absent one such as bias=False) under ``name``."""
         self._check_ready("parameter")
         if param is not None and not isinstance(param, Parameter):
-            raise TypeError(f"cannot assign '{type(param).__name__}' object to parameter '{name}' "
-                            f"(nn.Parameter or None required)")
+            raise TypeError(
+                f"cannot assign '{type(param).__name__}' object to parameter '{name}' (nn.Parameter or None required)"
+            )
         self._check_name(name, "parameter")
         self._parameters[name] = param
 
@@ -71,8 +73,9 @@ class Module:
         """Add non-learnable state (running statistics); persistent buffers go into state_dict."""
         self._check_ready("buffer")
         if tensor is not None and not isinstance(tensor, Tensor):
-            raise TypeError(f"cannot assign '{type(tensor).__name__}' object to buffer '{name}' "
-                            f"(mpnn Tensor or None required)")
+            raise TypeError(
+                f"cannot assign '{type(tensor).__name__}' object to buffer '{name}' (mpnn Tensor or None required)"
+            )
         self._check_name(name, "buffer")
         self._buffers[name] = tensor
         if persistent:
@@ -107,8 +110,9 @@ class Module:
             params[name] = value
         elif params is not None and name in params:
             if value is not None:
-                raise TypeError(f"cannot assign '{type(value).__name__}' as parameter '{name}' "
-                                f"(nn.Parameter or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as parameter '{name}' (nn.Parameter or None expected)"
+                )
             params[name] = None
         elif isinstance(value, Module):
             self._check_ready("child module")
@@ -116,13 +120,15 @@ class Module:
             modules[name] = value
         elif modules is not None and name in modules:
             if value is not None:
-                raise TypeError(f"cannot assign '{type(value).__name__}' as child module '{name}' "
-                                f"(nn.Module or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as child module '{name}' (nn.Module or None expected)"
+                )
             modules[name] = None
         elif buffers is not None and name in buffers:
             if value is not None and not isinstance(value, Tensor):
-                raise TypeError(f"cannot assign '{type(value).__name__}' as buffer '{name}' "
-                                f"(mpnn Tensor or None expected)")
+                raise TypeError(
+                    f"cannot assign '{type(value).__name__}' as buffer '{name}' (mpnn Tensor or None expected)"
+                )
             buffers[name] = value
         else:
             object.__setattr__(self, name, value)
@@ -360,19 +366,19 @@ class Module:
             if value.dtype.kind not in "biuf":
                 problems.append(f'value for "{key}" has dtype {value.dtype}, not a numeric array.')
             elif value.shape != target.data.shape:
-                problems.append(f"size mismatch for {key}: copying a param with shape {value.shape} from "
-                                f"checkpoint, the shape in current model is {target.data.shape}.")
+                problems.append(
+                    f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                    f"checkpoint, the shape in current model is {target.data.shape}."
+                )
             else:
                 values[key] = value
         if strict:
             if unexpected:
-                problems.insert(0, "Unexpected key(s) in state_dict: "
-                                + ", ".join(f'"{k}"' for k in unexpected) + ".")
+                problems.insert(0, "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
             if missing:
                 problems.insert(0, "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
         if problems:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-                               + "\n\t".join(problems))
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(problems))
         for key, value in values.items():
             np.copyto(own[key].data, value, casting="unsafe")
             bump_version(own[key])

@@ -10,6 +10,7 @@ to the attention scores; both are merged into one additive mask. Internally the 
 With ``need_weights=False`` the attention itself goes through ``F.scaled_dot_product_attention`` when mpnn
 provides it, and through the same explicit softmax(QK^T/sqrt(d) + mask) V otherwise.
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,14 +63,27 @@ class MultiheadAttention(Module):
     requires the mask, which is what is applied.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_device(device, "MultiheadAttention")
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"MultiheadAttention: embed_dim and num_heads must be greater than 0, got "
-                             f"embed_dim={embed_dim} and num_heads={num_heads} instead")
+            raise ValueError(
+                f"MultiheadAttention: embed_dim and num_heads must be greater than 0, got "
+                f"embed_dim={embed_dim} and num_heads={num_heads} instead"
+            )
         dt = to_dtype(dtype)
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -80,8 +94,9 @@ class MultiheadAttention(Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
-            raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible by num_heads "
-                             f"({num_heads})")
+            raise ValueError(
+                f"MultiheadAttention: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         if not self._qkv_same_embed_dim:
             self.q_proj_weight = Parameter(np.empty((embed_dim, embed_dim), dtype=dt))
             self.k_proj_weight = Parameter(np.empty((embed_dim, self.kdim), dtype=dt))
@@ -124,36 +139,55 @@ class MultiheadAttention(Module):
 
     def _project(self, query, key, value, same_qkv: bool):
         E, b = self.embed_dim, self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                    F.linear(value, self.v_proj_weight, bv))
+            return (
+                F.linear(query, self.q_proj_weight, bq),
+                F.linear(key, self.k_proj_weight, bk),
+                F.linear(value, self.v_proj_weight, bv),
+            )
         w = self.in_proj_weight
         if same_qkv:  # self-attention: one (3E, E) product, as torch's packed projection
             return F.linear(query, w, b).split(E, dim=-1)
-        return F.linear(query, w[:E], bq), F.linear(key, w[E:2 * E], bk), F.linear(value, w[2 * E:], bv)
+        return F.linear(query, w[:E], bq), F.linear(key, w[E : 2 * E], bk), F.linear(value, w[2 * E :], bv)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights: bool = True,
+        attn_mask=None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         E, H, hd = self.embed_dim, self.num_heads, self.head_dim
         same_qkv = query is key and key is value
         if query.dim() not in (2, 3):
-            raise ValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D "
-                             f"query tensor")
+            raise ValueError(
+                f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
+            )
         batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"For {'batched' if batched else 'unbatched'} {query.dim()}-D `query`, expected "
-                             f"`key` and `value` to be {query.dim()}-D but found {key.dim()}-D and {value.dim()}-D "
-                             f"tensors respectively")
+            raise ValueError(
+                f"For {'batched' if batched else 'unbatched'} {query.dim()}-D `query`, expected "
+                f"`key` and `value` to be {query.dim()}-D but found {key.dim()}-D and {value.dim()}-D "
+                f"tensors respectively"
+            )
         if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-            raise ValueError(f"For {'batched' if batched else 'unbatched'} {query.dim()}-D `query`, expected "
-                             f"`key_padding_mask` to be `None` or {query.dim() - 1}-D but found "
-                             f"{key_padding_mask.dim()}-D tensor instead")
+            raise ValueError(
+                f"For {'batched' if batched else 'unbatched'} {query.dim()}-D `query`, expected "
+                f"`key_padding_mask` to be `None` or {query.dim() - 1}-D but found "
+                f"{key_padding_mask.dim()}-D tensor instead"
+            )
         if attn_mask is not None and attn_mask.dim() not in (2, 3):
             raise ValueError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use "
-                               "nn.transformer.generate_square_subsequent_mask to create this mask.")
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use "
+                "nn.transformer.generate_square_subsequent_mask to create this mask."
+            )
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -165,16 +199,18 @@ class MultiheadAttention(Module):
         if qE != E:
             raise ValueError(f"was expecting embedding dimension of {E}, but got {qE}")
         if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's "
-                             f"{tuple(value.shape[:2])}")
+            raise ValueError(
+                f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's {tuple(value.shape[:2])}"
+            )
 
         dtype = query.data.dtype
         mask = _additive_mask(attn_mask, "attn_mask", dtype)
         if mask is not None:
             want = (L, S) if mask.dim() == 2 else (N * H, L, S)
             if tuple(mask.shape) != want:
-                raise RuntimeError(f"The shape of the {mask.dim()}D attn_mask is {tuple(mask.shape)}, but should be "
-                                   f"{want}.")
+                raise RuntimeError(
+                    f"The shape of the {mask.dim()}D attn_mask is {tuple(mask.shape)}, but should be {want}."
+                )
         kpm = _additive_mask(key_padding_mask, "key_padding_mask", dtype)
         if kpm is not None and tuple(kpm.shape) != (N, S):
             raise RuntimeError(f"expecting key_padding_mask shape of {(N, S)}, but got {tuple(kpm.shape)}")
@@ -245,13 +281,25 @@ class TransformerEncoderLayer(Module):
     self_attn, linear1, dropout, linear2, norm1, norm2, dropout1, dropout2 (and activation when it is a Module).
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation=F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
-                 norm_first: bool = False, bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation=F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         check_device(device, "TransformerEncoderLayer")
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
-                                            dtype=dtype)
+        self.self_attn = MultiheadAttention(
+            d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, dtype=dtype
+        )
         self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype)
         self.dropout = Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype)
@@ -273,8 +321,9 @@ class TransformerEncoderLayer(Module):
         return x
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal)[0]
+        x = self.self_attn(
+            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+        )[0]
         return self.dropout1(x)
 
     def _ff_block(self, x):
@@ -286,8 +335,14 @@ class TransformerEncoder(Module):
     the optional final ``norm``. ``enable_nested_tensor`` and ``mask_check`` (torch's sparsity fast path) are
     accepted and change nothing: mpnn has no nested tensors; padded positions are computed and masked."""
 
-    def __init__(self, encoder_layer: Module, num_layers: int, norm: Module | None = None,
-                 enable_nested_tensor: bool = True, mask_check: bool = True):
+    def __init__(
+        self,
+        encoder_layer: Module,
+        num_layers: int,
+        norm: Module | None = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
+    ):
         super().__init__()
         self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers
@@ -299,8 +354,7 @@ class TransformerEncoder(Module):
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal: bool | None = None):
         output = src
         for mod in self.layers:
-            output = mod(output, src_mask=mask, is_causal=bool(is_causal),
-                         src_key_padding_mask=src_key_padding_mask)
+            output = mod(output, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
         if self.norm is not None:
             output = self.norm(output)
         return output

@@ -1,4 +1,5 @@
 """Gradient clipping and flat-vector views of parameters, as torch.nn.utils."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     else:
         raise ValueError(f"clip_grad_norm_: norm_type must be positive or inf, got {norm_type}")
     if error_if_nonfinite and not math.isfinite(total):
-        raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} for gradients is non-finite "
-                           f"({total}), so it cannot be clipped; set error_if_nonfinite=False to clip anyway")
+        raise RuntimeError(
+            f"clip_grad_norm_: the total norm of order {norm_type} for gradients is non-finite "
+            f"({total}), so it cannot be clipped; set error_if_nonfinite=False to clip anyway"
+        )
     coef = float(max_norm) / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
@@ -67,6 +70,6 @@ def vector_to_parameters(vec: Tensor, parameters) -> None:
     offset = 0
     for p in parameters:
         n = p.data.size
-        p.data[...] = flat[offset:offset + n].reshape(p.data.shape)
+        p.data[...] = flat[offset : offset + n].reshape(p.data.shape)
         bump_version(p)
         offset += n

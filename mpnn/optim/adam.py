@@ -1,4 +1,5 @@
 """Adam and AdamW as torch.optim documents them: bias-corrected moments, eps outside the square root."""
+
 from __future__ import annotations
 
 import math
@@ -20,14 +21,38 @@ class Adam(Optimizer):
     parameter group, as torch keeps them, so state_dicts carry the same keys.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
-                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
-                                      differentiable=differentiable, fused=fused,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
+                decoupled_weight_decay=decoupled_weight_decay,
+            ),
+        )
 
     def _validate(self, group):
         name = type(self).__name__
@@ -65,12 +90,26 @@ class Adam(Optimizer):
                 if amsgrad and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = np.zeros(p.data.shape, dtype=dt)
                 step = state["step"] = state["step"] + 1
-                step_size = group["lr"] / (1.0 - beta1 ** step)
-                bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+                step_size = group["lr"] / (1.0 - beta1**step)
+                bc2_sqrt = math.sqrt(1.0 - beta2**step)
                 flat = flat_view(p.data)
-                adam_update(flat, checked_grad(p, i), state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1),
-                            state["max_exp_avg_sq"].reshape(-1) if amsgrad else no_max, lr, b1, b2, eps, wd,
-                            decoupled, amsgrad, maximize, t(step_size), t(bc2_sqrt))
+                adam_update(
+                    flat,
+                    checked_grad(p, i),
+                    state["exp_avg"].reshape(-1),
+                    state["exp_avg_sq"].reshape(-1),
+                    state["max_exp_avg_sq"].reshape(-1) if amsgrad else no_max,
+                    lr,
+                    b1,
+                    b2,
+                    eps,
+                    wd,
+                    decoupled,
+                    amsgrad,
+                    maximize,
+                    t(step_size),
+                    t(bc2_sqrt),
+                )
                 write_back(p, flat)
         return loss
 
@@ -82,9 +121,32 @@ class AdamW(Adam):
     the implementation flags are documented on Adam.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )

@@ -13,6 +13,7 @@ fits its data, Adam's second moments go denormal and the same 65k update took 88
 Arrays arrive flattened (1-d, C-contiguous). Flags are loop-invariant and LLVM
 unswitches them.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,7 @@ from mpnn.core.fpenv import flush_denormals_begin, flush_denormals_end
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, maximize,
-               first_step):
+def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step):
     """PyTorch's SGD: g (+ wd p); b = mu b + (1 - dampening) g, or b = g at the first step; p -= lr (g + mu b or b)."""
     one = param.dtype.type(1)
     fp_control = flush_denormals_begin()
@@ -43,8 +43,23 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_dec
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                decoupled, amsgrad, maximize, step_size, bias_correction2_sqrt):
+def adam_update(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled,
+    amsgrad,
+    maximize,
+    step_size,
+    bias_correction2_sqrt,
+):
     """PyTorch's Adam (L2 weight decay: g += wd p) or AdamW (decoupled: p *= 1 - lr wd), optionally AMSGrad.
 
     m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p -= step_size m / (sqrt(v or max v) / sqrt(bc2) + eps)

@@ -8,6 +8,7 @@ Every schedule is a rule ``lr(base, step)``; that is what makes them compose:
     factors multiply, as in PyTorch.
 Composites nest. Call ``step()`` once after each ``optimizer.step()``, and only on the outermost schedule.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -61,11 +62,15 @@ class LRScheduler:
         own = self.state_dict()
         unknown = sorted(set(state_dict) - set(own))
         if unknown or "last_epoch" not in state_dict:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: not a state dict of this schedule "
-                             f"(unknown keys {unknown}, expected {sorted(own)})")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: not a state dict of this schedule "
+                f"(unknown keys {unknown}, expected {sorted(own)})"
+            )
         if len(state_dict.get("base_lrs", ())) != len(self.base_lrs):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: saved for {len(state_dict.get('base_lrs', ()))} "
-                             f"parameter groups, this optimizer has {len(self.base_lrs)}")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: saved for {len(state_dict.get('base_lrs', ()))} "
+                f"parameter groups, this optimizer has {len(self.base_lrs)}"
+            )
         self.__dict__.update(copy.deepcopy(dict(state_dict)))
 
 
@@ -94,7 +99,7 @@ class ExponentialLR(LRScheduler):
         super().__init__(optimizer)
 
     def _lr(self, base, step, group):
-        return base * self.gamma ** step
+        return base * self.gamma**step
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -124,8 +129,7 @@ class LinearWarmup(LRScheduler):
         super().__init__(optimizer)
 
     def _lr(self, base, step, group):
-        return base * (self.start_factor + (1.0 - self.start_factor) * min(step, self.warmup_steps)
-                       / self.warmup_steps)
+        return base * (self.start_factor + (1.0 - self.start_factor) * min(step, self.warmup_steps) / self.warmup_steps)
 
 
 class LambdaLR(LRScheduler):
@@ -172,8 +176,10 @@ class _Composite(LRScheduler):
         state = dict(state_dict)
         inner = state.pop("_schedulers", None)
         if inner is None or len(inner) != len(self._schedulers):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: expected states of {len(self._schedulers)} "
-                             f"schedulers, got {None if inner is None else len(inner)}")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: expected states of {len(self._schedulers)} "
+                f"schedulers, got {None if inner is None else len(inner)}"
+            )
         for s, sd in zip(self._schedulers, inner):
             s.load_state_dict(sd)
         super().load_state_dict(state)
@@ -184,10 +190,16 @@ class SequentialLR(_Composite):
 
     def __init__(self, optimizer, schedulers, milestones):
         milestones = list(milestones)
-        if len(milestones) != len(schedulers) - 1 or milestones != sorted(milestones) or \
-                any(m <= 0 for m in milestones) or len(set(milestones)) != len(milestones):
-            raise ValueError(f"SequentialLR: milestones must be {len(schedulers) - 1} increasing positive "
-                             f"steps (one fewer than schedulers), got {milestones}")
+        if (
+            len(milestones) != len(schedulers) - 1
+            or milestones != sorted(milestones)
+            or any(m <= 0 for m in milestones)
+            or len(set(milestones)) != len(milestones)
+        ):
+            raise ValueError(
+                f"SequentialLR: milestones must be {len(schedulers) - 1} increasing positive "
+                f"steps (one fewer than schedulers), got {milestones}"
+            )
         self.milestones = milestones
         super().__init__(optimizer, schedulers)
 

@@ -3,6 +3,7 @@
 ``state_dict()`` is ``{'state': {index: {name: array}}, 'param_groups': [{..., 'params': [index, ...]}]}``
 with parameters numbered in group order, so a checkpoint maps back onto a freshly built optimizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,9 @@ def checked_grad(param: Tensor, index: int) -> np.ndarray:
     """The parameter's gradient as a flat array, after checking it has the parameter's shape."""
     g = param.grad.data
     if g.shape != param.data.shape:
-        raise ValueError(f"optimizer step: parameter {index} has shape {param.data.shape} but its .grad has "
-                         f"shape {g.shape}")
+        raise ValueError(
+            f"optimizer step: parameter {index} has shape {param.data.shape} but its .grad has shape {g.shape}"
+        )
     return flat_view(g)
 
 
@@ -51,6 +53,7 @@ def register_optimizer_step_post_hook(hook):
 
 def _with_step_hooks(step):
     """Wrap a subclass's step so the global hooks run around it once (not again for super().step())."""
+
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
         around = hooks.optimizer_step_hooks
@@ -69,6 +72,7 @@ def _with_step_hooks(step):
             if post is not None:
                 post(self, args, kwargs)
         return out
+
     return wrapper
 
 
@@ -85,8 +89,10 @@ class Optimizer:
         self.state = defaultdict(dict)
         self.param_groups = []
         if isinstance(params, (Tensor, dict)):
-            raise TypeError(f"{type(self).__name__}: params should be an iterable of Tensors or of dicts, "
-                            f"got a {type(params).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: params should be an iterable of Tensors or of dicts, "
+                f"got a {type(params).__name__}"
+            )
         groups = list(params)
         if not groups:
             raise ValueError(f"{type(self).__name__}: optimizer got an empty parameter list")
@@ -111,8 +117,9 @@ class Optimizer:
         if group.get("fused") and group.get("foreach"):
             raise RuntimeError(f"{name}: `fused` and `foreach` cannot be `True` together.")
         if group.get("differentiable"):
-            raise NotImplementedError(f"{name}: differentiable=True (autograd through the optimizer step) is not "
-                                      f"supported by mpnn")
+            raise NotImplementedError(
+                f"{name}: differentiable=True (autograd through the optimizer step) is not supported by mpnn"
+            )
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group of parameters with its own hyperparameters (the rest from the defaults).
@@ -137,18 +144,24 @@ class Optimizer:
             param_names = [n for n, _ in params]
             params = [p for _, p in params]
         if self.param_groups and (param_names is not None) != ("param_names" in self.param_groups[0]):
-            raise ValueError(f"{name}: all optimizer param groups should be with/without names; group {gi} is "
-                             f"{'named' if param_names is not None else 'unnamed'} and group 0 is not")
+            raise ValueError(
+                f"{name}: all optimizer param groups should be with/without names; group {gi} is "
+                f"{'named' if param_names is not None else 'unnamed'} and group 0 is not"
+            )
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
-                raise TypeError(f"{name}: can only optimize Tensors, but parameter {i} of group {gi} is a "
-                                f"{type(p).__name__}")
+                raise TypeError(
+                    f"{name}: can only optimize Tensors, but parameter {i} of group {gi} is a {type(p).__name__}"
+                )
             if not p.is_leaf:
-                raise ValueError(f"{name}: can't optimize a non-leaf Tensor (parameter {i} of group {gi}, shape "
-                                 f"{p.data.shape}, made by {p.grad_fn.op}); pass leaves such as model.parameters()")
+                raise ValueError(
+                    f"{name}: can't optimize a non-leaf Tensor (parameter {i} of group {gi}, shape "
+                    f"{p.data.shape}, made by {p.grad_fn.op}); pass leaves such as model.parameters()"
+                )
             if p.data.dtype.kind != "f":
-                raise TypeError(f"{name}: can only optimize floating-point Tensors, parameter {i} of group {gi} "
-                                f"is {p.data.dtype}")
+                raise TypeError(
+                    f"{name}: can only optimize floating-point Tensors, parameter {i} of group {gi} is {p.data.dtype}"
+                )
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{name}: parameter group {gi} lists the same parameter more than once")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
@@ -204,23 +217,35 @@ class Optimizer:
         name = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else "-"
-            raise ValueError(f"{name}: expected a dict with 'state' and 'param_groups', got a "
-                             f"{type(state_dict).__name__} with keys {keys}")
+            raise ValueError(
+                f"{name}: expected a dict with 'state' and 'param_groups', got a "
+                f"{type(state_dict).__name__} with keys {keys}"
+            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{name}: the loaded state dict has {len(saved_groups)} parameter groups, this "
-                             f"optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"{name}: the loaded state dict has {len(saved_groups)} parameter groups, this "
+                f"optimizer has {len(self.param_groups)}"
+            )
         for gi, (saved, own) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(own["params"]):
-                raise ValueError(f"{name}: parameter group {gi} has {len(saved['params'])} parameters in the "
-                                 f"loaded state dict but {len(own['params'])} in this optimizer")
-        by_index = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
-                            itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+                raise ValueError(
+                    f"{name}: parameter group {gi} has {len(saved['params'])} parameters in the "
+                    f"loaded state dict but {len(own['params'])} in this optimizer"
+                )
+        by_index = dict(
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
         new_state = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             if key not in by_index:
-                raise ValueError(f"{name}: state for parameter index {key!r} matches no parameter "
-                                 f"(the groups list indices {sorted(by_index)})")
+                raise ValueError(
+                    f"{name}: state for parameter index {key!r} matches no parameter "
+                    f"(the groups list indices {sorted(by_index)})"
+                )
             new_state[by_index[key]] = {k: _unpack(name, key, k, v, by_index[key]) for k, v in saved.items()}
         new_groups = []
         for saved, own in zip(saved_groups, self.param_groups):
@@ -256,7 +281,9 @@ def _unpack(name, index, key, value, param):
         return int(step.item())
     if isinstance(value, np.ndarray):
         if value.shape != param.data.shape:
-            raise ValueError(f"{name}: state '{key}' of parameter {index} has shape {value.shape} but the "
-                             f"parameter has shape {param.data.shape}")
+            raise ValueError(
+                f"{name}: state '{key}' of parameter {index} has shape {value.shape} but the "
+                f"parameter has shape {param.data.shape}"
+            )
         return np.array(value, dtype=param.data.dtype if value.dtype.kind == "f" else value.dtype, order="C")
     return copy.deepcopy(value)

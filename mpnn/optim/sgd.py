@@ -1,4 +1,5 @@
 """SGD with momentum, dampening, Nesterov momentum, weight decay and maximize, as torch.optim.SGD."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,20 +17,44 @@ class SGD(Optimizer):
     refused (see Optimizer._check_implementation_flags).
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable, fused=fused))
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                maximize=maximize,
+                foreach=foreach,
+                differentiable=differentiable,
+                fused=fused,
+            ),
+        )
 
     def _validate(self, group):
         for key in ("lr", "momentum", "weight_decay"):
             if not group[key] >= 0.0:
                 raise ValueError(f"SGD: invalid {key} value: {group[key]!r} (must be >= 0)")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"SGD: Nesterov momentum requires a momentum and zero dampening, got momentum="
-                             f"{group['momentum']!r}, dampening={group['dampening']!r}")
+            raise ValueError(
+                f"SGD: Nesterov momentum requires a momentum and zero dampening, got momentum="
+                f"{group['momentum']!r}, dampening={group['dampening']!r}"
+            )
 
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns closure()'s loss if given."""
@@ -52,10 +77,21 @@ class SGD(Optimizer):
                     first = buf is None
                     if first:
                         buf = state["momentum_buffer"] = np.empty(p.data.shape, dtype=dt)
-                    sgd_update(flat, checked_grad(p, i), buf.reshape(-1), lr, mu, damp, wd, bool(group["nesterov"]),
-                               bool(group["maximize"]), first)
+                    sgd_update(
+                        flat,
+                        checked_grad(p, i),
+                        buf.reshape(-1),
+                        lr,
+                        mu,
+                        damp,
+                        wd,
+                        bool(group["nesterov"]),
+                        bool(group["maximize"]),
+                        first,
+                    )
                 else:
-                    sgd_update(flat, checked_grad(p, i), no_buffer, lr, mu, damp, wd, False,
-                               bool(group["maximize"]), False)
+                    sgd_update(
+                        flat, checked_grad(p, i), no_buffer, lr, mu, damp, wd, False, bool(group["maximize"]), False
+                    )
                 write_back(p, flat)
         return loss

@@ -1,4 +1,5 @@
 """Data parallelism over the communicator: DataParallel (bucketed, overlapped gradient averaging)."""
+
 from mpnn.parallel.data_parallel import DataParallel
 
 __all__ = ["DataParallel"]

@@ -22,6 +22,7 @@ while backward is still running (as torch's DistributedDataParallel).
   wire bytes go into the step's telemetry ("codec_bytes", "codec_ratio" against float32).
 - Plugins implementing mpnn_after_backward get the averaged gradients by parameter name after each backward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,7 @@ class _Bucket:
         self.span = None  # (start, end) of its last reduction, for the trace
 
     def slot(self, i):
-        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
 
 
 def _build_buckets(params, bucket_bytes):
@@ -76,8 +77,7 @@ class DataParallel(Module):
     codec: a gradient codec (mpnn.plugins.codec.Codec) for this model; default: the run's, from mpnn.init()'s
     plugins (``--plugin topk:ratio=0.01``), else plain float32 mean all-reduces."""
 
-    def __init__(self, module: Module, bucket_mb: float = 25, comm=None, broadcast_buffers: bool = True,
-                 codec=None):
+    def __init__(self, module: Module, bucket_mb: float = 25, comm=None, broadcast_buffers: bool = True, codec=None):
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DataParallel: expects an mpnn.nn.Module, got {type(module).__name__}")
@@ -85,6 +85,7 @@ class DataParallel(Module):
             raise ValueError(f"DataParallel: bucket_mb must be positive, got {bucket_mb}")
         if comm is None:
             from mpnn.comm import get_comm
+
             comm = get_comm()
         self.module = module
         self.comm = comm
@@ -103,8 +104,9 @@ class DataParallel(Module):
         self._plugins = plugin_session.current()
         self.codec = codec if codec is not None else plugin_session.active_codec()
         for b in self._buckets:
-            b.ctx = BucketContext(b.index, 0, comm.world_size, comm.rank, comm, b.flat.size,
-                                  tuple(p.data.shape for p in b.params))
+            b.ctx = BucketContext(
+                b.index, 0, comm.world_size, comm.rank, comm, b.flat.size, tuple(p.data.shape for p in b.params)
+            )
         self._named_params = None
         if self._plugins is not None and self._plugins.implements("mpnn_after_backward"):
             self._named_params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -142,15 +144,20 @@ class DataParallel(Module):
         """This rank's gradient-path state for a checkpoint: the codec's name and state (error-feedback residuals)
         and the count of synchronised backward passes, which codecs see as ctx.step."""
         codec = self.codec
-        return {"step": self._step, "codec": None if codec is None else codec.name,
-                "codec_state": None if codec is None else codec.state_dict()}
+        return {
+            "step": self._step,
+            "codec": None if codec is None else codec.name,
+            "codec_state": None if codec is None else codec.state_dict(),
+        }
 
     def load_codec_state_dict(self, state: dict) -> None:
         """Restore what codec_state_dict() returned; a checkpoint of another codec is refused, naming both."""
         own = None if self.codec is None else self.codec.name
         if state["codec"] != own:
-            raise ValueError(f"DataParallel.load_codec_state_dict: the checkpoint's gradient codec is "
-                             f"{state['codec']!r}, this model's is {own!r} (resume with the same --plugin)")
+            raise ValueError(
+                f"DataParallel.load_codec_state_dict: the checkpoint's gradient codec is "
+                f"{state['codec']!r}, this model's is {own!r} (resume with the same --plugin)"
+            )
         if self.codec is not None:
             self.codec.load_state_dict(state["codec_state"])
         self._step = int(state["step"])
@@ -198,7 +205,7 @@ class DataParallel(Module):
     def _abandon(self, exc=None):
         """The backward raised before its end: wait for the buckets already launched (their reductions write into
         the flat buffers that .grad may view), then forget this backward, so that the next one starts afresh."""
-        for b in self._buckets[:self._next_launch]:
+        for b in self._buckets[: self._next_launch]:
             if b.work is not None:
                 try:
                     b.work.wait()

@@ -21,6 +21,7 @@ found through the ``mpnn.plugins`` entry point group, or passed in code (``mpnn.
             if record["step"] % self.every == 0:
                 print(run.rank, record["step"], record["loss"])
 """
+
 from mpnn.plugins.codec import BucketContext, Codec
 from mpnn.plugins.errors import PluginError, PluginRefusal
 from mpnn.plugins.hookspec import hookimpl

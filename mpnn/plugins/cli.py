@@ -1,5 +1,6 @@
 """`mpnn plugins list`: every plugin found (built-in and `mpnn.plugins` entry points), its version, where it
 comes from, its one line of help and its options (type, default, help); one that cannot load says why."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,16 @@ def describe(entry) -> dict:
         check_plugin_class(cls, entry.name)
     except Exception as error:
         return {**info, "error": f"{type(error).__name__}: {error}"}
-    return {**info, "version": cls.version, "kind": getattr(cls, "kind", "observer"),
-            "help": cls.__doc__.strip().splitlines()[0],
-            "options": [{"name": key, "type": type_name(o.type), "default": o.default, "help": o.help}
-                        for key, o in cls.options.items()]}
+    return {
+        **info,
+        "version": cls.version,
+        "kind": getattr(cls, "kind", "observer"),
+        "help": cls.__doc__.strip().splitlines()[0],
+        "options": [
+            {"name": key, "type": type_name(o.type), "default": o.default, "help": o.help}
+            for key, o in cls.options.items()
+        ],
+    }
 
 
 @click.group("plugins")

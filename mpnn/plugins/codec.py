@@ -1,6 +1,7 @@
 """The gradient codec slot: one stateful object that replaces a DataParallel bucket's mean all-reduce (like a
 DDP communication hook). It runs on the communicator's thread, owns its error-feedback residuals (saved with
 state_dict) and counts what it puts on the wire for telemetry."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,9 +66,11 @@ class Codec:
         if res is None:
             res = self.residuals[ctx.bucket_index] = np.zeros(ctx.numel, dtype)
         elif res.shape != (ctx.numel,):
-            raise PluginError(f"{self.name}: the residual of bucket {ctx.bucket_index} has shape {res.shape} but the "
-                              f"bucket holds {ctx.numel} gradients (a codec state from another model?)",
-                              plugin=self.name)
+            raise PluginError(
+                f"{self.name}: the residual of bucket {ctx.bucket_index} has shape {res.shape} but the "
+                f"bucket holds {ctx.numel} gradients (a codec state from another model?)",
+                plugin=self.name,
+            )
         return res
 
     def state_dict(self) -> dict:
@@ -82,8 +85,11 @@ class Codec:
             if kind == "residual" and index.isdigit():
                 residuals[int(index)] = np.array(value, copy=True)
             elif not self._load_extra(key, value):
-                raise PluginError(f"{self.name}.load_state_dict: unexpected key {key!r} (expected residual.<bucket>"
-                                  f"{self._extra_keys_help()})", plugin=self.name)
+                raise PluginError(
+                    f"{self.name}.load_state_dict: unexpected key {key!r} (expected residual.<bucket>"
+                    f"{self._extra_keys_help()})",
+                    plugin=self.name,
+                )
         self.residuals = residuals
 
     def _load_extra(self, key: str, value) -> bool:
@@ -119,6 +125,9 @@ def run_codec(codec: Codec, bucket: np.ndarray, ctx: BucketContext) -> np.ndarra
     except (CommError, PluginError):
         raise
     except Exception as error:
-        raise PluginError(f"plugin {codec.name!r} failed in allreduce (bucket {ctx.bucket_index}, step {ctx.step}): "
-                          f"{type(error).__name__}: {error}", plugin=codec.name) from error
+        raise PluginError(
+            f"plugin {codec.name!r} failed in allreduce (bucket {ctx.bucket_index}, step {ctx.step}): "
+            f"{type(error).__name__}: {error}",
+            plugin=codec.name,
+        ) from error
     return bucket

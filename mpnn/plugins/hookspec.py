@@ -16,6 +16,7 @@ gradients it decoded, and its wire bytes are in the record mpnn_step_end gets ("
 LaunchInfo and RunInfo (the ``launch`` and ``run`` arguments) are in mpnn/plugins/info.py. A hook that raises
 fails the run with a PluginError naming the plugin and the hook (mpnn/plugins/manager.py).
 """
+
 from __future__ import annotations
 
 import pluggy

@@ -1,4 +1,5 @@
 """What hooks are told about the run: LaunchInfo in the launcher, RunInfo in each worker."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,16 +13,16 @@ class LaunchInfo:
 
     run_id: str
     run_dir: Path
-    nprocs: int                  # workers on this node
+    nprocs: int  # workers on this node
     nnodes: int
     node_rank: int
     world_size: int
-    script: Path                 # the train script (or module name for `-m`)
+    script: Path  # the train script (or module name for `-m`)
     script_args: list
-    argv: list                   # the launcher's own command line
+    argv: list  # the launcher's own command line
     plugin_specs: list
-    env: dict                    # the MPNN_* variables every worker of this node gets (rank-specific ones left out)
-    seed: int | None = None      # the launcher has no --seed flag: None
+    env: dict  # the MPNN_* variables every worker of this node gets (rank-specific ones left out)
+    seed: int | None = None  # the launcher has no --seed flag: None
 
 
 @dataclass
@@ -33,6 +34,6 @@ class RunInfo:
     local_rank: int
     run_id: str | None
     run_dir: Path | None
-    comm: Any                    # the Communicator
-    recorder: Any                # the telemetry Recorder, None without a run directory
+    comm: Any  # the Communicator
+    recorder: Any  # the telemetry Recorder, None without a run directory
     config: dict = field(default_factory=dict)  # argv, plugin specs, and the launcher's run.json "config"

@@ -1,5 +1,6 @@
 """This process's plugins on a pluggy PluginManager: registered in the order a run names them, checked against
 hookspec.py, and wrapped so that a hook that raises fails with a PluginError naming the plugin and the hook."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,11 +45,19 @@ class PluginManager:
         """Add a plugin object; refuses a repeated name, a second codec, an unmarked or unknown hook method."""
         name = getattr(plugin, "name", None) or type(plugin).__name__
         check_one_of_each(self.plugins + [(name, plugin)])
-        unmarked = [attr for attr in dir(plugin) if attr.startswith(HOOK_PREFIX) and callable(getattr(plugin, attr))
-                    and not hasattr(getattr(plugin, attr), f"{hookspec.PROJECT}_impl")]
+        unmarked = [
+            attr
+            for attr in dir(plugin)
+            if attr.startswith(HOOK_PREFIX)
+            and callable(getattr(plugin, attr))
+            and not hasattr(getattr(plugin, attr), f"{hookspec.PROJECT}_impl")
+        ]
         if unmarked:
-            raise PluginError(f"plugin {name!r}: method {unmarked[0]} is not marked @hookimpl "
-                              "(from mpnn.plugins import hookimpl), so it would never be called", plugin=name)
+            raise PluginError(
+                f"plugin {name!r}: method {unmarked[0]} is not marked @hookimpl "
+                "(from mpnn.plugins import hookimpl), so it would never be called",
+                plugin=name,
+            )
         try:
             self._pm.register(plugin, name=name)
             self._pm.check_pending()
@@ -56,8 +65,10 @@ class PluginManager:
             if self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)
             reason = " ".join(str(error).split())  # pluggy's message spans lines: one line here
-            raise PluginError(f"plugin {name!r} cannot be registered: {reason}; the hooks are declared in "
-                              "mpnn/plugins/hookspec.py", plugin=name) from None
+            raise PluginError(
+                f"plugin {name!r} cannot be registered: {reason}; the hooks are declared in mpnn/plugins/hookspec.py",
+                plugin=name,
+            ) from None
         for caller in self._pm.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
@@ -68,6 +79,7 @@ class PluginManager:
 
 def _naming_errors(function, plugin_name: str, hook_name: str):
     """`function` with its exceptions re-raised as PluginError (PluginRefusal kept) naming the plugin."""
+
     def call(*args):
         try:
             return function(*args)
@@ -80,6 +92,8 @@ def _naming_errors(function, plugin_name: str, hook_name: str):
                 raise
             raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {error}", plugin=plugin_name) from error
         except Exception as error:
-            raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {type(error).__name__}: {error}",
-                              plugin=plugin_name) from error
+            raise PluginError(
+                f"plugin {plugin_name!r} failed in {hook_name}: {type(error).__name__}: {error}", plugin=plugin_name
+            ) from error
+
     return call

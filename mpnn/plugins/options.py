@@ -1,4 +1,5 @@
 """Plugin options: each declared with a type, a default and one line of help, checked before a run starts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

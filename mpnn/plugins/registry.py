@@ -5,6 +5,7 @@ Options and converted to their types, with messages that list what would be acce
 Resolving a spec imports the plugin's module (built-ins lazily: a built-in whose module is missing fails only
 when a run names it) but does not build the plugin; ``Resolved.create()`` does.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -53,8 +54,10 @@ class Resolved:
         try:
             return self.cls(**self.options)
         except Exception as error:
-            raise PluginError(f"--plugin {self.spec!r}: {self.name} refused its options: "
-                              f"{type(error).__name__}: {error}", plugin=self.name) from error
+            raise PluginError(
+                f"--plugin {self.spec!r}: {self.name} refused its options: {type(error).__name__}: {error}",
+                plugin=self.name,
+            ) from error
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ def parse_spec(text: str) -> Spec:
     text = text.strip()
     head, _, rest = text.partition(":")
     if not head:
-        raise PluginError(f"--plugin {text!r}: empty plugin name; give name[:key=value,...] or "
-                          f"package.module:Class[:key=value,...] (built-in plugins: {', '.join(sorted(BUILTINS))})")
+        raise PluginError(
+            f"--plugin {text!r}: empty plugin name; give name[:key=value,...] or "
+            f"package.module:Class[:key=value,...] (built-in plugins: {', '.join(sorted(BUILTINS))})"
+        )
     target, options_text = head, rest
     first, _, after = rest.partition(":")
     if first.isidentifier() and ("." in head or head not in known_names()):
@@ -120,8 +125,11 @@ def check_one_of_each(named) -> None:
             raise PluginError(f"plugin {name!r} is named twice; name each plugin once", plugin=name)
     codecs = [name for name, plugin in named if getattr(plugin, "kind", None) == "codec"]
     if len(codecs) > 1:
-        raise PluginError(f"two gradient codecs named ({', '.join(map(repr, codecs))}): a run has one codec slot "
-                          "(like a DDP communication hook); keep one", plugin=codecs[1])
+        raise PluginError(
+            f"two gradient codecs named ({', '.join(map(repr, codecs))}): a run has one codec slot "
+            "(like a DDP communication hook); keep one",
+            plugin=codecs[1],
+        )
 
 
 def check_plugin_class(cls: Any, spec: str) -> None:
@@ -136,8 +144,10 @@ def check_plugin_class(cls: Any, spec: str) -> None:
         raise PluginError(f"--plugin {spec!r}: {label} is not an mpnn plugin: it lacks {', '.join(lacks)}")
     options = getattr(cls, "options", {})
     if not isinstance(options, dict) or not all(isinstance(o, Option) for o in options.values()):
-        raise PluginError(f"--plugin {spec!r}: {cls.name}.options must map option names to Option(type, default, "
-                          "help)", plugin=cls.name)
+        raise PluginError(
+            f"--plugin {spec!r}: {cls.name}.options must map option names to Option(type, default, help)",
+            plugin=cls.name,
+        )
 
 
 def convert_options(cls: type, spec: Spec) -> dict:
@@ -148,13 +158,17 @@ def convert_options(cls: type, spec: Spec) -> dict:
         if key not in declared:
             close = difflib.get_close_matches(key, list(declared), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PluginError(f"--plugin {spec.text!r}: {cls.name} has no option {key!r}{hint}; "
-                              f"{describe_options(cls)}", plugin=cls.name)
+            raise PluginError(
+                f"--plugin {spec.text!r}: {cls.name} has no option {key!r}{hint}; {describe_options(cls)}",
+                plugin=cls.name,
+            )
         try:
             values[key] = convert_value(declared[key].type, raw)
         except ValueError as error:
-            raise PluginError(f"--plugin {spec.text!r}: option {key}={raw!r} of {cls.name} {error}; "
-                              f"{describe_options(cls)}", plugin=cls.name) from None
+            raise PluginError(
+                f"--plugin {spec.text!r}: option {key}={raw!r} of {cls.name} {error}; {describe_options(cls)}",
+                plugin=cls.name,
+            ) from None
     return values
 
 
@@ -190,8 +204,9 @@ def describe_options(cls: type) -> str:
     declared = getattr(cls, "options", {})
     if not declared:
         return f"{cls.name} takes no options"
-    return "accepted options: " + ", ".join(f"{key}=<{type_name(o.type)}> (default {o.default!r})"
-                                            for key, o in declared.items())
+    return "accepted options: " + ", ".join(
+        f"{key}=<{type_name(o.type)}> (default {o.default!r})" for key, o in declared.items()
+    )
 
 
 def catalog() -> list[CatalogEntry]:
@@ -213,13 +228,17 @@ def _find(spec: Spec) -> tuple[type, str]:
             try:
                 return ep.load(), _ep_source(ep)
             except Exception as error:
-                raise PluginError(f"--plugin {spec.text!r}: entry point {ep.value} cannot be loaded: "
-                                  f"{type(error).__name__}: {error}", plugin=spec.target) from error
+                raise PluginError(
+                    f"--plugin {spec.text!r}: entry point {ep.value} cannot be loaded: {type(error).__name__}: {error}",
+                    plugin=spec.target,
+                ) from error
     names = known_names()
     close = difflib.get_close_matches(spec.target, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise PluginError(f"--plugin {spec.text!r}: no plugin named {spec.target!r}{hint}; known plugins: "
-                      f"{', '.join(names)}; or give package.module:Class")
+    raise PluginError(
+        f"--plugin {spec.text!r}: no plugin named {spec.target!r}{hint}; known plugins: "
+        f"{', '.join(names)}; or give package.module:Class"
+    )
 
 
 def _load(path: str, spec: str, name: str | None = None) -> type:
@@ -227,8 +246,9 @@ def _load(path: str, spec: str, name: str | None = None) -> type:
         return _load_path(path)
     except Exception as error:
         what = f"{name} ({path})" if name else path
-        raise PluginError(f"--plugin {spec!r}: {what} cannot be loaded: {type(error).__name__}: {error}",
-                          plugin=name) from error
+        raise PluginError(
+            f"--plugin {spec!r}: {what} cannot be loaded: {type(error).__name__}: {error}", plugin=name
+        ) from error
 
 
 def _load_path(path: str) -> type:

@@ -4,6 +4,7 @@ changes, the gradients after backward, checkpoints, an uncaught error, and the e
 
 Nothing here runs per step unless some plugin implements a per-step hook: with no plugin there is no session.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -54,9 +55,16 @@ def start(comm, recorder, specs_text: str = "", objects=None) -> PluginSession |
         return None
     manager = PluginManager(plugins)
     world = current_world()
-    run = RunInfo(rank=comm.rank, world_size=comm.world_size, local_rank=comm.local_rank, run_id=comm.run_id,
-                  run_dir=Path(world.run_dir) if world.run_dir else None, comm=comm,
-                  recorder=recorder, config=_config(specs, plugins))
+    run = RunInfo(
+        rank=comm.rank,
+        world_size=comm.world_size,
+        local_rank=comm.local_rank,
+        run_id=comm.run_id,
+        run_dir=Path(world.run_dir) if world.run_dir else None,
+        comm=comm,
+        recorder=recorder,
+        config=_config(specs, plugins),
+    )
     _current = PluginSession(manager, run)
     _current.begin()
     return _current
@@ -64,12 +72,17 @@ def start(comm, recorder, specs_text: str = "", objects=None) -> PluginSession |
 
 def _config(specs, plugins) -> dict:
     """What RunInfo.config holds: argv, the plugins, and the launcher's run.json "config" when there is one."""
-    config = {"argv": list(sys.argv), "plugin_specs": specs,
-              "plugins": [{"name": getattr(p, "name", type(p).__name__), "version": getattr(p, "version", None)}
-                          for p in plugins]}
+    config = {
+        "argv": list(sys.argv),
+        "plugin_specs": specs,
+        "plugins": [
+            {"name": getattr(p, "name", type(p).__name__), "version": getattr(p, "version", None)} for p in plugins
+        ],
+    }
     world = current_world()
     if world.run_dir:
         from mpnn.telemetry.reader import record_name
+
         record = Path(world.run_dir) / record_name(world.node_rank)
         try:
             config["launch"] = json.loads(record.read_text()).get("config", {})
@@ -87,15 +100,15 @@ class PluginSession:
         self.codec = manager.codec
         self.hook = manager.hook
         self.status = "ok"
-        self._epoch = None          # the epoch DistributedSampler.set_epoch last announced
-        self._steps_epoch = None    # the epoch of the steps counted below
+        self._epoch = None  # the epoch DistributedSampler.set_epoch last announced
+        self._steps_epoch = None  # the epoch of the steps counted below
         self._epoch_steps = 0
         self._epoch_loss = 0.0
         self._epoch_losses = 0
         self._ended = False
         self._previous_excepthook = None
         self._bare_steps = None  # without a recorder: [step count, perf_counter, bytes sent, bytes received]
-        self._rss = None         # and its RSS reader
+        self._rss = None  # and its RSS reader
 
     def implements(self, hook_name: str) -> bool:
         """True when some plugin implements `hook_name`."""
@@ -144,9 +157,12 @@ class PluginSession:
         for array in getattr(dataset, "_arrays", None) or ():
             data_hash.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
         self.hook.mpnn_data_fingerprint(
-            run=self.run, name=type(dataset).__name__,
+            run=self.run,
+            name=type(dataset).__name__,
             indices_sha256=hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest(),
-            data_sha256=data_hash.hexdigest(), size=len(dataset))
+            data_sha256=data_hash.hexdigest(),
+            size=len(dataset),
+        )
 
     def after_backward(self, named_grads: dict) -> None:
         """DataParallel averaged the gradients: mpnn_after_backward with {parameter name: gradient array}."""
@@ -185,13 +201,29 @@ class PluginSession:
         comm, (step, start, sent, recv) = self.run.comm, self._bare_steps
         now, sent_now, recv_now = time.perf_counter(), comm.bytes_sent, comm.bytes_recv
         self._bare_steps = [step + 1, now, sent_now, recv_now]
-        self.step_end({"t": time.time(), "rank": comm.rank, "step": step + 1, "epoch": None, "loss": None,
-                       "batch": None, "step_s": now - start, "compute_s": None, "comm_s": None, "opt_s": None,
-                       "bytes_sent": sent_now - sent, "bytes_recv": recv_now - recv, "rss_bytes": self._rss()})
+        self.step_end(
+            {
+                "t": time.time(),
+                "rank": comm.rank,
+                "step": step + 1,
+                "epoch": None,
+                "loss": None,
+                "batch": None,
+                "step_s": now - start,
+                "compute_s": None,
+                "comm_s": None,
+                "opt_s": None,
+                "bytes_sent": sent_now - sent,
+                "bytes_recv": recv_now - recv,
+                "rss_bytes": self._rss(),
+            }
+        )
 
     def _close_epoch(self) -> None:
-        metrics = {"steps": self._epoch_steps,
-                   "loss_mean": self._epoch_loss / self._epoch_losses if self._epoch_losses else None}
+        metrics = {
+            "steps": self._epoch_steps,
+            "loss_mean": self._epoch_loss / self._epoch_losses if self._epoch_losses else None,
+        }
         epoch = self._steps_epoch if self._steps_epoch is not None else 0
         self._epoch_steps, self._epoch_loss, self._epoch_losses = 0, 0.0, 0
         self.hook.mpnn_epoch_end(run=self.run, epoch=epoch, metrics=metrics)
@@ -225,7 +257,10 @@ def _wire_once() -> None:
         return
     _wired = True
     from mpnn import hooks
+
     hooks.register_optimizer_step_hooks(post=lambda optimizer, args, kwargs: _current and _current.bare_step_end())
-    hooks.register_sampler_hooks(set_epoch=lambda s, epoch: _current and _current.set_epoch(s, epoch),
-                                 first_pass=lambda s, indices: _current and _current.first_pass(s, indices))
+    hooks.register_sampler_hooks(
+        set_epoch=lambda s, epoch: _current and _current.set_epoch(s, epoch),
+        first_pass=lambda s, indices: _current and _current.first_pass(s, indices),
+    )
     hooks.register_save_hook(lambda path, sha256: _current and _current.checkpoint_saved(path, sha256))

@@ -18,6 +18,7 @@ raise alarms and pay for tracing again and again. The default threshold, 4 KiB p
 over 14 clean rank-runs of 3000-12000 steps, 200-step window slopes had median 0, p90 1.3 KiB, p99 4.8 KiB and
 max 12 KiB per step, and two fresh windows in a row never both exceeded 2 KiB per step.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,12 +35,17 @@ from mpnn.plugins.hookspec import hookimpl
 from mpnn.plugins.options import Option
 
 TOP_SITES = 5
-MIN_SITE_BYTES_PER_STEP = 32   # a line growing slower than this is not blamed, whatever the trend
-SITE_SHARE = 0.1               # ... nor one explaining less than this share of the RSS trend
-FIT_POINTS = 64                # the trend is fitted on this many evenly spaced samples of the window (2016 pairs)
-MAX_BACKOFF = 16               # after unexplained trends, wait up to this many windows before tracing again
-_IGNORED_FILES = (tracemalloc.__file__, __file__, "<frozen importlib._bootstrap>",
-                  "<frozen importlib._bootstrap_external>", "<unknown>")
+MIN_SITE_BYTES_PER_STEP = 32  # a line growing slower than this is not blamed, whatever the trend
+SITE_SHARE = 0.1  # ... nor one explaining less than this share of the RSS trend
+FIT_POINTS = 64  # the trend is fitted on this many evenly spaced samples of the window (2016 pairs)
+MAX_BACKOFF = 16  # after unexplained trends, wait up to this many windows before tracing again
+_IGNORED_FILES = (
+    tracemalloc.__file__,
+    __file__,
+    "<frozen importlib._bootstrap>",
+    "<frozen importlib._bootstrap_external>",
+    "<unknown>",
+)
 
 
 class TrendFit:
@@ -86,8 +92,12 @@ def site_name(frame) -> str:
 def gc_state() -> dict:
     """The garbage collector's counts, collections per generation, uncollectable objects and len(gc.garbage)."""
     stats = gc.get_stats()
-    return {"counts": list(gc.get_count()), "collections": [s["collections"] for s in stats],
-            "uncollectable": sum(s["uncollectable"] for s in stats), "garbage": len(gc.garbage)}
+    return {
+        "counts": list(gc.get_count()),
+        "collections": [s["collections"] for s in stats],
+        "uncollectable": sum(s["uncollectable"] for s in stats),
+        "garbage": len(gc.garbage),
+    }
 
 
 def _rss_now() -> int | None:
@@ -118,7 +128,8 @@ class _Confirmation:
         if self.recorder is not None:
             self.recorder.flush()
         snapshot = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, name) for name in _IGNORED_FILES])
+            [tracemalloc.Filter(False, name) for name in _IGNORED_FILES]
+        )
         self.snapshots.append((step, snapshot))
 
     def due(self, step: int) -> bool:
@@ -130,8 +141,10 @@ class _Confirmation:
 
     def growing_sites(self) -> list[dict]:
         """Lines that grew between every two consecutive snapshots, fast enough to matter, largest first."""
-        rounds = [{stat.traceback[0]: (stat.size_diff, stat.count_diff) for stat in newer.compare_to(older, "lineno")}
-                  for (_, older), (_, newer) in zip(self.snapshots, self.snapshots[1:])]
+        rounds = [
+            {stat.traceback[0]: (stat.size_diff, stat.count_diff) for stat in newer.compare_to(older, "lineno")}
+            for (_, older), (_, newer) in zip(self.snapshots, self.snapshots[1:])
+        ]
         steps = self.snapshots[-1][0] - self.snapshots[0][0]
         floor = max(MIN_SITE_BYTES_PER_STEP, SITE_SHARE * self.slope) * steps
         sites = []
@@ -155,31 +168,46 @@ class Watchdog:
     name = "watchdog"
     version = __version__  # a built-in plugin is versioned with mpnn
     options = {
-        "threshold_bytes_per_step": Option(int, 4096, "RSS growth per step (Theil-Sen trend over the window) that "
-                                                     "makes a leak; 0: off"),
+        "threshold_bytes_per_step": Option(
+            int, 4096, "RSS growth per step (Theil-Sen trend over the window) that makes a leak; 0: off"
+        ),
         "threshold_pct": Option(float, 0.0, "RSS growth over one window, in percent of RSS, that makes a leak; 0: off"),
         "warmup": Option(int, 100, "steps ignored at the start (kernel compilation, caches, allocator settling)"),
         "window": Option(int, 200, "steps of RSS over which the trend is fitted"),
         "interval": Option(int, 50, "steps between trend checks; tracemalloc confirms a trend over half as many"),
-        "action": Option(("warn", "abort"), "warn", "on a leak: warn (event + log line, the run goes on) or abort "
-                                                    "(the run fails naming the leaking line)"),
+        "action": Option(
+            ("warn", "abort"),
+            "warn",
+            "on a leak: warn (event + log line, the run goes on) or abort (the run fails naming the leaking line)",
+        ),
     }
 
-    def __init__(self, threshold_bytes_per_step: int = 4096, threshold_pct: float = 0.0, warmup: int = 100,
-                 window: int = 200, interval: int = 50, action: str = "warn"):
+    def __init__(
+        self,
+        threshold_bytes_per_step: int = 4096,
+        threshold_pct: float = 0.0,
+        warmup: int = 100,
+        window: int = 200,
+        interval: int = 50,
+        action: str = "warn",
+    ):
         if threshold_bytes_per_step < 0 or threshold_pct < 0 or (threshold_bytes_per_step == 0 and threshold_pct == 0):
-            raise PluginError(f"watchdog: threshold_bytes_per_step={threshold_bytes_per_step}, threshold_pct="
-                              f"{threshold_pct}: both must be >= 0 and at least one > 0")
+            raise PluginError(
+                f"watchdog: threshold_bytes_per_step={threshold_bytes_per_step}, threshold_pct="
+                f"{threshold_pct}: both must be >= 0 and at least one > 0"
+            )
         if warmup < 0 or window < 8 or interval < 2:
-            raise PluginError(f"watchdog: warmup={warmup}, window={window}, interval={interval}: need warmup >= 0, "
-                              "window >= 8 and interval >= 2")
+            raise PluginError(
+                f"watchdog: warmup={warmup}, window={window}, interval={interval}: need warmup >= 0, "
+                "window >= 8 and interval >= 2"
+            )
         if action not in ("warn", "abort"):
             raise PluginError(f"watchdog: action={action!r}: use 'warn' or 'abort'")
         self.threshold_bytes_per_step, self.threshold_pct = threshold_bytes_per_step, threshold_pct
         self.warmup, self.window, self.interval, self.action = warmup, window, interval, action
         self._rss = np.empty(window)  # ring buffer of the last `window` RSS samples (NaN where unknown)
-        self._rss_at = 0                # where the next sample goes
-        self._rss_count = 0             # samples since the window was last cleared
+        self._rss_at = 0  # where the next sample goes
+        self._rss_count = 0  # samples since the window was last cleared
         self._fit_at = np.linspace(0, window - 1, min(window, FIT_POINTS)).astype(np.intp)  # the samples fitted
         self._fit = TrendFit(self._fit_at)
         self._steps = 0
@@ -219,8 +247,14 @@ class Watchdog:
             self._confirmation.close()
             self._confirmation = None
         if run.recorder is not None:
-            run.recorder.event("watchdog", steps=self._steps, **self._stats, leaks=len(self.leaks),
-                               rss_last=self._last_rss, gc=gc_state())
+            run.recorder.event(
+                "watchdog",
+                steps=self._steps,
+                **self._stats,
+                leaks=len(self.leaks),
+                rss_last=self._last_rss,
+                gc=gc_state(),
+            )
 
     # ---- detection ----
     def trend_threshold(self, rss_start: float) -> float:
@@ -272,8 +306,13 @@ class Watchdog:
         # ever later, so that a run whose RSS keeps creeping does not pay for tracemalloc again and again.
         self._backoff = min(2 * self._backoff, MAX_BACKOFF)
         if run.recorder is not None:
-            run.recorder.event("memory_trend", rate_bytes_per_step=int(confirmation.slope), confirmed=False,
-                               step=record.get("step", self._steps), rss_bytes=self._last_rss)
+            run.recorder.event(
+                "memory_trend",
+                rate_bytes_per_step=int(confirmation.slope),
+                confirmed=False,
+                step=record.get("step", self._steps),
+                rss_bytes=self._last_rss,
+            )
 
     def _alarm(self, run, record, slope: float, sites: list[dict]) -> None:
         keys = {s["site"] for s in sites}
@@ -282,14 +321,21 @@ class Watchdog:
         self._alarmed |= keys
         self._stats["alarms"] += 1
         rank = getattr(run, "rank", 0)
-        leak = {"rate_bytes_per_step": int(slope), "step": record.get("step", self._steps),
-                "rss_bytes": self._last_rss, "top": sites, "gc": gc_state()}
+        leak = {
+            "rate_bytes_per_step": int(slope),
+            "step": record.get("step", self._steps),
+            "rss_bytes": self._last_rss,
+            "top": sites,
+            "gc": gc_state(),
+        }
         self.leaks.append(leak)
         if run.recorder is not None:
             run.recorder.event("leak", **leak)
         where = ", ".join(f"{s['site']} +{human_bytes(s['size_delta'])} ({s['count_delta']} blocks)" for s in sites)
-        message = (f"rank {rank}: memory leak of {human_bytes(slope)}/step (RSS trend over {self.window} steps, "
-                   f"step {leak['step']}); top sites: {where}")
+        message = (
+            f"rank {rank}: memory leak of {human_bytes(slope)}/step (RSS trend over {self.window} steps, "
+            f"step {leak['step']}); top sites: {where}"
+        )
         print(f"mpnn watchdog: {message}", file=sys.stderr, flush=True)
         if self.action == "abort":
             raise PluginError(f"watchdog: {message}", plugin=self.name)

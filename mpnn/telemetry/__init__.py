@@ -1,5 +1,6 @@
 """Telemetry: each worker's Recorder writes worker-<rank>.jsonl in the run dir; readers, a summary table, a
 Perfetto trace and plots turn those files back into answers (`mpnn telemetry show|trace|plot RUN_DIR`)."""
+
 from __future__ import annotations
 
 from mpnn.telemetry.recorder import Recorder

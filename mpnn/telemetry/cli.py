@@ -1,5 +1,6 @@
 """`mpnn telemetry show|trace|plot RUN_DIR`: read a run's worker-<rank>.jsonl files and answer in a table, a
 Perfetto trace or a PNG; any problem ends in one line naming the path and a non-zero exit."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ def show(run_dir: Path, as_json: bool):
 
 @telemetry.command("trace")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Trace file to write [default: RUN_DIR/trace.json].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Trace file to write [default: RUN_DIR/trace.json].",
+)
 def trace(run_dir: Path, output: Path | None):
     """Write a Chrome trace (open it in https://ui.perfetto.dev): one process per rank, one thread per lane."""
     from mpnn.telemetry.trace import write_trace
@@ -57,8 +63,13 @@ def trace(run_dir: Path, output: Path | None):
 
 @telemetry.command("plot")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG to write [default: RUN_DIR/run.png].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PNG to write [default: RUN_DIR/run.png].",
+)
 def plot(run_dir: Path, output: Path | None):
     """Plot loss and step time per rank to a PNG (needs matplotlib)."""
     from mpnn.telemetry.plot import plot_run

@@ -5,6 +5,7 @@ A step is what lies between two optimizer steps: "forward" is the time from the 
 wait on the ring shows as "comm_wait"), "step" is optimizer.step(); the step record closes after it, with
 the loss backward was called on.
 """
+
 from __future__ import annotations
 
 from time import perf_counter
@@ -67,6 +68,7 @@ def instrument(recorder, comm=None):
     if _installed is not None:
         return _installed
     from mpnn import hooks
+
     timer = _StepTimer(recorder, comm)
     hooks.register_backward_hooks(timer.backward_pre, timer.backward_post)
     hooks.register_optimizer_step_hooks(timer.opt_pre, timer.opt_post)

@@ -1,4 +1,5 @@
 """Loss and step-time curves per rank as one PNG; matplotlib is optional and imported only here, on use."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,7 @@ def plot_run(run: Run, path) -> Path:
     ax_loss, ax_time = figure.subplots(2, 1, sharex=True)
     for rank, log in run.ranks.items():
         losses = [(i, number(r, "loss")) for i, r in enumerate(log.steps, 1) if number(r, "loss") is not None]
-        times = [(i, number(r, "step_s") * 1e3) for i, r in enumerate(log.steps, 1)
-                 if (number(r, "step_s") or 0) > 0]
+        times = [(i, number(r, "step_s") * 1e3) for i, r in enumerate(log.steps, 1) if (number(r, "step_s") or 0) > 0]
         if losses:
             ax_loss.plot(*zip(*losses), label=f"rank {rank}", linewidth=1)
         if times:

@@ -1,5 +1,6 @@
 """Reads a run directory back: run.json (optional) and every worker-<rank>.jsonl, skipping torn or bad lines
 (a worker killed mid-write leaves half a line; a restarted worker appends to the same file)."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ class TelemetryError(Exception):
 @dataclass
 class RankLog:
     """One rank's telemetry in file order: step records, event records and the number of unreadable lines."""
+
     rank: int
     path: Path
     steps: list = field(default_factory=list)
@@ -35,6 +37,7 @@ class RankLog:
 @dataclass
 class Run:
     """A run directory read back: its run.json fields ({} when missing or unreadable) and each rank's log."""
+
     path: Path
     meta: dict
     ranks: dict  # rank -> RankLog, in rank order

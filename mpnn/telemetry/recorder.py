@@ -7,6 +7,7 @@ add_span() 0.25 us, step_end() after 6 spans 2.3 us (one pread of /proc/self/sta
 thread; turning a step into its JSON line costs about 14 us more (float formatting dominates), paid once per step
 at flush time, not on the step path; no syscall per span, one write per flush.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -47,7 +48,7 @@ def _rss_reader():
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _to_float(loss):
@@ -55,12 +56,15 @@ def _to_float(loss):
         return float(loss)
     except (TypeError, ValueError):
         shape = getattr(loss, "shape", None)
-        raise TypeError(f"telemetry set_loss: expected a float or a 0-d array, got {type(loss).__name__}"
-                        + (f" of shape {tuple(shape)}" if shape is not None else "")) from None
+        raise TypeError(
+            f"telemetry set_loss: expected a float or a 0-d array, got {type(loss).__name__}"
+            + (f" of shape {tuple(shape)}" if shape is not None else "")
+        ) from None
 
 
 class _Span:
     """Times the body of a `with` block on the perf_counter clock and hands it to the recorder as one span."""
+
     __slots__ = ("_recorder", "_lane", "_name", "_t0")
 
     def __init__(self, recorder: Recorder, lane: str, name: str):
@@ -99,8 +103,8 @@ class Recorder:
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self._end_torn_line()
         self._rss, self._rss_fd = _rss_reader()
-        self._lock = threading.Lock()         # guards _spans, _sent, _recv, _metrics, _pending: from any thread
-        self._write_lock = threading.Lock()   # keeps flushes in order
+        self._lock = threading.Lock()  # guards _spans, _sent, _recv, _metrics, _pending: from any thread
+        self._write_lock = threading.Lock()  # keeps flushes in order
         self._unix0, self._perf0 = time.time(), perf_counter()
         self._step_start = self._perf0
         self._next_flush = self._perf0 + self.flush_interval
@@ -108,7 +112,7 @@ class Recorder:
         self._sent = self._recv = 0
         self._metrics = None  # extra keys of the current step's line (add_metrics)
         self._loss = None
-        self.on_step = None   # on_step(record dict) after each step_end: the plugins' mpnn_step_end
+        self.on_step = None  # on_step(record dict) after each step_end: the plugins' mpnn_step_end
         self._pending: list = []
         self._failed = False
         self._warned = False
@@ -121,8 +125,7 @@ class Recorder:
         _live_recorders.add(self)
         self.event("start", world_size=self.world_size, pid=os.getpid(), host=socket.gethostname())
         self.flush()
-        self._timer = threading.Thread(target=self._flush_periodically, name=f"mpnn-telemetry-{self.rank}",
-                                       daemon=True)
+        self._timer = threading.Thread(target=self._flush_periodically, name=f"mpnn-telemetry-{self.rank}", daemon=True)
         self._timer.start()
 
     @staticmethod
@@ -261,10 +264,22 @@ class Recorder:
                 data += duration
             out.append([lane, name, round(t0 - step_start, 7), round(duration, 7)])
         record = {
-            "t": self._unix(step_end), "rank": self.rank, "step": step, "epoch": epoch, "loss": loss, "batch": batch,
-            "step_s": round(step_end - step_start, 7), "compute_s": round(compute, 7), "comm_s": round(comm_wait, 7),
-            "opt_s": round(optimizer, 7), "data_s": round(data, 7), "bytes_sent": sent, "bytes_recv": recv,
-            "rss_bytes": rss, "spans": out}
+            "t": self._unix(step_end),
+            "rank": self.rank,
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "batch": batch,
+            "step_s": round(step_end - step_start, 7),
+            "compute_s": round(compute, 7),
+            "comm_s": round(comm_wait, 7),
+            "opt_s": round(optimizer, 7),
+            "data_s": round(data, 7),
+            "bytes_sent": sent,
+            "bytes_recv": recv,
+            "rss_bytes": rss,
+            "spans": out,
+        }
         if metrics:
             record.update(metrics)
         return record
@@ -312,8 +327,15 @@ if hasattr(os, "register_at_fork"):
 def measure_overhead(steps: int = 20000) -> None:
     """Print the cost of span(), add_span(), step_end() after 6 spans, and of turning one step into its line."""
     import tempfile
-    names = [("data", "next batch"), ("compute", "forward"), ("compute", "backward"),
-             ("comm", "allreduce bucket 0"), ("comm_wait", "wait bucket 0"), ("optimizer", "step")]
+
+    names = [
+        ("data", "next batch"),
+        ("compute", "forward"),
+        ("compute", "backward"),
+        ("comm", "allreduce bucket 0"),
+        ("comm_wait", "wait bucket 0"),
+        ("optimizer", "step"),
+    ]
     with tempfile.TemporaryDirectory() as run_dir:
         rec = Recorder(run_dir, 0, 1, flush_interval=3600.0)
         t0 = perf_counter()
@@ -340,5 +362,7 @@ def measure_overhead(steps: int = 20000) -> None:
         rec.flush()
         line_s = (perf_counter() - t0) / steps
         rec.close()
-    print(f"span(): {span_s * 1e6:.2f} us, add_span(): {add_span_s * 1e6:.2f} us, "
-          f"step_end() after {len(names)} spans: {step_end_s * 1e6:.2f} us, flush: {line_s * 1e6:.2f} us per step")
+    print(
+        f"span(): {span_s * 1e6:.2f} us, add_span(): {add_span_s * 1e6:.2f} us, "
+        f"step_end() after {len(names)} spans: {step_end_s * 1e6:.2f} us, flush: {line_s * 1e6:.2f} us per step"
+    )

@@ -1,5 +1,6 @@
 """Per-rank summary of a run (step time median and p95, compute/communication share, bytes, peak RSS, events)
 and straggler detection, as a JSON-ready dict and as table rows for `mpnn telemetry show`."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,12 @@ def find_straggler(ranks: list[dict], excess: float = STRAGGLER_EXCESS) -> dict 
     others = float(np.median([r["median_step_s"] for r in timed if r is not slowest]))
     if others <= 0 or slowest["median_step_s"] <= others * (1 + excess):
         return None
-    return {"rank": slowest["rank"], "median_step_s": slowest["median_step_s"], "others_median_step_s": others,
-            "excess": slowest["median_step_s"] / others - 1}
+    return {
+        "rank": slowest["rank"],
+        "median_step_s": slowest["median_step_s"],
+        "others_median_step_s": others,
+        "excess": slowest["median_step_s"] / others - 1,
+    }
 
 
 def summarize(run: Run) -> dict:
@@ -59,9 +64,13 @@ def summarize(run: Run) -> dict:
     ranks = [summarize_rank(log) for log in run.ranks.values()]
     world = run.meta.get("world")
     world_size = world.get("world_size") if isinstance(world, dict) else None
-    return {"run_dir": str(run.path), "run_id": run.meta.get("run_id", run.path.name),
-            "world_size": world_size if world_size is not None else len(ranks),
-            "ranks": ranks, "straggler": find_straggler(ranks)}
+    return {
+        "run_dir": str(run.path),
+        "run_id": run.meta.get("run_id", run.path.name),
+        "world_size": world_size if world_size is not None else len(ranks),
+        "ranks": ranks,
+        "straggler": find_straggler(ranks),
+    }
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -89,24 +98,49 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{share * 100:.0f}%"
 
 
-HEADERS = ("rank", "steps", "median step", "p95 step", "compute", "comm", "sent", "recv", "peak RSS", "events",
-           "errors")
+HEADERS = (
+    "rank",
+    "steps",
+    "median step",
+    "p95 step",
+    "compute",
+    "comm",
+    "sent",
+    "recv",
+    "peak RSS",
+    "events",
+    "errors",
+)
 
 
 def table_rows(summary: dict) -> list[tuple[str, ...]]:
     """One row of display strings per rank, in HEADERS order."""
-    return [(str(r["rank"]), str(r["steps"]), format_seconds(r["median_step_s"]), format_seconds(r["p95_step_s"]),
-             _percent(r["compute_share"]), _percent(r["comm_share"]), format_bytes(r["bytes_sent"]),
-             format_bytes(r["bytes_recv"]), format_bytes(r["peak_rss_bytes"]), str(r["events"]), str(r["errors"]))
-            for r in summary["ranks"]]
+    return [
+        (
+            str(r["rank"]),
+            str(r["steps"]),
+            format_seconds(r["median_step_s"]),
+            format_seconds(r["p95_step_s"]),
+            _percent(r["compute_share"]),
+            _percent(r["comm_share"]),
+            format_bytes(r["bytes_sent"]),
+            format_bytes(r["bytes_recv"]),
+            format_bytes(r["peak_rss_bytes"]),
+            str(r["events"]),
+            str(r["errors"]),
+        )
+        for r in summary["ranks"]
+    ]
 
 
 def notes(summary: dict) -> list[str]:
     """The lines under the table: the straggler verdict, each rank's last error, unreadable line counts."""
     straggler = summary["straggler"]
     if straggler:
-        lines = [f"straggler: rank {straggler['rank']} (median {format_seconds(straggler['median_step_s'])}, "
-                 f"others {format_seconds(straggler['others_median_step_s'])}, +{straggler['excess'] * 100:.0f}%)"]
+        lines = [
+            f"straggler: rank {straggler['rank']} (median {format_seconds(straggler['median_step_s'])}, "
+            f"others {format_seconds(straggler['others_median_step_s'])}, +{straggler['excess'] * 100:.0f}%)"
+        ]
     else:
         lines = ["straggler: none"]
     for r in summary["ranks"]:
@@ -133,8 +167,12 @@ def print_rich(summary: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"run {summary['run_id']} ({summary['world_size']} ranks)", box=box.SIMPLE_HEAD,
-                  padding=(0, 0, 0, 1), pad_edge=False)
+    table = Table(
+        title=f"run {summary['run_id']} ({summary['world_size']} ranks)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
     for header in HEADERS:
         table.add_column(header.replace(" ", "\n"), justify="right")
     straggler = (summary["straggler"] or {}).get("rank")

@@ -1,5 +1,6 @@
 """A run's telemetry as a Chrome trace (JSON trace event format) that Perfetto and chrome://tracing open:
 pid = rank, tid = lane, "X" slices that never overlap within one lane, "C" counters, "i" instant events."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ def _earliest(log: RankLog) -> float | None:
     for record in log.steps:
         end, step_s = number(record, "t"), number(record, "step_s")
         if end is not None and step_s is not None:
-            offsets = [span[2] for span in record.get("spans") or () if isinstance(span, list) and len(span) == 4
-                       and isinstance(span[2], (int, float))]
+            offsets = [
+                span[2]
+                for span in record.get("spans") or ()
+                if isinstance(span, list) and len(span) == 4 and isinstance(span[2], (int, float))
+            ]
             times.append(end - step_s + min(offsets + [0.0]))
     return min((t for t in times if t is not None), default=None)
 
@@ -37,10 +41,12 @@ def _slices(log: RankLog, origin: float) -> dict[str, list]:
         if end is None or step_s is None:
             continue
         start = (end - origin) - step_s
-        args = {key: _json_safe(record[key]) for key in ("step", "epoch", "loss", "batch")
-                if record.get(key) is not None}
-        lanes.setdefault("step", []).append((round(start * 1e9), round((end - origin) * 1e9),
-                                             f"step {record['step']}", args))
+        args = {
+            key: _json_safe(record[key]) for key in ("step", "epoch", "loss", "batch") if record.get(key) is not None
+        }
+        lanes.setdefault("step", []).append(
+            (round(start * 1e9), round((end - origin) * 1e9), f"step {record['step']}", args)
+        )
         for span in record.get("spans") or ():
             try:
                 lane, name, offset, duration = span
@@ -57,7 +63,7 @@ def _lay_out(slices: list) -> list[list]:
 
     Integer nanoseconds make the check exact; a slice that overlaps the last one in a sub-lane by at most
     NUDGE_NS is moved to start where that one ends."""
-    ends: list[int] = []      # end of the last slice placed in each sub-lane
+    ends: list[int] = []  # end of the last slice placed in each sub-lane
     sublanes: list[list] = []
     for start, end, name, args in sorted(slices, key=lambda s: s[0]):
         for i, last_end in enumerate(ends):  # noqa: B007  (i, the sub-lane found, is used after the loop)
@@ -95,8 +101,10 @@ def _us(ns: int) -> float:
 
 def _rank_events(log: RankLog, origin: float) -> list[dict]:
     pid = log.rank
-    out = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": f"rank {pid}"}},
-           {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+    out = [
+        {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": f"rank {pid}"}},
+        {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}},
+    ]
     lanes = _slices(log, origin)
     tid = 0
     for lane in sorted(lanes, key=_lane_key):
@@ -106,8 +114,15 @@ def _rank_events(log: RankLog, origin: float) -> list[dict]:
             out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}})
             out.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
             for start, end, slice_name, args in sublane:
-                event = {"ph": "X", "name": slice_name, "cat": lane, "pid": pid, "tid": tid,
-                         "ts": _us(start), "dur": _us(end - start)}
+                event = {
+                    "ph": "X",
+                    "name": slice_name,
+                    "cat": lane,
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": _us(start),
+                    "dur": _us(end - start),
+                }
                 if args:
                     event["args"] = args
                 out.append(event)
@@ -119,8 +134,16 @@ def _rank_events(log: RankLog, origin: float) -> list[dict]:
         rss = number(record, "rss_bytes")
         if rss is not None:
             out.append({"ph": "C", "name": "rss_bytes", "pid": pid, "tid": 0, "ts": ts, "args": {"rss": rss}})
-        out.append({"ph": "C", "name": "bytes per step", "pid": pid, "tid": 0, "ts": ts,
-                    "args": {"sent": number(record, "bytes_sent") or 0, "recv": number(record, "bytes_recv") or 0}})
+        out.append(
+            {
+                "ph": "C",
+                "name": "bytes per step",
+                "pid": pid,
+                "tid": 0,
+                "ts": ts,
+                "args": {"sent": number(record, "bytes_sent") or 0, "recv": number(record, "bytes_recv") or 0},
+            }
+        )
         loss = number(record, "loss")
         if loss is not None:
             out.append({"ph": "C", "name": "loss", "pid": pid, "tid": 0, "ts": ts, "args": {"loss": loss}})
@@ -129,8 +152,17 @@ def _rank_events(log: RankLog, origin: float) -> list[dict]:
         if t is None:
             continue
         args = {k: _json_safe(v) for k, v in record.items() if k not in ("t", "rank", "event")}
-        out.append({"ph": "i", "s": "p", "name": str(record["event"]), "pid": pid, "tid": 0,
-                    "ts": _us(round((t - origin) * 1e9)), "args": args})
+        out.append(
+            {
+                "ph": "i",
+                "s": "p",
+                "name": str(record["event"]),
+                "pid": pid,
+                "tid": 0,
+                "ts": _us(round((t - origin) * 1e9)),
+                "args": args,
+            }
+        )
     return out
 
 
@@ -140,8 +172,11 @@ def build_trace(run: Run) -> dict:
     Timestamps count from the run's earliest step, span or event (otherData.origin_unix_s)."""
     origin = min((t for t in map(_earliest, run.ranks.values()) if t is not None), default=0.0)
     events = [e for log in run.ranks.values() for e in _rank_events(log, origin)]
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"run_id": run.meta.get("run_id", run.path.name), "origin_unix_s": origin}}
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {"run_id": run.meta.get("run_id", run.path.name), "origin_unix_s": origin},
+    }
 
 
 def write_trace(run: Run, path) -> Path:

@@ -2,6 +2,7 @@
 kept outside the run directory (keys.py), a TOML policy checked before workers start (policy.py), the facts
 recorded about code, data and environment (provenance.py), the plugin (plugin.py), a reviewer's report
 (report.py) and `mpnn audit verify|report` (cli.py)."""
+
 from mpnn.plugins.errors import PluginError
 
 

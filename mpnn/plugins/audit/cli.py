@@ -1,5 +1,6 @@
 """`mpnn audit verify RUN_DIR` (exit 0 only for an intact trail) and `mpnn audit report RUN_DIR` (Markdown or
 HTML for a reviewer)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,13 @@ from mpnn.plugins.audit.report import render
 from mpnn.plugins.audit.trail import verify
 
 _RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                    help="The audit key the trail was signed with [default: ~/.config/mpnn/audit.key].")
+_KEY = click.option(
+    "--key",
+    "key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The audit key the trail was signed with [default: ~/.config/mpnn/audit.key].",
+)
 
 
 def _key(path: Path | None, run_dir: Path) -> bytes:
@@ -44,8 +50,13 @@ def verify_command(run_dir, key):
 
 @audit.command("report")
 @click.argument("run_dir", type=_RUN_DIR)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the report to this file [default: stdout].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file [default: stdout].",
+)
 @click.option("--format", "fmt", type=click.Choice(["md", "html"]), default="md", show_default=True)
 @_KEY
 def report_command(run_dir, output, fmt, key):

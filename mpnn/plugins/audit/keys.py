@@ -1,6 +1,7 @@
 """The audit key: a secret file outside the run directory (default ~/.config/mpnn/audit.key: 32 random bytes,
 created 0600 when missing), refused when it lies inside the run directory or others may read it. Only its
 fingerprint (the first 16 hex digits of its SHA-256) is ever printed or written down."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,15 +50,19 @@ def load_key(path: Path, run_dir: Path | None = None, create: bool = True) -> by
     is not a regular file of this user, is readable or writable by group or others, or is empty."""
     path = key_path(path)
     if run_dir is not None and path.resolve().is_relative_to(Path(run_dir).resolve()):
-        raise AuditError(f"audit key {path} lies inside the run directory {run_dir}: keep it outside (whoever can "
-                         "edit the trail must not be able to re-sign it); pass --plugin audit:key=PATH")
+        raise AuditError(
+            f"audit key {path} lies inside the run directory {run_dir}: keep it outside (whoever can "
+            "edit the trail must not be able to re-sign it); pass --plugin audit:key=PATH"
+        )
     if create and not path.exists():
         create_key(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise AuditError(f"audit key {path} does not exist; pass the key the trail was signed with "
-                         "(--key PATH, or --plugin audit:key=PATH)") from None
+        raise AuditError(
+            f"audit key {path} does not exist; pass the key the trail was signed with "
+            "(--key PATH, or --plugin audit:key=PATH)"
+        ) from None
     except OSError as error:
         raise AuditError(f"audit key {path} cannot be read: {error.strerror}") from None
     try:
@@ -65,8 +70,10 @@ def load_key(path: Path, run_dir: Path | None = None, create: bool = True) -> by
         if not stat.S_ISREG(info.st_mode):
             raise AuditError(f"audit key {path} is not a regular file")
         if info.st_mode & 0o077:
-            raise AuditError(f"audit key {path} is open to group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
-                             f"run `chmod 600 {path}`")
+            raise AuditError(
+                f"audit key {path} is open to group or others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                f"run `chmod 600 {path}`"
+            )
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
             raise AuditError(f"audit key {path} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})")
         key = os.read(fd, 1 << 16)

@@ -12,6 +12,7 @@ else the train script's own `--seed N` / `--seed=N` argument. The signed head go
 run.json's "audit_head" (run.json is read and rewritten once the launcher is done with it); the launcher's error
 path after a refused start rewrites run.json from memory, so a refused run's head is in audit.head.json only.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,19 +39,27 @@ class AuditTrail:
     name = "audit"
     version = __version__  # a built-in plugin is versioned with mpnn
     options = {
-        "key": Option(str, "", "HMAC key file, kept outside the run dir [default: ~/.config/mpnn/audit.key, "
-                                "created 0600 with 32 random bytes when missing]"),
-        "policy": Option(str, "", "TOML policy checked before any worker starts (seed, plugins, world size, key "
-                                  "length, script, git, datasets); a run that breaks it does not start"),
+        "key": Option(
+            str,
+            "",
+            "HMAC key file, kept outside the run dir [default: ~/.config/mpnn/audit.key, "
+            "created 0600 with 32 random bytes when missing]",
+        ),
+        "policy": Option(
+            str,
+            "",
+            "TOML policy checked before any worker starts (seed, plugins, world size, key "
+            "length, script, git, datasets); a run that breaks it does not start",
+        ),
     }
 
     def __init__(self, key: str = "", policy: str = ""):
         self.key_path = key_path(key)
         self.policy_path = policy
-        self._writer: TrailWriter | None = None   # while this process writes: rank 0 during the run
+        self._writer: TrailWriter | None = None  # while this process writes: rank 0 during the run
         self._policy: Policy | None = None
-        self._owner = False                         # rank 0 began the trail, so rank 0 also ends it
-        self._began = False                         # this launcher wrote run_start, so it writes run_end
+        self._owner = False  # rank 0 began the trail, so rank 0 also ends it
+        self._began = False  # this launcher wrote run_start, so it writes run_end
         self._refused = False
 
     # ----- launcher side ---------------------------------------------------------------------------
@@ -60,8 +69,11 @@ class AuditTrail:
             return  # node 0 keeps the trail
         key = load_key(self.key_path, launch.run_dir)
         writer = TrailWriter(launch.run_dir, key)
-        print(f"mpnn audit: key {self.key_path} fingerprint {writer.fingerprint}; trail {writer.path}",
-              file=sys.stderr, flush=True)
+        print(
+            f"mpnn audit: key {self.key_path} fingerprint {writer.fingerprint}; trail {writer.path}",
+            file=sys.stderr,
+            flush=True,
+        )
         facts = launch_facts(launch, _run_config(launch.run_dir))
         facts.update(key_path=str(self.key_path), key_bytes=len(key))
         writer.append("run_start", facts)
@@ -76,17 +88,34 @@ class AuditTrail:
         try:
             policy = load_policy(self.policy_path)
         except AuditError as error:
-            writer.append("policy", {"path": str(self.policy_path), "stage": "launch", "verdict": "invalid",
-                                     "violations": [str(error)]})
+            writer.append(
+                "policy",
+                {"path": str(self.policy_path), "stage": "launch", "verdict": "invalid", "violations": [str(error)]},
+            )
             self._refuse(writer, run_id, [str(error)], f"audit: {error}")
         code = facts.get("code") or {}
         git = code.get("git") or {}
-        violations = check_launch(policy, {
-            "seed": facts.get("seed"), "plugins": plugin_names, "world_size": facts["world_size"],
-            "key_bytes": facts["key_bytes"], "script_path": code.get("path"), "script_sha256": code.get("sha256"),
-            "git_dirty": git.get("dirty") if git.get("commit") else None})
-        writer.append("policy", {**policy.record(), "stage": "launch",
-                                 "verdict": "refused" if violations else "passed", "violations": violations})
+        violations = check_launch(
+            policy,
+            {
+                "seed": facts.get("seed"),
+                "plugins": plugin_names,
+                "world_size": facts["world_size"],
+                "key_bytes": facts["key_bytes"],
+                "script_path": code.get("path"),
+                "script_sha256": code.get("sha256"),
+                "git_dirty": git.get("dirty") if git.get("commit") else None,
+            },
+        )
+        writer.append(
+            "policy",
+            {
+                **policy.record(),
+                "stage": "launch",
+                "verdict": "refused" if violations else "passed",
+                "violations": violations,
+            },
+        )
         if violations:
             self._refuse(writer, run_id, violations, policy_message(policy, violations, "run"))
         return policy
@@ -102,11 +131,15 @@ class AuditTrail:
         if not self._began or self._refused:
             return  # not node 0, or the trail never began (bad key), or a refusal already closed it
         writer = TrailWriter(launch.run_dir, load_key(self.key_path, launch.run_dir))
-        writer.append("run_end", {"status": status, "exit_codes": {str(k): v for k, v in exit_codes.items()},
-                                  "error": error})
+        writer.append(
+            "run_end", {"status": status, "exit_codes": {str(k): v for k, v in exit_codes.items()}, "error": error}
+        )
         head = writer.write_head(launch.run_id)
-        print(f"mpnn audit: trail closed at record {head['seq']}; check it with `mpnn audit verify "
-              f"{launch.run_dir}`", file=sys.stderr, flush=True)
+        print(
+            f"mpnn audit: trail closed at record {head['seq']}; check it with `mpnn audit verify {launch.run_dir}`",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @hookimpl
     def mpnn_launch_restart(self, launch, restart, failed_rank, how):
@@ -130,46 +163,70 @@ class AuditTrail:
             self._begin(writer, run, key)
         else:
             self._policy = _recorded_policy(run.run_dir, key)
-        writer.append("workers_start", {"world_size": run.world_size, "host": socket.gethostname(),
-                                        "pid": os.getpid(), "run_id": run.run_id})
+        writer.append(
+            "workers_start",
+            {"world_size": run.world_size, "host": socket.gethostname(), "pid": os.getpid(), "run_id": run.run_id},
+        )
         self._writer = writer
 
     def _begin(self, writer: TrailWriter, run, key: bytes) -> None:
         """No launcher-side audit began this trail: rank 0 writes run_start and checks the policy itself."""
         self._owner = True
-        print(f"mpnn audit: key {self.key_path} fingerprint {writer.fingerprint}; trail {writer.path}",
-              file=sys.stderr, flush=True)
+        print(
+            f"mpnn audit: key {self.key_path} fingerprint {writer.fingerprint}; trail {writer.path}",
+            file=sys.stderr,
+            flush=True,
+        )
         facts = worker_facts(run)
         facts.update(key_path=str(self.key_path), key_bytes=len(key))
         writer.append("run_start", facts)
         plugins = plugin_inventory(run.config.get("plugin_specs") or [])
         named = {p["name"] for p in plugins}
-        plugins += [{**p, "origin": "passed to mpnn.init"} for p in run.config.get("plugins", [])
-                    if p.get("name") not in named]
+        plugins += [
+            {**p, "origin": "passed to mpnn.init"} for p in run.config.get("plugins", []) if p.get("name") not in named
+        ]
         writer.append("plugins", {"plugins": plugins})
         if self.policy_path:
             self._policy = self._check_policy(writer, run.run_id, facts, [p["name"] for p in plugins])
 
     @hookimpl
     def mpnn_data_fingerprint(self, run, name, indices_sha256, data_sha256, size):
-        shards = run.comm.allgather_object({"rank": run.rank, "name": name, "indices_sha256": indices_sha256,
-                                            "data_sha256": data_sha256, "size": size})
+        shards = run.comm.allgather_object(
+            {"rank": run.rank, "name": name, "indices_sha256": indices_sha256, "data_sha256": data_sha256, "size": size}
+        )
         violations = None
         if self._writer is not None:
-            self._writer.append("dataset", {"name": name, "size": size, "data_sha256": data_sha256,
-                                            "consistent": len({s["data_sha256"] for s in shards}) == 1,
-                                            "shards": shards})
+            self._writer.append(
+                "dataset",
+                {
+                    "name": name,
+                    "size": size,
+                    "data_sha256": data_sha256,
+                    "consistent": len({s["data_sha256"] for s in shards}) == 1,
+                    "shards": shards,
+                },
+            )
             violations = check_datasets(self._policy, shards) if self._policy is not None else []
             if self._policy is not None and "allowed_datasets" in self._policy.rules:
-                self._writer.append("policy", {"path": self._policy.path, "sha256": self._policy.sha256,
-                                               "stage": "data", "dataset": name,
-                                               "verdict": "refused" if violations else "passed",
-                                               "violations": violations})
+                self._writer.append(
+                    "policy",
+                    {
+                        "path": self._policy.path,
+                        "sha256": self._policy.sha256,
+                        "stage": "data",
+                        "dataset": name,
+                        "verdict": "refused" if violations else "passed",
+                        "violations": violations,
+                    },
+                )
         violations = run.comm.broadcast_object(violations, root=0)
         if violations:
-            raise PluginRefusal(policy_message(self._policy, violations, "data") if self._policy is not None
-                                else "audit: the run's policy refuses the data:\n  - " + "\n  - ".join(violations),
-                                plugin=self.name)
+            raise PluginRefusal(
+                policy_message(self._policy, violations, "data")
+                if self._policy is not None
+                else "audit: the run's policy refuses the data:\n  - " + "\n  - ".join(violations),
+                plugin=self.name,
+            )
 
     @hookimpl
     def mpnn_epoch_end(self, run, epoch, metrics):
@@ -185,8 +242,15 @@ class AuditTrail:
     def mpnn_error(self, run, error):
         if self._writer is not None:
             frames = traceback.extract_tb(error.__traceback__)
-            self._writer.append("error", {"rank": run.rank, "type": type(error).__name__, "message": str(error),
-                                          "where": f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None})
+            self._writer.append(
+                "error",
+                {
+                    "rank": run.rank,
+                    "type": type(error).__name__,
+                    "message": str(error),
+                    "where": f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None,
+                },
+            )
 
     @hookimpl(trylast=True)
     def mpnn_run_end(self, run, status):
@@ -201,8 +265,10 @@ class AuditTrail:
 
 def policy_message(policy: Policy, violations: list, what: str) -> str:
     """The refusal: the policy file, its hash, and every violation on its own line."""
-    return (f"audit: policy {policy.path} (sha256 {policy.sha256[:16]}) refuses the {what}: {len(violations)} "
-            "violation(s):\n  - " + "\n  - ".join(violations))
+    return (
+        f"audit: policy {policy.path} (sha256 {policy.sha256[:16]}) refuses the {what}: {len(violations)} "
+        "violation(s):\n  - " + "\n  - ".join(violations)
+    )
 
 
 def _run_config(run_dir: Path) -> dict | None:
@@ -218,7 +284,9 @@ def _recorded_policy(run_dir: Path, key: bytes) -> Policy | None:
     for record in reversed(read_records(run_dir)):
         if record.get("kind") == "policy" and record.get("data", {}).get("stage") == "launch":
             if not signed(key, record) or "rules" not in record["data"]:
-                raise AuditError(f"{run_dir}: the trail's policy record {record.get('seq')} does not verify; "
-                                 f"run `mpnn audit verify {run_dir}`")
+                raise AuditError(
+                    f"{run_dir}: the trail's policy record {record.get('seq')} does not verify; "
+                    f"run `mpnn audit verify {run_dir}`"
+                )
             return Policy.from_record(record["data"])
     return None

@@ -10,6 +10,7 @@ is listed, not only the first.
     require_clean_git = true            # no uncommitted change in the script's repository
     allowed_datasets = ["<sha256 hex>", "TensorDataset"]     # a data SHA-256 or a dataset name (weaker)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,15 +72,19 @@ def load_policy(path) -> Policy:
             problems.append(f"unknown rule {name!r} (known rules: {', '.join(RULES)})")
             continue
         kind, what = RULES[name]
-        bad = (not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1))
-               or (kind is list and not all(isinstance(v, str) for v in value)))
+        bad = (
+            not isinstance(value, kind)
+            or (kind is int and (isinstance(value, bool) or value < 1))
+            or (kind is list and not all(isinstance(v, str) for v in value))
+        )
         if bad:
             problems.append(f"{name} = {value!r}: must be {what}")
     if problems:
         raise AuditError(f"policy {path}: " + "; ".join(problems))
     if "allowed_scripts" in rules:
-        rules["allowed_scripts"] = [s if _HEX64.fullmatch(s) else str((path.parent / s).resolve())
-                                    for s in rules["allowed_scripts"]]
+        rules["allowed_scripts"] = [
+            s if _HEX64.fullmatch(s) else str((path.parent / s).resolve()) for s in rules["allowed_scripts"]
+        ]
     return Policy(str(path), hashlib.sha256(raw).hexdigest(), rules)
 
 
@@ -95,8 +100,9 @@ def check_launch(policy: Policy, facts: dict) -> list[str]:
     if "max_world_size" in rules and facts["world_size"] > rules["max_world_size"]:
         violations.append(f"max_world_size: world size {facts['world_size']} is over {rules['max_world_size']}")
     if "min_key_bytes" in rules and facts["key_bytes"] < rules["min_key_bytes"]:
-        violations.append(f"min_key_bytes: the audit key has {facts['key_bytes']} bytes, fewer than "
-                          f"{rules['min_key_bytes']}")
+        violations.append(
+            f"min_key_bytes: the audit key has {facts['key_bytes']} bytes, fewer than {rules['min_key_bytes']}"
+        )
     if "allowed_scripts" in rules:
         allowed = rules["allowed_scripts"]
         sha = facts["script_sha256"]
@@ -120,5 +126,8 @@ def check_datasets(policy: Policy, shards: list[dict]) -> list[str]:
     for shard in shards:
         if shard["data_sha256"].lower() not in allowed and shard["name"].lower() not in allowed:
             refused.setdefault((shard["name"], shard["data_sha256"]), []).append(shard["rank"])
-    return [f"allowed_datasets: {name} (data sha256 {sha}) on rank{'s' if len(ranks) > 1 else ''} "
-            f"{', '.join(map(str, ranks))} is not allowed" for (name, sha), ranks in refused.items()]
+    return [
+        f"allowed_datasets: {name} (data sha256 {sha}) on rank{'s' if len(ranks) > 1 else ''} "
+        f"{', '.join(map(str, ranks))} is not allowed"
+        for (name, sha), ranks in refused.items()
+    ]

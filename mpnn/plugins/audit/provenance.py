@@ -1,6 +1,7 @@
 """What the trail records about where a run came from: who started it, where and how, the code (script SHA-256,
 git commit with a dirty flag and a hash of `git diff HEAD`), mpnn's and its dependencies' versions, the seed,
 and every plugin with its options, version and source file's SHA-256."""
+
 from __future__ import annotations
 
 import getpass
@@ -41,8 +42,12 @@ def who() -> dict:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = None
-    return {"user": user, "uid": os.getuid() if hasattr(os, "getuid") else None, "host": socket.gethostname(),
-            "platform": platform.platform()}
+    return {
+        "user": user,
+        "uid": os.getuid() if hasattr(os, "getuid") else None,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+    }
 
 
 def versions() -> dict:
@@ -83,8 +88,9 @@ def seed_from_args(args) -> int | None:
 
 
 def _git(folder: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, check=True,
-                          timeout=GIT_TIMEOUT_S).stdout.decode(errors="replace")
+    return subprocess.run(
+        ["git", "-C", str(folder), *args], capture_output=True, check=True, timeout=GIT_TIMEOUT_S
+    ).stdout.decode(errors="replace")
 
 
 def git_state(path: Path | None) -> dict:
@@ -97,8 +103,12 @@ def git_state(path: Path | None) -> dict:
         commit = _git(folder, "rev-parse", "HEAD").strip()
         root = _git(folder, "rev-parse", "--show-toplevel").strip()
         status = _git(folder, "status", "--porcelain").splitlines()
-        diff = subprocess.run(["git", "-C", str(folder), "diff", "HEAD", "--no-ext-diff", "--binary"],
-                              capture_output=True, check=True, timeout=GIT_TIMEOUT_S).stdout
+        diff = subprocess.run(
+            ["git", "-C", str(folder), "diff", "HEAD", "--no-ext-diff", "--binary"],
+            capture_output=True,
+            check=True,
+            timeout=GIT_TIMEOUT_S,
+        ).stdout
     except FileNotFoundError:
         return {"commit": None, "reason": "git is not installed"}
     except subprocess.TimeoutExpired:
@@ -106,22 +116,32 @@ def git_state(path: Path | None) -> dict:
     except subprocess.CalledProcessError as error:
         reason = error.stderr.decode(errors="replace").strip().splitlines()
         return {"commit": None, "reason": reason[-1] if reason else "not a git repository"}
-    return {"commit": commit, "root": root, "dirty": bool(status), "changed_files": len(status),
-            "untracked_files": sum(line.startswith("??") for line in status),
-            "diff_sha256": hashlib.sha256(diff).hexdigest()}
+    return {
+        "commit": commit,
+        "root": root,
+        "dirty": bool(status),
+        "changed_files": len(status),
+        "untracked_files": sum(line.startswith("??") for line in status),
+        "diff_sha256": hashlib.sha256(diff).hexdigest(),
+    }
 
 
 def code_facts(script) -> dict:
     """The train script's path and SHA-256 and its repository's git state."""
     path = script_file(script)
-    return {"script": str(script), "path": str(path) if path else None,
-            "sha256": file_sha256(path) if path else None, "git": git_state(path)}
+    return {
+        "script": str(script),
+        "path": str(path) if path else None,
+        "sha256": file_sha256(path) if path else None,
+        "git": git_state(path),
+    }
 
 
 def plugin_inventory(specs) -> list[dict]:
     """Each plugin a run names: spec, name, version, where it comes from, every option's value (defaults
     included), and its source file's SHA-256."""
     from mpnn.plugins.registry import resolve
+
     inventory = []
     for spec in specs:
         resolved = resolve(spec)
@@ -132,28 +152,59 @@ def plugin_inventory(specs) -> list[dict]:
             source = None
         options = {key: option.default for key, option in getattr(cls, "options", {}).items()}
         options.update(resolved.options)
-        inventory.append({"spec": spec, "name": resolved.name, "version": getattr(cls, "version", None),
-                          "origin": resolved.source, "class": f"{cls.__module__}:{cls.__qualname__}",
-                          "file": source, "sha256": file_sha256(source) if source else None, "options": options})
+        inventory.append(
+            {
+                "spec": spec,
+                "name": resolved.name,
+                "version": getattr(cls, "version", None),
+                "origin": resolved.source,
+                "class": f"{cls.__module__}:{cls.__qualname__}",
+                "file": source,
+                "sha256": file_sha256(source) if source else None,
+                "options": options,
+            }
+        )
     return inventory
 
 
 def launch_facts(launch, config: dict | None) -> dict:
     """The run-start record the launcher writes: who, where, when, how, which code, which versions."""
-    return {"run_id": launch.run_id, "run_dir": str(launch.run_dir), **who(), "pid": os.getpid(),
-            "command_line": list(launch.argv), "python_executable": sys.executable,
-            "world_size": launch.world_size, "nnodes": launch.nnodes, "nprocs": launch.nprocs,
-            "node_rank": launch.node_rank, "script_args": list(launch.script_args),
-            "seed": launch.seed if launch.seed is not None else seed_from_args(launch.script_args),
-            "seed_from": "launcher --seed" if launch.seed is not None else "script --seed argument",
-            "config": config, "env": dict(launch.env), "code": code_facts(launch.script), "versions": versions()}
+    return {
+        "run_id": launch.run_id,
+        "run_dir": str(launch.run_dir),
+        **who(),
+        "pid": os.getpid(),
+        "command_line": list(launch.argv),
+        "python_executable": sys.executable,
+        "world_size": launch.world_size,
+        "nnodes": launch.nnodes,
+        "nprocs": launch.nprocs,
+        "node_rank": launch.node_rank,
+        "script_args": list(launch.script_args),
+        "seed": launch.seed if launch.seed is not None else seed_from_args(launch.script_args),
+        "seed_from": "launcher --seed" if launch.seed is not None else "script --seed argument",
+        "config": config,
+        "env": dict(launch.env),
+        "code": code_facts(launch.script),
+        "versions": versions(),
+    }
 
 
 def worker_facts(run) -> dict:
     """The run-start record rank 0 writes when no launcher-side audit began the trail (e.g. mpnn.init(plugins=...)
     under torchrun or a plain `python train.py`)."""
     script = sys.argv[0] if sys.argv and sys.argv[0] else None
-    return {"run_id": run.run_id, "run_dir": str(run.run_dir), **who(), "pid": os.getpid(),
-            "command_line": [sys.executable, *sys.argv], "world_size": run.world_size,
-            "seed": seed_from_args(sys.argv[1:]), "seed_from": "script --seed argument", "config": run.config,
-            "code": code_facts(script) if script else None, "versions": versions(), "started_by": "rank 0"}
+    return {
+        "run_id": run.run_id,
+        "run_dir": str(run.run_dir),
+        **who(),
+        "pid": os.getpid(),
+        "command_line": [sys.executable, *sys.argv],
+        "world_size": run.world_size,
+        "seed": seed_from_args(sys.argv[1:]),
+        "seed_from": "script --seed argument",
+        "config": run.config,
+        "code": code_facts(script) if script else None,
+        "versions": versions(),
+        "started_by": "rank 0",
+    }

@@ -5,6 +5,7 @@ audit.head.json and run.json, so that a cut tail shows. Writing, reading back, a
 A record: {"seq", "time", "kind", "data", "key" (the key's fingerprint), "prev", "hmac"}; canonical JSON means
 sorted keys, no spaces, ASCII only, no NaN (non-finite floats are written as strings).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,7 +24,7 @@ AUDIT_FILE = "audit.jsonl"
 HEAD_FILE = "audit.head.json"
 RUN_RECORD = "run.json"
 HEAD_KEY = "audit_head"  # the head's key in run.json
-GENESIS = "0" * 64       # "prev" of record 0
+GENESIS = "0" * 64  # "prev" of record 0
 _FIELDS = ("seq", "time", "kind", "data", "key", "prev", "hmac")
 
 
@@ -93,16 +94,20 @@ class TrailWriter:
         if not data:
             return 0, GENESIS
         if not data.endswith(b"\n"):
-            raise AuditError(f"{self.path}: its last record is cut off; not appending to a damaged trail "
-                             f"(run `mpnn audit verify {self.run_dir}`)")
+            raise AuditError(
+                f"{self.path}: its last record is cut off; not appending to a damaged trail "
+                f"(run `mpnn audit verify {self.run_dir}`)"
+            )
         last = data[:-1].rsplit(b"\n", 1)[-1]
         try:
             record = json.loads(last)
         except ValueError:
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("seq"), int) or not signed(self.key, record):
-            raise AuditError(f"{self.path}: its last record does not verify under key {self.fingerprint}; not "
-                             f"appending (run `mpnn audit verify {self.run_dir}`)")
+            raise AuditError(
+                f"{self.path}: its last record does not verify under key {self.fingerprint}; not "
+                f"appending (run `mpnn audit verify {self.run_dir}`)"
+            )
         return record["seq"] + 1, line_hash(last)
 
     @property
@@ -112,8 +117,14 @@ class TrailWriter:
 
     def append(self, kind: str, data: dict) -> dict:
         """Sign and append one record, synced to disk; returns it."""
-        record = {"seq": self.seq, "time": utc_now(), "kind": kind, "data": jsonable(data),
-                  "key": self.fingerprint, "prev": self.prev}
+        record = {
+            "seq": self.seq,
+            "time": utc_now(),
+            "kind": kind,
+            "data": jsonable(data),
+            "key": self.fingerprint,
+            "prev": self.prev,
+        }
         record["hmac"] = sign(self.key, record)
         line = canonical(record).encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -128,8 +139,14 @@ class TrailWriter:
     def write_head(self, run_id: str | None, also_run_record: bool = True) -> dict:
         """Sign the head (last seq and line hash) into audit.head.json, and into run.json's "audit_head" when
         run.json exists (read and rewritten atomically: call only when the launcher is done with run.json)."""
-        head = {"run_id": run_id, "seq": self.seq - 1, "hash": self.prev, "records": self.seq,
-                "key": self.fingerprint, "time": utc_now()}
+        head = {
+            "run_id": run_id,
+            "seq": self.seq - 1,
+            "hash": self.prev,
+            "records": self.seq,
+            "key": self.fingerprint,
+            "time": utc_now(),
+        }
         head["hmac"] = sign(self.key, head)
         _write_atomic(self.run_dir / HEAD_FILE, json.dumps(head, indent=2) + "\n")
         run_record = self.run_dir / RUN_RECORD
@@ -176,9 +193,9 @@ class Verdict:
 
     ok: bool
     message: str
-    records: list = field(default_factory=list)   # every record that parsed, in file order
+    records: list = field(default_factory=list)  # every record that parsed, in file order
     head: dict | None = None
-    bad_seq: int | None = None                    # the record the problem is about, when there is one
+    bad_seq: int | None = None  # the record the problem is about, when there is one
 
 
 def verify(run_dir: Path, key: bytes) -> Verdict:
@@ -199,8 +216,9 @@ def verify(run_dir: Path, key: bytes) -> Verdict:
             record = None
         if not isinstance(record, dict) or not all(k in record for k in _FIELDS):
             after = f"after record {records[-1].get('seq')}" if records else "at the start"
-            return Verdict(False, f"line {number} ({after}) is not an audit record: a record was edited or inserted",
-                           records)
+            return Verdict(
+                False, f"line {number} ({after}) is not an audit record: a record was edited or inserted", records
+            )
         lines.append((number, line))
         records.append(record)
     problem = _walk(records, lines, key)
@@ -208,8 +226,9 @@ def verify(run_dir: Path, key: bytes) -> Verdict:
         return Verdict(False, problem[1], records, bad_seq=problem[0])
     last = len(records) - 1
     if torn:
-        return Verdict(False, f"truncated after record {last}: the next record is cut off mid-line", records,
-                       bad_seq=last + 1)
+        return Verdict(
+            False, f"truncated after record {last}: the next record is cut off mid-line", records, bad_seq=last + 1
+        )
     return _check_head(run_dir, records, line_hash(lines[-1][1]) if lines else GENESIS, key)
 
 
@@ -222,23 +241,28 @@ def _walk(records: list, lines: list, key: bytes) -> tuple[int, str] | None:
         seq = record["seq"]
         if not signed(key, record):
             if record.get("key") != ours and _verifies_nothing(records, key):
-                return seq, (f"wrong key: no record verifies under key {ours}; the trail was signed under key "
-                             f"{record.get('key')} (pass --key PATH)")
+                return seq, (
+                    f"wrong key: no record verifies under key {ours}; the trail was signed under key "
+                    f"{record.get('key')} (pass --key PATH)"
+                )
             if seq == expected and index + 1 < len(records) and seqs[index + 1] == expected:
                 return seq, f"a forged record was inserted before record {seq} (line {number}: hmac mismatch)"
             if seq == expected:
                 return seq, f"record {seq} was edited (hmac mismatch)"
-            return expected, (f"a forged record was inserted after record {expected - 1} (line {number} claims "
-                              f"seq {seq}: hmac mismatch)")
+            return expected, (
+                f"a forged record was inserted after record {expected - 1} (line {number} claims "
+                f"seq {seq}: hmac mismatch)"
+            )
         if seq != expected:
             if isinstance(seq, int) and seq < expected:
                 return seq, f"record {seq} appears again after record {expected - 1} (line {number}): replayed"
-            if expected in seqs[index + 1:]:
+            if expected in seqs[index + 1 :]:
                 return expected, f"records were reordered: record {seq} comes before record {expected} (line {number})"
             return expected, f"record {expected} was removed (record {seq} follows record {expected - 1})"
         if record["prev"] != prev:
-            return expected - 1, (f"record {expected - 1} was edited (its line no longer hashes to the \"prev\" that "
-                                  f"record {seq} holds)")
+            return expected - 1, (
+                f'record {expected - 1} was edited (its line no longer hashes to the "prev" that record {seq} holds)'
+            )
         expected, prev = expected + 1, line_hash(line)
     return None
 
@@ -259,8 +283,12 @@ def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Ver
     heads = read_heads(run_dir)
     if not heads:
         cut = f"after record {last}" if records else "of the whole trail"
-        return Verdict(False, f"no signed head ({HEAD_FILE}, or {HEAD_KEY} in {RUN_RECORD}): the run has not ended, "
-                              f"or the head was removed; truncation {cut} cannot be ruled out", records)
+        return Verdict(
+            False,
+            f"no signed head ({HEAD_FILE}, or {HEAD_KEY} in {RUN_RECORD}): the run has not ended, "
+            f"or the head was removed; truncation {cut} cannot be ruled out",
+            records,
+        )
     for where, head in heads.items():
         if not signed(key, head):
             return Verdict(False, f"the signed head in {where} was edited (hmac mismatch)", records, head)
@@ -270,20 +298,37 @@ def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Ver
     head = first
     if head["seq"] > last:
         where = f"after record {last}" if records else "to nothing (no record left)"
-        return Verdict(False, f"truncated {where}: the signed head ends at record {head['seq']}",
-                       records, head, bad_seq=last + 1)
+        return Verdict(
+            False, f"truncated {where}: the signed head ends at record {head['seq']}", records, head, bad_seq=last + 1
+        )
     if head["seq"] < last:
-        return Verdict(False, f"records {head['seq'] + 1}..{last} were appended after the signed head (record "
-                              f"{head['seq']})", records, head, bad_seq=head["seq"] + 1)
+        return Verdict(
+            False,
+            f"records {head['seq'] + 1}..{last} were appended after the signed head (record {head['seq']})",
+            records,
+            head,
+            bad_seq=head["seq"] + 1,
+        )
     if head["hash"] != last_hash:
-        return Verdict(False, f"record {last} was replaced: its line does not hash to the signed head's",
-                       records, head, bad_seq=last)
+        return Verdict(
+            False,
+            f"record {last} was replaced: its line does not hash to the signed head's",
+            records,
+            head,
+            bad_seq=last,
+        )
     run_id = (records[0].get("data") or {}).get("run_id") if records else None
     if run_id is not None and head.get("run_id") not in (None, run_id):
-        return Verdict(False, f"the signed head belongs to run {head.get('run_id')}, the trail to run {run_id}",
-                       records, head)
+        return Verdict(
+            False, f"the signed head belongs to run {head.get('run_id')}, the trail to run {run_id}", records, head
+        )
     recorded = _run_record_id(run_dir)
     if run_id is not None and recorded not in (None, run_id):
         return Verdict(False, f"the trail belongs to run {run_id}, but {RUN_RECORD} is run {recorded}", records, head)
-    return Verdict(True, f"intact: {len(records)} records (0..{last}), sequence, chain and HMACs verified, signed "
-                         f"head matches record {last}, key {fingerprint(key)}", records, head)
+    return Verdict(
+        True,
+        f"intact: {len(records)} records (0..{last}), sequence, chain and HMACs verified, signed "
+        f"head matches record {last}, key {fingerprint(key)}",
+        records,
+        head,
+    )

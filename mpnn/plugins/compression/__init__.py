@@ -4,6 +4,7 @@ Wire accounting: each codec counts the payload bytes this rank hands to collecti
 bucket's float32 size; telemetry's step lines carry both ("codec_bytes", "codec_ratio") next to the
 communicator's own bytes_sent.
 """
+
 from mpnn.plugins.compression.fp16 import FP16
 from mpnn.plugins.compression.powersgd import PowerSGD
 from mpnn.plugins.compression.signsgd import SignSGD

@@ -17,6 +17,7 @@ Q and the uncompressed pieces alike (|P_ij| <= sqrt(m) amax |Q_:j| with the shar
 amax since P's columns are orthonormal) and scales each by the power of two that keeps world_size * bound below
 float16's 2**15, so nothing overflows and every rank decodes the same bits.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ class _Plan:
 
     def __init__(self, ctx, rank):
         self.matrices = []  # (index, start, stop, n, m, r)
-        self.plain = []     # (start, stop)
+        self.plain = []  # (start, stop)
         for index, (start, stop, shape) in enumerate(ctx.slices()):
             n = shape[0] if len(shape) >= 2 else 0
             m = (stop - start) // n if n else 0
@@ -58,12 +59,17 @@ class PowerSGD(Codec):
         "error_feedback": Option(bool, True, "add the approximation's error to the next step's gradient"),
         "warm_start": Option(bool, True, "start each step's power iteration from the previous step's Q"),
         "seed": Option(int, 0, "seed of the random initial Q (the same on every rank)"),
-        "fp16": Option(bool, False, "send P, Q and the uncompressed pieces as float16 under shared power-of-two "
-                                    "scales (half the bytes, plus one 4-byte max all-reduce)"),
+        "fp16": Option(
+            bool,
+            False,
+            "send P, Q and the uncompressed pieces as float16 under shared power-of-two "
+            "scales (half the bytes, plus one 4-byte max all-reduce)",
+        ),
     }
 
-    def __init__(self, rank: int = 2, error_feedback: bool = True, warm_start: bool = True, seed: int = 0,
-                 fp16: bool = False):
+    def __init__(
+        self, rank: int = 2, error_feedback: bool = True, warm_start: bool = True, seed: int = 0, fp16: bool = False
+    ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
@@ -72,7 +78,7 @@ class PowerSGD(Codec):
         self.warm_start = bool(warm_start)
         self.seed = int(seed)
         self.fp16 = bool(fp16)
-        self.q: dict[tuple[int, int], np.ndarray] = {}   # (bucket, parameter index) -> Q, m x r
+        self.q: dict[tuple[int, int], np.ndarray] = {}  # (bucket, parameter index) -> Q, m x r
         self._plans: dict[int, tuple[tuple, _Plan]] = {}
 
     def allreduce(self, bucket, ctx):
@@ -86,7 +92,7 @@ class PowerSGD(Codec):
         ps, qs, at_p, at_q = [], [], 0, 0
         p_bound = q_bound = 0.0  # per unit of amax, for fp16's scales
         for index, start, stop, n, m, r in plan.matrices:
-            p, q_next = first[at_p:at_p + n * r].reshape(n, r), second[at_q:at_q + m * r].reshape(m, r)
+            p, q_next = first[at_p : at_p + n * r].reshape(n, r), second[at_q : at_q + m * r].reshape(m, r)
             q = self._q(ctx, index, m, r)
             np.matmul(bucket[start:stop].reshape(n, m), q, out=p)
             ps.append(p)
@@ -96,7 +102,7 @@ class PowerSGD(Codec):
                 p_bound = max(p_bound, math.sqrt(m) * float(np.sqrt((q.astype(np.float64) ** 2).sum(0)).max()))
                 q_bound = max(q_bound, math.sqrt(n))
         for start, stop in plan.plain:
-            first[at_p:at_p + stop - start] = bucket[start:stop]
+            first[at_p : at_p + stop - start] = bucket[start:stop]
             at_p += stop - start
         wire = 0
         if self.fp16:
@@ -119,7 +125,7 @@ class PowerSGD(Codec):
                 self.q[(ctx.bucket_index, index)] = q_next.copy()
         at_p = plan.p_size
         for start, stop in plan.plain:
-            bucket[start:stop] = first[at_p:at_p + stop - start]
+            bucket[start:stop] = first[at_p : at_p + stop - start]
             at_p += stop - start
         if self.error_feedback:
             residual -= bucket
@@ -134,7 +140,7 @@ class PowerSGD(Codec):
         exponents = np.empty(values.size, np.float32)
         at = 0
         for length, bound in segments:
-            exponents[at:at + length] = 2.0 ** scale_exponent(bound, ctx.world_size)
+            exponents[at : at + length] = 2.0 ** scale_exponent(bound, ctx.world_size)
             at += length
         half = np.multiply(values, exponents).astype(np.float16)
         ctx.comm.allreduce(half, "sum")  # accumulated in float32 by the communicator

@@ -10,6 +10,7 @@ ones steps far too large (measured on the MNIST-1D CNN recipe with Adam, 2 worke
 accuracy with one scale per bucket, 84.6% with one per parameter), for 4 bytes per parameter tensor.
 Cost per rank: ceil(numel / 8) + 4 * (parameters in the bucket) bytes, all-gathered (bits do not sum on a ring).
 """
+
 from __future__ import annotations
 
 import numpy as np

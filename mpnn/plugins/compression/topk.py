@@ -6,6 +6,7 @@ scatter-adds them in rank order (bit-identical results everywhere), then divides
 Cost per rank: 8 * ceil(ratio * numel) bytes sent (times world_size - 1 hops on the ring) instead of
 4 * numel; ratio=1 is the exact mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,10 @@ class TopK(Codec):
             residual = self.residual(ctx, bucket.dtype)
             bucket += residual
         k = min(numel, max(1, math.ceil(self.ratio * numel)))
-        index = np.argpartition(np.abs(bucket), numel - k)[numel - k:] if k < numel else np.arange(numel)
+        index = np.argpartition(np.abs(bucket), numel - k)[numel - k :] if k < numel else np.arange(numel)
         message = np.empty(k * ENTRY_BYTES, np.uint8)
-        message[:4 * k].view(np.float32)[:] = bucket[index]
-        message[4 * k:].view(np.int32)[:] = index
+        message[: 4 * k].view(np.float32)[:] = bucket[index]
+        message[4 * k :].view(np.int32)[:] = index
         if self.error_feedback:
             residual[...] = bucket
             residual[index] = 0
@@ -55,6 +56,6 @@ class TopK(Codec):
         bucket[...] = 0
         for piece in pieces:  # rank order: the same sums on every rank
             count = piece.size // ENTRY_BYTES
-            bucket[piece[4 * count:].view(np.int32)] += piece[:4 * count].view(np.float32)
+            bucket[piece[4 * count :].view(np.int32)] += piece[: 4 * count].view(np.float32)
         bucket /= ctx.world_size
         self.count_wire(message.nbytes, numel)
