@@ -1,7 +1,8 @@
 """Lint, format and types as part of the README's test command (issue 11): `ruff check` and `ruff format --check`
 over the code and `mypy` over the packages pyproject.toml's [tool.mypy] lists (mpnn/comm, mpnn/launch so far).
-Both come with the `test` extra. They run as subprocesses with their configuration from pyproject.toml; a failure shows the tool's own report. Neither
-writes a cache into the working tree (ruff --no-cache; mypy's cache in a temp dir)."""
+Both come with the `test` extra. They run as subprocesses with their configuration from pyproject.toml; a failure
+shows the tool's own report. Neither writes a cache into the working tree (ruff --no-cache; mypy's cache in a temp
+dir)."""
 
 from __future__ import annotations
 
