@@ -796,3 +796,20 @@ def test_post_accumulate_hook_fires_once_per_leaf_per_backward():
     assert len(calls["x"]) == 2 and len(calls["w"]) == 2
     np.testing.assert_allclose(calls["x"][1], 2 * gx, rtol=1e-12)
     np.testing.assert_allclose(calls["w"][1], 2 * gw, rtol=1e-12)
+
+
+def test_conv_saves_its_input_not_its_output():
+    """A residual block writes into a conv's result (out += identity): allowed, as in torch; writing into the conv's
+    input before backward is caught."""
+    conv = mpnn.nn.Conv2d(3, 4, 3, padding=1)
+    x = mpnn.tensor(np.random.default_rng(0).standard_normal((2, 3, 5, 5)), requires_grad=True, dtype="float32")
+    h = conv(x)
+    h += 1.0
+    h.relu_()
+    h.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    y = x * 1
+    out = conv(y)
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -192,7 +192,9 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
         dw = None if dw is None else dw.reshape(w.shape)
         return (dx, dw) if bias is None else (dx, dw, db)
 
-    return make_result(out, parents, backward, op)
+    # backward reads the input and weight (through the algorithm's state), never the output: an in-place write
+    # to the result (out += identity in a residual block) is fine, as in torch
+    return make_result(out, parents, backward, op, saved=(input, weight))
 
 
 def select(problem, settings=SETTINGS):
