@@ -15,6 +15,7 @@ ops); ``test_random_dag_graphs`` draws operands from all earlier nodes, so share
 abound. A few named regression graphs pin the classic failures."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -53,6 +54,14 @@ def _np_softmax(a, d):
 def _np_log_softmax(a, d):
     z = a - a.max(axis=d, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=d, keepdims=True))
+
+
+_np_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _mul_first_row_in_place(c):
+    c[:1].mul_(3.0)  # through a view: the base's gradient must be 3 there and 1 elsewhere
+    return c
 
 
 def _numel(shape):
@@ -269,6 +278,60 @@ OPS = [
         lambda p, a: _np_log_softmax(a, p),
         ok=lambda s: len(s) >= 1,
         params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op("gelu", 1, lambda p, a: mpnn.nn.functional.gelu(a), lambda p, a: a * 0.5 * (1.0 + _np_erf(a / np.sqrt(2.0)))),
+    Op(
+        "gelu_tanh",
+        1,
+        lambda p, a: mpnn.nn.functional.gelu(a, approximate="tanh"),
+        lambda p, a: 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a**3))),
+    ),
+    Op(
+        "layer_norm",
+        1,
+        lambda p, a: mpnn.nn.functional.layer_norm(a, a.shape[-1:]),
+        lambda p, a: (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5),
+        ok=lambda s: len(s) >= 1 and s[-1] >= 2,
+    ),
+    Op(
+        "logsumexp",
+        1,
+        lambda p, a: mpnn.logsumexp(a, dim=p),
+        lambda p, a: np.log(np.exp(a).sum(axis=p)),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op(
+        "cumsum",
+        1,
+        lambda p, a: mpnn.cumsum(a, dim=p),
+        lambda p, a: np.cumsum(a, axis=p),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op(
+        "flip",
+        1,
+        lambda p, a: mpnn.flip(a, (p,)),
+        lambda p, a: np.flip(a, p).copy(),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op("tril", 1, lambda p, a: mpnn.tril(a), lambda p, a: np.tril(a), ok=lambda s: len(s) == 2),
+    # in-place writes inside the graph: on an op's result, and through a view of one (recorded on the base)
+    Op(
+        "mul_inplace",
+        2,
+        lambda p, a, b: (a * 1.0).mul_(b),
+        lambda p, a, b: a * b,
+        ok=lambda sa, sb: _bshape(sa, sb) == tuple(sa),
+    ),
+    Op(
+        "view_mul_inplace",
+        1,
+        lambda p, a: _mul_first_row_in_place(a * 1.0),
+        lambda p, a: np.concatenate([a[:1] * 3.0, a[1:]]),
+        ok=lambda s: len(s) >= 1,
     ),
     Op("matmul", 2, lambda p, a, b: a @ b, lambda p, a, b: np.matmul(a, b), ok=_matmul_ok),
     Op("matmul_t", 2, lambda p, a, b: a.matmul(b.transpose(0, 1)), lambda p, a, b: np.matmul(a, b.T), ok=_matmul_t_ok),
