@@ -1,6 +1,8 @@
 """The memory-leak watchdog: its robust trend, a real leak caught and named by file:line, clean runs left alone,
 warn/abort, the telemetry event, and launch/leaky.py end to end."""
 
+import ctypes
+import ctypes.util
 import json
 import os
 import subprocess
@@ -100,6 +102,17 @@ def test_growth_no_python_line_explains_is_noted_in_telemetry_but_never_alarmed(
 
 
 # ----- a real leak in this process ---------------------------------------------------------------
+def _release_free_heap():
+    """Hand the heap's free memory back to the kernel (glibc's malloc_trim), so that RSS grows with a leak from
+    here on: earlier tests in this long-lived process (the attention and GPT ones free hundreds of MB) leave
+    glibc's dynamic trim threshold high and tens of MB free in the heap, which a 7 MB test leak would fill
+    without RSS moving."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to release this way
+        pass
+
+
 def _leak_steps(dog, steps, kept, recorder=None):
     """Steps that keep 10 KB each, fed to the watchdog with this process's real RSS; the step it alarmed at."""
     for step in range(1, steps + 1):
@@ -113,6 +126,7 @@ def _leak_steps(dog, steps, kept, recorder=None):
 def test_real_leak_aborts_naming_the_leaking_line_within_bounded_steps():
     site = f"{os.path.relpath(__file__)}:{_line_of(Path(__file__), '# LEAK-' + 'SITE')}"
     dog, kept = Watchdog(action="abort", **SMALL), []
+    _release_free_heap()
     with pytest.raises(PluginError) as caught:
         _leak_steps(dog, 1000, kept)
     detected = len(kept)
@@ -132,6 +146,7 @@ def test_real_leak_aborts_naming_the_leaking_line_within_bounded_steps():
 def test_warn_mode_alarms_once_per_site_logs_it_and_records_a_leak_event(tmp_path, capsys):
     rec = Recorder(tmp_path, 0, 1, flush_interval=3600)
     dog, kept = Watchdog(**SMALL), []
+    _release_free_heap()
     for step in range(1, 700):  # several windows: the same leak is confirmed again, but alarmed once
         kept.append(b"x" * 10_000)  # LEAK-SITE-2
         dog.mpnn_step_end(_run(rec), {"step": step, "rss_bytes": _rss_now()})
