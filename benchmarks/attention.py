@@ -16,30 +16,16 @@ for _var in ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MK
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import side_by_side  # noqa: E402
+
 from mpnn.core.attention import scaled_dot_product_attention  # noqa: E402
 from mpnn.core.tensor import Tensor, no_grad  # noqa: E402
 
 SHAPES = ((12, 4, 64, 32), (4, 8, 512, 64))  # (B, H, T, D)
-
-
-def side_by_side(fns, reps, warmup=3):
-    """Median (wall, thread CPU) seconds of each function, run alternately so that both see the same load."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [([], []) for _ in fns]
-    for _ in range(reps):
-        for fn, (wall, cpu) in zip(fns, times):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu.append(time.thread_time() - c0)
-            wall.append(time.perf_counter() - t0)
-    return [(float(np.median(wall)), float(np.median(cpu))) for wall, cpu in times]
 
 
 def flops(b, h, t, d, causal=True):

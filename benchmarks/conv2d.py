@@ -16,11 +16,12 @@ import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import glob  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import side_by_side  # noqa: E402
+
 from mpnn.core.conv import conv1d, conv2d  # noqa: E402
 from mpnn.core.tensor import Tensor  # noqa: E402
 
@@ -49,21 +50,6 @@ def openblas_core():
                 fn.restype = ctypes.c_char_p
                 return fn().decode()
     return "unknown (no threadpoolctl, no NumPy-bundled OpenBLAS found)"
-
-
-def side_by_side(fns, reps, warmup=3):
-    """Median (wall, thread CPU) seconds of each function, run alternately so that both see the same load."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [([], []) for _ in fns]
-    for _ in range(reps):
-        for fn, (wall, cpu) in zip(fns, times):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            fn()
-            cpu.append(time.thread_time() - c0)
-            wall.append(time.perf_counter() - t0)
-    return [(float(np.median(wall)), float(np.median(cpu))) for wall, cpu in times]
 
 
 def train_step(op, x, w, b, g, **kw):
