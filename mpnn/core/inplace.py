@@ -110,32 +110,26 @@ def _ufunc_write(fn, t, o, op):
     return write
 
 
-def add_(t, other, alpha=1):
-    o = _operand(t, other, "add_")
+def _add_or_sub(t, other, alpha, op, ufunc, sign):
+    o = _operand(t, other, op)
     oshape = o.data.shape
     if alpha != 1:
         o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
     return apply_inplace(
         t,
-        "add_",
-        _ufunc_write(np.add, t, o, "add_"),
-        lambda g: (g, _unbroadcast(g, oshape) if o.requires_grad else None),
+        op,
+        _ufunc_write(ufunc, t, o, op),
+        lambda g: (g, _unbroadcast(g if sign > 0 else -g, oshape) if o.requires_grad else None),
         (o,),
     )
+
+
+def add_(t, other, alpha=1):
+    return _add_or_sub(t, other, alpha, "add_", np.add, 1)
 
 
 def sub_(t, other, alpha=1):
-    o = _operand(t, other, "sub_")
-    oshape = o.data.shape
-    if alpha != 1:
-        o = as_tensor(o.data * alpha, like=t) if not o.requires_grad else _scaled(o, alpha)
-    return apply_inplace(
-        t,
-        "sub_",
-        _ufunc_write(np.subtract, t, o, "sub_"),
-        lambda g: (g, _unbroadcast(-g, oshape) if o.requires_grad else None),
-        (o,),
-    )
+    return _add_or_sub(t, other, alpha, "sub_", np.subtract, -1)
 
 
 def _scaled(o, alpha):
