@@ -59,6 +59,16 @@ def _np_log_softmax(a, d):
 _np_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
+def _np_attention(q, kv, causal):
+    scores = q @ kv.T / np.sqrt(q.shape[-1])
+    if causal:  # top-left aligned, as torch: query i sees keys j <= i; a row with no key gives 0
+        scores = np.where(np.tril(np.ones(scores.shape, bool)), scores, -np.inf)
+    with np.errstate(invalid="ignore"):
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        w = w / w.sum(-1, keepdims=True)
+    return np.nan_to_num(w) @ kv
+
+
 def _mul_first_row_in_place(c):
     c[:1].mul_(3.0)  # through a view: the base's gradient must be 3 there and 1 elsewhere
     return c
@@ -332,6 +342,44 @@ OPS = [
         lambda p, a: _mul_first_row_in_place(a * 1.0),
         lambda p, a: np.concatenate([a[:1] * 3.0, a[1:]]),
         ok=lambda s: len(s) >= 1,
+    ),
+    Op(
+        "prod",
+        1,
+        lambda p, a: mpnn.prod(a, dim=p) if p is not None else mpnn.prod(a),
+        lambda p, a: np.asarray(np.prod(a, axis=p)),
+        params=lambda r, s: r.int(-len(s), len(s) - 1) if s else None,
+    ),
+    Op(
+        "roll",
+        1,
+        lambda p, a: mpnn.roll(a, 1, p),
+        lambda p, a: np.roll(a, 1, p),
+        ok=lambda s: len(s) >= 1,
+        params=lambda r, s: r.int(-len(s), len(s) - 1),
+    ),
+    Op(
+        "repeat",
+        1,
+        lambda p, a: a.repeat(*p),
+        lambda p, a: np.tile(a, p),
+        ok=lambda s: 1 <= len(s) and 2 * _numel(s) <= MAX_NUMEL,
+        params=lambda r, s: tuple(r.pick([1, 2]) if i == 0 else 1 for i in range(len(s))),
+    ),
+    Op(
+        "einsum_t",
+        2,
+        lambda p, a, b: mpnn.einsum("ij,kj->ik", a, b),
+        lambda p, a, b: np.einsum("ij,kj->ik", a, b),
+        ok=_matmul_t_ok,
+    ),
+    Op(
+        "attention",
+        2,
+        lambda p, a, b: mpnn.nn.functional.scaled_dot_product_attention(a, b, b, is_causal=p),
+        lambda p, a, b: _np_attention(a, b, p),
+        ok=lambda sa, sb: len(sa) == 2 and len(sb) == 2 and sa[-1] == sb[-1],
+        params=lambda r, sa, sb: r.bool(),
     ),
     Op("matmul", 2, lambda p, a, b: a @ b, lambda p, a, b: np.matmul(a, b), ok=_matmul_ok),
     Op("matmul_t", 2, lambda p, a, b: a.matmul(b.transpose(0, 1)), lambda p, a, b: np.matmul(a, b.T), ok=_matmul_t_ok),
