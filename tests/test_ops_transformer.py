@@ -379,6 +379,59 @@ def test_scatter_errors():
         mpnn.scatter(x, 1, idx([[0]]), mpnn.ones(1, 1), reduce="multiply")
 
 
+def test_scatter_in_place_equals_scatter_and_is_differentiable():
+    x, src = T(3, 5), T(2, 4)
+    index = np.array([[4, 0, 2], [1, 3, 0]])
+    y = x.clone()
+    version = y._version
+    assert y.scatter_(1, idx(index), src) is y and y._version == version + 1
+    np.testing.assert_array_equal(y.data, mpnn.scatter(x, 1, idx(index), src).data)
+    assert gradcheck(lambda a, b: (a * 2).scatter_(1, idx(index), b), [x, src])
+    assert gradcheck(lambda a: (a + 0).scatter_(1, idx(index), value=-1.0), [x])
+    z = mpnn.zeros(2, 5, dtype="float64")
+    z.scatter_(0, idx([[1, 0, 1]]), 7.0)  # a number in src's place, on a plain tensor
+    np.testing.assert_array_equal(z.data, [[0, 7, 0, 0, 0], [7, 0, 7, 0, 0]])
+    s = S()
+    assert gradcheck(lambda a, b: a.clone().scatter_(0, idx(0), b), [s, f64(-3.0)])
+
+
+def test_scatter_add_in_place_accumulates_and_writes_through_views():
+    x, src = T(2, 3), T(2, 4)
+    index = np.array([[0, 0, 2, 0], [1, 1, 1, 2]])
+    y = x.clone().scatter_add_(1, idx(index), src)
+    np.testing.assert_allclose(y.data, mpnn.scatter_add(x, 1, idx(index), src).data, rtol=1e-15)
+    assert gradcheck(lambda a, b: a.clone().scatter_add_(1, idx(index), b), [x, src])
+
+    def through_a_view(a, b):  # the write lands in the base; the base's gradient flows through the op
+        base = a * 1
+        base[1:].scatter_add_(1, idx(index[:1]), b[:1])
+        return base
+
+    assert gradcheck(through_a_view, [T(3, 3), src])
+    base = mpnn.zeros(3, 3, dtype="float64")
+    base[1:].scatter_add_(1, idx([[2, 2]]), mpnn.ones(1, 2, dtype="float64"))
+    np.testing.assert_array_equal(base.data, [[0, 0, 0], [0, 0, 2], [0, 0, 0]])
+
+
+def test_scatter_in_place_errors_and_leaf_refusal():
+    x = mpnn.ones(3, 4)
+    with pytest.raises(OpError, match=r"scatter_: give src \(a tensor\) or value \(a number\)"):
+        x.scatter_(1, idx([[0]]))
+    with pytest.raises(OpError, match=r"scatter_add_: index 4 is out of bounds for dim 1 with size 4"):
+        x.scatter_add_(1, idx([[4]]), mpnn.ones(1, 1))
+    with pytest.raises(OpError, match=r"scatter_add_: src dtype float64 does not match the tensor's float32"):
+        x.scatter_add_(1, idx([[0]]), mpnn.ones(1, 1, dtype="float64"))
+    with pytest.raises(OpError, match=r"scatter_: reduce='add' is not supported; use scatter_add_"):
+        x.scatter_(1, idx([[0]]), mpnn.ones(1, 1), reduce="add")
+    np.testing.assert_array_equal(x.data, np.ones((3, 4)))  # nothing was written by a refused call
+    leaf = mpnn.ones(2, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="a leaf tensor that requires grad is being used in an in-place"):
+        leaf.scatter_(0, idx([[0, 1]]), 5.0)
+    with mpnn.no_grad():
+        leaf.scatter_(0, idx([[0, 1]]), 5.0)
+    np.testing.assert_array_equal(leaf.data, [[5, 1], [1, 5]])
+
+
 # ----- sort, argsort, topk --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dim", [0, 1, -1])
 @pytest.mark.parametrize("descending", [False, True])

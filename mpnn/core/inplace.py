@@ -16,7 +16,7 @@ from mpnn.core.autograd import Node, edge_of, saved_versions, view_backward
 from mpnn.core.elementwise import mul, unbroadcast
 from mpnn.core.errors import OpError
 from mpnn.core.grad_mode import is_grad_enabled
-from mpnn.core.indexing import _unwrap_index
+from mpnn.core.indexing import _along, _corner, _unwrap_index
 from mpnn.core.tensor_base import TensorBase, as_tensor
 
 _unbroadcast = unbroadcast
@@ -261,6 +261,67 @@ def setitem(t, idx, value):
     return apply_inplace(t, "setitem", write, backward, others)
 
 
+def scatter_(t, dim, index, src=None, value=None, *, reduce=None):
+    """torch's Tensor.scatter_: write ``src`` (a tensor) or ``value`` (a number) into ``t`` at ``index`` along
+    ``dim``; differentiable as scatter (the old value's gradient is zero where written)."""
+    if reduce is not None:
+        raise OpError("scatter_", f"reduce={reduce!r} is not supported; use scatter_add_ for reduce='add'")
+    if src is not None and not isinstance(src, TensorBase):
+        src, value = None, src  # t.scatter_(dim, index, 2.0): a number in src's place
+    if src is None and value is None:
+        raise OpError("scatter_", "give src (a tensor) or value (a number)")
+    if src is not None and src.data.dtype != t.data.dtype:
+        raise OpError("scatter_", f"src dtype {src.data.dtype} does not match the tensor's {t.data.dtype}")
+    grids, work, _, ishape = _along("scatter_", t.data.shape, dim, index, None if src is None else src.data.shape)
+    others = () if src is None else (src,)
+
+    def write():
+        _worked(t.data, work)[grids] = value if src is None else _corner(src.data, ishape)
+
+    def backward(g):
+        g1 = g.reshape(work)
+        gt = g1.copy()
+        gt[grids] = 0
+        if src is None:
+            return (gt.reshape(g.shape),)
+        gs = None
+        if src.requires_grad:
+            gs = np.zeros(src.data.shape if src.data.ndim else (1,), dtype=g.dtype)
+            _corner(gs, ishape)[...] = g1[grids]
+            gs = gs.reshape(src.data.shape)
+        return (gt.reshape(g.shape), gs)
+
+    return apply_inplace(t, "scatter_", write, backward, others)
+
+
+def scatter_add_(t, dim, index, src):
+    """torch's Tensor.scatter_add_: add ``src`` into ``t`` at ``index`` along ``dim`` (repeated indices
+    accumulate); the old value's gradient passes through, src's is gathered at ``index``."""
+    if not isinstance(src, TensorBase):
+        raise OpError("scatter_add_", f"src must be a tensor, got {type(src).__name__}")
+    if src.data.dtype != t.data.dtype:
+        raise OpError("scatter_add_", f"src dtype {src.data.dtype} does not match the tensor's {t.data.dtype}")
+    grids, work, _, ishape = _along("scatter_add_", t.data.shape, dim, index, src.data.shape)
+
+    def write():
+        np.add.at(_worked(t.data, work), grids, _corner(src.data, ishape))
+
+    def backward(g):
+        gs = None
+        if src.requires_grad:
+            gs = np.zeros(src.data.shape if src.data.ndim else (1,), dtype=g.dtype)
+            _corner(gs, ishape)[...] = g.reshape(work)[grids]
+            gs = gs.reshape(src.data.shape)
+        return (g, gs)
+
+    return apply_inplace(t, "scatter_add_", write, backward, (src,))
+
+
+def _worked(arr, work):
+    """``arr`` as the shape gather/scatter work in (a 0-d array as (1,)), always a view so writes land."""
+    return arr.reshape(work) if arr.shape != work else arr
+
+
 class InplaceMethods:
     """Tensor's in-place methods and operators (mixed into Tensor): each returns the tensor itself."""
 
@@ -297,6 +358,12 @@ class InplaceMethods:
 
     def relu_(self):
         return relu_(self)
+
+    def scatter_(self, dim, index, src=None, value=None, *, reduce=None):
+        return scatter_(self, dim, index, src, value, reduce=reduce)
+
+    def scatter_add_(self, dim, index, src):
+        return scatter_add_(self, dim, index, src)
 
     def masked_fill_(self, mask, value):
         return masked_fill_(self, mask, value)

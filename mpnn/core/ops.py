@@ -9,6 +9,7 @@
     linalg       matmul linear einsum
     random       multinomial
     inplace      setitem add_ sub_ mul_ div_ copy_ fill_ zero_ clamp_ relu_ masked_fill_
+                 scatter_ scatter_add_
 Losses, normalization, convolution, pooling and padding have modules of their own (loss, normalization, conv,
 pool, pad). Each op's backward sits beside its forward in its family's file.
 """
@@ -49,7 +50,21 @@ from mpnn.core.indexing import (  # noqa: F401
     topk,
     where,
 )
-from mpnn.core.inplace import add_, clamp_, copy_, div_, fill_, masked_fill_, mul_, relu_, setitem, sub_, zero_  # noqa: F401
+from mpnn.core.inplace import (  # noqa: F401
+    add_,
+    clamp_,
+    copy_,
+    div_,
+    fill_,
+    masked_fill_,
+    mul_,
+    relu_,
+    scatter_,
+    scatter_add_,
+    setitem,
+    sub_,
+    zero_,
+)
 from mpnn.core.linalg import einsum, linear, matmul  # noqa: F401
 from mpnn.core.movement import (  # noqa: F401
     cat,
