@@ -415,3 +415,106 @@ def test_encoder_layer_activation_module_is_registered_and_bad_names_refused():
     assert out.shape == (3, 2, 4)
     out.sum().backward()
     assert all(p.grad is not None for p in enc.parameters())
+
+
+# ----- decoder and the encoder-decoder Transformer --------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", LAYER_CASES, ids=str)
+def test_transformer_decoder_layer_matches_torch(kwargs):
+    torch = _torch()
+    t = torch.nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0, **kwargs)
+    m = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0, **kwargs)
+    assert [n for n, _ in t.named_modules()] == [n for n, _ in m.named_modules()]
+    to_mpnn(t, m)
+    rng = np.random.default_rng(4)
+    bf = kwargs.get("batch_first")
+    x = rng.standard_normal((3, 5, 8) if bf else (5, 3, 8)).astype(np.float32)
+    mem = rng.standard_normal((3, 6, 8) if bf else (6, 3, 8)).astype(np.float32)
+    mem_pad = rng.random((3, 6)) < 0.3
+    mem_pad[:, 0] = False
+    causal = generate_square_subsequent_mask(5)
+    cross = (rng.random((5, 6)) < 0.3) & ~np.eye(5, 6, dtype=bool)  # bool: True = may not attend
+    for tk, mk in [
+        ({}, {}),
+        (
+            dict(tgt_mask=torch.from_numpy(causal.data), tgt_is_causal=True),
+            dict(tgt_mask=causal, tgt_is_causal=True),
+        ),
+        (
+            dict(memory_key_padding_mask=torch.from_numpy(mem_pad), memory_mask=torch.from_numpy(cross)),
+            dict(memory_key_padding_mask=mpnn.tensor(mem_pad), memory_mask=mpnn.tensor(cross)),
+        ),
+    ]:
+        t.zero_grad()
+        m.zero_grad()
+        t_in = [torch.tensor(x, requires_grad=True), torch.tensor(mem, requires_grad=True)]
+        m_in = [mpnn.tensor(x, requires_grad=True), mpnn.tensor(mem, requires_grad=True)]
+        _compare(t, m, t_in, m_in, tk, mk)  # the gradient reaches memory too
+
+
+def test_transformer_matches_torch_both_ways_and_initialises_as_torch():
+    torch = _torch()
+    kw = dict(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=16, dropout=0.1)
+    m = nn.Transformer(**kw, activation="gelu", batch_first=True)
+    t = torch.nn.Transformer(**kw, activation="gelu", batch_first=True)
+    assert list(t.state_dict()) == list(m.state_dict())
+    assert [n for n, _ in t.named_modules()] == [n for n, _ in m.named_modules()]
+    w = m.decoder.layers[1].multihead_attn.in_proj_weight.data  # xavier_uniform_: bound sqrt(6 / (8 + 24))
+    assert np.abs(w).max() <= math.sqrt(6 / 32) and w.std() > 0.5 * math.sqrt(6 / 32) / math.sqrt(3)
+    rng = np.random.default_rng(5)
+    for p in m.parameters():
+        p.data[...] = rng.standard_normal(p.shape) * 0.3
+    to_torch(m, t)
+    t.eval()
+    m.eval()
+    src = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    tgt = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    pad = np.zeros((2, 6), dtype=bool)
+    pad[1, 4:] = True
+    tmask = nn.Transformer.generate_square_subsequent_mask(5)
+    _compare(
+        t,
+        m,
+        [torch.tensor(src, requires_grad=True), torch.tensor(tgt, requires_grad=True)],
+        [mpnn.tensor(src, requires_grad=True), mpnn.tensor(tgt, requires_grad=True)],
+        dict(
+            tgt_mask=torch.from_numpy(tmask.data),
+            src_key_padding_mask=torch.from_numpy(pad),
+            memory_key_padding_mask=torch.from_numpy(pad),
+        ),
+        dict(tgt_mask=tmask, src_key_padding_mask=mpnn.tensor(pad), memory_key_padding_mask=mpnn.tensor(pad)),
+    )
+    fresh = nn.Transformer(**kw, activation="gelu", batch_first=True).eval()
+    to_mpnn(t, fresh)
+    np.testing.assert_allclose(
+        fresh(mpnn.tensor(src), mpnn.tensor(tgt)).data, m(mpnn.tensor(src), mpnn.tensor(tgt)).data, atol=1e-6
+    )
+
+
+def test_transformer_trains_a_copy_task_and_refuses_mismatched_inputs():
+    """A tiny encoder-decoder learns to copy its source (teacher forcing): the loss falls well below chance."""
+    mpnn.manual_seed(0)
+    vocab, d = 6, 16
+    emb, pos = nn.Embedding(vocab, d), nn.Embedding(5, d)
+    model = nn.Transformer(d, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+    head = nn.Linear(d, vocab)
+    params = [p for mod in (emb, pos, model, head) for p in mod.parameters()]
+    position = mpnn.arange(5)
+    opt = mpnn.optim.Adam(params, lr=1e-2)
+    rng = np.random.default_rng(0)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    for _ in range(150):
+        seq = rng.integers(1, vocab, size=(16, 5))
+        tgt_in = np.concatenate([np.zeros((16, 1), dtype=np.int64), seq[:, :-1]], axis=1)  # 0 = start token
+        src, tgt = emb(mpnn.tensor(seq)) + pos(position), emb(mpnn.tensor(tgt_in)) + pos(position)
+        out = model(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+        loss = F.cross_entropy(head(out).reshape(-1, vocab), mpnn.tensor(seq.reshape(-1)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * math.log(vocab - 1)
+    with pytest.raises(RuntimeError, match="the batch number of src and tgt must be equal"):
+        model(mpnn.randn(2, 5, d), mpnn.randn(3, 5, d))
+    with pytest.raises(RuntimeError, match="the feature number of src and tgt must be equal to d_model"):
+        model(mpnn.randn(2, 5, d), mpnn.randn(2, 5, d + 1))
+    with pytest.raises(RuntimeError, match="TransformerDecoderLayer: device .cuda. is not available"):
+        nn.TransformerDecoderLayer(4, 2, device="cuda")
