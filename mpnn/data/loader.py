@@ -3,15 +3,26 @@
 There are no loader worker processes: each mpnn worker is already one process per core. Speed comes from
 two fast paths: the sampler's whole order is drawn as one int64 array and sliced per batch, and a dataset
 with ``batched_getitem`` (TensorDataset, MNIST1D, Subset of them) fetches a batch in one fancy-index per
-array instead of collating samples one by one.
+array instead of collating samples one by one. A dataset with ``get_batch(indices, key=)`` (ArrayShards) is
+handed a per-batch key (rank, sampler epoch, loader pass, batch number) that seeds its random transforms.
+
+``prefetch=N`` moves the fetching to one background thread that keeps up to N batches ready (Numba's
+kernels release the GIL, so it runs beside the training thread); the order and the keys are those of
+prefetch=0, so the batches are identical.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections.abc
+import contextlib
 import copy
 import itertools
+import queue
+import threading
 import warnings
+import weakref
+from time import perf_counter
 
 import numpy as np
 
@@ -102,6 +113,10 @@ class DataLoader:
     Per-batch cost, measured on the 2-core dev machine: 4000x40 float32 + int64 labels in a TensorDataset,
     batch_size=100, shuffle=True, 8000 batches: 4.7 us per batch, of which 1.9 us is the two bare
     100-row fancy-indexes (torch 2.13's DataLoader with per-sample collation: 219 us per batch).
+
+    ``prefetch=N`` (N >= 1) fetches in a background thread, up to N batches ahead; the thread stops when the
+    iterator is exhausted, closed, dropped, or the interpreter exits, and an exception it meets is raised in
+    the loop with its traceback. Telemetry's "data" span is then the time the loop waited for a batch.
     """
 
     def __init__(
@@ -118,7 +133,10 @@ class DataLoader:
         generator: np.random.Generator | None = None,
         *,
         seed: int | None = None,
+        prefetch: int = 0,
     ):
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+            raise ValueError(f"DataLoader: prefetch must be a non-negative int (batches kept ready), got {prefetch!r}")
         if batch_size is not None:
             _check_positive_int(batch_size, "batch_size", "DataLoader")
         if sampler is not None and shuffle:
@@ -157,6 +175,7 @@ class DataLoader:
         self.generator = generator
         self.pin_memory = pin_memory  # accepted for PyTorch habits; CPU memory needs no pinning
         self.num_workers = num_workers
+        self.prefetch = int(prefetch)
         self._auto_collation = batch_sampler is not None
         self.collate_fn = (
             collate_fn if collate_fn is not None else (default_collate if self._auto_collation else default_convert)
@@ -172,20 +191,42 @@ class DataLoader:
     def __len__(self):
         return len(self._index_sampler)
 
-    def _fetcher(self):
-        """The function from one batch's indices to the batch: one fancy-index when the dataset allows it."""
+    def _fetcher(self, epoch: int):
+        """The function from (batch number, indices) to the batch: one fancy-index, or one keyed
+        ``get_batch``, when the dataset allows it."""
         dataset, collate = self.dataset, self.collate_fn
         if not self._auto_collation:
-            return lambda index: collate(dataset[index])
+            return lambda number, index: collate(dataset[index])
+        if callable(getattr(dataset, "get_batch", None)) and collate is default_collate:
+            base = self._key_base(epoch)
+            return lambda number, indices: default_convert(
+                dataset.get_batch(np.asarray(indices, dtype=np.intp), key=(*base, number))
+            )
         if getattr(dataset, "batched_getitem", False) and collate is default_collate:
-            return lambda indices: default_convert(dataset[np.asarray(indices, dtype=np.intp)])
+            return lambda number, indices: default_convert(dataset[np.asarray(indices, dtype=np.intp)])
 
-        def per_sample(indices):
+        def per_sample(number, indices):
             if isinstance(indices, np.ndarray):
                 indices = indices.tolist()
             return collate([dataset[i] for i in indices])
 
         return per_sample
+
+    def _key_base(self, epoch: int) -> tuple:
+        """(rank, sampler epoch, loader pass): with the batch number, the key of a batch's random draws.
+        The rank is the sampler's (DistributedSampler) or this process's in its world."""
+        sampler = self.sampler
+        rank = getattr(sampler, "rank", None)
+        if not isinstance(rank, (int, np.integer)):
+            from mpnn.worldspec import current_world
+
+            try:
+                rank = current_world().rank
+            except ValueError:
+                rank = 0
+        sampler_epoch = getattr(sampler, "epoch", 0)
+        sampler_epoch = int(sampler_epoch) if isinstance(sampler_epoch, (int, np.integer)) else 0
+        return int(rank), max(sampler_epoch, 0), epoch
 
     def __iter__(self):
         source = self._index_sampler
@@ -194,29 +235,26 @@ class DataLoader:
         current = _Pass(self._next_epoch, start_state, skip)
         self._next_epoch += 1
         self._pass = current
-        fetch = _timed_when_recording(self._fetcher())
+        fetch = self._fetcher(current.epoch)
         batch_sampler = self.batch_sampler
         if type(batch_sampler) is BatchSampler and hasattr(batch_sampler.sampler, "_epoch_indices"):
             order = batch_sampler.sampler._epoch_indices()
             size = batch_sampler.batch_size
             stop = len(order) - len(order) % size if batch_sampler.drop_last else len(order)
-            return self._sliced(order, size, stop, skip, fetch, current)
-        return self._stepped(iter(source), skip, fetch, current)
+            numbered = ((start // size, order[start : start + size]) for start in range(skip * size, stop, size))
+        else:
+            numbered = enumerate(itertools.islice(iter(source), skip, None), start=skip)
+        if self.prefetch:
+            return _prefetched(numbered, fetch, current, self.prefetch)
+        return self._serial(numbered, _timed_when_recording(fetch), current)
 
     @staticmethod
-    def _sliced(order, size, stop, skip, fetch, current):
-        """The fast path: batches are views into the pass's whole order array."""
-        for start in range(skip * size, stop, size):
+    def _serial(numbered, fetch, current):
+        """Fetch each batch when the loop asks for it. Batches of the fast path are views into the pass's
+        whole order array; other samplers' first ``skip`` batches are drawn and dropped without fetching."""
+        for number, indices in numbered:
             current.consumed += 1
-            yield fetch(order[start : start + size])
-        current.finished = True
-
-    @staticmethod
-    def _stepped(index_iter, skip, fetch, current):
-        """Any other sampler: the first ``skip`` index batches are drawn and dropped without fetching data."""
-        for indices in itertools.islice(index_iter, skip, None):
-            current.consumed += 1
-            yield fetch(indices)
+            yield fetch(number, indices)
         current.finished = True
 
     def state_dict(self) -> dict:
@@ -260,12 +298,98 @@ def _timed_when_recording(fetch):
 
     if not is_recording():
         return fetch
-    from time import perf_counter
 
-    def timed(indices):
+    def timed(number, indices):
         t0 = perf_counter()
-        batch = fetch(indices)
+        batch = fetch(number, indices)
         data_span(t0, perf_counter())
         return batch
 
     return timed
+
+
+class _ProducerFailed:
+    """An exception the prefetch thread met, carried to the loop (its __traceback__ has the thread's frames)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error):
+        self.error = error
+
+
+_DONE = object()
+_live_producers: weakref.WeakSet = weakref.WeakSet()
+
+
+class _Producer(threading.Thread):
+    """The prefetch thread: fetches batches in order into a bounded queue until done or told to stop.
+
+    It holds no reference to the consuming generator, so dropping the iterator closes it and stops this."""
+
+    def __init__(self, numbered, fetch, depth):
+        super().__init__(name="mpnn-dataloader-prefetch", daemon=True)
+        self.numbered, self.fetch = numbered, fetch
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self):
+        try:
+            for number, indices in self.numbered:
+                if self.stopping.is_set() or not self._put(self.fetch(number, indices)):
+                    return
+            self._put(_DONE)
+        except BaseException as error:  # handed to the loop, which raises it
+            self._put(_ProducerFailed(error))
+        finally:
+            self.numbered = self.fetch = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # free a put that is waiting for room
+                self.ready.get_nowait()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+
+def _prefetched(numbered, fetch, current, depth):
+    """The loop's side of prefetch: take each batch from the producer thread's queue, timing the wait as the
+    "data" span when telemetry records; stop the thread however the loop ends."""
+    from mpnn.telemetry.instrument import data_span, is_recording
+
+    producer = _Producer(numbered, fetch, depth)
+    _live_producers.add(producer)
+    producer.start()
+    recording = is_recording()
+    try:
+        while True:
+            t0 = perf_counter()
+            item = producer.ready.get()
+            if item is _DONE:
+                break
+            if type(item) is _ProducerFailed:
+                raise item.error
+            if recording:
+                data_span(t0, perf_counter())
+            current.consumed += 1
+            yield item
+        current.finished = True
+    finally:
+        producer.stop()
+        _live_producers.discard(producer)
+
+
+@atexit.register
+def _stop_producers_at_exit():
+    """Stop prefetch threads still running at interpreter exit (a loop abandoned mid-epoch)."""
+    for producer in list(_live_producers):
+        producer.stop(timeout=2.0)
