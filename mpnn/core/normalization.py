@@ -1,4 +1,5 @@
-"""batch_norm and layer_norm with fused backward; variance by two passes (mean, then squared deviations)."""
+"""batch_norm and layer_norm as Numba kernels (normalization_kernels.py): fused forward and backward; variance by
+two passes (mean, then squared deviations), accumulated in float64."""
 
 from __future__ import annotations
 
@@ -33,17 +34,24 @@ def batch_norm(
             raise OpError(
                 "batch_norm", f"{name} has shape {_arr(t).shape} but the input has {c} channels (input shape {x.shape})"
             )
-    axes = (0,) + tuple(range(2, x.ndim))
-    bshape = (1, c) + (1,) * (x.ndim - 2)
+    from mpnn.core import normalization_kernels as K
+
     n = x.size // c
+    if training and n <= 1:
+        raise OpError(
+            "batch_norm", f"expected more than 1 value per channel when training, got input of shape {x.shape}"
+        )
+    if not training and (running_mean is None or running_var is None):
+        raise OpError("batch_norm", "eval mode needs running_mean and running_var")
+    dt = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+    positions = int(np.prod(x.shape[2:]))  # L: 1 for (N, C) input
+    x3 = np.ascontiguousarray(x, dtype=dt).reshape(x.shape[0], c, positions)  # (N, C, L): a copy only when strided
+    w = np.ones(c, dt) if weight is None else _arr(weight).astype(dt, copy=False)
+    b = np.zeros(c, dt) if bias is None else _arr(bias).astype(dt, copy=False)
+    out = np.empty_like(x3)
     if training:
-        if n <= 1:
-            raise OpError(
-                "batch_norm", f"expected more than 1 value per channel when training, got input of shape {x.shape}"
-            )
-        mean = x.mean(axis=axes)
-        centered = x - mean.reshape(bshape)
-        var = (centered * centered).mean(axis=axes)
+        mean, invstd, var = np.empty(c, dt), np.empty(c, dt), np.empty(c, np.float64)
+        K.batch_norm_train_forward(x3, w, b, float(eps), out, mean, invstd, var)
         if running_mean is not None:
             rm = _arr(running_mean)
             rm *= 1 - momentum
@@ -53,38 +61,34 @@ def batch_norm(
             rv *= 1 - momentum
             rv += momentum * var * (n / (n - 1))
     else:
-        if running_mean is None or running_var is None:
-            raise OpError("batch_norm", "eval mode needs running_mean and running_var")
-        mean, var = _arr(running_mean), _arr(running_var)
-        centered = x - mean.reshape(bshape)
-    invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    xhat = centered * invstd.reshape(bshape)
-    w = _arr(weight)
-    out = xhat * w.reshape(bshape) if w is not None else xhat.copy()
-    if bias is not None:
-        out += _arr(bias).reshape(bshape)
+        mean = _arr(running_mean).astype(dt)
+        invstd = (1.0 / np.sqrt(_arr(running_var).astype(np.float64) + eps)).astype(dt)
+        K.batch_norm_eval_forward(x3, mean, invstd, w, b, out)
     parents = tuple(t for t in (input, weight, bias) if t is not None)
 
     def backward(g):
-        gw = (g * xhat).sum(axis=axes) if weight is not None and weight.requires_grad else None
-        gb = g.sum(axis=axes) if bias is not None and bias.requires_grad else None
-        gx = None
-        if input.requires_grad:
-            dxhat = g * w.reshape(bshape) if w is not None else g
-            if training:
-                s1 = dxhat.sum(axis=axes).reshape(bshape)
-                s2 = (dxhat * xhat).sum(axis=axes).reshape(bshape)
-                gx = (invstd.reshape(bshape) / n) * (n * dxhat - s1 - xhat * s2)
-            else:
-                gx = dxhat * invstd.reshape(bshape)
-        grads = [gx]
+        need_x = input.requires_grad
+        g3 = np.ascontiguousarray(g, dtype=dt).reshape(x3.shape)
+        gx = np.empty_like(x3) if need_x else x3[:0]
+        gw = np.empty(c, np.float64)
+        gb = np.empty(c, np.float64)
+        K.batch_norm_backward(x3, g3, mean, invstd, w, training, need_x, gx, gw, gb)
+        grads = [gx.reshape(x.shape).astype(x.dtype, copy=False) if need_x else None]
         if weight is not None:
-            grads.append(gw)
+            grads.append(gw.astype(weight.data.dtype) if weight.requires_grad else None)
         if bias is not None:
-            grads.append(gb)
+            grads.append(gb.astype(bias.data.dtype) if bias.requires_grad else None)
         return tuple(grads)
 
-    return make_result(out, parents, backward, "batch_norm", saved=() if weight is None else (weight,))
+    # backward recomputes xhat from the input, the per-channel mean and 1/std (as torch keeps them), so the input
+    # is saved; the output is not read (a residual block's in-place `out += identity` is fine)
+    return make_result(
+        out.reshape(x.shape).astype(x.dtype, copy=False),
+        parents,
+        backward,
+        "batch_norm",
+        saved=(input,) if weight is None else (input, weight),
+    )
 
 
 def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:

@@ -59,3 +59,95 @@ def layer_norm_backward(x, w, g, mean, invstd, need_x, need_wb, gx, gw, gb):
 def rows(a: np.ndarray, n: int) -> np.ndarray:
     """``a`` as a C-contiguous (rows, n) array (a copy only when it is strided)."""
     return np.ascontiguousarray(a).reshape(-1, n)
+
+
+# ----- batch_norm: x as (N, C, L), L the spatial positions (1 for (N, C) input) ----------------------------------
+# Per channel, the N runs of L floats are read once for the mean, then (from L2: one channel of ResNet-18's
+# widest BatchNorm, 64 channels of 32x32 at batch 32, is 128 KB) once for the squared deviations and once for
+# the output. Composed from NumPy (mean, centered, var, xhat, out) the same forward took 5.1 ms against
+# torch's 3.2 ms, and its backward (7 full-size temporaries) 12.3 ms against 3.5 ms.
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def batch_norm_train_forward(x, w, b, eps, out, mean, invstd, var):
+    """Batch statistics per channel (two passes, float64 sums) and out = (x - mean) * invstd * w + b.
+    mean and invstd (C,) in x's dtype (what backward reads); var (C,) float64, the biased batch variance."""
+    n_, c_, l_ = x.shape
+    count = n_ * l_
+    for c in range(c_):
+        s = 0.0
+        for n in range(n_):
+            # LLVM vectorizes this loop on x86-64 (fastmath: a float64 sum it may reorder)
+            for j in range(l_):
+                s += x[n, c, j]
+        mu = s / count
+        v = 0.0
+        for n in range(n_):
+            # LLVM vectorizes this loop on x86-64
+            for j in range(l_):
+                d = x[n, c, j] - mu
+                v += d * d
+        var[c] = v / count
+        mean[c] = mu
+        invstd[c] = 1.0 / math.sqrt(v / count + eps)
+        m = mean[c]  # in x's dtype from here on
+        a = invstd[c] * w[c]
+        bc = b[c]
+        for n in range(n_):
+            # LLVM vectorizes this loop on x86-64 (8 float32 lanes)
+            for j in range(l_):
+                out[n, c, j] = (x[n, c, j] - m) * a + bc
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def batch_norm_eval_forward(x, mean, invstd, w, b, out):
+    """out = (x - mean) * invstd * w + b with given per-channel statistics (x's dtype), one pass."""
+    n_, c_, l_ = x.shape
+    for n in range(n_):
+        for c in range(c_):
+            m = mean[c]
+            a = invstd[c] * w[c]
+            bc = b[c]
+            # LLVM vectorizes this loop on x86-64 (8 float32 lanes)
+            for j in range(l_):
+                out[n, c, j] = (x[n, c, j] - m) * a + bc
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def batch_norm_backward(x, g, mean, invstd, w, training, need_x, gx, gw, gb):
+    """gw = sum g*xhat and gb = sum g per channel (float64), xhat = (x - mean) * invstd recomputed from the
+    input; gx = w*invstd*(g - mean(g) - xhat*mean(g*xhat)) with batch statistics (training), w*invstd*g
+    with fixed ones (eval). Two passes per channel, the second from L2."""
+    n_, c_, l_ = x.shape
+    count = n_ * l_
+    k = np.empty(2, x.dtype)  # the two per-channel constants of gx in x's dtype (float32 lanes, not float64)
+    for c in range(c_):
+        m = mean[c]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n_):
+            # LLVM vectorizes this loop on x86-64 (fastmath: float64 sums it may reorder)
+            for j in range(l_):
+                gv = g[n, c, j]
+                s1 += gv
+                s2 += gv * (x[n, c, j] - m)
+        s2 *= invstd[c]
+        gw[c] = s2
+        gb[c] = s1
+        if need_x:
+            inv = invstd[c]
+            a = inv * w[c]
+            if training:
+                k[0] = a * (s1 / count)
+                k[1] = a * inv * (s2 / count)
+                m1 = k[0]
+                m2 = k[1]
+                for n in range(n_):
+                    # LLVM vectorizes this loop on x86-64 (8 float32 lanes)
+                    for j in range(l_):
+                        gx[n, c, j] = a * g[n, c, j] - m1 - (x[n, c, j] - m) * m2
+            else:
+                for n in range(n_):
+                    # LLVM vectorizes this loop on x86-64 (8 float32 lanes)
+                    for j in range(l_):
+                        gx[n, c, j] = a * g[n, c, j]
