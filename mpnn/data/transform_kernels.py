@@ -103,6 +103,8 @@ def warmup() -> None:
     """Compile (or load from the on-disk cache) every kernel here for the argument types the data layer
     passes, under a file lock, once per process; the launcher may call it before starting workers."""
     global _warm
+    if _warm:  # the per-batch fast path: no lock once this process has its kernels
+        return
     with _warm_lock:
         if _warm:
             return
