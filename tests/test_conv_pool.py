@@ -130,9 +130,16 @@ def _problem(x_shape, w_shape, geom, out_hw):
 
 
 def test_algorithm_registry_order_and_selection():
-    """ALGORITHMS is the selection order: Winograd first where it applies, im2col (which always applies) last."""
-    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "im2col"]
-    im2col = conv_module.ALGORITHMS[-1]
+    """ALGORITHMS is the selection order: Winograd F(4x4) where it applies, F(2x2) on wide channels and narrow
+    maps, im2col (which always applies) last."""
+    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "winograd-f2x2", "im2col"]
+    im2col, f2 = conv_module.ALGORITHMS[-1], conv_module.ALGORITHMS[1]
+    resnet_last = _problem((32, 512, 4, 4), (512, 512, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (4, 4))
+    assert conv_module.select(resnet_last) is f2
+    narrow_few = _problem((32, 32, 4, 4), (32, 32, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (4, 4))
+    assert conv_module.select(narrow_few) is im2col  # under _WINOGRAD2_MIN_CHANNELS
+    resnet_strided = _problem((32, 256, 8, 8), (512, 256, 3, 3), (3, 3, 2, 2, 1, 1, 1, 1, 1), (4, 4))
+    assert conv_module.select(resnet_strided) is im2col
     benchmark_layer = _problem((8, 32, 64, 64), (64, 32, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (64, 64))
     strided = _problem((8, 32, 64, 64), (64, 32, 3, 3), (3, 3, 2, 2, 1, 1, 1, 1, 1), (32, 32))
     mnist1d = _problem((100, 1, 1, 40), (25, 1, 1, 5), (1, 5, 1, 2, 0, 1, 1, 1, 1), (1, 19))
@@ -143,11 +150,14 @@ def test_algorithm_registry_order_and_selection():
     assert conv_module.select(benchmark_layer, conv_module.settings_now()._replace(winograd_min_width=65)) is im2col
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_each_algorithm_alone_matches_reference(monkeypatch, index):
-    """Either algorithm, made the only one, computes a conv both can take (forward and all three gradients)."""
+    """Each algorithm, made the only one, computes a conv all can take (forward and all three gradients)."""
     algorithm = conv_module.ALGORITHMS[index]
     monkeypatch.setattr(conv_module, "ALGORITHMS", (algorithm,))
+    if algorithm.name == "winograd-f2x2":  # F(2x2) takes the maps F(4x4) leaves, at any channel count here
+        monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 100)
+        monkeypatch.setattr(conv_module, "_WINOGRAD2_MIN_CHANNELS", 1)
     x, w, b = randn(2, 8, 9, 10), randn(8, 8, 3, 3), randn(8)
     assert conv_module.select(_problem(x.shape, w.shape, (3, 3, 1, 1, 1, 1, 1, 1, 1), (9, 10))) is algorithm
     out = conv2d(leaf(x), leaf(w), leaf(b), 1, 1)
@@ -210,6 +220,73 @@ def test_conv2d_float32_close_to_float64(winograd):
 
 
 # ----- conv gradients -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n, c, o, h, w, padding",
+    [
+        (2, 3, 4, 4, 4, 1),
+        (3, 5, 2, 5, 7, 1),
+        (2, 4, 3, 6, 5, 0),
+        (1, 2, 2, 3, 3, 1),
+        (2, 2, 3, 2, 3, 2),
+        (1, 1, 1, 1, 1, 1),
+    ],
+)
+def test_winograd_f2x2_matches_reference_and_gradcheck(monkeypatch, n, c, o, h, w, padding):
+    """F(2x2, 3x3) forced on odd sizes, partial tiles, padding 0-2 and 1x1 maps: forward against the direct
+    reference, gradients against float64 finite differences, each gradient alone too."""
+    monkeypatch.setattr(conv_module, "_WINOGRAD2_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_WIDTH", 100)
+    x, wt, b = randn(n, c, h, w), randn(o, c, 3, 3), randn(o)
+    oh, ow = h + 2 * padding - 2, w + 2 * padding - 2
+    assert conv_module.select(_problem(x.shape, wt.shape, (3, 3, 1, 1, padding, padding, 1, 1, 1), (oh, ow))).name == (
+        "winograd-f2x2"
+    )
+    out = conv2d(leaf(x), leaf(wt), leaf(b), 1, padding)
+    ref = ref_conv2d(x, wt, b, (1, 1), (padding,) * 2, (padding,) * 2, (1, 1), 1)
+    np.testing.assert_allclose(out.data, ref, atol=1e-10)
+    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, padding), [leaf(x), leaf(wt), leaf(b)])
+    gradcheck(lambda ww: conv2d(leaf(x, False), ww, None, 1, padding), [leaf(wt)])
+    gradcheck(lambda a: conv2d(a, leaf(wt, False), None, 1, padding), [leaf(x)])
+
+
+def test_resnet_shapes_each_path_matches_reference_float32():
+    """ResNet-18's strided and small-map shapes (channels scaled down, batch 4) by the default rule, float32,
+    against the float64 reference: 3x3 stride 2, 1x1 stride 2 (a strided GEMM), F(2x2) on 4x4 maps."""
+    cases = [  # (C, O, H, kernel, stride, padding, expected algorithm)
+        (16, 32, 16, 3, 2, 1, "im2col"),
+        (16, 32, 16, 1, 2, 0, "im2col"),
+        (64, 64, 4, 3, 1, 1, "winograd-f2x2"),
+        (64, 64, 8, 3, 1, 1, "winograd-f4x4"),
+    ]
+    for c, o, h, k, s, p, name in cases:
+        x, w = randn(4, c, h, h), randn(o, c, k, k) / np.sqrt(c * k * k)
+        oh = (h + 2 * p - k) // s + 1
+        assert conv_module.select(_problem(x.shape, w.shape, (k, k, s, s, p, p, 1, 1, 1), (oh, oh))).name == name
+        xs, ws = leaf(x.astype(np.float32)), leaf(w.astype(np.float32))
+        out = conv2d(xs, ws, None, s, p)
+        np.testing.assert_allclose(out.data, ref_conv2d(x, w, None, (s, s), (p, p), (p, p), (1, 1), 1), atol=1e-4)
+        g = randn(*out.shape)
+        out.backward(g.astype(np.float32))
+        x64, w64 = leaf(x), leaf(w)
+        conv2d(x64, w64, None, s, p).backward(g)
+        for low, high in ((xs.grad.data, x64.grad.data), (ws.grad.data, w64.grad.data)):
+            assert low.dtype == np.float32
+            np.testing.assert_allclose(low, high, rtol=0, atol=1e-4 * np.abs(high).max())
+        # the weight's gradient is C-contiguous like the weight, so an optimizer step reads it without a copy
+        assert ws.grad.data.flags.c_contiguous and ws.grad.data.shape == w.shape
+
+
+def test_im2col_large_weight_takes_one_tile():
+    """A weight past the tile budget gets tiles of up to twice its bytes: ResNet-18's 256->512 stride-2 conv
+    at batch 32 runs as one GEMM over the whole batch (the weight streams once)."""
+    from mpnn.core.conv_im2col import _plan
+
+    per_position = (256 * 9 + 1) * 4
+    budget = max(conv_module._TILE_BYTES, 2 * 512 * 256 * 9 * 4)
+    assert _plan(32, per_position, 16, budget) == ((0, 32, 0, 16),)
+    assert len(_plan(32, per_position, 16, conv_module._TILE_BYTES)) > 1
+
+
 def test_conv2d_gradcheck_im2col_with_groups_stride_dilation():
     gradcheck(
         lambda a, w, b: conv2d(a, w, b, (2, 1), (1, 2), (1, 2), 2),

@@ -22,12 +22,15 @@ import numpy as np
 from mpnn.core.conv_algorithm import ConvProblem, ConvSettings
 from mpnn.core.conv_im2col import Im2colGemm
 from mpnn.core.conv_winograd import WinogradF4x4
+from mpnn.core.conv_winograd2 import WinogradF2x2
 from mpnn.core.errors import OpError
 from mpnn.core.tensor import as_tensor, is_grad_enabled, make_result
 
 # Measured (3x3, 32->64, 64x64 maps, one thread): 512-1024-column tiles run the GEMMs at 140-175 GFLOP/s,
-# and an im2col that stays in L2 copies ~100 GB/s against ~15 GB/s once it spills to memory.
-_TILE_BYTES = 1 << 20
+# and an im2col that stays in L2 copies ~100 GB/s against ~15 GB/s once it spills to memory. ResNet-18's
+# strided convs (batch 32, forward+backward ms, 1 / 2 / 4 MiB): 3x3 64->128 32->16 47 / 42 / 40, 3x3 128->256
+# 16->8 38.5 / 36 / 36, the 3->64 stem 8.9 / 8.6 / 9.9, 1x1 64->128 9.0 / 8.8 / 8.0 (L2 is 2 MiB a core here).
+_TILE_BYTES = 2 << 20
 # Winograd chunks of ~72 tile slots (4 tile rows of a 64-wide map) ran forward+backward ~1 ms (6%) faster
 # than 51 or 128 on the benchmark layer (the work arrays stay in L2; the GEMMs run at 130-155 GFLOP/s).
 # Against im2col (forward+backward, batch 16-32, 8-128 channels): it won from 8 channels and 8 output
@@ -37,9 +40,16 @@ _TILE_BYTES = 1 << 20
 _WINOGRAD_TILES = 72
 _WINOGRAD_MIN_CHANNELS = 8
 _WINOGRAD_MIN_WIDTH = 8
+# F(2x2, 3x3) on maps narrower than that, from 64 channels (conv_winograd2.py: ResNet-18's 512-channel layer on
+# 4x4 maps, batch 32, forward+backward ~40 ms against im2col's ~57; torch 51)
+_WINOGRAD2_MIN_CHANNELS = 64
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 WINOGRAD = WinogradF4x4()
-ALGORITHMS = (WINOGRAD, Im2colGemm())  # the selection order: the first that applies runs; the last always does
+ALGORITHMS = (
+    WINOGRAD,
+    WinogradF2x2(),
+    Im2colGemm(),
+)  # the selection order: the first that applies runs; the last always does
 _new_problem = tuple.__new__  # ConvProblem without a Python-level __new__ frame (see conv_algorithm)
 
 
@@ -63,6 +73,10 @@ class _LiveSettings:
     @property
     def winograd_min_width(self):
         return _WINOGRAD_MIN_WIDTH
+
+    @property
+    def winograd2_min_channels(self):
+        return _WINOGRAD2_MIN_CHANNELS
 
 
 SETTINGS = _LiveSettings()
@@ -207,7 +221,9 @@ def select(problem, settings=SETTINGS):
 
 def settings_now():
     """The tunables as they are now, fixed in a ConvSettings."""
-    return ConvSettings(_TILE_BYTES, _WINOGRAD_TILES, _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_WIDTH)
+    return ConvSettings(
+        _TILE_BYTES, _WINOGRAD_TILES, _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_WIDTH, _WINOGRAD2_MIN_CHANNELS
+    )
 
 
 def _winograd_fits(geom, channels, out_ch, ow):

@@ -35,13 +35,15 @@ class ConvProblem(NamedTuple):
 
 class ConvSettings(NamedTuple):
     """The tunables: the im2col tile budget in bytes, the Winograd tile slots per chunk, and the fewest
-    channels and output columns Winograd takes on. conv.SETTINGS has the same attributes, read live from
+    channels and output columns Winograd F(4x4, 3x3) takes on, and the fewest channels F(2x2, 3x3) takes on
+    (on maps narrower than that). conv.SETTINGS has the same attributes, read live from
     conv.py's module constants (which tests patch); a ConvSettings fixes them, e.g. for conv.select."""
 
     tile_bytes: int
     winograd_tiles: int
     winograd_min_channels: int
     winograd_min_width: int
+    winograd2_min_channels: int = 64
 
 
 class ConvAlgorithm:

@@ -728,3 +728,111 @@ def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
         for i in range(36):
             for c in range(c_):
                 tf[uint64(i * p + t + c)] = 0.0
+
+
+# ----- Winograd F(2x2, 3x3) for small maps (conv_winograd2.py) ---------------------------------------------
+# Tiles p = (n*tiles_h + th)*tiles_w + tw, no junk slots: on 4x4 maps F(4x4, 3x3) wastes half its slots and
+# its U (36 x O x C, 38 MB at 512 channels) outweighs the input; F(2x2, 3x3)'s 16 products of (O, C) x (C, P)
+# run with P = 4N. B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], A^T = [[1, 1, 1, 0],
+# [0, 1, -1, -1]]. The loops are scalar over a tile's 16 entries (2 tiles a row on 4x4 maps leave nothing
+# to vectorize); ResNet-18's 512-channel layer at batch 32 has 64K tiles a transform, ~1 ms each.
+
+
+@njit(cache=True, fastmath=False)
+def winograd2_input(x, ph, pw, tiles_h, tiles_w, v):
+    """v[4a + b, c, p] = (B^T d B)[a, b] for the 4x4 input patch d of tile p (corner (2th - ph, 2tw - pw))."""
+    n_, c_, h_, w_ = x.shape
+    d = np.zeros(16, x.dtype)
+    t = np.empty(16, x.dtype)
+    for c in range(c_):
+        for n in range(n_):
+            for th in range(tiles_h):
+                for tw in range(tiles_w):
+                    p = (n * tiles_h + th) * tiles_w + tw
+                    for a in range(4):
+                        ih = 2 * th - ph + a
+                        for b in range(4):
+                            iw = 2 * tw - pw + b
+                            d[4 * a + b] = x[n, c, ih, iw] if (0 <= ih < h_ and 0 <= iw < w_) else 0.0
+                    for b in range(4):  # B^T down the columns
+                        d0, d1, d2, d3 = d[b], d[4 + b], d[8 + b], d[12 + b]
+                        t[b], t[4 + b], t[8 + b], t[12 + b] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
+                    for a in range(4):  # then B along the rows
+                        d0, d1, d2, d3 = t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]
+                        v[4 * a, c, p] = d0 - d2
+                        v[4 * a + 1, c, p] = d1 + d2
+                        v[4 * a + 2, c, p] = d2 - d1
+                        v[4 * a + 3, c, p] = d1 - d3
+
+
+@njit(cache=True, fastmath=False)
+def winograd2_output(m, bias, tiles_h, tiles_w, out):
+    """out[n, o, 2th + i, 2tw + j] = (A^T M A)[i, j] + bias[o] for M = m[:, o, p] (clipped to out)."""
+    n_, o_, oh_, ow_ = out.shape
+    u = np.empty(8, m.dtype)
+    for o in range(o_):
+        bo = bias[o]
+        for n in range(n_):
+            for th in range(tiles_h):
+                for tw in range(tiles_w):
+                    p = (n * tiles_h + th) * tiles_w + tw
+                    for a in range(4):  # A along the rows
+                        m0, m1, m2, m3 = m[4 * a, o, p], m[4 * a + 1, o, p], m[4 * a + 2, o, p], m[4 * a + 3, o, p]
+                        u[2 * a] = m0 + m1 + m2
+                        u[2 * a + 1] = m1 - m2 - m3
+                    for j in range(2):  # then A^T down the columns
+                        if 2 * tw + j >= ow_:
+                            continue
+                        y0 = u[j] + u[2 + j] + u[4 + j]
+                        y1 = u[2 + j] - u[4 + j] - u[6 + j]
+                        out[n, o, 2 * th, 2 * tw + j] = y0 + bo
+                        if 2 * th + 1 < oh_:
+                            out[n, o, 2 * th + 1, 2 * tw + j] = y1 + bo
+
+
+@njit(cache=True, fastmath=False)
+def winograd2_grad_output(g, tiles_h, tiles_w, dm):
+    """dm[4a + b, o, p] = (A dY A^T)[a, b] for tile p's 2x2 output gradient dY (0 past the edge)."""
+    n_, o_, oh_, ow_ = g.shape
+    z = np.empty(8, g.dtype)
+    for o in range(o_):
+        for n in range(n_):
+            for th in range(tiles_h):
+                for tw in range(tiles_w):
+                    p = (n * tiles_h + th) * tiles_w + tw
+                    for i in range(2):
+                        oh = 2 * th + i
+                        y0 = g[n, o, oh, 2 * tw] if oh < oh_ else 0.0
+                        y1 = g[n, o, oh, 2 * tw + 1] if (oh < oh_ and 2 * tw + 1 < ow_) else 0.0
+                        z[4 * i], z[4 * i + 1], z[4 * i + 2], z[4 * i + 3] = y0, y0 + y1, y0 - y1, -y1
+                    for b in range(4):
+                        y0, y1 = z[b], z[4 + b]
+                        dm[b, o, p] = y0
+                        dm[4 + b, o, p] = y0 + y1
+                        dm[8 + b, o, p] = y0 - y1
+                        dm[12 + b, o, p] = -y1
+
+
+@njit(cache=True, fastmath=False)
+def winograd2_grad_input(dv, ph, pw, tiles_h, tiles_w, dx):
+    """dx[n, c, 2th - ph + a, 2tw - pw + b] += (B dV B^T)[a, b] (overlapping patches add up; padding dropped)."""
+    n_, c_, h_, w_ = dx.shape
+    t = np.empty(16, dv.dtype)
+    for n in range(n_):
+        for c in range(c_):
+            for th in range(tiles_h):
+                for tw in range(tiles_w):
+                    p = (n * tiles_h + th) * tiles_w + tw
+                    for a in range(4):  # B along the rows (the adjoint of B^T's rows)
+                        e0, e1, e2, e3 = dv[4 * a, c, p], dv[4 * a + 1, c, p], dv[4 * a + 2, c, p], dv[4 * a + 3, c, p]
+                        t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3] = e0, e1 - e2 + e3, e2 - e0 + e1, -e3
+                    for b in range(4):  # then down the columns, scattered into the patch
+                        iw = 2 * tw - pw + b
+                        if iw < 0 or iw >= w_:
+                            continue
+                        e0, e1, e2, e3 = t[b], t[4 + b], t[8 + b], t[12 + b]
+                        col = (e0, e1 - e2 + e3, e2 - e0 + e1, -e3)
+                        for a in range(4):
+                            ih = 2 * th - ph + a
+                            if 0 <= ih < h_:
+                                dx[n, c, ih, iw] += col[a]

@@ -32,6 +32,7 @@ def warmup() -> None:
         conv1d(x1, w1, leaf(4), stride=2, padding=1),
         conv2d(x2, w2, leaf(8), padding=1),  # the Winograd path
         conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
+        conv2d(leaf(1, 64, 3, 3), leaf(64, 64, 3, 3), None, padding=1),  # Winograd F(2x2): narrow map, 64 channels
         max_pool1d(x1, 2),
         avg_pool1d(x1, 2),
         max_pool2d(x2, 2),
