@@ -8,7 +8,7 @@ no max-pool, 32x32 input, BasicBlocks [2, 2, 2, 2] with 64/128/256/512 channels,
 shortcuts, global average pool, linear to 10 classes; SGD momentum 0.9, batch 32, cross-entropy. Train img/s
 is the median over --reps timed steps (forward, backward, optimizer step) after warm-up, the libraries
 interleaved step by step (benchmarks/timing.py) so that load from other processes hits both alike; eval img/s
-likewise for no_grad forwards in eval mode. Peak RSS (ru_maxrss) of a training process: each library trains
+likewise for no_grad forwards in eval mode. Peak RSS (VmHWM) of a training process: each library trains
 --rss-steps steps in a fresh subprocess of its own (mpnn's calls mpnn.init(), as a training script does).
 --layers prints each layer kind of the model at its shapes, forward and backward, both libraries (median
 thread CPU ms), and the mpnn/torch time ratio (<1: mpnn faster); `x` is how often the model runs it.
@@ -160,7 +160,20 @@ def rss_child(name, steps):
     tr = Trainer(libs[name], x, y)
     for _ in range(steps):
         tr.train_step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_rss_self())
+
+
+def peak_rss_self():
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec. ru_maxrss does not on Linux (a
+    child started from this benchmark's big parent reported the parent's 1165 MiB for both libraries)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_rss(name, steps):
