@@ -10,8 +10,12 @@ input only, as torch's does. Selection order, first match wins:
        input and output channels and _WINOGRAD_MIN_WIDTH output columns. 4x fewer multiplies than im2col
        (the benchmark layer: ~17 ms forward+backward against im2col's ~27 ms of GEMMs alone), at the price
        of float32 rounding (~5e-6 of the largest output; oneDNN trains with the same F(4x4, 3x3)).
-    2. Im2colGemm (conv_im2col.py): any geometry. The kernel taps of a tile of output positions become the
-       columns of one GEMM; a bias rides in it as a row of ones.
+    2. WinogradF2x2 (conv_winograd2.py): the 3x3 stride-1 ungrouped convs narrower than _WINOGRAD_MIN_WIDTH,
+       from _WINOGRAD2_MIN_CHANNELS channels (ResNet-18's 512 channels on 4x4 maps): 2.25x fewer multiplies,
+       no junk slots, the whole batch in one chunk.
+    3. Im2colGemm (conv_im2col.py): any geometry. The kernel taps of a tile of output positions become the
+       columns of one GEMM; a bias rides in it as a row of ones; a weight larger than the tile budget gets
+       tiles of up to twice its bytes, so that it streams once.
 The tunables below stay module constants (tests patch them); SETTINGS hands them to the algorithms live.
 """
 
