@@ -207,7 +207,7 @@ def _truncate(path):
 
 
 CORRUPTIONS = {
-    "flipped byte": (lambda d: _flip_byte(d / "step-00000002" / "model.mpnn"), "model.mpnn has SHA-256"),
+    "flipped byte": (lambda d: _flip_byte(d / "step-00000002" / "model.safetensors"), "model.safetensors has SHA-256"),
     "truncated": (lambda d: _truncate(d / "step-00000002" / "optimizer.mpnn"), "optimizer.mpnn is .* bytes"),
     "no manifest": (lambda d: (d / "step-00000002" / "manifest.json").unlink(), "no manifest.json"),
     "edited manifest": (lambda d: _flip_byte(d / "step-00000002" / "manifest.json"), "manifest.json"),
@@ -234,7 +234,7 @@ def test_a_leftover_temporary_directory_is_never_read_and_goes_at_the_next_save(
     model, ckpt = _stamped(tmp_path, [1, 2])
     leftover = tmp_path / layout.writing_name(3)
     leftover.mkdir()
-    (leftover / "model.mpnn").write_bytes(b"half a file")
+    (leftover / "model.safetensors").write_bytes(b"half a file")
     capsys.readouterr()
     assert ckpt.restore().step == 2 and (model.weight.data == 2).all()
     lines = capsys.readouterr().err.splitlines()
@@ -245,12 +245,12 @@ def test_a_leftover_temporary_directory_is_never_read_and_goes_at_the_next_save(
 
 def test_resume_from_a_place_without_a_valid_checkpoint_fails_naming_it(tmp_path, monkeypatch):
     _, ckpt = _stamped(tmp_path / "run" / "checkpoints", [5])
-    _flip_byte(tmp_path / "run" / "checkpoints" / "step-00000005" / "model.mpnn")
+    _flip_byte(tmp_path / "run" / "checkpoints" / "step-00000005" / "model.safetensors")
     monkeypatch.setenv("MPNN_RESUME_FROM", str(tmp_path / "run"))
     with pytest.raises(
         ResumeError,
         match=r"no valid checkpoint in .*run/checkpoints to resume from "
-        r"\(step-00000005: model.mpnn has SHA-256",
+        r"\(step-00000005: model.safetensors has SHA-256",
     ):
         ckpt.restore()
     (tmp_path / "empty").mkdir()

@@ -24,9 +24,13 @@ from mpnn import telemetry
 from mpnn.checkpoint import layout, settings
 from mpnn.checkpoint.layout import InvalidCheckpoint
 from mpnn.checkpoint.state import load_rank_state, rank_state, unwrap
+from mpnn.checkpoint.weights import load_safetensors, save_safetensors
 from mpnn.core.serialize import load, save
 
-MODEL, OPTIMIZER, SCHEDULER = "model.mpnn", "optimizer.mpnn", "scheduler.mpnn"
+# The model's weights are safetensors (any tool reads them); the optimizer, schedule and each rank's own state
+# (RNG streams, data position, codec residuals) keep mpnn's checksummed format (mpnn/core/serialize.py).
+MODEL, OPTIMIZER, SCHEDULER = "model.safetensors", "optimizer.mpnn", "scheduler.mpnn"
+OLD_MODEL = "model.mpnn"  # checkpoints written before the weights moved to safetensors: still resumed
 
 
 class ResumeError(RuntimeError):
@@ -131,7 +135,10 @@ class Checkpointer:
         """This rank's file, and on rank 0 the shared ones, written into the temporary directory."""
         comm = self.comm
         if comm.rank == 0:
-            save(self.module.state_dict(), temporary / MODEL, notify=False)
+            if weights_format() == MODEL:
+                save_safetensors(self.module.state_dict(), temporary / MODEL)
+            else:
+                save(self.module.state_dict(), temporary / OLD_MODEL, notify=False)
             save(self.optimizer.state_dict(), temporary / OPTIMIZER, notify=False)
             if self.scheduler is not None:
                 save(self.scheduler.state_dict(), temporary / SCHEDULER, notify=False)
@@ -214,7 +221,8 @@ class Checkpointer:
                 )
             if path.name != layout.step_name(manifest["step"]):
                 raise InvalidCheckpoint(f"its manifest says step {manifest['step']}")
-            names = [MODEL, OPTIMIZER, layout.rank_file(rank)] + ([SCHEDULER] if self.scheduler is not None else [])
+            names = [model_file(manifest), OPTIMIZER, layout.rank_file(rank)]
+            names += [SCHEDULER] if self.scheduler is not None else []
             layout.verify_files(path, manifest, names)
             return "ok", digest
         except InvalidCheckpoint as why:
@@ -225,7 +233,9 @@ class Checkpointer:
         comm = self.comm
         own, failure = None, None
         try:
-            self.module.load_state_dict(load(path / MODEL))
+            manifest, _ = layout.read_manifest(path)
+            weights = model_file(manifest)
+            self.module.load_state_dict(load_safetensors(path / weights) if weights == MODEL else load(path / weights))
             self.optimizer.load_state_dict(load(path / OPTIMIZER))
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(load(path / SCHEDULER))
@@ -249,6 +259,33 @@ class Checkpointer:
         if self._comm is None:
             self._comm = _default_comm()
         return self._comm
+
+
+_warned_no_safetensors = False
+
+
+def weights_format() -> str:
+    """The file a save writes the model into: model.safetensors, or model.mpnn (with one warning per process)
+    where the safetensors package is not installed, so checkpoints never need an extra."""
+    global _warned_no_safetensors
+    try:
+        import safetensors.numpy  # noqa: F401
+    except ImportError:
+        if not _warned_no_safetensors:
+            _warned_no_safetensors = True
+            _warn(
+                "the safetensors package is not installed: model weights go into model.mpnn "
+                "(pip install 'mpnn[safetensors]' for model.safetensors, which other tools read)"
+            )
+        return OLD_MODEL
+    return MODEL
+
+
+def model_file(manifest: dict) -> str:
+    """The model's file in a checkpoint: model.safetensors, or model.mpnn in a checkpoint written before the
+    model's weights moved to safetensors (such checkpoints still resume, through mpnn.load)."""
+    listed = manifest["files"]
+    return OLD_MODEL if OLD_MODEL in listed and MODEL not in listed else MODEL
 
 
 def _default_comm():

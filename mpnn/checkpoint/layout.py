@@ -1,7 +1,7 @@
 """Checkpoints on disk: one directory step-<8-digit step>/ per checkpoint, made whole under a temporary name and
 renamed into place, with manifest.json (written last) listing each file's size and SHA-256.
 
-    <run_dir>/checkpoints/step-00000040/  model.mpnn optimizer.mpnn [scheduler.mpnn] rank-<r>.mpnn manifest.json
+    <run_dir>/checkpoints/step-00000040/  model.safetensors optimizer.mpnn [scheduler.mpnn] rank-<r>.mpnn manifest.json
     <run_dir>/checkpoints/.tmp-step-00000060/    a save in progress (or interrupted): never read, removed next save
 
 A rename is atomic, so a directory named step-* is always complete; old checkpoints are renamed to .tmp-old-*
