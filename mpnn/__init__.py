@@ -95,6 +95,8 @@ from mpnn.core.serialize import load, save
 from mpnn import data, launch, nn, optim, telemetry  # noqa: E402  (subpackages after the engine they build on)
 from mpnn.parallel import DataParallel  # noqa: E402
 from mpnn.checkpoint import Checkpointer  # noqa: E402
+from mpnn.checkpoint.weights import load_safetensors, save_safetensors  # noqa: E402
+from mpnn import onnx  # noqa: E402  (mpnn.onnx.export; the onnx package itself loads only when it is called)
 from mpnn.runtime import get_comm, init  # noqa: E402
 
 clamp = clip

@@ -41,8 +41,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("plugins",),
     # 6. DataParallel (nn modules, comm, codecs, telemetry); the process runtime behind mpnn.init()/get_comm().
     ("parallel", "runtime"),
-    # 7. Checkpoints of a DataParallel run.
-    ("checkpoint",),
+    # 7. Checkpoints of a DataParallel run (model weights in safetensors); ONNX export of nn models (traces a forward).
+    ("checkpoint", "onnx"),
     # 8. The launcher: spawns, pins and watches workers, warms every layer's kernels, resumes from checkpoints.
     ("launch",),
     # 9-11. Commands on top of the launcher.
