@@ -1,9 +1,12 @@
 """Numba kernels of fused scaled-dot-product attention (mpnn.core.attention): FlashAttention-2 style forward
 and backward over blocks of queries and keys, every block product one BLAS GEMM.
 
-Arrays: q (Nq, L, E), k (Nk, S, E), v (Nv, S, Ev), all C-contiguous and of one float dtype; problem n of the
-N = prod(batch) problems reads q[qi[n]], k[ki[n]], v[vi[n]] and mask slab mi[n], so broadcast batch dims
-and grouped-query heads cost no copies (backward adds their gradients into the shared slab). The mask is
+Inputs: q, k, v (and dO in backward) are flat arrays of one float dtype, each read where it lies: problem n of
+the N = prod(batch) problems reads its (L, E) query matrix at qf[qo[n]:] with row stride ldq (unit column
+stride), likewise k, v and dO. So strided views (the q, k, v of a GPT's split qkv projection, the transposed
+gradient of the output) and broadcast batch dims or grouped-query heads cost no copies. Outputs are
+C-contiguous: out (N, L, Ev); gradient slabs dq[qi[n]], dk[ki[n]], dv[vi[n]] (backward adds the gradients of
+shared slabs into them). The mask slab of problem n is mi[n]. The mask is
 mode 0 (none), 1 (bool bmask (Nm, Lm, S), True = take part) or 2 (additive amask (Nm, Lm, S)), with Lm 1
 (one row for every query) or L. Causal is top-left aligned (query i sees keys j <= i), as torch's.
 
@@ -341,12 +344,17 @@ def _mask_block(mode, lm, bf, af, mslab, s_, i0, rows, j0, w, tb, ta):
 
 @njit(cache=True, fastmath=_FM)
 def attention_forward(
-    q,
-    k,
-    v,
-    qi,
-    ki,
-    vi,
+    qf,
+    qo_,
+    ldq,
+    kf,
+    ko_,
+    ldk,
+    vf,
+    vo_,
+    ldv,
+    s_,
+    e_,
     mode,
     bmask,
     amask,
@@ -376,16 +384,15 @@ def attention_forward(
     mnew, lsum and alpha (br), ab (2), all but tb of q's dtype. Each output block accumulates its P V in place.
     """
     n_, l_, ev = out.shape
-    s_, e_ = k.shape[1], k.shape[2]
     lm = bmask.shape[1] if mode == 1 else amask.shape[1]
     bf, af = bmask.reshape(-1), amask.reshape(-1)
-    qf, kf, vf, of = q.reshape(-1), k.reshape(-1), v.reshape(-1), out.reshape(-1)
+    of = out.reshape(-1)
     bad = 0
     for n in range(n_):
-        ko = ki[n] * s_ * e_
-        vo = vi[n] * s_ * ev
+        ko = ko_[n]
+        vo = vo_[n]
         mslab = mi[n] * lm
-        transpose(qf, qi[n] * l_ * e_, e_, l_, e_, qt)  # Q^T (E x L)
+        transpose(qf, qo_[n], ldq, l_, e_, qt)  # Q^T (E x L)
         for i0 in range(0, l_, br):
             i1 = min(i0 + br, l_)
             rows = i1 - i0
@@ -400,7 +407,7 @@ def attention_forward(
             for j0 in range(0, kend, bc):
                 w = min(j0 + bc, kend) - j0
                 # st = scale * K_b Q_b^T (w x rows)
-                gemm(_N, _N, w, rows, e_, scale, kf, ko + j0 * e_, e_, qt, i0, l_, 0.0, sbuf, 0, rows, ab)
+                gemm(_N, _N, w, rows, e_, scale, kf, ko + j0 * ldk, ldk, qt, i0, l_, 0.0, sbuf, 0, rows, ab)
                 _mask_block(mode, lm, bf, af, mslab, s_, i0, rows, j0, w, tb, ta)
                 mo = mslab * s_ + j0
                 for r in range(rows):
@@ -433,8 +440,8 @@ def attention_forward(
                     0,
                     rows,
                     vf,
-                    vo + j0 * ev,
-                    ev,
+                    vo + j0 * ldv,
+                    ldv,
                     1.0 if j0 > 0 else 0.0,
                     of,
                     oo,
@@ -452,12 +459,22 @@ def attention_forward(
 
 @njit(cache=True, fastmath=_FM)
 def attention_backward(
-    q,
-    k,
-    v,
+    qf,
+    qo_,
+    ldq,
+    kf,
+    ko_,
+    ldk,
+    vf,
+    vo_,
+    ldv,
+    dof,
+    doo_,
+    lddo,
     o,
-    do,
     lse,
+    s_,
+    e_,
     qi,
     ki,
     vi,
@@ -494,20 +511,20 @@ def attention_backward(
     else any), acc (bq), ab (2).
     """
     n_, l_, ev = o.shape
-    s_, e_ = k.shape[1], k.shape[2]
     lm = bmask.shape[1] if mode == 1 else amask.shape[1]
     bf, af = bmask.reshape(-1), amask.reshape(-1)
-    qf, kf, vf, of, dof = q.reshape(-1), k.reshape(-1), v.reshape(-1), o.reshape(-1), do.reshape(-1)
+    of = o.reshape(-1)
     dqf, dkf, dvf = dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)
     for n in range(n_):
-        qo, ko, vo, oo = qi[n] * l_ * e_, ki[n] * s_ * e_, vi[n] * s_ * ev, n * l_ * ev
+        qo, ko, vo, doo, oo = qo_[n], ko_[n], vo_[n], doo_[n], n * l_ * ev  # inputs: offsets, row strides ld*
+        dqo, dko, dvo = qi[n] * l_ * e_, ki[n] * s_ * e_, vi[n] * s_ * ev  # gradient slabs: contiguous
         mslab = mi[n] * lm
-        transpose(qf, qo, e_, l_, e_, qt)  # Q^T (E x L)
-        transpose(dof, oo, ev, l_, ev, dot)  # dO^T (Ev x L)
+        transpose(qf, qo, ldq, l_, e_, qt)  # Q^T (E x L)
+        transpose(dof, doo, lddo, l_, ev, dot)  # dO^T (Ev x L)
         for i in range(l_):
             t = _F32_ZERO
             for c in range(ev):
-                t += of[uint64(oo + i * ev + c)] * dof[uint64(oo + i * ev + c)]
+                t += of[uint64(oo + i * ev + c)] * dof[uint64(doo + i * lddo + c)]
             dsc[i] = t * scale  # D_i * scale
             # P = exp(x - lse); a query no key may attend has lse -inf: shift +inf makes its P 0
             shift[i] = lse[n, i] if lse[n, i] != _NEG_INF else np.inf
@@ -516,25 +533,27 @@ def attention_backward(
             qs = min(j0, l_) if causal else 0  # causal: queries before key j0 see none of these keys
             if fresh and qs == l_:  # keys no query sees: zero gradient
                 for t in range(w * e_):
-                    dkf[uint64(ko + j0 * e_ + t)] = 0.0
+                    dkf[uint64(dko + j0 * e_ + t)] = 0.0
                 for t in range(w * ev):
-                    dvf[uint64(vo + j0 * ev + t)] = 0.0
+                    dvf[uint64(dvo + j0 * ev + t)] = 0.0
             for a in range(qs, l_, bq):
                 rr = min(a + bq, l_) - a
                 first_kv = 0.0 if fresh and a == qs else 1.0  # beta: overwrite a fresh slab's first product
                 first_q = 0.0 if fresh and j0 == 0 else 1.0
                 # P^T = exp(scale * K_b Q_a^T + mask - lse) (w x rr)
-                gemm(_N, _N, w, rr, e_, scale, kf, ko + j0 * e_, e_, qt, a, l_, 0.0, pbuf, 0, rr, ab)
+                gemm(_N, _N, w, rr, e_, scale, kf, ko + j0 * ldk, ldk, qt, a, l_, 0.0, pbuf, 0, rr, ab)
                 _mask_block(mode, lm, bf, af, mslab, s_, a, rr, j0, w, tb, ta)
                 block_exp(pbuf, w, rr, mode, lm, causal, edge, bf, af, mslab * s_ + j0, tb, ta, a, j0, shift, a, acc, 0)
                 # dV_b += P^T dO_a
-                gemm(_N, _N, w, ev, rr, 1.0, pbuf, 0, rr, dof, oo + a * ev, ev, first_kv, dvf, vo + j0 * ev, ev, ab)
+                gemm(
+                    _N, _N, w, ev, rr, 1.0, pbuf, 0, rr, dof, doo + a * lddo, lddo, first_kv, dvf, dvo + j0 * ev, ev, ab
+                )
                 # dS^T * scale = P^T * (scale * V_b dO_a^T - scale * D), into dpbuf
-                gemm(_N, _N, w, rr, ev, scale, vf, vo + j0 * ev, ev, dot, a, l_, 0.0, dpbuf, 0, rr, ab)
+                gemm(_N, _N, w, rr, ev, scale, vf, vo + j0 * ldv, ldv, dot, a, l_, 0.0, dpbuf, 0, rr, ab)
                 for c in range(w):
                     b = c * rr
                     for r in range(rr):
                         dpbuf[uint64(b + r)] = pbuf[uint64(b + r)] * (dpbuf[uint64(b + r)] - dsc[uint64(a + r)])
                 # dK_b += dS^T Q_a; dQ_a += dS K_b
-                gemm(_N, _N, w, e_, rr, 1.0, dpbuf, 0, rr, qf, qo + a * e_, e_, first_kv, dkf, ko + j0 * e_, e_, ab)
-                gemm(_T, _N, rr, e_, w, 1.0, dpbuf, 0, rr, kf, ko + j0 * e_, e_, first_q, dqf, qo + a * e_, e_, ab)
+                gemm(_N, _N, w, e_, rr, 1.0, dpbuf, 0, rr, qf, qo + a * ldq, ldq, first_kv, dkf, dko + j0 * e_, e_, ab)
+                gemm(_T, _N, rr, e_, w, 1.0, dpbuf, 0, rr, kf, ko + j0 * ldk, ldk, first_q, dqf, dqo + a * e_, e_, ab)
