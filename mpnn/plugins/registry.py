@@ -26,6 +26,7 @@ BUILTINS = {
     "signsgd": "mpnn.plugins.compression.signsgd:SignSGD",
     "watchdog": "mpnn.plugins.watchdog:Watchdog",
     "audit": "mpnn.plugins.audit.plugin:AuditTrail",
+    "tensorboard": "mpnn.plugins.tensorboard:TensorBoard",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
