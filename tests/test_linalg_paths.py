@@ -5,7 +5,7 @@ projection) and a strided output gradient where they lie, and linear's GEMM rout
 import numpy as np
 import pytest
 
-from mpnn.core import Tensor, gradcheck
+from mpnn.core import Tensor, gradcheck, linalg
 from mpnn.core import attention as attention_module
 from mpnn.core.linalg import linear
 from mpnn.nn import functional as F
@@ -103,3 +103,84 @@ def test_attention_float32_gpt_views_match_contiguous():
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, ref_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----- linear's GEMM route (mpnn.core.gemm_kernels) -----------------------------------------------------------
+@pytest.fixture
+def own_gemm(monkeypatch):
+    """Every float32 product through mpnn's own GEMM, however small (and on any CPU: without AVX-512 it is
+    slower, not wrong)."""
+    monkeypatch.setattr(linalg, "_OWN_GEMM", True)
+    monkeypatch.setattr(linalg, "_OWN_GEMM_MIN_FLOPS", 0)
+
+
+def layouts(m, k, n):
+    """(name, a, b) float32 operands of a (m, k) @ (k, n) product in the layouts linear hands over: plain,
+    transposed (a weight's W.T, a gradient's g.T), strided and offset views."""
+    a = randn(m, k, dtype=np.float32)
+    b = randn(k, n, dtype=np.float32)
+    at = np.ascontiguousarray(a.T).T
+    bt = np.ascontiguousarray(b.T).T
+    a_strided = randn(m + 3, 2 * k, dtype=np.float32)[3:, ::2]
+    b_strided = randn(2 * k + 1, n + 5, dtype=np.float32)[1::2, 5:]
+    return [("NN", a, b), ("NT", a, bt), ("TN", at, b), ("TT", at, bt), ("strided", a_strided, b_strided)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 11, 12, 13, 27, 103])
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 31), (64, 32), (33, 33), (300, 65), (513, 103)])
+def test_own_gemm_matches_float64(m, k, n, own_gemm):
+    """Every strip height (12, 8, 4, 2, 1 rows), a last panel narrower than 32, k across several blocks."""
+    for name, a, b in layouts(m, k, n):
+        got = linalg._mm(a, b)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        assert got.dtype == np.float32 and got.shape == (m, n) and got.flags.c_contiguous
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k), err_msg=name)
+
+
+def test_own_gemm_gpt_shapes_equal_numpy(own_gemm):
+    """The GPT's products (768 rows, K = 128): the own kernel and OpenBLAS agree to float32 rounding."""
+    x, w, g = randn(768, 128, dtype=np.float32), randn(384, 128, dtype=np.float32), randn(768, 384, dtype=np.float32)
+    for a, b in ((x, w.T), (g, w), (g.T, x)):
+        np.testing.assert_allclose(linalg._mm(a, b), np.matmul(a, b), rtol=1e-4, atol=1e-4)
+
+
+def test_own_gemm_falls_back_where_it_cannot_read_in_place(own_gemm):
+    a, b = randn(20, 30, dtype=np.float32), randn(30, 40, dtype=np.float32)
+    ro = b.copy()
+    ro.flags.writeable = False
+    assert linalg._flat(ro) is None and linalg._flat(a[::-1]) is None
+    for x, y in ((a, ro), (a[::-1], b), (a, b[:, ::-1])):
+        np.testing.assert_allclose(linalg._mm(x, y), x.astype(np.float64) @ y, rtol=1e-5, atol=1e-4)
+    a64 = a.astype(np.float64)
+    np.testing.assert_array_equal(linalg._mm(a64, a64.T), a64 @ a64.T)  # float64: NumPy, exactly
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_float32_own_gemm_forward_and_gradients(bias, own_gemm):
+    """linear on a 3-D float32 input through the own GEMM (forward, input and weight gradients) against the
+    float64 computation."""
+    x = randn(3, 17, 40, dtype=np.float32)
+    w = randn(70, 40, dtype=np.float32)
+    b = randn(70, dtype=np.float32)
+    g = randn(3, 17, 70, dtype=np.float32)
+    ts = [Tensor(a, requires_grad=True) for a in ((x, w, b) if bias else (x, w))]
+    out = linear(*ts)
+    out.backward(Tensor(g))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+    want = x64 @ w64.T + (b if bias else 0)
+    np.testing.assert_allclose(out.data, want, rtol=1e-5, atol=1e-4)
+    g2 = g64.reshape(-1, 70)
+    np.testing.assert_allclose(ts[0].grad.data, (g2 @ w64).reshape(x.shape), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ts[1].grad.data, g2.T @ x64.reshape(-1, 40), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_gradcheck_float64_takes_numpy_path():
+    """float64 (the gradient checks' dtype) never takes the float32 kernel; the op's gradients stay exact."""
+    x, w, b = (Tensor(randn(*s), requires_grad=True) for s in ((2, 3, 5), (4, 5), (4,)))
+    assert gradcheck(linear, [x, w, b])
+
+
+def test_own_gemm_empty_products(own_gemm):
+    for m, k, n in ((0, 3, 4), (3, 0, 4), (3, 4, 0)):
+        a, b = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
+        np.testing.assert_array_equal(linalg._mm(a, b), np.zeros((m, n), np.float32))

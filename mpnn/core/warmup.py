@@ -17,6 +17,7 @@ def warmup() -> None:
     from mpnn.core.attention import scaled_dot_product_attention
     from mpnn.core.conv import conv1d, conv2d
     from mpnn.core.indexing import embedding
+    from mpnn.core.linalg import linear
     from mpnn.core.normalization import batch_norm, layer_norm
     from mpnn.core.pool import adaptive_avg_pool2d, avg_pool1d, avg_pool2d, max_pool1d, max_pool2d
     from mpnn.core.tensor import Tensor
@@ -46,6 +47,7 @@ def warmup() -> None:
         batch_norm(x2, Tensor(np.zeros(8, np.float32)), Tensor(np.ones(8, np.float32)), leaf(8), leaf(8)),
         embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
         scaled_dot_product_attention(x1, x1, x1, is_causal=True),
+        linear(leaf(2, 64, 64), leaf(64, 64)),  # large enough for the float32 GEMM kernel (mpnn.core.gemm_kernels)
     ]
     loss = outs[0].sum()
     for out in outs[1:]:
