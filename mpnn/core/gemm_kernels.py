@@ -184,12 +184,72 @@ def _strips(af, ao, sar, sak, bp, cf, co, ldc, m, kc, accum):
 
 
 @njit(cache=True)
-def sgemm(af, ao, sar, sak, bf, bo, sbk, sbj, m, n, k, cf, bp, ct, kcb):
+def _packed_set(ap, kc, bp, cf, co, ldc, m):
+    """_strips_set for an A packed by _pack_a: strip s0 (rows s0..s0+11) at ap[s0*kc:], 12 floats per k."""
+    pb = _ptr(bp, 0)
+    full = m - m % 12
+    for s0 in range(0, full, 12):
+        _set12(_ptr(ap, s0 * kc), 1, 12, pb, _ptr(cf, co + s0 * ldc), ldc, kc)
+    i = full
+    if m - i >= 8:
+        _set8(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 8
+    if m - i >= 4:
+        _set4(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 4
+    if m - i >= 2:
+        _set2(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 2
+    if m - i >= 1:
+        _set1(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+
+
+@njit(cache=True)
+def _packed_add(ap, kc, bp, cf, co, ldc, m):
+    """_packed_set's C += A @ panel."""
+    pb = _ptr(bp, 0)
+    full = m - m % 12
+    for s0 in range(0, full, 12):
+        _add12(_ptr(ap, s0 * kc), 1, 12, pb, _ptr(cf, co + s0 * ldc), ldc, kc)
+    i = full
+    if m - i >= 8:
+        _add8(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 8
+    if m - i >= 4:
+        _add4(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 4
+    if m - i >= 2:
+        _add2(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+        i += 2
+    if m - i >= 1:
+        _add1(_ptr(ap, full * kc + i - full), 1, 12, pb, _ptr(cf, co + i * ldc), ldc, kc)
+
+
+@njit(cache=True)
+def _pack_a(af, ao, sar, sak, m, kc, ap):
+    """A's block (m x kc from af[ao]) into strips of 12 rows, k-major within a strip: ap[s0*kc + l*12 + r] =
+    A[s0 + r, l]. For an A read down its columns (the weight gradient's g.T: each k another cache line), so that
+    the micro-kernel streams 48 contiguous bytes per k instead of touching kc lines per strip."""
+    for s0 in range(0, m, 12):
+        rr = min(12, m - s0)
+        for r2 in range(kc):
+            src = ao + s0 * sar + r2 * sak
+            dst = s0 * kc + r2 * 12
+            for r in range(rr):
+                ap[uint64(dst + r)] = af[uint64(src + r * sar)]
+
+
+@njit(cache=True)
+def sgemm(af, ao, sar, sak, bf, bo, sbk, sbj, m, n, k, cf, bp, ct, kcb, ap):
     """cf (m x n, C-contiguous, flat) = A @ B. A is m x k at af[ao + i*sar + l*sak], B is k x n at
-    bf[bo + l*sbk + j*sbj] (element strides, non-negative). Work buffers: bp (KC * NR), ct (m * NR)."""
+    bf[bo + l*sbk + j*sbj] (element strides, non-negative). Work buffers: bp (kcb * NR), ct (m * NR), and ap
+    (12 * ceil(m / 12) * kcb) when A is packed (sak != 1), else any."""
+    pack = sak != 1
     for k0 in range(0, k, kcb):
         kc = min(kcb, k - k0)
         accum = k0 > 0
+        if pack:
+            _pack_a(af, ao + k0 * sak, sar, sak, m, kc, ap)
         for j0 in range(0, n, NR):
             w = min(NR, n - j0)
             base = bo + k0 * sbk + j0 * sbj
@@ -211,13 +271,25 @@ def sgemm(af, ao, sar, sak, bf, bo, sbk, sbj, m, n, k, cf, bp, ct, kcb):
                     for r in range(kc):
                         bp[uint64(r * NR + c)] = 0.0
             if w == NR:
-                _strips(af, ao + k0 * sak, sar, sak, bp, cf, j0, n, m, kc, accum)
+                if pack:
+                    if accum:
+                        _packed_add(ap, kc, bp, cf, j0, n, m)
+                    else:
+                        _packed_set(ap, kc, bp, cf, j0, n, m)
+                else:
+                    _strips(af, ao + k0 * sak, sar, sak, bp, cf, j0, n, m, kc, accum)
             else:  # a last, narrower panel: through the scratch tile
                 if accum:
                     for i in range(m):
                         for c in range(w):
                             ct[i * NR + c] = cf[i * n + j0 + c]
-                _strips(af, ao + k0 * sak, sar, sak, bp, ct, 0, NR, m, kc, accum)
+                if pack:
+                    if accum:
+                        _packed_add(ap, kc, bp, ct, 0, NR, m)
+                    else:
+                        _packed_set(ap, kc, bp, ct, 0, NR, m)
+                else:
+                    _strips(af, ao + k0 * sak, sar, sak, bp, ct, 0, NR, m, kc, accum)
                 for i in range(m):
                     for c in range(w):
                         cf[i * n + j0 + c] = ct[i * NR + c]

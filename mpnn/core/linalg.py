@@ -90,9 +90,9 @@ def _mm(a, b):
                 out.reshape(-1),
                 np.empty(gemm_kernels.KC * gemm_kernels.NR, _F32),
                 np.empty(m * gemm_kernels.NR, _F32),
-                # A read down its columns (g.T of the weight gradient): each k another cache line, so shorter
-                # blocks of k keep A's lines and the panel in L1 (768 x 128 -> 384: 609 us at 128, 641 at 256)
-                gemm_kernels.KC if fa[2] == 1 else gemm_kernels.KC // 2,
+                gemm_kernels.KC,
+                # A read down its columns (g.T of the weight gradient) is packed into 12-row strips per block of k
+                np.empty(12 * (-(-m // 12)) * gemm_kernels.KC if fa[2] != 1 else 1, _F32),
             )
             return out
     return a @ b
