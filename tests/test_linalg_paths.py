@@ -184,3 +184,19 @@ def test_own_gemm_empty_products(own_gemm):
     for m, k, n in ((0, 3, 4), (3, 0, 4), (3, 4, 0)):
         a, b = np.ones((m, k), np.float32), np.ones((k, n), np.float32)
         np.testing.assert_array_equal(linalg._mm(a, b), np.zeros((m, n), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 4), (3, 9, 4), (9, 4), (2, 1, 5, 4)])
+def test_attention_output_lies_as_torch_lays_it_out(shape):
+    """A (..., H, L, Ev) result is a view of a (..., L, H, Ev) array, so transpose(-2, -3) is contiguous (the
+    GPT's ``y.transpose(1, 2).contiguous()`` copies nothing), with the same values as contiguous inputs give."""
+    q, k, v = randn(*shape), randn(*shape), randn(*shape)
+    out = F.scaled_dot_product_attention(Tensor(q), Tensor(k), Tensor(v), is_causal=True)
+    if len(shape) > 2:
+        assert out.transpose(-2, -3).data.flags.c_contiguous
+    else:
+        assert out.data.flags.c_contiguous
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(shape[-1])
+    scores = np.where(np.tril(np.ones(scores.shape[-2:], bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(out.data, (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-12, atol=1e-12)

@@ -127,7 +127,8 @@ def scaled_dot_product_attention(
     sc = dtype.type(scale)
     causal = bool(is_causal)
     br, bc = _block(_FWD_Q, L), _block(_FWD_K, S)
-    out = np.empty((n, L, Ev), dtype)
+    out, oo, ldo = _output(batch, L, Ev, dtype)
+    of = out.reshape(-1)
     lse = np.empty((n, L), dtype)
     if n and L:
         blk = br * bc if per_query_mask else 1
@@ -143,6 +144,9 @@ def scaled_dot_product_attention(
             ldv,
             S,
             E,
+            oo,
+            ldo,
+            Ev,
             mode,
             bmask,
             amask,
@@ -158,7 +162,7 @@ def scaled_dot_product_attention(
             np.empty(blk, dtype),
             *_vectors(4, br, dtype),
             np.empty(2, dtype),
-            out,
+            of,
             lse,
         )
         if bad:  # NaN or inf among the scores: the composition propagates them as torch does
@@ -191,7 +195,10 @@ def scaled_dot_product_attention(
                 gf,
                 go,
                 ldg,
-                out,
+                of,
+                oo,
+                ldo,
+                Ev,
                 lse,
                 S,
                 E,
@@ -228,13 +235,26 @@ def scaled_dot_product_attention(
         )
 
     saved = (q, k, v) + ((mask_t,) if mask_t is not None else ()) + (OUTPUT,)
-    return make_result(out.reshape(batch + (L, Ev)), (q, k, v), backward, _OP, saved=saved)
+    return make_result(out.swapaxes(-2, -3) if out.ndim > 2 else out, (q, k, v), backward, _OP, saved=saved)
 
 
 def _kernel_array(a):
     """``a`` itself if C-contiguous and writeable, else a copy that is: the kernels see one array type (a
     read-only or strided array would compile another specialization, seconds, at its first use)."""
     return np.require(a, requirements=("C", "W"))
+
+
+def _output(batch, L, Ev, dtype):
+    """The output's buffer, each problem's offset in it and its row stride. As torch's CPU kernel, heads lie
+    inside rows: a (B, H, L, Ev) result is a view of a (B, L, H, Ev) array, so the transformer's
+    ``y.transpose(1, 2).contiguous()`` before its output projection is free (a 0.4 MB copy a layer otherwise,
+    26 us against torch's 3.4). With no batch dims the buffer is plain (L, Ev)."""
+    if not batch:
+        return np.empty((L, Ev), dtype), np.zeros(1, np.int64), Ev
+    h = batch[-1]
+    out = np.empty(batch[:-1] + (L, h, Ev), dtype)
+    outer = np.arange(math.prod(batch[:-1]), dtype=np.int64)[:, None] * (L * h * Ev)
+    return out, (outer + np.arange(h, dtype=np.int64) * Ev).reshape(-1), h * Ev
 
 
 def _operand(a, index):

@@ -4,8 +4,9 @@ and backward over blocks of queries and keys, every block product one BLAS GEMM.
 Inputs: q, k, v (and dO in backward) are flat arrays of one float dtype, each read where it lies: problem n of
 the N = prod(batch) problems reads its (L, E) query matrix at qf[qo[n]:] with row stride ldq (unit column
 stride), likewise k, v and dO. So strided views (the q, k, v of a GPT's split qkv projection, the transposed
-gradient of the output) and broadcast batch dims or grouped-query heads cost no copies. Outputs are
-C-contiguous: out (N, L, Ev); gradient slabs dq[qi[n]], dk[ki[n]], dv[vi[n]] (backward adds the gradients of
+gradient of the output) and broadcast batch dims or grouped-query heads cost no copies. The output is flat too:
+problem n's (L, Ev) block at out[oo[n]:], row stride ldo (mpnn.core.attention lays it out as torch does, heads
+inside rows). Gradient slabs are C-contiguous: dq[qi[n]], dk[ki[n]], dv[vi[n]] (backward adds the gradients of
 shared slabs into them). The mask slab of problem n is mi[n]. The mask is
 mode 0 (none), 1 (bool bmask (Nm, Lm, S), True = take part) or 2 (additive amask (Nm, Lm, S)), with Lm 1
 (one row for every query) or L. Causal is top-left aligned (query i sees keys j <= i), as torch's.
@@ -355,6 +356,9 @@ def attention_forward(
     ldv,
     s_,
     e_,
+    oo_,
+    ldo,
+    ev,
     mode,
     bmask,
     amask,
@@ -376,17 +380,18 @@ def attention_forward(
     out,
     lse,
 ):
-    """out[n] = softmax(q k^T * scale + mask) v and lse[n] = its per-query log-sum-exp, n < out.shape[0];
+    """out (problem n at out[oo_[n]:], row stride ldo) = softmax(q k^T * scale + mask) v and lse[n] = its per-query
+    log-sum-exp, n < lse.shape[0];
     returns the number of scores that were NaN or infinite (then out is not to be trusted: see block_max).
 
     edge: 2*emax (emax >= br) entries, emax times -inf then emax zeros (see block_max). Work buffers: qt
     (E*L), sbuf (bc*br), tb (bool) and ta (bc*br with a per-query mask, else any), m,
     mnew, lsum and alpha (br), ab (2), all but tb of q's dtype. Each output block accumulates its P V in place.
     """
-    n_, l_, ev = out.shape
+    n_, l_ = lse.shape
     lm = bmask.shape[1] if mode == 1 else amask.shape[1]
     bf, af = bmask.reshape(-1), amask.reshape(-1)
-    of = out.reshape(-1)
+    of = out
     bad = 0
     for n in range(n_):
         ko = ko_[n]
@@ -396,14 +401,15 @@ def attention_forward(
         for i0 in range(0, l_, br):
             i1 = min(i0 + br, l_)
             rows = i1 - i0
-            oo = (n * l_ + i0) * ev  # the output block (rows x Ev)
+            oo = oo_[n] + i0 * ldo  # the output block (rows x Ev, row stride ldo)
             kend = min(s_, i1) if causal else s_  # causal: query i sees keys j <= i; later blocks skipped
             for r in range(rows):
                 m[r] = _NEG_INF
                 lsum[r] = 0.0
             if kend == 0:
-                for t in range(rows * ev):
-                    of[uint64(oo + t)] = 0.0
+                for r in range(rows):
+                    for c in range(ev):
+                        of[uint64(oo + r * ldo + c)] = 0.0
             for j0 in range(0, kend, bc):
                 w = min(j0 + bc, kend) - j0
                 # st = scale * K_b Q_b^T (w x rows)
@@ -427,7 +433,7 @@ def attention_forward(
                     for r in range(rows):
                         a = alpha[r]
                         for c in range(ev):
-                            of[uint64(oo + r * ev + c)] *= a
+                            of[uint64(oo + r * ldo + c)] *= a
                 # O_b (+)= P V_b, P = st^T (rows x w)
                 gemm(
                     _T,
@@ -445,14 +451,14 @@ def attention_forward(
                     1.0 if j0 > 0 else 0.0,
                     of,
                     oo,
-                    ev,
+                    ldo,
                     ab,
                 )
             for r in range(rows):
                 lr = lsum[r]
                 inv = 1.0 / lr if lr > 0.0 else 0.0
                 for c in range(ev):
-                    of[uint64(oo + r * ev + c)] *= inv
+                    of[uint64(oo + r * ldo + c)] *= inv
                 lse[n, i0 + r] = m[r] + math.log(lr) if lr > 0.0 else _NEG_INF
     return bad
 
@@ -471,7 +477,10 @@ def attention_backward(
     dof,
     doo_,
     lddo,
-    o,
+    of,
+    oo_,
+    ldo,
+    ev,
     lse,
     s_,
     e_,
@@ -510,13 +519,12 @@ def attention_backward(
     qt (E*L), dot (Ev*L), dsc and shift (L), pbuf and dpbuf (bk*bq), tb and ta (bk*bq with a per-query mask,
     else any), acc (bq), ab (2).
     """
-    n_, l_, ev = o.shape
+    n_, l_ = lse.shape
     lm = bmask.shape[1] if mode == 1 else amask.shape[1]
     bf, af = bmask.reshape(-1), amask.reshape(-1)
-    of = o.reshape(-1)
     dqf, dkf, dvf = dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)
     for n in range(n_):
-        qo, ko, vo, doo, oo = qo_[n], ko_[n], vo_[n], doo_[n], n * l_ * ev  # inputs: offsets, row strides ld*
+        qo, ko, vo, doo, oo = qo_[n], ko_[n], vo_[n], doo_[n], oo_[n]  # inputs and output: offsets, row strides ld*
         dqo, dko, dvo = qi[n] * l_ * e_, ki[n] * s_ * e_, vi[n] * s_ * ev  # gradient slabs: contiguous
         mslab = mi[n] * lm
         transpose(qf, qo, ldq, l_, e_, qt)  # Q^T (E x L)
@@ -524,7 +532,7 @@ def attention_backward(
         for i in range(l_):
             t = _F32_ZERO
             for c in range(ev):
-                t += of[uint64(oo + i * ev + c)] * dof[uint64(doo + i * lddo + c)]
+                t += of[uint64(oo + i * ldo + c)] * dof[uint64(doo + i * lddo + c)]
             dsc[i] = t * scale  # D_i * scale
             # P = exp(x - lse); a query no key may attend has lse -inf: shift +inf makes its P 0
             shift[i] = lse[n, i] if lse[n, i] != _NEG_INF else np.inf
