@@ -170,19 +170,24 @@ def libraries():
 
 
 def speed(libs, tokens, vocab, steps, repeats, warmup):
+    """Median tokens/s per library over the timed blocks, by wall time and by this thread's CPU time (which
+    leaves out the time the thread waited for a core: the steadier figure on a shared, loaded machine)."""
     x, y = batches(tokens, steps * repeats + warmup, seed=1)
     rates = {name: [] for name in libs}
+    cpu_rates = {name: [] for name in libs}
     trainers = {name: Trainer(lib, vocab, seed=0, total_steps=10_000) for name, lib in libs.items()}
     for tr in trainers.values():
         for i in range(warmup):
             tr.step(x[i], y[i])
     for r in range(repeats):  # interleave the libraries so that machine load hits both alike
         for name, tr in trainers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for i in range(warmup + r * steps, warmup + (r + 1) * steps):
                 tr.step(x[i], y[i])
+            cpu_rates[name].append(steps * x.shape[1] * x.shape[2] / (time.thread_time() - c0))
             rates[name].append(steps * x.shape[1] * x.shape[2] / (time.perf_counter() - t0))
-    return {name: statistics.median(v) for name, v in rates.items()}, rates
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    return med, rates, {name: statistics.median(v) for name, v in cpu_rates.items()}
 
 
 def full_run(libs, tokens, vocab, steps, eval_iters):
@@ -213,11 +218,17 @@ def main():
     args = p.parse_args()
     tokens, vocab = load_tokens(args.text)
     libs = libraries()
-    med, rates = speed(libs, tokens, vocab, args.steps, args.repeats, args.warmup)
+    med, rates, cpu = speed(libs, tokens, vocab, args.steps, args.repeats, args.warmup)
     print(f"tokens/s (median of {args.repeats} blocks of {args.steps} steps, batch 12 x 64, one thread):")
     for name in libs:
-        print(f"  {name:6s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}")
-    print(f"  ratio mpnn/torch {med['mpnn'] / med['torch']:.2f}x")
+        print(
+            f"  {name:6s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}   "
+            f"per CPU second: {cpu[name]:,.0f}"
+        )
+    print(
+        f"  ratio mpnn/torch {med['mpnn'] / med['torch']:.3f}x (wall), {cpu['mpnn'] / cpu['torch']:.3f}x (thread CPU "
+        f"time); load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     if args.full:
         out = full_run(libs, tokens, vocab, args.full_steps, args.eval_iters)
         print(
