@@ -7,7 +7,8 @@ every column alike), in microseconds of this thread's CPU time (steadier than wa
 
 - layers: F.linear forward, and forward+backward minus forward, on nanoGPT's CPU recipe's shapes (batch 12 x
   block 64 = 768 rows, embedding 128): qkv 128->384, attention proj 128->128, MLP up 128->512, down 512->128,
-  lm head 128->65, no bias. torch/mpnn above 1 means mpnn is faster.
+  lm head 128->103, no bias; mpnn also through NumPy's OpenBLAS (its route before mpnn.core.gemm_kernels).
+  torch/mpnn above 1 means mpnn is faster.
 - routes (--routes): each of a layer's three GEMMs (forward x @ W^T, input gradient g @ W, weight gradient
   g^T @ x) through np.matmul, np.matmul(out=), scipy.linalg.blas.sgemm (with its transpose flags and the
   operands' memory read as Fortran order: no copies), Numba's np.dot, mpnn's own float32 GEMM
@@ -28,11 +29,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import side_by_side  # noqa: E402
 
 ROWS = 12 * 64
-LAYERS = {"qkv": (128, 384), "proj": (128, 128), "up": (128, 512), "down": (512, 128), "head": (128, 65)}
+# head: 128 -> 103, the vocabulary of benchmarks/gpt.py's default text (Python's pydoc topics; Shakespeare has 65)
+LAYERS = {"qkv": (128, 384), "proj": (128, 128), "up": (128, 512), "down": (512, 128), "head": (128, 103)}
 
 
 def layer_row(torch, mpnn, F, k, n, reps, rng):
-    """(mpnn forward, torch forward, mpnn backward, torch backward) microseconds of one Linear(k, n)."""
+    """Microseconds of one Linear(k, n): forward for mpnn (its own GEMM), mpnn through NumPy's OpenBLAS (what
+    linear ran before mpnn.core.gemm_kernels) and torch, then backward for the same three."""
+    from mpnn.core import linalg
+
     x = rng.standard_normal((12, 64, k)).astype(np.float32)
     w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
     g = rng.standard_normal((12, 64, n)).astype(np.float32)
@@ -50,12 +55,25 @@ def layer_row(torch, mpnn, F, k, n, reps, rng):
         mx.grad = mw.grad = None
         F.linear(mx, mw).backward(mg)
 
+    def blas(fn):
+        def run():
+            linalg._OWN_GEMM = False
+            try:
+                fn()
+            finally:
+                linalg._OWN_GEMM = own
+
+        return run
+
+    own = linalg._OWN_GEMM
+
     def t_both():
         tx.grad = tw.grad = None
         torch.nn.functional.linear(tx, tw).backward(tg)
 
-    mf, tf, mb, tb = (cpu for _, cpu in side_by_side([m_fwd, t_fwd, m_both, t_both], reps))
-    return np.array([mf, tf, mb - mf, tb - tf]) * 1e6
+    fns = [m_fwd, blas(m_fwd), t_fwd, m_both, blas(m_both), t_both]
+    mf, nf, tf, mb, nb, tb = (cpu for _, cpu in side_by_side(fns, reps))
+    return np.array([mf, nf, tf, mb - mf, nb - nf, tb - tf]) * 1e6
 
 
 def layer_table(reps):
@@ -64,20 +82,22 @@ def layer_table(reps):
     import mpnn
     from mpnn.nn import functional as F
 
-    head = ("layer", "mpnn fwd", "torch fwd", "ratio", "mpnn bwd", "torch bwd", "ratio")
+    head = ("layer", "mpnn fwd", "(blas)", "torch fwd", "ratio", "mpnn bwd", "(blas)", "torch bwd", "ratio")
     print(f"{head[0]:6s} " + " ".join(f"{h:>9s}" for h in head[1:]))
     rng = np.random.default_rng(0)
-    total = np.zeros(4)
+    total = np.zeros(6)
     for name, (k, n) in LAYERS.items():
         row = layer_row(torch, mpnn, F, k, n, reps, rng)
         total += row * (1 if name == "head" else 4)
-        print(
-            f"{name:6s} {row[0]:9.1f} {row[1]:9.1f} {row[1] / row[0]:9.2f} {row[2]:9.1f} {row[3]:9.1f} "
-            f"{row[3] / row[2]:9.2f}"
-        )
-    print(
-        f"{'step':6s} {total[0]:9.1f} {total[1]:9.1f} {total[1] / total[0]:9.2f} {total[2]:9.1f} {total[3]:9.1f} "
-        f"{total[3] / total[2]:9.2f}   (a GPT step: qkv/proj/up/down 4x each, head once)"
+        print(_layer_line(name, row))
+    print(_layer_line("step", total) + "   (a GPT step: qkv/proj/up/down 4x each, head once)")
+    print("ratio: torch / mpnn (above 1: mpnn faster); (blas): mpnn with NumPy's OpenBLAS instead of its own GEMM")
+
+
+def _layer_line(name, r):
+    return (
+        f"{name:6s} {r[0]:9.1f} {r[1]:9.1f} {r[2]:9.1f} {r[2] / r[0]:9.2f} {r[3]:9.1f} {r[4]:9.1f} {r[5]:9.1f} "
+        f"{r[5] / r[3]:9.2f}"
     )
 
 
