@@ -6,8 +6,8 @@ read the files the launcher just wrote. One cache dir per worker was the alterna
 worker compiles cold on every run and the cache is never shared.
 
 The warm-up spans layers, so it lives here, at the top of the stack: mpnn.core.warmup() compiles the engine's
-kernels (core imports nothing above it); this module then steps each optimizer (their fused update kernels) and
-calls the communicator's fence.
+kernels (core imports nothing above it); this module then steps each optimizer (their fused update kernels), runs
+the data layer's image transforms and calls the communicator's fence.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import numpy as np
 
 def warm_numba_cache() -> bool:
     """Compile every layer's kernels: mpnn.core.warmup() (when the engine provides it), the optimizers' updates,
-    the communicator's fence; True if it ran. A failure is only a warning: the workers then compile for
-    themselves."""
+    the data transforms, the communicator's fence; True if it ran. A failure is only a warning: the workers then
+    compile for themselves."""
     try:
         engine = getattr(importlib.import_module("mpnn.core"), "warmup", None)
         if engine is not None:
             engine()
         warm_optimizers()
+        from mpnn.data.transform_kernels import warmup as warm_data_transforms
+
+        warm_data_transforms()  # the fused image transforms (under their own file lock)
         from mpnn.comm.mailbox import memory_fence
 
         memory_fence()  # the communicator's one Numba function
