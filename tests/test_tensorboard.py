@@ -111,3 +111,17 @@ def test_bad_options_stop_the_launch_naming_the_option(tmp_path, spec, needle):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "logged-0.json").exists()
     assert elapsed < 30
+
+
+def test_watchdog_trend_in_the_record_is_written_under_memory(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    from mpnn.plugins.tensorboard import TensorBoard
+
+    board = TensorBoard(every=1)
+    board.writer = SummaryWriter(str(tmp_path))
+    board._write({"step": 3, "rss_bytes": 1 << 20, "watchdog_rss_slope": 4096.0})
+    board.writer.close()
+    scalars = _scalars(tmp_path)
+    assert scalars["memory/rss_slope_bytes_per_step"] == [(3, 4096.0)]
+    assert scalars["memory/rss_bytes"] == [(3, float(1 << 20))]

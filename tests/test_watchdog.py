@@ -88,6 +88,18 @@ def test_one_off_rss_jump_mid_window_raises_no_alarm():
     assert dog._stats["suspicions"] == 0 and dog.leaks == []  # ... but not in the next window
 
 
+def test_step_record_carries_the_newest_window_slope_once_a_window_is_fitted():
+    dog = Watchdog(threshold_bytes_per_step=1 << 30, **SMALL)  # never a suspect: only the figure is under test
+    records = []
+    for step in range(1, 200):
+        record = {"step": step, "rss_bytes": 100_000_000 + 4096 * step}
+        dog.mpnn_step_end(_run(), record)
+        records.append(record)
+    first_check = SMALL["warmup"] + SMALL["window"]
+    assert all("watchdog_rss_slope" not in r for r in records[: first_check - 1])
+    assert [r["watchdog_rss_slope"] for r in records[first_check:]] == pytest.approx([4096.0] * (199 - first_check))
+
+
 def test_growth_no_python_line_explains_is_noted_in_telemetry_but_never_alarmed(tmp_path, capsys):
     rec = Recorder(tmp_path, 0, 1, flush_interval=3600)
     dog = Watchdog(action="abort", **SMALL)

@@ -11,7 +11,8 @@ a watchdog's trend). Its step hook is a pluggy wrapper, so it runs after every o
 sees what they added. Tags:
 
     loss/train, lr, time/step_s, time/{compute,comm,optimizer,data}_s, share/{compute,comm,optimizer,data}
-    (each time over step_s), bytes/{sent,recv}, memory/rss_bytes, codec/{ratio,bytes}, plugins/<key> (any other
+    (each time over step_s), bytes/{sent,recv}, memory/rss_bytes, memory/rss_slope_bytes_per_step (the watchdog's
+    newest trend), codec/{ratio,bytes}, plugins/<key> (any other
     number in the record), and loss/epoch_mean at each epoch's end (its step is the epoch).
 
 Event files go into <run_dir>/tensorboard/rank<r>/ (tensorboardX, pip install 'mpnn[tensorboard]'). Cost: about
@@ -38,6 +39,7 @@ _NAMED = {
     "rss_bytes": "memory/rss_bytes",
     "codec_ratio": "codec/ratio",
     "codec_bytes": "codec/bytes",
+    "watchdog_rss_slope": "memory/rss_slope_bytes_per_step",
 }
 _NOT_FIGURES = {"t", "rank", "step", "epoch", "batch", "spans"}
 

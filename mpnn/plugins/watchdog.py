@@ -212,6 +212,7 @@ class Watchdog:
         self._fit = TrendFit(self._fit_at)
         self._steps = 0
         self._last_rss: int | None = None
+        self._last_slope: float | None = None  # bytes per step of the newest full window's trend
         self._next_check = warmup + window
         self._backoff = 1  # windows to wait after a confirmation: doubles while trends stay unexplained
         self._trending = False  # the last full window trended: one more in a row makes a suspect
@@ -240,6 +241,8 @@ class Watchdog:
         elif self._steps >= self._next_check:
             self._next_check = self._steps + self.interval
             self._check(run)
+        if self._last_slope is not None:  # the newest trend, for the plugins that read the record (tensorboard)
+            record["watchdog_rss_slope"] = self._last_slope
 
     @hookimpl
     def mpnn_run_end(self, run, status):
@@ -274,6 +277,7 @@ class Watchdog:
         if np.isnan(rss).any():
             return
         slope = self._fit.slope(rss)
+        self._last_slope = slope
         self._stats["checks"] += 1
         if slope <= self.trend_threshold(rss[0]):
             self._trending = False
