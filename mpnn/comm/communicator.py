@@ -128,13 +128,26 @@ class Communicator:
 
     @property
     def bytes_sent(self):
-        """Payload bytes this rank has sent so far (for telemetry)."""
-        return self._link.bytes_sent if self._link else 0
+        """Payload bytes this rank has sent so far, over every transport (for telemetry)."""
+        return sum(sent for sent, _ in self.bytes_by_transport.values())
 
     @property
     def bytes_recv(self):
-        """Payload bytes this rank has received so far (for telemetry)."""
-        return self._link.bytes_recv if self._link else 0
+        """Payload bytes this rank has received so far, over every transport (for telemetry)."""
+        return sum(recv for _, recv in self.bytes_by_transport.values())
+
+    @property
+    def bytes_by_transport(self):
+        """{transport: (sent, recv)} payload bytes so far: the ring's sockets ("tcp" or "ipc"), the /dev/shm slots
+        ("shm": bytes other ranks read from this rank's slots, and this rank from theirs) and the mailboxes
+        ("mailbox"). Only "tcp" would cross a network."""
+        counts = {}
+        if self._link is not None:
+            counts[self._link.scheme] = (self._link.bytes_sent, self._link.bytes_recv)
+        for name, source in (("shm", self._slots), ("mailbox", self._mailboxes)):
+            if source is not None:
+                counts[name] = (source.bytes_sent, source.bytes_recv)
+        return counts
 
     # -- collectives -------------------------------------------------------------------------------------
     def allreduce(self, a, op="sum"):

@@ -86,6 +86,7 @@ class Mailboxes:
         self._words = [c[:32].view(np.int64) for c in self._control]
         self._data = [slots.region(r, CONTROL_BYTES, 2 * SMALL_BYTES) for r in range(world_size)]
         self._count = 0  # mailbox all-reduces so far (the same on every rank while they agree)
+        self.bytes_sent = self.bytes_recv = 0  # payload other ranks read from this mailbox / this rank read from theirs
         self._seq, self._call, self._header, self._key = 0, None, b"", None
         self._mark = 0  # the last synchronisation point this rank published
         memory_fence()  # compiled now, not inside the first collective
@@ -125,6 +126,8 @@ class Mailboxes:
         size = flat.nbytes
         mine = self._data[r][start : start + size].view(flat.dtype)
         mine[...] = flat
+        self.bytes_sent += size * (n - 1)  # every other rank reads this mailbox whole ...
+        self.bytes_recv += size * (n - 1)  # ... and this rank reads theirs
         self.sync()
         views = [self._data[k][start : start + size].view(flat.dtype) for k in range(n)]
         total = views[0].astype(accumulate, copy=True)

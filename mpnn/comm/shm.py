@@ -43,6 +43,7 @@ class SharedSlots:
         finally:
             os.close(fd)
         self.counter = 0  # blocks done so far: block k uses slot k % 2
+        self.bytes_sent = self.bytes_recv = 0  # payload other ranks read from this rank's slots / it read from theirs
 
     def attach(self, paths):
         """Map every other rank's file (paths[rank]); they must be private files of this user of the right size."""
@@ -124,6 +125,9 @@ def allreduce(link, slots, flat, ufunc, accumulate, divide_by, mailboxes=None):
             np.divide(total, divide_by, out=total)
         if total is not own:
             own[:] = total
+        mine, others = (stop - start) * flat.itemsize, (count - (stop - start)) * flat.itemsize
+        slots.bytes_sent += others + mine * (n - 1)  # they reduce their segments of my block, then copy my result
+        slots.bytes_recv += mine * (n - 1) + others  # I reduce my segment of theirs, then copy their results
         wait_for_all()
         for rank, (start, stop) in enumerate(bounds):
             flat[low + start : low + stop] = views[rank][start:stop]

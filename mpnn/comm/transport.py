@@ -53,6 +53,7 @@ class RingLink:
         self._prev_waiting = False  # the previous rank said it is itself waiting, in this collective
         self._said_waiting = False
         self.bytes_sent = self.bytes_recv = 0
+        self.scheme = "tcp"  # how the payload travels to the next rank: "tcp" or "ipc" (set by connect)
         self.bound = []  # endpoints the PULL socket listens on
         self.closed = False
 
@@ -68,6 +69,7 @@ class RingLink:
 
     def connect(self, endpoint):
         """Connect the PUSH socket to the next rank's data endpoint."""
+        self.scheme = endpoint.split("://", 1)[0]
         self.push.connect(endpoint)
 
     # -- one collective ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ class _StepTimer:
         self.rec = recorder
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.sent = self.recv = 0
+        self.by_transport = {}  # {transport: (sent, recv)} at the end of the previous step
         self.wait = None  # (t0, t1) of DataParallel's wait on the ring at the end of this backward
         self.mark = perf_counter()  # where the current compute phase began
         self.t_opt = 0.0
@@ -51,9 +52,17 @@ class _StepTimer:
         now = perf_counter()
         self.rec.add_span("optimizer", "step", self.t_opt, now)
         if self.comm is not None:
-            sent, recv = self.comm.bytes_sent, self.comm.bytes_recv
+            totals = self.comm.bytes_by_transport
+            sent, recv = sum(s for s, _ in totals.values()), sum(r for _, r in totals.values())
             self.rec.add_bytes(sent - self.sent, recv - self.recv)
-            self.sent, self.recv = sent, recv
+            before = self.by_transport
+            self.rec.add_metrics(
+                bytes_by_transport={
+                    name: {"sent": s - before.get(name, (0, 0))[0], "recv": r - before.get(name, (0, 0))[1]}
+                    for name, (s, r) in totals.items()
+                }
+            )
+            self.sent, self.recv, self.by_transport = sent, recv, totals
         self.rec.step_end()
         self.mark = perf_counter()
 

@@ -20,6 +20,16 @@ def summarize_rank(log: RankLog) -> dict:
         return sum(number(r, key) or 0.0 for r in log.steps) / total_s if total_s > 0 else None
 
     rss = [v for v in (number(r, "rss_bytes") for r in log.steps) if v is not None]
+    by_transport: dict[str, list[int]] = {}
+    for record in log.steps:
+        split = record.get("bytes_by_transport")
+        if not isinstance(split, dict):
+            continue
+        for name, moved in split.items():
+            if isinstance(name, str) and isinstance(moved, dict):
+                total = by_transport.setdefault(name, [0, 0])
+                total[0] += int(number(moved, "sent") or 0)
+                total[1] += int(number(moved, "recv") or 0)
     errors = [e for e in log.events if e.get("event") == "error"]
     last_error = None
     if errors:
@@ -34,6 +44,7 @@ def summarize_rank(log: RankLog) -> dict:
         "comm_share": share("comm_s"),
         "bytes_sent": int(sum(number(r, "bytes_sent") or 0 for r in log.steps)),
         "bytes_recv": int(sum(number(r, "bytes_recv") or 0 for r in log.steps)),
+        "bytes_by_transport": {name: {"sent": s, "recv": r} for name, (s, r) in sorted(by_transport.items())},
         "peak_rss_bytes": int(max(rss)) if rss else None,
         "events": len(log.events),
         "errors": len(errors),
@@ -144,6 +155,12 @@ def notes(summary: dict) -> list[str]:
     else:
         lines = ["straggler: none"]
     for r in summary["ranks"]:
+        split = r.get("bytes_by_transport")
+        if split:
+            moved = ", ".join(
+                f"{name} {format_bytes(m['sent'])} sent / {format_bytes(m['recv'])} recv" for name, m in split.items()
+            )
+            lines.append(f"rank {r['rank']} bytes by transport: {moved}")
         if r["last_error"]:
             lines.append(f"rank {r['rank']} error: {r['last_error']}")
         if r["bad_lines"]:
