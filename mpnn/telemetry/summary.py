@@ -155,7 +155,7 @@ def notes(summary: dict) -> list[str]:
     else:
         lines = ["straggler: none"]
     for r in summary["ranks"]:
-        split = r.get("bytes_by_transport")
+        split = {name: m for name, m in (r.get("bytes_by_transport") or {}).items() if m["sent"] or m["recv"]}
         if split:
             moved = ", ".join(
                 f"{name} {format_bytes(m['sent'])} sent / {format_bytes(m['recv'])} recv" for name, m in split.items()
