@@ -61,3 +61,25 @@ def test_the_figure_has_log_axes_a_colour_per_rank_and_a_shares_panel(tmp_path):
     ]  # fmt: skip
     widths = [patch.get_width() for patch in ax_share.patches]
     assert sum(widths) == pytest.approx(300.0)  # three ranks' bars, each adding up to 100%
+
+
+def test_show_without_a_run_dir_reads_the_newest_run_under_runs(tmp_path, monkeypatch):
+    import os
+
+    from click.testing import CliRunner
+
+    from mpnn.telemetry.cli import telemetry
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(telemetry, ["show"])
+    assert result.exit_code == 1 and "no run directory under runs/" in result.output
+    for age, name in ((200, "older"), (100, "newer"), (300, "oldest")):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        _write_run(run, ranks=1, steps=3)
+        stamp = 1_700_000_000 - age
+        os.utime(run / "worker-0.jsonl", (stamp, stamp))
+    (tmp_path / "runs" / "empty").mkdir()  # a directory with nothing of a run in it is not a candidate
+    result = CliRunner().invoke(telemetry, ["show"])
+    assert result.exit_code == 0, result.output
+    assert "in runs/newer" in result.output

@@ -12,6 +12,19 @@ import click
 from mpnn.telemetry.reader import TelemetryError, load_run
 
 
+def newest_run(log_dir: Path = Path("runs")) -> Path:
+    """The run directory under `log_dir` (the launcher's default parent) whose run.json or telemetry changed last."""
+
+    def touched(run: Path) -> float:
+        files = [run / "run.json", *run.glob("worker-*.jsonl")]
+        return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+
+    runs = [p for p in log_dir.iterdir() if p.is_dir() and touched(p) > 0] if log_dir.is_dir() else []
+    if not runs:
+        raise click.ClickException(f"no run directory under {log_dir}/: name one (mpnn telemetry show RUN_DIR)")
+    return max(runs, key=touched)
+
+
 def _load(run_dir: Path):
     try:
         return load_run(run_dir)
@@ -25,12 +38,15 @@ def telemetry():
 
 
 @telemetry.command("show")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
-def show(run_dir: Path, as_json: bool):
-    """Per-rank table: steps, median/p95 step time, compute/comm share, bytes, peak RSS, events; the straggler."""
+def show(run_dir: Path | None, as_json: bool):
+    """Per-rank table: steps, median/p95 step time, compute/comm share, bytes, peak RSS, events; the straggler.
+    Without RUN_DIR: the newest run under ./runs."""
     from mpnn.telemetry.summary import format_text, print_rich, summarize
 
+    if run_dir is None:
+        run_dir = newest_run()
     summary = summarize(_load(run_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
