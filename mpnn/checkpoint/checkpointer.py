@@ -11,6 +11,11 @@ barrier), rank 0 writes manifest.json, renames the directory into place and dele
 Every rank then fires mpnn_checkpoint_saved and writes a telemetry "checkpoint" event.
 A restore: every rank checks the newest checkpoint (the manifest, the shared files and its own file, by SHA-256)
 and all agree to load it or to skip it, with one warning line naming it and why, for the next older one.
+Signed manifests: when a plugin gives a signing key (mpnn_checkpoint_key: the audit plugin's per-run key), rank 0
+signs each manifest it writes, and on restore checks the manifest's signature under the key of the run that signed
+it; a checkpoint that fails (edited weights with recomputed SHA-256s, an unsigned manifest under the audit plugin)
+ends the restore with a ResumeError naming it: that is tampering, not a torn save to skip. Every rank then fires
+mpnn_checkpoint_loaded (the audit trail records the source checkpoint's path and manifest hash).
 """
 
 from __future__ import annotations
@@ -101,6 +106,17 @@ class Checkpointer:
             return self.save(step, epoch)
         return None
 
+    def steps(self, total: int):
+        """The training loop's steps as a generator: restores the newest checkpoint first, then yields the step
+        numbers from where it left off up to `total` - 1, and after each step's body calls step(n + 1), which saves
+        on the `every` schedule. `for step in ckpt.steps(500):` replaces restore(), range() and step()."""
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ValueError(f"Checkpointer.steps: total must be an integer >= 0, got {total!r}")
+        start = self.restore().step
+        for step in range(start, total):
+            yield step
+            self.step(step + 1)
+
     def save(self, step: int, epoch: int = 0) -> Path:
         """Write a checkpoint of `step` now (every rank must call it) and return its directory."""
         if self.directory is None:
@@ -119,7 +135,9 @@ class Checkpointer:
 
             def finish():
                 files = [name for name in os.listdir(temporary) if name != layout.MANIFEST]
-                digest = layout.write_manifest(temporary, step, epoch, comm.world_size, files)
+                key = _signing_key(comm.run_id)
+                signer = None if key is None else (comm.run_id, key)
+                digest = layout.write_manifest(temporary, step, epoch, comm.world_size, files, signer)
                 layout.publish(temporary, final)
                 layout.rotate(directory, self.keep)
                 return digest
@@ -192,6 +210,9 @@ class Checkpointer:
             mismatch = next((why for kind, why in verdicts if kind == "world"), None)
             if mismatch:
                 raise ResumeError(f"Checkpointer.restore: {path}: {mismatch}")
+            forged = next((why for kind, why in verdicts if kind == "signature"), None)
+            if forged:
+                raise ResumeError(f"Checkpointer.restore: {forged}")
             problems = [
                 why + (f" (rank {rank})" if rank else "")
                 for rank, (kind, why) in enumerate(verdicts)
@@ -221,6 +242,10 @@ class Checkpointer:
                 )
             if path.name != layout.step_name(manifest["step"]):
                 raise InvalidCheckpoint(f"its manifest says step {manifest['step']}")
+            if rank == 0:  # one rank checks the signature (others may lack the key); the verdicts are gathered
+                forged = layout.signature_problem(path, manifest, _signing_key)
+                if forged:
+                    return "signature", forged
             names = [model_file(manifest), OPTIMIZER, layout.rank_file(rank)]
             names += [SCHEDULER] if self.scheduler is not None else []
             layout.verify_files(path, manifest, names)
@@ -251,6 +276,17 @@ class Checkpointer:
             rec.step = own["step"]  # telemetry lines go on numbering from the checkpoint's step
             rec.event("resume", step=own["step"], path=str(path), sha256=sha256, restart_count=restarts)
             rec.flush()  # on disk now, even if this worker is killed before the next periodic flush
+        from mpnn.plugins import session
+
+        plugins = session.current()
+        if plugins is not None:
+            plugins.hook.mpnn_checkpoint_loaded(
+                run=plugins.run,
+                path=str(path),
+                sha256=sha256,
+                step=int(own["step"]),
+                signature=manifest.get("signature"),
+            )
         return ResumeState(own["step"], own["epoch"], path, sha256, restarts)
 
     @property
@@ -262,6 +298,17 @@ class Checkpointer:
 
 
 _warned_no_safetensors = False
+
+
+def _signing_key(run_id: str | None) -> bytes | None:
+    """The key that signs run `run_id`'s manifests, from the run's plugins (mpnn_checkpoint_key); None without one.
+    run_id None asks whether this run has a key at all."""
+    from mpnn.plugins import session
+
+    plugins = session.current()
+    if plugins is None or not plugins.implements("mpnn_checkpoint_key"):
+        return None
+    return plugins.hook.mpnn_checkpoint_key(run=plugins.run, run_id=run_id)
 
 
 def weights_format() -> str:
