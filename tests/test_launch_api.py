@@ -70,7 +70,10 @@ def test_kernel_warmup_hook_runs_before_workers(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        mpnn.core, "warmup", lambda: calls.append(sorted(p.name for p in tmp_path.iterdir())), raising=False
+        mpnn.core,
+        "warmup",
+        lambda progress=None: calls.append(sorted(p.name for p in tmp_path.iterdir())),
+        raising=False,
     )
     assert run(int, 1, args=("5",), log_dir=tmp_path) == 5
     assert calls == [[]]  # called once, before the run dir (and so any worker) existed
@@ -79,7 +82,7 @@ def test_kernel_warmup_hook_runs_before_workers(tmp_path, monkeypatch):
 def test_failing_warmup_is_a_warning(tmp_path, monkeypatch, capsys):
     import mpnn.core
 
-    def broken():
+    def broken(progress=None):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(mpnn.core, "warmup", broken, raising=False)

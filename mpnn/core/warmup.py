@@ -11,8 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def warmup() -> None:
-    """Run each kernel-backed op once on tiny float32 inputs, forward and backward."""
+def warmup(progress=None) -> None:
+    """Run each kernel-backed op once on tiny float32 inputs, forward and backward; progress(done, total), if
+    given, after each op (compiling them all from an empty cache takes ~25 s on one core here)."""
+    ops = kernel_ops()
+    for done, run_op in enumerate(ops, 1):
+        run_op().sum().backward()
+        if progress is not None:
+            progress(done, len(ops))
+
+
+def kernel_ops() -> list:
+    """One thunk per kernel-backed op (and per path of it: Winograd F4/F2, im2col, GEMM) returning its output."""
     from mpnn.core.activation import gelu, log_softmax
     from mpnn.core.attention import scaled_dot_product_attention
     from mpnn.core.conv import conv1d, conv2d
@@ -29,27 +39,23 @@ def warmup() -> None:
 
     x1, w1 = leaf(2, 3, 12), leaf(4, 3, 3)
     x2, w2, w3 = leaf(2, 8, 10, 10), leaf(8, 8, 3, 3), leaf(4, 8, 3, 3)
-    outs = [
-        conv1d(x1, w1, leaf(4), stride=2, padding=1),
-        conv2d(x2, w2, leaf(8), padding=1),  # the Winograd path
-        conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
-        conv2d(leaf(1, 64, 3, 3), leaf(64, 64, 3, 3), None, padding=1),  # Winograd F(2x2): narrow map, 64 channels
-        max_pool1d(x1, 2),
-        avg_pool1d(x1, 2),
-        max_pool2d(x2, 2),
-        avg_pool2d(x2, 2),
-        adaptive_avg_pool2d(x2, 3),
-        gelu(x1),
-        gelu(x1, approximate="tanh"),
-        log_softmax(x1, 1),
-        layer_norm(x1, (12,), leaf(12), leaf(12)),
-        batch_norm(x2, None, None, leaf(8), leaf(8), training=True),
-        batch_norm(x2, Tensor(np.zeros(8, np.float32)), Tensor(np.ones(8, np.float32)), leaf(8), leaf(8)),
-        embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
-        scaled_dot_product_attention(x1, x1, x1, is_causal=True),
-        linear(leaf(2, 64, 64), leaf(64, 64)),  # large enough for the float32 GEMM kernel (mpnn.core.gemm_kernels)
+    return [
+        lambda: conv1d(x1, w1, leaf(4), stride=2, padding=1),
+        lambda: conv2d(x2, w2, leaf(8), padding=1),  # the Winograd path
+        lambda: conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
+        lambda: conv2d(leaf(1, 64, 3, 3), leaf(64, 64, 3, 3), None, padding=1),  # Winograd F(2x2): narrow, 64 ch
+        lambda: max_pool1d(x1, 2),
+        lambda: avg_pool1d(x1, 2),
+        lambda: max_pool2d(x2, 2),
+        lambda: avg_pool2d(x2, 2),
+        lambda: adaptive_avg_pool2d(x2, 3),
+        lambda: gelu(x1),
+        lambda: gelu(x1, approximate="tanh"),
+        lambda: log_softmax(x1, 1),
+        lambda: layer_norm(x1, (12,), leaf(12), leaf(12)),
+        lambda: batch_norm(x2, None, None, leaf(8), leaf(8), training=True),
+        lambda: batch_norm(x2, Tensor(np.zeros(8, np.float32)), Tensor(np.ones(8, np.float32)), leaf(8), leaf(8)),
+        lambda: embedding(np.array([[0, 2], [1, 2]]), leaf(3, 4)),
+        lambda: scaled_dot_product_attention(x1, x1, x1, is_causal=True),
+        lambda: linear(leaf(2, 64, 64), leaf(64, 64)),  # large enough for the float32 GEMM kernel (gemm_kernels)
     ]
-    loss = outs[0].sum()
-    for out in outs[1:]:
-        loss = loss + out.sum()
-    loss.backward()
