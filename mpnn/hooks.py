@@ -18,6 +18,8 @@ returns a ``RemovableHandle``. This module imports nothing from mpnn, so any lay
   ``DistributedSampler.set_epoch``; ``first_pass(sampler, indices)`` the first time a sampler hands out its shard
   (the audit trail fingerprints each rank's shard).
 - ``register_save_hook(fn)``: ``fn(path, sha256)`` after every successful ``mpnn.save`` (checkpoint digests).
+- ``register_seed_hook(fn)``: ``fn(seed)`` after every ``mpnn.manual_seed`` (the audit trail records the seed the
+  script really used, not one parsed from its command line).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ optimizer_step_hooks: list = []  # (pre, post) pairs around every optimizer step
 sampler_epoch_hooks: list = []  # fn(sampler, epoch)
 sampler_first_pass_hooks: list = []  # fn(sampler, indices)
 save_hooks: list = []  # fn(path, sha256)
+seed_hooks: list = []  # fn(seed)
 
 
 def register_optimizer_step_hooks(pre=None, post=None) -> RemovableHandle:
@@ -118,3 +121,9 @@ def register_save_hook(fn) -> RemovableHandle:
     """Call ``fn(path, sha256)`` after every successful ``mpnn.save`` (the file is hashed only when one exists)."""
     save_hooks.append(fn)
     return RemovableHandle(save_hooks, fn)
+
+
+def register_seed_hook(fn) -> RemovableHandle:
+    """Call ``fn(seed)`` after every ``mpnn.manual_seed``."""
+    seed_hooks.append(fn)
+    return RemovableHandle(seed_hooks, fn)

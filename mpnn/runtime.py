@@ -11,13 +11,15 @@ from mpnn.core.fpenv import set_flush_denormal
 from mpnn.worldspec import current_world
 
 
-def init(plugins=None, timeout: float | None = None):
+def init(plugins=None, timeout: float | None = None, seed: int | None = None):
     """Join the world and return the Communicator (a world of one when no launcher started this process).
 
     When the launcher gave a run directory (MPNN_RUN_DIR), this worker's telemetry is recorded there:
     one line per optimizer step with its forward/backward/communication/optimizer times, loss and bytes.
     plugins: plugin objects (or spec strings) for this run, added to those the launcher named (MPNN_PLUGINS);
     their mpnn_run_start runs here.
+    seed: when given, mpnn.manual_seed(seed) once the plugins are up, so the audit trail records the seed the run
+    really uses (as it does for every later mpnn.manual_seed call), never one guessed from the command line.
     The calling thread flushes denormal floats to zero (mpnn.set_flush_denormal) unless MPNN_FLUSH_DENORMAL=0:
     once a model fits its data, gradients and activations below 1.2e-38 appear and each costs a microcode assist;
     the MNIST-1D MLP's step drifted from 0.49 to 0.57 ms over 40,000 steps without it, and stayed at 0.43-0.45
@@ -41,6 +43,12 @@ def init(plugins=None, timeout: float | None = None):
         from mpnn.plugins import session
 
         session.start(comm, telemetry.get_recorder(), specs, plugins)
+    if seed is not None:
+        from mpnn.core.random import manual_seed
+        from mpnn.plugins import session
+
+        with session.seed_source("mpnn.init"):
+            manual_seed(seed)
     return comm
 
 

@@ -151,7 +151,7 @@ def test_intact_trail_verifies_and_each_record_is_chained_and_signed(run_dir, ke
 def test_run_start_records_provenance(run_dir, key):
     full_run(run_dir, key)
     start = json.loads(lines(run_dir)[0])["data"]
-    assert start["seed"] == 7 and start["world_size"] == 2 and start["run_id"] == "run-1"
+    assert start["seed"] is None and start["world_size"] == 2 and start["run_id"] == "run-1"  # not read from argv
     assert start["code"]["sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
     assert start["versions"]["numpy"] == __import__("numpy").__version__
     assert start["config"] == {"nproc_per_node": 2} and start["key_bytes"] == 32
@@ -312,7 +312,13 @@ def test_restart_record_is_chained_between_start_and_end(run_dir, key):
     launcher.mpnn_launch_end(launch, "ok", {0: 0, 1: 0}, None)
     verdict = check(run_dir, key)
     assert verdict.ok and [r["kind"] for r in verdict.records] == ["run_start", "plugins", "restart", "run_end"]
-    assert verdict.records[2]["data"] == {"attempt": 1, "reason": "rank 1 exited with code 137", "ranks": [1]}
+    assert verdict.records[2]["data"] == {
+        "attempt": 1,
+        "reason": "rank 1 exited with code 137",
+        "ranks": [1],
+        "script_path": str(SCRIPT),
+        "script_sha256": hashlib.sha256(SCRIPT.read_bytes()).hexdigest(),
+    }
 
 
 WORKER_ONLY = """
@@ -348,7 +354,8 @@ def test_without_a_launcher_rank_0_begins_and_closes_the_trail(tmp_path, key):
     assert verdict.ok, verdict.message
     kinds = [r["kind"] for r in verdict.records]
     assert kinds == ["run_start", "plugins", "workers_start", "epoch", "workers_end", "run_end"]
-    assert verdict.records[0]["data"]["seed"] == 4 and verdict.records[0]["data"]["started_by"] == "rank 0"
+    # the script never seeds mpnn: no seed is recorded, whatever its argv says (--seed 4)
+    assert verdict.records[0]["data"]["seed"] is None and verdict.records[0]["data"]["started_by"] == "rank 0"
     assert verdict.records[1]["data"]["plugins"][0]["name"] == "audit"
 
 
@@ -386,7 +393,7 @@ def test_report_renders_the_key_facts_in_markdown_and_html(run_dir, key, tmp_pat
         "| watchdog |",
         "d" * 64,
         "| 2 | 0.333333 | 40 |",
-        "**Seed:** 7 (from the script --seed argument)",
+        "**Seed:** none set by the script",
         "**World size:** 2",
         "**Status:** ok",
     ):
@@ -463,9 +470,8 @@ def test_policy_violations_are_listed_at_once_and_the_run_never_starts(run_dir, 
     with pytest.raises(PluginRefusal) as refused:
         plugin.mpnn_launch_start(launch)
     message = str(refused.value)
-    assert refused.value.plugin == "audit" and "6 violation(s)" in message
-    for expected in (
-        "require_seed",
+    assert refused.value.plugin == "audit" and "5 violation(s)" in message
+    for expected in (  # require_seed is checked in the workers: the seed is what the script gives mpnn
         "plugin 'watchdog' is not in the run",
         "plugin 'topk' is not in the run",
         "world size 2 is over 1",
@@ -475,7 +481,7 @@ def test_policy_violations_are_listed_at_once_and_the_run_never_starts(run_dir, 
         assert expected in message, expected
     records = [json.loads(line) for line in lines(run_dir)]
     verdict = next(r for r in records if r["kind"] == "policy")["data"]
-    assert verdict["verdict"] == "refused" and len(verdict["violations"]) == 6
+    assert verdict["verdict"] == "refused" and len(verdict["violations"]) == 5
     assert verdict["sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
     assert records[-1]["kind"] == "run_end" and records[-1]["data"]["status"] == "refused"
     assert check(run_dir, key).ok  # the refused run's trail is closed and signed
@@ -494,6 +500,7 @@ def test_policy_that_passes_is_recorded_and_workers_judge_data_by_it(run_dir, ke
     AuditTrail(key=str(key), policy=str(policy)).mpnn_launch_start(launch_info(run_dir, key))
     worker, run = AuditTrail(key=str(key), policy=str(policy)), run_info(run_dir)
     worker.mpnn_run_start(run)
+    worker.mpnn_seed(run, 7, "mpnn.manual_seed")  # require_seed: the script seeded before its first batch
     worker.mpnn_data_fingerprint(run, "TensorDataset", "a" * 64, "c" * 64, 100)
     with pytest.raises(PluginRefusal, match="allowed_datasets: TensorDataset \\(data sha256 f+\\) on ranks 0, 1"):
         worker.mpnn_data_fingerprint(run, "TensorDataset", "a" * 64, "f" * 64, 100)
@@ -594,9 +601,17 @@ def test_launched_run_leaves_an_intact_trail(tmp_path, key):
     verdict = check(run_dir, key)
     assert verdict.ok, verdict.message
     records = verdict.records
-    assert [r["kind"] for r in records] == ["run_start", "plugins", "workers_start", "epoch", "workers_end", "run_end"]
-    assert records[0]["data"]["seed"] == 3 and records[0]["data"]["world_size"] == 2
-    assert records[3]["data"]["metrics"]["steps"] == 30
+    assert [r["kind"] for r in records] == [
+        "run_start",
+        "plugins",
+        "workers_start",
+        "seed",
+        "epoch",
+        "workers_end",
+        "run_end",
+    ]
+    assert records[3]["data"] == {"seed": 3, "from": "mpnn.manual_seed", "rank": 0}  # leaky.py's manual_seed
+    assert records[0]["data"]["world_size"] == 2 and records[4]["data"]["metrics"]["steps"] == 30
     assert records[-1]["data"] == {"status": "ok", "exit_codes": {"0": 0, "1": 0}, "error": None}
     assert json.loads((run_dir / "run.json").read_text())["audit_head"] == json.loads((run_dir / HEAD_FILE).read_text())
 
@@ -607,8 +622,7 @@ def test_policy_violations_stop_a_launched_run_before_any_worker_starts(tmp_path
     done = _launch(tmp_path, [f"audit:key={key},policy={policy}"], ["--steps", "30"])
     assert done.returncode != 0
     for violation in (
-        "3 violation(s)",
-        "require_seed",
+        "2 violation(s)",  # require_seed is the workers' to check
         "plugin 'watchdog' is not in the run",
         "world size 2 is over 1",
     ):

@@ -6,11 +6,17 @@ renamed into place, with manifest.json (written last) listing each file's size a
 
 A rename is atomic, so a directory named step-* is always complete; old checkpoints are renamed to .tmp-old-*
 before they are deleted, so a kill during rotation leaves no half-deleted step-* either.
+
+A run with a signing key (the audit plugin's, derived per run from the user's audit key and the run id) signs its
+manifests: "signature" = {"run_id", "hmac"}, the HMAC-SHA256 of the manifest's canonical JSON without "signature"
+and "manifest_sha256". The SHA-256s alone prove nothing against whoever can write the checkpoint (they can be
+recomputed after an edit); the signature needs the key, which never lies in the run directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -98,9 +104,48 @@ def _body_digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_manifest(directory: Path, step: int, epoch: int, world_size: int, files: list[str]) -> str:
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def signature_of(body: dict, key: bytes) -> str:
+    """HMAC-SHA256 (hex) of a manifest body under `key`, "signature" and "manifest_sha256" left out."""
+    unsigned = {k: v for k, v in body.items() if k not in ("signature", "manifest_sha256")}
+    return hmac.new(key, _canonical(unsigned), hashlib.sha256).hexdigest()
+
+
+def signature_problem(path: Path, manifest: dict, key_for) -> str | None:
+    """Why a checkpoint's manifest must not be trusted, or None when its signature verifies. key_for(run_id) gives
+    the key that signs run_id's manifests (None: this run has no key, so nothing is checked)."""
+    signature = manifest.get("signature")
+    if signature is None:
+        if key_for(None) is None:
+            return None
+        return (
+            f"{path}: its manifest is not signed (written by a run without the audit plugin, or the signature was "
+            "removed): refusing to resume from it under the audit plugin"
+        )
+    run_id = signature.get("run_id") if isinstance(signature, dict) else None
+    mac = signature.get("hmac") if isinstance(signature, dict) else None
+    if not isinstance(run_id, str) or not isinstance(mac, str):
+        return f"{path}: its manifest's signature is malformed"
+    key = key_for(run_id)
+    if key is None:
+        return None
+    if not hmac.compare_digest(mac, signature_of(manifest, key)):
+        return (
+            f"{path}: its manifest's signature does not verify (the checkpoint was edited after run {run_id} "
+            "signed it, or signed under another audit key): refusing to resume from it"
+        )
+    return None
+
+
+def write_manifest(
+    directory: Path, step: int, epoch: int, world_size: int, files: list[str], signer: tuple[str, bytes] | None = None
+) -> str:
     """Hash `files` in `directory`, write manifest.json (with a digest of its own content, so an edit to it is
-    caught too), fsync it; return the SHA-256 of the manifest's bytes, which stands for the whole checkpoint."""
+    caught too; signed when `signer` = (run id, key) is given), fsync it; return the SHA-256 of the manifest's
+    bytes, which stands for the whole checkpoint."""
     from mpnn._version import __version__
 
     body = {
@@ -116,6 +161,9 @@ def write_manifest(directory: Path, step: int, epoch: int, world_size: int, file
             for name in sorted(files)
         },
     }
+    if signer is not None:
+        run_id, key = signer
+        body["signature"] = {"run_id": str(run_id), "hmac": signature_of(body, key)}
     raw = (json.dumps({**body, "manifest_sha256": _body_digest(body)}, indent=1) + "\n").encode()
     fd = os.open(directory / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:

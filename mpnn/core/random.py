@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpnn import hooks
 from mpnn.core.errors import OpError
 from mpnn.core.tensor_base import TensorBase, from_array
 
 _generator = np.random.Generator(np.random.PCG64())
+_last_seed: int | None = None  # the seed manual_seed was last given in this process
 
 
 def generator() -> np.random.Generator:
@@ -23,8 +25,17 @@ def manual_seed(seed: int) -> np.random.Generator:
     """Reseed the generator so that every later draw repeats (as torch.manual_seed); returns it."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"manual_seed: seed must be a non-negative integer, got {seed!r}")
+    global _last_seed
     _generator.bit_generator.state = np.random.PCG64(int(seed)).state
+    _last_seed = int(seed)
+    for fn in list(hooks.seed_hooks):  # the audit trail records the seed the script really used
+        fn(_last_seed)
     return _generator
+
+
+def last_seed() -> int | None:
+    """The seed manual_seed was last given in this process, None before the first call."""
+    return _last_seed
 
 
 def get_rng_state() -> dict:

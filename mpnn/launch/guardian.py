@@ -3,12 +3,15 @@ workers running in their own process groups. The guardian, a tiny process starte
 learns each worker's process group (and the private directories the launcher would have removed, such as the
 run's secret); when its stdin reaches EOF without "done" (the kernel closed the dead launcher's end), it stops
 those groups: SIGTERM, then SIGKILL after a grace period, and removes those directories.
+After a death it also runs the "after" commands it was given (mpnn/launch/aftermath.py), which close run.json and
+the audit trail as ended abnormally.
 
 The launcher runs this file by path with `python -I` (no mpnn import, no user site, no script dir on sys.path).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,6 +42,11 @@ class Guardian:
     def remove_on_death(self, directory) -> None:
         """Have the guardian remove `directory` (a private temp dir of the launcher's) if the launcher dies."""
         self._send(f"rm {os.path.abspath(directory)}\n")
+
+    def run_on_death(self, argv) -> None:
+        """Have the guardian run `argv` after it stopped the workers of a dead launcher (mpnn/launch/aftermath.py:
+        run.json and the audit trail closed as ended abnormally)."""
+        self._send("after " + json.dumps(list(argv)) + "\n")
 
     def close(self) -> None:
         """Tell the guardian the launcher stopped everything itself, and wait for it to exit."""
@@ -74,18 +82,25 @@ def _signal_groups(groups: list[int], sig: int) -> None:
 def main() -> None:
     """Read process group ids and "rm DIR" lines until "done" (exit quietly) or EOF (the launcher died: stop
     every group, then remove the directories)."""
-    groups, directories = [], []
+    groups, directories, afterwards = [], [], []
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line == "done":
             return
         if line.startswith("rm "):
             directories.append(line[3:])
+        elif line.startswith("after "):
+            afterwards.append(json.loads(line[6:]))
         else:
             groups.append(int(line))
     _signal_groups(groups, signal.SIGTERM)
     time.sleep(GRACE_S)
     _signal_groups(groups, signal.SIGKILL)
+    for argv in afterwards:  # close run.json and the audit trail as ended abnormally
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
 

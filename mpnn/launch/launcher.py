@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mpnn.launch.aftermath import aftermath_argv, close_abnormally
 from mpnn.launch.env import RunContext, World, rendezvous_address, script_master_port, worker_env
 from mpnn.launch.errors import LaunchError
 from mpnn.launch.guardian import Guardian
@@ -23,7 +24,14 @@ from mpnn.launch.liveview import make_view
 from mpnn.launch.output import tail_lines
 from mpnn.launch.payload import write_private
 from mpnn.launch.pinning import Plan, default_nproc, pin_plan
-from mpnn.launch.plugins import launch_end, launch_info, launch_restart, launch_start, load_plugins
+from mpnn.launch.plugins import (
+    launch_attempt_end,
+    launch_end,
+    launch_info,
+    launch_restart,
+    launch_start,
+    load_plugins,
+)
 from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
@@ -227,13 +235,18 @@ def launch(config: LaunchConfig) -> LaunchResult:
                 record,
                 stack,
                 on_restart=lambda r: launch_restart(plugins, info, r.number, r.failed_rank, r.how),
+                on_attempt_end=(lambda n, status, codes: launch_attempt_end(plugins, info, n, status, codes))
+                if config.max_restarts
+                else None,  # one attempt: run_end holds its exit codes
             )
             exit_codes = {w["rank"]: w.get("returncode") for w in record.fields.get("workers", [])}
             error = None if result.failure is None else f"rank {result.failure.rank} {result.failure.how}"
             launch_end(plugins, info, result.status, exit_codes, error)
             return result
-        except BaseException:
+        except BaseException as error:
             record.update(status="error", end_time=utc_now())
+            if plugins is not None:  # a trail left open by a launcher crash is closed as ended abnormally
+                close_abnormally(run_dir, record_file, world.node_rank, "error", f"the launcher failed: {error!r}")
             raise
 
 
@@ -245,14 +258,19 @@ def _supervise(
     record: RunRecord,
     stack: contextlib.ExitStack,
     on_restart: Callable[[Restart], None] | None = None,
+    on_attempt_end: Callable[[int, str, dict], None] | None = None,
 ) -> LaunchResult:
-    """Run attempts until one ends without a failed worker, a stop signal comes, or no restart is left."""
+    """Run attempts until one ends without a failed worker, a stop signal comes, or no restart is left;
+    on_attempt_end(attempt, status, {rank: exit code}) after each."""
     stop = stack.enter_context(StopSignals())
     view = make_view(run.run_dir, world.local_global_ranks(), config.live)
     restarts: list[Restart] = []
     try:
         while True:
             workers, failed, still_running, sigkilled = _attempt(config, world, run, cpus, record, stop, view)
+            if on_attempt_end is not None:
+                status = "failed" if failed is not None else "ok" if stop.received is None else "interrupted"
+                on_attempt_end(len(restarts), status, {w.rank: w.proc.returncode for w in workers})
             if failed is None or stop.received is not None or len(restarts) == config.max_restarts:
                 break
             restart = Restart(
@@ -288,6 +306,7 @@ def _attempt(
     with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian:
         if _owns_secret(config):
             guardian.remove_on_death(run.secret_file.parent)  # the private dir fresh_secret_file made
+        guardian.run_on_death(aftermath_argv(run.run_dir, record.path.name, world.node_rank))
         try:
             for local_rank, core in enumerate(cpus):
                 if stop.received is not None:

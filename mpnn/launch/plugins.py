@@ -61,6 +61,17 @@ def launch_restart(manager: PluginManager, info: LaunchInfo, restart: int, faile
     )
 
 
+def launch_attempt_end(manager: PluginManager, info: LaunchInfo, attempt: int, status: str, exit_codes: dict) -> None:
+    """mpnn_launch_attempt_end; a plugin failing there ends the launch (mpnn_launch_end is told) with a LaunchError."""
+    _or_end_launch(
+        manager,
+        info,
+        lambda: manager.hook.mpnn_launch_attempt_end(
+            launch=info, attempt=attempt, status=status, exit_codes=exit_codes
+        ),
+    )
+
+
 def _or_end_launch(manager: PluginManager, info: LaunchInfo, call) -> None:
     """Run a launch hook; when a plugin fails there, tell mpnn_launch_end the launch failed and raise LaunchError."""
     try:

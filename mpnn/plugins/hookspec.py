@@ -47,6 +47,12 @@ def mpnn_launch_restart(launch, restart, failed_rank, how):
     it, how e.g. "killed by SIGKILL" or "exited with code 1". mpnn_launch_end still comes once, at the very end."""
 
 
+@hookspec
+def mpnn_launch_attempt_end(launch, attempt, status, exit_codes):
+    """After every worker of one attempt is gone (attempt 0, then one per restart), before any restart:
+    status "ok" | "failed" | "interrupted"; exit_codes: {rank: code or None} of that attempt's workers."""
+
+
 # ----- worker side: called in each worker process ----------------------------------------------------
 @hookspec
 def mpnn_run_start(run):
@@ -83,6 +89,24 @@ def mpnn_checkpoint_saved(run, path, sha256, step):
     """After mpnn.save wrote a file: its path, the SHA-256 of its bytes, and the optimizer step count. For a
     checkpoint of mpnn.Checkpointer (on every rank, once per checkpoint): its step-* directory, the SHA-256 of its
     manifest.json (which lists every file's SHA-256), and the step it saved."""
+
+
+@hookspec
+def mpnn_seed(run, seed, source):
+    """The script seeded mpnn's generator: ``source`` is "mpnn.init" (mpnn.init(seed=...)) or "mpnn.manual_seed";
+    a seed set before mpnn.init() is reported right after mpnn_run_start."""
+
+
+@hookspec
+def mpnn_checkpoint_loaded(run, path, sha256, step, signature):
+    """A Checkpointer resumed from a checkpoint (on every rank): its step-* directory, the SHA-256 of its
+    manifest.json, the step, and the manifest's signature ({"run_id", "hmac"}, None for an unsigned one)."""
+
+
+@hookspec(firstresult=True)
+def mpnn_checkpoint_key(run, run_id):
+    """The key that signs (and checks) the manifests of run ``run_id``'s checkpoints, or None: the audit plugin
+    derives one per run from the user's audit key. The first plugin returning a key wins."""
 
 
 @hookspec

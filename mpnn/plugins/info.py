@@ -37,3 +37,4 @@ class RunInfo:
     comm: Any  # the Communicator
     recorder: Any  # the telemetry Recorder, None without a run directory
     config: dict = field(default_factory=dict)  # argv, plugin specs, and the launcher's run.json "config"
+    exit_code: int | None = None  # the code of a sys.exit(code) that is ending this worker with code != 0

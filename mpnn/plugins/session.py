@@ -8,6 +8,7 @@ Nothing here runs per step unless some plugin implements a per-step hook: with n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from mpnn.worldspec import current_world
 SPEC_SEPARATOR = ";"
 _current: PluginSession | None = None
 _wired = False  # the process-wide listeners below are registered once and forward to the current session
+_seed_source = "mpnn.manual_seed"  # what the next seed record names as its origin (mpnn.init(seed=) sets it)
 
 
 def current() -> PluginSession | None:
@@ -68,6 +70,17 @@ def start(comm, recorder, specs_text: str = "", objects=None) -> PluginSession |
     _current = PluginSession(manager, run)
     _current.begin()
     return _current
+
+
+@contextlib.contextmanager
+def seed_source(source: str):
+    """Seeds set inside this block are reported as coming from `source` (e.g. "mpnn.init")."""
+    global _seed_source
+    previous, _seed_source = _seed_source, source
+    try:
+        yield
+    finally:
+        _seed_source = previous
 
 
 def _config(specs, plugins) -> dict:
@@ -127,7 +140,31 @@ class PluginSession:
         _wire_once()
         self._previous_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
+        self._wrap_exit()
         atexit.register(self._at_exit)
+        from mpnn.core.random import last_seed
+
+        if last_seed() is not None:  # seeded before mpnn.init()
+            self.seeded(last_seed())
+
+    def _wrap_exit(self) -> None:
+        """Have sys.exit(code) note its code, so that run end reports a script that exits non-zero as an error
+        with that code (an atexit handler cannot see the code otherwise)."""
+        original = getattr(sys.exit, "__wrapped__", sys.exit)
+
+        def exit(status=None):
+            code = status if isinstance(status, int) else (0 if status is None else 1)
+            if code:
+                self.status = "error"
+                self.run.exit_code = code
+            original(status)
+
+        exit.__wrapped__ = original
+        sys.exit = exit
+
+    def seeded(self, seed: int) -> None:
+        """The script seeded mpnn's generator: mpnn_seed."""
+        self.hook.mpnn_seed(run=self.run, seed=int(seed), source=_seed_source)
 
     # ----- what the run reports ----------------------------------------------------------------------
     def step_end(self, record: dict) -> None:
@@ -192,6 +229,8 @@ class PluginSession:
                 self.run.recorder.on_step = None
             if sys.excepthook == self._excepthook:
                 sys.excepthook = self._previous_excepthook
+            if getattr(sys.exit, "__wrapped__", None) is not None:
+                sys.exit = sys.exit.__wrapped__
             atexit.unregister(self._at_exit)
 
     def bare_step_end(self) -> None:
@@ -264,3 +303,4 @@ def _wire_once() -> None:
         first_pass=lambda s, indices: _current and _current.first_pass(s, indices),
     )
     hooks.register_save_hook(lambda path, sha256: _current and _current.checkpoint_saved(path, sha256))
+    hooks.register_seed_hook(lambda seed: _current and _current.seeded(seed))

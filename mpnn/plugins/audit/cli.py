@@ -1,4 +1,5 @@
-"""`mpnn audit verify RUN_DIR` (exit 0 only for an intact trail) and `mpnn audit report RUN_DIR` (Markdown or
+"""`mpnn audit verify RUN_DIR` (exit 0 only for an intact trail, 2 for one closed as incomplete after its launcher
+was killed, 1 for anything else) and `mpnn audit report RUN_DIR` (Markdown or
 HTML for a reviewer)."""
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def audit():
 @click.argument("run_dir", type=_RUN_DIR)
 @_KEY
 def verify_command(run_dir, key):
-    """Check the chain, the HMACs and the signed head; name the first record edited, removed, reordered,
-    inserted or cut off. Exit 0 only for an intact trail."""
+    """Check the chain, the HMACs and the signed head, the run the trail belongs to, and each checkpoint the run
+    resumed from against its source run's trail; name the first record edited, removed, reordered, inserted or cut
+    off. Exit 0 only for an intact trail; 2 for a trail the guardian closed after its launcher was killed."""
     verdict = verify(run_dir, _key(key, run_dir))
     if verdict.ok:
         click.echo(f"{run_dir}: {verdict.message}")
         return
+    if verdict.incomplete:
+        click.echo(f"{run_dir}: {verdict.message}", err=True)
+        raise SystemExit(2)
     click.echo(f"{run_dir}: FAILED: {verdict.message}", err=True)
     raise SystemExit(1)
 

@@ -22,6 +22,7 @@ from mpnn._version import __version__
 DEPENDENCIES = ("numpy", "numba", "llvmlite", "pyzmq", "cloudpickle", "click", "pluggy", "psutil", "rich")
 GIT_TIMEOUT_S = 10.0
 _SEED_ARG = re.compile(r"--seed(?:=(.*))?")
+SEED_FROM_SCRIPT = "the script: see the seed records (mpnn.init(seed=N), mpnn.manual_seed(N))"
 
 
 def file_sha256(path) -> str | None:
@@ -74,7 +75,8 @@ def script_file(script) -> Path | None:
 
 
 def seed_from_args(args) -> int | None:
-    """The seed a train script was given as `--seed N` or `--seed=N` (the launcher has no --seed of its own)."""
+    """The first `--seed N` or `--seed=N` of a command line. Not what the trail records: argparse takes the last
+    one, and accepts abbreviations; the trail records the seed the script gives mpnn (a "seed" record)."""
     args = [str(a) for a in args]
     for i, arg in enumerate(args):
         match = _SEED_ARG.fullmatch(arg)
@@ -181,8 +183,8 @@ def launch_facts(launch, config: dict | None) -> dict:
         "nprocs": launch.nprocs,
         "node_rank": launch.node_rank,
         "script_args": list(launch.script_args),
-        "seed": launch.seed if launch.seed is not None else seed_from_args(launch.script_args),
-        "seed_from": "launcher --seed" if launch.seed is not None else "script --seed argument",
+        "seed": launch.seed,  # None: the script's seed is recorded when it sets it ("seed" records)
+        "seed_from": "launcher --seed" if launch.seed is not None else SEED_FROM_SCRIPT,
         "config": config,
         "env": dict(launch.env),
         "code": code_facts(launch.script),
@@ -201,8 +203,8 @@ def worker_facts(run) -> dict:
         "pid": os.getpid(),
         "command_line": [sys.executable, *sys.argv],
         "world_size": run.world_size,
-        "seed": seed_from_args(sys.argv[1:]),
-        "seed_from": "script --seed argument",
+        "seed": None,
+        "seed_from": SEED_FROM_SCRIPT,
         "config": run.config,
         "code": code_facts(script) if script else None,
         "versions": versions(),

@@ -49,12 +49,7 @@ def build(run_dir, verdict: Verdict) -> list:
                 ("Platform", start.get("platform")),
                 ("Command line", " ".join(map(str, start.get("command_line") or []))),
                 ("World size", f"{start.get('world_size')} ({start.get('nnodes', 1)} node(s))"),
-                (
-                    "Seed",
-                    f"{start['seed']} (from the {start.get('seed_from')})"
-                    if start.get("seed") is not None
-                    else "none given",
-                ),
+                ("Seed", _seed_text(start, kinds.get("seed", []))),
                 ("Exit codes", json.dumps(end.get("exit_codes")) if "exit_codes" in end else None),
                 ("Launcher error", end.get("error")),
             ],
@@ -143,6 +138,14 @@ def build(run_dir, verdict: Verdict) -> list:
         ),
     ]
     return blocks
+
+
+def _seed_text(start: dict, seeds: list) -> str:
+    if seeds:
+        return ", ".join(f"{s['data'].get('seed')} (from {s['data'].get('from')}, record {s['seq']})" for s in seeds)
+    if start.get("seed") is not None:
+        return f"{start['seed']} (from the {start.get('seed_from')})"
+    return "none set by the script"
 
 
 def _event_text(record: dict) -> str:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpnn import safefs
 from mpnn.plugins.audit import AuditError
 from mpnn.plugins.audit.keys import fingerprint
 
@@ -72,9 +73,7 @@ def line_hash(line: bytes) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    safefs.write_atomic(path, text.encode())  # a fresh temp file renamed over it: no planted name is followed
 
 
 class TrailWriter:
@@ -127,7 +126,7 @@ class TrailWriter:
         }
         record["hmac"] = sign(self.key, record)
         line = canonical(record).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = safefs.open_append(self.path)  # never through a symlink or into a foreign file
         try:
             os.write(fd, line + b"\n")
             os.fsync(fd)
@@ -141,6 +140,7 @@ class TrailWriter:
         run.json exists (read and rewritten atomically: call only when the launcher is done with run.json)."""
         head = {
             "run_id": run_id,
+            "run_dir": str(self.run_dir),
             "seq": self.seq - 1,
             "hash": self.prev,
             "records": self.seq,
@@ -196,11 +196,68 @@ class Verdict:
     records: list = field(default_factory=list)  # every record that parsed, in file order
     head: dict | None = None
     bad_seq: int | None = None  # the record the problem is about, when there is one
+    incomplete: bool = False  # intact up to a signed "ended abnormally" close: the run died, nothing was tampered
 
 
-def verify(run_dir: Path, key: bytes) -> Verdict:
-    """Check a run's trail record by record (sequence, HMAC, chain) and against its signed head; the Verdict names
-    the first record that was edited, removed, reordered, inserted or cut off, or a wrong key."""
+def verify(run_dir: Path, key: bytes, _seen: frozenset = frozenset()) -> Verdict:
+    """Check a run's trail record by record (sequence, HMAC, chain) and against its signed head, then each checkpoint
+    it resumed from against the source run's trail (when that trail is present); the Verdict names the first record
+    that was edited, removed, reordered, inserted or cut off, a wrong key, a trail copied from another run, a resume
+    the source trail does not back, or a run that ended abnormally (incomplete, not tampered)."""
+    verdict = _verify_one(run_dir, key)
+    if not (verdict.ok or verdict.incomplete):
+        return verdict
+    here = Path(run_dir).resolve()
+    notes = []
+    for record in verdict.records:
+        if record.get("kind") != "resume":
+            continue
+        problem, note = _cross_check(here, record, verdict.records, key, _seen | {here})
+        if problem is not None:
+            return Verdict(False, problem, verdict.records, verdict.head, bad_seq=record.get("seq"))
+        notes.append(note)
+    if notes:
+        verdict.message += "; " + "; ".join(notes)
+    return verdict
+
+
+def _cross_check(here: Path, record: dict, records: list, key: bytes, seen: frozenset) -> tuple[str | None, str]:
+    """(problem or None, note) for one "resume" record: the checkpoint it loaded must be one the source run's trail
+    recorded saving, with the same manifest SHA-256 (the source is this run itself after a restart)."""
+    data = record.get("data") or {}
+    seq, path, sha = record.get("seq"), data.get("path"), data.get("sha256")
+    source = Path(str(data.get("source_run_dir")))
+    try:
+        source = source.resolve()
+    except OSError:
+        pass
+    if source == here:
+        saved = [r for r in records if r.get("kind") == "checkpoint" and r.get("seq", seq) < seq]
+        where = "this run's own trail"
+    elif source in seen:
+        return None, f"resumed from {path} (a cycle of resumes: not checked again)"
+    elif not (source / AUDIT_FILE).is_file():
+        return None, f"resumed from {path} (its source run's trail is not present here: not cross-checked)"
+    else:
+        found = verify(source, key, seen)
+        if not (found.ok or found.incomplete):
+            return (
+                f"record {seq} resumes from {path}, but the source run's trail in {source} does not verify: "
+                f"{found.message}"
+            ), ""
+        saved = [r for r in found.records if r.get("kind") == "checkpoint"]
+        where = f"the source run's trail in {source}"
+    if not any((r.get("data") or {}).get("sha256") == sha for r in saved):
+        return (
+            f"record {seq} resumes from {path} (manifest sha256 {str(sha)[:16]}...), which {where} does not record "
+            "saving"
+        ), ""
+    run = data.get("source_run_id") or source.name
+    return None, f"resumed from {path}, which run {run}'s trail records (manifest sha256 {str(sha)[:16]}...)"
+
+
+def _verify_one(run_dir: Path, key: bytes) -> Verdict:
+    """verify() for one trail, without following its resumes."""
     run_dir = Path(run_dir)
     path = run_dir / AUDIT_FILE
     if not path.exists():
@@ -278,6 +335,23 @@ def _run_record_id(run_dir: Path) -> str | None:
         return None
 
 
+def _bound_elsewhere(run_dir: Path, records: list, head: dict) -> str | None:
+    """Why the trail belongs to another run directory than `run_dir`, or None. The signed head and run_start record
+    the directory the run was written in; a run keeps its directory's name (its run id) wherever it is moved, so a
+    directory of another name holds a trail (and run.json) copied from another run."""
+    start = (records[0].get("data") or {}) if records else {}
+    written = [d for d in (head.get("run_dir"), start.get("run_dir")) if isinstance(d, str)]
+    if len(set(written)) > 1:
+        return f"the signed head names run directory {written[0]}, the trail's run_start {written[1]}"
+    here = Path(run_dir).resolve()
+    if written and Path(written[0]).name != here.name:
+        return (
+            f"the trail belongs to run {head.get('run_id') or start.get('run_id')} written in {written[0]}, "
+            f"not to {here}: its audit files were copied from another run"
+        )
+    return None
+
+
 def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Verdict:
     last = len(records) - 1
     heads = read_heads(run_dir)
@@ -325,6 +399,21 @@ def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Ver
     recorded = _run_record_id(run_dir)
     if run_id is not None and recorded not in (None, run_id):
         return Verdict(False, f"the trail belongs to run {run_id}, but {RUN_RECORD} is run {recorded}", records, head)
+    mismatch = _bound_elsewhere(run_dir, records, head)
+    if mismatch is not None:
+        return Verdict(False, mismatch, records, head)
+    end = records[-1] if records else {}
+    if end.get("kind") == "run_end" and (end.get("data") or {}).get("status") == "abnormal":
+        why = (end.get("data") or {}).get("reason") or "the launcher was killed"
+        return Verdict(
+            False,
+            f"incomplete: launcher killed at record {last} ({why}; the guardian closed the trail and signed its head; "
+            f"records 0..{last} verified, nothing was tampered with)",
+            records,
+            head,
+            bad_seq=last,
+            incomplete=True,
+        )
     return Verdict(
         True,
         f"intact: {len(records)} records (0..{last}), sequence, chain and HMACs verified, signed "
