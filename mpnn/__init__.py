@@ -92,7 +92,7 @@ from mpnn.core.ops import (
 from mpnn.core.fpenv import set_flush_denormal
 from mpnn.core.random import manual_seed
 from mpnn.core.serialize import load, save
-from mpnn import data, launch, nn, optim, telemetry  # noqa: E402  (subpackages after the engine they build on)
+from mpnn import data, launch, nn, optim, profiler, telemetry  # noqa: E402  (subpackages after the engine they build on)
 from mpnn.parallel import DataParallel  # noqa: E402
 from mpnn.checkpoint import Checkpointer  # noqa: E402
 from mpnn.checkpoint.weights import load_safetensors, save_safetensors  # noqa: E402

@@ -34,8 +34,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("nn", "optim"),
     # 3. Per-worker telemetry: instrument subscribes to backward and optimizer steps; readers, summary, trace, plots.
     ("telemetry",),
-    # 4. Datasets and loaders: tensors from core, the DataLoader's fetch time to telemetry.
-    ("data",),
+    # 4. Datasets and loaders: tensors from core, the DataLoader's fetch time to telemetry. The op profiler: times
+    #    ops through core's switch (mpnn.core.optrace), names its trace files as telemetry reads them.
+    ("data", "profiler"),
     # 5. Plugins see buffers and step records: codecs all-reduce through comm; the session listens to optimizer
     #    steps, the sampler's epochs and saves, and records through telemetry.
     ("plugins",),

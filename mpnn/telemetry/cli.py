@@ -47,13 +47,21 @@ def show(run_dir: Path | None, as_json: bool):
 
     if run_dir is None:
         run_dir = newest_run()
+    from mpnn.telemetry.profiles import find_profiles, profile_lines
+
     summary = summarize(_load(run_dir))
     if as_json:
+        profiles = find_profiles(run_dir)
+        if any(profiles.values()):
+            summary["profiles"] = profiles
         click.echo(json.dumps(summary, indent=2))
-    elif sys.stdout.isatty():
+        return
+    if sys.stdout.isatty():
         print_rich(summary)
     else:
         click.echo(format_text(summary))
+    for line in profile_lines(run_dir):
+        click.echo(line)
 
 
 @telemetry.command("trace")
@@ -65,16 +73,32 @@ def show(run_dir: Path | None, as_json: bool):
     default=None,
     help="Trace file to write [default: RUN_DIR/trace.json].",
 )
-def trace(run_dir: Path, output: Path | None):
-    """Write a Chrome trace (open it in https://ui.perfetto.dev): one process per rank, one thread per lane."""
+@click.option(
+    "--ops",
+    "ops_traces",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="TRACE",
+    help="An mpnn.profiler op trace (prof.export_chrome_trace) to merge; repeatable. Those in RUN_DIR "
+    "(ops-<rank>.trace.json) are merged without it.",
+)
+def trace(run_dir: Path, output: Path | None, ops_traces: tuple[Path, ...]):
+    """Write a Chrome trace (open it in https://ui.perfetto.dev): one process per rank, one thread per lane, and
+    the op traces of mpnn.profiler found in RUN_DIR or given with --ops, one thread per profiled thread."""
+    from mpnn.telemetry.profiles import find_profiles
     from mpnn.telemetry.trace import write_trace
 
     run = _load(run_dir)
+    found = [run_dir / name for name in find_profiles(run_dir)["ops_trace"]]
+    given = [p for p in ops_traces if p.resolve() not in {f.resolve() for f in found}]
+    merged = found + given
     try:
-        path = write_trace(run, output or run_dir / "trace.json")
+        path = write_trace(run, output or run_dir / "trace.json", merged)
+    except TelemetryError as error:
+        raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"{error.filename}: {error.strerror}") from None
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path}" + (f" (op traces merged: {', '.join(p.name for p in merged)})" if merged else ""))
 
 
 @telemetry.command("plot")

@@ -1,5 +1,7 @@
 """A run's telemetry as a Chrome trace (JSON trace event format) that Perfetto and chrome://tracing open:
-pid = rank, tid = lane, "X" slices that never overlap within one lane, "C" counters, "i" instant events."""
+pid = rank, tid = lane, "X" slices that never overlap within one lane, "C" counters, "i" instant events; and
+mpnn.profiler's op traces merged in, one thread "ops ..." per profiled thread (tid 1000 and up), whose slices nest
+(an op inside the op or backward that called it) but never cross."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from mpnn.telemetry.reader import RankLog, Run, number
+from mpnn.telemetry.profiles import PROFILER_FORMAT
+from mpnn.telemetry.reader import RankLog, Run, TelemetryError, number
 
 # Lanes in display order; any other lane name found in the data follows them alphabetically.
 LANE_ORDER = ("step", "data", "compute", "comm_wait", "comm", "optimizer")
@@ -166,21 +169,73 @@ def _rank_events(log: RankLog, origin: float) -> list[dict]:
     return out
 
 
-def build_trace(run: Run) -> dict:
+def _read_ops_trace(path) -> dict:
+    """An mpnn.profiler Chrome trace (TelemetryError naming the path when it is not one)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise TelemetryError(f"{path}: cannot read an op trace ({error})") from None
+    other = data.get("otherData") if isinstance(data, dict) else None
+    if not isinstance(other, dict) or other.get("mpnn_profiler") != PROFILER_FORMAT:
+        raise TelemetryError(f"{path}: not an op trace written by mpnn.profiler (export_chrome_trace)")
+    if not isinstance(other.get("origin_unix_ns"), int) or not isinstance(data.get("traceEvents"), list):
+        raise TelemetryError(f"{path}: op trace without origin_unix_ns or traceEvents")
+    return data
+
+
+def _ops_events(data: dict, name: str, origin: float, first_tid: dict[int, int]) -> list[dict]:
+    """One op trace's events moved onto the run's clock (origin, unix s) and onto thread ids after the rank's
+    lanes; its threads named "ops ..." (with the file name when a rank has several op traces)."""
+    other = data["otherData"]
+    pid = int(other.get("rank", 0))
+    shift_us = (other["origin_unix_ns"] - round(origin * 1e9)) / 1e3
+    base = first_tid.get(pid, 1000)
+    tids: dict[int, int] = {}
+    out = []
+    for event in data["traceEvents"]:
+        if not isinstance(event, dict):
+            continue
+        tid = tids.setdefault(event.get("tid", 0), base + len(tids))
+        if event.get("ph") == "M" and event.get("name") == "thread_name":
+            label = str((event.get("args") or {}).get("name", "ops"))
+            out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"{label} {name}"}})
+            out.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+        elif event.get("ph") == "X" and isinstance(event.get("ts"), (int, float)):
+            out.append({**event, "pid": pid, "tid": tid, "ts": round(event["ts"] + shift_us, 3)})
+    first_tid[pid] = base + len(tids)
+    return out
+
+
+def build_trace(run: Run, ops_traces=()) -> dict:
     """The Chrome trace of a run as a dict: {"traceEvents": [...], "displayTimeUnit": "ms", "otherData": {...}}.
 
-    Timestamps count from the run's earliest step, span or event (otherData.origin_unix_s)."""
-    origin = min((t for t in map(_earliest, run.ranks.values()) if t is not None), default=0.0)
+    ``ops_traces``: paths of mpnn.profiler Chrome traces (``prof.export_chrome_trace``) to merge: their op and
+    backward slices go to each rank's process as threads "ops ..." below the lanes, on the same clock.
+    Timestamps count from the earliest step, span, event or op trace start (otherData.origin_unix_s)."""
+    loaded = [(Path(p), _read_ops_trace(p)) for p in ops_traces]
+    starts = [d["otherData"]["origin_unix_ns"] / 1e9 for _, d in loaded]
+    origin = min(
+        (t for t in [*map(_earliest, run.ranks.values()), *starts] if t is not None),
+        default=0.0,
+    )
     events = [e for log in run.ranks.values() for e in _rank_events(log, origin)]
+    first_tid = {pid: 1000 for pid in run.ranks}
+    for path, data in loaded:
+        events.extend(_ops_events(data, f"({path.name})", origin, first_tid))
     return {
         "traceEvents": events,
         "displayTimeUnit": "ms",
-        "otherData": {"run_id": run.meta.get("run_id", run.path.name), "origin_unix_s": origin},
+        "otherData": {
+            "run_id": run.meta.get("run_id", run.path.name),
+            "origin_unix_s": origin,
+            "ops_traces": [str(p) for p, _ in loaded],
+        },
     }
 
 
-def write_trace(run: Run, path) -> Path:
-    """Write the run's Chrome trace to `path` (open it in https://ui.perfetto.dev or chrome://tracing)."""
+def write_trace(run: Run, path, ops_traces=()) -> Path:
+    """Write the run's Chrome trace (with any op traces merged) to `path` (open it in https://ui.perfetto.dev or
+    chrome://tracing)."""
     path = Path(path)
-    path.write_text(json.dumps(build_trace(run), separators=(",", ":"), allow_nan=False))
+    path.write_text(json.dumps(build_trace(run, ops_traces), separators=(",", ":"), allow_nan=False))
     return path
