@@ -44,6 +44,12 @@ from mpnn.launch.pinning import layout_report
     metavar="SPEC",
     help="Plugin spec name[:key=value,...] or package.module:Class; repeatable.",
 )
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Sample every worker with py-spy (the `profile` extra): per-rank flame graphs (profile-<rank>.svg) and "
+    "speedscope files in the run dir.",
+)
 @click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Number of nodes.")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank.")
 @click.option("--master-addr", help="Host of node 0 (its rank 0 serves the rendezvous).")
@@ -107,6 +113,7 @@ def launch_command(
     run_id,
     timeout,
     plugins,
+    profile,
     nnodes,
     node_rank,
     master_addr,
@@ -138,6 +145,7 @@ def launch_command(
         run_id=run_id,
         timeout=timeout,
         plugins=plugins,
+        profile=profile,
         nnodes=nnodes,
         node_rank=node_rank,
         master_addr=master_addr,

@@ -32,6 +32,7 @@ from mpnn.launch.plugins import (
     launch_start,
     load_plugins,
 )
+from mpnn.launch.profiling import open_samplers
 from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
@@ -66,6 +67,7 @@ class LaunchConfig:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     run_files: Mapping[str, bytes] = field(default_factory=dict)  # written (0600) into the run dir before spawning
     command_line: Sequence[str] = field(default_factory=lambda: list(sys.argv))
+    profile: bool = False  # sample every worker with py-spy: flame graphs per rank in the run dir
     kill_grace_s: float = KILL_GRACE_S
     live: bool | None = None  # None: the rich status line when stdout is a TTY
     checkpoint_every: int | None = None  # MPNN_CHECKPOINT_EVERY for the workers; None or 0: the script's own
@@ -303,6 +305,7 @@ def _attempt(
     argv = [sys.executable, *config.command]
     workers = []
     failed = None
+    samplers = open_samplers(run.run_dir, run.restart_count) if config.profile else None
     with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian:
         if _owns_secret(config):
             guardian.remove_on_death(run.secret_file.parent)  # the private dir fresh_secret_file made
@@ -317,6 +320,8 @@ def _attempt(
                     spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log", view.line)
                 )
                 guardian.watch(workers[-1].pid)
+                if samplers is not None:
+                    samplers.attach(workers[-1].pid, rank)
             record.update(
                 status="running",
                 workers=[{"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers],
@@ -329,6 +334,8 @@ def _attempt(
             deadline = time.monotonic() + READER_JOIN_S
             for w in workers:
                 w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
+            if samplers is not None:
+                samplers.finish()
     return workers, failed, still_running, sigkilled
 
 
