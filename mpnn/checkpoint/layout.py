@@ -100,6 +100,10 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _body_digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -185,10 +189,10 @@ def read_manifest(directory: Path) -> tuple[dict, str]:
     except OSError as error:
         raise InvalidCheckpoint(f"cannot read {MANIFEST}: {error.strerror}") from None
     try:
-        manifest = json.loads(raw)
+        manifest = json.loads(raw, parse_constant=_no_constant)
         body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
         recorded = manifest["manifest_sha256"]
-    except (ValueError, AttributeError, KeyError):
+    except (ValueError, AttributeError, KeyError, RecursionError):  # RecursionError: nested too deeply
         raise InvalidCheckpoint(f"{MANIFEST} is not a checkpoint manifest (corrupted)") from None
     if _body_digest(body) != recorded:
         raise InvalidCheckpoint(f"{MANIFEST} does not match its own digest (corrupted or edited)")
@@ -201,6 +205,17 @@ def read_manifest(directory: Path) -> tuple[dict, str]:
         body.get("files"), dict
     ):
         raise InvalidCheckpoint(f"{MANIFEST} lacks its step, epoch, world_size or files")
+    for name, entry in body["files"].items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or isinstance(entry.get("bytes"), bool)
+            or entry["bytes"] < 0
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise InvalidCheckpoint(
+                f'{MANIFEST}: the entry of {str(name)[:80]!r} is not {{"bytes": size, "sha256": hex}} (corrupted)'
+            )
     return body, hashlib.sha256(raw).hexdigest()
 
 

@@ -215,8 +215,10 @@ def load(path, map_location=None):
         )
     try:
         return _decode_payload(payload)
+    except RecursionError:
+        raise CheckpointError(path, "malformed structure (its metadata is nested too deeply)") from None
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(path, f"malformed structure ({exc})") from None
+        raise CheckpointError(path, f"malformed structure ({str(exc)[:200]})") from None
 
 
 def _decode_payload(payload: bytearray):
@@ -227,6 +229,10 @@ def _decode_payload(payload: bytearray):
     for entry in meta["arrays"]:
         dtype = np.dtype(entry["dtype"])
         shape = tuple(int(n) for n in entry["shape"])
+        if any(n < 0 for n in shape):
+            raise ValueError(f"negative shape {list(shape)}")
+        if int(entry["offset"]) < 0:
+            raise ValueError(f"negative offset {entry['offset']}")
         count = int(np.prod(shape, dtype=np.int64))
         start = data_start + int(entry["offset"])
         if (

@@ -60,7 +60,7 @@ def read_rank_log(path: Path, rank: int) -> RankLog:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a line nested too deeply to parse
                 log.bad_lines += 1
                 continue
             if isinstance(record, dict) and "event" in record:

@@ -72,6 +72,19 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse(text) -> object | None:
+    """One JSON value, or None for text that is not JSON, holds NaN or Infinity, or is nested too deeply to parse
+    (RecursionError): a malformed line or head is named by the caller, never a traceback."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     safefs.write_atomic(path, text.encode())  # a fresh temp file renamed over it: no planted name is followed
 
@@ -98,10 +111,7 @@ class TrailWriter:
                 f"(run `mpnn audit verify {self.run_dir}`)"
             )
         last = data[:-1].rsplit(b"\n", 1)[-1]
-        try:
-            record = json.loads(last)
-        except ValueError:
-            record = None
+        record = parse(last)
         if not isinstance(record, dict) or not isinstance(record.get("seq"), int) or not signed(self.key, record):
             raise AuditError(
                 f"{self.path}: its last record does not verify under key {self.fingerprint}; not "
@@ -163,11 +173,12 @@ def read_records(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    for line in data.split(b"\n"):
+        record = parse(line)
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -179,8 +190,8 @@ def read_heads(run_dir: Path) -> dict[str, dict]:
     head_file, run_record = Path(run_dir) / HEAD_FILE, Path(run_dir) / RUN_RECORD
     for name, path, pick in ((HEAD_FILE, head_file, lambda d: d), (RUN_RECORD, run_record, lambda d: d.get(HEAD_KEY))):
         try:
-            value = pick(json.loads(path.read_text()))
-        except (OSError, ValueError, AttributeError):
+            value = pick(parse(path.read_bytes()))
+        except (OSError, AttributeError):
             continue
         if isinstance(value, dict):
             heads[name] = value
@@ -262,15 +273,17 @@ def _verify_one(run_dir: Path, key: bytes) -> Verdict:
     path = run_dir / AUDIT_FILE
     if not path.exists():
         return Verdict(False, f"no {AUDIT_FILE} in {run_dir}")
-    data = path.read_bytes()
+    if not path.is_file():
+        return Verdict(False, f"{path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return Verdict(False, f"{path} cannot be read: {error.strerror or error}")
     pieces = data.split(b"\n")
     torn = pieces.pop()  # b"" when the file ends with a newline, else a cut-off record
     lines, records = [], []
     for number, line in enumerate(pieces, start=1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
+        record = parse(line)
         if not isinstance(record, dict) or not all(k in record for k in _FIELDS):
             after = f"after record {records[-1].get('seq')}" if records else "at the start"
             return Verdict(
@@ -352,6 +365,17 @@ def _bound_elsewhere(run_dir: Path, records: list, head: dict) -> str | None:
     return None
 
 
+def _not_a_head(head: dict) -> str | None:
+    """What makes `head` something other than a signed head (a record put in its place, ill-typed fields)."""
+    if "kind" in head or "prev" in head:
+        return f"it is an audit record (kind {str(head.get('kind'))[:40]!r})"
+    for name, kinds in (("seq", int), ("hash", str), ("hmac", str)):
+        value = head.get(name)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            return f"its {name!r} is {type(value).__name__}, not {kinds.__name__}"
+    return None
+
+
 def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Verdict:
     last = len(records) - 1
     heads = read_heads(run_dir)
@@ -364,6 +388,9 @@ def _check_head(run_dir: Path, records: list, last_hash: str, key: bytes) -> Ver
             records,
         )
     for where, head in heads.items():
+        problem = _not_a_head(head)
+        if problem is not None:
+            return Verdict(False, f"{where} is not a signed head ({problem})", records)
         if not signed(key, head):
             return Verdict(False, f"the signed head in {where} was edited (hmac mismatch)", records, head)
     first, *others = heads.values()
