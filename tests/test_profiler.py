@@ -217,8 +217,8 @@ def test_launch_profile_without_ptrace_permission_runs_unprofiled(tmp_path):
     fake.mkdir()
     pyspy = fake / "py-spy"
     pyspy.write_text(
-        "#!/bin/sh\necho \"Permission Denied: Try running again with elevated permissions by going "
-        "'sudo env \\\"PATH=\\$PATH\\\" !!'\" >&2\nexit 1\n"
+        '#!/bin/sh\necho "Permission Denied: Try running again with elevated permissions by going '
+        '\'sudo env \\"PATH=\\$PATH\\" !!\'" >&2\nexit 1\n'
     )
     pyspy.chmod(0o755)
     result, run_dir = _launch(tmp_path, env={"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})

@@ -45,6 +45,7 @@ from .algorithms import ALLREDUCE, REDUCE_UFUNCS, Setup, accumulate_dtype
 from .auth import DataSocketSecurity
 from .env import WorldSpec
 from .errors import AuthError, CommError
+from .hostid import host_identity
 from .transport import FLUSH_LINGER_MS, RingLink
 
 SMALL_ALLREDUCE_BYTES = algorithms.SMALL_BYTES  # below: latency-bound; mailboxes on one host, else gather + reduce
@@ -469,7 +470,7 @@ class Communicator:
     def _bind_data(self, spec, transport, shared_memory):
         info = {
             "rank": self.rank,
-            "host": socket.gethostname(),
+            "host": host_identity(),  # host name + boot id: containers may share a host name across machines
             "pid": os.getpid(),
             "ipc": None,
             "tcp": None,
