@@ -31,6 +31,7 @@ def init(plugins=None, timeout: float | None = None, seed: int | None = None):
         set_flush_denormal(True)
     if os.environ.get("MPNN_KEEP_FREED_MEMORY", "1").strip().lower() not in ("0", "false", "no"):
         keep_freed_memory()
+    _flush_on_sigterm()
     comm = init_from_env(timeout=timeout)
     run_dir = current_world().run_dir
     if run_dir and telemetry.get_recorder() is None:
@@ -50,6 +51,39 @@ def init(plugins=None, timeout: float | None = None, seed: int | None = None):
         with session.seed_source("mpnn.init"):
             manual_seed(seed)
     return comm
+
+
+def _flush_on_sigterm() -> None:
+    """A rank the launcher stops (SIGTERM, after a peer failed or the run was interrupted) writes its buffered
+    telemetry and its end event, and flushes stdout and stderr into its log, before it dies of the same signal
+    (so the launcher still sees "killed by SIGTERM"). Python's default SIGTERM death runs no atexit handler: a rank
+    that ran 20 steps left only its start event. Installed only over the default handler, from the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # the script (or a framework) handles SIGTERM itself
+
+    def on_sigterm(signum, frame):
+        import sys
+
+        rec = telemetry.get_recorder()
+        if rec is not None:
+            try:
+                rec.close()
+            except Exception:  # dying anyway: never turn a stop into a traceback
+                pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 __all__ = ["init", "get_comm"]

@@ -180,3 +180,54 @@ def test_nested_telemetry_line_is_a_bad_line(tmp_path):
     path.write_text('{"t": 1.0, "rank": 0, "event": "start"}\n' + NESTED + '\n{"t": 2.0, "rank": 0, "step": 1}\n')
     log = read_rank_log(path, 0)
     assert log.bad_lines == 1 and len(log.events) == 1 and len(log.steps) == 1
+
+
+# ----- no record lost: a rank stopped by SIGTERM ------------------------------------------------------------------
+STOPPED = """
+import sys, time
+import numpy as np
+import mpnn
+from mpnn import nn
+mpnn.init()
+model = nn.Linear(4, 2)
+opt = mpnn.optim.SGD(model.parameters(), lr=0.1)
+x, y = mpnn.from_numpy(np.ones((8, 4), np.float32)), mpnn.from_numpy(np.zeros(8, np.int64))
+for _ in range(20):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+print("twenty steps done")  # block-buffered: stdout is a pipe
+open(sys.argv[1], "w").write("ready")
+time.sleep(120)
+"""
+
+
+def test_rank_stopped_by_sigterm_keeps_its_telemetry_and_log(tmp_path):
+    import os
+    import signal
+
+    from mpnn.telemetry.reader import load_run
+    from test_launch import start_launcher, wait_for, write_script
+
+    script = write_script(tmp_path, STOPPED)
+    marker = tmp_path / "ready"
+    proc, run_id = start_launcher(tmp_path, ["-n", "1", str(script), str(marker)])
+    wait_for(marker.exists, 60, "20 steps")
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher stops its workers with SIGTERM
+    proc.communicate(timeout=30)
+    run_dir = tmp_path / "runs" / run_id
+    assert len(load_run(run_dir).ranks[0].steps) == 20
+    assert "twenty steps done" in (run_dir / "worker-0.log").read_text()
+
+
+# ----- same host: host name and boot id ------------------------------------------------------------------------
+def test_same_host_means_same_host_name_and_boot_id(monkeypatch):
+    from mpnn.comm import communicator, hostid
+
+    boot = open(hostid.BOOT_ID).read().strip()
+    assert hostid.host_identity().endswith(f" boot {boot}")
+    me = {"rank": 0, "host": hostid.host_identity(), "ipc": "ipc://a", "tcp": "tcp://10.0.0.1:1"}
+    # a container on another machine with the same host name: another boot id, so tcp, never ipc/shared memory
+    monkeypatch.setattr(hostid, "boot_id", lambda: "another-machine")
+    peer = {"rank": 1, "host": hostid.host_identity(), "ipc": "ipc://b", "tcp": "tcp://10.0.0.2:1"}
+    assert peer["host"] != me["host"] and communicator._pick_endpoint(peer, me) == "tcp://10.0.0.2:1"
