@@ -98,6 +98,7 @@ from mpnn.checkpoint import Checkpointer  # noqa: E402
 from mpnn.checkpoint.weights import load_safetensors, save_safetensors  # noqa: E402
 from mpnn import onnx  # noqa: E402  (mpnn.onnx.export; the onnx package itself loads only when it is called)
 from mpnn.runtime import get_comm, init  # noqa: E402
+from mpnn.capture import compile  # noqa: E402  (mpnn.compile(fn): capture a step once, replay it after)
 
 clamp = clip
 long = int64

@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, ...]] = [
     # 2. Built on the engine: layers and losses; optimizers.
     ("nn", "optim"),
     # 3. Per-worker telemetry: instrument subscribes to backward and optimizer steps; readers, summary, trace, plots.
-    ("telemetry",),
+    #    Beside it, mpnn.compile's capture and replay (records core's ops, calls optimizer steps and zero_grad).
+    ("telemetry", "capture"),
     # 4. Datasets and loaders: tensors from core, the DataLoader's fetch time to telemetry. The op profiler: times
     #    ops through core's switch (mpnn.core.optrace), names its trace files as telemetry reads them.
     ("data", "profiler"),

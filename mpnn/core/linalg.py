@@ -53,9 +53,10 @@ def _flat(a):
     return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(it,)), s0, s1
 
 
-def _mm(a, b):
+def _mm(a, b, out=None):
     """a @ b for 2-D arrays (either may be a transposed or strided view): float32 products of a transformer's
-    Linear sizes through mpnn's own GEMM, anything else through NumPy (OpenBLAS).
+    Linear sizes through mpnn's own GEMM, anything else through NumPy (OpenBLAS). ``out``: a C-contiguous (m, n)
+    array to write into instead of a new one (mpnn.compile's replay; the same kernels, so the same bits).
 
     Measured side by side (benchmarks/gemm.py, one thread, thread CPU time), the GPT's shapes: qkv forward
     (768,128)@(128,384) 521 us here against 595 through np.matmul; the weight gradient's transposed operand
@@ -74,7 +75,8 @@ def _mm(a, b):
     ):
         fa, fb = _flat(a), _flat(b)
         if fa is not None and fb is not None:
-            out = np.empty((m, n), _F32)
+            if out is None:
+                out = np.empty((m, n), _F32)
             gemm_kernels.sgemm(
                 fa[0],
                 0,
@@ -95,6 +97,8 @@ def _mm(a, b):
                 np.empty(12 * (-(-m // 12)) * gemm_kernels.KC if fa[2] != 1 else 1, _F32),
             )
             return out
+    if out is not None:
+        return np.matmul(a, b, out=out)
     return a @ b
 
 

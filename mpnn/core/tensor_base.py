@@ -114,6 +114,10 @@ def from_array(arr, requires_grad: bool = False):
 
 OUTPUT = object()  # in make_result's saved=: "the result itself" (exp, sqrt, sigmoid read their output)
 
+# mpnn.compile's recorder while it captures a step (see mpnn/capture/recorder.py), None otherwise: the eager path
+# pays one global load and compare per op for it. Called with the result before it goes on the tape.
+capture_hook = None
+
 
 def make_result(data, parents, backward, op, saved=None):
     """Wrap an op's output array; record (edges to parents, backward) on the tape if any parent needs grad.
@@ -127,6 +131,8 @@ def make_result(data, parents, backward, op, saved=None):
     cls = _tensor_class
     t = cls.__new__(cls)
     init_slots(t, data, False)
+    if capture_hook is not None:
+        capture_hook(t, parents, backward, op)
     if not getattr(_grad_state, "enabled", True):
         return t
     edges = None

@@ -1,0 +1,254 @@
+"""A captured step as a flat program: forward kernels over the arena, the reverse pass unrolled, and the
+optimizer steps and zero_grad calls where the step made them.
+
+The arena is the set of arrays the capture call produced: each recorded op writes its result into the array its
+eager call returned, so views (reshape) of those arrays follow by themselves and nothing is allocated for
+forward results after capture. Inputs are copied into private arrays that the capture ran on.
+
+The reverse pass is unrolled at build time in the engine's own order: the recorded ops reachable from the root,
+newest first (the engine's Kahn order with newest-first ties is exactly that order, since every consumer of a
+result was recorded after it), each parent's contributions summed in the order the engine sums them, and each
+leaf's gradient handed to ``autograd.accumulate_leaf`` right after its last consumer ran (its hooks, DataParallel's
+buckets among them, fire there as in eager).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpnn import hooks
+from mpnn.core.autograd import accumulate_leaf
+from mpnn.core.tensor import Tensor
+from mpnn.core.tensor_base import from_array
+
+
+class CaptureError(Exception):
+    """The recorded step cannot be replayed (the message says why); the step runs eagerly instead."""
+
+
+class Program:
+    """``run(inputs)`` replays the step with new input arrays; returns the step's result structure."""
+
+    def __init__(self, rec, proxies, user_args, result):
+        self.proxies = proxies  # [(arg index, proxy tensor)]
+        self.steps = []  # callables, in order
+        self.guards = []  # (tensor, its array, requires_grad) of every tensor read that the step did not make
+        self.grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
+        self._build(rec, proxies)
+        self.result_spec = self._spec(result, rec)
+
+    # ----- build ---------------------------------------------------------------------------------------------
+    def _build(self, rec, proxies):
+        if rec.reads:
+            what, where = rec.reads[0]
+            raise CaptureError(f"the step reads a tensor value ({_read_name(what)}) at {where}")
+        if rec.unsupported is not None:
+            what, where = rec.unsupported
+            raise CaptureError(f"{what} at {where}")
+        produced = rec.produced
+        proxy_ids = {id(p) for _, p in proxies}
+        externals = {}
+        for r in rec.ops:
+            if r.out._ver.value - r.version > rec.step_bumps.get(id(r.out._ver), 0):  # a view of a parameter
+                raise CaptureError(f"an in-place write to the result of {r.op!r} (shape {r.out.data.shape})")
+            if r.out._node is not None and (r.out._node.hooks or r.out._node.retain is not None):
+                raise CaptureError(f"a hook or retain_grad on the result of {r.op!r}")
+            for p in r.parents:
+                k = id(p)
+                if k in produced or k in proxy_ids or k in externals:
+                    continue
+                if p.requires_grad and p._node is not None:
+                    raise CaptureError(f"{r.op!r} reads a tensor from a graph built outside the step")
+                externals[k] = (p, r.op)
+        # a .grad made during the capture is a new tensor every step: reading it in the step cannot be replayed
+        leaves = [p for p, _ in externals.values() if p.requires_grad]
+        leaves += [p for ev in rec.events if ev[0] == "step" for g in ev[1].param_groups for p in g["params"]]
+        grads = {id(p.grad) for p in leaves if p.grad is not None}
+        for k, (p, op) in externals.items():
+            if k in grads:
+                raise CaptureError(f"{op!r} reads a parameter's .grad inside the step")
+            self.guards.append((p, p.data, p.requires_grad))
+        self._check_versions(rec)
+
+        for ev in rec.events:
+            kind = ev[0]
+            if kind == "op":
+                if ev[1].forward is not None:
+                    self.steps.append(ev[1].forward)
+            elif kind == "backward":
+                self.steps.append(self._backward_step(rec, ev[1], ev[2]))
+            elif kind == "call":
+                _, fn, obj, a, k = ev
+                self.steps.append(_bind(fn, obj, a, k))
+            elif kind == "step":
+                self.steps.append(ev[1].step)
+
+    def _check_versions(self, rec):
+        """Every tensor the ops read must be at the version it had when first read, but for optimizer updates."""
+        first = {}
+        for r in rec.ops:
+            for p, v in zip(r.parents, r.parent_versions):
+                first.setdefault(id(p._ver), (p, v))
+        for p, v in first.values():
+            allowed = rec.step_bumps.get(id(p._ver), 0)
+            if p._ver.value - v > allowed:
+                raise CaptureError(f"an in-place write to a tensor of shape {p.data.shape} that the step reads")
+
+    def _backward_step(self, rec, root, seed):
+        produced = rec.produced
+        if id(root) not in produced:
+            raise CaptureError("backward from a tensor the step did not compute")
+        if seed is None:
+            raise CaptureError("backward without a seed")
+        ops = rec.ops
+        start = produced[id(root)]
+        reached = {start}
+        last_consumer = {}  # leaf id -> lowest op index with an edge into it
+        leaves = {}
+        plan = []
+        for i in range(start, -1, -1):
+            if i not in reached:
+                continue
+            r = ops[i]
+            if r.out._node is None and i != start:
+                continue
+            targets = []
+            for j, (p, need) in enumerate(zip(r.parents, r.needs)):
+                if not need:
+                    continue
+                k = id(p)
+                if k in produced:
+                    reached.add(produced[k])
+                else:
+                    leaves[k] = p
+                    last_consumer[k] = i
+                targets.append((j, k))
+            plan.append((i, id(r.out), r.replay_bwd, targets))
+        finals = {}
+        for k, i in last_consumer.items():
+            finals.setdefault(i, []).append(k)
+        steps = []
+        for i, key, bwd, targets in plan:
+            fin = [(k, leaves[k]) for j, k in targets if k in leaves and last_consumer.get(k) == i]
+            # one leaf finalized once, in edge order
+            uniq, seen = [], set()
+            for k, leaf in fin:
+                if k not in seen:
+                    seen.add(k)
+                    uniq.append((k, leaf))
+            steps.append((key, bwd, tuple(targets), tuple(uniq)))
+        steps = tuple(steps)
+        root_key = id(root)
+
+        def backward():
+            around = tuple(hooks.backward_hooks)
+            for pre, _ in around:
+                if pre is not None:
+                    pre(root)
+            try:
+                try:
+                    grads = {root_key: seed}
+                    owned = set()
+                    for key, bwd, targets, fin in steps:
+                        g = grads.pop(key, None)
+                        if g is not None:
+                            pgrads = bwd(g)
+                            for j, k in targets:
+                                pg = pgrads[j]
+                                if pg is None:
+                                    continue
+                                prev = grads.get(k)
+                                if prev is None:
+                                    grads[k] = pg
+                                elif k in owned:
+                                    np.add(prev, pg, out=prev)
+                                else:
+                                    grads[k] = prev + pg
+                                    owned.add(k)
+                        for k, leaf in fin:
+                            gl = grads.pop(k, None)
+                            if gl is not None:
+                                accumulate_leaf(leaf, gl)
+                except BaseException as exc:
+                    for _, on_error in hooks.take_queued_callbacks():
+                        if on_error is not None:
+                            on_error(exc)
+                    raise
+                for fn, _ in hooks.take_queued_callbacks():
+                    fn()
+            finally:
+                for _, post in around:
+                    if post is not None:
+                        post(root)
+
+        return backward
+
+    # ----- results -------------------------------------------------------------------------------------------
+    def _spec(self, result, rec):
+        """How to rebuild fn's return value from the arena: copies of computed tensors, the rest as they were."""
+        if isinstance(result, Tensor):
+            if id(result) in rec.produced or any(result is p for _, p in self.proxies):
+                arr = result.data
+                return ("copy", arr)
+            return ("const", result)
+        if isinstance(result, (tuple, list)):
+            return (type(result), [self._spec(x, rec) for x in result])
+        if isinstance(result, dict):
+            return ("dict", {k: self._spec(v, rec) for k, v in result.items()})
+        if result is None or isinstance(result, (int, float, str, bool)):
+            return ("const", result)
+        raise CaptureError(f"the step returns a {type(result).__name__}: only tensors, numbers and containers")
+
+    def _result(self, spec):
+        kind = spec[0]
+        if kind == "copy":
+            return from_array(spec[1].copy())
+        if kind == "const":
+            return spec[1]
+        if kind == "dict":
+            return {k: self._result(v) for k, v in spec[1].items()}
+        return kind(self._result(x) for x in spec[1])
+
+    # ----- run -----------------------------------------------------------------------------------------------
+    def guards_hold(self) -> bool:
+        for t, arr, rg in self.guards:
+            if t.data is not arr or t.requires_grad is not rg:
+                return False
+        return True
+
+    def run(self, args):
+        for i, proxy in self.proxies:
+            np.copyto(proxy.data, args[i].data)
+        for step in self.steps:
+            step()
+        if self.grad_inputs:
+            transfer_input_grads(self.grad_inputs, args)
+        return self._result(self.result_spec)
+
+
+def transfer_input_grads(grad_inputs, args):
+    """An input that requires grad ran as a private leaf: its gradient goes to the caller's tensor."""
+    for i, proxy in grad_inputs:
+        g = proxy.grad
+        if g is not None:
+            proxy.grad = None
+            accumulate_leaf(args[i], g.data)
+
+
+def _bind(fn, obj, a, k):
+    def call():
+        fn(obj, *a, **k)
+
+    return call
+
+
+def _read_name(what):
+    return {
+        "__bool__": "bool(t)",
+        "__float__": "float(t)",
+        "__int__": "int(t)",
+        "__array__": "np.asarray(t)",
+        "item": ".item()",
+        "numpy": ".numpy()",
+        "tolist": ".tolist()",
+    }.get(what, what)

@@ -1,0 +1,177 @@
+"""Capture: run a step eagerly once while recording what it does.
+
+For the length of one call the recorder is installed (``tensor_base.capture_hook``), and a few entry points are
+swapped for recording wrappers (and put back afterwards, even on error): ``Tensor.backward`` (the root and seed of
+each reverse pass), ``Optimizer.zero_grad`` / ``Module.zero_grad``, and the reads that leave the tensor world
+(``item``, ``bool``, ``float``, ``int``, ``numpy``, ``tolist``, ``__array__``): a step whose Python sees tensor
+values may branch on them, so it cannot be replayed. Optimizer steps are seen through ``mpnn.hooks``' step hooks.
+Nothing is recorded from other threads, nor from inside an optimizer step or zero_grad (they replay whole).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from mpnn import hooks
+from mpnn.core import tensor_base
+from mpnn.core.grad_mode import _state as _grad_state
+from mpnn.core.tensor import Tensor
+from mpnn.nn.module import Module
+from mpnn.optim.optimizer import Optimizer
+
+from .replay import REPLAY, OpRecord, Unsupported
+
+_MPNN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_READS = ("item", "__bool__", "__float__", "__int__", "numpy", "tolist", "__array__")
+
+
+def user_line(depth: int = 2) -> str:
+    """'file:line' of the innermost frame outside the mpnn package (the user's code that called in)."""
+    f = sys._getframe(depth)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_MPNN_DIR + os.sep):
+        f = f.f_back
+    if f is None:
+        return "<unknown>"
+    return f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
+class Recorder:
+    def __init__(self):
+        self.thread = threading.get_ident()
+        self.ops: list[OpRecord] = []
+        # ("op", OpRecord) | ("backward", root, seed, retain) | ("call", fn, obj, args, kw) | ("step", opt)
+        self.events: list = []
+        self.produced: dict[int, int] = {}  # id(result tensor) -> index in ops
+        self.keep: list = []  # every tensor seen, so that ids stay unique while recording
+        self.reads: list[tuple[str, str]] = []  # (what, where) of value reads
+        self.unsupported: tuple[str, str] | None = None  # (op and reason, where)
+        self.quiet = 0  # > 0 inside an optimizer step or zero_grad
+        self.step_bumps: dict[int, int] = {}  # id(tensor) -> version bumps made by recorded optimizer steps
+        self._saved = {}
+        self._handle = None
+        self._pre_versions = None
+
+    # ----- the op hook ---------------------------------------------------------------------------------------
+    def on_result(self, t, parents, backward, op):
+        if self.quiet or threading.get_ident() != self.thread or self.unsupported is not None:
+            return
+        builder = REPLAY.get(op)
+        if builder is None:
+            self.unsupported = (f"op {op!r} (no replay form)", user_line(3))
+            return
+        frame = sys._getframe(2)  # 0: here, 1: make_result, 2: the op (or make_view)
+        if frame.f_code.co_name == "make_view":
+            frame = frame.f_back
+        rec = OpRecord(
+            op,
+            t,
+            tuple(parents),
+            backward,
+            dict(frame.f_locals),
+            tuple(bool(p.requires_grad) for p in parents),
+            bool(getattr(_grad_state, "enabled", True)),
+        )
+        try:
+            rec.forward, rec.replay_bwd = builder(rec)
+        except (Unsupported, KeyError) as exc:
+            self.unsupported = (f"op {op!r} ({exc})", user_line(3))
+            return
+        rec.locals = None  # what the builder needed it has taken
+        self.produced[id(t)] = len(self.ops)
+        self.ops.append(rec)
+        self.events.append(("op", rec))
+        self.keep.append(t)
+        self.keep.extend(parents)
+
+    # ----- install / remove ----------------------------------------------------------------------------------
+    def __enter__(self):
+        rec = self
+        saved = self._saved
+        for name in _READS:
+            original = getattr(Tensor, name)
+            saved[(Tensor, name)] = original
+
+            def reader(self_, *a, _name=name, _orig=original, **k):
+                if threading.get_ident() == rec.thread and not rec.quiet:
+                    rec.reads.append((_name, user_line(2)))
+                return _orig(self_, *a, **k)
+
+            setattr(Tensor, name, reader)
+
+        original_backward = Tensor.backward
+        saved[(Tensor, "backward")] = original_backward
+
+        def backward(self_, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+            if threading.get_ident() != rec.thread or rec.quiet:
+                return original_backward(self_, gradient, retain_graph, create_graph, inputs)
+            from mpnn.core import autograd
+
+            seen = {}
+            real = autograd.run_backward
+
+            def spy(root, g, retain):
+                seen["seed"] = g
+                return real(root, g, retain)
+
+            autograd.run_backward = spy
+            try:
+                original_backward(self_, gradient, retain_graph, create_graph, inputs)
+            finally:
+                autograd.run_backward = real
+            rec.events.append(("backward", self_, seen.get("seed"), bool(retain_graph)))
+            rec.keep.append(self_)
+
+        Tensor.backward = backward
+
+        for cls in (Optimizer, Module):
+            original = cls.zero_grad
+            saved[(cls, "zero_grad")] = original
+
+            def zero_grad(self_, *a, _orig=original, **k):
+                if threading.get_ident() != rec.thread or rec.quiet:
+                    return _orig(self_, *a, **k)
+                rec.events.append(("call", _orig, self_, a, k))
+                rec.quiet += 1
+                try:
+                    return _orig(self_, *a, **k)
+                finally:
+                    rec.quiet -= 1
+
+            cls.zero_grad = zero_grad
+
+        self._handle = hooks.register_optimizer_step_hooks(pre=self._step_pre, post=self._step_post)
+        tensor_base.capture_hook = self.on_result
+        return self
+
+    def __exit__(self, *exc):
+        tensor_base.capture_hook = None
+        self._handle.remove()
+        for (cls, name), original in self._saved.items():
+            setattr(cls, name, original)
+        self._saved.clear()
+        return False
+
+    # ----- optimizer steps -----------------------------------------------------------------------------------
+    def _step_pre(self, opt, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return
+        if self.quiet == 0:
+            if args or kwargs:
+                self.unsupported = ("optimizer.step(closure)", user_line(3))
+            self.events.append(("step", opt))
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self._pre_versions = [(p, p._ver.value) for p in params]
+        self.quiet += 1
+
+    def _step_post(self, opt, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return
+        self.quiet -= 1
+        if self.quiet == 0 and self._pre_versions is not None:
+            for p, v in self._pre_versions:
+                k = id(p._ver)
+                self.step_bumps[k] = self.step_bumps.get(k, 0) + p._ver.value - v
+                self.keep.append(p)
+            self._pre_versions = None

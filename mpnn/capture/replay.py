@@ -1,0 +1,284 @@
+"""Replay forms: for each op the recorder can capture, how to run it again over the same arrays.
+
+A builder gets one recorded op (``OpRecord``: its result tensor, parents, eager backward closure and the op
+function's local variables at the moment it called ``make_result``) and returns ``(forward, backward)``:
+
+- ``forward()`` recomputes the result *in place*, into the array the eager call produced (that array is the
+  op's buffer in the arena from then on), from the parents' arrays, which are buffers too; None for a view
+  (reshape of a contiguous array), whose array follows its base by itself.
+- ``backward(g)`` returns one gradient per parent (or None), as the eager closure does.
+
+Bit-exactness is by construction: each form calls the same NumPy ufuncs or Numba kernels with the same operands
+as the eager op, only with ``out=``. Where the eager backward closure reads nothing but parent and result arrays
+(which the forward replay refreshes in place), the form reuses that closure as it is. Where the eager code keeps
+temporaries from its forward (cross_entropy's softmax, a conv algorithm's state), the form recomputes them in its
+forward and its backward reads them from there.
+
+A builder raises ``Unsupported`` for a case it does not cover (the op then runs eagerly, with a warning naming
+it). Ops without a builder are not captured at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpnn.core.conv import SETTINGS as conv_settings
+from mpnn.core.linalg import _mm
+from mpnn.core.loss import _check_labels
+
+
+class Unsupported(Exception):
+    """This call of the op has no replay form (the message says which case)."""
+
+
+class OpRecord:
+    """One op as the recorder saw it."""
+
+    __slots__ = (
+        "op",
+        "out",
+        "parents",
+        "backward",
+        "locals",
+        "needs",
+        "grad_on",
+        "version",
+        "parent_versions",
+        "forward",
+        "replay_bwd",
+    )
+
+    def __init__(self, op, out, parents, backward, local_vars, needs, grad_on):
+        self.op = op
+        self.out = out
+        self.parents = parents
+        self.backward = backward
+        self.locals = local_vars
+        self.needs = needs  # per parent: did it require grad when the op ran (an edge on the tape)
+        self.grad_on = grad_on
+        self.version = out._ver.value
+        self.parent_versions = tuple(p._ver.value for p in parents)
+        self.forward = None
+        self.replay_bwd = None
+
+
+REPLAY: dict = {}
+
+
+def register(*names):
+    def deco(fn):
+        for n in names:
+            REPLAY[n] = fn
+        return fn
+
+    return deco
+
+
+def _same_result(o, expect_dtype, expect_shape):
+    if o.dtype != expect_dtype or o.shape != expect_shape or not o.flags.c_contiguous or not o.flags.writeable:
+        raise Unsupported(f"result {o.dtype} {o.shape} cannot be written in place")
+
+
+# ----- elementwise -----------------------------------------------------------------------------------------
+def _binary(ufunc):
+    def build(r):
+        a, b = r.parents
+        ad, bd, o = a.data, b.data, r.out.data
+        _same_result(o, o.dtype, np.broadcast_shapes(ad.shape, bd.shape))
+
+        def forward():
+            ufunc(ad, bd, out=o)
+
+        return forward, r.backward
+
+    return build
+
+
+register("add")(_binary(np.add))
+register("sub")(_binary(np.subtract))
+register("mul")(_binary(np.multiply))
+register("div")(_binary(np.true_divide))
+
+
+def _unary(ufunc):
+    def build(r):
+        (a,) = r.parents
+        ad, o = a.data, r.out.data
+        _same_result(o, o.dtype, ad.shape)
+
+        def forward():
+            ufunc(ad, out=o)
+
+        return forward, r.backward
+
+    return build
+
+
+register("neg")(_unary(np.negative))
+register("exp")(_unary(np.exp))
+register("log")(_unary(np.log))
+register("tanh")(_unary(np.tanh))
+register("sqrt")(_unary(np.sqrt))
+
+
+@register("relu")
+def _relu(r):
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    _same_result(o, o.dtype, ad.shape)
+
+    def forward():
+        np.maximum(ad, 0, out=o)
+
+    return forward, r.backward  # the closure reads the result (an arena buffer) only
+
+
+@register("sigmoid")
+def _sigmoid(r):
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    _same_result(o, ad.dtype, ad.shape)
+
+    def forward():  # eager's expression, then into the buffer
+        e = np.exp(-np.abs(ad))
+        np.copyto(o, np.where(ad >= 0, 1 / (1 + e), e / (1 + e)).astype(ad.dtype, copy=False))
+
+    return forward, r.backward
+
+
+# ----- movement ----------------------------------------------------------------------------------------------
+@register("reshape")
+def _reshape(r):
+    (a,) = r.parents
+    o = r.out.data
+    if np.shares_memory(o, a.data):
+        return None, r.backward  # a view of its input's buffer: nothing to do
+    shape = o.shape
+    ad = a.data
+
+    def forward():
+        np.copyto(o, ad.reshape(shape))
+
+    return forward, r.backward
+
+
+# ----- reductions --------------------------------------------------------------------------------------------
+@register("mean", "sum")
+def _reduce(r):
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    loc = r.locals
+    axes, keepdim = loc["axes"], loc["keepdim"]
+    if ad.dtype.kind != "f" or o.dtype != ad.dtype or ad.ndim == 0:
+        raise Unsupported(f"{r.op} of a {ad.dtype} tensor of {ad.ndim} dims")
+    fn = np.mean if r.op == "mean" else np.sum
+
+    def forward():
+        np.copyto(o, fn(ad, axis=axes, keepdims=keepdim))
+
+    return forward, r.backward
+
+
+# ----- linear ------------------------------------------------------------------------------------------------
+@register("linear")
+def _linear(r):
+    x, weight = r.parents[0], r.parents[1]
+    bias = r.parents[2] if len(r.parents) == 3 else None
+    xd, wd, o = x.data, weight.data, r.out.data
+    x2 = xd.reshape(-1, xd.shape[-1])
+    if not np.shares_memory(x2, xd):
+        raise Unsupported("linear of a non-contiguous input")
+    o2 = o.reshape(-1, wd.shape[0])
+    if not (o.flags.c_contiguous and np.shares_memory(o2, o)):
+        raise Unsupported("linear result not contiguous")
+    wt = wd.T
+    bd = None if bias is None else bias.data
+
+    def forward():
+        _mm(x2, wt, out=o2)
+        if bd is not None:
+            np.add(o2, bd, out=o2)
+
+    return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
+
+
+# ----- convolution -------------------------------------------------------------------------------------------
+@register("conv1d", "conv2d")
+def _conv(r):
+    loc = r.locals
+    problem, algorithm, settings = loc["problem"], loc["algorithm"], conv_settings
+    input, weight = r.parents[0], r.parents[1]
+    bias = r.parents[2] if len(r.parents) == 3 else None
+    x4 = problem[0]
+    if not np.shares_memory(x4, input.data):
+        raise Unsupported(f"{r.op} of a non-contiguous input")
+    if not np.shares_memory(problem[1], weight.data) or (bias is not None and problem[2] is not bias.data):
+        raise Unsupported(f"{r.op}: weight or bias is a copy")
+    n, out_ch, oh, ow = x4.shape[0], weight.data.shape[0], loc["oh"], loc["ow"]
+    o4 = r.out.data.reshape(n, out_ch, oh, ow)
+    if not np.shares_memory(o4, r.out.data):
+        raise Unsupported(f"{r.op} result not contiguous")
+    xshape, wshape = input.data.shape, weight.data.shape
+    need_b = bias is not None and bias.requires_grad
+    has_bias = bias is not None
+    state = [None]
+
+    def forward():
+        state[0] = algorithm.forward(problem, o4, settings)
+
+    def backward(g):  # the eager closure's body, over the state the forward replay left
+        g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
+        dx, dw, db = algorithm.backward(state[0], g4, input.requires_grad, weight.requires_grad, need_b)
+        dx = None if dx is None else dx.reshape(xshape)
+        dw = None if dw is None else dw.reshape(wshape)
+        return (dx, dw) if not has_bias else (dx, dw, db)
+
+    return forward, backward
+
+
+# ----- losses ------------------------------------------------------------------------------------------------
+@register("cross_entropy")
+def _cross_entropy(r):
+    loc = r.locals
+    x = loc["x"]
+    if "rows" not in loc:
+        raise Unsupported("cross_entropy with probability targets")
+    if x.ndim != 2 or loc["w"] is not None or loc["eps"] or loc["reduction"] not in ("mean", "sum"):
+        raise Unsupported("cross_entropy other than (N, C) logits, integer labels, no weight or smoothing, mean/sum")
+    rows, labels, c, ignore_index = loc["rows"], loc["labels"], loc["c"], loc["ignore_index"]
+    if rows is not x or labels.ndim != 1:
+        raise Unsupported("cross_entropy: labels not a 1-d array")
+    mean = loc["reduction"] == "mean"
+    o = r.out.data
+    _same_result(o, x.dtype, ())
+    dtype = x.dtype
+    n = len(labels)
+    arange = np.arange(n)
+    st = {}
+
+    def forward():  # eager's arithmetic, line for line (eps == 0, no class weights)
+        valid = _check_labels("cross_entropy", labels, c, ignore_index)
+        m = rows.max(axis=1, keepdims=True)
+        z = rows - m
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        logp = z - np.log(s)
+        safe = np.where(valid, labels, 0)
+        wrow = np.ones(n, dtype=dtype)
+        wrow = wrow * valid
+        picked = logp[arange, safe]
+        loss = -(1 - 0.0) * wrow * picked
+        denom = wrow.sum() if mean else 1
+        np.copyto(o, np.asarray(loss.sum() / denom, dtype=dtype))
+        st["e"], st["s"], st["safe"], st["wrow"], st["denom"] = e, s, safe, wrow, denom
+
+    def backward(g):
+        p = st["e"] / st["s"]
+        q = np.zeros_like(rows)
+        q[arange, st["safe"]] = (1 - 0.0) * st["wrow"]
+        grow = p * q.sum(axis=1, keepdims=True) - q
+        gscale = g / st["denom"]
+        grow = (grow * gscale).astype(dtype, copy=False)
+        return (np.ascontiguousarray(grow),)
+
+    return forward, backward

@@ -1,0 +1,396 @@
+"""mpnn.compile: a step captured once and replayed equals the eager step bit for bit (the replay forms call the same
+kernels), on the MNIST-1D models and on random op chains; what cannot be captured runs eagerly after one warning
+naming the line or the op; the cache is bounded and counted; the eager path is left as it was."""
+
+import importlib.util
+import os
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mpnn
+from mpnn import nn
+from mpnn.capture import CompiledFunction, CompileWarning
+from mpnn.core import tensor_base
+from mpnn.core.tensor import Tensor
+
+_EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
+
+
+def _models():
+    spec = importlib.util.spec_from_file_location("mnist1d_example_compile", _EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+def _batches(n, seed=0, batch=20):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            mpnn.from_numpy(rng.standard_normal((batch, 40)).astype(np.float32)),
+            mpnn.from_numpy(rng.integers(0, 10, batch)),
+        )
+        for _ in range(n)
+    ]
+
+
+def _train(model_name, compiled, opt_name="adam", steps=6):
+    mpnn.manual_seed(0)
+    model = _models()[model_name]()
+    if opt_name == "adam":
+        opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+    else:
+        opt = mpnn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = mpnn.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step) if compiled else step
+    losses, grads = [], []
+    for x, y in _batches(steps):
+        losses.append(fn(x, y).data.copy())
+        grads.append([p.grad.data.copy() for p in model.parameters()])
+    params = [p.data.copy() for p in model.parameters()]
+    return losses, grads, params, fn
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_mnist1d_steps_replay_bit_for_bit(model_name, opt_name):
+    eager = _train(model_name, False, opt_name)
+    compiled = _train(model_name, True, opt_name)
+    fn = compiled[3]
+    assert fn.eager_reason is None
+    assert fn.stats["captures"] == 1 and fn.stats["hits"] == 5
+    for a, b in zip(eager[0], compiled[0]):
+        assert a.tobytes() == b.tobytes()
+    for ga, gb in zip(eager[1], compiled[1]):
+        for a, b in zip(ga, gb):
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(eager[2], compiled[2]):
+        assert a.tobytes() == b.tobytes()
+
+
+# ----- random op chains -----------------------------------------------------------------------------------------
+UNARY = ["relu", "tanh", "sigmoid", "neg", "exp_tanh", "reshape_flat"]
+BINARY = ["add", "sub", "mul", "div_safe", "linear"]
+
+
+def _apply(kind, a, b, lin):
+    if kind == "relu":
+        return a.relu()
+    if kind == "tanh":
+        return a.tanh()
+    if kind == "sigmoid":
+        return a.sigmoid()
+    if kind == "neg":
+        return -a
+    if kind == "exp_tanh":
+        return a.tanh().exp()
+    if kind == "reshape_flat":
+        return a.reshape(-1).reshape(a.shape)
+    if kind == "add":
+        return a + b
+    if kind == "sub":
+        return a - b
+    if kind == "mul":
+        return a * b
+    if kind == "div_safe":
+        return a / (b * b + 1.0)
+    if kind == "linear":
+        return lin(a)
+    raise AssertionError(kind)
+
+
+chains = st.lists(
+    st.tuples(st.sampled_from(UNARY + BINARY), st.integers(0, 100), st.integers(0, 100)), min_size=1, max_size=10
+)
+
+
+def _run_chain(recipe, compiled, steps=3):
+    mpnn.manual_seed(1)
+    lin = nn.Linear(6, 6)
+    w = nn.Parameter(mpnn.randn(4, 6))
+    params = [w] + list(lin.parameters())
+    opt = mpnn.optim.Adam(params, lr=1e-2)
+
+    def step(x):
+        opt.zero_grad()
+        vals = [x * w, w, w.tanh()]  # every operand requires grad
+        for kind, i, j in recipe:
+            a = vals[i % len(vals)]
+            b = vals[j % len(vals)]
+            vals.append(_apply(kind, a, b, lin))
+        out = vals[-1]
+        loss = (out * out).mean() + vals[len(vals) // 2].sum() * 0.01
+        loss.backward()
+        opt.step()
+        return loss, out
+
+    fn = mpnn.compile(step) if compiled else step
+    rng = np.random.default_rng(3)
+    got = []
+    for _ in range(steps):
+        x = mpnn.from_numpy(rng.standard_normal((4, 6)).astype(np.float32))
+        loss, out = fn(x)
+        grads = [None if p.grad is None else p.grad.data.copy() for p in params]
+        got.append((loss.data.copy(), out.data.copy(), grads))
+    return got, [p.data.copy() for p in params], fn
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(chains)
+def test_random_op_chains_replay_equal_eager(recipe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)  # every op here has a replay form
+        got_e, params_e, _ = _run_chain(recipe, False)
+        got_c, params_c, fn = _run_chain(recipe, True)
+    assert fn.stats["hits"] == 2
+    for (le, oe, ge), (lc, oc, gc) in zip(got_e, got_c):
+        np.testing.assert_array_equal(le, lc)
+        np.testing.assert_array_equal(oe, oc)
+        for a, b in zip(ge, gc):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+    for a, b in zip(params_e, params_c):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----- what cannot be captured ----------------------------------------------------------------------------------
+def _simple():
+    mpnn.manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = mpnn.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt
+
+
+@pytest.mark.parametrize("read", ["item", "bool", "numpy", "float"])
+def test_value_read_in_step_warns_with_line_and_runs_eagerly(read):
+    model, opt = _simple()
+
+    def step(x):
+        opt.zero_grad()
+        loss = model(x).mean()
+        if read == "item":
+            v = loss.item()
+        elif read == "bool":
+            v = bool(loss > 0)
+        elif read == "numpy":
+            v = loss.numpy()
+        else:
+            v = float(loss)
+        loss.backward()
+        opt.step()
+        return v
+
+    fn = mpnn.compile(step)
+    x = mpnn.ones(2, 5)
+    with pytest.warns(CompileWarning, match=r"test_compile\.py:\d+") as w:
+        first = fn(x)
+    assert len(w) == 1
+    assert fn.eager_reason is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = fn(x)  # eager now, without a second warning
+    assert fn.stats["eager"] == 1 and fn.stats["captures"] == 0
+    assert np.asarray(first).shape == np.asarray(second).shape
+
+
+def test_unsupported_op_warns_naming_it_and_stays_correct():
+    model, opt = _simple()
+
+    def step(x):
+        opt.zero_grad()
+        loss = model(x).softmax(-1).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step)
+    with pytest.warns(CompileWarning, match="softmax"):
+        fn(mpnn.ones(2, 5))
+    fn(mpnn.ones(2, 5))
+    assert fn.stats["eager"] == 1
+
+
+def test_random_draws_run_eagerly():
+    mpnn.manual_seed(0)
+
+    def step(x):
+        return x + mpnn.randn(*x.shape)
+
+    fn = mpnn.compile(step)
+    with pytest.warns(CompileWarning, match="random"):
+        a = fn(mpnn.zeros(3))
+    b = fn(mpnn.zeros(3))
+    assert not np.array_equal(a.data, b.data)
+
+
+def test_in_place_write_runs_eagerly():
+    model, opt = _simple()
+
+    def step(x):
+        h = model(x)
+        with mpnn.no_grad():
+            model.weight.mul_(0.5)
+        return h
+
+    fn = mpnn.compile(step)
+    with pytest.warns(CompileWarning, match="in-place"):
+        fn(mpnn.ones(2, 5))
+
+
+def test_reading_a_grad_in_the_step_runs_eagerly():
+    model, opt = _simple()
+
+    def step(x):
+        opt.zero_grad()
+        model(x).mean().backward()
+        norm = (model.weight.grad * model.weight.grad).sum()
+        opt.step()
+        return norm
+
+    fn = mpnn.compile(step)
+    with pytest.warns(CompileWarning, match=r"\.grad"):
+        fn(mpnn.ones(2, 5))
+
+
+# ----- cache, guards, signature ---------------------------------------------------------------------------------
+def test_lru_cache_counts_and_warns_on_recapture_churn():
+    model, opt = _simple()
+
+    def fwd(x):
+        return model(x).relu()
+
+    fn = mpnn.compile(fwd, max_entries=2)
+    xs = [mpnn.ones(n, 5) for n in (1, 2, 3)]
+    with pytest.warns(CompileWarning, match=r"recaptured .* signature") as w:
+        for _ in range(3):
+            for x in xs:
+                out = fn(x)
+                np.testing.assert_array_equal(out.data, model(x).relu().data)
+    assert len(w) >= 1
+    s = fn.stats
+    assert s["captures"] == 9 and s["evictions"] == 7 and s["recaptures"] == 6 and s["hits"] == 0
+    assert fn.cache_size() == 2
+    fn2 = mpnn.compile(fwd, max_entries=2)
+    for x in xs[:2] * 3:
+        fn2(x)
+    assert fn2.stats == {"captures": 2, "hits": 4, "evictions": 0, "recaptures": 0, "eager": 0}
+
+
+def test_replaced_parameter_array_recaptures():
+    model, opt = _simple()
+    fn = mpnn.compile(lambda x: model(x))
+    x = mpnn.ones(2, 5)
+    fn(x)
+    fn(x)
+    model.weight.data = np.zeros_like(model.weight.data)
+    out = fn(x)
+    np.testing.assert_array_equal(out.data, np.broadcast_to(model.bias.data, (2, 3)))
+    assert fn.stats["captures"] == 2 and fn.stats["recaptures"] == 1
+
+
+def test_training_flag_and_grad_mode_are_in_the_signature():
+    model, opt = _simple()
+    fn = mpnn.compile(lambda x: model(x))
+    x = mpnn.ones(2, 5)
+    fn(x)
+    model.eval()
+    fn(x)
+    with mpnn.no_grad():
+        fn(x)
+    assert fn.stats["captures"] == 3
+
+
+def test_inputs_that_require_grad_get_their_gradient():
+    model, opt = _simple()
+
+    def step(x):
+        loss = (model(x) * model(x)).sum()
+        loss.backward()
+        return loss
+
+    fn = mpnn.compile(step)
+    for _ in range(3):
+        xe = mpnn.randn(2, 5, requires_grad=True)
+        xc = Tensor(xe.data.copy(), requires_grad=True)
+        model.zero_grad()
+        step(xe)
+        ge = model.weight.grad.data.copy()
+        model.zero_grad()
+        fn(xc)
+        np.testing.assert_array_equal(xe.grad.data, xc.grad.data)
+        np.testing.assert_array_equal(ge, model.weight.grad.data)
+    assert fn.stats["hits"] == 2
+
+
+def test_returned_tensors_are_copies():
+    model, opt = _simple()
+    fn = mpnn.compile(lambda x: model(x))
+    a = fn(mpnn.ones(2, 5))
+    a0 = a.data.copy()
+    fn(mpnn.full((2, 5), 2.0))
+    np.testing.assert_array_equal(a.data, a0)
+
+
+def test_capture_leaves_the_eager_path_as_it_was():
+    item, backward, zero_grad = Tensor.item, Tensor.backward, mpnn.optim.Optimizer.zero_grad
+    model, opt = _simple()
+
+    def step(x):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+    fn = mpnn.compile(step)
+    fn(mpnn.ones(2, 5))
+    assert tensor_base.capture_hook is None
+    assert Tensor.item is item and Tensor.backward is backward and mpnn.optim.Optimizer.zero_grad is zero_grad
+    assert isinstance(fn, CompiledFunction) and mpnn.compile is not None
+
+
+def test_steady_state_memory_is_flat():
+    losses, _, _, _ = _train("cnn", True, steps=2)
+    mpnn.manual_seed(0)
+    model = _models()["cnn"]()
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = mpnn.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step)
+    batches = _batches(4)
+    for i in range(10):
+        fn(*batches[i % 4])
+    peaks = []
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(40):
+                fn(*batches[i % 4])
+            cur, peak = tracemalloc.get_traced_memory()
+            peaks.append((peak - base, cur - base))
+    finally:
+        tracemalloc.stop()
+    # no growth from block to block (the first block still settles NumPy's and the loss's small caches): what a
+    # step allocates it frees
+    later = [p for p, _ in peaks[1:]]
+    assert max(later) - min(later) < 64 * 1024, peaks
+    assert all(abs(c) < 64 * 1024 for _, c in peaks[1:]), peaks
