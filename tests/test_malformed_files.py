@@ -231,3 +231,18 @@ def test_same_host_means_same_host_name_and_boot_id(monkeypatch):
     monkeypatch.setattr(hostid, "boot_id", lambda: "another-machine")
     peer = {"rank": 1, "host": hostid.host_identity(), "ipc": "ipc://b", "tcp": "tcp://10.0.0.2:1"}
     assert peer["host"] != me["host"] and communicator._pick_endpoint(peer, me) == "tcp://10.0.0.2:1"
+
+
+# ----- the dataset cache ----------------------------------------------------------------------------------------
+def test_unwritable_dataset_cache_is_one_line_and_the_data_still_loads(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mnist1d")
+    from mpnn.data.datasets import load_mnist1d
+
+    blocker = tmp_path / "home-is-a-file"
+    blocker.write_text("")
+    monkeypatch.delenv("MPNN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(blocker / "home"))  # no cache dir can be made there (as root, too)
+    data = load_mnist1d(num_samples=100, seed=3)
+    assert data["x"].shape == (80, 40)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mpnn: cannot cache MNIST-1D in {blocker / 'home'}"), err

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -100,13 +101,24 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, root=None) -> dict:
     arrays = _read(path)
     if arrays is not None:
         return arrays
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError as error:  # a read-only HOME, a cache dir that is a file: generate, but keep nothing
+        sys.stderr.write(
+            f"mpnn: cannot cache MNIST-1D in {path.parent}: {error.strerror or error}; generating it in memory "
+            "(set MPNN_CACHE_DIR to a writable directory to keep it)\n"
+        )
+        return _generate(int(num_samples), int(seed))
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process generates; the rest wait here, then read its file
         arrays = _read(path)
         if arrays is None:
             arrays = _generate(int(num_samples), int(seed))
-            _write_atomic(path, arrays)
+            try:
+                _write_atomic(path, arrays)
+            except OSError as error:
+                sys.stderr.write(f"mpnn: cannot write the MNIST-1D cache {path}: {error.strerror or error}\n")
     return arrays
 
 
