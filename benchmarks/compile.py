@@ -1,0 +1,186 @@
+"""mpnn.compile on the MNIST-1D steps: mpnn eager, mpnn compiled, torch eager, torch.compile, one thread, one process.
+
+    python benchmarks/compile.py [--model mlp cnn] [--steps 50] [--repeats 15] [--no-torch-compile]
+
+Each step is the whole recipe on pre-cut batches of 100: zero_grad, forward, cross-entropy, backward, Adam. The four
+variants run interleaved (block of steps of one, then the next, ...), so load on a shared machine hits them alike;
+each figure is the median over repeats of a block's mean step time. Also printed: the capture call's cost against an
+eager step, and tracemalloc's peak and net per block of compiled steps (flat = nothing accumulates).
+"""
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def load_models():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
+    spec = importlib.util.spec_from_file_location("mnist1d_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MODELS
+
+
+def data(n=10, batch=100, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((batch, 40)).astype(np.float32), rng.integers(0, 10, batch).astype(np.int64))
+        for _ in range(n)
+    ]
+
+
+def mpnn_step(name, compiled):
+    import mpnn
+
+    mpnn.manual_seed(0)
+    model = load_models()[name]()
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = mpnn.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return mpnn.compile(step) if compiled else step
+
+
+def torch_step(name, compiled):
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if name == "mlp":
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear1, self.linear2, self.linear3 = nn.Linear(40, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+            def forward(self, x):
+                h = self.linear1(x).relu()
+                h = h + self.linear2(h).relu()
+                return self.linear3(h)
+
+    else:
+
+        class M(nn.Module):
+            def __init__(self, c=25):
+                super().__init__()
+                self.conv1 = nn.Conv1d(1, c, 5, stride=2, padding=1)
+                self.conv2 = nn.Conv1d(c, c, 3, stride=2, padding=1)
+                self.conv3 = nn.Conv1d(c, c, 3, stride=2, padding=1)
+                self.linear = nn.Linear(c * 5, 10)
+
+            def forward(self, x):
+                h = x.reshape(x.shape[0], 1, x.shape[-1])
+                h = self.conv1(h).relu()
+                h = self.conv2(h).relu()
+                h = self.conv3(h).relu()
+                return self.linear(h.reshape(h.shape[0], -1))
+
+    model = M()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fwd = torch.compile(model) if compiled else model
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--no-torch-compile", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    import mpnn
+
+    batches = data()
+    mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in batches]
+    tb = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
+    print(f"one thread; load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__}")
+    for name in args.model:
+        variants = {"mpnn eager": (mpnn_step(name, False), mb), "mpnn compiled": None}
+        # capture cost: the compiled step's first call against an eager step (after a warm eager step)
+        eager = variants["mpnn eager"][0]
+        for i in range(5):
+            eager(*mb[i % 10])
+        t0 = time.perf_counter()
+        eager(*mb[0])
+        t_eager = time.perf_counter() - t0
+        comp = mpnn_step(name, True)
+        t0 = time.perf_counter()
+        comp(*mb[0])
+        t_capture = time.perf_counter() - t0
+        variants["mpnn compiled"] = (comp, mb)
+        variants["torch eager"] = (torch_step(name, False), tb)
+        if not args.no_torch_compile:
+            tc = torch_step(name, True)
+            t0 = time.perf_counter()
+            try:
+                tc(*tb[0])
+                print(f"{name}: torch.compile first call {time.perf_counter() - t0:.1f} s")
+                variants["torch.compile"] = (tc, tb)
+            except Exception as exc:  # no C++ compiler, inductor failure: say so, time the rest
+                print(f"{name}: torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        for fn, bs in variants.values():
+            for i in range(10):
+                fn(*bs[i % 10])
+        times = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for k, (fn, bs) in variants.items():
+                t0 = time.perf_counter()
+                for i in range(args.steps):
+                    fn(*bs[i % 10])
+                times[k].append((time.perf_counter() - t0) / args.steps)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = med["mpnn eager"]
+        print(f"\n{name}: median step over {args.repeats} blocks of {args.steps} steps")
+        for k, v in med.items():
+            print(
+                f"  {k:14s} {v * 1e3:7.3f} ms   {v / base:5.2f}x mpnn eager   "
+                f"{v / med['torch eager']:5.2f}x torch eager"
+            )
+        print(
+            f"  capture call {t_capture * 1e3:.2f} ms = {t_capture / t_eager:.2f}x an eager step "
+            f"({t_eager * 1e3:.2f} ms); "
+            f"stats {comp.stats}"
+        )
+        tracemalloc.start()
+        blocks = []
+        for _ in range(5):
+            tracemalloc.reset_peak()
+            b0 = tracemalloc.get_traced_memory()[0]
+            for i in range(200):
+                comp(*mb[i % 10])
+            cur, peak = tracemalloc.get_traced_memory()
+            blocks.append((peak - b0, cur - b0))
+        tracemalloc.stop()
+        print(
+            "  tracemalloc per block of 200 compiled steps (peak above start, net): "
+            + ", ".join(f"{pk / 1024:.0f}/{net / 1024:+.1f} KiB" for pk, net in blocks)
+        )
+
+
+if __name__ == "__main__":
+    main()
