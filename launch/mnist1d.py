@@ -90,6 +90,11 @@ def parse_args(argv=None):
         default=None,
         help="where checkpoints go and are resumed from (default: the run directory of `mpnn launch`)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="capture the step once with mpnn.compile and replay it (one rank only for now)",
+    )
     return p.parse_args(argv)
 
 
@@ -115,15 +120,24 @@ def main(argv=None):
     if rank == 0 and resumed.resumed:
         print(f"resumed from {resumed.path} at step {resumed.step} (epoch {resumed.epoch})", flush=True)
 
+    if args.compile and world > 1:
+        raise SystemExit("mnist1d: --compile runs on one rank only for now (DataParallel replay is untested)")
+
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    run_step = mpnn.compile(train_step) if args.compile else train_step
+
     mpnn.telemetry.plan(total_steps=args.steps)
     step, epoch, start = resumed.step, resumed.epoch, time.perf_counter()
     while step < args.steps:
         sampler.set_epoch(epoch)
         for x, y in loader:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+            loss = run_step(x, y)
             step += 1
             ckpt.step(step, epoch=epoch)
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):

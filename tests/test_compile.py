@@ -394,3 +394,13 @@ def test_steady_state_memory_is_flat():
     later = [p for p, _ in peaks[1:]]
     assert max(later) - min(later) < 64 * 1024, peaks
     assert all(abs(c) < 64 * 1024 for _, c in peaks[1:]), peaks
+
+
+def test_mnist1d_example_with_compile_trains_as_eager(capsys):
+    spec = importlib.util.spec_from_file_location("mnist1d_example_main", _EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--model", "cnn", "--steps", "60", "--eval-every", "1000", "--num-samples", "1000"]
+    eager = module.main(argv)
+    compiled = module.main(argv + ["--compile"])
+    assert compiled == eager
