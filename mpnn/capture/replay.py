@@ -26,6 +26,10 @@ from mpnn.core.conv import SETTINGS as conv_settings
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels
 
+from .kernels import relu_backward
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 class Unsupported(Exception):
     """This call of the op has no replay form (the message says which case)."""
@@ -130,7 +134,18 @@ def _relu(r):
     def forward():
         np.maximum(ad, 0, out=o)
 
-    return forward, r.backward  # the closure reads the result (an arena buffer) only
+    if o.dtype not in _FLOATS or not o.flags.c_contiguous:
+        return forward, r.backward  # the eager closure reads the result (an arena buffer) only
+    dx = np.empty_like(o)
+    flat_o, flat_dx = o.reshape(-1), dx.reshape(-1)
+
+    def backward(g):  # one Numba pass into a buffer of its own (read-only downstream, rewritten next step)
+        if g.dtype != o.dtype or not g.flags.c_contiguous:
+            return r.backward(g)
+        relu_backward(g.reshape(-1), flat_o, flat_dx)
+        return (dx,)
+
+    return forward, backward
 
 
 @register("sigmoid")
