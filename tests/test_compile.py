@@ -404,3 +404,18 @@ def test_mnist1d_example_with_compile_trains_as_eager(capsys):
     eager = module.main(argv)
     compiled = module.main(argv + ["--compile"])
     assert compiled == eager
+
+
+def test_rebinding_a_closure_tensor_recaptures():
+    w = mpnn.ones(3)
+
+    def fwd(x):
+        return x * w
+
+    fn = mpnn.compile(fwd)
+    x = mpnn.ones(3)
+    fn(x)
+    fn(x)
+    w = mpnn.full((3,), 2.0)  # noqa: F841 (read through fwd's closure)
+    np.testing.assert_array_equal(fn(x).data, np.full(3, 2.0, np.float32))
+    assert fn.stats["captures"] == 2

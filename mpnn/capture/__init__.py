@@ -55,6 +55,14 @@ def compile(fn=None, *, max_entries: int = 8):  # noqa: A001 (torch's name)
     return CompiledFunction(fn, max_entries=max_entries)
 
 
+def _identity_key(v):
+    """A closure's or global's value: numbers and strings by value, anything else (tensors included) by identity,
+    so that rebinding the name to another object of the same shape recaptures."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return (type(v), v)
+    return ("id", id(v))
+
+
 def _value_key(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return (type(v), v)
@@ -76,6 +84,7 @@ class CompiledFunction:
         self._recent: collections.deque = collections.deque(maxlen=RECAPTURE_WINDOW)
         self._warned: set = set()
         self._modules = None
+        self._global_tensors: tuple = ()
         functools.update_wrapper(self, fn)
 
     # ----- signature -----------------------------------------------------------------------------------------
@@ -105,16 +114,21 @@ class CompiledFunction:
         return mods
 
     def signature(self, args, kwargs):
+        target = getattr(self.fn, "__func__", self.fn)
         if self._modules is None:
             self._modules = self._find_modules(args, kwargs)
-        target = getattr(self.fn, "__func__", self.fn)
-        closure = tuple(_value_key(c.cell_contents) for c in getattr(target, "__closure__", None) or ())
+            code, glb = getattr(target, "__code__", None), getattr(target, "__globals__", {})
+            names = code.co_names if code is not None else ()
+            self._global_tensors = tuple(n for n in names if isinstance(glb.get(n), Tensor))
+        closure = tuple(_identity_key(c.cell_contents) for c in getattr(target, "__closure__", None) or ())
+        glb = getattr(target, "__globals__", {})
         return (
             tuple(_value_key(a) for a in args),
             tuple((k, _value_key(v)) for k, v in sorted(kwargs.items())),
             is_grad_enabled(),
             tuple(m.training for m in self._modules),
             closure,
+            tuple(id(glb.get(name)) for name in self._global_tensors),
         )
 
     # ----- calls ---------------------------------------------------------------------------------------------
