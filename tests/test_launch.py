@@ -413,7 +413,7 @@ def test_used_run_id_is_refused(tmp_path):
     assert proc.wait(timeout=30) == 0
     again, _ = start_launcher(tmp_path, ["-n", "1", str(script)], run_id=run_id)
     _, err = again.communicate(timeout=30)
-    assert again.returncode == 1 and "already holds run.json: pick another --run-id" in err
+    assert again.returncode == 1 and "is taken" in err and "pick another --run-id" in err
 
 
 def test_two_nodes_on_one_host(tmp_path):

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "_version",  # the one version string (pyproject.toml reads it too)
         "hooks",  # the engine's events (backward pre/post, queued callbacks) that the layers above subscribe to
+        "safefs",  # files and directories another local user could prepare: O_EXCL, O_NOFOLLOW, ownership checks
         "threads",  # one BLAS/Numba thread per rank; runs before NumPy loads
         "worldspec",
     ),  # the one parse of rank, world size and rendezvous from the environment

@@ -97,6 +97,11 @@ from mpnn.launch.pinning import layout_report
     metavar="R",
     help="When a worker fails, stop the others and start them all again from the newest checkpoint, up to R times.",
 )
+@click.option(
+    "--group-readable",
+    is_flag=True,
+    help="Make the run directory 0750 (its group may read the logs) instead of 0700.",
+)
 @click.option("-m", "--module", is_flag=True, help="SCRIPT is a module name, run as `python -m SCRIPT`.")
 @click.option(
     "--print-layout",
@@ -124,6 +129,7 @@ def launch_command(
     checkpoint_keep,
     resume,
     max_restarts,
+    group_readable,
     module,
     print_layout,
     script,
@@ -156,6 +162,7 @@ def launch_command(
         checkpoint_keep=checkpoint_keep,
         resume=resume,
         max_restarts=max_restarts,
+        group_readable=group_readable,
         command_line=sys.orig_argv,
     )
     try:

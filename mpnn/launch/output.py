@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from mpnn import safefs
+
 TAIL_BYTES = 64 * 1024
 MAX_LINE_BYTES = 64 * 1024  # a longer line (no newline in sight) is passed on in pieces, not held in memory
 
@@ -35,7 +37,7 @@ class PipeReader(threading.Thread):
 
     def _open_log(self):
         try:
-            return open(self.log_path, "ab")
+            return open(safefs.open_append(self.log_path), "ab")  # no symlink or foreign file written through
         except OSError as error:
             self._log_failed(error)
             return None

@@ -3,8 +3,9 @@ traceback. Kept apart from worker.py so that importing mpnn.launch never imports
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from mpnn import safefs
 
 PAYLOAD_FILE = "payload.pkl"
 
@@ -18,9 +19,6 @@ def error_path(run_dir: Path, rank: int) -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write data to path with mode 0600, atomically (a reader sees the whole file or none)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write data to path with mode 0600, atomically (a reader sees the whole file or none; a fresh temp file
+    renamed over it, so nothing planted at the name is followed: mpnn.safefs)."""
+    safefs.write_atomic(path, data, 0o600)

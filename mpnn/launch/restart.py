@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpnn import safefs
 from mpnn.launch.resume import newest_checkpoint
 from mpnn.launch.rundir import utc_now
 from mpnn.telemetry.recorder import Recorder
@@ -87,7 +88,7 @@ def append_restart_event(run_dir: Path, ranks: Sequence[int], restart: Restart) 
             + b"\n"
         )
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = safefs.open_append(path, read=True)  # never through a symlink or into a foreign file
             try:
                 size = os.fstat(fd).st_size
                 torn = size and os.pread(fd, 1, size - 1) != b"\n"

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpnn import safefs
+from mpnn.launch.errors import LaunchError
 from mpnn.launch.output import PipeReader
 from mpnn.launch.pinning import thread_pinned_to
 from mpnn.launch.signals import StopSignals
@@ -66,7 +68,14 @@ def spawn_worker(
     log_path: Path,
     sink: Callable[[int, str], None],
 ) -> Worker:
-    """Start `argv` pinned to `core` in a new session (its own process group), output teed to log_path and sink."""
+    """Start `argv` pinned to `core` in a new session (its own process group), output teed to log_path and sink.
+    A log path that is a symlink or someone else's file stops the launch here, before the worker starts."""
+    try:
+        os.close(safefs.open_append(log_path))
+    except safefs.UnsafePathError as error:
+        raise LaunchError(f"rank {rank}'s log: {error}") from None
+    except OSError:
+        pass  # disk full or the like: the reader says so once and the output goes to the console only
     with thread_pinned_to(core):
         proc = subprocess.Popen(
             list(argv),

@@ -22,6 +22,8 @@ import weakref
 from pathlib import Path
 from time import perf_counter
 
+from mpnn import safefs
+
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 _live_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
 
@@ -100,7 +102,7 @@ class Recorder:
         self.flush_interval = float(flush_interval)
         self.step = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = safefs.open_append(self.path, read=True)  # never through a symlink or into a foreign file
         self._end_torn_line()
         self._rss, self._rss_fd = _rss_reader()
         self._lock = threading.Lock()  # guards _spans, _sent, _recv, _metrics, _pending: from any thread
