@@ -26,11 +26,11 @@ closed: every later call raises the first error.
 """
 
 import atexit
-import hashlib
 import ipaddress
 import os
 import pickle
 import queue
+import shutil
 import socket
 import tempfile
 import threading
@@ -445,7 +445,7 @@ class Communicator:
             if router is not None:
                 router.close()
         if self._ipc_dir is not None:  # connected: the socket file has done its job; nothing is left behind
-            os.unlink(os.path.join(self._ipc_dir, f"r{self.rank}"))
+            _remove_ipc_dir(self._ipc_dir)
         self._share_memory(table)
         self._seq = 0  # the user's first collective is #1 in error messages
 
@@ -476,15 +476,18 @@ class Communicator:
             "tcp": None,
             "shm": None,
         }
-        tag = hashlib.sha256(f"{self.run_id}|{spec.rendezvous}".encode()).hexdigest()[:12]
         if transport == "auto":
-            self._ipc_dir = _ipc_dir(tag)
-            info["ipc"] = self._link.bind(f"ipc://{self._ipc_dir}/r{self.rank}")
+            # Random names in private directories, announced to the peers over the authenticated rendezvous:
+            # nothing another user could prepare from what run.json or the run id tell them.
+            self._ipc_dir = _ipc_dir(self.rank)
+            info["ipc"] = self._link.bind(f"ipc://{self._ipc_dir}/{IPC_SOCKET}")
             self.endpoint = info["ipc"]
             if shared_memory:
                 try:
-                    self._slots = shm.SharedSlots(tag, self.rank)
+                    self._slots = shm.SharedSlots(self.rank, _checked_scratch("MPNN_SHM_DIR"))
                     info["shm"] = self._slots.path
+                except FileExistsError as error:
+                    raise CommError(str(error)) from None  # a planted name is an error, never a quiet fallback
                 except OSError:
                     self._slots = None  # no /dev/shm or no room: this world all-reduces over the ring
         if transport == "tcp" or spec.multi_host:
@@ -514,8 +517,7 @@ class Communicator:
             self._context.term()
             self._context = None
         if self._ipc_dir is not None:
-            _remove_quietly(os.remove, os.path.join(self._ipc_dir, f"r{self.rank}"))  # if startup failed
-            _remove_quietly(os.rmdir, self._ipc_dir)  # the last rank out removes the directory
+            _remove_ipc_dir(self._ipc_dir)  # if startup failed before the socket file was removed
         _LIVE.discard(self)
 
 
@@ -532,17 +534,36 @@ def _bind_address(spec):
     return f"tcp://{host}:{port}"
 
 
-def _ipc_dir(tag):
-    """A private (0700) directory with a short path for this run's ipc sockets (paths are limited to 107 chars)."""
-    base = tempfile.gettempdir()
-    if len(base) > 60:
-        base = "/tmp"
-    path = os.path.join(base, f"mpnn-{tag}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    info = os.stat(path)
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise AuthError(f"ipc directory {path} is not private to this user; remove it and retry")
+IPC_SOCKET = "s"  # the socket's name inside its rank's private directory
+
+
+def _checked_scratch(variable):
+    """The private scratch directory the launcher handed over in `variable` (MPNN_SCRATCH_DIR, MPNN_SHM_DIR), after
+    checking that it is this user's and nobody else's (safefs.check_private_dir); None when unset or empty."""
+    from mpnn import safefs
+
+    path = os.environ.get(variable, "")
+    if not path:
+        return None
+    try:
+        safefs.check_private_dir(path)
+    except OSError as error:
+        raise AuthError(f"{variable}={path}: {error}") from None
     return path
+
+
+def _ipc_dir(rank):
+    """A fresh private directory (mkdtemp: random name, 0700, made exclusively) with a short path for this rank's
+    ipc socket (paths are limited to 107 chars): inside the launcher's MPNN_SCRATCH_DIR, else the scratch root."""
+    from mpnn import safefs
+
+    parent = _checked_scratch("MPNN_SCRATCH_DIR") or safefs.scratch_root()
+    return tempfile.mkdtemp(prefix=f"r{rank}-", dir=parent)
+
+
+def _remove_ipc_dir(path):
+    """Remove a rank's ipc directory and its socket file; nothing if it is gone already."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_quietly(remove, path):

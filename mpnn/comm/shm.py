@@ -7,16 +7,23 @@ synchronisation point when the world uses mailboxes (mailbox.py: shared counters
 an empty frame passed n-1 hops around the ring; both carry the all-reduce's header, so mismatches, timeouts and
 aborts behave exactly as on the socket path.
 
-Each rank owns one file in /dev/shm (0600, created O_EXCL, space reserved with posix_fallocate so a full
-tmpfs fails at startup instead of with SIGBUS later), holding two slots of BLOCK_BYTES. Buffers go through in
-blocks; block k uses slot k % 2. Rank r rewrites a slot only after passing the first sync of the block before,
-which every rank enters only after finishing the block before that, so nobody still reads it. Files are
-unlinked as soon as every rank has mapped them: nothing is left in /dev/shm even after a crash. After the two
-slots each file holds the rank's mailbox for small all-reduces (mailbox.py).
+Each rank owns one file in /dev/shm (0600, created O_EXCL|O_NOFOLLOW under a random name, space reserved with
+posix_fallocate so a full tmpfs fails at startup instead of with SIGBUS later), holding two slots of BLOCK_BYTES.
+The name is never computable from what the run publishes: under `mpnn launch` it lies in the attempt's private
+/dev/shm/mpnn-XXXXXXXX/ directory (MPNN_SHM_DIR, removed by the launcher and its guardian after any end), else
+it is /dev/shm/mpnn-<32 random hex>-r<rank>. Peers learn it from the authenticated rendezvous (the "shm" entry
+of each rank's table row). A name that exists already is an error, never a silent fallback to sockets.
+
+Buffers go through in blocks; block k uses slot k % 2. Rank r rewrites a slot only after passing the first sync
+of the block before, which every rank enters only after finishing the block before that, so nobody still reads
+it. Files are unlinked as soon as every rank has mapped them (a rank killed before that leaves its file to the
+launcher's cleanup of MPNN_SHM_DIR). After the two slots each file holds the rank's mailbox for small
+all-reduces (mailbox.py).
 """
 
 import mmap
 import os
+import secrets
 
 import numpy as np
 
@@ -29,11 +36,21 @@ SHM_DIR = "/dev/shm"
 class SharedSlots:
     """This rank's two shared slots and, once attached, views of every rank's."""
 
-    def __init__(self, tag, rank, block_bytes=BLOCK_BYTES):
+    def __init__(self, rank, directory=None, block_bytes=BLOCK_BYTES):
+        """Create this rank's file under a fresh random name: in `directory` (a private directory of this user,
+        e.g. the launcher's MPNN_SHM_DIR) or else directly in /dev/shm. FileExistsError (naming the path) if the
+        name is taken; other OSErrors (no /dev/shm, no room) as they come."""
         self.rank, self.block_bytes = rank, block_bytes
         self.file_bytes = 2 * block_bytes + MAILBOX_BYTES
-        self.path = os.path.join(SHM_DIR, f"mpnn-{tag}-r{rank}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        token = secrets.token_hex(16)
+        name = f"r{rank}-{token}" if directory else f"mpnn-{token}-r{rank}"
+        self.path = os.path.join(directory or SHM_DIR, name)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise FileExistsError(
+                f"rank {rank}: the shared-memory name {self.path} is taken (someone created it first); not using it"
+            ) from None
         try:
             os.posix_fallocate(fd, 0, self.file_bytes)
             self._maps = {rank: mmap.mmap(fd, self.file_bytes)}

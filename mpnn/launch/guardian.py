@@ -2,7 +2,9 @@
 workers running in their own process groups. The guardian, a tiny process started first in its own session,
 learns each worker's process group (and the private directories the launcher would have removed, such as the
 run's secret); when its stdin reaches EOF without "done" (the kernel closed the dead launcher's end), it stops
-those groups: SIGTERM, then SIGKILL after a grace period, and removes those directories.
+those groups: SIGTERM, then SIGKILL after a grace period, and removes those directories. The attempt's scratch
+directories (ipc sockets, shared-memory files: mpnn/launch/scratch.py) it removes after any end, "done" included,
+so that nothing of a run is left in /tmp or /dev/shm whichever way it ended.
 After a death it also runs the "after" commands it was given (mpnn/launch/aftermath.py), which close run.json and
 the audit trail as ended abnormally.
 
@@ -48,6 +50,10 @@ class Guardian:
         run.json and the audit trail closed as ended abnormally)."""
         self._send("after " + json.dumps(list(argv)) + "\n")
 
+    def remove_at_end(self, directory) -> None:
+        """Have the guardian remove `directory` (an attempt's scratch) when the attempt ends, whichever way."""
+        self._send(f"tmp {os.path.abspath(directory)}\n")
+
     def close(self) -> None:
         """Tell the guardian the launcher stopped everything itself, and wait for it to exit."""
         self._send("done\n")
@@ -80,15 +86,18 @@ def _signal_groups(groups: list[int], sig: int) -> None:
 
 
 def main() -> None:
-    """Read process group ids and "rm DIR" lines until "done" (exit quietly) or EOF (the launcher died: stop
-    every group, then remove the directories)."""
-    groups, directories, afterwards = [], [], []
+    """Read process group ids, "rm DIR" and "tmp DIR" lines until "done" (the launcher stopped its workers: remove
+    the tmp directories and exit) or EOF (the launcher died: stop every group, then remove both kinds)."""
+    groups, directories, scratch, afterwards = [], [], [], []
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line == "done":
+            _remove(scratch)
             return
         if line.startswith("rm "):
             directories.append(line[3:])
+        elif line.startswith("tmp "):
+            scratch.append(line[4:])
         elif line.startswith("after "):
             afterwards.append(json.loads(line[6:]))
         else:
@@ -101,6 +110,10 @@ def main() -> None:
             subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError):
             pass
+    _remove(directories + scratch)
+
+
+def _remove(directories: list[str]) -> None:
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
 

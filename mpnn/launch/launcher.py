@@ -37,6 +37,7 @@ from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
 from mpnn.launch.rundir import RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name, utc_now
+from mpnn.launch.scratch import Scratch
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.signals import StopSignals
 from mpnn.launch.supervise import Worker, describe_returncode, exit_status, spawn_worker, stop_all, watch
@@ -74,6 +75,7 @@ class LaunchConfig:
     checkpoint_keep: int | None = None  # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default (3)
     resume: Path | None = None  # a run dir to resume from (its newest complete checkpoint)
     max_restarts: int = 0  # restarts of the whole world after a worker fails
+    group_readable: bool = False  # the run dir 0750 instead of 0700
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def _record_fields(
             "checkpoint_every": config.checkpoint_every,
             "checkpoint_keep": config.checkpoint_keep,
             "max_restarts": config.max_restarts,
+            "group_readable": config.group_readable,
         },
         "resumed_from": None if config.resume is None else str(Path(config.resume).resolve()),
         "restarts": [],
@@ -204,12 +207,12 @@ def launch(config: LaunchConfig) -> LaunchResult:
     with contextlib.ExitStack() as stack:
         secret_file = _secret(config, stack)
         record_file = record_name(world.node_rank)
-        run_dir = create_run_dir(config.log_dir, run_id, record_file)
-        for name, data in config.run_files.items():
-            write_private(run_dir / name, data)
+        run_dir = create_run_dir(config.log_dir, run_id, group_readable=config.group_readable, shared=config.nnodes > 1)
         master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
         rendezvous = rendezvous_address(config.master_addr, master_port)
         record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, layout, plan))
+        for name, data in config.run_files.items():
+            write_private(run_dir / name, data)
         run = RunContext(
             run_id,
             run_dir,
@@ -306,16 +309,18 @@ def _attempt(
     workers = []
     failed = None
     samplers = open_samplers(run.run_dir, run.restart_count) if config.profile else None
-    with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian:
+    with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian, Scratch() as scratch:
         if _owns_secret(config):
             guardian.remove_on_death(run.secret_file.parent)  # the private dir fresh_secret_file made
         guardian.run_on_death(aftermath_argv(run.run_dir, record.path.name, world.node_rank))
+        for directory in scratch.directories:
+            guardian.remove_at_end(directory)
         try:
             for local_rank, core in enumerate(cpus):
                 if stop.received is not None:
                     break
                 rank = world.global_rank(local_rank)
-                env = worker_env(base_env, world, local_rank, run)
+                env = {**worker_env(base_env, world, local_rank, run), **scratch.env}
                 workers.append(
                     spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log", view.line)
                 )
