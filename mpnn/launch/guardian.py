@@ -88,7 +88,10 @@ def _signal_groups(groups: list[int], sig: int) -> None:
 def main() -> None:
     """Read process group ids, "rm DIR" and "tmp DIR" lines until "done" (the launcher stopped its workers: remove
     the tmp directories and exit) or EOF (the launcher died: stop every group, then remove both kinds)."""
-    groups, directories, scratch, afterwards = [], [], [], []
+    groups: list[int] = []
+    directories: list[str] = []
+    scratch: list[str] = []
+    afterwards: list[list[str]] = []  # argv lists, run after the workers are stopped
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line == "done":

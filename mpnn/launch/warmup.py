@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,8 @@ class ConsoleProgress:
         self.start = time.monotonic()
         self.showing = False
         self.done = self.total = 0
-        self._bar = None
+        self._bar: Any = None  # a rich Progress while one is shown
+        self._task: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
