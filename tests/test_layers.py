@@ -34,11 +34,11 @@ LAYERS: list[tuple[str, ...]] = [
     # 2. Built on the engine: layers and losses; optimizers.
     ("nn", "optim"),
     # 3. Per-worker telemetry: instrument subscribes to backward and optimizer steps; readers, summary, trace, plots.
-    #    Beside it, mpnn.compile's capture and replay (records core's ops, calls optimizer steps and zero_grad).
-    ("telemetry", "capture"),
+    ("telemetry",),
     # 4. Datasets and loaders: tensors from core, the DataLoader's fetch time to telemetry. The op profiler: times
-    #    ops through core's switch (mpnn.core.optrace), names its trace files as telemetry reads them.
-    ("data", "profiler"),
+    #    ops through core's switch (mpnn.core.optrace), names its trace files as telemetry reads them. mpnn.compile's
+    #    capture and replay (records core's ops, calls optimizer steps and zero_grad, counts into telemetry).
+    ("data", "profiler", "capture"),
     # 5. Plugins see buffers and step records: codecs all-reduce through comm; the session listens to optimizer
     #    steps, the sampler's epochs and saves, and records through telemetry.
     ("plugins",),

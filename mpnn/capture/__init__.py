@@ -18,9 +18,15 @@ runs eagerly from then on, after one ``CompileWarning`` saying why: it reads a t
 ``bool(t)``, ``.numpy()``, ... : it may branch on it), uses an op without a replay form, draws random numbers,
 writes in place to a tensor it reads, reads a parameter's ``.grad``, or passes a closure to ``optimizer.step``.
 
+A captured program is dropped and the step captured again when a parameter's array is replaced, or when an attribute
+of a module the step reaches was assigned, added or deleted since the capture (a Python value its forward may have
+baked in; ``mpnn.nn.module.attribute_changes()`` says cheaply whether any Module attribute moved at all).
+
 The cache holds ``max_entries`` programs (LRU). ``stats`` counts captures, hits, evictions, recaptures (a capture
-of a signature seen before: evicted, or its guards failed because a parameter array was replaced) and eager calls;
-more than 3 recaptures within 100 calls warns once per signature, naming it.
+of a signature seen before: evicted, or its guards failed) and eager calls; more than 3 recaptures within 100 calls
+warns once per signature, naming it. Under telemetry every call puts the process's totals over all compiled
+functions into the current step's line as ``"compile": {"captures", "hits", "evictions", "recaptures", "eager",
+"entries"}`` (``entries``: programs cached now), and each warning becomes a ``compile_warning`` event.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from mpnn.core import random as _random
 from mpnn.core.grad_mode import is_grad_enabled
 from mpnn.core.tensor import Tensor
 from mpnn.core.tensor_base import from_array
+from mpnn.nn import module as _module
 from mpnn.nn.module import Module
+from mpnn.telemetry import get_recorder
 
 from .program import CaptureError, Program, transfer_input_grads
 from .recorder import Recorder
@@ -42,6 +50,10 @@ __all__ = ["CompileWarning", "CompiledFunction", "compile"]
 
 RECAPTURE_WINDOW = 100
 RECAPTURE_LIMIT = 3
+
+# the process's counts over every compiled function: what telemetry's step lines carry under "compile"
+TOTALS = {"captures": 0, "hits": 0, "evictions": 0, "recaptures": 0, "eager": 0, "entries": 0}
+_MODULE_STORES = frozenset(("training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"))
 
 
 class CompileWarning(UserWarning):
@@ -63,6 +75,31 @@ def _identity_key(v):
     return ("id", id(v))
 
 
+def _modules_fingerprint(mods):
+    """Every module's plain attributes (numbers and strings by value, the rest by identity) and the identities of
+    its parameters, buffers and children: what a captured forward may have read as Python values."""
+    out = []
+    for m in mods:
+        d = m.__dict__
+        out.append(tuple((k, _identity_key(v)) for k, v in d.items() if k not in _MODULE_STORES))
+        for store in ("_parameters", "_buffers", "_modules"):
+            out.append(tuple((k, id(v)) for k, v in d[store].items()))
+    return tuple(out)
+
+
+def _report(warning=None, pending=None):
+    """The totals into the current step's telemetry line (pending: counts of a capture under way, whose step line
+    closes inside fn), a warning as an event."""
+    rec = get_recorder()
+    if rec is not None:
+        totals = dict(TOTALS)
+        for k, n in (pending or {}).items():
+            totals[k] += n
+        rec.add_metrics(compile=totals)
+        if warning is not None:
+            rec.event("compile_warning", message=warning)
+
+
 def _value_key(v):
     if v is None or isinstance(v, (bool, int, float, str)):
         return (type(v), v)
@@ -78,6 +115,7 @@ class CompiledFunction:
         self.fn = fn
         self.max_entries = int(max_entries)
         self.stats = {"captures": 0, "hits": 0, "evictions": 0, "recaptures": 0, "eager": 0}
+        self._module_state: dict = {}  # id(program) -> (attribute_changes() when last checked, fingerprint)
         self.eager_reason: str | None = None  # set once a capture failed: every call runs fn eagerly
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._seen: set = set()
@@ -131,20 +169,50 @@ class CompiledFunction:
             tuple(id(glb.get(name)) for name in self._global_tensors),
         )
 
+    # ----- counts and guards ---------------------------------------------------------------------------------
+    def _count(self, what, n=1):
+        self.stats[what] += n
+        TOTALS[what] += n
+
+    def _warn(self, message):
+        warnings.warn(message, CompileWarning, stacklevel=4)
+        return message
+
+    def _modules_unchanged(self, prog) -> bool:
+        changes = _module.attribute_changes()
+        seen, fingerprint = self._module_state[id(prog)]
+        if seen == changes:
+            return True
+        if _modules_fingerprint(self._modules) != fingerprint:
+            return False
+        self._module_state[id(prog)] = (changes, fingerprint)
+        return True
+
+    def _drop(self, key):
+        prog = self._cache.pop(key)
+        self._module_state.pop(id(prog), None)
+        TOTALS["entries"] -= 1
+
     # ----- calls ---------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         if self.eager_reason is not None:
-            self.stats["eager"] += 1
+            self._count("eager")
+            _report()
             return self.fn(*args, **kwargs)
         key = self.signature(args, kwargs)
         prog = self._cache.get(key)
         if prog is not None:
-            if prog.guards_hold():
+            if prog.guards_hold() and self._modules_unchanged(prog):
                 self._cache.move_to_end(key)
-                self.stats["hits"] += 1
+                self._count("hits")
                 self._recent.append(0)
+                _report()
                 return prog.run(args)
-            del self._cache[key]
+            modules_moved = not self._modules_unchanged(prog)
+            self._drop(key)
+            if modules_moved:  # a child added or removed changes the modules the signature covers
+                self._modules = None
+                key = self.signature(args, kwargs)
         return self._capture(key, args, kwargs)
 
     def _capture(self, key, args, kwargs):
@@ -156,6 +224,8 @@ class CompiledFunction:
                 proxies.append((i, p))
                 call_args[i] = p
         rng = _random.generator().bit_generator.state
+        recapture = key in self._seen
+        _report(pending={"captures": 1, "recaptures": int(recapture), "entries": 1})
         with Recorder() as rec:
             result = self.fn(*call_args, **kwargs)
         grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
@@ -165,38 +235,42 @@ class CompiledFunction:
             prog = Program(rec, proxies, args, result)
         except CaptureError as exc:
             self.eager_reason = str(exc)
-            warnings.warn(
-                f"mpnn.compile({getattr(self.fn, '__qualname__', self.fn)!r}) runs eagerly from now on: {exc}",
-                CompileWarning,
-                stacklevel=3,
-            )
+            self._count("eager")  # this call ran eagerly
+            message = f"mpnn.compile({getattr(self.fn, '__qualname__', self.fn)!r}) runs eagerly from now on: {exc}"
+            _report(self._warn(message))
             if grad_inputs:
                 transfer_input_grads(grad_inputs, args)
             return _unproxy(result, proxies, args)
         if grad_inputs:
             transfer_input_grads(grad_inputs, args)
-        recapture = key in self._seen
         self._seen.add(key)
-        self.stats["captures"] += 1
-        self.stats["recaptures"] += recapture
+        self._count("captures")
+        self._count("recaptures", int(recapture))
         self._recent.append(1 if recapture else 0)
         self._cache[key] = prog
+        TOTALS["entries"] += 1
+        if self._modules is None:
+            self._modules = self._find_modules(args, kwargs)
+        self._module_state[id(prog)] = (_module.attribute_changes(), _modules_fingerprint(self._modules))
         while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-            self.stats["evictions"] += 1
+            self._drop(next(iter(self._cache)))
+            self._count("evictions")
+        warning = None
         if recapture and sum(self._recent) > RECAPTURE_LIMIT and key not in self._warned:
             self._warned.add(key)
-            warnings.warn(
+            warning = self._warn(
                 f"mpnn.compile({getattr(self.fn, '__qualname__', self.fn)!r}) recaptured {sum(self._recent)} times "
                 f"in the last {len(self._recent)} calls; signature {key!r}: inputs whose shapes change, "
-                f"max_entries={self.max_entries} too small, or parameters replaced between steps",
-                CompileWarning,
-                stacklevel=3,
+                f"max_entries={self.max_entries} too small, or parameters or module attributes replaced between steps"
             )
+        _report(warning)
         return prog._result(prog.result_spec)
 
     def cache_size(self) -> int:
         return len(self._cache)
+
+    def __del__(self):
+        TOTALS["entries"] -= len(getattr(self, "_cache", ()))
 
 
 def _unproxy(result, proxies, args):

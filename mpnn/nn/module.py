@@ -31,6 +31,15 @@ class Parameter(Tensor):
 
 _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
+# Bumped by every attribute assignment, deletion and registration on any Module (train()/eval() excepted): a cheap
+# "did anything change" for mpnn.compile, which rechecks the modules of a captured step only when this moved.
+_changes = [0]
+
+
+def attribute_changes() -> int:
+    """How many attribute assignments, deletions and registrations all Modules have seen (mpnn.compile's guard)."""
+    return _changes[0]
+
 
 def _addindent(text: str, spaces: int) -> str:
     lines = text.split("\n")
@@ -61,6 +70,7 @@ class Module:
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
         """Add a parameter (or None, a declared but absent one such as bias=False) under ``name``."""
+        _changes[0] += 1
         self._check_ready("parameter")
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(
@@ -71,6 +81,7 @@ class Module:
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         """Add non-learnable state (running statistics); persistent buffers go into state_dict."""
+        _changes[0] += 1
         self._check_ready("buffer")
         if tensor is not None and not isinstance(tensor, Tensor):
             raise TypeError(
@@ -85,6 +96,7 @@ class Module:
 
     def add_module(self, name: str, module: Module | None) -> None:
         """Add a child module under ``name`` (its parameters get the prefix ``name.``)."""
+        _changes[0] += 1
         self._check_ready("module")
         if module is not None and not isinstance(module, Module):
             raise TypeError(f"add_module: {type(module).__name__} is not a Module subclass")
@@ -102,6 +114,7 @@ class Module:
             raise KeyError(f"attribute '{name}' already exists")
 
     def __setattr__(self, name, value):
+        _changes[0] += 1
         d = self.__dict__
         params, buffers, modules = d.get("_parameters"), d.get("_buffers"), d.get("_modules")
         if isinstance(value, Parameter):
@@ -149,6 +162,7 @@ class Module:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name):
+        _changes[0] += 1
         d = self.__dict__
         for store in ("_parameters", "_buffers", "_modules"):
             if name in d.get(store, ()):

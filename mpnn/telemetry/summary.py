@@ -7,6 +7,9 @@ import numpy as np
 
 from mpnn.telemetry.reader import RankLog, Run, number
 
+# mpnn.compile's counts in a step line's "compile" object (mpnn/capture: totals over the process's compiled steps)
+COMPILE_KEYS = ("captures", "hits", "evictions", "recaptures", "eager", "entries")
+
 # A rank is a straggler when its median step time exceeds the median of the other ranks' medians by this much.
 STRAGGLER_EXCESS = 0.20
 
@@ -30,6 +33,12 @@ def summarize_rank(log: RankLog) -> dict:
                 total = by_transport.setdefault(name, [0, 0])
                 total[0] += int(number(moved, "sent") or 0)
                 total[1] += int(number(moved, "recv") or 0)
+    compiled = None  # mpnn.compile's process totals, as the last step line that carries them has them
+    for record in reversed(log.steps):
+        if isinstance(record.get("compile"), dict):
+            compiled = {k: int(number(record["compile"], k) or 0) for k in COMPILE_KEYS}
+            break
+    compile_warnings = [e for e in log.events if e.get("event") == "compile_warning"]
     errors = [e for e in log.events if e.get("event") == "error"]
     last_error = None
     if errors:
@@ -46,6 +55,8 @@ def summarize_rank(log: RankLog) -> dict:
         "bytes_recv": int(sum(number(r, "bytes_recv") or 0 for r in log.steps)),
         "bytes_by_transport": {name: {"sent": s, "recv": r} for name, (s, r) in sorted(by_transport.items())},
         "peak_rss_bytes": int(max(rss)) if rss else None,
+        "compile": compiled,
+        "compile_warnings": [str(e.get("message")) for e in compile_warnings],
         "events": len(log.events),
         "errors": len(errors),
         "last_error": last_error,
@@ -161,6 +172,14 @@ def notes(summary: dict) -> list[str]:
                 f"{name} {format_bytes(m['sent'])} sent / {format_bytes(m['recv'])} recv" for name, m in split.items()
             )
             lines.append(f"rank {r['rank']} bytes by transport: {moved}")
+        c = r.get("compile")
+        if c:
+            lines.append(
+                f"rank {r['rank']} compile: {c['captures']} captures, {c['hits']} hits, {c['evictions']} evictions, "
+                f"{c['recaptures']} recaptures, {c['eager']} eager calls, {c['entries']} cached"
+            )
+        for message in r.get("compile_warnings") or ():
+            lines.append(f"rank {r['rank']} compile warning: {message}")
         if r["last_error"]:
             lines.append(f"rank {r['rank']} error: {r['last_error']}")
         if r["bad_lines"]:
