@@ -143,7 +143,12 @@ def test_env_pinning_run_dir_and_prefixes(tmp_path):
     )
     assert rc == 0, err
     assert [line for line in err.splitlines() if line.startswith("mpnn launch:")] == [
-        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cpus; workers will share cpus"
+        f"mpnn launch: warning: -n {n} is more than the {len(CORES)} usable cpus; workers will share cpus",
+        f"mpnn launch: run dir: runs/{run_id}",
+        # this script reads its environment only: the plugins named never load, and the launcher says so
+        f"mpnn launch: warning: {script} never called mpnn.init(), so --plugin topk:ratio=0.01, watchdog did "
+        "nothing (call mpnn.init() at the top of the script to load the plugins)",
+        f"mpnn launch: run dir: runs/{run_id}",
     ]
     run_dir = (tmp_path / "runs" / run_id).resolve()
     got = reports(out)

@@ -33,7 +33,14 @@ from mpnn.launch.plugins import (
     load_plugins,
 )
 from mpnn.launch.profiling import open_samplers
-from mpnn.launch.report import TAIL_LINES, WorkerFailure, failure_block
+from mpnn.launch.report import (
+    TAIL_LINES,
+    WorkerFailure,
+    console_shows_worker_output,
+    failure_block,
+    plugins_never_loaded,
+    run_dir_line,
+)
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
 from mpnn.launch.rundir import RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name, utc_now
@@ -211,6 +218,7 @@ def launch(config: LaunchConfig) -> LaunchResult:
         master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
         rendezvous = rendezvous_address(config.master_addr, master_port)
         record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, layout, plan))
+        print(run_dir_line(run_dir), file=sys.stderr, flush=True)
         for name, data in config.run_files.items():
             write_private(run_dir / name, data)
         run = RunContext(
@@ -229,7 +237,9 @@ def launch(config: LaunchConfig) -> LaunchResult:
         )
         try:
             if plugins is None:
-                return _supervise(config, world, run, plan.cpus, record, stack)
+                result = _supervise(config, world, run, plan.cpus, record, stack)
+                _closing_lines(config, world, run_dir)
+                return result
             info = launch_info(config.command, config.command_line, world, run, {**os.environ, **config.extra_env})
             launch_start(plugins, info)
             result = _supervise(
@@ -247,12 +257,23 @@ def launch(config: LaunchConfig) -> LaunchResult:
             exit_codes = {w["rank"]: w.get("returncode") for w in record.fields.get("workers", [])}
             error = None if result.failure is None else f"rank {result.failure.rank} {result.failure.how}"
             launch_end(plugins, info, result.status, exit_codes, error)
+            _closing_lines(config, world, run_dir)
             return result
         except BaseException as error:
             record.update(status="error", end_time=utc_now())
             if plugins is not None:  # a trail left open by a launcher crash is closed as ended abnormally
                 close_abnormally(run_dir, record_file, world.node_rank, "error", f"the launcher failed: {error!r}")
             raise
+
+
+def _closing_lines(config: LaunchConfig, world: World, run_dir: Path) -> None:
+    """The run dir again at the end (the argument for `mpnn telemetry show`), after the warning, if any, that the
+    plugins named never loaded."""
+    script = " ".join(config.command[:2]) if config.command[:1] == ["-m"] else config.command[0]
+    warning = plugins_never_loaded(run_dir, world.local_global_ranks(), config.plugins, script)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
+    print(run_dir_line(run_dir), file=sys.stderr, flush=True)
 
 
 def _supervise(
@@ -370,7 +391,8 @@ def _finish(
             note = f"; no restart left ({restarts}/{max_restarts} used)"
         elif max_restarts and stop.received is not None:
             note = f"; not restarted: got {signal.Signals(stop.received).name}"
-        print(failure_block(failure, still_running, len(sigkilled), note), file=sys.stderr, flush=True)
+        shown = console_shows_worker_output()
+        print(failure_block(failure, still_running, len(sigkilled), note, shown), file=sys.stderr, flush=True)
         status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None
     elif stop.received is not None:
         sig = stop.received
