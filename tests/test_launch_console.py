@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from mpnn.launch.report import WorkerFailure, console_shows_worker_output, failure_block, plugins_never_loaded
+from mpnn.plugins.session import codec_on_one_host
 from test_launch import STARTED_RUNS, launch_env, leftover_processes, reap_leftovers, write_script  # noqa: F401
 
 FAILS_ON_RANK_1 = """
@@ -109,3 +110,67 @@ def test_failure_block_without_output_still_names_the_log(tmp_path):
         "mpnn launch: rank 3 (pid 42) was killed by SIGKILL; stopped the 1 other running worker(s)",
         f"(rank 3 wrote nothing to {tmp_path / 'worker-3.log'})",
     ]
+
+
+TRAINS_WITH_A_CODEC = """
+    import numpy as np
+    import mpnn
+    from mpnn import nn
+    mpnn.init()
+    model = mpnn.DataParallel(nn.Linear(64, 4))
+    opt = mpnn.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(mpnn.tensor(np.ones((2, 64), np.float32))).sum().backward()
+        opt.step()
+    print("trained")
+"""
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_codec_on_one_host_is_warned_once_by_rank_0(tmp_path, shared_memory):
+    script = write_script(tmp_path, TRAINS_WITH_A_CODEC)
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    STARTED_RUNS.append(run_id)
+    env = launch_env() if shared_memory else launch_env(MPNN_SHM="0", MPNN_MAILBOX="0")  # sockets, as across hosts
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpnn",
+            "launch",
+            "--run-id",
+            run_id,
+            "-n",
+            "2",
+            "--plugin",
+            "topk:ratio=0.1",
+            str(script),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if "codec compresses gradients" in line]
+    if shared_memory:
+        assert len(warnings) == 1 and warnings[0].startswith("[0] mpnn: warning: the topk codec"), proc.stdout
+        assert "all 2 ranks are on this host" in warnings[0]
+    else:
+        assert warnings == [], proc.stdout
+
+
+def test_codec_on_one_host_names_the_shared_paths():
+    class Comm:
+        def __init__(self, world_size, transports):
+            self.world_size, self.bytes_by_transport = world_size, dict.fromkeys(transports, (0, 0))
+
+    class Topk:
+        name = "topk"
+
+    assert codec_on_one_host(None, Comm(2, ["shm"])) is None
+    assert codec_on_one_host(Topk(), Comm(1, ["shm"])) is None  # a world of one all-reduces nothing
+    assert codec_on_one_host(Topk(), Comm(4, ["tcp"])) is None  # sockets only: the codec's bytes matter
+    assert "shared memory (shm)" in codec_on_one_host(Topk(), Comm(2, ["ipc", "shm"]))

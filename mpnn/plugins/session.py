@@ -69,7 +69,28 @@ def start(comm, recorder, specs_text: str = "", objects=None) -> PluginSession |
     )
     _current = PluginSession(manager, run)
     _current.begin()
+    warning = codec_on_one_host(_current.codec, comm)
+    if warning is not None and comm.rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     return _current
+
+
+def codec_on_one_host(codec, comm) -> str | None:
+    """The start-up warning for a gradient codec in a world whose ranks all share this host's memory (the
+    communicator uses its /dev/shm slots or mailboxes): nothing crosses a network there, so compression only adds
+    work. Measured on the MNIST-1D CNN, 2 ranks on the 2-core machine (loaded): comm 0.13-0.19 ms a step
+    uncompressed, 1.4-2.0 ms with topk:ratio=0.01 (step 1.3-3.1 ms vs 3.6-3.9 ms); fp16 0.25-0.28 ms."""
+    if codec is None or comm.world_size < 2:
+        return None
+    shared = [name for name in ("mailbox", "shm") if name in comm.bytes_by_transport]
+    if not shared:
+        return None
+    name = getattr(codec, "name", type(codec).__name__)
+    return (
+        f"mpnn: warning: the {name} codec compresses gradients, but all {comm.world_size} ranks are on this host and "
+        f"the all-reduce goes through shared memory ({' and '.join(shared)}), which carries it uncompressed faster "
+        f"(MNIST-1D CNN: 10x the comm time with topk); {name} pays off across hosts"
+    )
 
 
 @contextlib.contextmanager
