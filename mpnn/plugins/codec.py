@@ -51,6 +51,8 @@ class Codec:
     name = "codec"
     version = __version__  # a built-in plugin is versioned with mpnn
     options: dict = {}
+    # What a resume at another world size does with the residuals (see resize_state): "sum" or "drop".
+    resize_rule = "sum"
 
     def __init__(self):
         self.residuals: dict[int, np.ndarray] = {}
@@ -91,6 +93,57 @@ class Codec:
                     plugin=self.name,
                 )
         self.residuals = residuals
+
+    def resize_state(
+        self, states: list, old_world_size: int, new_world_size: int, rank: int
+    ) -> tuple[dict, str | None]:
+        """This rank's state when a checkpoint written by `old_world_size` ranks resumes on `new_world_size`, and
+        one line for the log (None when there is nothing to say). `states` holds the old ranks' state_dict()s in
+        rank order: all of them on new rank 0, old rank 0's alone on every other rank.
+
+        Every key but the residuals is state every rank holds alike (e.g. PowerSGD's warm-start Q): old rank 0's.
+        The residuals (error feedback: gradient each rank owes the mean but has not sent yet) follow
+        ``resize_rule``. "sum": new rank 0 takes their sum scaled by new/old world size, so that the mean update
+        still owed is the same (rank r's residual reaches the mean divided by the world size), and the other ranks
+        start at zero. "drop": every rank starts at zero, with one warning line saying so."""
+        shared = {k: np.array(v, copy=True) for k, v in states[0].items() if not k.startswith("residual.")}
+        owed = sorted({k for state in states for k in state if k.startswith("residual.")})
+        if not owed:
+            return shared, None
+        if self.resize_rule == "drop":
+            if rank != 0:
+                return shared, None
+            return shared, (
+                f"{self.name}: dropping the error-feedback residuals of {old_world_size} rank(s) (its rule on a "
+                f"resume at another world size): the gradient they still owed is never applied"
+            )
+        if self.resize_rule != "sum":
+            raise PluginError(
+                f"{self.name}: resize_rule is {self.resize_rule!r}; expected 'sum' or 'drop'", plugin=self.name
+            )
+        if rank != 0:
+            return shared, None
+        if len(states) != old_world_size:
+            raise PluginError(
+                f"{self.name}.resize_state: rank 0 needs the states of all {old_world_size} old ranks, "
+                f"got {len(states)}",
+                plugin=self.name,
+            )
+        scale = new_world_size / old_world_size
+        for key in owed:
+            parts = [np.asarray(state[key]) for state in states if key in state]
+            if len({part.shape for part in parts}) != 1:
+                raise PluginError(
+                    f"{self.name}.resize_state: {key} has shapes {sorted({part.shape for part in parts})} "
+                    f"across the old ranks",
+                    plugin=self.name,
+                )
+            total = np.sum(parts, axis=0, dtype=np.float64) * scale
+            shared[key] = total.astype(parts[0].dtype)
+        return shared, (
+            f"{self.name}: the error-feedback residuals of {old_world_size} rank(s) summed into rank 0's "
+            f"(times {new_world_size}/{old_world_size}, so the mean update still owed is unchanged)"
+        )
 
     def _load_extra(self, key: str, value) -> bool:
         """Take one key this subclass adds to state_dict; False when the key is not its own."""
