@@ -21,6 +21,7 @@ import pytest
 import mpnn
 from mpnn import nn
 from mpnn.checkpoint import Checkpointer, CheckpointSaveError, ResumeError, layout
+from mpnn.checkpoint.weights import load_safetensors
 from mpnn.data import DataLoader, DistributedSampler, TensorDataset
 from mpnn.launch import run
 from mpnn.optim.lr_scheduler import StepLR
@@ -174,12 +175,49 @@ def test_each_checkpoint_fires_the_hook_and_a_telemetry_event_with_the_manifest_
             ).items()
 
 
-def test_a_checkpoint_of_another_world_size_is_refused(two_worker_runs):
+def test_a_checkpoint_of_two_ranks_resumes_alone_dropping_residuals_it_has_no_codec_for(two_worker_runs, capsys):
     model = _mlp()
     opt = mpnn.optim.Adam(model.parameters())
     ckpt = Checkpointer(model, opt, StepLR(opt, 6))
-    with pytest.raises(ResumeError, match=r"step-00000010: written by a world of 2, this run has 1"):
-        ckpt.restore(two_worker_runs[0][3])
+    start = ckpt.restore(two_worker_runs[0][3])
+    assert (start.step, start.epoch, start.path.name) == (10, 2, "step-00000010")
+    weights = start.path / "model.safetensors"
+    saved = load_safetensors(weights) if weights.exists() else mpnn.load(start.path / "model.mpnn")
+    assert_same_run(model.state_dict(), saved)  # the weights of the stopped run's step 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written by a world of 2, on 1 rank(s)" in err
+    assert "topk: dropping the error-feedback residuals of 2 rank(s): this run has no DataParallel" in err
+
+
+def _resume_alone_with_topk(source):
+    """Step 10 of the 2-rank run on one rank with the same codec, the global batch of 16 kept, trained to 14."""
+    mpnn.init()
+    data = _data(64)
+    sampler = DistributedSampler(data, shuffle=True, seed=4)
+    loader = DataLoader(data, batch_size=16, sampler=sampler, drop_last=True)
+    model = mpnn.DataParallel(_mlp())
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+    schedule = StepLR(opt, step_size=6, gamma=0.5)
+    ckpt = Checkpointer(model, opt, schedule, sampler=sampler, loader=loader, every=5)
+    start = ckpt.restore(source)
+    residuals, position = model.codec.state_dict(), loader.state_dict()
+    _train(model, opt, schedule, loader, ckpt, start, 14, sampler)
+    return (start.step, start.epoch), residuals, position
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_residuals_summed_by_the_codecs_rule(
+    two_worker_runs, tmp_path
+):
+    source = Path(two_worker_runs[0][3]) / "checkpoints" / "step-00000010"
+    start, residuals, position = run(
+        _resume_alone_with_topk, n=1, args=(source,), log_dir=tmp_path, plugins=("topk:ratio=0.1",), timeout=60
+    )
+    assert start == (10, 2) and position["batches_consumed"] == 2  # 2 batches of 8 on 2 ranks: 2 of 16 on one
+    old = [mpnn.load(source / layout.rank_file(r))["data_parallel"]["codec_state"] for r in (0, 1)]
+    assert sorted(residuals) == sorted(old[0])
+    for key in old[0]:
+        np.testing.assert_allclose(residuals[key], (old[0][key] + old[1][key]) / 2, rtol=1e-6)
+    assert any(np.any(r != 0) for r in residuals.values())
 
 
 # ----- corrupt, incomplete and missing checkpoints ------------------------------------------------------

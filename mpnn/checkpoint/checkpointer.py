@@ -1,4 +1,5 @@
-"""mpnn.Checkpointer: save a run every N steps and resume it exactly, bit for bit, on the same world size.
+"""mpnn.Checkpointer: save a run every N steps and resume it exactly, bit for bit, on the same world size, or on
+another one (N ranks' checkpoint on M ranks: the data order and the loss curve go on; see resize.py).
 
     ckpt = mpnn.Checkpointer(model, optimizer, scheduler, loader=loader, every=100)
     start = ckpt.restore()                     # the newest valid checkpoint (or step 0)
@@ -16,6 +17,9 @@ signs each manifest it writes, and on restore checks the manifest's signature un
 it; a checkpoint that fails (edited weights with recomputed SHA-256s, an unsigned manifest under the audit plugin)
 ends the restore with a ResumeError naming it: that is tampering, not a torn save to skip. Every rank then fires
 mpnn_checkpoint_loaded (the audit trail records the source checkpoint's path and manifest hash).
+Another world size: the manifest's world_size differs from this run's. Rank 0 reads every old rank's file, the others
+old rank 0's and their namesake's; resize.py rebuilds each rank's own state (global data position, codec residuals by
+the codec's rule, random streams of new ranks from the run's seed), and rank 0 writes one line saying what it did.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpnn import telemetry
-from mpnn.checkpoint import layout, settings
+from mpnn.checkpoint import layout, resize, settings
 from mpnn.checkpoint.layout import InvalidCheckpoint
 from mpnn.checkpoint.state import load_rank_state, rank_state, unwrap
 from mpnn.checkpoint.weights import load_safetensors, save_safetensors
 from mpnn.core.serialize import load, save
+from mpnn.plugins.errors import PluginError
 
 # The model's weights are safetensors (any tool reads them); the optimizer, schedule and each rank's own state
 # (RNG streams, data position, codec residuals) keep mpnn's checksummed format (mpnn/core/serialize.py).
@@ -39,7 +44,8 @@ OLD_MODEL = "model.mpnn"  # checkpoints written before the weights moved to safe
 
 
 class ResumeError(RuntimeError):
-    """A resume that cannot be exact: nothing valid where MPNN_RESUME_FROM points, or another world size."""
+    """A resume that cannot go on: nothing valid where MPNN_RESUME_FROM points, or a checkpoint that does not fit
+    this run (another model or codec; at another world size, a data order that is not global)."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -207,9 +213,6 @@ class Checkpointer:
         for _, name in candidates:
             path = directory / name
             verdicts = comm.allgather_object(self._check(path, comm.rank, comm.world_size))
-            mismatch = next((why for kind, why in verdicts if kind == "world"), None)
-            if mismatch:
-                raise ResumeError(f"Checkpointer.restore: {path}: {mismatch}")
             forged = next((why for kind, why in verdicts if kind == "signature"), None)
             if forged:
                 raise ResumeError(f"Checkpointer.restore: {forged}")
@@ -232,21 +235,21 @@ class Checkpointer:
         return ResumeState(restart_count=restarts)
 
     def _check(self, path: Path, rank: int, world_size: int) -> tuple[str, str | None]:
-        """("ok", manifest SHA-256), ("invalid", why) or ("world", why), as this rank sees the checkpoint."""
+        """("ok", manifest SHA-256), ("invalid", why) or ("signature", why), as this rank sees the checkpoint: the
+        shared files and the rank files this rank will read (its own, or at another world size resize.source_ranks)."""
         try:
             manifest, digest = layout.read_manifest(path)
-            if manifest["world_size"] != world_size:
-                return "world", (
-                    f"written by a world of {manifest['world_size']}, this run has {world_size}: "
-                    f"an exact resume needs the same number of workers"
-                )
+            written_by = manifest["world_size"]
+            if written_by < 1:
+                raise InvalidCheckpoint(f"its manifest says world_size {written_by}")
             if path.name != layout.step_name(manifest["step"]):
                 raise InvalidCheckpoint(f"its manifest says step {manifest['step']}")
             if rank == 0:  # one rank checks the signature (others may lack the key); the verdicts are gathered
                 forged = layout.signature_problem(path, manifest, _signing_key)
                 if forged:
                     return "signature", forged
-            names = [model_file(manifest), OPTIMIZER, layout.rank_file(rank)]
+            own = [rank] if written_by == world_size else resize.source_ranks(written_by, world_size, rank)
+            names = [model_file(manifest), OPTIMIZER] + [layout.rank_file(r) for r in own]
             names += [SCHEDULER] if self.scheduler is not None else []
             layout.verify_files(path, manifest, names)
             return "ok", digest
@@ -256,25 +259,52 @@ class Checkpointer:
     def _load(self, path: Path, sha256: str, restarts: int) -> ResumeState:
         """Load a checked checkpoint on every rank; when it does not fit one rank's objects, all raise ResumeError."""
         comm = self.comm
-        own, failure = None, None
+        own, failure, notes, written_by = None, None, [], comm.world_size
         try:
             manifest, _ = layout.read_manifest(path)
+            written_by = manifest["world_size"]
             weights = model_file(manifest)
             self.module.load_state_dict(load_safetensors(path / weights) if weights == MODEL else load(path / weights))
             self.optimizer.load_state_dict(load(path / OPTIMIZER))
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(load(path / SCHEDULER))
-            own = load(path / layout.rank_file(comm.rank))
+            if written_by == comm.world_size:
+                own = load(path / layout.rank_file(comm.rank))
+            else:
+                states = {
+                    r: load(path / layout.rank_file(r))
+                    for r in resize.source_ranks(written_by, comm.world_size, comm.rank)
+                }
+                own, notes = resize.resized_rank_state(
+                    states, written_by, comm.world_size, comm.rank, self.data_parallel, self.sampler, self.loader
+                )
             load_rank_state(own, self.data_parallel, self.sampler, self.loader)
-        except (ValueError, KeyError, TypeError, RuntimeError) as error:
-            failure = f"rank {comm.rank}: {path} does not fit this run: {error}"
+        except (ValueError, KeyError, TypeError, RuntimeError, PluginError) as error:
+            where = (
+                f" (written by a world of {written_by}, this run has {comm.world_size})"
+                if written_by != comm.world_size
+                else ""
+            )
+            failure = f"rank {comm.rank}: {path}{where} does not fit this run: {error}"
         failures = [f for f in comm.allgather_object(failure) if f]
         if failures:
             raise ResumeError(f"Checkpointer.restore: {failures[0]}")
+        if written_by != comm.world_size and comm.rank == 0:
+            _warn(
+                f"resuming {path}, written by a world of {written_by}, on {comm.world_size} rank(s): "
+                + "; ".join(["model, optimizer and schedule as saved"] + notes)
+            )
         rec = telemetry.get_recorder()
         if rec is not None:
             rec.step = own["step"]  # telemetry lines go on numbering from the checkpoint's step
-            rec.event("resume", step=own["step"], path=str(path), sha256=sha256, restart_count=restarts)
+            rec.event(
+                "resume",
+                step=own["step"],
+                path=str(path),
+                sha256=sha256,
+                restart_count=restarts,
+                written_by_world_size=written_by,
+            )
             rec.flush()  # on disk now, even if this worker is killed before the next periodic flush
         from mpnn.plugins import session
 

@@ -43,15 +43,47 @@ def set_rng_state(state: dict) -> None:
 
 
 def rank_state(step: int, epoch: int, rank: int, data_parallel, sampler, loader) -> dict:
-    """This rank's own part of a checkpoint."""
+    """This rank's own part of a checkpoint. "seed" (the run's, mpnn.manual_seed's last) and "data_position" (where
+    the loader stands in the global order) are what a resume at another world size needs (resize.py)."""
+    loader_state = loader.state_dict() if loader is not None else None
     return {
         "step": int(step),
         "epoch": int(epoch),
         "rank": int(rank),
+        "seed": mpnn_random.last_seed(),
         "rng": rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else None,
-        "loader": loader.state_dict() if loader is not None else None,
+        "loader": loader_state,
+        "data_position": data_position(loader, loader_state),
         "data_parallel": data_parallel.codec_state_dict() if data_parallel is not None else None,
+    }
+
+
+def distributed_sampler_of(loader):
+    """The DistributedSampler a DataLoader draws its batches from (directly or through a BatchSampler), else None."""
+    from mpnn.data.sampler import BatchSampler, DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if type(batch_sampler) is BatchSampler:
+        sampler = batch_sampler.sampler
+    elif batch_sampler is not None:
+        return None  # a custom batch sampler: its batches' sizes are its own
+    return sampler if isinstance(sampler, DistributedSampler) else None
+
+
+def data_position(loader, loader_state) -> dict | None:
+    """Where a loader over a DistributedSampler stands in its pass's global order: {"samples": global samples
+    consumed in the pass (every rank has taken as many batches, rank r the positions r, r + R, ...), "batch_size":
+    this rank's batch, "world_size": R}; None for any other loader (its order is per rank, not global)."""
+    sampler = distributed_sampler_of(loader) if loader is not None else None
+    if sampler is None or loader.batch_size is None:
+        return None
+    consumed = int(loader_state["batches_consumed"])
+    return {
+        "samples": consumed * int(loader.batch_size) * sampler.num_replicas,
+        "batch_size": int(loader.batch_size),
+        "world_size": sampler.num_replicas,
     }
 
 
