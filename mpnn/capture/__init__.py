@@ -60,11 +60,12 @@ class CompileWarning(UserWarning):
     """A compiled step that runs eagerly, or recaptures too often."""
 
 
-def compile(fn=None, *, max_entries: int = 8):  # noqa: A001 (torch's name)
-    """Wrap ``fn`` so that it is captured on its first call per signature and replayed after (see the module)."""
+def compile(fn=None, *, max_entries: int = 8, fuse: bool = True):  # noqa: A001 (torch's name)
+    """Wrap ``fn`` so that it is captured on its first call per signature and replayed after (see the module).
+    ``fuse=False`` keeps only replay forms that give eager's bits (no fused kernel that reorders arithmetic)."""
     if fn is None:
-        return functools.partial(compile, max_entries=max_entries)
-    return CompiledFunction(fn, max_entries=max_entries)
+        return functools.partial(compile, max_entries=max_entries, fuse=fuse)
+    return CompiledFunction(fn, max_entries=max_entries, fuse=fuse)
 
 
 def _identity_key(v):
@@ -109,10 +110,11 @@ def _value_key(v):
 
 
 class CompiledFunction:
-    def __init__(self, fn, max_entries: int = 8):
+    def __init__(self, fn, max_entries: int = 8, fuse: bool = True):
         if max_entries < 1:
             raise ValueError(f"mpnn.compile: max_entries must be >= 1, got {max_entries}")
         self.fn = fn
+        self.fuse = bool(fuse)
         self.max_entries = int(max_entries)
         self.stats = {"captures": 0, "hits": 0, "evictions": 0, "recaptures": 0, "eager": 0}
         self._module_state: dict = {}  # id(program) -> (attribute_changes() when last checked, fingerprint)
@@ -226,7 +228,7 @@ class CompiledFunction:
         rng = _random.generator().bit_generator.state
         recapture = key in self._seen
         _report(pending={"captures": 1, "recaptures": int(recapture), "entries": 1})
-        with Recorder() as rec:
+        with Recorder(fuse=self.fuse) as rec:
             result = self.fn(*call_args, **kwargs)
         grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from numba import njit
 
 
@@ -14,3 +17,69 @@ def relu_backward(g, out, dx):
     zero = g.dtype.type(0)
     for i in range(g.size):
         dx[i] = g[i] * (one if out[i] > 0 else zero)
+
+
+@njit(cache=True, error_model="numpy")
+def relu_forward(a, o):
+    """o = np.maximum(a, 0) over flat arrays, bit for bit (-0.0 -> 0.0, NaN kept), without NumPy's mixed-dtype loop
+    (the int 0): 16 us -> 8 on a (100, 25, 19) map."""
+    zero = o.dtype.type(0)
+    for i in range(a.size):
+        v = a[i]
+        o[i] = v if (v > 0 or v != v) else zero
+
+
+@njit(cache=True, error_model="numpy")
+def bias_relu(o2, b, out):
+    """A linear layer's epilogue and the ReLU after it in one pass: o2 += b (row-wise, as np.add(o2, b, out=o2)),
+    out = np.maximum(o2, 0); the same float operations as the two NumPy calls (21 us -> 4 on (100, 256))."""
+    n, m = o2.shape
+    zero = out.dtype.type(0)
+    for i in range(n):
+        for j in range(m):
+            v = o2[i, j] + b[j]
+            o2[i, j] = v
+            out[i, j] = v if (v > 0 or v != v) else zero
+
+
+@njit(cache=True, error_model="numpy")
+def cross_entropy_forward(rows, labels, ignore_index, grad):
+    """Softmax cross-entropy of (N, C) logits against integer labels in one pass per row: returns (the summed loss
+    in float64, the count of labels not ignored, the first row whose label is out of range or -1) and leaves
+    softmax - onehot in grad (zero rows for ignored labels), the gradient of the summed loss.
+
+    Eager computes the same quantities in float32 NumPy passes (max, exp, sum, log, a pairwise sum over rows); this
+    sums in float64, so the loss and gradients agree to ~1e-7 relative, not bit for bit."""
+    n, c = rows.shape
+    total = 0.0
+    count = 0
+    for i in range(n):
+        lab = labels[i]
+        if lab == ignore_index:
+            for j in range(c):
+                grad[i, j] = 0
+            continue
+        if lab < 0 or lab >= c:
+            return total, count, i
+        m = rows[i, 0]
+        for j in range(1, c):
+            if rows[i, j] > m:
+                m = rows[i, j]
+        s = 0.0
+        for j in range(c):
+            e = np.exp(rows[i, j] - m)  # in the logits' dtype, as eager's np.exp(z); the sum in float64
+            grad[i, j] = e
+            s += e
+        total += math.log(s) - np.float64(rows[i, lab] - m)
+        inv = 1.0 / s
+        for j in range(c):  # softmax - onehot in float64, rounded once
+            grad[i, j] = np.float64(grad[i, j]) * inv - (1.0 if j == lab else 0.0)
+        count += 1
+    return total, count, -1
+
+
+@njit(cache=True, error_model="numpy")
+def scale_into(src, s, dst):
+    """dst = src * s over flat arrays."""
+    for i in range(src.size):
+        dst[i] = src[i] * s

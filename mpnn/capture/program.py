@@ -21,6 +21,9 @@ from mpnn.core.autograd import accumulate_leaf
 from mpnn.core.tensor import Tensor
 from mpnn.core.tensor_base import from_array
 
+from .optim import replay_step
+from .replay import fuse_forwards
+
 
 class CaptureError(Exception):
     """The recorded step cannot be replayed (the message says why); the step runs eagerly instead."""
@@ -70,18 +73,26 @@ class Program:
             self.guards.append((p, p.data, p.requires_grad))
         self._check_versions(rec)
 
+        index = {id(r): i for i, r in enumerate(rec.ops)}
+        position = {id(ev[1]): n for n, ev in enumerate(rec.events) if ev[0] == "op"}
+        fused = fuse_forwards(rec.ops)
+        for k in [k for k in fused if fused[k] is not None]:  # only ops that ran one right after the other
+            if position[id(rec.ops[k + 1])] != position[id(rec.ops[k])] + 1:
+                del fused[k], fused[k + 1]
         for ev in rec.events:
             kind = ev[0]
             if kind == "op":
-                if ev[1].forward is not None:
-                    self.steps.append(ev[1].forward)
+                i = index[id(ev[1])]
+                forward = fused[i] if i in fused else ev[1].forward
+                if forward is not None:
+                    self.steps.append(forward)
             elif kind == "backward":
                 self.steps.append(self._backward_step(rec, ev[1], ev[2]))
             elif kind == "call":
                 _, fn, obj, a, k = ev
                 self.steps.append(_bind(fn, obj, a, k))
             elif kind == "step":
-                self.steps.append(ev[1].step)
+                self.steps.append(replay_step(ev[1]) or ev[1].step)
 
     def _check_versions(self, rec):
         """Every tensor the ops read must be at the version it had when first read, but for optimizer updates."""

@@ -38,7 +38,8 @@ def user_line(depth: int = 2) -> str:
 
 
 class Recorder:
-    def __init__(self):
+    def __init__(self, fuse: bool = True):
+        self.fuse = fuse  # replay forms may reorder float arithmetic (mpnn.compile(fuse=))
         self.thread = threading.get_ident()
         self.ops: list[OpRecord] = []
         # ("op", OpRecord) | ("backward", root, seed, retain) | ("call", fn, obj, args, kw) | ("step", opt)
@@ -72,6 +73,7 @@ class Recorder:
             dict(frame.f_locals),
             tuple(bool(p.requires_grad) for p in parents),
             bool(getattr(_grad_state, "enabled", True)),
+            self.fuse,
         )
         try:
             rec.forward, rec.replay_bwd = builder(rec)

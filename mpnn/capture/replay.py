@@ -26,7 +26,7 @@ from mpnn.core.conv import SETTINGS as conv_settings
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels
 
-from .kernels import relu_backward
+from .kernels import bias_relu, cross_entropy_forward, relu_backward, relu_forward, scale_into
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -50,9 +50,10 @@ class OpRecord:
         "parent_versions",
         "forward",
         "replay_bwd",
+        "fuse",
     )
 
-    def __init__(self, op, out, parents, backward, local_vars, needs, grad_on):
+    def __init__(self, op, out, parents, backward, local_vars, needs, grad_on, fuse=True):
         self.op = op
         self.out = out
         self.parents = parents
@@ -64,6 +65,7 @@ class OpRecord:
         self.parent_versions = tuple(p._ver.value for p in parents)
         self.forward = None
         self.replay_bwd = None
+        self.fuse = fuse  # may reorder float arithmetic (results within ~1e-7 relative of eager, not bit for bit)
 
 
 REPLAY: dict = {}
@@ -136,6 +138,13 @@ def _relu(r):
 
     if o.dtype not in _FLOATS or not o.flags.c_contiguous:
         return forward, r.backward  # the eager closure reads the result (an arena buffer) only
+    if ad.dtype == o.dtype and ad.flags.c_contiguous:
+        flat_a, flat_out = ad.reshape(-1), o.reshape(-1)
+
+        def forward():  # np.maximum(ad, 0)'s bits in one Numba pass (see kernels.relu_forward)
+            relu_forward(flat_a, flat_out)
+
+        forward.relu_parts = (ad, o)
     dx = np.empty_like(o)
     flat_o, flat_dx = o.reshape(-1), dx.reshape(-1)
 
@@ -214,6 +223,8 @@ def _linear(r):
         if bd is not None:
             np.add(o2, bd, out=o2)
 
+    if bd is not None and o2.dtype in _FLOATS and bd.dtype == o2.dtype and bd.flags.c_contiguous:
+        forward.linear_parts = (x2, wt, o2, bd)
     return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
 
 
@@ -267,6 +278,8 @@ def _cross_entropy(r):
     o = r.out.data
     _same_result(o, x.dtype, ())
     dtype = x.dtype
+    if r.fuse and dtype in _FLOATS and rows.flags.c_contiguous and labels.dtype.kind in "iu":
+        return _cross_entropy_fused(r, rows, labels, c, ignore_index, mean, o)
     n = len(labels)
     arange = np.arange(n)
     st = {}
@@ -297,3 +310,55 @@ def _cross_entropy(r):
         return (np.ascontiguousarray(grow),)
 
     return forward, backward
+
+
+def _cross_entropy_fused(r, rows, labels, c, ignore_index, mean, o):
+    """One Numba pass per row for the loss and the gradient of the summed loss (kernels.cross_entropy_forward);
+    backward scales it by g / count (mean) or g (sum) into a buffer of its own."""
+    dtype = rows.dtype
+    grad = np.empty_like(rows)
+    dx = np.empty_like(rows)
+    flat_grad, flat_dx = grad.reshape(-1), dx.reshape(-1)
+    st = [1]
+
+    def forward():
+        total, count, bad = cross_entropy_forward(rows, labels, ignore_index, grad)
+        if bad >= 0:
+            _check_labels("cross_entropy", labels, c, ignore_index)  # raises, naming the label
+        if mean:
+            o[()] = total / count if count else np.nan
+            st[0] = count
+        else:
+            o[()] = total
+
+    def backward(g):
+        scale = float(g) / st[0] if mean else float(g)
+        scale_into(flat_grad, dtype.type(scale), flat_dx)
+        return (dx,)
+
+    return forward, backward
+
+
+def fuse_forwards(ops):
+    """{index in ops: forward to run instead (None: nothing to run)} for chains that fuse without reordering any
+    arithmetic: a linear layer's bias add and the ReLU right after it (kernels.bias_relu)."""
+    out = {}
+    for k in range(len(ops) - 1):
+        a, b = ops[k], ops[k + 1]
+        lin = getattr(a.forward, "linear_parts", None)
+        rel = getattr(b.forward, "relu_parts", None)
+        if lin is None or rel is None or b.parents[0] is not a.out:
+            continue
+        x2, wt, o2, bd = lin
+        src, dst = rel
+        if src is not a.out.data or dst.dtype != o2.dtype or dst.size != o2.size:
+            continue
+        dst2 = dst.reshape(o2.shape)
+
+        def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2):
+            _mm(x2, wt, out=o2)
+            bias_relu(o2, bd, dst2)
+
+        out[k] = forward
+        out[k + 1] = None
+    return out
