@@ -265,6 +265,30 @@ def test_resume_is_recorded_and_cross_checked_against_the_source_trail(tmp_path,
     assert not verdict.ok and "source run" in verdict.message and str(source) in verdict.message, verdict.message
 
 
+def test_resume_at_another_world_size_checks_the_signature_and_records_the_source_world(tmp_path, key):
+    code, _, err, source = checkpointed_run(tmp_path, key, "source")
+    assert code == 0, err
+    code, out, err, resumed = launch(
+        tmp_path,
+        ["-n", "2", "--checkpoint-every", "2", "--plugin", f"audit:key={key}", "--resume", str(source)]
+        + [str(write_script(tmp_path, CHECKPOINTED, "ckpt.py"))],
+        "resumed",
+    )
+    assert code == 0 and out.count("start 4") == 2, out + err
+    verdict = check(resumed, key)
+    assert verdict.ok, verdict.message
+    records = [r["data"] for r in verdict.records if r["kind"] == "resume"]
+    assert records and all(r["source_world_size"] == 1 and r["step"] == 4 and r["signed"] for r in records)
+    checkpoint = source / "checkpoints" / "step-00000004"
+    tamper_weights(checkpoint, keep_signature=True)  # and a forged one is refused at another world size too
+    code, out, err, _ = launch(
+        tmp_path,
+        ["-n", "2", "--plugin", f"audit:key={key}", "--resume", str(source), str(tmp_path / "ckpt.py")],
+        "forged",
+    )
+    assert code != 0 and "its manifest's signature does not verify" in out + err, out + err
+
+
 def test_resume_that_the_source_trail_never_recorded_fails_verify(tmp_path, key):
     code, _, err, source = checkpointed_run(tmp_path, key, "source")
     assert code == 0, err

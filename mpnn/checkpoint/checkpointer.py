@@ -316,6 +316,7 @@ class Checkpointer:
                 sha256=sha256,
                 step=int(own["step"]),
                 signature=manifest.get("signature"),
+                world_size=written_by,
             )
         return ResumeState(own["step"], own["epoch"], path, sha256, restarts)
 

@@ -98,9 +98,10 @@ def mpnn_seed(run, seed, source):
 
 
 @hookspec
-def mpnn_checkpoint_loaded(run, path, sha256, step, signature):
+def mpnn_checkpoint_loaded(run, path, sha256, step, signature, world_size):
     """A Checkpointer resumed from a checkpoint (on every rank): its step-* directory, the SHA-256 of its
-    manifest.json, the step, and the manifest's signature ({"run_id", "hmac"}, None for an unsigned one)."""
+    manifest.json, the step, the manifest's signature ({"run_id", "hmac"}, None for an unsigned one) and the world
+    size of the run that wrote it (this run's own, or another when it resumed at another world size)."""
 
 
 @hookspec(firstresult=True)

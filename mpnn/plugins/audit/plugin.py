@@ -303,7 +303,7 @@ class AuditTrail:
         return checkpoint_key(key, run_id or "")
 
     @hookimpl
-    def mpnn_checkpoint_loaded(self, run, path, sha256, step, signature):
+    def mpnn_checkpoint_loaded(self, run, path, sha256, step, signature, world_size):
         if self._writer is None:
             return
         path = Path(path)
@@ -317,6 +317,7 @@ class AuditTrail:
                 "source_run_dir": str(source),
                 "source_run_id": signature.get("run_id") if isinstance(signature, dict) else None,
                 "signed": isinstance(signature, dict),
+                "source_world_size": world_size,
             },
         )
 
