@@ -4,6 +4,7 @@ python launch/mnist1d.py --model cnn
 mpnn launch -n 2 launch/mnist1d.py --model cnn      # the global batch of 100 is split across ranks
 mpnn launch -n 2 --checkpoint-every 500 launch/mnist1d.py   # checkpoints in the run directory
 python launch/mnist1d.py --checkpoint-every 500 --checkpoint-dir ckpt   # run again: resumes from ckpt
+mpnn launch -n 1 --resume runs/<run-id> launch/mnist1d.py   # a 2-rank run's checkpoint goes on on 1 rank
 """
 
 import argparse
