@@ -207,7 +207,7 @@ def _resume_on_another_world(tmp_path, old, new, batch, plugins=()):
     return _curve(reference), _curve(resumed), done
 
 
-def _assert_continues(reference, resumed, label):
+def _assert_continues(reference, resumed, label, exact=True):
     steps = list(range(31, 61))
     table = "\n".join(
         f"  step {s:3d}  {reference.get(s, float('nan')):.4f}  {resumed.get(s, float('nan')):.4f}" for s in steps
@@ -215,13 +215,18 @@ def _assert_continues(reference, resumed, label):
     message = f"{label}: loss curves (step, continued on the old world, resumed on the new one)\n{table}"
     assert sorted(resumed) == steps, message  # telemetry goes on numbering from the checkpoint's step
     gap = np.array([resumed[s] - reference[s] for s in steps])
-    # The same samples in the same global batches from the same weights: only float summation order differs, so
-    # the curves stay together; step to step the loss itself moves by ~0.1 (the batch-to-batch noise).
+    # The same samples in the same global batches from the same weights: without a codec only float summation order
+    # differs, so the curves stay together; step to step the loss itself moves by ~0.1 (the batch-to-batch noise).
+    # A codec compresses differently on another world (topk keeps the largest entries of each rank's gradient): the
+    # curves part, by less than that noise.
     noise = float(np.std(np.diff([reference[s] for s in steps])))
-    assert abs(gap[0]) < 1e-3, message  # the first step after the resume: the same batch and weights
     message += f"\n  largest gap {np.abs(gap).max():.2e}, mean gap {gap.mean():.2e}, step-to-step noise {noise:.4f}"
     print(message)
-    assert np.abs(gap).max() < 0.5 * noise and abs(gap.mean()) < 0.1 * noise, message
+    assert abs(gap[0]) < 1e-3, message  # the first step after the resume: the same batch and weights
+    if exact:
+        assert np.abs(gap).max() < 0.5 * noise and abs(gap.mean()) < 0.1 * noise, message
+    else:
+        assert np.abs(gap).max() < noise and abs(gap.mean()) < 0.25 * noise, message
     assert reference[31] < reference[1] - 0.3  # it went on from step 30, not from scratch
 
 
@@ -236,3 +241,10 @@ def test_one_rank_resumes_on_three_and_the_loss_curve_goes_on(tmp_path):
     _assert_continues(reference, resumed, "1 -> 3 ranks")
     log = (tmp_path / "resumed" / "worker-0.log").read_text()
     assert "written by a world of 1, on 3 rank(s)" in log and "random streams derived from the run's seed 0" in log
+
+
+def test_two_ranks_with_topk_resume_on_three_with_residuals_summed_and_the_loss_curve_goes_on(tmp_path):
+    reference, resumed, done = _resume_on_another_world(tmp_path, 2, 3, 96, plugins=("topk:ratio=0.05",))
+    _assert_continues(reference, resumed, "2 -> 3 ranks, topk:ratio=0.05", exact=False)
+    log = (tmp_path / "resumed" / "worker-0.log").read_text()
+    assert "topk: the error-feedback residuals of 2 rank(s) summed into rank 0's (times 3/2" in log

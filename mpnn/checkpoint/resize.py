@@ -111,9 +111,13 @@ def resized_rank_state(
     seed = 0 if first.get("seed") is None else int(first["seed"])
     rng = states[rank]["rng"] if rank in states else derived_rng_state(seed, step, rank)
     if rank == 0 and new_world_size > old_world_size:
+        ranks = (
+            f"rank {old_world_size}"
+            if new_world_size - old_world_size == 1
+            else (f"ranks {old_world_size}-{new_world_size - 1}")
+        )
         notes.append(
-            f"rank(s) {old_world_size}-{new_world_size - 1}: random streams derived from the run's seed {seed} "
-            f"(SeedSequence([seed, step {step}, rank]))"
+            f"{ranks}: random streams derived from the run's seed {seed} (SeedSequence([seed, step {step}, rank]))"
         )
     loader_state = None
     if loader is not None:
