@@ -18,9 +18,10 @@ runs eagerly from then on, after one ``CompileWarning`` saying why: it reads a t
 ``bool(t)``, ``.numpy()``, ... : it may branch on it), uses an op without a replay form, draws random numbers,
 writes in place to a tensor it reads, reads a parameter's ``.grad``, or passes a closure to ``optimizer.step``.
 
-A captured program is dropped and the step captured again when a parameter's array is replaced, or when an attribute
-of a module the step reaches was assigned, added or deleted since the capture (a Python value its forward may have
-baked in; ``mpnn.nn.module.attribute_changes()`` says cheaply whether any Module attribute moved at all).
+A captured program is dropped and the step captured again when a parameter's array is replaced, or when a public
+attribute, parameter, buffer or child of a module the step reaches was assigned, added or deleted since the capture
+(a Python value its forward may have baked in; ``mpnn.nn.module.attribute_changes()`` says cheaply whether any
+moved at all). Private plain attributes (``self._name = value``) are taken as the module's bookkeeping, not guarded.
 
 The cache holds ``max_entries`` programs (LRU). ``stats`` counts captures, hits, evictions, recaptures (a capture
 of a signature seen before: evicted, or its guards failed) and eager calls; more than 3 recaptures within 100 calls
@@ -77,12 +78,13 @@ def _identity_key(v):
 
 
 def _modules_fingerprint(mods):
-    """Every module's plain attributes (numbers and strings by value, the rest by identity) and the identities of
-    its parameters, buffers and children: what a captured forward may have read as Python values."""
+    """Every module's public plain attributes (numbers and strings by value, the rest by identity) and the
+    identities of its parameters, buffers and children: what a captured forward may have read as Python values.
+    Private plain attributes ("_name") are the module's own bookkeeping (DataParallel counts its steps in one)."""
     out = []
     for m in mods:
         d = m.__dict__
-        out.append(tuple((k, _identity_key(v)) for k, v in d.items() if k not in _MODULE_STORES))
+        out.append(tuple((k, _identity_key(v)) for k, v in d.items() if k[:1] != "_" and k not in _MODULE_STORES))
         for store in ("_parameters", "_buffers", "_modules"):
             out.append(tuple((k, id(v)) for k, v in d[store].items()))
     return tuple(out)

@@ -83,3 +83,15 @@ def scale_into(src, s, dst):
     """dst = src * s over flat arrays."""
     for i in range(src.size):
         dst[i] = src[i] * s
+
+
+@njit(cache=True, error_model="numpy")
+def column_sum(g, out):
+    """out = g.sum(axis=0) for a C-contiguous 2-d g, adding row after row as NumPy does along a non-contiguous
+    axis: the same bits."""
+    n, m = g.shape
+    for j in range(m):
+        out[j] = g[0, j]
+    for i in range(1, n):
+        for j in range(m):
+            out[j] += g[i, j]

@@ -26,7 +26,7 @@ from mpnn.core.conv import SETTINGS as conv_settings
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels
 
-from .kernels import bias_relu, cross_entropy_forward, relu_backward, relu_forward, scale_into
+from .kernels import bias_relu, column_sum, cross_entropy_forward, relu_backward, relu_forward, scale_into
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -225,7 +225,35 @@ def _linear(r):
 
     if bd is not None and o2.dtype in _FLOATS and bd.dtype == o2.dtype and bd.flags.c_contiguous:
         forward.linear_parts = (x2, wt, o2, bd)
-    return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
+    if o2.dtype not in _FLOATS or wd.dtype != o2.dtype or not (x2.flags.c_contiguous and wd.flags.c_contiguous):
+        return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
+    # eager's closure, into buffers of their own (read-only downstream, rewritten next step): the same _mm calls
+    # and, for the bias, the same row-by-row float sum as NumPy's g2.sum(axis=0) (kernels.column_sum)
+    gx2 = np.empty(x2.shape, o2.dtype)
+    gx = gx2.reshape(xd.shape)
+    gw = np.empty(wd.shape, o2.dtype)
+    gb = None if bias is None else np.empty(bd.shape, o2.dtype)
+    oshape = o.shape
+
+    def backward(g):
+        if g.dtype != o2.dtype or g.shape != oshape or not g.flags.c_contiguous or g.size == 0:
+            return r.backward(g)
+        g2 = g.reshape(o2.shape)
+        rx = rw = None
+        if x.requires_grad:
+            _mm(g2, wd, out=gx2)
+            rx = gx
+        if weight.requires_grad:
+            rw = _mm(g2.T, x2, out=gw)
+        if bias is None:
+            return (rx, rw)
+        rb = None
+        if bias.requires_grad:
+            column_sum(g2, gb)
+            rb = gb
+        return (rx, rw, rb)
+
+    return forward, backward
 
 
 # ----- convolution -------------------------------------------------------------------------------------------

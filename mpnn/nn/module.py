@@ -31,13 +31,15 @@ class Parameter(Tensor):
 
 _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
-# Bumped by every attribute assignment, deletion and registration on any Module (train()/eval() excepted): a cheap
-# "did anything change" for mpnn.compile, which rechecks the modules of a captured step only when this moved.
+# Bumped by every attribute assignment, deletion and registration on any Module (train()/eval() and private plain
+# attributes, "_name" = a value that is not a Parameter, Module or buffer, excepted): a cheap "did anything change"
+# for mpnn.compile, which rechecks the modules of a captured step only when this moved.
 _changes = [0]
 
 
 def attribute_changes() -> int:
-    """How many attribute assignments, deletions and registrations all Modules have seen (mpnn.compile's guard)."""
+    """How many attribute assignments, deletions and registrations all Modules have seen, private plain attributes
+    aside (mpnn.compile's guard)."""
     return _changes[0]
 
 
@@ -114,9 +116,14 @@ class Module:
             raise KeyError(f"attribute '{name}' already exists")
 
     def __setattr__(self, name, value):
-        _changes[0] += 1
         d = self.__dict__
         params, buffers, modules = d.get("_parameters"), d.get("_buffers"), d.get("_modules")
+        if (
+            name[:1] != "_"
+            or isinstance(value, (Parameter, Module))
+            or any(store is not None and name in store for store in (params, buffers, modules))
+        ):  # a private plain attribute is the module's own bookkeeping (DataParallel's step count): not counted
+            _changes[0] += 1
         if isinstance(value, Parameter):
             self._check_ready("parameters")
             self._forget(name)
@@ -162,7 +169,7 @@ class Module:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name):
-        _changes[0] += 1
+        _changes[0] += 1  # (rare: counted whatever the name)
         d = self.__dict__
         for store in ("_parameters", "_buffers", "_modules"):
             if name in d.get(store, ()):
