@@ -136,8 +136,19 @@ def _train_two(until, source=None):
     ckpt = Checkpointer(model, opt, schedule, sampler=sampler, loader=loader, every=5)
     start = ckpt.restore(source)
     _train(model, opt, schedule, loader, ckpt, start, until, sampler)
-    states = comm.allgather_object((model.module.state_dict(), opt.state_dict(), model.codec.state_dict()))
+    states = comm.allgather_object(_arrays((model.module.state_dict(), opt.state_dict(), model.codec.state_dict())))
     return (start.step, start.epoch), states, saved.calls, os.environ["MPNN_RUN_DIR"]
+
+
+def _arrays(obj):
+    """`obj` with every Tensor as its NumPy array: what collectives of objects carry."""
+    if isinstance(obj, mpnn.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {key: _arrays(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_arrays(value) for value in obj)
+    return obj
 
 
 @pytest.fixture(scope="module")
