@@ -714,3 +714,52 @@ def test_data_parallel_replay_matches_eager_data_parallel():
         assert a.tobytes() == b.tobytes()
     for k in state_e:
         assert state_e[k].tobytes() == state_c[k].tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "batch,bias,groups,input_grad,conv2d",
+    [(1, True, 1, True, False), (3, False, 2, True, False), (4, True, 2, False, True), (2, True, 1, True, True)],
+)
+def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, input_grad, conv2d):
+    """The one-tile im2col replay form (buffers planned once): one sample per tile (its GEMM writes the output in
+    place) or several (a transposing copy), with and without bias, grouped, with and without an input gradient."""
+    mpnn.manual_seed(0)
+    if conv2d:
+        conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
+        shape = (batch, 4, 7, 9)
+    else:
+        conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
+        shape = (batch, 4, 11)
+    opt = mpnn.optim.SGD(conv.parameters(), lr=0.1)
+
+    def step(x):
+        opt.zero_grad()
+        loss = (conv(x).tanh() * conv(x)).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    start = [p.data.copy() for p in conv.parameters()]
+    results = []
+    for compiled in (False, True):
+        for p, s0 in zip(conv.parameters(), start):
+            p.data[...] = s0
+        fn = mpnn.compile(step, fuse=False) if compiled else step
+        got = []
+        for x in xs:
+            t = mpnn.from_numpy(x.copy())
+            t.requires_grad = input_grad
+            loss = fn(t)
+            got.append((loss.data.copy(), None if t.grad is None else t.grad.data.copy()))
+            got.append(tuple(p.grad.data.copy() for p in conv.parameters()))
+        got.append(tuple(p.data.copy() for p in conv.parameters()))
+        results.append(got)
+    assert fn.stats["hits"] == 3 and fn.eager_reason is None
+    assert "_conv_im2col.<locals>.forward" in _step_names(fn)
+    for a, b in zip(*results):
+        for u, v in zip(a, b):
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert u.tobytes() == v.tobytes()

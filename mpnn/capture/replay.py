@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpnn.core import conv_kernels as CK
 from mpnn.core.conv import SETTINGS as conv_settings
+from mpnn.core.conv_im2col import Im2colGemm
+from mpnn.core.conv_im2col import _plan as _im2col_tiles
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels
 
@@ -275,6 +278,10 @@ def _conv(r):
     xshape, wshape = input.data.shape, weight.data.shape
     need_b = bias is not None and bias.requires_grad
     has_bias = bias is not None
+    if isinstance(algorithm, Im2colGemm):
+        plan = _im2col_plan(problem, settings)
+        if len(plan) == 1 and o4.flags.c_contiguous:
+            return _conv_im2col(r, problem, plan[0], o4, input, weight, bias, need_b)
     state = [None]
 
     def forward():
@@ -390,3 +397,105 @@ def fuse_forwards(ops):
         out[k] = forward
         out[k + 1] = None
     return out
+
+
+# ----- convolution through im2col, one tile ---------------------------------------------------------------------
+def _im2col_plan(problem, settings):
+    """Im2colGemm.forward's tiling of this conv (the same arithmetic, so the same tiles)."""
+    x4, w4, geom = problem[0], problem[1], problem[3]
+    per_position = (x4.shape[1] * w4.shape[2] * w4.shape[3] + geom[8]) * x4.dtype.itemsize
+    budget = max(settings.tile_bytes, 2 * w4.size * x4.dtype.itemsize)
+    return _im2col_tiles(x4.shape[0], per_position, problem[4] * problem[5], budget)
+
+
+def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
+    """Im2colGemm's forward and backward for a one-tile conv (the MNIST-1D layers), over buffers planned once: the
+    weight with its bias column, the columns (kept for backward, as Im2colGemm keeps them), the GEMM result, the
+    output gradient's transposed copy, the column gradients, dx, dW. The same kernels on the same operands as
+    conv_im2col._forward/_backward, so the same bits; nothing allocated per step (eager: ~0.5 MB per conv)."""
+    x4, w4, b, geom, oh, ow, weight_grad = problem
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geom
+    dtype = x4.dtype
+    n0, n1, p0, p1 = tile
+    nb, t = n1 - n0, p1 - p0
+    out_ch = w4.shape[0]
+    og = out_ch // groups
+    taps = w4.shape[1] * kh * kw
+    rows = taps + (0 if b is None else 1)
+    wg = np.empty((groups, og, rows), dtype)  # _grouped_weight's concatenation, refreshed each step
+    w3 = w4.reshape(groups, og, taps)
+    b2 = None if b is None else b.reshape(groups, og)
+    cols = np.empty((groups * rows, nb, t), dtype)
+    cols3 = cols.reshape(groups, rows, nb * t)
+    out3 = o4.reshape(o4.shape[0], out_ch, oh * ow)
+    if nb == 1:
+        gemm_out, res = out3[n0, :, p0:p1].reshape(groups, og, t), None
+    else:
+        res = np.empty((groups, og, nb * t), dtype)
+        gemm_out = res
+    x_tile = x4[n0:n1]
+
+    def forward():
+        if b2 is None:
+            np.copyto(wg, w3)
+        else:
+            wg[:, :, :taps] = w3
+            wg[:, :, taps] = b2
+        CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
+        np.matmul(wg, cols3, out=gemm_out)
+        if res is not None:
+            CK.swap_leading_axes(res.reshape(out_ch, nb, t), out3[n0:n1])
+
+    # backward, for the flags the capture saw (others: the algorithm's own backward over the same state)
+    need_x0, need_w0 = bool(input.requires_grad), bool(weight.requires_grad)
+    if not weight_grad and need_w0:  # forward kept no columns: Im2colGemm recomputes them; so do we, there
+        need_w0 = None
+    rows_b = taps + (1 if need_w0 and need_b else 0)
+    dx = np.empty(x4.shape, dtype) if need_x0 else None
+    dx_tile = None if dx is None else dx[n0:n1]
+    dwo = np.empty((groups, og, rows_b), dtype) if need_w0 else None
+    dw_out = None
+    if need_w0:
+        dw_out = dwo.reshape(w4.shape) if rows_b == taps else np.empty(w4.shape, dtype)
+    wt = w3.transpose(0, 2, 1)
+    gc_buf = None if nb == 1 else np.empty((out_ch, nb, t), dtype)
+    dcols = np.empty((groups, taps, nb * t), dtype) if need_x0 else None
+    cols_w = cols.reshape(groups, -1, nb * t)[:, :rows_b]
+    n, xshape, wshape = x4.shape[0], input.data.shape, weight.data.shape
+    state = (x4, w4, geom, ow, (tile,), cols if weight_grad else None)
+    has_bias = bias is not None
+    generic = Im2colGemm()
+
+    def backward(g):
+        need_x, need_w = bool(input.requires_grad), bool(weight.requires_grad)
+        g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
+        if need_x != need_x0 or need_w != need_w0 or g4.dtype != dtype:
+            gx, gw, gb = generic.backward(state, g4, need_x, need_w, need_b)
+        else:
+            g3 = g4.reshape(n, out_ch, oh * ow)
+            gb = None
+            if need_b and not need_w:
+                gb = g3.sum(axis=(0, 2))
+            if nb == 1:
+                gc = g3[n0, :, p0:p1].reshape(groups, og, t)
+            else:
+                CK.swap_leading_axes(g3[n0:n1], gc_buf)
+                gc = gc_buf.reshape(groups, og, nb * t)
+            if need_w:
+                np.matmul(gc, cols_w.transpose(0, 2, 1), out=dwo)
+            if need_x:
+                dx.fill(0)
+                np.matmul(wt, gc, out=dcols)
+                CK.col2im(dcols.reshape(groups * taps, nb, t), kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, dx_tile)
+            gx, gw = dx, None
+            if need_w:
+                if rows_b != taps:
+                    np.copyto(dw_out.reshape(groups, og, taps), dwo[:, :, :taps])
+                gw = dw_out
+                if need_b:
+                    gb = dwo[:, :, taps].reshape(out_ch)
+        gx = None if gx is None else gx.reshape(xshape)
+        gw = None if gw is None else gw.reshape(wshape)
+        return (gx, gw) if not has_bias else (gx, gw, gb)
+
+    return forward, backward
