@@ -763,3 +763,24 @@ def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, 
             assert (u is None) == (v is None)
             if u is not None:
                 assert u.tobytes() == v.tobytes()
+
+
+_SCALE = 2.0
+
+
+def test_rebinding_a_global_number_recaptures():
+    global _SCALE
+
+    def fwd(x):
+        return x * _SCALE
+
+    fn = mpnn.compile(fwd)
+    x = mpnn.ones(3)
+    try:
+        np.testing.assert_array_equal(fn(x).data, np.full(3, 2.0, np.float32))
+        _SCALE = 3.0
+        np.testing.assert_array_equal(fn(x).data, np.full(3, 3.0, np.float32))
+        np.testing.assert_array_equal(fn(x).data, np.full(3, 3.0, np.float32))
+    finally:
+        _SCALE = 2.0
+    assert fn.stats["captures"] == 2 and fn.stats["hits"] == 1

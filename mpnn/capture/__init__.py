@@ -6,7 +6,8 @@
 
 The first call for a signature (each tensor argument's shape, dtype and requires_grad; other arguments by value
 or identity; grad mode; the training flags of the modules the function reaches through its arguments, closure
-and globals; the identity of its closure's contents) runs ``fn`` eagerly while recording it
+and globals; its closure's contents and the tensors, modules and plain values of the globals it names: numbers
+and strings by value, the rest by identity) runs ``fn`` eagerly while recording it
 (``mpnn.capture.recorder``). Later calls replay the recorded program (``mpnn.capture.program``): forward kernels
 writing into the arrays the capture produced (the arena), the reverse pass unrolled, zero_grad and optimizer steps
 called where the step called them. Values are bit-identical to eager's: every replay form calls the same kernels
@@ -103,11 +104,19 @@ def _report(warning=None, pending=None):
             rec.event("compile_warning", message=warning)
 
 
+def _cell_key(cell):
+    try:
+        return _identity_key(cell.cell_contents)
+    except ValueError:  # an empty cell (a name the function defines later)
+        return ("empty",)
+
+
 def _value_key(v):
+    if isinstance(v, Tensor):
+        d = v.data
+        return ("T", d.shape, d.dtype, v.requires_grad is True)
     if v is None or isinstance(v, (bool, int, float, str)):
         return (type(v), v)
-    if isinstance(v, Tensor):
-        return ("T", v.data.shape, v.data.dtype.str, bool(v.requires_grad))
     return ("id", id(v))
 
 
@@ -125,8 +134,10 @@ class CompiledFunction:
         self._seen: set = set()
         self._recent: collections.deque = collections.deque(maxlen=RECAPTURE_WINDOW)
         self._warned: set = set()
-        self._modules = None
-        self._global_tensors: tuple = ()
+        self._modules = None  # the modules the step reaches (set with the rest by _prepare on the first call)
+        self._cells: tuple = ()
+        self._globals: dict = {}
+        self._global_names: tuple = ()
         functools.update_wrapper(self, fn)
 
     # ----- signature -----------------------------------------------------------------------------------------
@@ -155,22 +166,31 @@ class CompiledFunction:
                         mods.append(m)
         return mods
 
-    def signature(self, args, kwargs):
+    def _prepare(self, args, kwargs):
         target = getattr(self.fn, "__func__", self.fn)
+        self._modules = self._find_modules(args, kwargs)
+        self._cells = tuple(getattr(target, "__closure__", None) or ())
+        code, glb = getattr(target, "__code__", None), getattr(target, "__globals__", {})
+        self._globals = glb
+        # globals the code names that hold tensors, modules or plain values (a rebinding recaptures); modules,
+        # functions and classes are taken as fixed
+        self._global_names = tuple(
+            n
+            for n in (code.co_names if code is not None else ())
+            if n in glb and (glb[n] is None or isinstance(glb[n], (Tensor, Module, bool, int, float, str)))
+        )
+
+    def signature(self, args, kwargs):
         if self._modules is None:
-            self._modules = self._find_modules(args, kwargs)
-            code, glb = getattr(target, "__code__", None), getattr(target, "__globals__", {})
-            names = code.co_names if code is not None else ()
-            self._global_tensors = tuple(n for n in names if isinstance(glb.get(n), Tensor))
-        closure = tuple(_identity_key(c.cell_contents) for c in getattr(target, "__closure__", None) or ())
-        glb = getattr(target, "__globals__", {})
+            self._prepare(args, kwargs)
+        glb = self._globals
         return (
-            tuple(_value_key(a) for a in args),
-            tuple((k, _value_key(v)) for k, v in sorted(kwargs.items())),
+            tuple([_value_key(a) for a in args]),
+            tuple([(k, _value_key(v)) for k, v in sorted(kwargs.items())]) if kwargs else (),
             is_grad_enabled(),
-            tuple(m.training for m in self._modules),
-            closure,
-            tuple(id(glb.get(name)) for name in self._global_tensors),
+            tuple([m.training for m in self._modules]),
+            tuple([_cell_key(c) for c in self._cells]),
+            tuple([_identity_key(glb.get(n)) for n in self._global_names]),
         )
 
     # ----- counts and guards ---------------------------------------------------------------------------------
