@@ -5,7 +5,8 @@
 Each step is the whole recipe on pre-cut batches of 100: zero_grad, forward, cross-entropy, backward, Adam. The four
 variants run interleaved (block of steps of one, then the next, ...), so load on a shared machine hits them alike;
 each figure is the median over repeats of a block's mean step time. Also printed: the capture call's cost against an
-eager step, and tracemalloc's peak and net per block of compiled steps (flat = nothing accumulates).
+eager step, in this process and in two fresh ones (Numba's on-disk cache warm), and tracemalloc's peak and net per
+block of eager and of compiled steps (peak: what a step allocates at once; net flat = nothing accumulates).
 """
 
 import os
@@ -16,6 +17,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 
@@ -104,13 +107,38 @@ def torch_step(name, compiled):
     return step
 
 
+def capture_probe(name):
+    """In a fresh process: a warm eager step, then the compiled step's first call (capture, Numba from its cache)."""
+    import mpnn
+
+    mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
+    eager = mpnn_step(name, False)
+    for i in range(5):
+        eager(*mb[i % 10])
+    t0 = time.perf_counter()
+    eager(*mb[0])
+    t_eager = time.perf_counter() - t0
+    comp = mpnn_step(name, True)
+    t0 = time.perf_counter()
+    comp(*mb[0])
+    t_capture = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    comp(*mb[1])
+    t_replay = time.perf_counter() - t0
+    print(f"{t_capture * 1e3:.2f} {t_eager * 1e3:.2f} {t_replay * 1e3:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-torch-compile", action="store_true")
+    p.add_argument("--capture-probe", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.capture_probe:
+        capture_probe(args.capture_probe)
+        return
     import torch
 
     import mpnn
@@ -166,20 +194,37 @@ def main():
             f"({t_eager * 1e3:.2f} ms); "
             f"stats {comp.stats}"
         )
-        tracemalloc.start()
-        blocks = []
-        for _ in range(5):
-            tracemalloc.reset_peak()
-            b0 = tracemalloc.get_traced_memory()[0]
-            for i in range(200):
-                comp(*mb[i % 10])
-            cur, peak = tracemalloc.get_traced_memory()
-            blocks.append((peak - b0, cur - b0))
-        tracemalloc.stop()
-        print(
-            "  tracemalloc per block of 200 compiled steps (peak above start, net): "
-            + ", ".join(f"{pk / 1024:.0f}/{net / 1024:+.1f} KiB" for pk, net in blocks)
-        )
+        for k in (1, 2):  # a new process's first call: Numba's kernels come from its on-disk cache
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--capture-probe", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            cap, eag, rep = (float(v) for v in out[-3:])
+            print(
+                f"  fresh process {k}: capture call {cap:.2f} ms = {cap / eag:.2f}x its eager step ({eag:.2f} ms), "
+                f"first replay {rep:.2f} ms"
+            )
+        # Python's free lists (tuples, floats) keep up to a few thousand freed objects that tracemalloc still counts:
+        # they fill over the first ~2,000 steps, so measure after those
+        for fn, label in ((eager, "eager"), (comp, "compiled")):
+            for i in range(2000):
+                fn(*mb[i % 10])
+            tracemalloc.start()
+            blocks = []
+            for _ in range(5):
+                tracemalloc.reset_peak()
+                b0 = tracemalloc.get_traced_memory()[0]
+                for i in range(200):
+                    fn(*mb[i % 10])
+                cur, peak = tracemalloc.get_traced_memory()
+                blocks.append((peak - b0, cur - b0))
+            tracemalloc.stop()
+            print(
+                f"  tracemalloc per block of 200 {label} steps after 2,000 (peak above start = what one step holds "
+                "at once, net): " + ", ".join(f"{pk / 1024:.0f}/{net / 1024:+.1f} KiB" for pk, net in blocks)
+            )
 
 
 if __name__ == "__main__":

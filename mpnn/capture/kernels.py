@@ -95,3 +95,18 @@ def column_sum(g, out):
     for i in range(1, n):
         for j in range(m):
             out[j] += g[i, j]
+
+
+def warmup() -> None:
+    """Compile (or load from Numba's cache) every kernel above on float32 and float64, as the launcher's warm-up
+    does before workers start (concurrent cache=True compiles can race)."""
+    for dt in (np.float32, np.float64):
+        a = np.linspace(-1, 1, 12).astype(dt)
+        o = np.empty_like(a)
+        relu_forward(a, o)
+        relu_backward(a, a, o)
+        scale_into(a, dt(0.5), o)
+        m = a.reshape(3, 4)
+        column_sum(m, np.empty(4, dt))
+        bias_relu(m.copy(), np.ones(4, dt), np.empty_like(m))
+        cross_entropy_forward(m, np.array([0, 3, -100]), -100, np.empty_like(m))

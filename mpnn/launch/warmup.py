@@ -7,7 +7,7 @@ worker compiles cold on every run and the cache is never shared.
 
 The warm-up spans layers, so it lives here, at the top of the stack: mpnn.core.warmup() compiles the engine's
 kernels (core imports nothing above it); this module then steps each optimizer (their fused update kernels), runs
-the data layer's image transforms and calls the communicator's fence.
+the data layer's image transforms, calls the communicator's fence and mpnn.compile's replay kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def warm_numba_cache(progress=None) -> bool:
     progress = ConsoleProgress() if progress is None else progress
     try:
         engine = getattr(importlib.import_module("mpnn.core"), "warmup", None)
-        rest = [warm_optimizers, warm_data_transforms, warm_fence]
+        rest = [warm_optimizers, warm_data_transforms, warm_fence, warm_capture]
         engine_total = 0
 
         def engine_progress(done, total):
@@ -120,6 +120,13 @@ def warm_optimizers() -> None:
         params.append(param)
     for opt in (Adam(params, lr=1e-3), Adam(params, lr=1e-3, amsgrad=True), SGD(params, lr=1e-3, momentum=0.9)):
         opt.step()
+
+
+def warm_capture() -> None:
+    """mpnn.compile's fused replay kernels (relu, bias+relu, cross-entropy, bias gradient)."""
+    from mpnn.capture.kernels import warmup
+
+    warmup()
 
 
 def warm_data_transforms() -> None:
