@@ -221,13 +221,15 @@ def _linear(r):
     wt = wd.T
     bd = None if bias is None else bias.data
 
+    work_f, work_x, work_w = {}, {}, {}  # the GEMMs' packing buffers, kept from step to step
+
     def forward():
-        _mm(x2, wt, out=o2)
+        _mm(x2, wt, out=o2, work=work_f)
         if bd is not None:
             np.add(o2, bd, out=o2)
 
     if bd is not None and o2.dtype in _FLOATS and bd.dtype == o2.dtype and bd.flags.c_contiguous:
-        forward.linear_parts = (x2, wt, o2, bd)
+        forward.linear_parts = (x2, wt, o2, bd, work_f)
     if o2.dtype not in _FLOATS or wd.dtype != o2.dtype or not (x2.flags.c_contiguous and wd.flags.c_contiguous):
         return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
     # eager's closure, into buffers of their own (read-only downstream, rewritten next step): the same _mm calls
@@ -244,10 +246,10 @@ def _linear(r):
         g2 = g.reshape(o2.shape)
         rx = rw = None
         if x.requires_grad:
-            _mm(g2, wd, out=gx2)
+            _mm(g2, wd, out=gx2, work=work_x)
             rx = gx
         if weight.requires_grad:
-            rw = _mm(g2.T, x2, out=gw)
+            rw = _mm(g2.T, x2, out=gw, work=work_w)
         if bias is None:
             return (rx, rw)
         rb = None
@@ -384,14 +386,14 @@ def fuse_forwards(ops):
         rel = getattr(b.forward, "relu_parts", None)
         if lin is None or rel is None or b.parents[0] is not a.out:
             continue
-        x2, wt, o2, bd = lin
+        x2, wt, o2, bd, work = lin
         src, dst = rel
         if src is not a.out.data or dst.dtype != o2.dtype or dst.size != o2.size:
             continue
         dst2 = dst.reshape(o2.shape)
 
-        def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2):
-            _mm(x2, wt, out=o2)
+        def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2, work=work):
+            _mm(x2, wt, out=o2, work=work)
             bias_relu(o2, bd, dst2)
 
         out[k] = forward

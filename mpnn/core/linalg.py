@@ -53,14 +53,25 @@ def _flat(a):
     return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(it,)), s0, s1
 
 
-def _mm(a, b, out=None):
+def _work(work, slot, size):
+    """A packing buffer of `size` float32: a fresh one, or from `work` (a dict a caller keeps between calls)."""
+    if work is None:
+        return np.empty(size, _F32)
+    buf = work.get(slot)
+    if buf is None or buf.size < size:
+        buf = work[slot] = np.empty(size, _F32)
+    return buf[:size]
+
+
+def _mm(a, b, out=None, work=None):
     """a @ b for 2-D arrays (either may be a transposed or strided view): float32 products of a transformer's
     Linear sizes through mpnn's own GEMM, anything else through NumPy (OpenBLAS). ``out``: a C-contiguous (m, n)
     array to write into instead of a new one (mpnn.compile's replay; the same kernels, so the same bits).
 
     Measured side by side (benchmarks/gemm.py, one thread, thread CPU time), the GPT's shapes: qkv forward
     (768,128)@(128,384) 521 us here against 595 through np.matmul; the weight gradient's transposed operand
-    (g.T @ x) is read in place, as BLAS's transpose flag does."""
+    (g.T @ x) is read in place, as BLAS's transpose flag does. ``work``: a dict kept by the caller that holds the
+    GEMM's packing buffers from one call to the next (mpnn.compile's replay: no allocation per step)."""
     m, k = a.shape
     n = b.shape[1]
     if (
@@ -90,11 +101,11 @@ def _mm(a, b, out=None):
                 n,
                 k,
                 out.reshape(-1),
-                np.empty(gemm_kernels.KC * gemm_kernels.NR, _F32),
-                np.empty(m * gemm_kernels.NR, _F32),
+                _work(work, "b", gemm_kernels.KC * gemm_kernels.NR),
+                _work(work, "c", m * gemm_kernels.NR),
                 gemm_kernels.KC,
                 # A read down its columns (g.T of the weight gradient) is packed into 12-row strips per block of k
-                np.empty(12 * (-(-m // 12)) * gemm_kernels.KC if fa[2] != 1 else 1, _F32),
+                _work(work, "a", 12 * (-(-m // 12)) * gemm_kernels.KC if fa[2] != 1 else 1),
             )
             return out
     if out is not None:
