@@ -72,7 +72,9 @@ def test_mnist1d_steps_replay_bit_for_bit(model_name, opt_name):
     fn = compiled[3]
     assert fn.eager_reason is None
     if model_name == "mlp":  # linear + bias + ReLU in one Numba pass: the same float operations, so still the bits
-        assert "fuse_forwards.<locals>.forward" in _step_names(fn)
+        assert "fuse.<locals>.forward" in _step_names(fn)
+    else:  # each conv's epilogue with its ReLU, forward and backward
+        assert _step_names(fn).count("_conv_im2col.<locals>.fuse_relu.<locals>.forward_relu") == 3
     assert "_cross_entropy_fused.<locals>.forward" not in _step_names(fn)
     assert fn.stats["captures"] == 1 and fn.stats["hits"] == 5
     for a, b in zip(eager[0], compiled[0]):
@@ -86,6 +88,17 @@ def test_mnist1d_steps_replay_bit_for_bit(model_name, opt_name):
 
 def _step_names(fn):
     return [getattr(step, "__qualname__", "") for prog in fn._cache.values() for step in prog.steps]
+
+
+def _backward_forms(fn):
+    """The qualnames of the replayed backward forms of fn's programs (from the unrolled reverse passes)."""
+    names = []
+    for prog in fn._cache.values():
+        for step in prog.steps:
+            if step.__qualname__.endswith("_backward_step.<locals>.backward"):
+                cells = dict(zip(step.__code__.co_freevars, step.__closure__))
+                names += [bwd.__qualname__ for _, bwd, _, _ in cells["steps"].cell_contents]
+    return names
 
 
 def _close(a, b, rtol):
@@ -717,12 +730,23 @@ def test_data_parallel_replay_matches_eager_data_parallel():
 
 
 @pytest.mark.parametrize(
-    "batch,bias,groups,input_grad,conv2d",
-    [(1, True, 1, True, False), (3, False, 2, True, False), (4, True, 2, False, True), (2, True, 1, True, True)],
+    "batch,bias,groups,input_grad,conv2d,act",
+    [
+        (1, True, 1, True, False, "tanh"),
+        (3, False, 2, True, False, "tanh"),
+        (4, True, 2, False, True, "tanh"),
+        (2, True, 1, True, True, "tanh"),
+        (3, True, 1, True, False, "relu"),
+        (4, False, 2, False, True, "relu"),
+        (3, True, 1, True, False, "relu_shared"),
+        (1, True, 1, True, False, "relu"),
+    ],
 )
-def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, input_grad, conv2d):
+def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, input_grad, conv2d, act):
     """The one-tile im2col replay form (buffers planned once): one sample per tile (its GEMM writes the output in
-    place) or several (a transposing copy), with and without bias, grouped, with and without an input gradient."""
+    place) or several (a transposing copy), with and without bias, grouped, with and without an input gradient;
+    a ReLU after it fused into its epilogue (several samples per tile), and into its backward's first copy when
+    the ReLU is the conv result's only consumer (relu), not when another op reads it too (relu_shared)."""
     mpnn.manual_seed(0)
     if conv2d:
         conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
@@ -734,7 +758,14 @@ def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, 
 
     def step(x):
         opt.zero_grad()
-        loss = (conv(x).tanh() * conv(x)).sum()
+        if act == "tanh":
+            loss = (conv(x).tanh() * conv(x)).sum()
+        elif act == "relu":
+            h = conv(x).relu()
+            loss = (h * h.tanh()).sum()
+        else:
+            c = conv(x)
+            loss = (c.relu() * c).sum()
         loss.backward()
         opt.step()
         return loss
@@ -757,7 +788,11 @@ def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, 
         got.append(tuple(p.data.copy() for p in conv.parameters()))
         results.append(got)
     assert fn.stats["hits"] == 3 and fn.eager_reason is None
-    assert "_conv_im2col.<locals>.forward" in _step_names(fn)
+    names = _step_names(fn)
+    fused = "_conv_im2col.<locals>.fuse_relu.<locals>.forward_relu"
+    assert ("_conv_im2col.<locals>.forward" in names) == (act == "tanh" or batch == 1)
+    assert (fused in names) == (act != "tanh" and batch > 1)
+    assert ("_pass_through" in _backward_forms(fn)) == (act == "relu" and batch > 1)
     for a, b in zip(*results):
         for u, v in zip(a, b):
             assert (u is None) == (v is None)

@@ -97,6 +97,33 @@ def column_sum(g, out):
             out[j] += g[i, j]
 
 
+@njit(cache=True, error_model="numpy")
+def swap_relu(src, dst, act):
+    """A conv's epilogue and the ReLU after it in one pass: dst[j, i, :] = src[i, j, :] (conv_kernels.
+    swap_leading_axes) and act = np.maximum(dst, 0) (relu_forward's bits)."""
+    a_, b_, t_ = src.shape
+    zero = act.dtype.type(0)
+    for i in range(a_):
+        for j in range(b_):
+            for k in range(t_):
+                v = src[i, j, k]
+                dst[j, i, k] = v
+                act[j, i, k] = v if (v > 0 or v != v) else zero
+
+
+@njit(cache=True, error_model="numpy")
+def swap_relu_backward(g, act, dst):
+    """The ReLU's backward and the transposing copy at the start of the conv's backward in one pass:
+    dst[j, i, :] = g[i, j, :] * (act[i, j, :] > 0), the same float multiply by 1 or 0 as relu_backward."""
+    a_, b_, t_ = g.shape
+    one = g.dtype.type(1)
+    zero = g.dtype.type(0)
+    for i in range(a_):
+        for j in range(b_):
+            for k in range(t_):
+                dst[j, i, k] = g[i, j, k] * (one if act[i, j, k] > 0 else zero)
+
+
 def warmup() -> None:
     """Compile (or load from Numba's cache) every kernel above on float32 and float64, as the launcher's warm-up
     does before workers start (concurrent cache=True compiles can race)."""
@@ -110,3 +137,6 @@ def warmup() -> None:
         column_sum(m, np.empty(4, dt))
         bias_relu(m.copy(), np.ones(4, dt), np.empty_like(m))
         cross_entropy_forward(m, np.array([0, 3, -100]), -100, np.empty_like(m))
+        c = a.reshape(2, 3, 2)
+        swap_relu(c, np.empty((3, 2, 2), dt), np.empty((3, 2, 2), dt))
+        swap_relu_backward(c, c, np.empty((3, 2, 2), dt))

@@ -22,7 +22,7 @@ from mpnn.core.tensor import Tensor
 from mpnn.core.tensor_base import from_array
 
 from .optim import replay_step
-from .replay import fuse_forwards
+from .replay import fuse
 
 
 class CaptureError(Exception):
@@ -74,11 +74,7 @@ class Program:
         self._check_versions(rec)
 
         index = {id(r): i for i, r in enumerate(rec.ops)}
-        position = {id(ev[1]): n for n, ev in enumerate(rec.events) if ev[0] == "op"}
-        fused = fuse_forwards(rec.ops)
-        for k in [k for k in fused if fused[k] is not None]:  # only ops that ran one right after the other
-            if position[id(rec.ops[k + 1])] != position[id(rec.ops[k])] + 1:
-                del fused[k], fused[k + 1]
+        fused = fuse(rec)
         for ev in rec.events:
             kind = ev[0]
             if kind == "op":

@@ -29,7 +29,16 @@ from mpnn.core.conv_im2col import _plan as _im2col_tiles
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels
 
-from .kernels import bias_relu, column_sum, cross_entropy_forward, relu_backward, relu_forward, scale_into
+from .kernels import (
+    bias_relu,
+    column_sum,
+    cross_entropy_forward,
+    relu_backward,
+    relu_forward,
+    scale_into,
+    swap_relu,
+    swap_relu_backward,
+)
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -376,29 +385,57 @@ def _cross_entropy_fused(r, rows, labels, c, ignore_index, mean, o):
     return forward, backward
 
 
-def fuse_forwards(ops):
-    """{index in ops: forward to run instead (None: nothing to run)} for chains that fuse without reordering any
-    arithmetic: a linear layer's bias add and the ReLU right after it (kernels.bias_relu)."""
+def fuse(rec):
+    """Fuse pairs of ops that ran one right after the other, where no arithmetic is reordered (so eager's bits):
+    a linear layer's bias add and the ReLU after it (kernels.bias_relu); a one-tile conv's transposing epilogue and
+    the ReLU after it (kernels.swap_relu), and in backward the ReLU's mask with the conv's transposing copy of the
+    gradient (kernels.swap_relu_backward; the ReLU then passes its gradient through, which is exact only when the
+    ReLU is the conv result's one consumer). Returns {index in rec.ops: forward to run instead, None: nothing}; the
+    backward forms it changes are changed on the records."""
+    ops = rec.ops
+    position = {id(ev[1]): n for n, ev in enumerate(rec.events) if ev[0] == "op"}
+    consumers = {}
+    for r in ops:
+        for p in r.parents:
+            consumers[id(p)] = consumers.get(id(p), 0) + 1
+    roots = {id(ev[1]) for ev in rec.events if ev[0] == "backward"}
     out = {}
     for k in range(len(ops) - 1):
         a, b = ops[k], ops[k + 1]
-        lin = getattr(a.forward, "linear_parts", None)
+        if k in out or b.parents[0] is not a.out or position[id(b)] != position[id(a)] + 1:
+            continue
         rel = getattr(b.forward, "relu_parts", None)
-        if lin is None or rel is None or b.parents[0] is not a.out:
+        if rel is None or rel[0] is not a.out.data:
             continue
-        x2, wt, o2, bd, work = lin
-        src, dst = rel
-        if src is not a.out.data or dst.dtype != o2.dtype or dst.size != o2.size:
+        lin = getattr(a.forward, "linear_parts", None)
+        if lin is not None:
+            x2, wt, o2, bd, work = lin
+            dst = rel[1]
+            if dst.dtype != o2.dtype or dst.size != o2.size:
+                continue
+            dst2 = dst.reshape(o2.shape)
+
+            def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2, work=work):
+                _mm(x2, wt, out=o2, work=work)
+                bias_relu(o2, bd, dst2)
+
+            out[k] = forward
+            out[k + 1] = None
             continue
-        dst2 = dst.reshape(o2.shape)
-
-        def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2, work=work):
-            _mm(x2, wt, out=o2, work=work)
-            bias_relu(o2, bd, dst2)
-
-        out[k] = forward
+        conv = getattr(a.forward, "fuse_relu", None)
+        if conv is None or rel[1].dtype != a.out.data.dtype:
+            continue
+        out[k] = conv(rel[1])
         out[k + 1] = None
+        mask = getattr(a.replay_bwd, "mask_with", None)
+        if mask is not None and consumers.get(id(a.out)) == 1 and id(a.out) not in roots and b.needs[0]:
+            mask(rel[1])
+            b.replay_bwd = _pass_through
     return out
+
+
+def _pass_through(g):
+    return (g,)
 
 
 # ----- convolution through im2col, one tile ---------------------------------------------------------------------
@@ -448,6 +485,30 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         if res is not None:
             CK.swap_leading_axes(res.reshape(out_ch, nb, t), out3[n0:n1])
 
+    if res is not None and dtype in _FLOATS:
+
+        def fuse_relu(act):
+            """This conv's forward with the ReLU that follows writing act in the same pass (see fuse)."""
+            act3 = act.reshape(out3.shape)[n0:n1]
+            res3, dst = res.reshape(out_ch, nb, t), out3[n0:n1]
+
+            def forward_relu():
+                forward_gemm()
+                swap_relu(res3, dst, act3)
+
+            return forward_relu
+
+        def forward_gemm():
+            if b2 is None:
+                np.copyto(wg, w3)
+            else:
+                wg[:, :, :taps] = w3
+                wg[:, :, taps] = b2
+            CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
+            np.matmul(wg, cols3, out=gemm_out)
+
+        forward.fuse_relu = fuse_relu
+
     # backward, for the flags the capture saw (others: the algorithm's own backward over the same state)
     need_x0, need_w0 = bool(input.requires_grad), bool(weight.requires_grad)
     if not weight_grad and need_w0:  # forward kept no columns: Im2colGemm recomputes them; so do we, there
@@ -468,17 +529,35 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
     has_bias = bias is not None
     generic = Im2colGemm()
 
+    relu_act = [None]  # the ReLU output whose mask this backward applies (fuse), as (N, O, L)
+
+    def mask_with(act):
+        relu_act[0] = act.reshape(n, out_ch, oh * ow)
+
     def backward(g):
         need_x, need_w = bool(input.requires_grad), bool(weight.requires_grad)
         g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
+        act = relu_act[0]
         if need_x != need_x0 or need_w != need_w0 or g4.dtype != dtype:
+            if act is not None:  # the ReLU's backward, as its eager closure computes it
+                g4 = g4 * (act.reshape(g4.shape) > 0)
             gx, gw, gb = generic.backward(state, g4, need_x, need_w, need_b)
         else:
             g3 = g4.reshape(n, out_ch, oh * ow)
+            if act is not None:
+                swap_relu_backward(g3[n0:n1], act[n0:n1], gc_buf)
+                g3 = None  # (never read unmasked)
             gb = None
             if need_b and not need_w:
-                gb = g3.sum(axis=(0, 2))
-            if nb == 1:
+                if act is not None:  # (rare: a bias without a weight gradient) the masked gradient, in NCL order
+                    gm = np.empty((nb, out_ch, t), dtype)
+                    CK.swap_leading_axes(gc_buf, gm)
+                    gb = gm.sum(axis=(0, 2))
+                else:
+                    gb = g3.sum(axis=(0, 2))
+            if act is not None:
+                gc = gc_buf.reshape(groups, og, nb * t)
+            elif nb == 1:
                 gc = g3[n0, :, p0:p1].reshape(groups, og, t)
             else:
                 CK.swap_leading_axes(g3[n0:n1], gc_buf)
@@ -500,4 +579,6 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         gw = None if gw is None else gw.reshape(wshape)
         return (gx, gw) if not has_bias else (gx, gw, gb)
 
+    if gc_buf is not None and dtype in _FLOATS:
+        backward.mask_with = mask_with
     return forward, backward
