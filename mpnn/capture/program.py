@@ -147,6 +147,8 @@ class Program:
         steps = tuple(steps)
         root_key = id(root)
 
+        sums = {}  # target -> the buffer its contributions are summed into (planned at the first step that sums)
+
         def backward():
             around = tuple(hooks.backward_hooks)
             for pre, _ in around:
@@ -169,8 +171,21 @@ class Program:
                                     grads[k] = pg
                                 elif k in owned:
                                     np.add(prev, pg, out=prev)
-                                else:
-                                    grads[k] = prev + pg
+                                else:  # the engine's prev + pg, into a buffer of this program's when it fits
+                                    buf = sums.get(k)
+                                    if (
+                                        buf is not None
+                                        and prev.shape == buf.shape
+                                        and pg.shape == buf.shape
+                                        and prev.dtype == buf.dtype
+                                        and pg.dtype == buf.dtype
+                                    ):
+                                        np.add(prev, pg, out=buf)
+                                    else:
+                                        buf = prev + pg
+                                        if prev.dtype == pg.dtype == buf.dtype and prev.shape == pg.shape:
+                                            sums[k] = buf
+                                    grads[k] = buf
                                     owned.add(k)
                         for k, leaf in fin:
                             gl = grads.pop(k, None)
