@@ -865,3 +865,46 @@ def test_checkpointed_compiled_run_resumes_as_if_never_stopped(tmp_path, fuse):
             _close(a, b, 1e-6)
         else:
             assert a.tobytes() == b.tobytes()
+
+
+def test_hooks_fire_in_replay_as_in_eager():
+    """What telemetry, DataParallel and the plugins subscribe to fires in a replayed step in eager's order: backward
+    pre/post around the reverse pass, each leaf's post-accumulate hook as its gradient lands, the optimizer step
+    hooks around the step, queued callbacks at backward's end."""
+    from mpnn import hooks
+
+    def run(compiled):
+        model, opt = _simple()
+        events = []
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda t, name=name: events.append(("leaf", name)))
+
+        def pre(root):
+            events.append(("backward pre",))
+            hooks.queue_callback(lambda: events.append(("queued",)))
+
+        handles = [
+            hooks.register_backward_hooks(pre, lambda root: events.append(("backward post",))),
+            hooks.register_optimizer_step_hooks(
+                lambda o, a, k: events.append(("step pre",)), lambda o, a, k: events.append(("step post",))
+            ),
+        ]
+
+        def step(x):
+            opt.zero_grad()
+            loss = model(x).tanh().sum()
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = mpnn.compile(step) if compiled else step
+        try:
+            for _ in range(3):
+                fn(mpnn.ones(2, 5))
+        finally:
+            for h in handles:
+                h.remove()
+        return events
+
+    eager, compiled = run(False), run(True)
+    assert eager == compiled and eager.count(("step post",)) == 3 and eager.count(("queued",)) == 3
