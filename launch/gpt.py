@@ -215,6 +215,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--checkpoint-every", type=int, default=int(os.environ.get("MPNN_CHECKPOINT_EVERY") or 0))
     p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the step through mpnn.compile (today it says which op has no replay form and runs eagerly)",
+    )
     args = p.parse_args(argv)
     if args.lr_decay_steps is None:
         args.lr_decay_steps = args.steps
@@ -259,6 +264,17 @@ def main(argv=None):
         if resumed.resumed:
             print(f"resumed from {resumed.path} at step {resumed.step}", flush=True)
 
+    def train_step(x, y):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
+        opt.step()
+        return loss
+
+    run_step = mpnn.compile(train_step) if args.compile else train_step
+
     mpnn.telemetry.plan(total_steps=args.steps)
     step, epoch = resumed.step, resumed.epoch
     start = time.perf_counter()
@@ -268,12 +284,7 @@ def main(argv=None):
             lr = lr_at(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            _, loss = model(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
-            opt.step()
+            loss = run_step(x, y)
             step += 1
             ckpt.step(step, epoch=epoch)
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
