@@ -908,3 +908,36 @@ def test_hooks_fire_in_replay_as_in_eager():
 
     eager, compiled = run(False), run(True)
     assert eager == compiled and eager.count(("step post",)) == 3 and eager.count(("queued",)) == 3
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_cross_entropy_ignore_index_and_bad_labels(reduction):
+    """The fused loss: ignored labels (some, or all: NaN as eager's 0/0), sum or mean, within 1e-6 of eager; a label
+    out of range at replay raises eager's error naming it."""
+    model, opt = _simple()
+
+    def step(x, y):
+        model.zero_grad()
+        loss = mpnn.nn.functional.cross_entropy(model(x), y, ignore_index=-1, reduction=reduction)
+        loss.backward()
+        return loss
+
+    fn = mpnn.compile(step)
+    x = mpnn.randn(4, 5)
+    for labels in ([0, -1, 2, 1], [2, 2, -1, -1], [-1, -1, -1, -1], [0, 1, 2, 0]):
+        y = mpnn.from_numpy(np.array(labels))
+        with np.errstate(all="ignore"):
+            got = fn(x, y).data.copy()
+            grads = [p.grad.data.copy() for p in model.parameters()]
+            want = step(x, y).data
+        if np.isnan(want):
+            assert np.isnan(got) and all(
+                np.isnan(g).all() == np.isnan(p.grad.data).all() for g, p in zip(grads, model.parameters())
+            )
+            continue
+        _close(want, got, 1e-6)
+        for p, g in zip(model.parameters(), grads):
+            _close(p.grad.data, g, 1e-6)
+    assert fn.stats["hits"] == 3 and "_cross_entropy_fused.<locals>.forward" in _step_names(fn)
+    with pytest.raises(Exception, match="target label 7 is out of range"):
+        fn(x, mpnn.from_numpy(np.array([0, 7, 1, 1])))

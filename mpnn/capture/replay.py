@@ -378,7 +378,10 @@ def _cross_entropy_fused(r, rows, labels, c, ignore_index, mean, o):
             o[()] = total
 
     def backward(g):
-        scale = float(g) / st[0] if mean else float(g)
+        if mean:  # every label ignored: eager's g / 0 makes the gradient NaN; so does this
+            scale = float(g) / st[0] if st[0] else float("nan")
+        else:
+            scale = float(g)
         scale_into(flat_grad, dtype.type(scale), flat_dx)
         return (dx,)
 
