@@ -38,7 +38,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "launch" / "mnist1d.py"
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 GLOBAL_BATCH = 100
 STATISTICS = ("block median", "best block", "step median")
@@ -49,8 +48,9 @@ def block_means(step_times, block):
     return [statistics.fmean(step_times[i : i + block]) for i in range(0, len(step_times) - block + 1, block)]
 
 
-def mpnn_step_times(nproc, warmup, steps, log_dir, run_id):
-    """Run the MNIST-1D CNN recipe under `mpnn launch -n nproc`; rank 0's step_s of the timed steps."""
+def mpnn_step_times(nproc, warmup, steps, log_dir, run_id, env=None, repo=REPO):
+    """Run the MNIST-1D CNN recipe under `mpnn launch -n nproc` (with `env` added to this process's environment)
+    with the mpnn and the recipe of checkout `repo` (this one by default); rank 0's step_s of the timed steps."""
     from mpnn.telemetry.reader import load_run
 
     command = [
@@ -64,7 +64,7 @@ def mpnn_step_times(nproc, warmup, steps, log_dir, run_id):
         str(log_dir),
         "--run-id",
         run_id,
-        str(RECIPE),
+        str(Path(repo) / "launch" / "mnist1d.py"),
         "--model",
         "cnn",
         "--batch-size",
@@ -74,7 +74,9 @@ def mpnn_step_times(nproc, warmup, steps, log_dir, run_id):
         "--eval-every",
         str(warmup + steps),
     ]
-    done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)  # over an editable install
+    done = subprocess.run(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         sys.exit(f"ddp_mnist1d: `{' '.join(command)}` failed with exit code {done.returncode}:\n{done.stdout}")
     records = load_run(log_dir / run_id).ranks[0].steps
