@@ -3,7 +3,8 @@
 Measured on the 2-core machine (2 ranks, 16 MB float32): the socket ring spends ~7.5-9 ms of CPU per rank
 (two kernel copies per byte plus the user-space add/copy), this path ~4.8 ms (copy in, one reduction pass, copy
 out), and 1 MB ran at ~2.7 GB/s against ~1.4 GB/s. A "sync" (every rank reached this point) is a mailbox
-synchronisation point when the world uses mailboxes (mailbox.py: shared counters waited for by spinning), else
+synchronisation point when the world uses mailboxes (mailbox.py: shared counters waited for by spinning briefly,
+then by blocking on a futex, so a loaded machine's cores go to work, not to waiting), else
 an empty frame passed n-1 hops around the ring; both carry the all-reduce's header, so mismatches, timeouts and
 aborts behave exactly as on the socket path.
 
