@@ -107,17 +107,25 @@ def torch_step(name, compiled):
     return step
 
 
+def eager_step_time(eager, mb):
+    """The median of 9 single eager steps after 5 warm ones (one step alone is at the mercy of a busy machine)."""
+    for i in range(5):
+        eager(*mb[i % 10])
+    times = []
+    for i in range(9):
+        t0 = time.perf_counter()
+        eager(*mb[i % 10])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def capture_probe(name):
     """In a fresh process: a warm eager step, then the compiled step's first call (capture, Numba from its cache)."""
     import mpnn
 
     mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
     eager = mpnn_step(name, False)
-    for i in range(5):
-        eager(*mb[i % 10])
-    t0 = time.perf_counter()
-    eager(*mb[0])
-    t_eager = time.perf_counter() - t0
+    t_eager = eager_step_time(eager, mb)
     comp = mpnn_step(name, True)
     t0 = time.perf_counter()
     comp(*mb[0])
@@ -149,13 +157,9 @@ def main():
     print(f"one thread; load average {os.getloadavg()[0]:.2f} at start; torch {torch.__version__}")
     for name in args.model:
         variants = {"mpnn eager": (mpnn_step(name, False), mb), "mpnn compiled": None}
-        # capture cost: the compiled step's first call against an eager step (after a warm eager step)
+        # capture cost: the compiled step's first call against an eager step (the median of 9, after 5 warm ones)
         eager = variants["mpnn eager"][0]
-        for i in range(5):
-            eager(*mb[i % 10])
-        t0 = time.perf_counter()
-        eager(*mb[0])
-        t_eager = time.perf_counter() - t0
+        t_eager = eager_step_time(eager, mb)
         comp = mpnn_step(name, True)
         t0 = time.perf_counter()
         comp(*mb[0])
