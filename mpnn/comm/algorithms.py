@@ -17,7 +17,7 @@ Selection order, first match wins (the last entry of every registry always appli
     broadcast         1. ChainBroadcast         root -> root+1 -> ... along the ring, chunked
     allgather         1. RingAllgather          every rank's piece around the ring (allgather_object too)
     reduce_scatter    1. RingReduceScatter      ring reduce-scatter along axis 0 (np.array_split rows)
-    broadcast_object  1. ChainBroadcastObject   the root's pickle along the chain, its size in the header
+    broadcast_object  1. ChainBroadcastObject   the root's typed object bytes along the chain, size in the header
 "Has shared slots" means: every rank is on this host, shared memory is on (MPNN_SHM, not 0; the Communicator's
 shared_memory=True), the transport is "auto" (MPNN_TRANSPORT=tcp has none) and /dev/shm gave every rank its
 file. "Has mailboxes" means it has slots and MPNN_MAILBOX says so (1, or auto with no more ranks than cores:

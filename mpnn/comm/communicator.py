@@ -14,8 +14,8 @@ Semantics (PyTorch's where it has the thing):
 - allgather(a) returns every rank's array in rank order; same dtype everywhere, any shape per rank.
 - reduce_scatter(a, op) reduces `a` across ranks and returns this rank's part: a is split along axis 0 in
   np.array_split order (the first a.shape[0] % world_size ranks get one row more); `a` is left untouched.
-- allgather_object / broadcast_object move picklable objects; pickles are only ever loaded from ring peers
-  that authenticated with the run's secret. barrier() returns once every rank has entered it.
+- allgather_object / broadcast_object move JSON-like objects and NumPy arrays through the typed codec of
+  objects.py; nothing a peer sends is ever unpickled. barrier() returns once every rank has entered it.
 - allreduce_async(a, op) queues the allreduce on ONE background thread that runs queued collectives in call
   order and returns a Work handle; do not touch `a` before handle.wait(). A synchronous call first waits for
   the queue, so all ranks see the same sequence of collectives. run_async(fn) queues fn() on that thread in
@@ -28,7 +28,6 @@ closed: every later call raises the first error.
 import atexit
 import ipaddress
 import os
-import pickle
 import queue
 import shutil
 import socket
@@ -40,7 +39,7 @@ import weakref
 import numpy as np
 import zmq
 
-from . import algorithms, frames, mailbox, rendezvous, shm
+from . import algorithms, frames, mailbox, objects, rendezvous, shm
 from .algorithms import ALLREDUCE, REDUCE_UFUNCS, Setup, accumulate_dtype
 from .auth import DataSocketSecurity
 from .env import WorldSpec
@@ -219,25 +218,36 @@ class Communicator:
             self._run(frames.Call(frames.BARRIER), self._barrier)
 
     def allgather_object(self, obj):
-        """Every rank's picklable `obj` as a list in rank order."""
+        """Every rank's `obj` as a list in rank order. Objects travel through the typed codec of objects.py (None,
+        bool, int, float, str, bytes, list, tuple, dict, NumPy arrays and scalars), never pickle."""
+        data = np.frombuffer(objects.encode(obj, "allgather_object"), np.uint8)
         if self.world_size == 1:
             return [obj]
-        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
         call = frames.Call(frames.ALLGATHER_OBJECT, dtype=frames.DTYPE_CODES[data.dtype])
         pieces = self._run(call, lambda link: self._allgather(link, data, data.shape))
-        return [obj if rank == self.rank else pickle.loads(piece.tobytes()) for rank, piece in enumerate(pieces)]
+        return [obj if rank == self.rank else self._decode(piece, rank) for rank, piece in enumerate(pieces)]
 
     def broadcast_object(self, obj, root=0):
-        """Rank `root`'s picklable `obj` on every rank (other ranks' `obj` is ignored)."""
+        """Rank `root`'s `obj` on every rank (other ranks' `obj` is ignored); the types of allgather_object."""
         self._check_root("broadcast_object", root)
-        if self.world_size == 1:
-            return obj
         data = None
         if self.rank == root:
-            data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+            data = np.frombuffer(objects.encode(obj, "broadcast_object"), np.uint8)
+        if self.world_size == 1:
+            return obj
         call = frames.Call(frames.BROADCAST_OBJECT, dtype=frames.DTYPE_CODES[np.dtype(np.uint8)], root=root)
         piece = self._run(call, lambda link: self._broadcast_object(link, data, root))
-        return obj if self.rank == root else pickle.loads(piece.tobytes())
+        return obj if self.rank == root else self._decode(piece, root)
+
+    def _decode(self, piece, sender):
+        """A peer's object from its bytes; CommError naming the rank if they are not the codec's."""
+        try:
+            return objects.decode(piece)
+        except objects.ObjectError as error:
+            raise CommError(
+                f"rank {self.rank} received an object from rank {sender} that it cannot decode: {error} "
+                "(objects travel as mpnn's typed encoding, never as pickles)"
+            ) from None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def close(self):
@@ -439,7 +449,8 @@ class Communicator:
                 self._context, spec.rendezvous, self.rank, self.run_id, load_secret, callable(secret), prepare, deadline
             )
         try:
-            self._link.connect(_pick_endpoint(table[self._link.next], table[self.rank]))
+            peer = table[self._link.next]
+            self._link.connect(_pick_endpoint(peer, table[self.rank]), peer.get("edge"))
             self._run(frames.Call(frames.BARRIER), self._barrier)  # collective #1 proves the ring is closed
         finally:
             if router is not None:
@@ -475,6 +486,7 @@ class Communicator:
             "ipc": None,
             "tcp": None,
             "shm": None,
+            "edge": self._security.nonce.hex(),  # what the previous rank's one-time data-socket proof is bound to
         }
         if transport == "auto":
             # Random names in private directories, announced to the peers over the authenticated rendezvous:

@@ -1,7 +1,7 @@
 """The per-run secret: read it from a private file, or (one host, foreign launcher) have rank 0 create one.
 
 The file holds at least 32 random bytes as hex. It must belong to this user and be unreadable by others (0600),
-because whoever reads it can join the world and have their pickles loaded.
+because whoever reads it can join the world and feed every rank its frames.
 """
 
 import os

@@ -42,7 +42,7 @@ class RingLink:
         self.push.sndhwm = HWM
         self.push.immediate = True  # queue only to a connected, authenticated peer: a dead peer blocks, then times out
         security.make_server(self.pull, rank)
-        security.make_client(self.push, rank, self.next)
+        self._security = security  # the PUSH gets its credentials in connect(): they depend on the next rank's nonce
         self._send_poller = zmq.Poller()
         self._send_poller.register(self.push, zmq.POLLOUT)
         self._send_poller.register(self.pull, zmq.POLLIN)
@@ -67,9 +67,11 @@ class RingLink:
         self.bound.append(self.pull.last_endpoint.decode())
         return self.bound[-1]
 
-    def connect(self, endpoint):
-        """Connect the PUSH socket to the next rank's data endpoint."""
+    def connect(self, endpoint, edge_nonce=None):
+        """Connect the PUSH socket to the next rank's data endpoint, with the credentials that rank admits
+        (`edge_nonce`: the hex nonce it announced at the rendezvous; see auth.py)."""
         self.scheme = endpoint.split("://", 1)[0]
+        self._security.make_client(self.push, self.rank, self.next, edge_nonce)
         self.push.connect(endpoint)
 
     # -- one collective ----------------------------------------------------------------------------------
