@@ -198,29 +198,50 @@ class _Booby:
 
 
 def _attack_rendezvous(address, run_id, marker, log):
+    """A stranger (no keys, or a made-up CURVE key) and an insider holding rank 1's rendezvous key (derived from
+    the secret) send junk, a pickled HELLO, a HELLO, forged and replayed proofs and an oversized frame."""
+    from mpnn.comm.auth import rendezvous_keypair
+    from mpnn.comm.secret import read_secret
+
+    secret = read_secret(os.environ["MPNN_SECRET_FILE"])
     context = zmq.Context()
     try:
 
+        def dealer(keys):
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            if keys is not None:
+                sock.curve_publickey, sock.curve_secretkey = keys
+                sock.curve_serverkey = rendezvous_keypair(secret, run_id, 0)[0]  # even knowing rank 0's public key
+            sock.connect(address)
+            return sock
+
         def exchange(sock, *parts):
-            sock.send_multipart(list(parts))
+            try:
+                sock.send_multipart(list(parts), zmq.NOBLOCK)
+            except zmq.Again:
+                return "not sent"  # no connection completed its handshake: nothing can be sent
             return sock.recv_multipart() if sock.poll(2000) else None
 
-        stranger = context.socket(zmq.DEALER)
-        stranger.linger = 0
-        stranger.connect(address)
         nonce = os.urandom(32).hex()
-        log["junk"] = exchange(stranger, b"\x00junk\xff")
-        log["pickle"] = exchange(stranger, b"HELLO", pickle.dumps(_Booby(marker)))
-        log["hello"] = exchange(stranger, b"HELLO", json.dumps({"rank": 1, "run": run_id, "nonce": nonce}).encode())
+        hello = json.dumps({"rank": 1, "run": run_id, "nonce": nonce}).encode()
         info = json.dumps({"rank": 1, "host": "evil", "ipc": "ipc:///tmp/evil", "tcp": None, "shm": None}).encode()
-        log["proof"] = exchange(stranger, b"PROOF", info, b"\x00" * 32)
-        log["replay"] = exchange(stranger, b"PROOF", info, b"\x00" * 32)
-        flooder = context.socket(zmq.DEALER)
-        flooder.linger = 0
-        flooder.connect(address)
-        log["oversized"] = exchange(flooder, b"HELLO", b"x" * 200_000)
+        strangers = {"null": dealer(None), "curve": dealer(zmq.curve_keypair())}
+        time.sleep(0.5)  # time for their handshakes to fail
+        for name, sock in strangers.items():
+            log[f"{name} hello"] = exchange(sock, b"HELLO", hello)
+            log[f"{name} pickle"] = exchange(sock, b"HELLO", pickle.dumps(_Booby(marker)))
+        insider = dealer(rendezvous_keypair(secret, run_id, 1))
+        log["junk"] = exchange(insider, b"\x00junk\xff")
+        log["pickle"] = exchange(insider, b"HELLO", pickle.dumps(_Booby(marker)))
+        log["hello"] = exchange(insider, b"HELLO", hello)
+        log["proof"] = exchange(insider, b"PROOF", info, b"\x00" * 32)
+        log["replay"] = exchange(insider, b"PROOF", info, b"\x00" * 32)
+        log["oversized"] = exchange(dealer(rendezvous_keypair(secret, run_id, 1)), b"HELLO", b"x" * 200_000)
     finally:
         context.destroy(linger=0)
+        with open(marker + ".done", "w"):
+            pass  # rank 1 may join now
 
 
 def rendezvous_attack_worker(marker):
@@ -228,7 +249,9 @@ def rendezvous_attack_worker(marker):
 
     log = {}
     if int(os.environ["MPNN_RANK"]) == 1:
-        time.sleep(1.5)  # the attacker gets the rendezvous to itself first
+        end = time.monotonic() + 60
+        while not os.path.exists(marker + ".done") and time.monotonic() < end:
+            time.sleep(0.05)  # the attackers get the rendezvous to themselves first
     else:
         attacker = threading.Thread(
             target=_attack_rendezvous,
@@ -244,18 +267,22 @@ def rendezvous_attack_worker(marker):
     if comm.rank == 0:
         attacker.join()
     return {
-        "log": {key: [part[:60] for part in reply] if reply else reply for key, reply in log.items()},
+        "log": {key: [part[:60] for part in reply] if isinstance(reply, list) else reply for key, reply in log.items()},
         "ok": bool(np.all(a == 3.0)),
     }
 
 
 def test_strangers_at_the_rendezvous_are_refused(tmp_path):
+    """Strangers fail the rendezvous's CURVE handshake: nothing they send is taken in, let alone answered. A holder
+    of a rank's key (that is, of the secret) reaches the protocol, where junk, pickles and bad proofs are refused."""
     marker = str(tmp_path / "unpickled")
-    reports = values(run_world(rendezvous_attack_worker, 2, (marker,), init=False))
+    reports = values(run_world(rendezvous_attack_worker, 2, (marker,), init=False, comm_timeout=60.0))
     assert all(report["ok"] for report in reports)
     log = reports[0]["log"]
+    for stranger in ("null", "curve"):
+        assert {log[f"{stranger} hello"], log[f"{stranger} pickle"]} <= {"not sent", None}, log  # never answered
     assert log["junk"][0] == b"DENIED" and log["pickle"] == [b"DENIED", b"malformed HELLO"]
-    assert log["hello"][0] == b"CHALLENGE"  # anyone may ask; only the secret answers
+    assert log["hello"][0] == b"CHALLENGE"  # a key holder may ask; only the secret answers the challenge
     assert log["proof"][0] == b"DENIED" and b"bad proof" in log["proof"][1]
     assert log["replay"][0] == b"DENIED"
     assert log["oversized"] is None  # dropped by MAXMSGSIZE

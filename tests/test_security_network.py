@@ -321,3 +321,158 @@ def test_objects_round_trip_what_mpnn_sends():
     for junk in junks:
         with pytest.raises(objects.ObjectError):
             objects.decode(junk)
+
+
+# -- the rendezvous under a flood (item 4) -----------------------------------------------------------------------
+# The attacker speaks ZMTP by hand over plain sockets (cheap enough for thousands of connections): a NULL greeting,
+# READY as a DEALER, then its message. Before issue 16 rank 0's ROUTER took in whatever followed.
+FLOOD = """
+import encodings.idna, json, os, socket, sys, time  # everything before dropping to uid {uid}: /root is closed
+rendezvous_port, run_id, shared, mode, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+os.setgroups([]); os.setgid({uid}); os.setuid({uid})
+GREETING = b"\\xff" + b"\\x00" * 7 + b"\\x01\\x7f\\x03\\x01" + b"NULL".ljust(20, b"\\x00") + b"\\x00" * 32
+READY = b"\\x05READY\\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER\\x08Identity" + bytes(4)
+def frame(data, more):
+    if len(data) < 256:
+        return bytes([1 if more else 0, len(data)]) + data
+    return bytes([3 if more else 2]) + len(data).to_bytes(8, "big") + data
+def started():
+    fd = os.open(os.path.join(shared, "started"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+def greeted(n):  # the greeting alone first: sent in one write with READY, libzmq 4.3.5 dropped the peer here
+    socks = []
+    for _ in range(n):
+        try:
+            sock = socket.create_connection(("127.0.0.1", rendezvous_port), timeout=5)
+            sock.sendall(GREETING)
+            socks.append(sock)
+        except OSError:
+            pass
+    time.sleep(0.3)
+    return socks
+ready = bytes([4, len(READY)]) + READY
+held, sent = [], 0
+if mode == "frames":  # one message of `count` one-byte frames
+    held = greeted(1)
+    body = b"\\x01\\x01x" * (count - 1) + b"\\x00\\x01x"
+    try:
+        held[0].sendall(ready + frame(b"HELLO", True) + body)
+        sent = len(body)
+    except OSError:
+        pass
+    time.sleep(1.0)
+    started()
+else:  # `count` connections, each sending a well-formed HELLO for rank 1
+    held = greeted(count)
+    for i, sock in enumerate(held):
+        hello = json.dumps({{"rank": 1, "run": run_id, "nonce": os.urandom(32).hex()}}).encode()
+        try:
+            sock.sendall(ready + frame(b"HELLO", True) + frame(hello, False))
+            sent += 1
+        except OSError:
+            pass
+        if i == len(held) // 2:  # rank 1 joins halfway through the HELLOs
+            started()
+end = time.monotonic() + 15
+while time.monotonic() < end and not os.path.exists(os.path.join(shared, "done")):
+    time.sleep(0.05)
+print(json.dumps({{"sent": sent, "connections": len(held)}}), flush=True)
+for sock in held:
+    sock.close()
+"""
+
+
+def flood_worker(shared):
+    """Rank 1 joins once the flood is under way; rank 0 reports what its rendezvous cost it (peak RSS, CPU s)."""
+    import resource
+
+    import psutil
+
+    from mpnn.comm import CommError, init_from_env
+
+    rank = int(os.environ["MPNN_RANK"])
+    if rank == 1:
+        wait_for(lambda: Path(shared, "started").exists(), 30, "the flood")
+    me = psutil.Process()
+    peak, cpu, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sum(me.cpu_times()[:2]), time.monotonic()
+    try:
+        comm = init_from_env()
+    except CommError as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    a = np.full(3, rank + 1.0)
+    comm.allreduce(a)
+    comm.close()
+    return {
+        "sum": a.tolist(),
+        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024,
+        "cpu_s": sum(me.cpu_times()[:2]) - cpu,
+        "wall_s": time.monotonic() - start,
+    }
+
+
+def _flood(mode, count):
+    from commworld import free_port
+
+    shared = tempfile.mkdtemp(prefix="mpnn-flood-", dir="/tmp")
+    os.chmod(shared, 0o1777)
+    port, run_id = free_port(), f"flood-{os.getpid()}"
+    attack = {}
+
+    def attacker():
+        wait_for(lambda: _listening(port), 30, "rank 0's rendezvous")
+        code = textwrap.dedent(FLOOD.format(uid=ATTACKER))
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(port), run_id, shared, mode, str(count)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        attack["rc"], attack["out"], attack["err"] = proc.returncode, proc.stdout, proc.stderr
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        env = {"MPNN_TRANSPORT": "tcp", "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}", "MPNN_RUN_ID": run_id}
+        results = run_world(flood_worker, 2, (shared,), init=False, comm_timeout=20.0, deadline=60, env=env)
+        Path(shared, "done").touch()
+        thread.join(timeout=30)
+    finally:
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+    assert attack.get("rc") == 0, attack
+    return values(results), json.loads(attack["out"])
+
+
+def _listening(port):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@as_root
+def test_a_connection_flood_cannot_evict_a_joining_rank():
+    """Issue 16 item 4: 3,000 connections, each with a well-formed HELLO for rank 1, while rank 1 joins. Before, rank
+    1 did not join within the timeout (the listen queue of 100 dropped connects; HELLOs that got in filled the pending
+    table of 1024 and evicted joining ranks: "unexpected request"). Now a stranger fails the CURVE handshake before any
+    message is taken in, the listen queue holds 1024: the run forms and computes, in bounded time."""
+    reports, attack = _flood("hellos", 3000)
+    assert attack["connections"] >= 1500, attack  # the flood really happened
+    for report in reports:
+        assert report.get("sum") == [3.0, 3.0, 3.0], reports
+    assert reports[0]["wall_s"] < 30, reports
+
+
+@as_root
+def test_a_many_frame_message_costs_rank_0_nothing():
+    """Issue 16 item 4: one message of 3,000,000 one-byte frames at the rendezvous. Before, rank 0 took it in whole
+    (ZeroMQ's maxmsgsize bounds frames, not messages): hundreds of MB and seconds of CPU. Now it is refused at the
+    handshake: rank 0's RSS and CPU stay flat and the run completes."""
+    reports, attack = _flood("frames", 3_000_000)
+    assert reports[0].get("sum") == [3.0, 3.0, 3.0], reports
+    assert reports[0]["peak_rss_growth_mb"] < 32, reports
+    assert reports[0]["cpu_s"] < 3.0, reports

@@ -203,8 +203,13 @@ rendezvous_messages = st.one_of(
 )
 
 
-def _fuzz_rendezvous(context, port):
+def _fuzz_rendezvous(context, port, secret):
+    """Fuzz the rendezvous protocol as a holder of rank 1's CURVE key (strangers fail the handshake before any
+    message is taken in, so only a key holder reaches the parser; the raw TCP bytes come from strangers)."""
+    from mpnn.comm.auth import rendezvous_keypair
+
     address = f"tcp://127.0.0.1:{port}"
+    client_keys, server_key = rendezvous_keypair(secret, RUN_ID, 1), rendezvous_keypair(secret, RUN_ID, 0)[0]
 
     @FUZZ
     @given(message=rendezvous_messages, raw=st.binary(max_size=512), greet=st.booleans(), hello_first=st.booleans())
@@ -218,6 +223,8 @@ def _fuzz_rendezvous(context, port):
         _raw_tcp(port, (ZMTP_GREETING if greet else b"") + raw)
         dealer = context.socket(zmq.DEALER)
         dealer.linger = 0
+        dealer.curve_publickey, dealer.curve_secretkey = client_keys
+        dealer.curve_serverkey = server_key
         dealer.connect(address)
         try:
             if hello_first:  # a real CHALLENGE first, so the PROOF path (pending identity) is reached too
@@ -275,7 +282,12 @@ def test_fuzzed_ports_leave_a_running_world_correct():
     with tempfile.TemporaryDirectory(prefix="mpnn-fuzz-") as shared:
         shared_dir = Path(shared)
         outcome = {}
+        secret_file = shared_dir / "secret"
+        secret = os.urandom(32)
+        secret_file.write_text(secret.hex())
+        secret_file.chmod(0o600)
         env = {"MPNN_TRANSPORT": "tcp", "MPNN_RENDEZVOUS": f"tcp://127.0.0.1:{port}", "MPNN_RUN_ID": RUN_ID}
+        env["MPNN_SECRET_FILE"] = str(secret_file)
         world = threading.Thread(
             target=lambda: outcome.update(
                 results=run_world(fuzzed_world_worker, 2, (shared,), init=False, comm_timeout=30, deadline=90, env=env)
@@ -286,7 +298,7 @@ def test_fuzzed_ports_leave_a_running_world_correct():
         context = zmq.Context()
         try:
             _wait_for(lambda: _port_open(port), "rank 0's rendezvous")
-            _fuzz_rendezvous(context, port)
+            _fuzz_rendezvous(context, port, secret)
             (shared_dir / "join").touch()
             _wait_for(lambda: all((shared_dir / f"endpoint-{r}").exists() for r in (0, 1)), "the world to form")
             endpoints = [(shared_dir / f"endpoint-{r}").read_text() for r in (0, 1)]

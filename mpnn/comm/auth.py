@@ -12,6 +12,8 @@ admits exactly one peer, its ring predecessor p = (r - 1) % n, through this proc
   both ranks and this socket's life, so one captured (by whoever binds a dead rank's port) opens nothing. A
   dropped connection is not re-made: the next collective times out naming the rank, as for a dead one.
 No reusable credential leaves a process: PLAIN sends only the one-time proof, CURVE never sends a key.
+The rendezvous ROUTER (rendezvous.py) is a CURVE server too, under its own ZAP domain, admitting only the keys of
+ranks 1..n-1 derived from the secret; a message's user id is its rank. Both gates run in one handler thread.
 """
 
 import hashlib
@@ -24,6 +26,7 @@ import zmq
 from zmq.utils import z85
 
 ZAP_DOMAIN = "mpnn"
+RENDEZVOUS_DOMAIN = "mpnn-rendezvous"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 EDGE_NONCE_BYTES = 32
 
@@ -44,6 +47,12 @@ def mac(secret: bytes, label: bytes, *parts: bytes | str | int) -> bytes:
 def verify(expected: bytes, received: object) -> bool:
     """Constant-time comparison of two MACs (received may be any bytes a stranger sent)."""
     return isinstance(received, bytes) and hmac.compare_digest(expected, received)
+
+
+def rendezvous_keypair(secret: bytes, run_id: str, rank: int) -> tuple[bytes, bytes]:
+    """The CURVE (public, secret) z85 keys of `rank` at the rendezvous: rank 0's is the server's."""
+    secret_key = z85.encode(mac(secret, b"mpnn-rendezvous-key", run_id, rank))
+    return zmq.curve_public(secret_key), secret_key
 
 
 def edge_proof(secret: bytes, run_id: str, client: int, server: int, nonce: bytes) -> bytes:
@@ -93,6 +102,17 @@ class DataSocketSecurity:
             sock.plain_server = True
             proof = edge_proof(self._secret, self._run_id, client, rank, self.nonce)
             self._handler.admit_once(str(client).encode(), proof, client)
+
+    def make_rendezvous_server(self, sock: zmq.Socket) -> None:
+        """Make `sock` (rank 0's rendezvous ROUTER, about to bind) a CURVE server that admits only ranks 1..n-1,
+        each by its key derived from the secret: a stranger's connection fails its handshake before ZeroMQ takes
+        in a single message from it, so it can cost rank 0 no memory. The user id of a message is its rank."""
+        sock.zap_domain = RENDEZVOUS_DOMAIN.encode()
+        sock.curve_publickey, sock.curve_secretkey = rendezvous_keypair(self._secret, self._run_id, 0)
+        sock.curve_server = True
+        for rank in range(1, self._world_size):
+            public, _ = rendezvous_keypair(self._secret, self._run_id, rank)
+            self._handler.admit_key(RENDEZVOUS_DOMAIN, z85.decode(public), rank)
 
     def make_client(self, sock: zmq.Socket, rank: int, server_rank: int, server_nonce: str | None = None) -> None:
         """Give `sock` (rank's PUSH, about to connect to `server_rank`) the credentials that server admits;

@@ -442,7 +442,7 @@ class Communicator:
         if self.rank == 0:
             own = prepare(load_secret())
             table, router = rendezvous.serve(
-                self._context, address, self.run_id, self.world_size, load_secret(), own, deadline
+                self._context, address, self.run_id, self.world_size, load_secret(), own, deadline, self._security
             )
         else:
             _, table = rendezvous.join(
