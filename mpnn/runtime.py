@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 
 from mpnn import telemetry
-from mpnn.comm import get_comm, init_from_env
+from mpnn.comm import get_comm, init_from_env, objects
 from mpnn.core.allocator import keep_freed_memory
 from mpnn.core.fpenv import set_flush_denormal
+from mpnn.core.tensor import Tensor
 from mpnn.worldspec import current_world
+
+# allgather_object / broadcast_object carry Tensors (state_dict() values) as their arrays and rebuild them here
+objects.register_array_type(Tensor, "mpnn.Tensor", lambda t: t.data, lambda array: Tensor(array))
 
 
 def init(plugins=None, timeout: float | None = None, seed: int | None = None):

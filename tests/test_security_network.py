@@ -312,6 +312,15 @@ def test_objects_round_trip_what_mpnn_sends():
     for value in [None, (3, "step-3"), [("ok", "ab" * 32), ("invalid", None)], {"rank": 1, "blob": b"\0" * 9}, state]:
         back = objects.decode(objects.encode(value))
         assert repr(back) == repr(value)
+    import mpnn  # registers mpnn.Tensor with the codec (mpnn.runtime)
+
+    weights = objects.decode(objects.encode(mpnn.nn.Linear(3, 2).state_dict()))
+    assert {k: (type(v).__name__, v.shape) for k, v in weights.items()} == {
+        "weight": ("Tensor", (2, 3)),
+        "bias": ("Tensor", (2,)),
+    }
+    with pytest.raises(objects.ObjectError, match="does not rebuild"):
+        objects.decode(b"MPO1x\x09evil.Type" + objects.encode(np.zeros(1))[4:])
     array = objects.decode(objects.encode(np.arange(12, dtype=np.float16).reshape(3, 4)[:, ::2]))
     assert array.dtype == np.float16 and array.tolist() == [[0, 2], [4, 6], [8, 10]] and array.flags.writeable
     for refused in [_Bomb("x"), {1, 2}, np.array([object()]), Path(".")]:

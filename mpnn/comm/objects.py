@@ -8,6 +8,8 @@ peer's bytes can at worst be refused. Values, each a one-byte tag and its body (
     s str (u64 length, UTF-8)   b bytes (u64 length)   l list / t tuple (u64 count, items)
     d dict (u64 count, key and value pairs; keys any hashable value here)
     a NumPy array (dtype, u8 ndim, int64 shape, raw C-order bytes)   g NumPy scalar (dtype, raw bytes)
+    x an array type a layer above registered (u8 name length, name, then its array as "a"): mpnn.runtime
+      registers mpnn.Tensor, so state dicts arrive as Tensors without comm knowing the engine
 
 Dtypes are written as NumPy's str ("<f4", "|b1") and read back only if they are plain booleans, integers,
 floats or complex numbers. An encoding starts with MAGIC, nests at most MAX_DEPTH deep and is at most
@@ -22,13 +24,27 @@ import numpy as np
 MAGIC = b"MPO1"
 MAX_OBJECT_BYTES = 1 << 30
 MAX_DEPTH = 64
-SUPPORTED = "None, bool, int, float, str, bytes, list, tuple, dict, and NumPy arrays and scalars of bool/number dtypes"
+SUPPORTED = (
+    "None, bool, int, float, str, bytes, list, tuple, dict, NumPy arrays and scalars of bool/number dtypes, "
+    "and mpnn Tensors"
+)
 
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _DTYPE = re.compile(r"[<>|=][biufc][0-9]{1,2}")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+_ARRAY_TYPES: dict = {}  # class -> (name, to_array): how registered array types are sent
+_REBUILD: dict = {}  # name -> from_array: how they are rebuilt
+
+
+def register_array_type(cls, name, to_array, from_array):
+    """Carry instances of `cls` as their array (`to_array(obj)` -> ndarray), rebuilt by `from_array(ndarray)`
+    on the receiving side under `name` (both sides must register it; an unknown name is refused)."""
+    _ARRAY_TYPES[cls] = (name.encode(), to_array)
+    _REBUILD[name.encode()] = from_array
 
 
 class ObjectError(ValueError):
@@ -103,6 +119,14 @@ def _encode(obj, out, depth, what):
     elif isinstance(obj, np.generic):
         out += [b"g", _dtype_text(obj.dtype, what), obj.tobytes()]
     else:
+        for cls, (name, to_array) in _ARRAY_TYPES.items():
+            if isinstance(obj, cls):
+                array = to_array(obj)
+                if not isinstance(array, np.ndarray):
+                    raise TypeError(f"{what}: {name.decode()} did not turn into a NumPy array")
+                out += [b"x", bytes([len(name)]), name]
+                _encode(array, out, depth + 1, what)
+                return
         raise TypeError(f"{what}: cannot send a {type(obj).__module__}.{type(obj).__qualname__} (only {SUPPORTED})")
 
 
@@ -184,4 +208,13 @@ class _Reader:
         if tag == b"g":
             dtype = self.dtype()
             return np.frombuffer(self.take(dtype.itemsize), dtype)[0].copy()
+        if tag == b"x":
+            name = bytes(self.take(self.take(1)[0]))
+            rebuild = _REBUILD.get(name)
+            if rebuild is None:
+                raise ObjectError(f"a {name.decode('ascii', 'replace')!r}, which this process does not rebuild")
+            array = self.value(depth + 1)
+            if not isinstance(array, np.ndarray):
+                raise ObjectError(f"a {name.decode()} that is not an array before offset {self.pos}")
+            return rebuild(array)
         raise ObjectError(f"unknown tag {tag!r} at offset {self.pos - 1}")
