@@ -72,11 +72,12 @@ def test_kernel_warmup_hook_runs_before_workers(tmp_path, monkeypatch):
     monkeypatch.setattr(
         mpnn.core,
         "warmup",
-        lambda progress=None: calls.append(sorted(p.name for p in tmp_path.iterdir())),
+        lambda progress=None: calls.append(sorted(p.name for p in tmp_path.rglob("*"))),
         raising=False,
     )
     assert run(int, 1, args=("5",), log_dir=tmp_path) == 5
-    assert calls == [[]]  # called once, before the run dir (and so any worker) existed
+    assert len(calls) == 1  # called once, after the run dir was made, before any worker started (or wrote a file)
+    assert "run.json" in calls[0] and not [name for name in calls[0] if name.startswith("worker-")], calls
 
 
 def test_failing_warmup_is_a_warning(tmp_path, monkeypatch, capsys):

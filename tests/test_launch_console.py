@@ -2,6 +2,7 @@
 and again as the log tail when both reach one screen), and a warning when --plugin met a script that never called
 mpnn.init()."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -174,3 +175,17 @@ def test_codec_on_one_host_names_the_shared_paths():
     assert codec_on_one_host(Topk(), Comm(1, ["shm"])) is None  # a world of one all-reduces nothing
     assert codec_on_one_host(Topk(), Comm(4, ["tcp"])) is None  # sockets only: the codec's bytes matter
     assert "shared memory (shm)" in codec_on_one_host(Topk(), Comm(2, ["ipc", "shm"]))
+
+
+def test_an_unusable_log_dir_fails_before_the_kernel_warm_up(tmp_path, monkeypatch):
+    """A cold Numba cache costs ~25 s of compiling: a launch that cannot make its run dir says so first."""
+    from mpnn.launch import launcher
+
+    warmed = []
+    monkeypatch.setattr(launcher, "warm_numba_cache", lambda: warmed.append(True))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    config = launcher.LaunchConfig(command=[str(write_script(tmp_path, "print(1)\n"))], nproc_per_node=1)
+    with pytest.raises(launcher.LaunchError, match="cannot use the log directory"):
+        launcher.launch(dataclasses.replace(config, log_dir=not_a_dir))
+    assert warmed == []

@@ -210,7 +210,6 @@ def launch(config: LaunchConfig) -> LaunchResult:
     plan = pin_plan(world.nproc_per_node, layout)
     for warning in plan.warnings:
         print(f"mpnn launch: warning: {warning}", file=sys.stderr)
-    warm_numba_cache()
     with contextlib.ExitStack() as stack:
         secret_file = _secret(config, stack)
         record_file = record_name(world.node_rank)
@@ -236,6 +235,7 @@ def launch(config: LaunchConfig) -> LaunchResult:
             master_port=script_master_port(rendezvous, world.nnodes),
         )
         try:
+            warm_numba_cache()  # after the run dir is made: an unusable log dir fails at once, not after a compile
             if plugins is None:
                 result = _supervise(config, world, run, plan.cpus, record, stack)
                 _closing_lines(config, world, run_dir)
