@@ -12,7 +12,7 @@ Selection order, first match wins (the last entry of every registry always appli
                                                 each rank reduces them itself, in rank order (latency-bound)
                       3. SharedMemoryAllreduce  this world has shared slots: block by block through /dev/shm
                       4. RingAllreduce          pipelined ring reduce-scatter + all-gather over the sockets
-    barrier           1. MailboxBarrier         this world has mailboxes: one spin-waited synchronisation point
+    barrier           1. MailboxBarrier         this world has mailboxes: one synchronisation point (spin, then futex)
                       2. RingBarrier            an empty piece from every rank around the ring
     broadcast         1. ChainBroadcast         root -> root+1 -> ... along the ring, chunked
     allgather         1. RingAllgather          every rank's piece around the ring (allgather_object too)
@@ -112,8 +112,8 @@ class Registry:
 # -- all-reduce: run(link, setup, flat, op, accumulate) reduces the flat contiguous `flat` in place; `op` is
 #    "sum", "mean" or "max"; partial results are kept in the `accumulate` dtype (float32 for float16 sums) ------
 class MailboxAllreduce(Algorithm):
-    """Small arrays on one host: copy into this rank's mailbox, wait (spinning) for every rank, reduce all
-    mailboxes in rank order (mailbox.py)."""
+    """Small arrays on one host: copy into this rank's mailbox, wait (a short spin, then a futex) for every rank,
+    reduce all mailboxes in rank order (mailbox.py)."""
 
     name = "mailbox"
     size_bounds = (SMALL_BYTES,)
@@ -187,7 +187,7 @@ class RingAllreduce(Algorithm):
 
 # -- barrier: run(link, setup) returns once every rank has entered it ---------------------------------------------
 class MailboxBarrier(Algorithm):
-    """One synchronisation point in the mailboxes, waited for by spinning."""
+    """One synchronisation point in the mailboxes, waited for by a short spin, then a futex."""
 
     name = "mailbox"
 

@@ -5,8 +5,8 @@ Semantics (PyTorch's where it has the thing):
   divided by world_size at the end (floating dtypes only). float16 sums accumulate in float32 (partial sums
   are kept, and on the socket ring sent, as float32; the result is rounded to float16 once). Integer sums wrap
   like NumPy's. Every rank gets bit-identical results: each segment is reduced once, by one owner, in a fixed
-  order. Paths: when all ranks share this host, <= 32 KB goes through shared-memory mailboxes waited for by
-  spinning (mailbox.py) and larger arrays through shared slots (shm.py); across hosts, <= 32 KB gathers whole
+  order. Paths: when all ranks share this host, <= 32 KB goes through shared-memory mailboxes (a short spin,
+  then a futex: mailbox.py) and larger arrays through shared slots (shm.py); across hosts, <= 32 KB gathers whole
   arrays around the ring and reduces locally (latency), larger ones run ring reduce-scatter + all-gather.
   Each path is a strategy class in algorithms.py; every collective runs the first of its registry's classes
   that applies (the selection order is in that module's docstring).
