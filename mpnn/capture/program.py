@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpnn import hooks
-from mpnn.core.autograd import accumulate_leaf
+from mpnn.core.autograd import SliceGrad, _accumulate, _dense, accumulate_leaf
 from mpnn.core.tensor import Tensor
 from mpnn.core.tensor_base import from_array
 
@@ -161,7 +161,7 @@ class Program:
                     for key, bwd, targets, fin in steps:
                         g = grads.pop(key, None)
                         if g is not None:
-                            pgrads = bwd(g)
+                            pgrads = bwd(_dense(g))
                             for j, k in targets:
                                 pg = pgrads[j]
                                 if pg is None:
@@ -169,6 +169,8 @@ class Program:
                                 prev = grads.get(k)
                                 if prev is None:
                                     grads[k] = pg
+                                elif type(prev) is SliceGrad or type(pg) is SliceGrad:  # split's slices: as the engine
+                                    grads[k] = _accumulate(prev, pg, k, owned)
                                 elif k in owned:
                                     np.add(prev, pg, out=prev)
                                 else:  # the engine's prev + pg, into a buffer of this program's when it fits
@@ -190,7 +192,7 @@ class Program:
                         for k, leaf in fin:
                             gl = grads.pop(k, None)
                             if gl is not None:
-                                accumulate_leaf(leaf, gl)
+                                accumulate_leaf(leaf, _dense(gl))
                 except BaseException as exc:
                     for _, on_error in hooks.take_queued_callbacks():
                         if on_error is not None:
@@ -209,7 +211,11 @@ class Program:
     def _spec(self, result, rec):
         """How to rebuild fn's return value from the arena: copies of computed tensors, the rest as they were."""
         if isinstance(result, Tensor):
-            if id(result) in rec.produced or any(result is p for _, p in self.proxies):
+            if (
+                id(result) in rec.produced
+                or id(result) in rec.side_results
+                or any(result is p for _, p in self.proxies)
+            ):
                 arr = result.data
                 return ("copy", arr)
             return ("const", result)

@@ -4,7 +4,9 @@ For the length of one call the recorder is installed (``tensor_base.capture_hook
 swapped for recording wrappers (and put back afterwards, even on error): ``Tensor.backward`` (the root and seed of
 each reverse pass), ``Optimizer.zero_grad`` / ``Module.zero_grad``, and the reads that leave the tensor world
 (``item``, ``bool``, ``float``, ``int``, ``numpy``, ``tolist``, ``__array__``): a step whose Python sees tensor
-values may branch on them, so it cannot be replayed. Optimizer steps are seen through ``mpnn.hooks``' step hooks.
+values may branch on them, so it cannot be replayed. Optimizer steps are seen through ``mpnn.hooks``' step hooks,
+gradient clipping (``nn.utils.clip_grad_norm_`` / ``clip_grad_value_``, NumPy over the .grad arrays) through
+``nn.utils.capture_call``: both replay whole, where the step made them.
 Nothing is recorded from other threads, nor from inside an optimizer step or zero_grad (they replay whole).
 """
 
@@ -14,10 +16,13 @@ import os
 import sys
 import threading
 
+import numpy as np
+
 from mpnn import hooks
 from mpnn.core import tensor_base
 from mpnn.core.grad_mode import _state as _grad_state
 from mpnn.core.tensor import Tensor
+from mpnn.nn import utils as nn_utils
 from mpnn.nn.module import Module
 from mpnn.optim.optimizer import Optimizer
 
@@ -50,6 +55,7 @@ class Recorder:
         self.unsupported: tuple[str, str] | None = None  # (op and reason, where)
         self.quiet = 0  # > 0 inside an optimizer step or zero_grad
         self.step_bumps: dict[int, int] = {}  # id(tensor) -> version bumps made by recorded optimizer steps
+        self.side_results: set[int] = set()  # ids of tensors a recorded call returns (refreshed at each replay)
         self._saved = {}
         self._handle = None
         self._pre_versions = None
@@ -86,6 +92,32 @@ class Recorder:
         self.events.append(("op", rec))
         self.keep.append(t)
         self.keep.extend(parents)
+
+    # ----- gradient clipping (mpnn.nn.utils.capture_call) ---------------------------------------------------
+    def on_call(self, fn, parameters, *args):
+        """A clip_grad_*_ call: run now, and replayed whole at its place in the step over the parameters' .grad
+        of that step (the list of parameters is taken now, as a generator would be spent); the returned norm's
+        array is refreshed with each replay's norm."""
+        if self.quiet or threading.get_ident() != self.thread:
+            return fn(parameters, *args)
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        self.quiet += 1
+        try:
+            result = fn(params, *args)
+        finally:
+            self.quiet -= 1
+
+        def replay(_obj):
+            new = fn(params, *args)
+            if result is not None:
+                np.copyto(result.data, new.data)
+
+        self.events.append(("call", replay, None, (), {}))
+        if result is not None:
+            self.side_results.add(id(result))
+            self.keep.append(result)
+        self.keep.extend(params)
+        return result
 
     # ----- install / remove ----------------------------------------------------------------------------------
     def __enter__(self):
@@ -144,11 +176,13 @@ class Recorder:
             cls.zero_grad = zero_grad
 
         self._handle = hooks.register_optimizer_step_hooks(pre=self._step_pre, post=self._step_post)
+        nn_utils.capture_call = self.on_call
         tensor_base.capture_hook = self.on_result
         return self
 
     def __exit__(self, *exc):
         tensor_base.capture_hook = None
+        nn_utils.capture_call = None
         self._handle.remove()
         for (cls, name), original in self._saved.items():
             setattr(cls, name, original)

@@ -20,6 +20,8 @@ it). Ops without a builder are not captured at all.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mpnn.core import conv_kernels as CK
@@ -584,4 +586,279 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
 
     if gc_buf is not None and dtype in _FLOATS:
         backward.mask_with = mask_with
+    return forward, backward
+
+
+# ----- views -------------------------------------------------------------------------------------------------
+@register("transpose", "permute", "squeeze", "unsqueeze", "expand")
+def _view(r):
+    (a,) = r.parents
+    if not np.shares_memory(r.out.data, a.data):
+        raise Unsupported("result is a copy, not a view")
+    return None, r.backward  # follows its base's buffer; the eager closure reads only g
+
+
+@register("index")
+def _index(r):
+    """Basic indices (split, chunk, x[i]) give a view; integer arrays a gather, copied into the result's buffer.
+    Both backward closures read nothing but g (a view's gradient is a SliceGrad, summed as the engine sums it)."""
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    idx = r.locals["idx"]
+    if r.locals["basic"]:
+        if not np.shares_memory(o, ad):
+            raise Unsupported("basic index that copied")
+        return None, r.backward
+    _same_result(o, o.dtype, o.shape)
+
+    def forward():
+        np.copyto(o, ad[idx])
+
+    return forward, r.backward
+
+
+# ----- embedding ---------------------------------------------------------------------------------------------
+@register("embedding")
+def _embedding(r):
+    """The rows gathered into the result's buffer (np.take: a copy, so eager's bits) after eager's range check;
+    backward: eager's zeroed (rows, D) array and indexing_kernels.add_rows, into a buffer planned once."""
+    from mpnn.core.errors import OpError
+    from mpnn.core.indexing_kernels import add_rows
+
+    loc = r.locals
+    idx, padding_idx, num = loc["idx"], loc["padding_idx"], loc["num"]
+    (weight,) = r.parents
+    wd, o = weight.data, r.out.data
+    _same_result(o, wd.dtype, idx.shape + wd.shape[1:])
+    if wd.ndim != 2:
+        raise Unsupported(f"embedding weight of {wd.ndim} dims")
+
+    def forward():
+        if idx.size and (idx.min() < 0 or idx.max() >= num):
+            bad = idx[(idx < 0) | (idx >= num)].flat[0]
+            raise OpError("embedding", f"index {bad} is out of range for an embedding of {num} rows")
+        np.take(wd, idx, axis=0, out=o, mode="clip")  # in range (checked): clip never clips, and never buffers
+
+    flat = idx.reshape(-1)
+    if flat.dtype == np.int64 and flat.flags.c_contiguous and (flat.size == 0 or np.shares_memory(flat, idx)):
+        idx64, copy_idx = flat, False
+    else:
+        idx64, copy_idx = np.empty(idx.size, np.int64), True
+    full = np.empty(wd.shape, wd.dtype)
+    d = wd.shape[1]
+
+    def backward(g):
+        if g.dtype != full.dtype:
+            return r.backward(g)
+        if copy_idx:
+            np.copyto(idx64, idx.reshape(-1), casting="unsafe")
+        full.fill(0)
+        add_rows(full, idx64, np.ascontiguousarray(g.reshape(-1, d)))
+        if padding_idx is not None:
+            full[padding_idx] = 0
+        return (full,)
+
+    return forward, backward
+
+
+# ----- normalization and activations -------------------------------------------------------------------------
+@register("layer_norm")
+def _layer_norm(r):
+    """normalization_kernels.layer_norm_forward over eager's arrays (the input's rows, weight and bias as the
+    kernel read them, the result, the per-row mean and 1/std that backward reads): the eager closure reads those
+    same arrays, refreshed in place, so it is the backward form as it is."""
+    from mpnn.core import normalization_kernels as NK
+
+    loc = r.locals
+    x, x2, w, b, out, mean, invstd = loc["x"], loc["x2"], loc["w"], loc["b"], loc["out"], loc["mean"], loc["invstd"]
+    eps = float(loc["eps"])
+    weight, bias = loc["weight"], loc["bias"]
+    o = r.out.data
+    if not np.shares_memory(x2, x) or not np.shares_memory(out, o):
+        raise Unsupported(f"layer_norm of a {x.dtype} or strided input")
+    for t, arr in ((weight, w), (bias, b)):
+        if t is not None and not np.shares_memory(arr, t.data):
+            raise Unsupported("layer_norm weight or bias of another dtype than the input")
+
+    def forward():
+        NK.layer_norm_forward(x2, w, b, eps, out, mean, invstd)
+
+    return forward, r.backward
+
+
+@register("gelu")
+def _gelu(r):
+    """activation_kernels' GELU loops (erf, or the tanh approximation) over eager's arrays: the input as a flat
+    view, the result, and the kept CDF / tanh(inner) that backward reads; backward the same loops into a buffer
+    planned once."""
+    from mpnn.core import activation_kernels as AK
+
+    loc = r.locals
+    ad, x, out, kept, approximate = loc["ad"], loc["x"], loc["out"], loc["kept"], loc["approximate"]
+    o = r.out.data
+    if x.dtype != ad.dtype or not np.shares_memory(x, ad) or not np.shares_memory(out, o):
+        raise Unsupported(f"gelu of a {ad.dtype} or strided input")
+    exact = approximate == "none"
+    if exact:
+        kernel = AK.gelu_forward_float32 if x.dtype == np.float32 else AK.gelu_forward_exact
+
+        def forward():
+            kernel(x, out, kept)
+
+    else:
+
+        def forward():
+            AK.gelu_tanh_inner(x, kept)
+            np.tanh(kept, out=kept)
+            AK.gelu_tanh_forward(x, kept, out)
+
+    gx = np.empty_like(x)
+    gauss = np.empty_like(x) if exact and x.dtype != np.float32 else None
+    shape = ad.shape
+
+    def backward(g):
+        if g.dtype != x.dtype:
+            return r.backward(g)
+        gf = AK.flat(g)
+        if exact and gauss is None:
+            AK.gelu_backward_float32(x, gf, kept, gx)
+        elif exact:
+            np.multiply(x, x, out=gauss)
+            np.multiply(gauss, -0.5, out=gauss)  # eager's gauss *= -0.5
+            np.exp(gauss, out=gauss)
+            AK.gelu_backward(x, gf, kept, gauss, gx)
+        else:
+            AK.gelu_tanh_backward(x, kept, gf, gx)
+        return (gx.reshape(shape),)
+
+    return forward, backward
+
+
+@register("softmax", "log_softmax")
+def _softmax(r):
+    """Eager's expression, then into the result's buffer; the eager closure reads only that result."""
+    (a,) = r.parents
+    loc = r.locals
+    ad, o, ax, dtype = a.data, r.out.data, loc["ax"], loc["dtype"]
+    if loc["out"] is not o:
+        raise Unsupported("result is not the array eager computed")
+    _same_result(o, o.dtype, ad.shape)
+
+    if r.op == "softmax":
+
+        def forward():
+            x = ad if dtype is None else ad.astype(dtype)
+            e = np.exp(x - x.max(axis=ax, keepdims=True))
+            np.copyto(o, e / e.sum(axis=ax, keepdims=True))
+
+    else:
+
+        def forward():
+            x = ad if dtype is None else ad.astype(dtype)
+            z = x - x.max(axis=ax, keepdims=True)
+            np.copyto(o, z - np.log(np.exp(z).sum(axis=ax, keepdims=True)))
+
+    return forward, r.backward
+
+
+# ----- attention ---------------------------------------------------------------------------------------------
+@register("scaled_dot_product_attention")
+def _attention(r):
+    """attention_kernels' flash-style forward and backward with eager's operands: q, k, v read where they lie in
+    their buffers (copied first, each step, only where eager copies them), the mask as eager passes it, the output
+    and log-sum-exp in eager's arrays, the scratch and the gradients in buffers planned once. Scores with NaN or
+    inf, which eager answers through a composed path, raise in replay."""
+    from mpnn.core import attention as A
+    from mpnn.core import attention_kernels as AK
+    from mpnn.core.errors import OpError
+
+    loc = r.locals
+    q, k, v = r.parents
+    qd, kd, vd = loc["qd"], loc["kd"], loc["vd"]
+    qi, ki, vi = loc["qi"], loc["ki"], loc["vi"]
+    md, batch, dtype = loc["md"], loc["batch"], loc["dtype"]
+    n, L, S, E, Ev = loc["n"], loc["L"], loc["S"], loc["E"], loc["Ev"]
+    oo, ldo, of, lse = loc["oo"], loc["ldo"], loc["of"], loc["lse"]
+    sc, causal, br, bc, per_query_mask = loc["sc"], loc["causal"], loc["br"], loc["bc"], loc["per_query_mask"]
+    qb, kb, vb = loc["qb"], loc["kb"], loc["vb"]
+    if not np.shares_memory(of, r.out.data):
+        raise Unsupported("output buffer")
+    ops = [None]
+    static_ops = (A._operand(qd, qi), A._operand(kd, ki), A._operand(vd, vi))
+    in_place = all(np.shares_memory(f, src) for (f, _, _), src in zip(static_ops, (qd, kd, vd)) if src.size)
+
+    def operands():
+        return static_ops if in_place else (A._operand(qd, qi), A._operand(kd, ki), A._operand(vd, vi))
+
+    static_mask = (loc["mode"], loc["bmask"], loc["amask"], loc["mi"])
+    mask_in_place = md is None or np.shares_memory(static_mask[1] if md.dtype == np.bool_ else static_mask[2], md)
+
+    def mask_args():
+        return static_mask if mask_in_place else A._mask_args(md, batch, L, S, dtype)
+
+    masks = [static_mask]
+    blk = br * bc if per_query_mask else 1
+    f_scratch = (
+        np.empty(E * L, dtype),
+        np.empty(bc * br, dtype),
+        np.empty(blk, np.bool_),
+        np.empty(blk, dtype),
+        *A._vectors(4, br, dtype),
+        np.empty(2, dtype),
+    )
+    f_edge = A._edge(br, dtype)
+
+    def forward():
+        (qf, qo, ldq), (kf, ko, ldk), (vf, vo, ldv) = ops[0] = operands()
+        mode, bmask, amask, mi = masks[0] = mask_args()
+        if n and L:
+            bad = AK.attention_forward(
+                qf, qo, ldq, kf, ko, ldk, vf, vo, ldv, S, E, oo, ldo, Ev, mode, bmask, amask, mi, causal, f_edge,
+                sc, br, bc, *f_scratch, of, lse,
+            )  # fmt: skip
+            if bad:
+                raise OpError(
+                    A._OP, "NaN or inf among the attention scores in a compiled step (eager answers through a "
+                    "composed path there): run the step eagerly to find where they come from",
+                )  # fmt: skip
+
+    nq, nk, nv = math.prod(qb), math.prod(kb), math.prod(vb)
+    fresh = n == nq == nk == nv and bool(S)
+    dq, dk, dv = np.empty((nq, L, E), dtype), np.empty((nk, S, E), dtype), np.empty((nv, S, Ev), dtype)
+    bk, bq = A._block(A._BWD_K, S), A._block(A._BWD_Q, L)
+    bblk = bk * bq if per_query_mask else 1
+    b_scratch = (
+        np.empty(E * L, dtype),
+        np.empty(Ev * L, dtype),
+        *A._vectors(2, L, dtype),
+        np.empty(bk * bq, dtype),
+        np.empty(bk * bq, dtype),
+        np.empty(bblk, np.bool_),
+        np.empty(bblk, dtype),
+        np.empty(bq, dtype),
+        np.empty(2, dtype),
+    )
+    b_edge = A._edge(bq, dtype)
+    problems = np.arange(n)
+    gshape = batch + (L, Ev)
+
+    def backward(g):
+        (qf, qo, ldq), (kf, ko, ldk), (vf, vo, ldv) = ops[0]
+        mode, bmask, amask, mi = masks[0]
+        gf, go, ldg = A._operand(g.astype(dtype, copy=False).reshape(gshape), problems)
+        if not fresh:
+            dq.fill(0)
+            dk.fill(0)
+            dv.fill(0)
+        if n and S and (L or fresh):
+            AK.attention_backward(
+                qf, qo, ldq, kf, ko, ldk, vf, vo, ldv, gf, go, ldg, of, oo, ldo, Ev, lse, S, E, qi, ki, vi,
+                mode, bmask, amask, mi, causal, b_edge, sc, bk, bq, fresh, *b_scratch, dq, dk, dv,
+            )  # fmt: skip
+        return (
+            dq.reshape(qd.shape) if q.requires_grad else None,
+            dk.reshape(kd.shape) if k.requires_grad else None,
+            dv.reshape(vd.shape) if v.requires_grad else None,
+        )
+
     return forward, backward

@@ -16,11 +16,22 @@ def _grads(parameters) -> list:
     return [p.grad.data for p in parameters if p.grad is not None]
 
 
+# mpnn.compile's recorder while it captures a step (mpnn/capture/recorder.py), None otherwise: clipping reads and
+# scales the .grad arrays in NumPy, which no op records, so the recorder records the call and replays it whole.
+capture_call = None
+
+
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
     """Scale all gradients together so that their joint ``norm_type`` norm is at most max_norm.
 
     Returns the norm before clipping as a float32 Tensor; per-tensor norms are summed in float64.
     """
+    if capture_call is not None:
+        return capture_call(_clip_grad_norm, parameters, max_norm, norm_type, error_if_nonfinite)
+    return _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite)
+
+
+def _clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite):
     grads = _grads(parameters)
     norm_type = float(norm_type)
     if not grads:
@@ -47,6 +58,12 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 
 def clip_grad_value_(parameters, clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value], in place."""
+    if capture_call is not None:
+        return capture_call(_clip_grad_value, parameters, clip_value)
+    return _clip_grad_value(parameters, clip_value)
+
+
+def _clip_grad_value(parameters, clip_value):
     clip_value = float(clip_value)
     for g in _grads(parameters):
         np.clip(g, -clip_value, clip_value, out=g)
