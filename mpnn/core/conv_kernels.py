@@ -741,28 +741,54 @@ def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
 @njit(cache=True, fastmath=False)
 def winograd2_input(x, ph, pw, tiles_h, tiles_w, v):
     """v[4a + b, c, p] = (B^T d B)[a, b] for the 4x4 input patch d of tile p (corner (2th - ph, 2tw - pw))."""
+    # ResNet-18's 512-channel 4x4 layer, batch 32 (thread CPU): 3.6 ms writing v in place, tile by tile; 3.5 with
+    # the padded plane below alone (no bounds test per element); 0.86 ms once one channel's 16 rows are built in
+    # tb and copied out row by row. v's rows lie C * P floats apart, a multiple of 4 KiB, and 16 interleaved write
+    # streams that far apart all fall in one L1 set (the F(4x4) kernels above met the same).
     n_, c_, h_, w_ = x.shape
-    d = np.zeros(16, x.dtype)
-    t = np.empty(16, x.dtype)
+    hp, wp = 2 * tiles_h + 2, 2 * tiles_w + 2
+    pl = np.zeros(hp * wp, x.dtype)
+    col = np.empty(16, x.dtype)
+    xf = x.reshape(-1)
+    tb = np.empty(16 * n_ * tiles_h * tiles_w, x.dtype)  # one channel's v[:, c, :]
+    vf = v.reshape(-1)
+    p_ = n_ * tiles_h * tiles_w
+    plane = c_ * p_  # distance between v[k] and v[k + 1]
+    r0, r1 = max(ph, 0), min(h_ + ph, hp)  # padded rows that hold input rows
+    s0, s1 = max(pw, 0), min(w_ + pw, wp)
     for c in range(c_):
         for n in range(n_):
+            src = (n * c_ + c) * h_ * w_
+            for r in range(r0, r1):
+                for s in range(s0, s1):
+                    pl[uint64(r * wp + s)] = xf[uint64(src + (r - ph) * w_ + s - pw)]
             for th in range(tiles_h):
                 for tw in range(tiles_w):
-                    p = (n * tiles_h + th) * tiles_w + tw
-                    for a in range(4):
-                        ih = 2 * th - ph + a
-                        for b in range(4):
-                            iw = 2 * tw - pw + b
-                            d[4 * a + b] = x[n, c, ih, iw] if (0 <= ih < h_ and 0 <= iw < w_) else 0.0
-                    for b in range(4):  # B^T down the columns
-                        d0, d1, d2, d3 = d[b], d[4 + b], d[8 + b], d[12 + b]
-                        t[b], t[4 + b], t[8 + b], t[12 + b] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
+                    q = uint64((n * tiles_h + th) * tiles_w + tw)
+                    e = 2 * th * wp + 2 * tw
+                    # B^T down each of the 4 columns b (scalars: a 16-entry work array kept it in memory)
+                    for b in range(4):
+                        d0 = pl[uint64(e + b)]
+                        d1 = pl[uint64(e + wp + b)]
+                        d2 = pl[uint64(e + 2 * wp + b)]
+                        d3 = pl[uint64(e + 3 * wp + b)]
+                        col[b] = d0 - d2
+                        col[4 + b] = d1 + d2
+                        col[8 + b] = d2 - d1
+                        col[12 + b] = d1 - d3
                     for a in range(4):  # then B along the rows
-                        d0, d1, d2, d3 = t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]
-                        v[4 * a, c, p] = d0 - d2
-                        v[4 * a + 1, c, p] = d1 + d2
-                        v[4 * a + 2, c, p] = d2 - d1
-                        v[4 * a + 3, c, p] = d1 - d3
+                        d0, d1, d2, d3 = col[4 * a], col[4 * a + 1], col[4 * a + 2], col[4 * a + 3]
+                        k = uint64(4 * a * p_) + q
+                        tb[k] = d0 - d2
+                        tb[k + uint64(p_)] = d1 + d2
+                        tb[k + uint64(2 * p_)] = d2 - d1
+                        tb[k + uint64(3 * p_)] = d1 - d3
+        # then the channel's 16 rows into v one at a time: v's rows lie a multiple of 4 KiB apart (C * P floats),
+        # and 16 interleaved write streams that far apart all fall in one L1 set
+        for k in range(16):
+            d = k * plane + c * p_
+            for i in range(p_):
+                vf[uint64(d + i)] = tb[uint64(k * p_ + i)]
 
 
 @njit(cache=True, fastmath=False)
@@ -793,8 +819,15 @@ def winograd2_output(m, bias, tiles_h, tiles_w, out):
 @njit(cache=True, fastmath=False)
 def winograd2_grad_output(g, tiles_h, tiles_w, dm):
     """dm[4a + b, o, p] = (A dY A^T)[a, b] for tile p's 2x2 output gradient dY (0 past the edge)."""
+    # One channel's 16 rows are built in tb and then copied row by row: dm's rows lie a multiple of 4 KiB apart
+    # (O * P floats), and 16 interleaved write streams that far apart share one L1 set (ResNet-18's 512-channel
+    # 4x4 layer, batch 32: 3.45 ms written in place, 1.08 ms this way, thread CPU)
     n_, o_, oh_, ow_ = g.shape
+    p_ = n_ * tiles_h * tiles_w
+    plane = o_ * p_
     z = np.empty(8, g.dtype)
+    tb = np.empty(16 * p_, g.dtype)
+    dmf = dm.reshape(-1)
     for o in range(o_):
         for n in range(n_):
             for th in range(tiles_h):
@@ -807,24 +840,39 @@ def winograd2_grad_output(g, tiles_h, tiles_w, dm):
                         z[4 * i], z[4 * i + 1], z[4 * i + 2], z[4 * i + 3] = y0, y0 + y1, y0 - y1, -y1
                     for b in range(4):
                         y0, y1 = z[b], z[4 + b]
-                        dm[b, o, p] = y0
-                        dm[4 + b, o, p] = y0 + y1
-                        dm[8 + b, o, p] = y0 - y1
-                        dm[12 + b, o, p] = -y1
+                        tb[b * p_ + p] = y0
+                        tb[(4 + b) * p_ + p] = y0 + y1
+                        tb[(8 + b) * p_ + p] = y0 - y1
+                        tb[(12 + b) * p_ + p] = -y1
+        for k in range(16):
+            d = k * plane + o * p_
+            for i in range(p_):
+                dmf[uint64(d + i)] = tb[uint64(k * p_ + i)]
 
 
 @njit(cache=True, fastmath=False)
 def winograd2_grad_input(dv, ph, pw, tiles_h, tiles_w, dx):
     """dx[n, c, 2th - ph + a, 2tw - pw + b] += (B dV B^T)[a, b] (overlapping patches add up; padding dropped)."""
+    # One channel's 16 rows of dv are first copied into tb, row by row (they lie a multiple of 4 KiB apart; 16
+    # interleaved read streams that far apart share one L1 set: 2.8 ms read in place, 1.16 ms this way)
     n_, c_, h_, w_ = dx.shape
+    p_ = n_ * tiles_h * tiles_w
+    plane = c_ * p_
     t = np.empty(16, dv.dtype)
-    for n in range(n_):
-        for c in range(c_):
+    tb = np.empty(16 * p_, dv.dtype)
+    dvf = dv.reshape(-1)
+    for c in range(c_):
+        for k in range(16):
+            s = k * plane + c * p_
+            for i in range(p_):
+                tb[uint64(k * p_ + i)] = dvf[uint64(s + i)]
+        for n in range(n_):
             for th in range(tiles_h):
                 for tw in range(tiles_w):
                     p = (n * tiles_h + th) * tiles_w + tw
                     for a in range(4):  # B along the rows (the adjoint of B^T's rows)
-                        e0, e1, e2, e3 = dv[4 * a, c, p], dv[4 * a + 1, c, p], dv[4 * a + 2, c, p], dv[4 * a + 3, c, p]
+                        e0, e1 = tb[(4 * a) * p_ + p], tb[(4 * a + 1) * p_ + p]
+                        e2, e3 = tb[(4 * a + 2) * p_ + p], tb[(4 * a + 3) * p_ + p]
                         t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3] = e0, e1 - e2 + e3, e2 - e0 + e1, -e3
                     for b in range(4):  # then down the columns, scattered into the patch
                         iw = 2 * tw - pw + b
