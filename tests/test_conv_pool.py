@@ -276,6 +276,38 @@ def test_resnet_shapes_each_path_matches_reference_float32():
         assert ws.grad.data.flags.c_contiguous and ws.grad.data.shape == w.shape
 
 
+@pytest.mark.parametrize(
+    "n, c, o, h, w, k, s, p, g, name",
+    [
+        (1, 6, 8, 9, 7, 3, 2, 1, 1, "im2col"),  # batch 1, odd sizes, stride 2: one tile of one sample
+        (3, 6, 4, 8, 8, 3, 2, 1, 2, "im2col"),  # groups: one product per group, several samples a tile
+        (2, 8, 8, 7, 9, 3, 1, 1, 1, "winograd-f4x4"),  # odd sizes: the F(4x4) path keeps its own GEMMs
+        (2, 5, 3, 5, 3, 3, 1, 1, 1, "winograd-f2x2"),  # odd channels, partial tiles
+        (1, 4, 6, 4, 4, 3, 1, 0, 1, "winograd-f2x2"),  # no padding, batch 1
+    ],
+)
+def test_conv_gemms_through_own_kernel_float32(monkeypatch, n, c, o, h, w, k, s, p, g, name):
+    """The conv GEMMs routed through mpnn's own float32 kernel (conv_algorithm.gemm -> linalg._mm) even at
+    tiny sizes: forward and both gradients in float32 against the float64 reference."""
+    from mpnn.core import linalg
+
+    monkeypatch.setattr(linalg, "_OWN_GEMM_MIN_FLOPS", 0)
+    monkeypatch.setattr(conv_module, "_WINOGRAD2_MIN_CHANNELS", 1)
+    x, wt, b = randn(n, c, h, w), randn(o, c // g, k, k) / np.sqrt(c * k * k), randn(o)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    assert conv_module.select(_problem(x.shape, wt.shape, (k, k, s, s, p, p, 1, 1, g), (oh, ow))).name == name
+    x32, w32, b32 = (leaf(a.astype(np.float32)) for a in (x, wt, b))
+    out = conv2d(x32, w32, b32, s, p, 1, g)
+    ref = ref_conv2d(x, wt, b, (s, s), (p, p), (p, p), (1, 1), g)
+    np.testing.assert_allclose(out.data, ref, atol=1e-5 * np.abs(ref).max())
+    gy = randn(*out.shape)
+    out.backward(gy.astype(np.float32))
+    x64, w64, b64 = leaf(x), leaf(wt), leaf(b)
+    conv2d(x64, w64, b64, s, p, 1, g).backward(gy)
+    for low, high in ((x32, x64), (w32, w64), (b32, b64)):
+        np.testing.assert_allclose(low.grad.data, high.grad.data, atol=1e-5 * np.abs(high.grad.data).max())
+
+
 def test_im2col_large_weight_takes_one_tile():
     """A weight past the tile budget gets tiles of up to twice its bytes: ResNet-18's 256->512 stride-2 conv
     at batch 32 runs as one GEMM over the whole batch (the weight streams once)."""

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from mpnn.core import conv_kernels as K
-from mpnn.core.conv_algorithm import ConvAlgorithm, scratch
+from mpnn.core.conv_algorithm import ConvAlgorithm, gemm, scratch
 
 
 class Im2colGemm(ConvAlgorithm):
@@ -84,10 +84,10 @@ def _forward(x4, w4, b, geom, ow, plan, out, keep):
         K.im2col(x4[n0:n1], kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
         cols = cols.reshape(g_, rows, nb * t)
         if nb == 1:  # the GEMM writes this sample's positions in place: (O, t) is a strided block of out
-            np.matmul(wg, cols, out=out[n0, :, p0:p1].reshape(g_, og, t))
+            gemm(wg, cols, out[n0, :, p0:p1].reshape(g_, og, t))
         else:  # several whole samples in one GEMM, then (O, nb, L) -> (nb, O, L)
             res = scratch("res", (g_, og, nb * t), x4.dtype)
-            np.matmul(wg, cols, out=res)
+            gemm(wg, cols, res)
             K.swap_leading_axes(res.reshape(out_ch, nb, t), out[n0:n1])
     return kept if keep else None
 

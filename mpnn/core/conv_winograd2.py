@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpnn.core import conv_kernels as K
-from mpnn.core.conv_algorithm import ConvAlgorithm, scratch
+from mpnn.core.conv_algorithm import ConvAlgorithm, gemm, scratch
 
 _GEOMETRY = (3, 3, 1, 1, 1, 1, 1)  # (kh, kw, sh, sw, dh, dw, groups) it computes
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -51,7 +51,7 @@ class WinogradF2x2(ConvAlgorithm):
         v = np.empty((_BLOCK, c, p), x4.dtype) if keep else scratch("v2", (_BLOCK, c, p), x4.dtype)
         K.winograd2_input(x4, ph, pw, tiles_h, tiles_w, v)
         m = scratch("m2", (_BLOCK, o, p), x4.dtype)
-        np.matmul(u, v, out=m)
+        gemm(u, v, m)
         bias = problem.b if problem.b is not None else np.zeros(o, x4.dtype)
         K.winograd2_output(m, bias, tiles_h, tiles_w, out)
         return x4, u, ph, pw, tiles_h, tiles_w, v if keep else None
