@@ -1,5 +1,6 @@
 """benchmarks/contention.py's competing load: N busy processes that really run, and none left behind."""
 
+import importlib
 import os
 import sys
 import time
@@ -7,8 +8,27 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-contention = pytest.importorskip("contention")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(name):
+    """Import benchmarks/<name>.py without leaving benchmarks/ on sys.path or its modules under their plain names:
+    benchmarks/mnist1d.py would shadow the mnist1d package that later tests import (it did, in the whole suite)."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        pytest.skip(f"benchmarks/{name}.py cannot be imported here: {error}", allow_module_level=True)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for added in set(sys.modules) - before:
+            origin = getattr(sys.modules[added], "__file__", None)
+            if origin and Path(origin).resolve().parent == BENCHMARKS:
+                del sys.modules[added]
+
+
+contention = import_benchmark("contention")
 
 
 def cpu_seconds(pid):
