@@ -29,19 +29,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from commworld import run_world, values
+from test_security import wait_for
 
 ATTACKER = 4242
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks need root to run a second uid against")
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # -- a dead rank's port ------------------------------------------------------------------------------------------
