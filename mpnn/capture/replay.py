@@ -21,6 +21,7 @@ it). Ops without a builder are not captured at all.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -218,6 +219,19 @@ def _reduce(r):
 
 
 # ----- linear ------------------------------------------------------------------------------------------------
+_THREAD = threading.local()
+
+
+def _gemm_work():
+    """This thread's GEMM packing buffers (linalg._mm's work dict), kept from step to step and shared by every linear
+    form that runs in it: the GEMMs run one after another, so one set serves them all and stays in cache. With a set
+    per op the replayed GPT step ran 1.06-1.14x eager's time (eager's fresh buffers reuse freed, cached memory)."""
+    work = getattr(_THREAD, "gemm_work", None)
+    if work is None:
+        work = _THREAD.gemm_work = {}
+    return work
+
+
 @register("linear")
 def _linear(r):
     x, weight = r.parents[0], r.parents[1]
@@ -232,15 +246,13 @@ def _linear(r):
     wt = wd.T
     bd = None if bias is None else bias.data
 
-    work_f, work_x, work_w = {}, {}, {}  # the GEMMs' packing buffers, kept from step to step
-
     def forward():
-        _mm(x2, wt, out=o2, work=work_f)
+        _mm(x2, wt, out=o2, work=_gemm_work())
         if bd is not None:
             np.add(o2, bd, out=o2)
 
     if bd is not None and o2.dtype in _FLOATS and bd.dtype == o2.dtype and bd.flags.c_contiguous:
-        forward.linear_parts = (x2, wt, o2, bd, work_f)
+        forward.linear_parts = (x2, wt, o2, bd)
     if o2.dtype not in _FLOATS or wd.dtype != o2.dtype or not (x2.flags.c_contiguous and wd.flags.c_contiguous):
         return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
     # eager's closure, into buffers of their own (read-only downstream, rewritten next step): the same _mm calls
@@ -257,10 +269,10 @@ def _linear(r):
         g2 = g.reshape(o2.shape)
         rx = rw = None
         if x.requires_grad:
-            _mm(g2, wd, out=gx2, work=work_x)
+            _mm(g2, wd, out=gx2, work=_gemm_work())
             rx = gx
         if weight.requires_grad:
-            rw = _mm(g2.T, x2, out=gw, work=work_w)
+            rw = _mm(g2.T, x2, out=gw, work=_gemm_work())
         if bias is None:
             return (rx, rw)
         rb = None
@@ -414,14 +426,14 @@ def fuse(rec):
             continue
         lin = getattr(a.forward, "linear_parts", None)
         if lin is not None:
-            x2, wt, o2, bd, work = lin
+            x2, wt, o2, bd = lin
             dst = rel[1]
             if dst.dtype != o2.dtype or dst.size != o2.size:
                 continue
             dst2 = dst.reshape(o2.shape)
 
-            def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2, work=work):
-                _mm(x2, wt, out=o2, work=work)
+            def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2):
+                _mm(x2, wt, out=o2, work=_gemm_work())
                 bias_relu(o2, bd, dst2)
 
             out[k] = forward
