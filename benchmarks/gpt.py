@@ -3,6 +3,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gpt.py              # speed: tokens/s, ratio
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gpt.py --full       # + 2000 steps, val loss
     python benchmarks/gpt.py --full --text input.txt                                   # another text
+    python benchmarks/gpt.py --compile         # + mpnn's step through mpnn.compile: compiled / eager step time
 
 One model definition serves both libraries (``build(lib)`` gets torch or mpnn as ``lib``), so the two run the
 same code: character GPT, block 64, batch 12, 4 layers, 4 heads, 128 embedding, no bias, dropout 0, AdamW
@@ -130,22 +131,28 @@ def batches(tokens, n, seed, batch=12, block=64):
 class Trainer:
     """One library's model, optimizer and step."""
 
-    def __init__(self, lib, vocab, seed, total_steps):
+    def __init__(self, lib, vocab, seed, total_steps, compiled=False):
         self.lib = lib
         self.model = build(lib, vocab)
         init_like(self.model, lib, seed)
         self.opt = optimizer(self.model, lib)
         self.total, self.done = total_steps, 0
+        # mpnn.compile: the learning rate is set outside the step (the replayed AdamW reads it from the groups)
+        self._run = lib.compile(self._step) if compiled else self._step
+
+    def _step(self, x, y):
+        loss = self.model(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.lib.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss
 
     def step(self, x, y):
         lib = self.lib
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.done, self.total)
-        loss = self.model(lib.from_numpy(x), lib.from_numpy(y))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        lib.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
+        loss = self._run(lib.from_numpy(x), lib.from_numpy(y))
         self.done += 1
         return loss
 
@@ -158,7 +165,8 @@ class Trainer:
         return float(np.mean(losses))
 
 
-def libraries():
+def libraries(compiled=False):
+    """name -> library; with compiled, "mpnn compiled" too (the same mpnn, its step through mpnn.compile)."""
     import torch
 
     import mpnn
@@ -166,7 +174,10 @@ def libraries():
     torch.set_num_threads(1)
     mpnn.init()  # as a training script starts: a world of one, flush-to-zero, freed memory kept (for both libraries:
     #              malloc is the process's, and torch's CPU allocator sits on it too)
-    return {"mpnn": mpnn, "torch": torch}
+    libs = {"mpnn": mpnn, "torch": torch}
+    if compiled:
+        libs["mpnn compiled"] = mpnn
+    return libs
 
 
 def speed(libs, tokens, vocab, steps, repeats, warmup):
@@ -175,7 +186,10 @@ def speed(libs, tokens, vocab, steps, repeats, warmup):
     x, y = batches(tokens, steps * repeats + warmup, seed=1)
     rates = {name: [] for name in libs}
     cpu_rates = {name: [] for name in libs}
-    trainers = {name: Trainer(lib, vocab, seed=0, total_steps=10_000) for name, lib in libs.items()}
+    trainers = {
+        name: Trainer(lib, vocab, seed=0, total_steps=10_000, compiled=name.endswith("compiled"))
+        for name, lib in libs.items()
+    }
     for tr in trainers.values():
         for i in range(warmup):
             tr.step(x[i], y[i])
@@ -197,12 +211,14 @@ def full_run(libs, tokens, vocab, steps, eval_iters):
     vx, vy = batches(val, eval_iters, seed=3)
     out = {}
     for name, lib in libs.items():
-        tr = Trainer(lib, vocab, seed=0, total_steps=steps)
+        tr = Trainer(lib, vocab, seed=0, total_steps=steps, compiled=name.endswith("compiled"))
         t0 = time.perf_counter()
         for i in range(steps):
             tr.step(x[i], y[i])
         out[name] = SimpleNamespace(val=tr.evaluate(vx, vy), seconds=time.perf_counter() - t0)
-        print(f"{name:6s} {steps} steps in {out[name].seconds:7.1f} s, validation loss {out[name].val:.4f}", flush=True)
+        print(
+            f"{name:13s} {steps} steps in {out[name].seconds:7.1f} s, validation loss {out[name].val:.4f}", flush=True
+        )
     return out
 
 
@@ -215,20 +231,27 @@ def main():
     p.add_argument("--full-steps", type=int, default=2000)
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--text", default=None)
+    p.add_argument("--compile", action="store_true", help="also time mpnn's step through mpnn.compile")
     args = p.parse_args()
     tokens, vocab = load_tokens(args.text)
-    libs = libraries()
+    libs = libraries(args.compile)
     med, rates, cpu = speed(libs, tokens, vocab, args.steps, args.repeats, args.warmup)
     print(f"tokens/s (median of {args.repeats} blocks of {args.steps} steps, batch 12 x 64, one thread):")
     for name in libs:
         print(
-            f"  {name:6s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}   "
+            f"  {name:13s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}   "
             f"per CPU second: {cpu[name]:,.0f}"
         )
     print(
         f"  ratio mpnn/torch {med['mpnn'] / med['torch']:.3f}x (wall), {cpu['mpnn'] / cpu['torch']:.3f}x (thread CPU "
         f"time); load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
+    if args.compile:
+        c, e = "mpnn compiled", "mpnn"
+        print(
+            f"  step time mpnn compiled / eager {med[e] / med[c]:.3f}x (wall), {cpu[e] / cpu[c]:.3f}x (thread CPU "
+            f"time); compiled / torch {med[c] / med['torch']:.3f}x (tokens/s, wall)"
+        )
     if args.full:
         out = full_run(libs, tokens, vocab, args.full_steps, args.eval_iters)
         print(

@@ -218,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the step through mpnn.compile (today it says which op has no replay form and runs eagerly)",
+        help="run the step through mpnn.compile (captured once, then replayed: every op, clipping included)",
     )
     args = p.parse_args(argv)
     if args.lr_decay_steps is None:
