@@ -319,6 +319,53 @@ def test_im2col_large_weight_takes_one_tile():
     assert len(_plan(32, per_position, 16, conv_module._TILE_BYTES)) > 1
 
 
+@pytest.mark.parametrize(
+    "n, c, o, h, w, kernel, stride, padding",
+    [
+        (2, 3, 4, 7, 9, (3, 3), (2, 2), (1, 1)),  # odd sizes, stride 2: ResNet's strided conv
+        (1, 2, 3, 5, 5, (3, 3), (1, 1), (1, 1)),  # batch 1, stride 1: the stem's geometry
+        (2, 3, 2, 9, 8, (3, 3), (3, 3), (2, 2)),  # stride 3 (= kernel), padding past the first phase
+        (3, 2, 3, 6, 7, (5, 3), (2, 1), (2, 0)),  # unequal kernel, stride and padding per axis
+        (1, 1, 2, 4, 4, (3, 3), (2, 2), (0, 0)),  # no padding, one channel
+        (2, 2, 2, 2, 3, (2, 2), (2, 2), (1, 1)),  # output wider than the input's reach, padding on both sides
+    ],
+)
+def test_im2col_planes_path(monkeypatch, n, c, o, h, w, kernel, stride, padding):
+    """The padded-plane gather (conv_kernels.im2col_planes, whole-sample tiles of ungrouped undilated convs):
+    its columns equal im2col's bit for bit, float64 gradients pass gradcheck, float32 forward and gradients
+    match the float64 reference."""
+    from mpnn.core import conv_kernels
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 10**6)
+    monkeypatch.setattr(conv_module, "_WINOGRAD2_MIN_CHANNELS", 10**6)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    x = randn(n, c, h, w)
+    for dtype in (np.float64, np.float32):
+        xd = x.astype(dtype)
+        a = np.full((c * kh * kw + 1, n, oh * ow), np.nan, dtype)
+        b = np.full_like(a, np.nan)
+        conv_kernels.im2col(xd, kh, kw, sh, sw, ph, pw, 1, 1, 1, 0, ow, a)
+        conv_kernels.im2col_planes(xd, kh, kw, sh, sw, ph, pw, ow, b)
+        np.testing.assert_array_equal(a, b)
+    calls = []
+    real = conv_kernels.im2col_planes
+    monkeypatch.setattr(conv_kernels, "im2col_planes", lambda *args: calls.append(1) or real(*args))
+    wt, bias = randn(o, c, kh, kw), randn(o)
+    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, stride, padding), [leaf(x), leaf(wt), leaf(bias)])
+    assert calls, "the conv did not take im2col_planes"
+    x32, w32, b32 = (leaf(v.astype(np.float32)) for v in (x, wt, bias))
+    out = conv2d(x32, w32, b32, stride, padding)
+    ref = ref_conv2d(x, wt, bias, stride, padding, padding, (1, 1), 1)
+    np.testing.assert_allclose(out.data, ref, atol=1e-5 * np.abs(ref).max())
+    gy = randn(*out.shape)
+    out.backward(gy.astype(np.float32))
+    x64, w64, b64 = leaf(x), leaf(wt), leaf(bias)
+    conv2d(x64, w64, b64, stride, padding).backward(gy)
+    for low, high in ((x32, x64), (w32, w64), (b32, b64)):
+        np.testing.assert_allclose(low.grad.data, high.grad.data, atol=1e-5 * np.abs(high.grad.data).max())
+
+
 def test_conv2d_gradcheck_im2col_with_groups_stride_dilation():
     gradcheck(
         lambda a, w, b: conv2d(a, w, b, (2, 1), (1, 2), (1, 2), 2),

@@ -81,6 +81,55 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow_, cols):
 
 
 @njit(cache=True, fastmath=False)
+def im2col_planes(x, kh, kw, sh, sw, ph, pw, ow_, cols):
+    """im2col for whole samples, dilation 1, one group: cols (R, N, oh*ow) as im2col(..., p0=0) writes it.
+
+    Each (n, c) plane is first copied into a zero-bordered padded plane split into its sw column phases
+    (phase q holds padded columns q, q + sw, ...), so that every kernel tap reads contiguous runs with no
+    padding test, whatever the stride."""
+    # Measured (batch 32, thread CPU ms, im2col -> this): ResNet-18's 3x3 stride-2 64->128 2.30 -> 1.68, 128->256
+    # 1.49 -> 0.98, 256->512 0.91 -> 0.83, the 3->64 stem 0.28 -> 0.14. Filling one channel's planes for all
+    # samples first and then writing tap by tap keeps the writes in im2col's order: plane by plane (all taps of
+    # one sample, rows n_ * T floats apart, a 4 KiB multiple) it was 2x slower than im2col.
+    n_, c_, h_, w_ = x.shape
+    t_ = cols.shape[2]
+    oh_ = t_ // ow_
+    hp = (oh_ - 1) * sh + kh  # padded rows and columns the taps reach
+    wp = (ow_ - 1) * sw + kw
+    wq = (wp + sw - 1) // sw
+    plane = sw * hp * wq
+    pl = np.zeros(n_ * plane, x.dtype)  # one channel's padded planes, every sample (~150 KB at 64 channels)
+    xf = x.reshape(-1)
+    cf = cols.reshape(-1)
+    r0, r1 = min(ph, hp), min(h_ + ph, hp)  # padded rows that hold input
+    taps = c_ * kh * kw
+    for c in range(c_):
+        for n in range(n_):
+            src = (n * c_ + c) * h_ * w_ - pw
+            for q in range(sw):  # phase q: padded columns q + m * sw, input columns q + m * sw - pw
+                m0 = max(0, (pw - q + sw - 1) // sw)
+                m1 = max(m0, min(wq, (w_ + pw - q + sw - 1) // sw))
+                for r in range(r0, r1):
+                    dst = n * plane + (q * hp + r) * wq
+                    row = src + (r - ph) * w_ + q
+                    for m in range(m0, m1):
+                        pl[uint64(dst + m)] = xf[uint64(row + m * sw)]
+        for i in range(kh):
+            for j in range(kw):
+                d = ((c * kh + i) * kw + j) * n_ * t_
+                base = ((j % sw) * hp + i) * wq + j // sw
+                for n in range(n_):
+                    for oh in range(oh_):
+                        s = n * plane + base + oh * sh * wq
+                        e = d + n * t_ + oh * ow_
+                        # LLVM vectorizes this loop on x86-64 (8 float32 lanes)
+                        for ow in range(ow_):
+                            cf[uint64(e + ow)] = pl[uint64(s + ow)]
+    for r in range(taps, cols.shape[0]):
+        cols[r] = 1.0
+
+
+@njit(cache=True, fastmath=False)
 def col2im(cols, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow_, dx):
     """The adjoint of im2col: add each column entry back to the input element it was gathered from.
 
