@@ -164,6 +164,7 @@ UNARY = [
     "layer_norm",
     "split_mul",
     "transpose_twice",
+    "transpose_contiguous",
 ]
 BINARY = ["add", "sub", "mul", "div_safe", "linear", "attention", "attention_causal"]
 
@@ -198,6 +199,8 @@ def _apply(kind, a, b, lin):
         return (left * right).mean(1, keepdim=True) + a
     if kind == "transpose_twice":
         return a.transpose(0, 1).unsqueeze(0).squeeze(0).transpose(0, 1) * 1.0
+    if kind == "transpose_contiguous":  # contiguous() of a strided view: a clone (then read as (4, 6))
+        return a.transpose(0, 1).contiguous().reshape(a.shape)
     if kind == "attention":  # (L, E) = (4, 6): no batch dims
         return nn.functional.scaled_dot_product_attention(a, b, b)
     if kind == "attention_causal":

@@ -201,6 +201,19 @@ def _reshape(r):
     return forward, r.backward
 
 
+@register("clone")
+def _clone(r):
+    """contiguous() of a strided tensor, clone(): eager's C-order copy, into the result's buffer."""
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    _same_result(o, ad.dtype, ad.shape)
+
+    def forward():
+        np.copyto(o, ad)
+
+    return forward, r.backward  # passes g through
+
+
 # ----- reductions --------------------------------------------------------------------------------------------
 @register("mean", "sum")
 def _reduce(r):
