@@ -308,6 +308,29 @@ def test_conv_gemms_through_own_kernel_float32(monkeypatch, n, c, o, h, w, k, s,
         np.testing.assert_allclose(low.grad.data, high.grad.data, atol=1e-5 * np.abs(high.grad.data).max())
 
 
+def test_im2col_one_sample_tiles_from_256_positions(monkeypatch):
+    """Maps of >= 256 output positions take one sample a tile (the GEMM writes NCHW directly); fewer positions
+    still pack several samples a tile. Float32 forward and gradients against the float64 reference, both ways."""
+    from mpnn.core import conv_im2col
+
+    plans = []
+    real = conv_im2col._plan
+    monkeypatch.setattr(conv_im2col, "_plan", lambda *args: plans.append(real(*args)) or plans[-1])
+    for h, stride, one in ((16, 1, True), (31, 2, True), (15, 2, False)):
+        x, wt, bias = randn(3, 3, h, h), randn(5, 3, 3, 3), randn(5)
+        x32, w32, b32 = (leaf(v.astype(np.float32)) for v in (x, wt, bias))
+        out = conv2d(x32, w32, b32, stride, 1)
+        assert all((tile[1] - tile[0] == 1) == one for tile in plans[-1]), plans[-1]
+        ref = ref_conv2d(x, wt, bias, (stride,) * 2, (1, 1), (1, 1), (1, 1), 1)
+        np.testing.assert_allclose(out.data, ref, atol=1e-5 * np.abs(ref).max())
+        gy = randn(*out.shape)
+        out.backward(gy.astype(np.float32))
+        x64, w64, b64 = leaf(x), leaf(wt), leaf(bias)
+        conv2d(x64, w64, b64, stride, 1).backward(gy)
+        for low, high in ((x32, x64), (w32, w64), (b32, b64)):
+            np.testing.assert_allclose(low.grad.data, high.grad.data, atol=1e-5 * np.abs(high.grad.data).max())
+
+
 def test_im2col_large_weight_takes_one_tile():
     """A weight past the tile budget gets tiles of up to twice its bytes: ResNet-18's 256->512 stride-2 conv
     at batch 32 runs as one GEMM over the whole batch (the weight streams once)."""

@@ -17,6 +17,14 @@ import numpy as np
 from mpnn.core import conv_kernels as K
 from mpnn.core.conv_algorithm import ConvAlgorithm, gemm, scratch
 
+# Samples of at least this many output positions get a tile each (their GEMM is wide enough alone and writes
+# straight into the NCHW output) instead of several samples a tile and a transposing copy after the GEMM.
+# ResNet-18, batch 32, thread CPU ms, several samples a tile -> one (torch alongside, same process, load 1.1):
+# stem 3->64 32x32 forward 3.22 -> 1.71, forward+backward 8.41 -> 4.72; 3x3 s2 64->128 32->16 11.51 -> 10.32,
+# 39.53 -> 38.65; 1x1 s2 64->128 2.00 -> 1.86, 10.50 -> 7.62. From 64 positions the 128->256 16->8 conv lost
+# (forward+backward 32.4 -> 38.9), hence 256.
+_ONE_SAMPLE_POSITIONS = 256
+
 
 class Im2colGemm(ConvAlgorithm):
     """Any geometry: strides, dilations, groups, uneven padding, conv1d as height 1."""
@@ -34,6 +42,8 @@ class Im2colGemm(ConvAlgorithm):
         # as the weight (ResNet-18's 512-channel 3x3 conv on 4x4 maps, batch 32: 11 tiles of 3 samples took
         # 87 ms forward+backward, one tile of 32 samples 56 ms; torch 51 ms)
         budget = max(settings.tile_bytes, 2 * w4.size * x4.dtype.itemsize)
+        if oh * ow >= _ONE_SAMPLE_POSITIONS and per_position * oh * ow <= budget:
+            budget = per_position * oh * ow  # one whole sample a tile: its GEMM lands in NCHW, no transposing copy
         plan = _plan(x4.shape[0], per_position, oh * ow, budget)
         # a single tile keeps its columns for backward: recomputing the 9.4 MB of the 4x4-map conv above
         # (runs of 4 floats) cost 6-9 ms of its 55-60
