@@ -354,9 +354,9 @@ def test_im2col_large_weight_takes_one_tile():
     ],
 )
 def test_im2col_planes_path(monkeypatch, n, c, o, h, w, kernel, stride, padding):
-    """The padded-plane gather (conv_kernels.im2col_planes, whole-sample tiles of ungrouped undilated convs):
-    its columns equal im2col's bit for bit, float64 gradients pass gradcheck, float32 forward and gradients
-    match the float64 reference."""
+    """The padded-plane gather and scatter (conv_kernels.im2col_planes / col2im_planes, whole-sample tiles of
+    ungrouped undilated convs): columns equal im2col's bit for bit, the scatter adds what col2im adds, float64
+    gradients pass gradcheck, float32 forward and gradients match the float64 reference."""
     from mpnn.core import conv_kernels
 
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 10**6)
@@ -371,12 +371,19 @@ def test_im2col_planes_path(monkeypatch, n, c, o, h, w, kernel, stride, padding)
         conv_kernels.im2col(xd, kh, kw, sh, sw, ph, pw, 1, 1, 1, 0, ow, a)
         conv_kernels.im2col_planes(xd, kh, kw, sh, sw, ph, pw, ow, b)
         np.testing.assert_array_equal(a, b)
+        # col2im_planes adds the same sums into dx as col2im (the adjoint, up to the order of the additions)
+        cols = randn(c * kh * kw, n, oh * ow).astype(dtype)
+        dx1, dx2 = (np.full(x.shape, 0.5, dtype) for _ in range(2))
+        conv_kernels.col2im(cols, kh, kw, sh, sw, ph, pw, 1, 1, 1, 0, ow, dx1)
+        conv_kernels.col2im_planes(cols, kh, kw, sh, sw, ph, pw, ow, dx2)
+        np.testing.assert_allclose(dx1, dx2, rtol=1e-6, atol=1e-6)
     calls = []
-    real = conv_kernels.im2col_planes
-    monkeypatch.setattr(conv_kernels, "im2col_planes", lambda *args: calls.append(1) or real(*args))
+    for name in ("im2col_planes", "col2im_planes"):
+        real = getattr(conv_kernels, name)
+        monkeypatch.setattr(conv_kernels, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     wt, bias = randn(o, c, kh, kw), randn(o)
     gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, stride, padding), [leaf(x), leaf(wt), leaf(bias)])
-    assert calls, "the conv did not take im2col_planes"
+    assert set(calls) == {"im2col_planes", "col2im_planes"}, "the conv did not take the padded-plane kernels"
     x32, w32, b32 = (leaf(v.astype(np.float32)) for v in (x, wt, bias))
     out = conv2d(x32, w32, b32, stride, padding)
     ref = ref_conv2d(x, wt, bias, stride, padding, padding, (1, 1), 1)
