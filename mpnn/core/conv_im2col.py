@@ -1,11 +1,15 @@
 """im2col + GEMM convolution (the algorithm every conv can take): the kernel taps of a tile of output positions
 become the columns of one BLAS GEMM per tile and group.
 
-A tile holds one sample's slice of positions (its GEMM lands straight in NCHW) or, for small maps, several
-whole samples (then one transposing copy); tiles are cut so that a tile's columns stay in L2 (tile_bytes,
-conv.py's _TILE_BYTES). A bias rides in the GEMM as a row of ones (forward adds it, backward sums it for
-free). Backward recomputes the columns tile by tile, so that a conv holds on to its input only, as torch's
-does, except for single-tile convs whose weight needs a gradient: their forward keeps its columns.
+A tile holds one sample's slice of positions (its GEMM lands straight in NCHW), one whole sample (maps of at
+least _ONE_SAMPLE_POSITIONS positions) or, for small maps, several whole samples (then one transposing copy);
+tiles are cut so that a tile's columns stay in L2 (tile_bytes, conv.py's _TILE_BYTES). A bias rides in the GEMM
+as a row of ones (forward adds it, backward sums it for free). Backward recomputes the columns tile by tile, so
+that a conv holds on to its input only, as torch's does, except for single-tile convs whose weight needs a
+gradient: their forward keeps its columns. Tiles of whole samples of an ungrouped, undilated 2-D conv whose
+kernel covers its stride gather and scatter through padded planes split by column phase (im2col_planes,
+col2im_planes: contiguous runs per tap, no padding test); float32 GEMMs go through conv_algorithm.gemm (mpnn's
+own kernel where linalg takes it).
 """
 
 from __future__ import annotations
