@@ -8,7 +8,7 @@ as a row of ones (forward adds it, backward sums it for free). Backward recomput
 that a conv holds on to its input only, as torch's does, except for single-tile convs whose weight needs a
 gradient: their forward keeps its columns. Tiles of whole samples of an ungrouped, undilated 2-D conv whose
 kernel covers its stride gather and scatter through padded planes split by column phase (im2col_planes,
-col2im_planes: contiguous runs per tap, no padding test); float32 GEMMs go through conv_algorithm.gemm (mpnn's
+col2im_planes: contiguous runs per tap, no padding test); the forward GEMMs go through conv_algorithm.gemm (mpnn's
 own kernel where linalg takes it).
 """
 
