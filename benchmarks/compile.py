@@ -25,12 +25,20 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def load_models():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
-    spec = importlib.util.spec_from_file_location("mnist1d_example", path)
+def _sibling(name):
+    """Import benchmarks/<name>.py under <name>_bench (benchmarks/mnist1d.py would shadow the mnist1d package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.MODELS
+    return module
+
+
+MNIST1D_BENCH = _sibling("mnist1d")
+
+
+def load_models():
+    return MNIST1D_BENCH.load_example("mnist1d").MODELS
 
 
 def data(n=10, batch=100, seed=0):
@@ -64,36 +72,7 @@ def torch_step(name, compiled):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    if name == "mlp":
-
-        class M(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.linear1, self.linear2, self.linear3 = nn.Linear(40, 256), nn.Linear(256, 256), nn.Linear(256, 10)
-
-            def forward(self, x):
-                h = self.linear1(x).relu()
-                h = h + self.linear2(h).relu()
-                return self.linear3(h)
-
-    else:
-
-        class M(nn.Module):
-            def __init__(self, c=25):
-                super().__init__()
-                self.conv1 = nn.Conv1d(1, c, 5, stride=2, padding=1)
-                self.conv2 = nn.Conv1d(c, c, 3, stride=2, padding=1)
-                self.conv3 = nn.Conv1d(c, c, 3, stride=2, padding=1)
-                self.linear = nn.Linear(c * 5, 10)
-
-            def forward(self, x):
-                h = x.reshape(x.shape[0], 1, x.shape[-1])
-                h = self.conv1(h).relu()
-                h = self.conv2(h).relu()
-                h = self.conv3(h).relu()
-                return self.linear(h.reshape(h.shape[0], -1))
-
-    model = M()
+    model = MNIST1D_BENCH.torch_model(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     fwd = torch.compile(model) if compiled else model
 

@@ -83,13 +83,10 @@ def mpnn_step(model_name, x, y, batch, use_loader=True):
     return step
 
 
-def torch_step(model_name, x, y, batch, use_loader=True, flush_denormal=False):
-    import torch
+def torch_model(model_name):
+    """The MNIST-1D MLP or CNN of launch/mnist1d.py, written in torch (benchmarks/compile.py uses it too)."""
     from torch import nn
 
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(flush_denormal)
-    torch.manual_seed(0)
     if model_name == "mlp":
 
         class Net(nn.Module):
@@ -116,7 +113,17 @@ def torch_step(model_name, x, y, batch, use_loader=True, flush_denormal=False):
                 h = self.conv3(self.conv2(self.conv1(h).relu()).relu()).relu()
                 return self.linear(h.view(h.shape[0], -1))
 
-    model = Net()
+    return Net()
+
+
+def torch_step(model_name, x, y, batch, use_loader=True, flush_denormal=False):
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(flush_denormal)
+    torch.manual_seed(0)
+    model = torch_model(model_name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = _batches(
         x,
