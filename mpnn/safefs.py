@@ -128,12 +128,10 @@ def open_append(path, mode: int = 0o644, read: bool = False) -> int:
     return fd
 
 
-def write_atomic(path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data`: written to a fresh random name beside it (create_new), synced, renamed over it.
-    A reader sees the old file or the new one; a symlink at `path` is replaced, never followed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = create_new(tmp, os.O_WRONLY, mode)
+def write_new(path, data: bytes, mode: int = 0o644) -> None:
+    """Create `path` (create_new: never an existing name) holding `data`, synced; on a failed write (a full disk)
+    the half-written file is removed again."""
+    fd = create_new(path, os.O_WRONLY, mode)
     try:
         try:
             view = memoryview(data)
@@ -142,12 +140,28 @@ def write_atomic(path, data: bytes, mode: int = 0o644) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_atomic(path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`: written to a fresh random name beside it (write_new), renamed over it.
+    A reader sees the old file or the new one; a symlink at `path` is replaced, never followed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    write_new(tmp, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
 
 
@@ -158,24 +172,13 @@ def claim(path, data: bytes, mode: int = 0o644) -> None:
     see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = create_new(tmp, os.O_WRONLY, mode)
+    write_new(tmp, data, mode)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path, follow_symlinks=False)
-        except FileExistsError:
-            raise UnsafePathError(path, "already exists") from None
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise UnsafePathError(path, "already exists") from None
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
 
 
 MAX_ROOT_CHARS = 60  # ipc socket paths are limited to 107 characters: keep the root short
