@@ -96,7 +96,8 @@ def _backward_forms(fn):
     for prog in fn._cache.values():
         for step in prog.steps:
             if step.__qualname__.endswith("_backward_step.<locals>.backward"):
-                cells = dict(zip(step.__code__.co_freevars, step.__closure__))
+                reverse = dict(zip(step.__code__.co_freevars, step.__closure__))["reverse"].cell_contents
+                cells = dict(zip(reverse.__code__.co_freevars, reverse.__closure__))
                 names += [bwd.__qualname__ for _, bwd, _, _ in cells["steps"].cell_contents]
     return names
 

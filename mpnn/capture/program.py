@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpnn import hooks
-from mpnn.core.autograd import SliceGrad, _accumulate, _dense, accumulate_leaf
+from mpnn.core.autograd import SliceGrad, _accumulate, _dense, accumulate_leaf, with_queued_callbacks
 from mpnn.core.tensor import Tensor
 from mpnn.core.tensor_base import from_array
 
@@ -149,57 +149,52 @@ class Program:
 
         sums = {}  # target -> the buffer its contributions are summed into (planned at the first step that sums)
 
+        def reverse():
+            grads = {root_key: seed}
+            owned = set()
+            for key, bwd, targets, fin in steps:
+                g = grads.pop(key, None)
+                if g is not None:
+                    pgrads = bwd(_dense(g))
+                    for j, k in targets:
+                        pg = pgrads[j]
+                        if pg is None:
+                            continue
+                        prev = grads.get(k)
+                        if prev is None:
+                            grads[k] = pg
+                        elif type(prev) is SliceGrad or type(pg) is SliceGrad:  # split's slices: as the engine
+                            grads[k] = _accumulate(prev, pg, k, owned)
+                        elif k in owned:
+                            np.add(prev, pg, out=prev)
+                        else:  # the engine's prev + pg, into a buffer of this program's when it fits
+                            buf = sums.get(k)
+                            if (
+                                buf is not None
+                                and prev.shape == buf.shape
+                                and pg.shape == buf.shape
+                                and prev.dtype == buf.dtype
+                                and pg.dtype == buf.dtype
+                            ):
+                                np.add(prev, pg, out=buf)
+                            else:
+                                buf = prev + pg
+                                if prev.dtype == pg.dtype == buf.dtype and prev.shape == pg.shape:
+                                    sums[k] = buf
+                            grads[k] = buf
+                            owned.add(k)
+                for k, leaf in fin:
+                    gl = grads.pop(k, None)
+                    if gl is not None:
+                        accumulate_leaf(leaf, _dense(gl))
+
         def backward():
             around = tuple(hooks.backward_hooks)
             for pre, _ in around:
                 if pre is not None:
                     pre(root)
             try:
-                try:
-                    grads = {root_key: seed}
-                    owned = set()
-                    for key, bwd, targets, fin in steps:
-                        g = grads.pop(key, None)
-                        if g is not None:
-                            pgrads = bwd(_dense(g))
-                            for j, k in targets:
-                                pg = pgrads[j]
-                                if pg is None:
-                                    continue
-                                prev = grads.get(k)
-                                if prev is None:
-                                    grads[k] = pg
-                                elif type(prev) is SliceGrad or type(pg) is SliceGrad:  # split's slices: as the engine
-                                    grads[k] = _accumulate(prev, pg, k, owned)
-                                elif k in owned:
-                                    np.add(prev, pg, out=prev)
-                                else:  # the engine's prev + pg, into a buffer of this program's when it fits
-                                    buf = sums.get(k)
-                                    if (
-                                        buf is not None
-                                        and prev.shape == buf.shape
-                                        and pg.shape == buf.shape
-                                        and prev.dtype == buf.dtype
-                                        and pg.dtype == buf.dtype
-                                    ):
-                                        np.add(prev, pg, out=buf)
-                                    else:
-                                        buf = prev + pg
-                                        if prev.dtype == pg.dtype == buf.dtype and prev.shape == pg.shape:
-                                            sums[k] = buf
-                                    grads[k] = buf
-                                    owned.add(k)
-                        for k, leaf in fin:
-                            gl = grads.pop(k, None)
-                            if gl is not None:
-                                accumulate_leaf(leaf, _dense(gl))
-                except BaseException as exc:
-                    for _, on_error in hooks.take_queued_callbacks():
-                        if on_error is not None:
-                            on_error(exc)
-                    raise
-                for fn, _ in hooks.take_queued_callbacks():
-                    fn()
+                with_queued_callbacks(reverse)
             finally:
                 for _, post in around:
                     if post is not None:

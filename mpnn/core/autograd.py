@@ -171,8 +171,14 @@ def regenerate_view_node(t):
 # ----- the reverse pass ---------------------------------------------------------------------------------
 def run_backward(root, grad, retain_graph=False):
     """Backpropagate ``grad`` from ``root``; then run the callbacks queued during it (or their on_error)."""
+    with_queued_callbacks(lambda: _execute(root, grad, retain_graph))
+
+
+def with_queued_callbacks(reverse_pass) -> None:
+    """Run ``reverse_pass()``, then the callbacks queued during it, or, if it raised, their on_error with the
+    error (the end-of-backward protocol; mpnn.capture's replayed backward keeps it through here too)."""
     try:
-        _execute(root, grad, retain_graph)
+        reverse_pass()
     except BaseException as exc:
         for _, on_error in hooks.take_queued_callbacks():
             if on_error is not None:
