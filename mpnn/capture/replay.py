@@ -30,7 +30,7 @@ from mpnn.core.conv import SETTINGS as conv_settings
 from mpnn.core.conv_im2col import Im2colGemm
 from mpnn.core.conv_im2col import _plan as _im2col_tiles
 from mpnn.core.linalg import _mm
-from mpnn.core.loss import _check_labels
+from mpnn.core.loss import _check_labels, _log_softmax_rows
 
 from .kernels import (
     bias_relu,
@@ -359,11 +359,7 @@ def _cross_entropy(r):
 
     def forward():  # eager's arithmetic, line for line (eps == 0, no class weights)
         valid = _check_labels("cross_entropy", labels, c, ignore_index)
-        m = rows.max(axis=1, keepdims=True)
-        z = rows - m
-        e = np.exp(z)
-        s = e.sum(axis=1, keepdims=True)
-        logp = z - np.log(s)
+        e, s, logp = _log_softmax_rows(rows)
         safe = np.where(valid, labels, 0)
         wrow = np.ones(n, dtype=dtype)
         wrow = wrow * valid

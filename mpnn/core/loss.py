@@ -64,11 +64,7 @@ def cross_entropy(
     w = None if weight is None else (weight.data if isinstance(weight, Tensor) else np.asarray(weight))
     if w is not None and w.shape != (c,):
         raise OpError("cross_entropy", f"weight has shape {w.shape}, expected ({c},)")
-    m = rows.max(axis=1, keepdims=True)
-    z = rows - m
-    e = np.exp(z)
-    s = e.sum(axis=1, keepdims=True)
-    logp = z - np.log(s)
+    e, s, logp = _log_softmax_rows(rows)
     safe = np.where(valid, labels, 0)
     # q: the target distribution per row, times class weights; the loss is -sum(q * logp).
     eps = label_smoothing
@@ -104,6 +100,15 @@ def cross_entropy(
         return (np.ascontiguousarray(grow),)
 
     return make_result(out, (input,), backward, "cross_entropy", saved=())
+
+
+def _log_softmax_rows(rows):
+    """exp(rows - max), its row sums and log-softmax, as cross_entropy computes them (mpnn.compile's replayed
+    cross-entropy calls this too, so both give the same bits)."""
+    z = rows - rows.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    return e, s, z - np.log(s)
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
