@@ -639,3 +639,25 @@ def test_named_x_plus_exp_x_gradient_by_hand():
     x = mpnn.tensor(np.array([0.1, 0.5, 1.0]), requires_grad=True)
     (x + x.exp()).sum().backward()
     np.testing.assert_allclose(x.grad.data, 1 + np.exp([0.1, 0.5, 1.0]), rtol=1e-12)
+
+
+def test_residual_conv_block_reuses_its_input_at_three_depths():
+    """A ResNet basic block with a strided 1x1 shortcut, composed (per-op conv gradchecks cannot see a tape bug
+    between them): x reaches the output through two 3x3 convs, through the 1x1 shortcut and through a second
+    strided 3x3 path, and the first conv's output is reused after the ReLU. 16x16 maps give the stride-1 convs
+    one-sample tiles (>= 256 positions) and the strided ones the phase-split gather; float64 differences check it."""
+    rng = np.random.default_rng(7)
+
+    def weight(*shape):
+        return mpnn.tensor(rng.standard_normal(shape) * 0.3, dtype=mpnn.float64, requires_grad=True)
+
+    x = mpnn.tensor(rng.standard_normal((2, 2, 16, 16)), dtype=mpnn.float64, requires_grad=True)
+    w1, w2, w3, w4 = weight(3, 2, 3, 3), weight(3, 3, 3, 3), weight(3, 2, 1, 1), weight(3, 2, 3, 3)
+    conv = mpnn.nn.functional.conv2d
+
+    def block(x, w1, w2, w3, w4):
+        a = conv(x, w1, padding=1)
+        h = conv(a.relu() + a * 0.5, w2, stride=2, padding=1)
+        return (h + conv(x, w3, stride=2) + conv(x, w4, stride=2, padding=1)).tanh()
+
+    assert gradcheck(block, [x, w1, w2, w3, w4])
