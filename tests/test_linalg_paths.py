@@ -200,3 +200,15 @@ def test_attention_output_lies_as_torch_lays_it_out(shape):
     scores = np.where(np.tril(np.ones(scores.shape[-2:], bool)), scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     np.testing.assert_allclose(out.data, (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_own_gemm_route_by_host():
+    """The own GEMM on AVX-512 hosts except AMD's Zen (where OpenBLAS measured faster), OpenBLAS without
+    AVX-512; MPNN_GEMM=own|blas overrides either way."""
+    pick = linalg._own_gemm_default
+    assert pick({"avx512f": True}, "sapphirerapids", "") is True
+    assert pick({"avx512f": True}, "skylake-avx512", "") is True
+    assert pick({"avx512f": True}, "znver4", "") is False
+    assert pick({"avx512f": False}, "haswell", "") is False
+    assert pick({"avx512f": True}, "znver4", "own") is True
+    assert pick({"avx512f": True}, "icelake-server", "blas") is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import string
 
 import numpy as np
@@ -13,11 +14,28 @@ from mpnn.core.errors import OpError
 from mpnn.core.tensor_base import as_tensor, make_result
 
 
-def _host_has_avx512():
-    try:
-        from llvmlite import binding
+def _own_gemm_default(features=None, cpu_name=None, setting=None):
+    """Whether float32 products in the own kernel's range go through it (mpnn.core.gemm_kernels) rather than
+    OpenBLAS: on AVX-512 hosts other than AMD's Zen. ``MPNN_GEMM=own|blas`` decides instead when set.
 
-        return bool(binding.get_host_cpu_features().get("avx512f"))
+    Measured, one thread, thread CPU time, the GPT step (benchmarks/gpt.py's model, interleaved in one process):
+    on Intel hosts with AVX-512 the own kernel ran the K=128 products at 135-146 GFLOP/s against OpenBLAS's
+    SkylakeX kernels' 122-130; on an AMD EPYC Zen 4 (znver4: 512-bit operations split in two 256-bit halves)
+    OpenBLAS ran them at 96-100 GFLOP/s against 77-94 in isolation, and inside the step the own kernel took
+    twice its isolated time (MLP up (768,128)@(128,512): 2.27 ms against 1.11 ms through OpenBLAS): the step
+    was 77.4 ms own against 56.4 ms OpenBLAS (torch 62.6 ms). The conv forward tiles lost there too
+    ((128,577)@(577,768): 1.29 against 1.15 ms)."""
+    if setting is None:
+        setting = os.environ.get("MPNN_GEMM", "")
+    if setting in ("own", "blas"):
+        return setting == "own"
+    try:
+        if features is None or cpu_name is None:
+            from llvmlite import binding
+
+            features = binding.get_host_cpu_features() if features is None else features
+            cpu_name = binding.get_host_cpu_name() if cpu_name is None else cpu_name
+        return bool(features.get("avx512f")) and not str(cpu_name).startswith("znver")
     except Exception:  # no feature query: stay with BLAS
         return False
 
@@ -25,7 +43,7 @@ def _host_has_avx512():
 # The Numba GEMM (mpnn.core.gemm_kernels) takes float32 products in this range; OpenBLAS the rest. Its tile is
 # sized for AVX-512's 32 vector registers (with AVX2 it would spill), and it was measured against OpenBLAS on
 # K <= 1024 only.
-_OWN_GEMM = _host_has_avx512()
+_OWN_GEMM = _own_gemm_default()
 _OWN_GEMM_MIN_FLOPS = 1 << 20  # below: call overheads dominate either way
 _OWN_GEMM_MAX_K = 1024
 _F32 = np.dtype(np.float32)
