@@ -4,6 +4,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/gpt.py --full       # + 2000 steps, val loss
     python benchmarks/gpt.py --full --text input.txt                                   # another text
     python benchmarks/gpt.py --compile         # + mpnn's step through mpnn.compile: compiled / eager step time
+    python benchmarks/gpt.py --profile 20      # per-op tables: mpnn.profiler and torch.profiler over 20 steps each
 
 One model definition serves both libraries (``build(lib)`` gets torch or mpnn as ``lib``), so the two run the
 same code: character GPT, block 64, batch 12, 4 layers, 4 heads, 128 embedding, no bias, dropout 0, AdamW
@@ -204,6 +205,27 @@ def speed(libs, tokens, vocab, steps, repeats, warmup):
     return med, rates, {name: statistics.median(v) for name, v in cpu_rates.items()}
 
 
+def profile_ops(libs, tokens, vocab, steps, warmup, rows=30):
+    """Each library's op table over ``steps`` steps after warm-up, from its own profiler (mpnn.profiler,
+    torch.profiler), sorted by self time; both time wall clock around each op."""
+    x, y = batches(tokens, steps + warmup, seed=1)
+    for name, lib in libs.items():
+        tr = Trainer(lib, vocab, seed=0, total_steps=10_000, compiled=name.endswith("compiled"))
+        for i in range(warmup):
+            tr.step(x[i], y[i])
+        if lib.__name__ == "torch":
+            prof = lib.profiler.profile(activities=[lib.profiler.ProfilerActivity.CPU])
+        else:
+            prof = lib.profiler.profile()
+        with prof:
+            t0 = time.perf_counter()
+            for i in range(warmup, warmup + steps):
+                tr.step(x[i], y[i])
+            ms = (time.perf_counter() - t0) / steps * 1e3
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        print(f"{name}: {steps} steps profiled, {ms:.1f} ms per step (wall, profiler on)\n{table}", flush=True)
+
+
 def full_run(libs, tokens, vocab, steps, eval_iters):
     split = int(0.9 * len(tokens))
     train, val = tokens[:split], tokens[split:]
@@ -232,11 +254,21 @@ def main():
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--text", default=None)
     p.add_argument("--compile", action="store_true", help="also time mpnn's step through mpnn.compile")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print each library's per-op table")
     args = p.parse_args()
     tokens, vocab = load_tokens(args.text)
     libs = libraries(args.compile)
+    if args.profile:
+        profile_ops(libs, tokens, vocab, args.profile, args.warmup)
+        return
     med, rates, cpu = speed(libs, tokens, vocab, args.steps, args.repeats, args.warmup)
-    print(f"tokens/s (median of {args.repeats} blocks of {args.steps} steps, batch 12 x 64, one thread):")
+    from mpnn.core import linalg
+
+    route = "mpnn's own AVX-512 kernel" if linalg._OWN_GEMM else "OpenBLAS"  # MPNN_GEMM=own|blas picks it
+    print(
+        f"tokens/s (median of {args.repeats} blocks of {args.steps} steps, batch 12 x 64, one thread; mpnn's "
+        f"GEMMs: {route}):"
+    )
     for name in libs:
         print(
             f"  {name:13s} {med[name]:10,.0f}   blocks: {', '.join(f'{r:,.0f}' for r in rates[name])}   "
