@@ -124,6 +124,56 @@ def swap_relu_backward(g, act, dst):
                 dst[j, i, k] = g[i, j, k] * (one if act[i, j, k] > 0 else zero)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def matmul_abt(a, b, out):
+    """out = a @ b.T for C-contiguous a (M, K) and b (N, K): dot products of rows, in 4 x 4 tiles whose 16 sums
+    LLVM vectorizes along K (reassociated, so not NumPy's bits: within a few 1e-7 of the largest entry). For the
+    weight gradient of the MNIST-1D convs (M = 25 channels, N = 76 taps + bias, K = 500-1000 positions) OpenBLAS
+    packs poorly: (25 x 1000) @ (1000 x 76) 80 -> 41 us, K = 500 40 -> 23 us."""
+    m, k = a.shape
+    n = b.shape[0]
+    zero = out.dtype.type(0)
+    m4 = m - m % 4
+    n4 = n - n % 4
+    for i0 in range(0, m4, 4):
+        a0, a1, a2, a3 = a[i0], a[i0 + 1], a[i0 + 2], a[i0 + 3]
+        for j0 in range(0, n4, 4):
+            b0, b1, b2, b3 = b[j0], b[j0 + 1], b[j0 + 2], b[j0 + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            for q in range(k):
+                x0, x1, x2, x3 = a0[q], a1[q], a2[q], a3[q]
+                y0, y1, y2, y3 = b0[q], b1[q], b2[q], b3[q]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            out[i0, j0], out[i0, j0 + 1], out[i0, j0 + 2], out[i0, j0 + 3] = s00, s01, s02, s03
+            out[i0 + 1, j0], out[i0 + 1, j0 + 1], out[i0 + 1, j0 + 2], out[i0 + 1, j0 + 3] = s10, s11, s12, s13
+            out[i0 + 2, j0], out[i0 + 2, j0 + 1], out[i0 + 2, j0 + 2], out[i0 + 2, j0 + 3] = s20, s21, s22, s23
+            out[i0 + 3, j0], out[i0 + 3, j0 + 1], out[i0 + 3, j0 + 2], out[i0 + 3, j0 + 3] = s30, s31, s32, s33
+    for i in range(m):  # the rows and columns past the last whole tile
+        ai = a[i]
+        for j in range(n4 if i < m4 else 0, n):
+            bj = b[j]
+            s = zero
+            for q in range(k):
+                s += ai[q] * bj[q]
+            out[i, j] = s
+
+
 def warmup() -> None:
     """Compile (or load from Numba's cache) every kernel above on float32 and float64, as the launcher's warm-up
     does before workers start (concurrent cache=True compiles can race)."""
@@ -140,3 +190,4 @@ def warmup() -> None:
         c = a.reshape(2, 3, 2)
         swap_relu(c, np.empty((3, 2, 2), dt), np.empty((3, 2, 2), dt))
         swap_relu_backward(c, c, np.empty((3, 2, 2), dt))
+        matmul_abt(m, np.ones((5, 4), dt), np.empty((3, 5), dt))

@@ -36,6 +36,7 @@ from .kernels import (
     bias_relu,
     column_sum,
     cross_entropy_forward,
+    matmul_abt,
     relu_backward,
     relu_forward,
     scale_into,
@@ -554,6 +555,18 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
     state = (x4, w4, geom, ow, (tile,), cols if weight_grad else None)
     has_bias = bias is not None
     generic = Im2colGemm()
+    # fuse=True: the weight gradient's GEMM (og x K) @ (K x rows) through kernels.matmul_abt where OpenBLAS packs
+    # such small-output, long-K products poorly (not NumPy's bits: reassociated sums). Rows >= 8 (a tile's width)
+    # and outputs up to 32k entries: measured (25 x 76, K 1000) 80 -> 41 us, (16 x 145, K 4096) 534 -> 213,
+    # (128 x 128, K 256) 97 -> 92; at (25 x 6, K 1900) it lost, 7.4 -> 9.3.
+    abt = bool(
+        r.fuse
+        and need_w0
+        and dtype in _FLOATS
+        and rows_b >= 8
+        and og * rows_b <= 32768
+        and cols_w[0].flags.c_contiguous
+    )
 
     relu_act = [None]  # the ReLU output whose mask this backward applies (fuse), as (N, O, L)
 
@@ -589,7 +602,11 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
                 CK.swap_leading_axes(g3[n0:n1], gc_buf)
                 gc = gc_buf.reshape(groups, og, nb * t)
             if need_w:
-                np.matmul(gc, cols_w.transpose(0, 2, 1), out=dwo)
+                if abt and gc.flags.c_contiguous:
+                    for gi in range(groups):
+                        matmul_abt(gc[gi], cols_w[gi], dwo[gi])
+                else:
+                    np.matmul(gc, cols_w.transpose(0, 2, 1), out=dwo)
             if need_x:
                 dx.fill(0)
                 np.matmul(wt, gc, out=dcols)
