@@ -249,6 +249,32 @@ def test_winograd_f2x2_matches_reference_and_gradcheck(monkeypatch, n, c, o, h, 
     gradcheck(lambda a: conv2d(a, leaf(wt, False), None, 1, padding), [leaf(x)])
 
 
+@pytest.mark.parametrize("o, c", [(1, 1), (3, 5), (17, 300), (64, 64)])
+@pytest.mark.parametrize("f", ["f2x2", "f4x4"])
+def test_winograd_weight_transforms_match_the_kron_product_and_are_adjoint(o, c, f):
+    """conv_kernels.winograd_weight (U = G w G^T, blocks of 256 channel pairs: 17 x 300 crosses block seams
+    mid-row) equals the (r*r, 9) Kronecker product applied to every pair, and winograd_weight_grad is its exact
+    adjoint (<U(w), dU> = <w, U^T(dU)>), which is what makes the weight gradient right; float64 and float32."""
+    from mpnn.core import conv_kernels, conv_winograd, conv_winograd2
+
+    mod = conv_winograd2 if f == "f2x2" else conv_winograd
+    g = mod._G
+    r = g.shape[0]
+    gg = np.kron(g, g)
+    for dtype, tol in ((np.float64, 1e-13), (np.float32, 2e-6)):
+        w, du = randn(o, c, 3, 3, dtype=dtype), randn(r * r, o, c, dtype=dtype)
+        u = np.full((r * r, o, c), np.nan, dtype)
+        conv_kernels.winograd_weight(w, g.astype(dtype), u)
+        ref = (gg @ w.astype(np.float64).reshape(o * c, 9).T).reshape(r * r, o, c)
+        np.testing.assert_allclose(u, ref, rtol=0, atol=tol * np.abs(ref).max())
+        dw = np.full((o, c, 3, 3), np.nan, dtype)
+        conv_kernels.winograd_weight_grad(du, g.astype(dtype), dw)
+        ref_dw = (du.astype(np.float64).reshape(r * r, o * c).T @ gg).reshape(o, c, 3, 3)
+        np.testing.assert_allclose(dw, ref_dw, rtol=0, atol=tol * np.abs(ref_dw).max())
+        if dtype == np.float64:
+            assert np.isclose(np.vdot(u, du), np.vdot(w, dw), rtol=1e-12)
+
+
 def test_resnet_shapes_each_path_matches_reference_float32():
     """ResNet-18's strided and small-map shapes (channels scaled down, batch 4) by the default rule, float32,
     against the float64 reference: 3x3 stride 2, 1x1 stride 2 (a strided GEMM), F(2x2) on 4x4 maps."""
