@@ -809,3 +809,30 @@ def test_sort_topk_indices_against_torch():
             == t.sort(dim=-1, descending=descending, stable=True).indices.tolist()
         )
     np.testing.assert_array_equal(x.topk(3).values.data, t.topk(3).values.numpy())
+
+
+# ----- layer_norm's backward branches -------------------------------------------------------------------------
+@pytest.mark.parametrize("need", ["input", "weight", "both"])
+def test_layer_norm_backward_branches(need):
+    """The kernel's three backward loops (input gradient only; weight and bias only, summed per row; both in one
+    pass): float64 finite differences, and float32 gradients against float64 ones."""
+    from mpnn.nn import functional as F
+
+    arrays = [RNG.standard_normal(s) for s in ((3, 7, 24), (24,), (24,))]
+    grads = {"input": (True, False), "weight": (False, True), "both": (True, True)}[need]
+
+    def leaves(dtype):
+        flags = (grads[0], grads[1], grads[1])
+        return [mpnn.Tensor(a, dtype=dtype, requires_grad=f) for a, f in zip(arrays, flags)]
+
+    assert gradcheck(lambda x, w, b: F.layer_norm(x, (24,), w, b), leaves("float64"))
+    got = {}
+    for dtype in ("float32", "float64"):
+        x, w, b = leaves(dtype)
+        (F.layer_norm(x, (24,), w, b) * mpnn.tensor(np.linspace(-1, 1, 24), dtype=dtype)).sum().backward()
+        got[dtype] = [None if t.grad is None else t.grad.data for t in (x, w, b)]
+    for g32, g64, req in zip(got["float32"], got["float64"], (grads[0], grads[1], grads[1])):
+        assert (g32 is not None) == req and (g64 is not None) == req
+        if req:
+            assert g32.dtype == np.float32
+            np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-5)
