@@ -1299,3 +1299,107 @@ def test_mnist1d_cnn_weight_gradients_take_the_own_kernel():
         fn = _train("cnn", True, steps=2, fuse=fuse)[3]
         convs = [f for f in _backward_fns(fn) if f.__qualname__ == "_conv_im2col.<locals>.backward"]
         assert [_closure_value(f, "abt") for f in reversed(convs)] == want
+
+
+def _digits():
+    spec = importlib.util.spec_from_file_location(
+        "digits_example_compile", os.path.join(os.path.dirname(_EXAMPLE), "digits.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _digits_run(opt_name, compiled, batches):
+    """ResidualCNN's steps (and three eval-mode forwards after them), eager or compiled (fuse=False): every value."""
+    mpnn.manual_seed(0)
+    model = _digits().ResidualCNN(width=8)
+    if opt_name == "adam":
+        opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+    else:
+        opt = mpnn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = mpnn.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def evaluate(x):
+        return model(x)
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    got = []
+    for x, y in batches:
+        got.append(fn(x, y).data.copy())
+        got += [p.grad.data.copy() for p in model.parameters()]
+    got += [p.data.copy() for p in model.parameters()]
+    got += [b.data.copy() for b in model.buffers()]
+    model.eval()
+    ev = mpnn.compile(evaluate, fuse=False) if compiled else evaluate
+    with mpnn.no_grad():
+        for x, _ in batches[:3]:
+            got.append(ev(x).data.copy())
+    if compiled:
+        assert fn.eager_reason is None and fn.stats["hits"] == len(batches) - 1
+        assert ev.eager_reason is None and ev.stats["hits"] == 2
+    return got
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_residual_cnn_with_batch_norm_replays_bit_for_bit(opt_name):
+    """launch/digits.py's ResidualCNN (conv, BatchNorm2d in training, residual adds, adaptive average pool): the
+    replayed step (fuse=False) gives eager's losses, gradients, parameters, running statistics and batch counts,
+    bit for bit; then an eval-mode forward replays with the running statistics."""
+    rng = np.random.default_rng(4)
+    batches = [
+        (
+            mpnn.from_numpy(rng.standard_normal((12, 1, 8, 8)).astype(np.float32)),
+            mpnn.from_numpy(rng.integers(0, 10, 12)),
+        )
+        for _ in range(5)
+    ]
+    eager, compiled = _digits_run(opt_name, False, batches), _digits_run(opt_name, True, batches)
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _batch_norm_run(shape, momentum, affine, compiled, xs):
+    mpnn.manual_seed(0)
+    bn = nn.BatchNorm1d(shape[1], momentum=momentum, affine=affine)
+
+    def step(x):
+        bn.zero_grad()
+        loss = (bn(x) * bn(x).tanh()).sum()
+        loss.backward()
+        return loss
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    got = []
+    for x in xs:
+        t = mpnn.from_numpy(x.copy())
+        t.requires_grad = True
+        got += [fn(t).data.copy(), t.grad.data.copy()]
+        got += [p.grad.data.copy() for p in bn.parameters()]
+    got += [b.data.copy() for b in bn.buffers()]
+    if compiled:
+        assert fn.eager_reason is None and fn.stats["hits"] == len(xs) - 1
+    assert int(bn.num_batches_tracked.data) == 2 * len(xs)
+    return got
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(16, 6), (8, 6, 5)])
+def test_batch_norm_1d_replays_its_running_statistics(momentum, shape):
+    """BatchNorm1d with and without affine parameters, fixed momentum or the cumulative average (momentum=None, whose
+    factor changes with num_batches_tracked every step): replay keeps counting batches and updating the running
+    statistics as eager does, bit for bit; the input's gradient too."""
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal(shape).astype(np.float32) for _ in range(5)]
+    for affine in (True, False):
+        eager = _batch_norm_run(shape, momentum, affine, False, xs)
+        compiled = _batch_norm_run(shape, momentum, affine, True, xs)
+        for a, b in zip(eager, compiled):
+            assert a.tobytes() == b.tobytes()

@@ -21,6 +21,7 @@ it). Ops without a builder are not captured at all.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import numpy as np
@@ -722,6 +723,119 @@ def _layer_norm(r):
         NK.layer_norm_forward(x2, w, b, eps, out, mean, invstd)
 
     return forward, r.backward
+
+
+@register("batch_norm")
+def _batch_norm(r):
+    """normalization_kernels' forward over eager's arrays (the input as (N, C, L), weight and bias as the kernel
+    read them, the result, the per-channel mean and 1/std that backward reads), then the running statistics
+    updated in place with eager's expressions (training); eval recomputes the statistics from the running ones
+    as eager does. Backward: eager's kernel call into buffers planned once, the float64 weight and bias sums cast
+    into buffers as eager's astype casts them."""
+    from mpnn.core import normalization_kernels as NK
+
+    loc = r.locals
+    x, x3, w, b, out, mean, invstd = loc["x"], loc["x3"], loc["w"], loc["b"], loc["out"], loc["mean"], loc["invstd"]
+    training, eps, momentum, dt = bool(loc["training"]), float(loc["eps"]), loc["momentum"], loc["dt"]
+    weight, bias, input = loc["weight"], loc["bias"], loc["input"]
+    rm_t, rv_t = loc["running_mean"], loc["running_var"]  # their arrays read at each call, as eager reads them
+    o = r.out.data
+    if not np.shares_memory(x3, x) or not np.shares_memory(out, o) or x.dtype != dt:
+        raise Unsupported(f"batch_norm of a {x.dtype} or strided input")
+    for t, arr in ((weight, w), (bias, b)):
+        if t is not None and not np.shares_memory(arr, t.data):
+            raise Unsupported("batch_norm weight or bias of another dtype than the input")
+    c = x3.shape[1]
+    n = x.size // c
+    module = _batch_norm_module(rm_t) if training and rm_t is not None else None
+    counter = None if module is None else module.num_batches_tracked
+    cumulative = module is not None and module.momentum is None  # factor 1 / num_batches_tracked, as the module's
+    if training:
+        var = loc["var"]
+
+        def forward():
+            factor = momentum
+            if counter is not None:  # the module's forward counted the batch in NumPy: counted here again
+                counter.data += 1
+                if cumulative:
+                    factor = 1.0 / float(counter.data)
+            NK.batch_norm_train_forward(x3, w, b, eps, out, mean, invstd, var)
+            if rm_t is not None:
+                rm = rm_t.data
+                rm *= 1 - factor
+                rm += factor * mean
+            if rv_t is not None:
+                rv = rv_t.data
+                rv *= 1 - factor
+                rv += factor * var * (n / (n - 1))
+
+    else:
+
+        def forward():
+            np.copyto(mean, rm_t.data.astype(dt))
+            np.copyto(invstd, (1.0 / np.sqrt(rv_t.data.astype(np.float64) + eps)).astype(dt))
+            NK.batch_norm_eval_forward(x3, mean, invstd, w, b, out)
+
+    gx3 = np.empty_like(x3)
+    gw64, gb64 = np.empty(c, np.float64), np.empty(c, np.float64)
+    gw = None if weight is None else np.empty(c, weight.data.dtype)
+    gb = None if bias is None else np.empty(c, bias.data.dtype)
+    gx = gx3.reshape(x.shape)
+    empty = x3[:0]
+
+    def backward(g):
+        need_x = input.requires_grad
+        g3 = np.ascontiguousarray(g, dtype=dt).reshape(x3.shape)
+        NK.batch_norm_backward(x3, g3, mean, invstd, w, training, need_x, gx3 if need_x else empty, gw64, gb64)
+        grads = [gx if need_x else None]
+        for t, buf, sums in ((weight, gw, gw64), (bias, gb, gb64)):
+            if t is not None:
+                if t.requires_grad:
+                    np.copyto(buf, sums, casting="same_kind")  # eager's sums.astype(dtype)
+                grads.append(buf if t.requires_grad else None)
+        return tuple(grads)
+
+    return forward, backward
+
+
+def _batch_norm_module(running_mean):
+    """The BatchNorm module whose forward called batch_norm with this running mean (found up the capture's stack),
+    or None (a functional call): its forward counts batches in num_batches_tracked, a NumPy edit the recorder does
+    not see."""
+    from mpnn.nn.norm import _BatchNorm
+
+    f = sys._getframe(1)
+    for _ in range(12):
+        f = f.f_back
+        if f is None:
+            return None
+        mod = f.f_locals.get("self")
+        if isinstance(mod, _BatchNorm) and mod.running_mean is running_mean:
+            return mod if mod.track_running_stats and mod.num_batches_tracked is not None else None
+    return None
+
+
+@register("adaptive_avg_pool2d")
+def _adaptive_avg_pool2d(r):
+    """pool_kernels' adaptive average over eager's arrays (the input as contiguous (N, C, H, W) and the result);
+    backward the same kernel into a buffer planned once."""
+    loc = r.locals
+    x, out = loc["x"], loc["out"]
+    (a,) = r.parents
+    if not np.shares_memory(x, a.data) or not np.shares_memory(out, r.out.data) or x.size != a.data.size:
+        raise Unsupported("adaptive_avg_pool2d of a strided input")
+    dx = np.empty(x.shape, x.dtype)
+    gx = dx.reshape(a.data.shape)
+    oshape = out.shape
+
+    def forward():
+        CK.adaptive_avg_pool2d_forward(x, out)
+
+    def backward(g):
+        CK.adaptive_avg_pool2d_backward(np.ascontiguousarray(g).reshape(oshape), dx)
+        return (gx,)
+
+    return forward, backward
 
 
 @register("gelu")
