@@ -425,7 +425,8 @@ def test_backward_peak_memory_against_composed_ops():
 
     def measure(fn):
         ts = [leaf(a.copy()) for a in arrays]
-        fn(*(leaf(a[..., :8, :]) for a in arrays)).sum().backward()  # kernels loaded before counting
+        # kernels loaded, and the operands' geometry cached (attention._GEOMETRY, bounded), before counting
+        fn(*(leaf(a.copy()) for a in arrays)).sum().backward()
         tracemalloc.start()
         try:
             out = fn(*ts)
@@ -469,3 +470,39 @@ def test_matches_torch(case, dtype):
         np.testing.assert_allclose(
             t.grad.data, tt.grad.numpy(), **(dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else tol)
         )
+
+
+# ----- the operands' cached geometry (attention._GEOMETRY, attention._SMALL) -------------------------------------
+def test_cached_geometry_reads_each_calls_own_memory():
+    """Two qkv buffers of one shape (a cache hit for the second) each give their own attention and gradients, and
+    a read-only operand of a cached shape and strides is still copied, not read as the writeable one was."""
+    b, t, h, d = 2, 7, 3, 4
+    results = []
+    for seed in (1, 2):
+        qkv = np.random.default_rng(seed).standard_normal((b, t, 3 * h * d))
+        q, k, v = (z.reshape(b, t, h, d).transpose(0, 2, 1, 3) for z in np.split(qkv, 3, axis=2))
+        ts = [leaf(z) for z in (q, k, v)]
+        out = F.scaled_dot_product_attention(*ts, is_causal=True)
+        out.sum().backward()
+        refs = [leaf(np.ascontiguousarray(z)) for z in (q, k, v)]
+        ref = composed(*refs, causal=True)
+        ref.sum().backward()
+        np.testing.assert_allclose(out.data, ref.data, rtol=1e-12, atol=1e-12)
+        for got, want in zip(ts, refs):
+            np.testing.assert_allclose(got.grad.data, want.grad.data, rtol=1e-12, atol=1e-12)
+        results.append(out.data)
+    assert not np.allclose(results[0], results[1])  # the second call did not read the first buffer
+
+    qkv = randn(b, t, 3 * h * d)
+    q = qkv[..., : h * d].reshape(b, t, h, d).transpose(0, 2, 1, 3)
+    index = np.arange(b * h)
+    flat, offsets, ld = attention_module._operand(q, index)  # writeable: read in place, geometry cached
+    assert np.shares_memory(flat, qkv) and ld == 3 * h * d
+    q_ro = q.view()
+    q_ro.flags.writeable = False
+    flat_ro, offsets_ro, ld_ro = attention_module._operand(q_ro, index)
+    assert not np.shares_memory(flat_ro, qkv) and ld_ro == d
+    for n in range(b * h):
+        row = q[n // h, n % h, 2]
+        np.testing.assert_array_equal(flat[offsets[n] + 2 * ld : offsets[n] + 2 * ld + d], row)
+        np.testing.assert_array_equal(flat_ro[offsets_ro[n] + 2 * ld_ro : offsets_ro[n] + 2 * ld_ro + d], row)

@@ -172,7 +172,7 @@ def scaled_dot_product_attention(
         # The inputs again, read where they lie (as in forward), and the output's gradient likewise: autograd
         # hands the GPT's a transposed view (of y.transpose(1, 2)), which a copy would cost 0.4 MB a layer.
         (qf, qo, ldq), (kf, ko, ldk), (vf, vo, ldv) = _operand(qd, qi), _operand(kd, ki), _operand(vd, vi)
-        gf, go, ldg = _operand(g.astype(dtype, copy=False).reshape(batch + (L, Ev)), np.arange(n))
+        gf, go, ldg = _operand(g.astype(dtype, copy=False).reshape(batch + (L, Ev)), _index_map(batch, batch))
         nq, nk, nv = math.prod(qb), math.prod(kb), math.prod(vb)
         # fresh: no slab of q, k, v is shared by two problems (no broadcast batch dims, no GQA), so the
         # kernel writes each gradient slab's first product instead of adding it to zeros
@@ -253,8 +253,12 @@ def _output(batch, L, Ev, dtype):
         return np.empty((L, Ev), dtype), np.zeros(1, np.int64), Ev
     h = batch[-1]
     out = np.empty(batch[:-1] + (L, h, Ev), dtype)
-    outer = np.arange(math.prod(batch[:-1]), dtype=np.int64)[:, None] * (L * h * Ev)
-    return out, (outer + np.arange(h, dtype=np.int64) * Ev).reshape(-1), h * Ev
+    key = ("output", batch, L, Ev)
+    oo = _SMALL.get(key)
+    if oo is None:
+        outer = np.arange(math.prod(batch[:-1]), dtype=np.int64)[:, None] * (L * h * Ev)
+        oo = _keep(key, (outer + np.arange(h, dtype=np.int64) * Ev).reshape(-1))
+    return out, oo, h * Ev
 
 
 def _operand(a, index):
@@ -266,12 +270,39 @@ def _operand(a, index):
     a layer forward, three again backward, and one of the output's gradient) cost 1.7 ms of a 55 ms step
     (cProfile, 30 steps). Arrays that BLAS cannot read in place (a column stride other than 1, rows that
     overlap or run backwards, a negative or unaligned stride) or that are read-only (a second compiled
-    specialization) are copied first."""
+    specialization) are copied first.
+
+    The geometry of an in-place operand (its span, offsets and ld) depends only on its shape, strides and
+    ``index``, and is kept in ``_GEOMETRY`` (the kernels only read the offsets): computing it took about 20 us
+    of Python per operand, at the GPT's size 7 operand reads per attention layer and step."""
+    it = a.itemsize
+    key = (a.shape, a.strides, it, a.flags.writeable and a.flags.aligned, index.tobytes())
+    geometry = _GEOMETRY.get(key)
+    if geometry is None:
+        geometry = _operand_geometry(a, index)
+        if len(_GEOMETRY) >= _GEOMETRY_MAX:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = geometry
+    span, offsets, ld = geometry
+    if offsets is None:  # not readable in place: a C-contiguous copy, whose geometry is computed afresh
+        a = np.require(a, requirements=("C", "W"))
+        span, offsets, ld = _operand_geometry(a, index, check=False)
+    flat = np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(it,))
+    return flat, offsets, ld
+
+
+_GEOMETRY: dict = {}
+_GEOMETRY_MAX = 256
+
+
+def _operand_geometry(a, index, check=True):
+    """(span in elements, offsets[index], ld) of an operand BLAS can read in place (or of a C-contiguous copy,
+    ``check`` False), else (0, None, 0)."""
     it = a.itemsize
     rows, cols = a.shape[-2:]
     st = a.strides
     ld = st[-2] // it if rows > 1 else cols
-    ok = (
+    ok = not check or (
         a.flags.writeable
         and a.flags.aligned
         and a.size > 0
@@ -280,14 +311,12 @@ def _operand(a, index):
         and all(s >= 0 and s % it == 0 for s, d in zip(st, a.shape) if d > 1)
     )
     if not ok:
-        a = np.require(a, requirements=("C", "W"))
-        st, ld = a.strides, cols
+        return 0, None, 0
     span = 1 + sum((d - 1) * (s // it) for s, d in zip(st, a.shape) if d > 1) if a.size else 0
-    flat = np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(it,))
     offsets = np.zeros(1, np.int64)
     for s, d in zip(st[:-2], a.shape[:-2]):  # row-major over the batch dims, as _index_map numbers slabs
         offsets = (offsets[:, None] + np.arange(d, dtype=np.int64) * (s // it if d > 1 else 0)).reshape(-1)
-    return flat, offsets[index], ld
+    return span, offsets[index], ld
 
 
 def _block(size, n):
@@ -296,7 +325,25 @@ def _block(size, n):
 
 def _edge(size, dtype):
     """-inf size times, then 0 size times: the kernels' causal edge (see attention_kernels.block_max)."""
-    return np.concatenate([np.full(size, -np.inf, dtype), np.zeros(size, dtype)])
+    key = ("edge", size, np.dtype(dtype).char)
+    edge = _SMALL.get(key)
+    if edge is None:
+        edge = _keep(key, np.concatenate([np.full(size, -np.inf, dtype), np.zeros(size, dtype)]))
+    return edge
+
+
+# Small arrays that depend only on shapes (index maps, output offsets, causal edges, the no-mask arguments),
+# made once and shared by every call: the kernels only read them. Making them anew took about 30 us of Python
+# per forward at the GPT's size. Bounded: cleared when full.
+_SMALL: dict = {}
+_SMALL_MAX = 512
+
+
+def _keep(key, value):
+    if len(_SMALL) >= _SMALL_MAX:
+        _SMALL.clear()
+    _SMALL[key] = value
+    return value
 
 
 def _vectors(count, size, dtype):
@@ -306,19 +353,27 @@ def _vectors(count, size, dtype):
 def _index_map(shape, batch, group=1):
     """For each of the prod(batch) problems (row-major), the slab of an input with batch dims ``shape`` that
     it reads; with ``group`` > 1 the last batch dim (heads) is shared by ``group`` consecutive query heads."""
+    key = ("index", shape, batch, group)
+    found = _SMALL.get(key)
+    if found is not None:
+        return found
     ids = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
     if group > 1:
         ids = np.repeat(ids, group, axis=-1)
-    return np.array(np.broadcast_to(ids, batch), order="C").reshape(-1)
+    return _keep(key, np.array(np.broadcast_to(ids, batch), order="C").reshape(-1))
 
 
 def _mask_args(md, batch, L, S, dtype):
     """(mode, bool mask, additive mask, index map) for the kernels: the mask as (Nm, Lm, S) slabs with Lm 1 or
     L, the unused one a 1-element dummy. Only a mask broadcast along S is copied (to S columns)."""
     n = math.prod(batch)
-    dummy_add = np.zeros((1, 1, 1), dtype)
     if md is None:
-        return 0, _DUMMY_BOOL, dummy_add, np.zeros(max(n, 1), np.int64)
+        key = ("nomask", n, np.dtype(dtype).char)
+        found = _SMALL.get(key)
+        if found is None:
+            found = _keep(key, (0, _DUMMY_BOOL, np.zeros((1, 1, 1), dtype), np.zeros(max(n, 1), np.int64)))
+        return found
+    dummy_add = np.zeros((1, 1, 1), dtype)
     shape = (1,) * (len(batch) + 2 - md.ndim) + md.shape
     mb, lm, sm = shape[:-2], shape[-2], shape[-1]
     m3 = md.reshape(shape)
