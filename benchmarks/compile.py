@@ -1,12 +1,18 @@
 """mpnn.compile on the MNIST-1D steps: mpnn eager, mpnn compiled, torch eager, torch.compile, one thread, one process.
 
     python benchmarks/compile.py [--model mlp cnn] [--steps 50] [--repeats 15] [--no-torch-compile]
+    python benchmarks/compile.py --profile [--model cnn]     # where a replayed step's time goes, kernel by kernel
 
 Each step is the whole recipe on pre-cut batches of 100: zero_grad, forward, cross-entropy, backward, Adam. The four
 variants run interleaved (block of steps of one, then the next, ...), so load on a shared machine hits them alike;
 each figure is the median over repeats of a block's mean step time. Also printed: the capture call's cost against an
-eager step, in this process and in two fresh ones (Numba's on-disk cache warm), and tracemalloc's peak and net per
-block of eager and of compiled steps (peak: what a step allocates at once; net flat = nothing accumulates).
+eager step, in this process (the first capture, and the median of 5 more on fresh models: a single call may take a
+garbage collection of torch's objects, ~4 ms) and in two fresh ones (Numba's on-disk cache warm), and tracemalloc's
+peak and net per block of eager and of compiled steps (peak: what a step allocates at once; net flat = nothing
+accumulates).
+
+--profile times every kernel call a replayed step makes (the replay modules' kernel names wrapped with timers,
+~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them.
 """
 
 import os
@@ -115,16 +121,112 @@ def capture_probe(name):
     print(f"{t_capture * 1e3:.2f} {t_eager * 1e3:.2f} {t_replay * 1e3:.2f}")
 
 
+PROFILED = {
+    "replay": ("swap_relu", "swap_relu_backward", "matmul_abt", "bias_relu", "relu_backward", "relu_forward",
+               "cross_entropy_forward", "scale_into", "column_sum", "_mm"),
+}  # fmt: skip
+
+
+def profile(name, steps=2000):
+    """Per-kernel time of a replayed step (the best of 3 runs of `steps`), then its Python glue alone."""
+    import types
+
+    import mpnn
+    from mpnn.capture import optim as capture_optim
+    from mpnn.capture import replay
+
+    acc, calls = {}, {}
+
+    def timed(label, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+            calls[label] = calls.get(label, 0) + 1
+            return out
+
+        return wrapper
+
+    def namespace(module, names, prefix, stub=None):
+        ns = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+        for n in names:
+            setattr(ns, n, stub or timed(prefix + n, getattr(module, n)))
+        return ns
+
+    saved = {k: getattr(replay, k) for k in ("np", "CK", *PROFILED["replay"])}
+    saved_adam = capture_optim.adam_update
+    mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
+
+    def program():
+        comp = mpnn_step(name, True)
+        comp(*mb[0])
+        return next(iter(comp._cache.values()))
+
+    def run(prog, n):
+        t0 = time.perf_counter()
+        for i in range(n):
+            prog.run(mb[i % 10])
+        return time.perf_counter() - t0
+
+    try:
+        replay.np = namespace(np, ["matmul", "copyto", "add"], "np.")
+        replay.CK = namespace(replay.CK, ["im2col", "col2im", "swap_leading_axes"], "CK.")
+        for n in PROFILED["replay"]:
+            setattr(replay, n, timed(n, saved[n]))
+        capture_optim.adam_update = timed("adam_update", saved_adam)
+        prog = program()
+        run(prog, 200)
+        best = None
+        for _ in range(3):
+            acc.clear()
+            calls.clear()
+            total = run(prog, steps)
+            if best is None or total < best[0]:
+                best = (total, dict(acc), dict(calls))
+        # the glue alone: every kernel a no-op (values are garbage; the Python path is the same)
+        noop = lambda *a, **k: None  # noqa: E731
+        replay.np = namespace(np, ["matmul"], "", stub=noop)
+        replay.CK = namespace(saved["CK"], ["im2col", "col2im", "swap_leading_axes"], "", stub=noop)
+        for n in PROFILED["replay"]:
+            setattr(replay, n, noop)
+        replay._mm = lambda a, b, out=None, work=None: out
+        replay.cross_entropy_forward = lambda *a: (1.0, 1, -1)
+        capture_optim.adam_update = noop
+        with np.errstate(all="ignore"):
+            glue_prog = program()
+            run(glue_prog, 200)
+            glue = min(run(glue_prog, steps) for _ in range(3))
+    finally:
+        for k, v in saved.items():
+            setattr(replay, k, v)
+        capture_optim.adam_update = saved_adam
+    total, acc, calls = best
+    per = total / steps * 1e6
+    print(f"{name}: replayed step {per:.1f} us (best of 3 x {steps} steps); load {os.getloadavg()[0]:.2f}")
+    kernels = 0.0
+    for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        us = v / steps * 1e6
+        kernels += us
+        print(f"  {k:24s} {us:7.1f} us  {calls[k] // steps:2d} calls  {us / per * 100:5.1f}%")
+    print(f"  {'(kernels, timed)':24s} {kernels:7.1f} us; the rest {per - kernels:.1f} us")
+    print(f"  {'Python + NumPy glue':24s} {glue / steps * 1e6:7.1f} us (every kernel a no-op)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-torch-compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="where a replayed step's time goes, kernel by kernel")
     p.add_argument("--capture-probe", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.capture_probe:
         capture_probe(args.capture_probe)
+        return
+    if args.profile:
+        for name in args.model:
+            profile(name)
         return
     import torch
 
@@ -144,6 +246,13 @@ def main():
         comp(*mb[0])
         t_capture = time.perf_counter() - t0
         variants["mpnn compiled"] = (comp, mb)
+        more = []
+        for _ in range(5):  # fresh models: each first call is a capture
+            fresh = mpnn_step(name, True)
+            t0 = time.perf_counter()
+            fresh(*mb[0])
+            more.append(time.perf_counter() - t0)
+        t_capture_median = statistics.median(more)
         variants["torch eager"] = (torch_step(name, False), tb)
         if not args.no_torch_compile:
             tc = torch_step(name, True)
@@ -174,8 +283,8 @@ def main():
             )
         print(
             f"  capture call {t_capture * 1e3:.2f} ms = {t_capture / t_eager:.2f}x an eager step "
-            f"({t_eager * 1e3:.2f} ms); "
-            f"stats {comp.stats}"
+            f"({t_eager * 1e3:.2f} ms), median of 5 more {t_capture_median * 1e3:.2f} ms = "
+            f"{t_capture_median / t_eager:.2f}x; stats {comp.stats}"
         )
         for k in (1, 2):  # a new process's first call: Numba's kernels come from its on-disk cache
             out = subprocess.run(
