@@ -55,23 +55,26 @@ def layer_row(torch, mpnn, F, k, n, reps, rng):
         mx.grad = mw.grad = None
         F.linear(mx, mw).backward(mg)
 
-    def blas(fn):
+    def route(fn, use_own):
         def run():
-            linalg._OWN_GEMM = False
+            linalg._OWN_GEMM = use_own
             try:
                 fn()
             finally:
-                linalg._OWN_GEMM = own
+                linalg._OWN_GEMM = default
 
         return run
 
-    own = linalg._OWN_GEMM
+    def blas(fn):
+        return route(fn, False)
+
+    default = linalg._OWN_GEMM  # the host's route (linalg._own_gemm_default: OpenBLAS on AMD Zen)
 
     def t_both():
         tx.grad = tw.grad = None
         torch.nn.functional.linear(tx, tw).backward(tg)
 
-    fns = [m_fwd, blas(m_fwd), t_fwd, m_both, blas(m_both), t_both]
+    fns = [route(m_fwd, True), blas(m_fwd), t_fwd, route(m_both, True), blas(m_both), t_both]
     mf, nf, tf, mb, nb, tb = (cpu for _, cpu in side_by_side(fns, reps))
     return np.array([mf, nf, tf, mb - mf, nb - nf, tb - tf]) * 1e6
 
@@ -91,7 +94,12 @@ def layer_table(reps):
         total += row * (1 if name == "head" else 4)
         print(_layer_line(name, row))
     print(_layer_line("step", total) + "   (a GPT step: qkv/proj/up/down 4x each, head once)")
-    print("ratio: torch / mpnn (above 1: mpnn faster); (blas): mpnn with NumPy's OpenBLAS instead of its own GEMM")
+    from mpnn.core import linalg
+
+    print(
+        "ratio: torch / mpnn (above 1: mpnn faster); mpnn: its own GEMM, (blas): NumPy's OpenBLAS instead; this host's"
+    )
+    print(f"linear takes {'the own GEMM' if linalg._OWN_GEMM else 'OpenBLAS'} (MPNN_GEMM=own|blas overrides)")
 
 
 def _layer_line(name, r):
@@ -103,7 +111,18 @@ def _layer_line(name, r):
 
 def route_row(blas, nb_dot, torch, a, b, sc, reps):
     """Microseconds of a @ b through each route (sc: the scipy call); a, b NumPy operands (views)."""
+    from mpnn.core import linalg
     from mpnn.core.linalg import _mm as own_mm
+
+    def own_route(fn):  # mpnn's own kernel, whichever route linear takes on this host
+        def run():
+            default, linalg._OWN_GEMM = linalg._OWN_GEMM, True
+            try:
+                fn()
+            finally:
+                linalg._OWN_GEMM = default
+
+        return run
 
     ta, tb = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))
     ta = ta if a.flags.c_contiguous else torch.from_numpy(np.ascontiguousarray(a.T)).t()  # same layout as a
@@ -117,7 +136,7 @@ def route_row(blas, nb_dot, torch, a, b, sc, reps):
         lambda: np.matmul(a, b, out=out),
         sc,
         lambda: nb_dot(a_c, b_c, out),
-        lambda: own_mm(a, b),
+        own_route(lambda: own_mm(a, b)),
         lambda: torch.mm(ta, tb),
     ]
     return [cpu for _, cpu in side_by_side(fns, reps, warmup=5)]
