@@ -15,6 +15,11 @@ two fused multiply-adds per row per k. The micro-kernel is written in LLVM IR (a
 auto-vectorizer neither keeps such a tile in registers nor uses 512-bit vectors. Strips of 8, 4, 2 and 1 rows
 finish M; a last panel narrower than 32 goes through a scratch tile. LLVM lowers the <16 x float> operations
 to whatever vector width the CPU has (two AVX2 registers per vector without AVX-512).
+
+Not on AMD Zen (linalg._own_gemm_default): on a Zen 4 (32 KB L1D, 512-bit operations split in two halves)
+OpenBLAS's SkylakeX kernels ran the GPT's products at 96-100 GFLOP/s against this kernel's 77-94 alone, and this
+kernel's time varied 1.3-2.8 ms from one process to the next on the MLP up product ((768,128)@(128,512);
+OpenBLAS a steady 1.0 ms), so linear takes OpenBLAS there.
 """
 
 from __future__ import annotations
