@@ -435,6 +435,61 @@ def test_cut_link_times_out_naming_the_silent_rank(firewall, tmp_path, secret_fi
         assert hosts.pids(node) == [], f"processes left on node{node}"
 
 
+def _kill_worker_after_checkpoint(run_dir, rank, step, limit=LAUNCH_TIMEOUT_S):
+    """SIGKILL the worker of `rank` (found by its MPNN_RANK and MPNN_RUN_DIR, in whichever namespace it runs) once
+    the run has a checkpoint at `step` or later; returns (its pid, that checkpoint's step)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        steps = [int(p.name[len("step-") :]) for p in (run_dir / "checkpoints").glob("step-*")]
+        if max(steps, default=0) >= step:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"no checkpoint at step {step} or later in {run_dir} within {limit} s")
+    marks = (f"MPNN_RANK={rank}".encode(), f"MPNN_RUN_DIR={run_dir}".encode())
+    for entry in os.listdir("/proc"):
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if all(mark in environ for mark in marks):
+            os.kill(int(entry), signal.SIGKILL)
+            return int(entry), max(steps)
+    pytest.fail(f"no worker of rank {rank} found")
+
+
+def test_a_sigkill_on_each_host_restarts_both_from_the_checkpoint_both_verify(hosts, tmp_path, secret_file):
+    """--max-restarts across two hosts: rank 1 (node1) is SIGKILLed after the first checkpoint, rank 0 (node0)
+    after a later one; both launchers stop their workers, rejoin and resume from the newest checkpoint, and the
+    recipe still reaches its accuracy. Each node's run record lists both restarts with the node that failed."""
+    procs = start_nodes(
+        hosts,
+        tmp_path,
+        secret_file,
+        [str(MNIST1D), "--model", "cnn"],
+        flags=["--max-restarts", "2", "--checkpoint-every", "500", "--rdzv-timeout", "60"],
+    )
+    run_dir = tmp_path / "runs" / RUN_ID
+    first, at_first = _kill_worker_after_checkpoint(run_dir, 1, 500)
+    second, at_second = _kill_worker_after_checkpoint(run_dir, 0, at_first + 500)
+    results = wait_nodes(procs, tmp_path)
+    assert [code for code, _ in results] == [0, 0], _outputs(tmp_path)
+    found = re.findall(r"^\[0\] final test accuracy (\d\.\d+) \(cnn, 8000 steps, world 2\)$", results[0][1], re.M)
+    assert len(found) == 1 and float(found[0]) >= 0.92, results[0][1]
+    resumed = [int(s) for s in re.findall(r"^\[0\] resumed from \S+ at step (\d+)", results[0][1], re.M)]
+    assert len(resumed) == 2 and at_first <= resumed[0] < resumed[1] and resumed[1] >= at_second, resumed
+    for node, (_, output) in enumerate(results):
+        assert f"mpnn launch: rank 1 (pid {first}) on node 1 killed by SIGKILL" in output, output
+        assert f"mpnn launch: rank 0 (pid {second}) on node 0 killed by SIGKILL" in output, output
+        record = json.loads((run_dir / ("run.json" if node == 0 else "run-node1.json")).read_text())
+        assert record["status"] == "ok"
+        assert [(r["failed_rank"], r["failed_node"], r["pid"]) for r in record["restarts"]] == [
+            (1, 1, first),
+            (0, 0, second),
+        ]
+        assert [Path(r["resume_from"]).name for r in record["restarts"]] == [f"step-{s:08d}" for s in resumed]
+
+
 # Every rank times ROUNDS all-reduces (after one that makes the connections), checks them against NumPy, reports.
 TIMED_ALLREDUCE_SCRIPT = """
 import json, os, time

@@ -61,11 +61,6 @@ def newest_checkpoint_step(run_dir):
         (["--max-restarts", "-1"], "Invalid value for '--max-restarts'", 2),
         (["--checkpoint-every", "-5"], "Invalid value for '--checkpoint-every'", 2),
         (["--checkpoint-keep", "0"], "Invalid value for '--checkpoint-keep'", 2),
-        (
-            ["--nnodes", "2", "--master-addr", "127.0.0.1", "--max-restarts", "1"],
-            "--max-restarts 1 needs --nnodes 1",
-            1,
-        ),
     ],
 )
 def test_bad_flags_are_one_clear_error_before_any_worker_starts(tmp_path, flags, message, code):

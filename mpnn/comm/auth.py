@@ -75,7 +75,7 @@ class DataSocketSecurity:
             for rank in range(world_size):
                 secret_key = z85.encode(mac(secret, b"mpnn-curve-key", run_id, rank))
                 self._keys.append((zmq.curve_public(secret_key), secret_key))
-        self._handler = _ZapHandler()
+        self._handler = ZapHandler()
 
     def start(self, context: zmq.Context) -> None:
         """Start the ZAP handler in `context`; must run before any data socket binds."""
@@ -135,7 +135,7 @@ class DataSocketSecurity:
 MAX_REFUSED = 100  # refusals remembered for diagnosis; a flood of strangers costs no more memory
 
 
-class _ZapHandler:
+class ZapHandler:
     """This process's ZAP handler (RFC 27), a REP socket on the well-known inproc endpoint of a context. It admits
     CURVE clients by public key, and PLAIN clients by (username, one-time password), each password once."""
 

@@ -7,10 +7,30 @@ from pathlib import Path
 
 import click
 
+from mpnn.launch.agents import DEFAULT_RDZV_TIMEOUT_S
 from mpnn.launch.errors import LaunchError
 from mpnn.launch.launcher import DEFAULT_TIMEOUT_S, LaunchConfig, launch
 from mpnn.launch.layout import read_layout
 from mpnn.launch.pinning import layout_report
+
+
+class NodeCount(click.ParamType):
+    """--nnodes: N, or MIN:MAX (1 <= MIN <= MAX) for elastic membership; gives (MIN, MAX)."""
+
+    name = "N|MIN:MAX"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        try:
+            low, _, high = text.partition(":")
+            counts = (int(low), int(high or low))
+        except ValueError:
+            self.fail(f"{text!r} is not a node count N or a range MIN:MAX", param, ctx)
+        if not 1 <= counts[0] <= counts[1]:
+            self.fail(f"{text!r}: need 1 <= MIN <= MAX", param, ctx)
+        return counts
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -50,7 +70,15 @@ from mpnn.launch.pinning import layout_report
     help="Sample every worker with py-spy (the `profile` extra): per-rank flame graphs (profile-<rank>.svg) and "
     "speedscope files in the run dir.",
 )
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Number of nodes.")
+@click.option(
+    "--nnodes",
+    type=NodeCount(),
+    default="1",
+    show_default=True,
+    metavar="N|MIN:MAX",
+    help="Number of nodes; MIN:MAX for an elastic run: each round starts once MIN nodes (node 0 among them) have "
+    "joined and no other came for a few seconds, and a node joining later makes the world grow at the next round.",
+)
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank.")
 @click.option("--master-addr", help="Host of node 0 (its rank 0 serves the rendezvous).")
 @click.option(
@@ -98,6 +126,15 @@ from mpnn.launch.pinning import layout_report
     help="When a worker fails, stop the others and start them all again from the newest checkpoint, up to R times.",
 )
 @click.option(
+    "--rdzv-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_RDZV_TIMEOUT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --max-restarts and --nnodes > 1, or --nnodes MIN:MAX: how long the nodes' launchers have to join "
+    "each round (the first, and after each restart) before the run fails naming the missing node(s).",
+)
+@click.option(
     "--group-readable",
     is_flag=True,
     help="Make the run directory 0750 (its group may read the logs) instead of 0700.",
@@ -129,6 +166,7 @@ def launch_command(
     checkpoint_keep,
     resume,
     max_restarts,
+    rdzv_timeout,
     group_readable,
     module,
     print_layout,
@@ -152,7 +190,8 @@ def launch_command(
         timeout=timeout,
         plugins=plugins,
         profile=profile,
-        nnodes=nnodes,
+        nnodes=nnodes[1],
+        min_nodes=nnodes[0] if nnodes[0] != nnodes[1] else None,
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,
@@ -162,6 +201,7 @@ def launch_command(
         checkpoint_keep=checkpoint_keep,
         resume=resume,
         max_restarts=max_restarts,
+        rdzv_timeout=rdzv_timeout,
         group_readable=group_readable,
         command_line=sys.orig_argv,
     )

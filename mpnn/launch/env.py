@@ -79,7 +79,7 @@ def script_master_port(rendezvous: str, nnodes: int) -> int:
     """The MASTER_PORT a run's scripts get, chosen once per launch: never the rendezvous port. One node: a port
     free now on every interface (asked of the OS, again if it hands back the rendezvous's); several nodes: the
     port next to the rendezvous's, which every node computes alike."""
-    _, port = _host_port(rendezvous)
+    _, port = host_port(rendezvous)
     if nnodes > 1:
         return _next_port(port)
     while True:
@@ -92,7 +92,7 @@ def _next_port(port: int) -> int:
     return port + 1 if port < 65535 else port - 1
 
 
-def _host_port(rendezvous: str) -> tuple[str, int]:
+def host_port(rendezvous: str) -> tuple[str, int]:
     """("HOST", PORT) of "tcp://HOST:PORT" (IPv6 hosts lose their brackets, as MASTER_ADDR carries them)."""
     host, _, port = rendezvous.removeprefix("tcp://").rpartition(":")
     return host.strip("[]"), int(port)
@@ -131,7 +131,7 @@ def worker_env(base: Mapping[str, str], world: World, local_rank: int, run: RunC
         MPNN_TIMEOUT=f"{run.timeout:g}",
         MPNN_PLUGINS=";".join(run.plugins),
     )
-    host, port = _host_port(run.rendezvous)
+    host, port = host_port(run.rendezvous)
     for name in [k for k in env if k.startswith(_FOREIGN_AGENT_PREFIXES)]:
         del env[name]
     # torchrun's names, for scripts written for torchrun (nanoGPT: ddp = int(os.environ.get('RANK', -1)) != -1)

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mpnn.launch.aftermath import aftermath_argv, close_abnormally
-from mpnn.launch.env import RunContext, World, rendezvous_address, script_master_port, worker_env
+from mpnn.launch.aftermath import close_abnormally
+from mpnn.launch.agents import DEFAULT_RDZV_TIMEOUT_S, store_port
+from mpnn.launch.attempt import LaunchResult, finish, run_attempt
+from mpnn.launch.elastic import supervise_elastic
+from mpnn.launch.env import RunContext, World, rendezvous_address, script_master_port
 from mpnn.launch.errors import LaunchError
-from mpnn.launch.guardian import Guardian
 from mpnn.launch.layout import Layout, read_layout
 from mpnn.launch.liveview import make_view
-from mpnn.launch.output import tail_lines
 from mpnn.launch.payload import write_private
 from mpnn.launch.pinning import Plan, default_nproc, pin_plan
 from mpnn.launch.plugins import (
@@ -32,28 +31,18 @@ from mpnn.launch.plugins import (
     launch_start,
     load_plugins,
 )
-from mpnn.launch.profiling import open_samplers
-from mpnn.launch.report import (
-    TAIL_LINES,
-    WorkerFailure,
-    console_shows_worker_output,
-    failure_block,
-    plugins_never_loaded,
-    run_dir_line,
-)
+from mpnn.launch.report import plugins_never_loaded, run_dir_line
 from mpnn.launch.restart import Restart, append_restart_event, resume_after_failure
 from mpnn.launch.resume import check_resume
 from mpnn.launch.rundir import RunRecord, check_run_id, create_run_dir, mpnn_version, new_run_id, record_name, utc_now
-from mpnn.launch.scratch import Scratch
 from mpnn.launch.secret import check_secret_file, fresh_secret_file
 from mpnn.launch.signals import StopSignals
-from mpnn.launch.supervise import Worker, describe_returncode, exit_status, spawn_worker, stop_all, watch
+from mpnn.launch.supervise import describe_returncode
 from mpnn.launch.warmup import warm_numba_cache
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; every node of a multi-node run computes the same
 KILL_GRACE_S = 2.0
-READER_JOIN_S = 2.0
 
 
 @dataclass
@@ -66,7 +55,8 @@ class LaunchConfig:
     run_id: str | None = None
     timeout: float = DEFAULT_TIMEOUT_S  # collective timeout handed to workers (MPNN_TIMEOUT), not a wall limit
     plugins: Sequence[str] = ()
-    nnodes: int = 1
+    nnodes: int = 1  # with min_nodes: the most nodes (--nnodes MIN:MAX's MAX)
+    min_nodes: int | None = None  # --nnodes MIN:MAX's MIN: rounds start with at least this many; None: nnodes
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
@@ -82,25 +72,23 @@ class LaunchConfig:
     checkpoint_keep: int | None = None  # MPNN_CHECKPOINT_KEEP; None: the Checkpointer's default (3)
     resume: Path | None = None  # a run dir to resume from (its newest complete checkpoint)
     max_restarts: int = 0  # restarts of the whole world after a worker fails
+    rdzv_timeout: float = DEFAULT_RDZV_TIMEOUT_S  # multi-node restarts: how long every node has to (re)join
     group_readable: bool = False  # the run dir 0750 instead of 0700
 
+    def elastic(self) -> bool:
+        """Whether the nodes' launchers run as agents (elastic.py): restarts across nodes, or --nnodes MIN:MAX."""
+        return self.nnodes > 1 and (self.max_restarts > 0 or (self.min_nodes or self.nnodes) < self.nnodes)
 
-@dataclass(frozen=True)
-class LaunchResult:
-    """How a launch ended: status ok / failed / interrupted, the exit code for the shell, and the failure if any."""
-
-    run_id: str
-    run_dir: Path
-    status: str
-    exit_code: int
-    failure: WorkerFailure | None = None
-    signal: int | None = None
-    restarts: int = 0
+    def owns_secret(self) -> bool:
+        """Whether this launcher makes (and must remove) the run's secret: one node and no secret file given."""
+        return not self.secret_file and self.nnodes == 1
 
 
 def _check(config: LaunchConfig, layout: Layout) -> tuple[World, str]:
     if config.nnodes < 1:
         raise LaunchError(f"--nnodes {config.nnodes}: must be at least 1")
+    if config.min_nodes is not None and not 1 <= config.min_nodes <= config.nnodes:
+        raise LaunchError(f"--nnodes {config.min_nodes}:{config.nnodes}: MIN must be in 1..MAX")
     if not 0 <= config.node_rank < config.nnodes:
         raise LaunchError(
             f"--node-rank {config.node_rank}: must be in [0, {config.nnodes}) for --nnodes {config.nnodes}"
@@ -132,21 +120,15 @@ def _check_restarts(config: LaunchConfig) -> Path | None:
         raise LaunchError(f"--checkpoint-keep {config.checkpoint_keep}: must be at least 1")
     if config.max_restarts < 0:
         raise LaunchError(f"--max-restarts {config.max_restarts}: must be 0 or more")
-    if config.max_restarts and config.nnodes > 1:
-        raise LaunchError(
-            f"--max-restarts {config.max_restarts} needs --nnodes 1: restarting a multi-node world "
-            "takes every node's launcher restarting together, which mpnn launch does not coordinate"
-        )
+    if config.rdzv_timeout <= 0:
+        raise LaunchError(f"--rdzv-timeout {config.rdzv_timeout:g}: must be positive (seconds)")
+    if config.elastic():
+        store_port(config.master_port or DEFAULT_MASTER_PORT)  # the agents' port must exist
     return None if config.resume is None else check_resume(config.resume)
 
 
-def _owns_secret(config: LaunchConfig) -> bool:
-    """Whether this launcher makes (and must remove) the run's secret: one node and no secret file given."""
-    return not config.secret_file and config.nnodes == 1
-
-
 def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
-    if not _owns_secret(config):
+    if not config.owns_secret():
         return _shared_secret(config)
     return stack.enter_context(fresh_secret_file())
 
@@ -154,7 +136,7 @@ def _secret(config: LaunchConfig, stack: contextlib.ExitStack) -> Path:
 def _shared_secret(config: LaunchConfig) -> Path:
     if config.secret_file:
         return check_secret_file(config.secret_file)
-    assert config.nnodes > 1, "one node without --secret-file makes its own secret (_owns_secret)"
+    assert config.nnodes > 1, "one node without --secret-file makes its own secret (LaunchConfig.owns_secret)"
     shared = os.environ.get("MPNN_SECRET_FILE")
     if not shared:
         raise LaunchError(
@@ -176,6 +158,7 @@ def _record_fields(
         "config": {
             "nproc_per_node": world.nproc_per_node,
             "nnodes": world.nnodes,
+            "min_nodes": config.min_nodes,
             "node_rank": world.node_rank,
             "master_addr": config.master_addr,
             "master_port": config.master_port,
@@ -216,7 +199,8 @@ def launch(config: LaunchConfig) -> LaunchResult:
         run_dir = create_run_dir(config.log_dir, run_id, group_readable=config.group_readable, shared=config.nnodes > 1)
         master_port = config.master_port or (DEFAULT_MASTER_PORT if config.nnodes > 1 else None)
         rendezvous = rendezvous_address(config.master_addr, master_port)
-        record = RunRecord(run_dir / record_file, _record_fields(config, world, run_id, rendezvous, layout, plan))
+        fields = _record_fields(config, world, run_id, rendezvous, layout, plan)
+        record = RunRecord(run_dir / record_file, fields, rejoin=config.elastic() and world.node_rank > 0)
         print(run_dir_line(run_dir), file=sys.stderr, flush=True)
         for name, data in config.run_files.items():
             write_private(run_dir / name, data)
@@ -236,13 +220,14 @@ def launch(config: LaunchConfig) -> LaunchResult:
         )
         try:
             warm_numba_cache()  # after the run dir is made: an unusable log dir fails at once, not after a compile
+            supervise = supervise_elastic if config.elastic() else _supervise
             if plugins is None:
-                result = _supervise(config, world, run, plan.cpus, record, stack)
+                result = supervise(config, world, run, plan.cpus, record, stack)
                 _closing_lines(config, world, run_dir)
                 return result
             info = launch_info(config.command, config.command_line, world, run, {**os.environ, **config.extra_env})
             launch_start(plugins, info)
-            result = _supervise(
+            result = supervise(
                 config,
                 world,
                 run,
@@ -293,7 +278,7 @@ def _supervise(
     restarts: list[Restart] = []
     try:
         while True:
-            workers, failed, still_running, sigkilled = _attempt(config, world, run, cpus, record, stop, view)
+            workers, failed, still_running, sigkilled = run_attempt(config, world, run, cpus, record, stop, view)
             if on_attempt_end is not None:
                 status = "failed" if failed is not None else "ok" if stop.received is None else "interrupted"
                 on_attempt_end(len(restarts), status, {w.rank: w.proc.returncode for w in workers})
@@ -317,110 +302,4 @@ def _supervise(
             run = replace(run, restart_count=restart.number, resume_from=restart.resume_from)
     finally:
         view.close()
-    return _finish(workers, failed, stop, still_running, sigkilled, record, run, len(restarts), config.max_restarts)
-
-
-def _attempt(
-    config: LaunchConfig, world: World, run: RunContext, cpus: Sequence[int], record: RunRecord, stop: StopSignals, view
-) -> tuple[list[Worker], Worker | None, int, list[int]]:
-    """Start every local worker, watch them until they all exit 0, one fails or a stop signal comes, then stop
-    them all: (workers, the failed worker or None, how many were still running, the ranks that needed SIGKILL)."""
-    base_env = {**os.environ, **config.extra_env}
-    argv = [sys.executable, *config.command]
-    workers = []
-    failed = None
-    samplers = open_samplers(run.run_dir, run.restart_count) if config.profile else None
-    with Guardian({**base_env, "MPNN_RUN_ID": run.run_id}) as guardian, Scratch() as scratch:
-        if _owns_secret(config):
-            guardian.remove_on_death(run.secret_file.parent)  # the private dir fresh_secret_file made
-        guardian.run_on_death(aftermath_argv(run.run_dir, record.path.name, world.node_rank))
-        for directory in scratch.directories:
-            guardian.remove_at_end(directory)
-        try:
-            for local_rank, core in enumerate(cpus):
-                if stop.received is not None:
-                    break
-                rank = world.global_rank(local_rank)
-                env = {**worker_env(base_env, world, local_rank, run), **scratch.env}
-                workers.append(
-                    spawn_worker(argv, env, rank, local_rank, core, run.run_dir / f"worker-{rank}.log", view.line)
-                )
-                guardian.watch(workers[-1].pid)
-                if samplers is not None:
-                    samplers.attach(workers[-1].pid, rank)
-            record.update(
-                status="running",
-                workers=[{"rank": w.rank, "local_rank": w.local_rank, "core": w.core, "pid": w.pid} for w in workers],
-            )
-            if stop.received is None:
-                failed = watch(workers, stop, view.refresh)
-        finally:
-            still_running = sum(w.proc.poll() is None for w in workers)
-            sigkilled = stop_all(workers, config.kill_grace_s, hurry=lambda: stop.count >= (2 if failed is None else 1))
-            deadline = time.monotonic() + READER_JOIN_S
-            for w in workers:
-                w.reader.join(timeout=max(0.0, deadline - time.monotonic()))
-            if samplers is not None:
-                samplers.finish()
-    return workers, failed, still_running, sigkilled
-
-
-def _finish(
-    workers,
-    failed,
-    stop: StopSignals,
-    still_running: int,
-    sigkilled: list[int],
-    record: RunRecord,
-    run: RunContext,
-    restarts: int,
-    max_restarts: int,
-) -> LaunchResult:
-    failure = None
-    if failed is not None:
-        failure = WorkerFailure(
-            failed.rank,
-            failed.pid,
-            failed.proc.returncode,
-            describe_returncode(failed.proc.returncode),
-            failed.log_path,
-            tuple(tail_lines(failed.log_path, TAIL_LINES)),
-        )
-        note = ""
-        if max_restarts and restarts == max_restarts:
-            note = f"; no restart left ({restarts}/{max_restarts} used)"
-        elif max_restarts and stop.received is not None:
-            note = f"; not restarted: got {signal.Signals(stop.received).name}"
-        shown = console_shows_worker_output()
-        print(failure_block(failure, still_running, len(sigkilled), note, shown), file=sys.stderr, flush=True)
-        status, exit_code, sig = "failed", exit_status(failed.proc.returncode), None
-    elif stop.received is not None:
-        sig = stop.received
-        print(
-            f"mpnn launch: got {signal.Signals(sig).name}; stopped {still_running} running worker(s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        status, exit_code = "interrupted", 128 + sig
-    else:
-        status, exit_code, sig = "ok", 0, None
-    record.update(
-        status=status,
-        exit_code=exit_code,
-        end_time=utc_now(),
-        failure=None if failure is None else {"rank": failure.rank, "how": failure.how},
-        signal=None if sig is None else signal.Signals(sig).name,
-        workers=[
-            {
-                "rank": w.rank,
-                "local_rank": w.local_rank,
-                "core": w.core,
-                "pid": w.pid,
-                "returncode": w.proc.returncode,
-                "how": None if w.proc.returncode is None else describe_returncode(w.proc.returncode),
-                "sigkilled": w.rank in sigkilled,
-            }
-            for w in workers
-        ],
-    )
-    return LaunchResult(run.run_id, run.run_dir, status, exit_code, failure, sig, restarts)
+    return finish(workers, failed, stop, still_running, sigkilled, record, run, len(restarts), config.max_restarts)

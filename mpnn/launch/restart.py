@@ -27,25 +27,37 @@ class Restart:
     number: int
     max_restarts: int
     failed_rank: int
-    failed_pid: int
+    failed_pid: int | None  # None: the rank was lost with its node's launcher (multi-node, agents.py)
     how: str
-    stopped: int  # other workers that were still running and had to be stopped
+    stopped: int  # other workers (of this node) that were still running and had to be stopped
     resume_from: Path | None  # MPNN_RESUME_FROM of the next attempt; None: it starts from scratch
     time: str = field(default_factory=utc_now)
+    failed_node: int | None = None  # multi-node: the node whose rank failed (each node's launcher tells it)
 
     def headline(self) -> str:
         """The console line, e.g. 'mpnn launch: rank 1 (pid 4242) killed by SIGKILL; stopped the 1 other running
         worker(s); restart 1/2 begins, resuming from runs/x'."""
+        return f"mpnn launch: {self.cause()}; {self.begins()}"
+
+    def cause(self) -> str:
+        """Which rank failed and how, and how many running workers that stopped."""
         stopped = f"; stopped the {self.stopped} other running worker(s)" if self.stopped else ""
+        return f"{self.who()} {self.how}{stopped}"
+
+    def begins(self) -> str:
+        """'restart 1/2 begins, resuming from runs/x' (or 'from scratch ...')."""
         where = (
             f"resuming from {self.resume_from}"
             if self.resume_from is not None
             else "from scratch (no checkpoint saved yet)"
         )
-        return (
-            f"mpnn launch: rank {self.failed_rank} (pid {self.failed_pid}) {self.how}{stopped}; "
-            f"restart {self.number}/{self.max_restarts} begins, {where}"
-        )
+        return f"restart {self.number}/{self.max_restarts} begins, {where}"
+
+    def who(self) -> str:
+        """'rank 1 (pid 4242)', and ' on node 1' in a multi-node run."""
+        pid = "" if self.failed_pid is None else f" (pid {self.failed_pid})"
+        node = "" if self.failed_node is None else f" on node {self.failed_node}"
+        return f"rank {self.failed_rank}{pid}{node}"
 
     def record(self) -> dict:
         """The entry of run.json's "restarts" list."""
@@ -56,6 +68,7 @@ class Restart:
             "pid": self.failed_pid,
             "how": self.how,
             "resume_from": None if self.resume_from is None else str(self.resume_from),
+            **({} if self.failed_node is None else {"failed_node": self.failed_node}),
         }
 
     def event(self) -> dict:
@@ -67,6 +80,7 @@ class Restart:
             "failed_rank": self.failed_rank,
             "how": self.how,
             "resume_from": None if self.resume_from is None else str(self.resume_from),
+            **({} if self.failed_node is None else {"failed_node": self.failed_node}),
         }
 
 

@@ -120,7 +120,10 @@ class RunRecord:
     launch with the same --run-id gets "the run id is taken"), rewritten atomically (a fresh temp file renamed
     over it, never a symlink followed) on each update and at the end."""
 
-    def __init__(self, path: Path, fields: dict):
+    def __init__(self, path: Path, fields: dict, rejoin: bool = False):
+        """rejoin: a node of an elastic multi-node run coming back under its --node-rank may take over its record
+        when the launcher that wrote it has closed it (its guardian does, even after a SIGKILL); the earlier
+        launch's start, end and status go into "earlier_launches"."""
         self.path = path
         self.fields = dict(fields)
         try:
@@ -128,11 +131,29 @@ class RunRecord:
         except safefs.UnsafePathError as error:
             if "already exists" not in str(error):
                 raise LaunchError(f"cannot write {self.path}: {error}") from None
+            if rejoin and self._take_over():
+                return
             raise LaunchError(
                 f"the run id {self.fields.get('run_id')!r} is taken: {self.path} already exists; pick another --run-id"
             ) from None
         except OSError as error:
             raise LaunchError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+    def _take_over(self) -> bool:
+        """Replace a closed record of this run (see rejoin), keeping what it said of its launch."""
+        try:
+            earlier = json.loads(self.path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return False
+        if not isinstance(earlier, dict) or earlier.get("run_id") != self.fields.get("run_id"):
+            return False
+        if earlier.get("status") in ("starting", "running"):
+            return False  # its launcher may still be running: the node is taken
+        launches = earlier.get("earlier_launches")
+        summary = {k: earlier.get(k) for k in ("start_time", "end_time", "status", "host", "error")}
+        self.fields["earlier_launches"] = [*(launches if isinstance(launches, list) else []), summary]
+        self.update()
+        return True
 
     def update(self, **fields) -> None:
         """Merge fields into the record and rewrite the file."""

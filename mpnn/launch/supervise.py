@@ -127,13 +127,19 @@ def exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
-def watch(workers: Sequence[Worker], stop: StopSignals, on_tick: Callable[[int], None]) -> Worker | None:
-    """Block until every worker exited 0 (None), one failed (that worker) or a stop signal came (None).
+def watch(
+    workers: Sequence[Worker],
+    stop: StopSignals,
+    on_tick: Callable[[int], None],
+    interrupted: Callable[[], bool] = lambda: False,
+) -> Worker | None:
+    """Block until every worker exited 0 (None), one failed (that worker), a stop signal came or interrupted()
+    turned true (None: another node's agent said stop).
 
     When several fail within one poll, a signal death is reported first: it is more often the cause than a
     consequence (peers then fail their collectives). on_tick(running) is called every poll.
     """
-    while stop.received is None:
+    while stop.received is None and not interrupted():
         codes = [w.proc.poll() for w in workers]
         failed = [w for w, code in zip(workers, codes) if code not in (None, 0)]
         if failed:
