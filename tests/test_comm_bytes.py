@@ -72,3 +72,69 @@ def test_the_step_split_reaches_the_line_and_show(tmp_path):
     assert "rank 0 bytes by transport: ipc 100 B sent / 100 B recv, shm 2.2 KiB sent / 2.2 KiB recv" in format_text(
         summary
     )
+
+
+def late_peer_waits(comm):
+    """Rank 1 comes 0.2 s late to one small all-reduce: rank 0's wait outlasts the spin and sleeps on a futex."""
+    import time
+
+    comm.allreduce(np.ones(8, np.float32))
+    before = comm.mailbox_waits
+    if comm.rank == 1:
+        time.sleep(0.2)
+    comm.allreduce(np.ones(8, np.float32))
+    after = comm.mailbox_waits
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_a_late_peer_shows_in_the_mailbox_wait_counts():
+    waits = values(run_world(late_peer_waits, 2, (), env={"MPNN_MAILBOX": "1"}, deadline=60))
+    assert waits[0] == {"spun": 0, "blocked": 1}, waits
+    assert waits[1]["blocked"] == 0, waits  # rank 0 was there already
+
+
+def test_mailbox_waits_reach_the_line_and_show(tmp_path):
+    from mpnn.telemetry.instrument import _StepTimer
+
+    class Comm:
+        world_size = 2
+        bytes_by_transport = {"mailbox": (64, 64)}
+        mailbox_waits = {"spun": 3, "blocked": 1}
+
+    class Recorder:
+        def __init__(self):
+            self.metrics = []
+
+        def add_span(self, *args):
+            pass
+
+        def add_bytes(self, *args):
+            pass
+
+        def add_metrics(self, **metrics):
+            self.metrics.append(metrics)
+
+        def step_end(self):
+            pass
+
+    recorder, comm = Recorder(), Comm()
+    timer = _StepTimer(recorder, comm)
+    timer.opt_pre(None, (), {})
+    timer.opt_post(None, (), {})
+    comm.mailbox_waits = {"spun": 5, "blocked": 4}
+    timer.opt_pre(None, (), {})
+    timer.opt_post(None, (), {})
+    assert [m["mailbox_waits"] for m in recorder.metrics if "mailbox_waits" in m] == [
+        {"spun": 3, "blocked": 1},
+        {"spun": 2, "blocked": 3},
+    ]
+    rank_dir = tmp_path / "run"
+    rank_dir.mkdir()
+    lines = [
+        {"t": 1.0, "rank": 0, "step": 1, "step_s": 0.01, "mailbox_waits": {"spun": 3, "blocked": 1}},
+        {"t": 2.0, "rank": 0, "step": 2, "step_s": 0.01, "mailbox_waits": {"spun": 2, "blocked": "x"}},
+    ]
+    (rank_dir / "worker-0.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = summarize(load_run(rank_dir))
+    assert summary["ranks"][0]["mailbox_waits"] == {"spun": 5, "blocked": 1}
+    assert "rank 0 mailbox waits for a late peer: 5 ended within the spin, 1 slept on a futex" in format_text(summary)

@@ -137,6 +137,12 @@ class Communicator:
         return sum(recv for _, recv in self.bytes_by_transport.values())
 
     @property
+    def mailbox_waits(self):
+        """{"spun": n, "blocked": n}: the mailbox waits so far that found a peer missing, by how they ended (a spin
+        of at most 100 us, or a futex sleep); None when this world uses no mailboxes (for telemetry)."""
+        return None if self._mailboxes is None else dict(self._mailboxes.waits)
+
+    @property
     def bytes_by_transport(self):
         """{transport: (sent, recv)} payload bytes so far: the ring's sockets ("tcp" or "ipc"), the /dev/shm slots
         ("shm": bytes other ranks read from this rank's slots, and this rank from theirs) and the mailboxes

@@ -17,6 +17,7 @@ class _StepTimer:
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.sent = self.recv = 0
         self.by_transport = {}  # {transport: (sent, recv)} at the end of the previous step
+        self.mailbox_waits = {"spun": 0, "blocked": 0}  # the mailboxes' wait counts at the end of the previous step
         self.wait = None  # (t0, t1) of DataParallel's wait on the ring at the end of this backward
         self.mark = perf_counter()  # where the current compute phase began
         self.t_opt = 0.0
@@ -63,6 +64,11 @@ class _StepTimer:
                 }
             )
             self.sent, self.recv, self.by_transport = sent, recv, totals
+            waits = getattr(self.comm, "mailbox_waits", None)
+            if waits is not None:  # how this step's same-host waits ended: a spin, or a futex sleep (contention)
+                before_waits = self.mailbox_waits
+                self.rec.add_metrics(mailbox_waits={k: n - before_waits.get(k, 0) for k, n in waits.items()})
+                self.mailbox_waits = waits
         self.rec.step_end()
         self.mark = perf_counter()
 

@@ -33,6 +33,11 @@ def summarize_rank(log: RankLog) -> dict:
                 total = by_transport.setdefault(name, [0, 0])
                 total[0] += int(number(moved, "sent") or 0)
                 total[1] += int(number(moved, "recv") or 0)
+    waits = {"spun": 0, "blocked": 0}  # same-host mailbox waits that found a peer missing, by how they ended
+    for record in log.steps:
+        if isinstance(record.get("mailbox_waits"), dict):
+            for key in waits:
+                waits[key] += int(number(record["mailbox_waits"], key) or 0)
     compiled = None  # mpnn.compile's process totals, as the last step line that carries them has them
     for record in reversed(log.steps):
         if isinstance(record.get("compile"), dict):
@@ -55,6 +60,7 @@ def summarize_rank(log: RankLog) -> dict:
         "bytes_recv": int(sum(number(r, "bytes_recv") or 0 for r in log.steps)),
         "bytes_by_transport": {name: {"sent": s, "recv": r} for name, (s, r) in sorted(by_transport.items())},
         "peak_rss_bytes": int(max(rss)) if rss else None,
+        "mailbox_waits": waits if any(isinstance(r.get("mailbox_waits"), dict) for r in log.steps) else None,
         "compile": compiled,
         "compile_warnings": [str(e.get("message")) for e in compile_warnings],
         "events": len(log.events),
@@ -172,6 +178,12 @@ def notes(summary: dict) -> list[str]:
                 f"{name} {format_bytes(m['sent'])} sent / {format_bytes(m['recv'])} recv" for name, m in split.items()
             )
             lines.append(f"rank {r['rank']} bytes by transport: {moved}")
+        waits = r.get("mailbox_waits")
+        if waits and (waits["spun"] or waits["blocked"]):
+            lines.append(
+                f"rank {r['rank']} mailbox waits for a late peer: {waits['spun']} ended within the spin, "
+                f"{waits['blocked']} slept on a futex"
+            )
         c = r.get("compile")
         if c:
             lines.append(
