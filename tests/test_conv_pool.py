@@ -451,6 +451,24 @@ def test_conv2d_gradcheck_winograd_default_rule():
     gradcheck(lambda bb: conv2d(leaf(x, False), leaf(w, False), bb, 1, 1), [leaf(b)])
 
 
+def test_conv2d_gradcheck_winograd_multirow_chunks(monkeypatch):
+    """F(4x4) chunks of several tile rows with three tiles a row, the last chunk shorter: slots go column by
+    column within a chunk (the junk slots last, left out of the GEMMs), so a mix-up of rows, slots or chunk
+    seams shows here; float64 finite differences for input, weight and bias, and the forward against the
+    direct reference."""
+    from mpnn.core import conv_winograd
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 9)  # 9 // (3 tiles + 1 junk slot) = 2 rows a chunk
+    for n, c, h, w_, o, rows in [(1, 2, 11, 9, 3, [2, 1]), (2, 3, 9, 10, 2, [2, 2, 2])]:
+        _, tiles_w, chunks = conv_winograd._winograd_chunks(n, h, w_, 9)
+        assert tiles_w == 3 and [r for _, r in chunks] == rows
+        x, wt, b = randn(n, c, h, w_), randn(o, c, 3, 3), randn(o)
+        out = conv2d(leaf(x), leaf(wt), leaf(b), 1, 1)
+        np.testing.assert_allclose(out.data, ref_conv2d(x, wt, b, (1, 1), (1, 1), (1, 1), (1, 1), 1), atol=1e-10)
+        gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, 1), [leaf(x), leaf(wt), leaf(b)])
+
+
 def test_conv2d_gradcheck_noncontiguous_unbatched_and_size_one_dims():
     transposed = randn(2, 3, 6, 5).transpose(0, 1, 3, 2)  # (2, 3, 5, 6) strided view
     assert not transposed.flags.c_contiguous

@@ -407,11 +407,19 @@ def adaptive_avg_pool2d_backward(g, dx):
 # 4x fewer multiplies than im2col (F(2x2, 3x3), 2.25x, measured 1.2-1.4x slower end to end; Lavin & Gray
 # 2015). A 4x4 output tile (th, tw) reads the 6x6 input patch whose corner is (4*th - ph, 4*tw - pw).
 # Tile rows are numbered R = n*tiles_h + th across the batch; a chunk is the `rows` tile rows from r0.
-# Each tile row has S = tiles_w + 1 slots, the last one a junk slot (zero in dm, dv and vt), so that slot
-# j + 1 is always tile j's right neighbour: every pass then runs as one long unit-stride loop over a whole
+# Each tile row has S = tiles_w + 1 slots, the last one a junk slot (zero in dm, dv and vt), so that every
+# tile has a right neighbour slot: every pass then runs as one long unit-stride loop over a whole
 # (channels, T = rows*S) matrix, which LLVM vectorizes. Per-row loops of tiles_w iterations spent most of
-# their time in loop set-up (measured 3-5x slower). Rows are split into their four column phases
-# (4k + r), so that a tile's six columns are phases 0-3 of its slot and 0-1 of the next.
+# their time in loop set-up (measured 3-5x slower). Slots go column by column: slot k of the chunk's tile
+# row rr is slot(rr, k) = k*rows + rr, its right neighbour `rows` further on (sk), and the junk slots are the
+# last `rows` of each channel's T, so the GEMMs leave them out as a plain strided operand. Row by row (the
+# junk slot beside each row, the GEMMs multiplying it too: a third of their work on 8x8 maps, a fifth on
+# 16x16, a ninth on 32x32), the loads and stores that meet the NCHW arrays were unit-stride; now they are
+# `rows` apart and scalar. ResNet-18, batch 32, forward / forward+backward mpnn/torch time, same process,
+# two runs each, load 2-3: 256ch 8x8 0.96, 0.86 / 0.69, 0.71 -> 0.81, 0.80 / 0.66, 0.67; 128ch 16x16
+# 0.76, 0.70 / 0.81, 0.69 -> 0.69, 0.71 / 0.70, 0.71; 64ch 32x32 a wash (0.58 / 0.60 either way).
+# Rows are split into their four column phases (4k + r), so that a tile's six columns are phases 0-3 of
+# its slot and 0-1 of the next.
 # v/m/dm/dv are (36, P) buffers: row 6a + b holds entry (a, b) of every tile's 6x6 block as a
 # (channels, T) matrix in its first channels*T elements; P is padded off a multiple of 4 KiB because
 # streams exactly 4 KiB-multiples apart all hit one L1 set (measured 4x slower).
@@ -444,25 +452,26 @@ def _constants(dtype_of):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _load_phases(src, s, dst, d, stride, lo, hi, count, offset, size):
-    """dst[d + r*stride + k] = src[s + 4k + r] for k < count, r < 4, or 0 where column 4k + r + offset
-    falls outside [0, size): a row split into its four column phases, so that later passes are unit-stride.
+def _load_phases(src, s, dst, d, stride, step, lo, hi, count, offset, size):
+    """dst[d + r*stride + k*step] = src[s + 4k + r] for k < count, r < 4, or 0 where column 4k + r + offset
+    falls outside [0, size): a row split into its four column phases, so that later passes are unit-stride
+    (step: the distance between a tile's slot and its right neighbour's, the chunk's tile rows).
     [lo, hi) is _phase_bounds(offset, size, count)."""
-    # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
-    for k in range(lo, hi):  # four loads in one loop: LLVM makes them one de-interleaving load
-        dst[uint64(d + k)] = src[uint64(s + 4 * k)]
-        dst[uint64(d + stride + k)] = src[uint64(s + 4 * k + 1)]
-        dst[uint64(d + 2 * stride + k)] = src[uint64(s + 4 * k + 2)]
-        dst[uint64(d + 3 * stride + k)] = src[uint64(s + 4 * k + 3)]
-    # edge columns: LLVM vectorizes this and the next loop on x86-64, not on aarch64 (cost model)
+    # scalar: stores `step` apart (a unit step made the four loads one de-interleaving load)
+    for k in range(lo, hi):
+        e = d + k * step
+        dst[uint64(e)] = src[uint64(s + 4 * k)]
+        dst[uint64(e + stride)] = src[uint64(s + 4 * k + 1)]
+        dst[uint64(e + 2 * stride)] = src[uint64(s + 4 * k + 2)]
+        dst[uint64(e + 3 * stride)] = src[uint64(s + 4 * k + 3)]
     for k in range(lo):
         for r in range(4):
             col = 4 * k + r + offset
-            dst[uint64(d + r * stride + k)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
+            dst[uint64(d + r * stride + k * step)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
     for k in range(hi, count):
         for r in range(4):
             col = 4 * k + r + offset
-            dst[uint64(d + r * stride + k)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
+            dst[uint64(d + r * stride + k * step)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -511,15 +520,16 @@ def _a(g, two, four, eight):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _row6(f, i, stride):
-    """The 6 columns of tile i in four phase rows stride apart: phases 0-3 of slot i, phases 0-1 of i + 1."""
+def _row6(f, i, stride, nxt):
+    """The 6 columns of tile i in four phase rows stride apart: phases 0-3 of slot i, phases 0-1 of slot
+    i + nxt (its right neighbour)."""
     return (
         f[uint64(i)],
         f[uint64(i + stride)],
         f[uint64(i + 2 * stride)],
         f[uint64(i + 3 * stride)],
-        f[uint64(i + 1)],
-        f[uint64(i + stride + 1)],
+        f[uint64(i + nxt)],
+        f[uint64(i + stride + nxt)],
     )
 
 
@@ -549,13 +559,14 @@ def _get6(f, i, stride):
 
 @njit(cache=True, fastmath=False)
 def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
-    """v[6a + b, c*T + rr*S + k] = (B^T d B)[a, b] for the 6x6 input patch d of tile (r0 + rr, k) (finite
-    values in the junk slots: their products are never read)."""
+    """v[6a + b, c*T + k*rows + rr] = (B^T d B)[a, b] for the 6x6 input patch d of tile (r0 + rr, k) (finite
+    values in the junk slots k = tiles_w, the last `rows` of each channel's T: the GEMM leaves them out)."""
     n_, c_, h_, w_ = x.shape
     slots = tiles_w + 1
+    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = c_ * t_
-    ln = size + 1
+    ln = size + sk
     xf = x.reshape(-1)
     vf = v.reshape(-1)
     p = v.shape[1]
@@ -565,26 +576,27 @@ def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
     for c in range(c_):  # channel-major, so that the rows read follow each other in memory
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
-            j0 = c * t_ + rr * slots
+            j0 = c * t_ + rr * sr
             for a in range(6):
                 ih = 4 * th - ph + a
                 d = 4 * a * ln + j0
                 if 0 <= ih < h_:
-                    _load_phases(xf, ((n * c_ + c) * h_ + ih) * w_ - pw, q, d, ln, lo, hi, slots, -pw, w_)
+                    _load_phases(xf, ((n * c_ + c) * h_ + ih) * w_ - pw, q, d, ln, sk, lo, hi, slots, -pw, w_)
                 else:
                     for r in range(4):
                         for k in range(slots):
-                            q[uint64(d + r * ln + k)] = 0.0
+                            q[uint64(d + r * ln + k * sk)] = 0.0
     for r in range(24):
-        q[r * ln + size] = 0.0
+        for k in range(sk):
+            q[r * ln + size + k] = 0.0
     for r in range(4):  # B^T down the columns, in place (one loop per phase: at most 8 store streams
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(ln):  # per loop, or LLVM gives up vectorizing for want of alias checks)
             _put6(q, r * ln + j, 4 * ln, _bt(_get6(q, r * ln + j, 4 * ln), two, four, five))
-    for a in range(6):  # then B along the rows: tile j's columns are phases 0-3 of slot j, 0-1 of j + 1
+    for a in range(6):  # then B along the rows: tile j's columns are phases 0-3 of slot j, 0-1 of j + sk
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
-            _put6(vf, 6 * a * p + j, p, _bt(_row6(q, 4 * a * ln + j, ln), two, four, five))
+            _put6(vf, 6 * a * p + j, p, _bt(_row6(q, 4 * a * ln + j, ln, sk), two, four, five))
 
 
 @njit(cache=True, fastmath=False)
@@ -592,6 +604,7 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
     """out[n, o, 4th + i, 4k + j] = (A^T M A)[i, j] + bias[o] for the chunk's tiles (clipped to out)."""
     n_, o_, oh_, ow_ = out.shape
     slots = tiles_w + 1
+    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = o_ * t_
     mf = m.reshape(-1)
@@ -614,30 +627,30 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
         bo = bias[o]
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
-            j0 = o * t_ + rr * slots
+            j0 = o * t_ + rr * sr
             for i in range(min(4, oh_ - 4 * th)):
                 row = ((n * o_ + o) * oh_ + 4 * th + i) * ow_
                 q = 6 * i * size + j0
-                # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
-                for k in range(full):
-                    z = _at(_get6(y, q + k, size), two, four, eight)
+                for k in range(full):  # scalar: slots sk apart in y
+                    z = _at(_get6(y, q + k * sk, size), two, four, eight)
                     of[uint64(row + 4 * k)] = z[0] + bo
                     of[uint64(row + 4 * k + 1)] = z[1] + bo
                     of[uint64(row + 4 * k + 2)] = z[2] + bo
                     of[uint64(row + 4 * k + 3)] = z[3] + bo
                 if full < tiles_w:
-                    z = _at(_get6(y, q + full, size), two, four, eight)
+                    z = _at(_get6(y, q + full * sk, size), two, four, eight)
                     for r in range(ow_ - 4 * full):
                         of[uint64(row + 4 * full + r)] = z[r] + bo
 
 
 @njit(cache=True, fastmath=False)
 def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
-    """dm[6a + b, o*T + rr*S + k] = (A dY A^T)[a, b] for tile (r0 + rr, k)'s 4x4 output gradient dY (0 past
+    """dm[6a + b, o*T + slot(rr, k)] = (A dY A^T)[a, b] for tile (r0 + rr, k)'s 4x4 output gradient dY (0 past
     the edge, and in the junk slots). Entry 7 = (1, 1) is the sum of the tile's dY, so the bias gradient
     is the sum of the float64 sums[o, :] that it is also added into."""
     n_, o_, oh_, ow_ = g.shape
     slots = tiles_w + 1
+    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = o_ * t_
     gf = g.reshape(-1)
@@ -649,16 +662,16 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     for o in range(o_):
         for rr in range(rows):
             n, th = divmod(r0 + rr, tiles_h)
-            j0 = o * t_ + rr * slots
+            j0 = o * t_ + rr * sr
             for i in range(4):
                 oh = 4 * th + i
                 d = 4 * i * size + j0
                 if oh < oh_:  # slot tiles_w reads past the row: 0, the junk slot
-                    _load_phases(gf, ((n * o_ + o) * oh_ + oh) * ow_, q, d, size, lo, hi, slots, 0, ow_)
+                    _load_phases(gf, ((n * o_ + o) * oh_ + oh) * ow_, q, d, size, sk, lo, hi, slots, 0, ow_)
                 else:
                     for r in range(4):
                         for k in range(slots):
-                            q[uint64(d + r * size + k)] = 0.0
+                            q[uint64(d + r * size + k * sk)] = 0.0
     # A along the rows into z, then down the columns (measured: recomputing z inside the column pass, or
     # the columns first, was no faster)
     z = np.empty(24 * size, g.dtype)  # z[(6i + b)*size + j] = (dY A^T)[i, b]
@@ -713,29 +726,31 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
     positions in the padding are dropped). dv's junk slots must be 0."""
     n_, c_, h_, w_ = dx.shape
     slots = tiles_w + 1
+    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = c_ * t_
-    ln = size + 1
+    ln = size + sk
     vf = dv.reshape(-1)
     xf = dx.reshape(-1)
     p = dv.shape[1]
     two, four, five, _ = _constants(dv)
-    # y[(6a + b)*ln + 1 + j] = (B dV)[a, b] of slot j and y[.. + 0] = 0, so that slot j - 1 is always
-    # readable (0 before a row's first slot: the junk slot ahead of it, or the start)
+    # y[(6a + b)*ln + sk + j] = (B dV)[a, b] of slot j and y[.. + 0 .. sk] = 0, so that slot j - sk (the
+    # left neighbour) is always readable (0 before a row's first slot: a junk slot, or the start)
     y = np.empty(36 * ln, dv.dtype)
     for b in range(36):
-        y[b * ln] = 0.0
+        for k in range(sk):
+            y[b * ln + k] = 0.0
     for b in range(6):  # B down the columns
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):
-            _put6(y, b * ln + 1 + j, 6 * ln, _b(_get6(vf, b * p + j, 6 * p), two, four, five))
+            _put6(y, b * ln + sk + j, 6 * ln, _b(_get6(vf, b * p + j, 6 * p), two, four, five))
     acc = np.empty(4 * size, dv.dtype)
     lo, hi = _phase_bounds(-pw, w_, slots)
     for a in range(6):
         r = 6 * a * ln
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for j in range(size):  # B along the row: column phase b of slot j gets tile j's entry b and,
-            cur = _b(_get6(y, r + 1 + j, ln), two, four, five)  # for b < 2, tile j - 1's entry b + 4
+            cur = _b(_get6(y, r + sk + j, ln), two, four, five)  # for b < 2, tile j - sk's entry b + 4
             prev = _get6(y, r + j, ln)
             acc[uint64(j)] = cur[0] + (prev[0] + prev[1] + prev[2] + prev[3] + prev[4])
             acc[uint64(size + j)] = cur[1] + prev[5]
@@ -747,35 +762,35 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
                 ih = 4 * th - ph + a
                 if ih < 0 or ih >= h_:
                     continue
-                j0 = c * t_ + rr * slots
+                j0 = c * t_ + rr * sr
                 row = ((n * c_ + c) * h_ + ih) * w_ - pw
-                # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
-                for k in range(lo, hi):  # four phases in one loop: one interleaving store
-                    xf[uint64(row + 4 * k)] += acc[uint64(j0 + k)]
-                    xf[uint64(row + 4 * k + 1)] += acc[uint64(size + j0 + k)]
-                    xf[uint64(row + 4 * k + 2)] += acc[uint64(2 * size + j0 + k)]
-                    xf[uint64(row + 4 * k + 3)] += acc[uint64(3 * size + j0 + k)]
-                # edge columns: LLVM vectorizes this and the next loop on x86-64, not on aarch64 (cost model)
-                for k in range(lo):
+                for k in range(lo, hi):  # four phases in one loop; slots sk apart in acc
+                    e = j0 + k * sk
+                    xf[uint64(row + 4 * k)] += acc[uint64(e)]
+                    xf[uint64(row + 4 * k + 1)] += acc[uint64(size + e)]
+                    xf[uint64(row + 4 * k + 2)] += acc[uint64(2 * size + e)]
+                    xf[uint64(row + 4 * k + 3)] += acc[uint64(3 * size + e)]
+                for k in range(lo):  # edge columns
                     for b in range(4):
                         if 0 <= 4 * k + b - pw < w_:
-                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k)]
+                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k * sk)]
                 for k in range(hi, slots):
                     for b in range(4):
                         if 0 <= 4 * k + b - pw < w_:
-                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k)]
+                            xf[uint64(row + 4 * k + b)] += acc[uint64(b * size + j0 + k * sk)]
 
 
 @njit(cache=True, fastmath=False)
 def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
     """The input transform in (36, T, C) layout (channels innermost), for dU = dM @ V^T as a plain
-    (non-transposed) GEMM: vt[6a + b, rr*S + k, c] = (B^T d B)[a, b] of tile (r0 + rr, k), channel c.
+    (non-transposed) GEMM: vt[6a + b, slot(rr, k), c] = (B^T d B)[a, b] of tile (r0 + rr, k), channel c.
     Each tile row's 6 input rows are staged split into column phases with channels innermost,
     stage[a, r, slot, c] = padded input (row a, column 4*slot + r), so that both passes of the transform
     run as long unit-stride loops over (slot, channel) (loops over the 32 channels of one tile were
     2.5x slower)."""
     n_, c_, h_, w_ = x.shape
     slots = tiles_w + 1
+    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
     p = vt.shape[1]
     tf = vt.reshape(-1)
     xf = x.reshape(-1)
@@ -802,21 +817,22 @@ def winograd_input_t(x, ph, pw, tiles_h, tiles_w, r0, rows, vt):
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
         for i in range(row):  # B^T down the rows, in place
             _put6(stage, i, row, _bt(_get6(stage, i, row), two, four, five))
-        t = rr * phase
         for a in range(6):  # then B along the row: tile k's columns are phases 0-3 of slot k, 0-1 of k + 1
-            s = a * row
-            # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
-            for m in range(tiles_w * c_):
-                d = (
-                    stage[uint64(s + m)],
-                    stage[uint64(s + phase + m)],
-                    stage[uint64(s + 2 * phase + m)],
-                    stage[uint64(s + 3 * phase + m)],
-                    stage[uint64(s + c_ + m)],
-                    stage[uint64(s + phase + c_ + m)],
-                )
-                _put6(tf, 6 * a * p + t + m, p, _bt(d, two, four, five))
-        t += tiles_w * c_  # the junk slot
+            for k in range(tiles_w):
+                s = a * row + k * c_
+                t = (k * sk + rr * sr) * c_  # row slot(rr, k) of vt
+                # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
+                for m in range(c_):
+                    d = (
+                        stage[uint64(s + m)],
+                        stage[uint64(s + phase + m)],
+                        stage[uint64(s + 2 * phase + m)],
+                        stage[uint64(s + 3 * phase + m)],
+                        stage[uint64(s + c_ + m)],
+                        stage[uint64(s + phase + c_ + m)],
+                    )
+                    _put6(tf, 6 * a * p + t + m, p, _bt(d, two, four, five))
+        t = (tiles_w * sk + rr * sr) * c_  # the junk slot
         for i in range(36):
             for c in range(c_):
                 tf[uint64(i * p + t + c)] = 0.0

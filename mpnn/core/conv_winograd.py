@@ -120,8 +120,11 @@ def _winograd_forward(x4, u, b, ph, pw, out, tiles):
             height, t = rows, rows * (tiles_w + 1)
             vbuf, v = _winograd_buffer("v", c, t, x4.dtype)
             mbuf, m = _winograd_buffer("m", o, t, x4.dtype)
+            # the junk slots are the last `rows` of each channel's T (conv_kernels): the GEMM leaves them out
+            real = rows * tiles_w
+            m[:, :, real:] = 0.0  # never read for an output; kept finite
         K.winograd_input(x4, ph, pw, tiles_h, tiles_w, r0, rows, vbuf)
-        np.matmul(u, v, out=m)
+        np.matmul(u, v[:, :, :real], out=m[:, :, :real])
         K.winograd_output(mbuf, bias, tiles_h, tiles_w, r0, rows, out)
 
 
@@ -147,18 +150,21 @@ def _winograd_backward(g4, x4, u, ph, pw, tiles, need_x, need_w, need_b):
             dmbuf, dm = _winograd_buffer("dm", o, t, dtype)
             vtbuf, vt = _winograd_buffer("v", t, c, dtype)  # (36, T, C): channels innermost
             dvbuf, dv = _winograd_buffer("dv", c, t, dtype)
+            real = rows * tiles_w  # the GEMMs leave out the junk slots (the last `rows` of T)
+            dv[:, :, real:] = 0.0  # winograd_grad_input reads them as zeros
         K.winograd_grad_output(g4, tiles_h, tiles_w, r0, rows, dmbuf, sums)
+        dmr = dm[:, :, :real]
         if need_w:
             # V^T laid out (T, C) makes dM @ V^T a plain NN product: OpenBLAS ran it at ~160-175 GFLOP/s
             # against ~90 for the NT product on a (C, T) layout (measured, 100-130-tile chunks)
             K.winograd_input_t(x4, ph, pw, tiles_h, tiles_w, r0, rows, vtbuf)
             if r0 == 0:
-                np.matmul(dm, vt, out=du)
+                np.matmul(dmr, vt[:, :real], out=du)
             else:
-                np.matmul(dm, vt, out=part)
+                np.matmul(dmr, vt[:, :real], out=part)
                 du += part
         if need_x:
-            np.matmul(ut, dm, out=dv)
+            np.matmul(ut, dmr, out=dv[:, :, :real])
             K.winograd_grad_input(dvbuf, ph, pw, tiles_h, tiles_w, r0, rows, dx)
     dw = _winograd_weight_grad(du) if need_w else None
     return dx, dw, (sums.sum(axis=1).astype(dtype) if need_b else None)
