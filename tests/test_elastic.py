@@ -39,12 +39,24 @@ def context():
     ctx.destroy(linger=0)
 
 
-def _store_and_agents(context, nnodes=2, max_restarts=1, rdzv_timeout=20.0, silent_s=10.0, min_nodes=None):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    nodes = (min_nodes or nnodes, nnodes)
-    store = Store(context, address, "run-a", SECRET, nodes, max_restarts, rdzv_timeout, silent_s, last_call_s=1.0)
-    agents = [Agent(context, address, "run-a", SECRET, node, rdzv_timeout) for node in range(nnodes)]
-    return address, store, agents
+@pytest.fixture
+def made(context):
+    """make(...) -> (address, store, agents) of one run's store and its agents, all closed after the test."""
+    opened = []
+
+    def make(nnodes=2, max_restarts=1, rdzv_timeout=20.0, silent_s=10.0, min_nodes=None):
+        address = f"tcp://127.0.0.1:{free_port()}"
+        nodes = (min_nodes or nnodes, nnodes)
+        store = Store(context, address, "run-a", SECRET, nodes, max_restarts, rdzv_timeout, silent_s, last_call_s=1.0)
+        agents = [Agent(context, address, "run-a", SECRET, node, rdzv_timeout) for node in range(nnodes)]
+        opened.append((store, agents))
+        return address, store, agents
+
+    yield make
+    for store, agents in opened:
+        for agent in agents:
+            agent.close()
+        store.close(wait_s=0)
 
 
 def _never():
@@ -66,211 +78,168 @@ def _join_all(agents, offers):
     return gos
 
 
-def test_a_failure_anywhere_stops_every_node_and_the_next_round_resumes_from_the_common_checkpoint(context):
-    _, store, agents = _store_and_agents(context)
-    try:
-        gos = _join_all(agents, [{}, {}])
-        assert [g["round"] for g in gos] == [0, 0] and [g["resume"] for g in gos] == [None, None]
-        agents[1].report_failed(3, 4242, "killed by SIGKILL")
-        stops = [agent.verdict(_never) for agent in agents]
-        failed = {"node": 1, "rank": 3, "pid": 4242, "how": "killed by SIGKILL"}
-        stop = {"round": 0, "next": True, "restart": 1, "failed": failed, "joined": None}
-        assert stops == [("STOP", stop)] * 2
-        agents[0].report_failed(0, 99, "exited with code 1")  # a consequence, reported late: ignored
-        for agent in agents:
-            agent.round = 1
-        offers = [
-            {"step-00000900": "c", "step-00000500": "a", "step-00000400": "b"},
-            {"step-00000500": "a", "step-00000400": "b"},
-        ]
-        gos = _join_all(agents, offers)
-        passed_over = ["step-00000900: node(s) [1] cannot verify it"]
-        go = {"round": 1, "resume": "step-00000500", "passed_over": passed_over, "nodes": [0, 1]}
-        assert gos == [go, go]
-        agents[0].report_done()
-        assert agents[0].receive(0.5) is None  # the run is over only when every node is done
-        agents[1].report_done()
-        assert [agent.verdict(_never) for agent in agents] == [("END", {})] * 2
-        store.close()
-        assert store.ended == "end"
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
+def test_a_failure_anywhere_stops_every_node_and_the_next_round_resumes_from_the_common_checkpoint(made):
+    _, store, agents = made()
+    gos = _join_all(agents, [{}, {}])
+    assert [g["round"] for g in gos] == [0, 0] and [g["resume"] for g in gos] == [None, None]
+    agents[1].report_failed(3, 4242, "killed by SIGKILL")
+    stops = [agent.verdict(_never) for agent in agents]
+    failed = {"node": 1, "rank": 3, "pid": 4242, "how": "killed by SIGKILL"}
+    stop = {"round": 0, "next": True, "restart": 1, "failed": failed, "joined": None}
+    assert stops == [("STOP", stop)] * 2
+    agents[0].report_failed(0, 99, "exited with code 1")  # a consequence, reported late: ignored
+    for agent in agents:
+        agent.round = 1
+    offers = [
+        {"step-00000900": "c", "step-00000500": "a", "step-00000400": "b"},
+        {"step-00000500": "a", "step-00000400": "b"},
+    ]
+    gos = _join_all(agents, offers)
+    passed_over = ["step-00000900: node(s) [1] cannot verify it"]
+    go = {"round": 1, "resume": "step-00000500", "passed_over": passed_over, "nodes": [0, 1]}
+    assert gos == [go, go]
+    agents[0].report_done()
+    assert agents[0].receive(0.5) is None  # the run is over only when every node is done
+    agents[1].report_done()
+    assert [agent.verdict(_never) for agent in agents] == [("END", {})] * 2
+    store.close()
+    assert store.ended == "end"
 
 
-def test_no_restart_left_is_a_final_stop(context):
-    _, store, agents = _store_and_agents(context, max_restarts=0)
-    try:
-        _join_all(agents, [{}, {}])
-        agents[0].report_failed(0, 7, "exited with code 3")
-        assert agents[1].verdict(_never) == (
-            "STOP",
-            {
-                "round": 0,
-                "next": False,
-                "restart": None,
-                "failed": {"node": 0, "rank": 0, "pid": 7, "how": "exited with code 3"},
-                "joined": None,
+def test_no_restart_left_is_a_final_stop(made):
+    _, store, agents = made(max_restarts=0)
+    _join_all(agents, [{}, {}])
+    agents[0].report_failed(0, 7, "exited with code 3")
+    assert agents[1].verdict(_never) == (
+        "STOP",
+        {
+            "round": 0,
+            "next": False,
+            "restart": None,
+            "failed": {"node": 0, "rank": 0, "pid": 7, "how": "exited with code 3"},
+            "joined": None,
+        },
+    )
+    store.close()
+    assert store.ended == "stop"
+
+
+def test_a_node_that_does_not_rejoin_fails_the_run_naming_it(made):
+    _, store, agents = made(rdzv_timeout=1.0)
+    _join_all(agents, [{}, {}])
+    agents[1].report_failed(1, 5, "killed by SIGTERM")
+    for agent in agents:
+        assert agent.verdict(_never)[0] == "STOP"
+        agent.round = 1
+    started = time.monotonic()
+    with pytest.raises(
+        AgentAbort,
+        match=r"node\(s\) \[1\] did not join round 1 within --rdzv-timeout 1 s "
+        r"\(node\(s\) \[0\] did; the run needs every node\)",
+    ):
+        agents[0].join(dict, _never)
+    assert time.monotonic() - started < 5
+
+
+def test_a_silent_launcher_stops_the_round_naming_its_node(made):
+    _, store, agents = made(silent_s=1.0)
+    _join_all(agents, [{}, {}])
+    agents[1].close()  # node 1's launcher is gone: no more heartbeats
+    verdict = None
+    deadline = time.monotonic() + 10
+    while verdict is None and time.monotonic() < deadline:
+        verdict = agents[0].receive(0.2)
+    assert verdict == (
+        "STOP",
+        {
+            "round": 0,
+            "next": True,
+            "restart": 1,
+            "failed": {
+                "node": 1,
+                "rank": None,
+                "pid": None,
+                "how": "was lost with its launcher, which went silent (1 s without a heartbeat)",
             },
-        )
-        store.close()
-        assert store.ended == "stop"
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
+            "joined": None,
+        },
+    )
 
 
-def test_a_node_that_does_not_rejoin_fails_the_run_naming_it(context):
-    _, store, agents = _store_and_agents(context, rdzv_timeout=1.0)
-    try:
-        _join_all(agents, [{}, {}])
-        agents[1].report_failed(1, 5, "killed by SIGTERM")
-        for agent in agents:
-            assert agent.verdict(_never)[0] == "STOP"
-            agent.round = 1
-        started = time.monotonic()
-        with pytest.raises(
-            AgentAbort,
-            match=r"node\(s\) \[1\] did not join round 1 within --rdzv-timeout 1 s "
-            r"\(node\(s\) \[0\] did; the run needs every node\)",
-        ):
-            agents[0].join(dict, _never)
-        assert time.monotonic() - started < 5
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
-
-
-def test_a_silent_launcher_stops_the_round_naming_its_node(context):
-    _, store, agents = _store_and_agents(context, silent_s=1.0)
-    try:
-        _join_all(agents, [{}, {}])
-        agents[1].close()  # node 1's launcher is gone: no more heartbeats
-        verdict = None
-        deadline = time.monotonic() + 10
-        while verdict is None and time.monotonic() < deadline:
-            verdict = agents[0].receive(0.2)
-        assert verdict == (
-            "STOP",
-            {
-                "round": 0,
-                "next": True,
-                "restart": 1,
-                "failed": {
-                    "node": 1,
-                    "rank": None,
-                    "pid": None,
-                    "how": "was lost with its launcher, which went silent (1 s without a heartbeat)",
-                },
-                "joined": None,
-            },
-        )
-    finally:
-        agents[0].close()
-        store.close(wait_s=0)
-
-
-def test_a_leaving_node_ends_the_run_on_every_other(context):
-    _, store, agents = _store_and_agents(context)
-    try:
-        _join_all(agents, [{}, {}])
-        agents[0].leave("node 0's launcher got SIGTERM")
-        with pytest.raises(AgentAbort, match="node 0 left the run: node 0's launcher got SIGTERM"):
-            agents[1].verdict(_never)
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
+def test_a_leaving_node_ends_the_run_on_every_other(made):
+    _, store, agents = made()
+    _join_all(agents, [{}, {}])
+    agents[0].leave("node 0's launcher got SIGTERM")
+    with pytest.raises(AgentAbort, match="node 0 left the run: node 0's launcher got SIGTERM"):
+        agents[1].verdict(_never)
 
 
 def test_a_silent_store_ends_the_agents_wait(context):
     address = f"tcp://127.0.0.1:{free_port()}"
     store = Store(context, address, "run-a", SECRET, (1, 1), 0, 20.0)
     agent = Agent(context, address, "run-a", SECRET, 0, 20.0, silent_s=1.0)
-    try:
-        assert agent.receive(0.5) is None  # a PONG proves the store lives
-        store._closing.set()  # the store's launcher is gone
-        store.close(wait_s=0)
-        with pytest.raises(
-            AgentAbort, match=r"the agents' store at tcp://127.0.0.1:\d+ \(node 0's launcher\) went silent"
-        ):
-            agent.receive(5.0)
-    finally:
-        agent.close()
+    assert agent.receive(0.5) is None  # a PONG proves the store lives
+    store._closing.set()  # the store's launcher is gone
+    store.close(wait_s=0)
+    with pytest.raises(AgentAbort, match=r"the agents' store at tcp://127.0.0.1:\d+ \(node 0's launcher\) went silent"):
+        agent.receive(5.0)
+    agent.close()
 
 
-def test_without_the_secret_nobody_speaks_to_the_store(context):
+def test_without_the_secret_nobody_speaks_to_the_store(made, context):
     """A stranger (another secret), and a node rank the store does not admit, get no answer; a raw TCP client that
     writes garbage disturbs nothing; the real agents still run their round."""
-    address, store, agents = _store_and_agents(context)
+    address, store, agents = made()
     stranger = Agent(context, address, "run-a", b"x" * 32, 1, 20.0)
     outsider = Agent(context, address, "run-a", SECRET, 5, 20.0)  # the secret, but no node 5 in this run
-    try:
-        host, port = address.removeprefix("tcp://").split(":")
-        with socket.create_connection((host, int(port)), timeout=5) as raw:
-            raw.sendall(b"\xff" * 4096)
-        for intruder in (stranger, outsider):
-            intruder._send("JOIN", checkpoints={})
-            intruder._send("LEAVE", why="forged")
-            assert intruder.receive(1.0) is None
-        gos = _join_all(agents, [{}, {}])
-        assert [g["round"] for g in gos] == [0, 0]
-    finally:
-        for agent in (*agents, stranger, outsider):
-            agent.close()
-        store.close(wait_s=0)
+    host, port = address.removeprefix("tcp://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(b"\xff" * 4096)
+    for intruder in (stranger, outsider):
+        intruder._send("JOIN", checkpoints={})
+        intruder._send("LEAVE", why="forged")
+        assert intruder.receive(1.0) is None
+    gos = _join_all(agents, [{}, {}])
+    assert [g["round"] for g in gos] == [0, 0]
 
 
-def test_min_max_a_round_starts_with_enough_nodes_and_a_late_node_grows_the_world(context):
+def test_min_max_a_round_starts_with_enough_nodes_and_a_late_node_grows_the_world(made):
     """--nnodes 1:3: node 0 alone starts round 0 after the last call; node 2 joining stops it without using a
     restart (max_restarts 0), is asked AGAIN with a fresh offer, and round 1 runs on nodes [0, 2]."""
-    _, store, agents = _store_and_agents(context, nnodes=3, min_nodes=1, max_restarts=0)
-    try:
-        started = time.monotonic()
-        (go,) = _join_all(agents[:1], [{}])
-        assert go == {"round": 0, "resume": None, "passed_over": [], "nodes": [0]}
-        assert time.monotonic() - started >= 0.9  # the last call (1 s here) for more nodes
-        agents[2]._send("JOIN", checkpoints={"step-00000005": "old"})  # its offer now: stale by the next round
-        assert agents[0].verdict(_never) == (
-            "STOP",
-            {"round": 0, "next": True, "restart": None, "failed": None, "joined": 2},
-        )
-        gos = {}
+    _, store, agents = made(nnodes=3, min_nodes=1, max_restarts=0)
+    started = time.monotonic()
+    (go,) = _join_all(agents[:1], [{}])
+    assert go == {"round": 0, "resume": None, "passed_over": [], "nodes": [0]}
+    assert time.monotonic() - started >= 0.9  # the last call (1 s here) for more nodes
+    agents[2]._send("JOIN", checkpoints={"step-00000005": "old"})  # its offer now: stale by the next round
+    assert agents[0].verdict(_never) == (
+        "STOP",
+        {"round": 0, "next": True, "restart": None, "failed": None, "joined": 2},
+    )
+    gos = {}
 
-        def join(node):
-            gos[node] = agents[node].join(lambda: {"step-00000010": "h", "step-00000005": "old"}, _never)
+    def join(node):
+        gos[node] = agents[node].join(lambda: {"step-00000010": "h", "step-00000005": "old"}, _never)
 
-        agents[0].round = 1
-        threads = [threading.Thread(target=join, args=(node,)) for node in (0, 2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=20)
-        expected = {"round": 1, "resume": "step-00000010", "passed_over": [], "nodes": [0, 2]}
-        assert gos == {0: expected, 2: expected} and agents[2].round == 1
-        agents[2].report_failed(1, 11, "exited with code 2")  # growing used no restart; this failure has none left
-        assert agents[0].verdict(_never)[1]["next"] is False
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
+    agents[0].round = 1
+    threads = [threading.Thread(target=join, args=(node,)) for node in (0, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    expected = {"round": 1, "resume": "step-00000010", "passed_over": [], "nodes": [0, 2]}
+    assert gos == {0: expected, 2: expected} and agents[2].round == 1
+    agents[2].report_failed(1, 11, "exited with code 2")  # growing used no restart; this failure has none left
+    assert agents[0].verdict(_never)[1]["next"] is False
 
 
-def test_min_max_the_round_waits_for_node_0(context):
+def test_min_max_the_round_waits_for_node_0(made):
     """--nnodes 1:2 with only node 1 up: no round without node 0 (rank 0 and the store live there)."""
-    _, store, agents = _store_and_agents(context, nnodes=2, min_nodes=1, rdzv_timeout=2.0)
-    try:
-        with pytest.raises(
-            AgentAbort, match=r"node\(s\) \[0\] did not join round 0 .* the run needs 1 node\(s\), node 0 among"
-        ):
-            agents[1].join(dict, _never)
-    finally:
-        for agent in agents:
-            agent.close()
-        store.close(wait_s=0)
+    _, store, agents = made(nnodes=2, min_nodes=1, rdzv_timeout=2.0)
+    with pytest.raises(
+        AgentAbort, match=r"node\(s\) \[0\] did not join round 0 .* the run needs 1 node\(s\), node 0 among"
+    ):
+        agents[1].join(dict, _never)
 
 
 def test_common_checkpoint_needs_one_manifest_on_every_node():
