@@ -17,7 +17,8 @@ elastic agent does. Every node's launcher is an agent; node 0's also runs the st
                                                 left, or the store saw a protocol error
 
 The ROUTER is a CURVE server whose ZAP handler admits only the agents' keys, each derived from the run's shared
-secret and the node rank (a message's user id is its node: no node can speak for another); the agents trust only
+secret and the node rank (a message's user id is the node whose key spoke; every holder of the secret can derive
+every key, so this tells nodes apart, it does not guard one from another); the agents trust only
 the store's key, derived alike. A stranger fails the handshake before a message is read; only JSON is parsed.
 Liveness both ways: the store stops a round whose agent is silent for SILENT_S (its launcher was killed: the
 workers there die with it, by its guardian), and an agent whose store is silent as long ends the run."""
