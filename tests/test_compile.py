@@ -173,6 +173,9 @@ UNARY = [
     "transpose_contiguous",
 ]
 BINARY = ["add", "sub", "mul", "div_safe", "linear", "attention", "attention_causal"]
+# comparisons (made off the tape, recorded with a replay form), float casts, where, masked_fill, matmul, cat: in the
+# bit-for-bit chains only (the fused-loss test keeps its own draws)
+MORE = ["mask_gt", "where_mask", "masked_fill", "matmul", "cat", "where_ab"]
 
 
 def _apply(kind, a, b, lin):
@@ -211,6 +214,18 @@ def _apply(kind, a, b, lin):
         return nn.functional.scaled_dot_product_attention(a, b, b)
     if kind == "attention_causal":
         return nn.functional.scaled_dot_product_attention(a, b, a, is_causal=True)
+    if kind == "mask_gt":  # a comparison (recorded off the tape, replayed) cast to float: a ReLU-like mask
+        return a * (a > 0.1).float()
+    if kind == "where_mask":
+        return mpnn.where(a > 0, a, a * 0.5)
+    if kind == "masked_fill":
+        return a.masked_fill(a < -0.5, 0.25)
+    if kind == "matmul":
+        return (a @ b.transpose(0, 1)) @ b * 0.1
+    if kind == "cat":
+        return mpnn.cat([a[:, :2], b[:, 2:]], dim=1)
+    if kind == "where_ab":
+        return mpnn.where(a >= b, a, b)
     if kind == "add":
         return a + b
     if kind == "sub":
@@ -226,6 +241,9 @@ def _apply(kind, a, b, lin):
 
 chains = st.lists(
     st.tuples(st.sampled_from(UNARY + BINARY), st.integers(0, 100), st.integers(0, 100)), min_size=1, max_size=10
+)
+chains_more = st.lists(
+    st.tuples(st.sampled_from(UNARY + BINARY + MORE), st.integers(0, 100), st.integers(0, 100)), min_size=1, max_size=10
 )
 
 
@@ -266,11 +284,15 @@ def _run_chain(recipe, compiled, steps=3, ce=False):
     return got, [p.data.copy() for p in params], fn
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
-@given(chains)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(chains_more)
 def test_random_op_chains_replay_equal_eager(recipe):
     """Chains of the ops that replay with eager's kernels (linear + ReLU fused into one pass that does the same
     float operations): the same bits, forward, gradients and Adam's updates."""
+    _assert_chain_replays_bit_for_bit(recipe)
+
+
+def _assert_chain_replays_bit_for_bit(recipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileWarning)  # every op here has a replay form
         got_e, params_e, _ = _run_chain(recipe, False)
@@ -285,6 +307,13 @@ def test_random_op_chains_replay_equal_eager(recipe):
                 np.testing.assert_array_equal(a, b)
     for a, b in zip(params_e, params_c):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", MORE)
+def test_comparison_where_cat_matmul_forms_replay_bit_for_bit(kind):
+    """Each form the random chains may draw rarely, in a fixed chain: comparisons (new inputs every step, so a
+    mask frozen at capture would show), float casts of masks, where, masked_fill, matmul, cat."""
+    _assert_chain_replays_bit_for_bit([("tanh", 0, 0), (kind, 3, 1), (kind, 4, 0), ("relu", 5, 2), (kind, 6, 3)])
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -1403,3 +1432,60 @@ def test_batch_norm_1d_replays_its_running_statistics(momentum, shape):
         compiled = _batch_norm_run(shape, momentum, affine, True, xs)
         for a, b in zip(eager, compiled):
             assert a.tobytes() == b.tobytes()
+
+
+def test_comparison_masks_follow_the_inputs():
+    """``x > 0`` makes its result off the tape: the recorder replays it (it used to stay the capture's mask, and the
+    replayed loss and gradient were silently wrong)."""
+    w = nn.Parameter(mpnn.ones(4))
+
+    def step(x):
+        m = x > 0
+        loss = (w * x * m).sum() + mpnn.where(x < 0, w, w * 2.0).sum() + (w * (x == 1.0).float()).sum()
+        loss.backward()
+        return loss
+
+    fn = mpnn.compile(step)
+    for v in ([1, -1, 1, -1], [-1, 1, -1, 1], [1, 1, 1, 1], [-2, -2, 0, 3]):
+        x = mpnn.from_numpy(np.array(v, np.float32))
+        w.grad = None  # (outside the step: a Python assignment inside it would run at capture only)
+        got, grad = fn(x).data.copy(), w.grad.data.copy()
+        w.grad = None
+        want = step(x).data
+        assert got.tobytes() == want.tobytes() and grad.tobytes() == w.grad.data.tobytes()
+    assert fn.eager_reason is None and fn.stats["hits"] == 3
+
+
+@pytest.mark.parametrize("make", ["argmax", "sign", "int_cast", "returned"])
+def test_tensors_made_off_the_tape_from_values_run_eagerly(make):
+    """argmax, sign, integer casts (results made from tensor values outside the tape, with no replay form): a step
+    that uses or returns one runs eagerly after one warning naming the op and line, with eager's values."""
+    w = nn.Parameter(mpnn.ones(3, 4))
+
+    def step(x):
+        h = x * w
+        if make == "argmax":
+            extra = (h.argmax(1) == 2).float().sum()
+        elif make == "sign":
+            extra = (h * h.sign()).sum()
+        elif make == "int_cast":
+            extra = (h.to(mpnn.int64) > 0).float().sum()
+        else:
+            extra = None
+        loss = (h * h).sum() if extra is None else (h * h).sum() + extra
+        loss.backward()
+        return (loss, h.argmax(1)) if make == "returned" else loss
+
+    fn = mpnn.compile(step)
+    rng = np.random.default_rng(2)
+    with pytest.warns(CompileWarning, match="off the tape"):
+        fn(mpnn.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)))
+    assert fn.eager_reason is not None and "off the tape" in fn.eager_reason
+    for _ in range(2):
+        x = mpnn.from_numpy(rng.standard_normal((3, 4)).astype(np.float32))
+        got = fn(x)
+        want = step(x)
+        if make == "returned":
+            assert got[1].data.tobytes() == want[1].data.tobytes()
+            got, want = got[0], want[0]
+        assert got.data.tobytes() == want.data.tobytes()

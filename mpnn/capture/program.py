@@ -48,6 +48,9 @@ class Program:
         if rec.unsupported is not None:
             what, where = rec.unsupported
             raise CaptureError(f"{what} at {where}")
+        for r in rec.ops if rec.derived else ():
+            for p in r.parents:
+                _refuse_derived(rec, p)
         produced = rec.produced
         proxy_ids = {id(p) for _, p in proxies}
         externals = {}
@@ -206,6 +209,7 @@ class Program:
     def _spec(self, result, rec):
         """How to rebuild fn's return value from the arena: copies of computed tensors, the rest as they were."""
         if isinstance(result, Tensor):
+            _refuse_derived(rec, result)
             if (
                 id(result) in rec.produced
                 or id(result) in rec.side_results
@@ -256,6 +260,15 @@ def transfer_input_grads(grad_inputs, args):
         if g is not None:
             proxy.grad = None
             accumulate_leaf(args[i], g.data)
+
+
+def _refuse_derived(rec, t):
+    d = rec.derived.get(id(t))
+    if d is not None:
+        raise CaptureError(
+            f"{d[0]!r} at {d[1]} makes a tensor off the tape from tensor values (argmax, sign, an integer cast, "
+            "index results, ...) that the step then uses or returns: replay would keep its first value"
+        )
 
 
 def _bind(fn, obj, a, k):

@@ -30,6 +30,12 @@ from .replay import REPLAY, OpRecord, Unsupported
 
 _MPNN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _READS = ("item", "__bool__", "__float__", "__int__", "numpy", "tolist", "__array__")
+_CORE_DIR = os.path.join(_MPNN_DIR, "core") + os.sep
+# core modules whose ops make tensors off the tape from other tensors' values (comparisons, sign, integer casts,
+# argmax and the index results of max/min/sort/topk/max_pool): replay must recompute or refuse them
+_DERIVING = frozenset(os.path.join(_CORE_DIR, f) for f in ("elementwise.py", "reduce.py", "indexing.py", "pool.py"))
+_FROM_ARRAY = tensor_base.from_array.__code__
+_MAKE_RESULT = tensor_base.make_result.__code__
 
 
 def user_line(depth: int = 2) -> str:
@@ -56,6 +62,8 @@ class Recorder:
         self.quiet = 0  # > 0 inside an optimizer step or zero_grad
         self.step_bumps: dict[int, int] = {}  # id(tensor) -> version bumps made by recorded optimizer steps
         self.side_results: set[int] = set()  # ids of tensors a recorded call returns (refreshed at each replay)
+        self.derived: dict[int, tuple[str, str]] = {}  # id(tensor) -> (op, where): made off the tape, not replayable
+        self.derived_arrays: set[int] = set()  # their arrays' ids (where() reads its condition as an array)
         self._saved = {}
         self._handle = None
         self._pre_versions = None
@@ -86,12 +94,51 @@ class Recorder:
         except (Unsupported, KeyError) as exc:
             self.unsupported = (f"op {op!r} ({exc})", user_line(3))
             return
+        if op == "where" and id(rec.locals.get("cond")) in self.derived_arrays:
+            self.unsupported = ("op 'where' (its condition was made off the tape)", user_line(3))
+            return
         rec.locals = None  # what the builder needed it has taken
         self.produced[id(t)] = len(self.ops)
         self.ops.append(rec)
         self.events.append(("op", rec))
         self.keep.append(t)
         self.keep.extend(parents)
+
+    # ----- tensors made off the tape --------------------------------------------------------------------------
+    def on_tensor(self, t):
+        """Every tensor made while recording passes here (tensor_base.init_slots). Tape results are on_result's.
+        One made off the tape by a core op from other tensors' values would be a constant in replay: a comparison
+        (``x > 0``, ``labels == k``) is recorded with a replay form (the same NumPy ufunc into its array); the others
+        (sign, integer casts, argmax, index results) are noted, and a step that reads or returns one is refused.
+        Factory tensors (zeros, arange, ...) depend on no tensor value and stay constants."""
+        f = sys._getframe(2)  # 0: here, 1: the init_slots wrapper, 2: from_array or make_result
+        code = f.f_code
+        if code is _MAKE_RESULT or self.quiet or threading.get_ident() != self.thread:
+            return
+        if code is _FROM_ARRAY:
+            f = f.f_back
+        if f is None or f.f_code.co_filename not in _DERIVING:
+            return
+        self.keep.append(t)
+        loc = f.f_locals
+        np_fn = loc.get("np_fn")
+        me = loc.get("self")
+        if (
+            f.f_code.co_name == "fn"
+            and isinstance(np_fn, np.ufunc)
+            and isinstance(me, Tensor)
+            and self.unsupported is None
+        ):
+            other = loc.get("other")
+            rec = _comparison(np_fn, me, other, t, self.fuse)
+            if rec is not None:
+                self.produced[id(t)] = len(self.ops)
+                self.ops.append(rec)
+                self.events.append(("op", rec))
+                self.keep.append(me)
+                return
+        self.derived[id(t)] = (f.f_code.co_name, user_line(3))
+        self.derived_arrays.add(id(t.data))
 
     # ----- gradient clipping (mpnn.nn.utils.capture_call) ---------------------------------------------------
     def on_call(self, fn, parameters, *args):
@@ -177,6 +224,15 @@ class Recorder:
 
         self._handle = hooks.register_optimizer_step_hooks(pre=self._step_pre, post=self._step_post)
         nn_utils.capture_call = self.on_call
+        init_slots = tensor_base.init_slots
+        self._saved[(tensor_base, "init_slots")] = init_slots
+        on_tensor = self.on_tensor
+
+        def recording_init_slots(t, arr, requires_grad):
+            init_slots(t, arr, requires_grad)
+            on_tensor(t)
+
+        tensor_base.init_slots = recording_init_slots
         tensor_base.capture_hook = self.on_result
         return self
 
@@ -211,3 +267,26 @@ class Recorder:
                 self.step_bumps[k] = self.step_bumps.get(k, 0) + p._ver.value - v
                 self.keep.append(p)
             self._pre_versions = None
+
+
+def _comparison(np_fn, a, other, t, fuse):
+    """The OpRecord of a comparison ``a <op> other`` (a tensor against a tensor or a Python number) whose result
+    ``t`` is an array it can be written into again, or None."""
+    o = t.data
+    if type(o) is not np.ndarray or not o.flags.writeable or not o.flags.c_contiguous:
+        return None
+    # other: a number, or the array of the other tensor (the comparison has already taken .data): an arena buffer
+    # refreshed in place, a parameter's array, or a constant
+    if isinstance(other, np.ndarray) or other is None or isinstance(other, (bool, int, float)):
+        parents, b = (a,), other
+    else:
+        return None
+    ad = a.data
+    rec = OpRecord("compare", t, parents, None, {}, tuple(False for _ in parents), False, fuse)
+
+    def forward():  # the same ufunc on the same operands, into the result's array
+        np_fn(ad, b, out=o)
+
+    rec.forward, rec.replay_bwd = forward, None
+    rec.locals = None
+    return rec

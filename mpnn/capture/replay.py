@@ -216,6 +216,70 @@ def _clone(r):
     return forward, r.backward  # passes g through
 
 
+@register("to")
+def _to(r):
+    """A float cast (``mask.float()``, ``.to(float64)``): eager's astype, into the result's buffer (the same unsafe
+    cast); the eager closure casts g back."""
+    (a,) = r.parents
+    ad, o = a.data, r.out.data
+    _same_result(o, o.dtype, ad.shape)
+
+    def forward():
+        np.copyto(o, ad, casting="unsafe")
+
+    return forward, r.backward
+
+
+@register("where")
+def _where(r):
+    """np.where's selection into the result's buffer: b everywhere, then a where the condition holds (no
+    arithmetic: the same values). The condition is the array eager read: a comparison's result (replayed into it
+    in place) or a constant. The eager closure reads the condition and g."""
+    a, b = r.parents
+    cond, ad, bd, o = r.locals["cond"], a.data, b.data, r.out.data
+    _same_result(o, o.dtype, np.broadcast_shapes(cond.shape, ad.shape, bd.shape))
+    if ad.dtype != o.dtype or bd.dtype != o.dtype:
+        raise Unsupported(f"where of {ad.dtype} and {bd.dtype} into {o.dtype}")
+
+    def forward():
+        np.copyto(o, bd)
+        np.copyto(o, ad, where=cond)
+
+    return forward, r.backward
+
+
+@register("cat")
+def _cat(r):
+    """np.concatenate of the parents' arrays into the result's buffer; the eager closure splits g."""
+    loc = r.locals
+    arrays = [t.data for t in r.parents]
+    o, dim = r.out.data, loc["dim"]
+    _same_result(o, o.dtype, o.shape)
+    if any(x.dtype != o.dtype for x in arrays):
+        raise Unsupported("cat of mixed dtypes")
+
+    def forward():
+        np.concatenate(arrays, axis=dim, out=o)
+
+    return forward, r.backward
+
+
+@register("matmul")
+def _matmul(r):
+    """``a @ b`` into the result's buffer (np.matmul with out=: the same BLAS calls); the eager closure reads the
+    operands' arrays, refreshed in place."""
+    a, b = r.parents
+    ad, bd, o = a.data, b.data, r.out.data
+    if type(o) is not np.ndarray:
+        raise Unsupported("matmul of two vectors (a scalar result)")
+    _same_result(o, ad.dtype, o.shape)
+
+    def forward():
+        np.matmul(ad, bd, out=o)
+
+    return forward, r.backward
+
+
 # ----- reductions --------------------------------------------------------------------------------------------
 @register("mean", "sum")
 def _reduce(r):
