@@ -868,6 +868,10 @@ def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, 
     assert ("_conv_im2col.<locals>.forward" in names) == (act == "tanh" or batch == 1)
     assert (fused in names) == (act != "tanh" and batch > 1)
     assert ("_pass_through" in _backward_forms(fn)) == (act == "relu" and batch > 1)
+    # the masked case's precomputed views (backward_fast), but for a grouped bias (its gradient is a copy)
+    convs = [f for f in _backward_fns(fn) if f.__qualname__ == "_conv_im2col.<locals>.backward"]
+    want_fast = act == "relu" and batch > 1 and not (bias and groups > 1)
+    assert all((_closure_value(f, "fast")[0] is not None) == want_fast for f in convs) and convs
     for a, b in zip(*results):
         for u, v in zip(a, b):
             assert (u is None) == (v is None)

@@ -634,12 +634,65 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
     )
 
     relu_act = [None]  # the ReLU output whose mask this backward applies (fuse), as (N, O, L)
+    fast = [None]  # with a ReLU's mask: every view the usual case reads, made once (backward's Python, not its work)
 
     def mask_with(act):
-        relu_act[0] = act.reshape(n, out_ch, oh * ow)
+        a3 = relu_act[0] = act.reshape(n, out_ch, oh * ow)
+        gc = gc_buf.reshape(groups, og, nb * t)
+        gb = None
+        if need_w0 and need_b:
+            gb = dwo[:, :, taps].reshape(out_ch)
+            if not np.shares_memory(gb, dwo):  # a copy (grouped): made each call by the general path
+                return
+        if need_b and not need_w0:
+            return
+        fast[0] = (
+            a3 if (n0, n1) == (0, n) else a3[n0:n1],
+            (n0, n1) == (0, n),
+            gc,
+            tuple((gc[gi], cols_w[gi], dwo[gi]) for gi in range(groups)) if need_w0 and abt else None,
+            cols_w.transpose(0, 2, 1),
+            None if dcols is None else dcols.reshape(groups * taps, nb, t),
+            (dw_out.reshape(groups, og, taps), dwo[:, :, :taps]) if need_w0 and rows_b != taps else None,
+            None if dx is None else dx.reshape(xshape),
+            None if dw_out is None else dw_out.reshape(wshape),
+            gb,
+        )
+
+    def backward_fast(g, f):
+        """The usual case's work, as the general path below does it, over the views of mask_with."""
+        a_tile, whole, gc, groups_abt, cols_wt, dcols3, dw_copy, gx, gw, gb = f
+        g3 = g.reshape(n, out_ch, oh * ow)
+        swap_relu_backward(g3 if whole else g3[n0:n1], a_tile, gc_buf)
+        if need_w0:
+            if groups_abt is not None:
+                for gg, cw, dw_g in groups_abt:
+                    matmul_abt(gg, cw, dw_g)
+            else:
+                np.matmul(gc, cols_wt, out=dwo)
+        if need_x0:
+            dx.fill(0)
+            np.matmul(wt, gc, out=dcols)
+            CK.col2im(dcols3, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, dx_tile)
+        if dw_copy is not None:
+            np.copyto(dw_copy[0], dw_copy[1])
+        return (gx, gw) if not has_bias else (gx, gw, gb)
+
+    gsize = n * out_ch * oh * ow
 
     def backward(g):
         need_x, need_w = bool(input.requires_grad), bool(weight.requires_grad)
+        f = fast[0]
+        if (
+            f is not None
+            and need_x == need_x0
+            and need_w == need_w0
+            and type(g) is np.ndarray
+            and g.dtype == dtype
+            and g.size == gsize
+            and g.flags.c_contiguous
+        ):
+            return backward_fast(g, f)
         g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
         act = relu_act[0]
         if need_x != need_x0 or need_w != need_w0 or g4.dtype != dtype:
