@@ -11,7 +11,8 @@ interleaved step by step (benchmarks/timing.py) so that load from other processe
 likewise for no_grad forwards in eval mode. Peak RSS (VmHWM) of a training process: each library trains
 --rss-steps steps in a fresh subprocess of its own (mpnn's calls mpnn.init(), as a training script does).
 --layers prints each layer kind of the model at its shapes, forward and backward, both libraries (median
-thread CPU ms), and the mpnn/torch time ratio (<1: mpnn faster); `x` is how often the model runs it.
+thread CPU ms), and the mpnn/torch time ratio (<1: mpnn faster); `x` is how often the model runs it; the sums
+weigh each kind by it, BatchNorm in train mode for a training step, in eval mode for an eval forward.
 """
 
 import os
@@ -228,6 +229,8 @@ def _layer_cases():
 
     for c, hw, n in ((64, 32, 5), (128, 16, 5), (256, 8, 5), (512, 4, 5)):
         cases.append((f"batchnorm train {c}x{hw}x{hw}", n, bn(c, hw, True)))
+    for c, hw, n in ((64, 32, 5), (128, 16, 5), (256, 8, 5), (512, 4, 5)):  # what the eval img/s runs
+        cases.append((f"batchnorm eval {c}x{hw}x{hw}", n, bn(c, hw, False)))
 
     def unary(c, hw, fn):
         def make(lib, rng):
@@ -308,17 +311,22 @@ def layer_table(reps):
     print(f"\nper layer kind, batch {BATCH}, median thread CPU ms (x: times in the model; ratio: mpnn/torch time)")
     cols = ("mpnn fwd", "torch fwd", "ratio", "mpnn bwd", "torch bwd", "ratio")
     print(f"{'layer':<34}{'x':>3}" + "".join(f"{h:>{7 if h == 'ratio' else 10}}" for h in cols))
-    tot = np.zeros(4)
+    tot = np.zeros(4)  # a training step's kinds (BatchNorm in train mode, the optimizer)
+    ev = np.zeros(2)  # an eval forward's kinds (BatchNorm in eval mode, no optimizer)
     for label, count, f, b in rows:
         rb = f"{b[0] / b[1]:7.2f}" if b[1] > 0 else f"{'':7}"
         fwd = f"{f[0] * 1e3:10.2f}{f[1] * 1e3:10.2f}{f[0] / f[1]:7.2f}"
         print(f"{label:<34}{count:>3}{fwd}{b[0] * 1e3:10.2f}{b[1] * 1e3:10.2f}{rb}")
-        tot += count * np.array([f[0], f[1], b[0], b[1]])
+        if not label.startswith("batchnorm eval"):
+            tot += count * np.array([f[0], f[1], b[0], b[1]])
+        if not label.startswith(("batchnorm train", "SGD")):
+            ev += count * np.array([f[0], f[1]])
     print(
-        f"{'sum over the model (x times)':<34}{'':>3}{tot[0] * 1e3:10.1f}{tot[1] * 1e3:10.1f}{tot[0] / tot[1]:7.2f}"
+        f"{'sum over a training step':<34}{'':>3}{tot[0] * 1e3:10.1f}{tot[1] * 1e3:10.1f}{tot[0] / tot[1]:7.2f}"
         f"{tot[2] * 1e3:10.1f}{tot[3] * 1e3:10.1f}{tot[2] / tot[3]:7.2f}"
     )
     print(f"{'fwd + bwd + step, all kinds':<34}{'':>3}{(tot[0] + tot[2]) * 1e3:10.1f}{(tot[1] + tot[3]) * 1e3:10.1f}")
+    print(f"{'sum over an eval forward':<34}{'':>3}{ev[0] * 1e3:10.1f}{ev[1] * 1e3:10.1f}{ev[0] / ev[1]:7.2f}")
 
 
 def main():
