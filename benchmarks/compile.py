@@ -153,7 +153,8 @@ def profile(name, steps=2000):
             setattr(ns, n, stub or timed(prefix + n, getattr(module, n)))
         return ns
 
-    saved = {k: getattr(replay, k) for k in ("np", "CK", *PROFILED["replay"])}
+    names = [n for n in PROFILED["replay"] if hasattr(replay, n)]  # (an older mpnn may lack some)
+    saved = {k: getattr(replay, k) for k in ("np", "CK", *names)}
     saved_adam = capture_optim.adam_update
     mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
 
@@ -171,7 +172,7 @@ def profile(name, steps=2000):
     try:
         replay.np = namespace(np, ["matmul", "copyto", "add"], "np.")
         replay.CK = namespace(replay.CK, ["im2col", "col2im", "swap_leading_axes"], "CK.")
-        for n in PROFILED["replay"]:
+        for n in names:
             setattr(replay, n, timed(n, saved[n]))
         capture_optim.adam_update = timed("adam_update", saved_adam)
         prog = program()
@@ -187,7 +188,7 @@ def profile(name, steps=2000):
         noop = lambda *a, **k: None  # noqa: E731
         replay.np = namespace(np, ["matmul"], "", stub=noop)
         replay.CK = namespace(saved["CK"], ["im2col", "col2im", "swap_leading_axes"], "", stub=noop)
-        for n in PROFILED["replay"]:
+        for n in names:
             setattr(replay, n, noop)
         replay._mm = lambda a, b, out=None, work=None: out
         replay.cross_entropy_forward = lambda *a: (1.0, 1, -1)
