@@ -5,11 +5,12 @@
 
 Each step is the whole recipe on pre-cut batches of 100: zero_grad, forward, cross-entropy, backward, Adam. The four
 variants run interleaved (block of steps of one, then the next, ...), so load on a shared machine hits them alike;
-each figure is the median over repeats of a block's mean step time. Also printed: the capture call's cost against an
-eager step, in this process (the first capture, and the median of 5 more on fresh models: a single call may take a
-garbage collection of torch's objects, ~4 ms) and in two fresh ones (Numba's on-disk cache warm), and tracemalloc's
-peak and net per block of eager and of compiled steps (peak: what a step allocates at once; net flat = nothing
-accumulates).
+each figure is the median over repeats of a block's mean step time (and, per block, the median of its ratio to the
+mpnn eager block of the same repeat). Also printed: the capture call's cost against an eager step, in this process
+(the first capture, and the median of 5 more on fresh models: one call of ~2.5 ms is often preempted on a loaded
+machine and read 7 ms at load 5, with the garbage collector off too) and in two fresh ones (Numba's on-disk cache
+warm), and tracemalloc's peak and net per block of eager and of compiled steps (peak: what a step allocates at once;
+net flat = nothing accumulates).
 
 --profile times every kernel call a replayed step makes (the replay modules' kernel names wrapped with timers,
 ~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them.
@@ -277,9 +278,12 @@ def main():
         med = {k: statistics.median(v) for k, v in times.items()}
         base = med["mpnn eager"]
         print(f"\n{name}: median step over {args.repeats} blocks of {args.steps} steps")
+        # and the median of each block's ratio to the mpnn eager block just before it (steadier under load: the
+        # blocks of one repeat run back to back)
+        per_block = {k: statistics.median([a / b for a, b in zip(v, times["mpnn eager"])]) for k, v in times.items()}
         for k, v in med.items():
             print(
-                f"  {k:14s} {v * 1e3:7.3f} ms   {v / base:5.2f}x mpnn eager   "
+                f"  {k:14s} {v * 1e3:7.3f} ms   {v / base:5.2f}x mpnn eager (per block {per_block[k]:4.2f}x)   "
                 f"{v / med['torch eager']:5.2f}x torch eager"
             )
         print(
