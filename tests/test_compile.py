@@ -1460,6 +1460,42 @@ def test_comparison_masks_follow_the_inputs():
     assert fn.eager_reason is None and fn.stats["hits"] == 3
 
 
+@pytest.mark.parametrize("use", ["getitem", "getitem_tuple", "gather", "embedding", "where_view"])
+def test_indices_made_off_the_tape_run_eagerly_wherever_they_are_read(use):
+    """argmax's indices read as an index (w[idx], w[rows, idx]), by gather or embedding, or a comparison's mask
+    viewed before where() reads it: the op takes the values as an argument, not as a tape input, and replay used to
+    keep the capture's indices (w[x.argmax(1)] replayed 28 where eager gave 76). Now eager, with one warning."""
+    w = nn.Parameter(mpnn.from_numpy(np.arange(12, dtype=np.float32).reshape(3, 4)))
+
+    def step(x):
+        idx = x.argmax(1)
+        if use == "getitem":
+            picked = w[idx]
+        elif use == "getitem_tuple":
+            picked = w[mpnn.arange(2), idx]
+        elif use == "gather":
+            picked = w[:2].gather(1, idx.reshape(2, 1))
+        elif use == "embedding":
+            picked = nn.functional.embedding(idx, w)
+        else:
+            picked = mpnn.where((x.sign() > 0)[:, :1], w[:2, :3], w[:2, :3] * 0.0)
+        loss = picked.sum()
+        loss.backward()
+        return loss
+
+    fn = mpnn.compile(step)
+    inputs = [[[1, 0, 0], [0, 1, 0]], [[0, 0, 1], [0, 0, 1]], [[-1, 0, 2], [2, 0, -1]]]
+    with pytest.warns(CompileWarning, match="off the tape"):
+        fn(mpnn.from_numpy(np.array(inputs[0], np.float32)))
+    assert fn.eager_reason is not None and "off the tape" in fn.eager_reason
+    for v in inputs[1:]:
+        x = mpnn.from_numpy(np.array(v, np.float32))
+        w.grad = None
+        got, grad = fn(x).data.copy(), w.grad.data.copy()
+        w.grad = None
+        assert got.tobytes() == step(x).data.tobytes() and grad.tobytes() == w.grad.data.tobytes()
+
+
 @pytest.mark.parametrize("make", ["argmax", "sign", "int_cast", "returned"])
 def test_tensors_made_off_the_tape_from_values_run_eagerly(make):
     """argmax, sign, integer casts (results made from tensor values outside the tape, with no replay form): a step

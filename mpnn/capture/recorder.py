@@ -94,8 +94,9 @@ class Recorder:
         except (Unsupported, KeyError) as exc:
             self.unsupported = (f"op {op!r} ({exc})", user_line(3))
             return
-        if op == "where" and id(rec.locals.get("cond")) in self.derived_arrays:
-            self.unsupported = ("op 'where' (its condition was made off the tape)", user_line(3))
+        name = self._derived_argument(rec.locals)
+        if name is not None:  # an index or condition computed from tensor values off the tape: frozen in replay
+            self.unsupported = (f"op {op!r} (its {name} was made off the tape from tensor values)", user_line(3))
             return
         rec.locals = None  # what the builder needed it has taken
         self.produced[id(t)] = len(self.ops)
@@ -103,6 +104,22 @@ class Recorder:
         self.events.append(("op", rec))
         self.keep.append(t)
         self.keep.extend(parents)
+
+    def _derived_argument(self, local_values: dict) -> str | None:
+        """The name of an op's argument that is, or reads, a tensor made off the tape while recording (argmax's
+        indices passed to getitem, gather or embedding; a where() condition), else None. Arrays are followed to
+        their base, so a view of such a tensor's array counts too."""
+        if not self.derived:
+            return None
+        for name, value in local_values.items():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(item, Tensor) and id(item) in self.derived:
+                    return name
+                while isinstance(item, np.ndarray):
+                    if id(item) in self.derived_arrays:
+                        return name
+                    item = item.base
+        return None
 
     # ----- tensors made off the tape --------------------------------------------------------------------------
     def on_tensor(self, t):
