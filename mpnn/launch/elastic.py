@@ -184,15 +184,14 @@ class _Rounds:
                 return True
             if verdict is not None:
                 self._told.append(verdict)
-        return bool(self._told)
+        return bool(self._told) or self.remote is not None
 
     def _verdict(self) -> tuple[str, dict] | None:
         """How the round ended for the whole run: the store's STOP or END (None: a stop signal or an abort)."""
         if self.remote is not None or self.stop.received is not None:
             return None
         if self._told:
-            verdict = self._told.pop()
-            return verdict
+            return self._told.pop()
         if self.failed is None:
             self.agent.report_done()
         return self.agent.verdict(self._stopping)
