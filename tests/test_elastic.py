@@ -242,6 +242,14 @@ def test_min_max_the_round_waits_for_node_0(made):
         agents[1].join(dict, _never)
 
 
+def test_the_store_keeps_only_checkpoint_names_from_an_offer(made):
+    """A JOIN's offer names checkpoints; anything else (a path) is dropped, never sent back as where to resume."""
+    _, store, agents = made()
+    offer = {"../../../tmp/elsewhere": "x", "step-00000100/../..": "y", "step-00000100": "z"}
+    gos = _join_all(agents, [offer, offer])
+    assert [g["resume"] for g in gos] == ["step-00000100"] * 2 and gos[0]["passed_over"] == []
+
+
 def test_common_checkpoint_needs_one_manifest_on_every_node():
     assert common_checkpoint({0: {}, 1: {}}) == (None, [])
     assert common_checkpoint({0: {"step-00000100": "a"}, 1: {"step-00000100": "b"}}) == (

@@ -35,7 +35,14 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
-from mpnn.checkpoint.layout import InvalidCheckpoint, checkpoints_in, list_checkpoints, read_manifest, verify_files
+from mpnn.checkpoint.layout import (
+    InvalidCheckpoint,
+    checkpoints_in,
+    list_checkpoints,
+    read_manifest,
+    step_of,
+    verify_files,
+)
 from mpnn.comm.auth import ZapHandler, mac
 from mpnn.launch.errors import LaunchError
 
@@ -231,8 +238,8 @@ class Store:
             offer = fields.get("checkpoints")
             if not isinstance(offer, dict) or not all(isinstance(v, str) for v in offer.values()):
                 self._abort(f"node {node} sent a JOIN without its checkpoint list")
-            elif not current.members:
-                current.joined[node] = {str(k): v for k, v in offer.items()}
+            elif not current.members:  # only checkpoint names (step-NNNNNNNN) are kept: never a path
+                current.joined[node] = {k: v for k, v in offer.items() if step_of(k) is not None}
                 self._maybe_go()
             elif node in current.members:  # its launcher started again: the one that ran its workers is gone
                 self._waiting.add(node)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from mpnn.checkpoint.layout import CHECKPOINTS
+from mpnn.checkpoint.layout import CHECKPOINTS, step_of
 from mpnn.comm.errors import AuthError
 from mpnn.comm.secret import read_secret
 from mpnn.launch.agents import Agent, AgentAbort, Store, store_port, verified_checkpoints
@@ -152,9 +152,10 @@ class _Rounds:
             self._views_ranks = world.local_global_ranks()
         for note in go.get("passed_over") or []:
             self.view.note(f"mpnn launch: warning: not resuming from {note}")
-        resume = (
-            self.run_context.run_dir / CHECKPOINTS / go["resume"] if go.get("resume") else self.run_context.resume_from
-        )
+        name = go.get("resume")
+        if name is not None and (not isinstance(name, str) or step_of(name) is None):
+            raise AgentAbort(f"the agents' store named {name!r} as the checkpoint to resume from: not a checkpoint")
+        resume = self.run_context.run_dir / CHECKPOINTS / name if name else self.run_context.resume_from
         if self._pending is not None:
             restart = replace(self._pending, resume_from=resume)
             self.restarts.append(restart)
