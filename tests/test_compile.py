@@ -804,6 +804,14 @@ def test_data_parallel_replay_matches_eager_data_parallel():
         assert state_e[k].tobytes() == state_c[k].tobytes(), k
 
 
+def _strided_conv(batch, bias, groups, conv2d):
+    """A small stride-2 Conv2d or Conv1d (4 -> 6 channels, kernel 3, padding 1) seeded alike, and its input shape."""
+    mpnn.manual_seed(0)
+    if conv2d:
+        return nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups), (batch, 4, 7, 9)
+    return nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups), (batch, 4, 11)
+
+
 @pytest.mark.parametrize(
     "batch,bias,groups,input_grad,conv2d,act",
     [
@@ -822,13 +830,7 @@ def test_conv_replay_over_planned_buffers_gives_eager_bits(batch, bias, groups, 
     place) or several (a transposing copy), with and without bias, grouped, with and without an input gradient;
     a ReLU after it fused into its epilogue (several samples per tile), and into its backward's first copy when
     the ReLU is the conv result's only consumer (relu), not when another op reads it too (relu_shared)."""
-    mpnn.manual_seed(0)
-    if conv2d:
-        conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
-        shape = (batch, 4, 7, 9)
-    else:
-        conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
-        shape = (batch, 4, 11)
+    conv, shape = _strided_conv(batch, bias, groups, conv2d)
     opt = mpnn.optim.SGD(conv.parameters(), lr=0.1)
 
     def step(x):
@@ -1294,13 +1296,7 @@ def test_conv_weight_gradient_through_own_kernel_within_1e6(batch, bias, groups,
     """fuse=True: the one-tile conv's weight (and bias) gradient through kernels.matmul_abt where it has >= 8 rows;
     from the same parameters every gradient within 1e-6 relative of eager's; fuse=False keeps OpenBLAS (and the
     bits, checked above)."""
-    mpnn.manual_seed(0)
-    if conv2d:
-        conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
-        shape = (batch, 4, 7, 9)
-    else:
-        conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, bias=bias, groups=groups)
-        shape = (batch, 4, 11)
+    conv, shape = _strided_conv(batch, bias, groups, conv2d)
 
     def step(x):
         conv.zero_grad()
