@@ -11,6 +11,8 @@ a conv holds on to its input and the transformed weight only.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 
 from mpnn.core import conv_kernels as K
@@ -89,6 +91,13 @@ def _winograd_weight_grad(du):
     return dw
 
 
+# NumPy 2.4's matmul on aarch64 returned wrong products for a left operand whose rows lie further apart than its
+# width, at some small shapes: (8, 7) with rows 8 apart @ (7, 7), also (3, 2) @ (2, 2), (4, 3) @ (3, 3) and
+# (5, 4) @ (4, 4), in the emulated arm64 CI root (3 of 640 shapes in one sweep, 1 of 9 in another); x86-64 gave every
+# one exactly. dM's slice that leaves out the junk slots is such an operand, so off x86-64 it is made contiguous.
+_STRIDED_LEFT_OK = platform.machine() in ("x86_64", "AMD64")
+
+
 def _winograd_buffer(slot, channels, tiles, dtype):
     """A (36, P) work buffer and its (36, channels, tiles) GEMM view; P*itemsize is 64 bytes past a
     multiple of 4 KiB so that the rows the kernels stream together fall in different L1 sets."""
@@ -158,10 +167,11 @@ def _winograd_backward(g4, x4, u, ph, pw, tiles, need_x, need_w, need_b):
             # V^T laid out (T, C) makes dM @ V^T a plain NN product: OpenBLAS ran it at ~160-175 GFLOP/s
             # against ~90 for the NT product on a (C, T) layout (measured, 100-130-tile chunks)
             K.winograd_input_t(x4, ph, pw, tiles_h, tiles_w, r0, rows, vtbuf)
+            left = dmr if _STRIDED_LEFT_OK else np.ascontiguousarray(dmr)
             if r0 == 0:
-                np.matmul(dmr, vt[:, :real], out=du)
+                np.matmul(left, vt[:, :real], out=du)
             else:
-                np.matmul(dmr, vt[:, :real], out=part)
+                np.matmul(left, vt[:, :real], out=part)
                 du += part
         if need_x:
             np.matmul(ut, dmr, out=dv[:, :, :real])
