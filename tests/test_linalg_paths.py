@@ -212,3 +212,5 @@ def test_own_gemm_route_by_host():
     assert pick({"avx512f": False}, "haswell", "") is False
     assert pick({"avx512f": True}, "znver4", "own") is True
     assert pick({"avx512f": True}, "icelake-server", "blas") is False
+    with pytest.raises(ValueError, match="MPNN_GEMM='fast': must be 'own'"):
+        pick({"avx512f": True}, "znver4", "fast")

@@ -29,6 +29,8 @@ def _own_gemm_default(features=None, cpu_name=None, setting=None):
         setting = os.environ.get("MPNN_GEMM", "")
     if setting in ("own", "blas"):
         return setting == "own"
+    if setting.strip():
+        raise ValueError(f"MPNN_GEMM={setting!r}: must be 'own' (mpnn's GEMM kernel) or 'blas' (OpenBLAS), or unset")
     try:
         if features is None or cpu_name is None:
             from llvmlite import binding
