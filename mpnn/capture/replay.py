@@ -1066,15 +1066,7 @@ def _attention(r):
         return static_mask if mask_in_place else A._mask_args(md, batch, L, S, dtype)
 
     masks = [static_mask]
-    blk = br * bc if per_query_mask else 1
-    f_scratch = (
-        np.empty(E * L, dtype),
-        np.empty(bc * br, dtype),
-        np.empty(blk, np.bool_),
-        np.empty(blk, dtype),
-        *A._vectors(4, br, dtype),
-        np.empty(2, dtype),
-    )
+    f_scratch = A._forward_scratch(E, L, br, bc, per_query_mask, dtype)
     f_edge = A._edge(br, dtype)
 
     def forward():
@@ -1095,18 +1087,7 @@ def _attention(r):
     fresh = n == nq == nk == nv and bool(S)
     dq, dk, dv = np.empty((nq, L, E), dtype), np.empty((nk, S, E), dtype), np.empty((nv, S, Ev), dtype)
     bk, bq = A._block(A._BWD_K, S), A._block(A._BWD_Q, L)
-    bblk = bk * bq if per_query_mask else 1
-    b_scratch = (
-        np.empty(E * L, dtype),
-        np.empty(Ev * L, dtype),
-        *A._vectors(2, L, dtype),
-        np.empty(bk * bq, dtype),
-        np.empty(bk * bq, dtype),
-        np.empty(bblk, np.bool_),
-        np.empty(bblk, dtype),
-        np.empty(bq, dtype),
-        np.empty(2, dtype),
-    )
+    b_scratch = A._backward_scratch(E, Ev, L, bk, bq, per_query_mask, dtype)
     b_edge = A._edge(bq, dtype)
     problems = np.arange(n)
     gshape = batch + (L, Ev)

@@ -131,7 +131,6 @@ def scaled_dot_product_attention(
     of = out.reshape(-1)
     lse = np.empty((n, L), dtype)
     if n and L:
-        blk = br * bc if per_query_mask else 1
         bad = K.attention_forward(
             qf,
             qo,
@@ -156,12 +155,7 @@ def scaled_dot_product_attention(
             sc,
             br,
             bc,
-            np.empty(E * L, dtype),
-            np.empty(bc * br, dtype),
-            np.empty(blk, np.bool_),
-            np.empty(blk, dtype),
-            *_vectors(4, br, dtype),
-            np.empty(2, dtype),
+            *_forward_scratch(E, L, br, bc, per_query_mask, dtype),
             of,
             lse,
         )
@@ -181,7 +175,6 @@ def scaled_dot_product_attention(
         dq, dk, dv = alloc((nq, L, E), dtype), alloc((nk, S, E), dtype), alloc((nv, S, Ev), dtype)
         if n and S and (L or fresh):
             bk, bq = _block(_BWD_K, S), _block(_BWD_Q, L)
-            blk = bk * bq if per_query_mask else 1
             K.attention_backward(
                 qf,
                 qo,
@@ -215,15 +208,7 @@ def scaled_dot_product_attention(
                 bk,
                 bq,
                 fresh,
-                np.empty(E * L, dtype),
-                np.empty(Ev * L, dtype),
-                *_vectors(2, L, dtype),
-                np.empty(bk * bq, dtype),
-                np.empty(bk * bq, dtype),
-                np.empty(blk, np.bool_),
-                np.empty(blk, dtype),
-                np.empty(bq, dtype),
-                np.empty(2, dtype),
+                *_backward_scratch(E, Ev, L, bk, bq, per_query_mask, dtype),
                 dq,
                 dk,
                 dv,
@@ -344,6 +329,35 @@ def _keep(key, value):
         _SMALL.clear()
     _SMALL[key] = value
     return value
+
+
+def _forward_scratch(E, L, br, bc, per_query_mask, dtype):
+    """The work arrays attention_forward takes between its block sizes and the output (eager's and the replay's)."""
+    blk = br * bc if per_query_mask else 1
+    return (
+        np.empty(E * L, dtype),
+        np.empty(bc * br, dtype),
+        np.empty(blk, np.bool_),
+        np.empty(blk, dtype),
+        *_vectors(4, br, dtype),
+        np.empty(2, dtype),
+    )
+
+
+def _backward_scratch(E, Ev, L, bk, bq, per_query_mask, dtype):
+    """The work arrays attention_backward takes between its ``fresh`` flag and dq (eager's and the replay's)."""
+    blk = bk * bq if per_query_mask else 1
+    return (
+        np.empty(E * L, dtype),
+        np.empty(Ev * L, dtype),
+        *_vectors(2, L, dtype),
+        np.empty(bk * bq, dtype),
+        np.empty(bk * bq, dtype),
+        np.empty(blk, np.bool_),
+        np.empty(blk, dtype),
+        np.empty(bq, dtype),
+        np.empty(2, dtype),
+    )
 
 
 def _vectors(count, size, dtype):
