@@ -661,3 +661,44 @@ def test_residual_conv_block_reuses_its_input_at_three_depths():
         return (h + conv(x, w3, stride=2) + conv(x, w4, stride=2, padding=1)).tanh()
 
     assert gradcheck(block, [x, w1, w2, w3, w4])
+
+
+def test_residual_block_through_both_winograd_algorithms_with_reuse_views_and_broadcasting(monkeypatch):
+    """The Winograd paths composed, as ResNet runs them: F(4x4) chunked into several tile rows with a shorter last
+    chunk (the column-by-column slots that leave the junk slots out of the GEMMs) on a 9x11 map, and F(2x2) on a
+    6x6 view of the input (narrower than F(4x4)'s minimum width); x reaches the output at three depths, the first
+    conv's output is reused after the ReLU, and the F(2x2) branch joins as a 0-d mean broadcast over the block.
+    The thresholds are lowered so that 3-channel float64 convs take these paths (asserted), for finite differences."""
+    from mpnn.core import conv as conv_module
+    from mpnn.core.conv_winograd import WinogradF4x4
+    from mpnn.core.conv_winograd2 import WinogradF2x2
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD2_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 5)
+    used = []
+    for cls in (WinogradF4x4, WinogradF2x2):
+        original = cls.backward
+
+        def spy(self, *args, _original=original, _name=cls.__name__):
+            used.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, "backward", spy)
+    rng = np.random.default_rng(11)
+
+    def weight(*shape):
+        return mpnn.tensor(rng.standard_normal(shape) * 0.3, dtype=mpnn.float64, requires_grad=True)
+
+    x = mpnn.tensor(rng.standard_normal((2, 3, 9, 11)), dtype=mpnn.float64, requires_grad=True)
+    w1, w2, w3 = weight(3, 3, 3, 3), weight(3, 3, 3, 3), weight(2, 3, 3, 3)
+    conv = mpnn.nn.functional.conv2d
+
+    def block(x, w1, w2, w3):
+        a = conv(x, w1, padding=1)
+        h = conv(a.relu() + a * 0.5, w2, padding=1)
+        narrow = conv(x[:, :, 1:7, 2:8], w3, padding=1)
+        return (h + x).tanh() + narrow.mean()
+
+    assert gradcheck(block, [x, w1, w2, w3])
+    assert {"WinogradF4x4", "WinogradF2x2"} <= set(used), used
