@@ -702,3 +702,25 @@ def test_residual_block_through_both_winograd_algorithms_with_reuse_views_and_br
 
     assert gradcheck(block, [x, w1, w2, w3])
     assert {"WinogradF4x4", "WinogradF2x2"} <= set(used), used
+
+
+def test_pre_norm_attention_block_with_its_norm_weights_reused():
+    """A pre-norm transformer block composed: layer_norm with weight and bias (their gradients summed in the row-sum
+    pass), the same weight and bias reused by a second norm deeper in, causal attention over a strided view, a
+    residual back to x and a broadcast bias; float64 gradcheck over x, the norm's weight and bias and the projection."""
+    rng = np.random.default_rng(5)
+
+    def tensor(*shape, scale=1.0):
+        return mpnn.tensor(rng.standard_normal(shape) * scale, dtype=mpnn.float64, requires_grad=True)
+
+    x, g, b, p = tensor(2, 5, 6), tensor(6, scale=0.5), tensor(6, scale=0.5), tensor(6, 6, scale=0.4)
+    F = mpnn.nn.functional
+
+    def block(x, g, b, p):
+        h = F.layer_norm(x, (6,), g, b)
+        q = (h @ p).reshape(2, 5, 2, 3).transpose(1, 2)  # heads: a strided view
+        a = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(2, 5, 6)
+        y = x + a
+        return F.layer_norm(y, (6,), g, b) + b
+
+    assert gradcheck(block, [x, g, b, p])
