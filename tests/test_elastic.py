@@ -203,6 +203,23 @@ def test_without_the_secret_nobody_speaks_to_the_store(made, context):
     assert [g["round"] for g in gos] == [0, 0]
 
 
+def test_a_flood_of_strangers_connections_does_not_keep_the_nodes_out(made):
+    """500 TCP connections held open by a stranger (no secret: each fails the CURVE handshake, or never starts
+    it): both agents still join and get their GO."""
+    address, store, agents = made()
+    host, port = address.removeprefix("tcp://").split(":")
+    held = []
+    try:
+        for _ in range(500):
+            held.append(socket.create_connection((host, int(port)), timeout=5))
+            held[-1].sendall(b"\xff\x00" * 8)
+        gos = _join_all(agents, [{}, {}])
+        assert [g["round"] for g in gos] == [0, 0]
+    finally:
+        for connection in held:
+            connection.close()
+
+
 def test_min_max_a_round_starts_with_enough_nodes_and_a_late_node_grows_the_world(made):
     """--nnodes 1:3: node 0 alone starts round 0 after the last call; node 2 joining stops it without using a
     restart (max_restarts 0), is asked AGAIN with a fresh offer, and round 1 runs on nodes [0, 2]."""

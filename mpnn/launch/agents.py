@@ -44,6 +44,7 @@ from mpnn.checkpoint.layout import (
     verify_files,
 )
 from mpnn.comm.auth import ZapHandler, mac
+from mpnn.comm.rendezvous import BACKLOG
 from mpnn.launch.errors import LaunchError
 
 AGENT_PORT_OFFSET = 2  # the store's port: --master-port + 2 (+ 1 is MASTER_PORT, the script's)
@@ -167,6 +168,7 @@ class Store:
         self._sock = context.socket(zmq.ROUTER)
         self._sock.linger = 2000  # the last verdicts reach every agent before the socket goes
         self._sock.maxmsgsize = MAX_MESSAGE_BYTES
+        self._sock.backlog = BACKLOG  # as the rendezvous's: a burst of strangers' connects must not fill the queue
         self._sock.zap_domain = AGENT_DOMAIN.encode()
         self._sock.curve_publickey, self._sock.curve_secretkey = _keypair(secret, run_id, "store")
         self._sock.curve_server = True
