@@ -7,6 +7,7 @@ SIGKILL on each, is in tests/test_multihost.py."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -218,6 +219,49 @@ def test_a_flood_of_strangers_connections_does_not_keep_the_nodes_out(made):
     finally:
         for connection in held:
             connection.close()
+
+
+ATTACKER_CODE = """
+import socket, sys
+secret_path, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    open(secret_path).read()
+    print("read the secret")
+except PermissionError:
+    print("secret denied")
+greeting = bytes([0xFF] + [0] * 8 + [0x7F, 3, 0]) + b"CURVE".ljust(20, b"\\0") + bytes(32)
+for payload in (greeting + b"\\x04\\x1a\\x05HELLO" + bytes(200), b"\\xff" * 4096):
+    with socket.create_connection((host, port), timeout=5) as raw:
+        raw.sendall(payload)
+        raw.settimeout(1.0)
+        try:
+            raw.recv(4096)
+        except (socket.timeout, ConnectionError):
+            pass
+print("done")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_another_local_user_gets_nothing_from_the_store(made, tmp_path):
+    """As uid 4242 (setpriv), a person sharing the machine: the run's 0600 secret cannot be read, and a forged
+    CURVE handshake or raw bytes on the store's port disturb nothing; the round then runs. (Messages under keys
+    of a stranger's own are test_without_the_secret_nobody_speaks_to_the_store's.)"""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET.hex())
+    secret.chmod(0o600)
+    os.chmod(tmp_path, 0o755)  # the directory may be entered: the file's own mode is what stops the reader
+    address, store, agents = made()
+    host, port = address.removeprefix("tcp://").split(":")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", sys.executable, "-I", "-c", ATTACKER_CODE,
+         str(secret), host, port],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["secret", "denied", "done"]
+    gos = _join_all(agents, [{}, {}])
+    assert [g["round"] for g in gos] == [0, 0] and store.ended is None
 
 
 def test_min_max_a_round_starts_with_enough_nodes_and_a_late_node_grows_the_world(made):
