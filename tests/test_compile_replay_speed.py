@@ -1,0 +1,141 @@
+"""mpnn.compile's faster replay paths give the same answers as eager: the Adam step of a whole group in one Numba call
+(capture/optim.py's _adam_at_once over kernels.adam_update_all)."""
+
+import numpy as np
+import pytest
+
+import mpnn
+from mpnn import nn
+from mpnn.capture import kernels as CK
+from mpnn.capture import optim as capture_optim
+
+
+def _batches(n, seed=0, batch=12, features=8, classes=4):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            mpnn.from_numpy(rng.standard_normal((batch, features)).astype(np.float32)),
+            mpnn.from_numpy(rng.integers(0, classes, batch)),
+        )
+        for _ in range(n)
+    ]
+
+
+def _deep_mlp():
+    """Twelve parameters used by the step (more than one ADAM_CHUNK) and two that never get a gradient."""
+    layers = [nn.Linear(8, 16), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(16, 16), nn.ReLU()]
+    layers.append(nn.Linear(16, 4))
+    return nn.Sequential(*layers), nn.Linear(3, 3)  # the spare: in the optimizer, never in the step (.grad None)
+
+
+def _adam_run(compiled, fuse, late_param=False, steps=7):
+    mpnn.manual_seed(0)
+    model, spare = _deep_mlp()
+    params = list(model.parameters())
+    groups = [
+        {"params": params[:3], "weight_decay": 1e-3},
+        {"params": params[3:] + list(spare.parameters()), "lr": 3e-3, "decoupled_weight_decay": True,
+         "weight_decay": 1e-2, "betas": (0.8, 0.95)},
+    ]  # fmt: skip
+    opt = mpnn.optim.Adam(groups, lr=1e-2)
+    if late_param:  # one parameter's Adam state two steps ahead of the others: a group of mixed step counts
+        p = params[5]
+        opt.state[p] = {"step": 2, "exp_avg": np.full(p.data.shape, 0.01, np.float32),
+                        "exp_avg_sq": np.full(p.data.shape, 1e-4, np.float32)}  # fmt: skip
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step, fuse=fuse) if compiled else step
+    losses = [fn(x, y).data.copy() for x, y in _batches(steps)]
+    return losses, [p.data.copy() for p in params + list(spare.parameters())], opt, fn
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_adam_group_in_one_call_gives_eager_bits(monkeypatch, fuse):
+    """Two groups (L2 decay; decoupled decay with other betas and lr), 12 parameters with gradients (3 in the first
+    group, 9 in the second: two calls of ADAM_CHUNK, the second padded) and two without: every parameter and Adam
+    state equals eager's bit for bit after 7 steps, and the replayed steps went through adam_update_all, not one
+    call per parameter."""
+    calls = {"all": 0, "one": 0}
+    real_all, real_one = capture_optim.adam_update_all, capture_optim.adam_update
+
+    def count_all(*a):
+        calls["all"] += 1
+        assert all(len(t) == CK.ADAM_CHUNK for t in a[:4])
+        return real_all(*a)
+
+    def count_one(*a):
+        calls["one"] += 1
+        return real_one(*a)
+
+    monkeypatch.setattr(capture_optim, "adam_update_all", count_all)
+    monkeypatch.setattr(capture_optim, "adam_update", count_one)
+    eager = _adam_run(False, fuse)
+    compiled = _adam_run(True, fuse)
+    assert compiled[3].eager_reason is None and compiled[3].stats["hits"] == 6
+    assert calls == {"all": 6 * 3, "one": 0}  # 3 + 9 parameters: 1 + 2 calls per replayed step
+    if not fuse:
+        for a, b in zip(eager[0], compiled[0]):
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(eager[1], compiled[1]):
+        assert a.tobytes() == b.tobytes() if not fuse else np.allclose(a, b, rtol=1e-4, atol=1e-6)
+    se, sc = eager[2].state, compiled[2].state
+    pe, pc = list(eager[2].state), list(compiled[2].state)
+    assert len(pe) == len(pc) == 12
+    for a, b in zip(pe, pc):
+        assert se[a]["step"] == sc[b]["step"] == 7
+        if not fuse:
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert se[a][k].tobytes() == sc[b][k].tobytes()
+
+
+def test_adam_group_of_mixed_step_counts_takes_the_per_parameter_path(monkeypatch):
+    """A parameter whose state is steps ahead of its group's: the step goes parameter by parameter (each its own
+    bias corrections); eager's bits."""
+    calls = {"all": 0, "one": 0}
+    real_all, real_one = capture_optim.adam_update_all, capture_optim.adam_update
+    monkeypatch.setattr(capture_optim, "adam_update_all", lambda *a: (calls.__setitem__("all", calls["all"] + 1),
+                                                                     real_all(*a))[1])  # fmt: skip
+    monkeypatch.setattr(capture_optim, "adam_update", lambda *a: (calls.__setitem__("one", calls["one"] + 1),
+                                                                 real_one(*a))[1])  # fmt: skip
+    eager = _adam_run(False, False, late_param=True)
+    compiled = _adam_run(True, False, late_param=True)
+    assert compiled[3].eager_reason is None
+    assert calls["all"] == 0 and calls["one"] == 6 * 12  # one group mixed: the general path for the whole step
+    for a, b in zip(eager[1], compiled[1]):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(eager[2].state.values(), compiled[2].state.values()):
+        assert a["step"] == b["step"]
+
+
+def test_adam_update_all_equals_adam_update_per_parameter():
+    """The kernel itself: every flag combination, float32 and float64, chunks with empty padding."""
+    from mpnn.optim.kernels import adam_update
+
+    rng = np.random.default_rng(3)
+    for dt in (np.float32, np.float64):
+        t = np.dtype(dt).type
+        for decoupled, maximize, wd in ((False, False, 0.0), (False, True, 1e-2), (True, False, 1e-2)):
+            sizes = [5, 1, 300, 17]
+            ps = [rng.standard_normal(n).astype(dt) for n in sizes]
+            gs = [rng.standard_normal(n).astype(dt) for n in sizes]
+            ms = [rng.standard_normal(n).astype(dt) * 0.1 for n in sizes]
+            vs = [rng.random(n).astype(dt) * 0.01 for n in sizes]
+            want = [[a.copy() for a in arrs] for arrs in (ps, ms, vs)]
+            scal = (t(1e-2), t(0.9), t(0.999), t(1e-8), t(wd))
+            for i in range(len(sizes)):
+                adam_update(want[0][i], gs[i], want[1][i], want[2][i], np.empty(0, dt), *scal, decoupled, False,
+                            maximize, t(0.05), t(0.03))  # fmt: skip
+            pad = (np.empty(0, dt),) * (CK.ADAM_CHUNK - len(sizes))
+            CK.adam_update_all(tuple(ps) + pad, tuple(gs) + pad, tuple(ms) + pad, tuple(vs) + pad, *scal, decoupled,
+                               maximize, t(0.05), t(0.03))  # fmt: skip
+            for got, exp in zip((ps, ms, vs), want):
+                for a, b in zip(got, exp):
+                    assert a.tobytes() == b.tobytes()
