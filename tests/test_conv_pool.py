@@ -469,6 +469,29 @@ def test_conv2d_gradcheck_winograd_multirow_chunks(monkeypatch):
         gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, 1), [leaf(x), leaf(wt), leaf(b)])
 
 
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_conv2d_gradcheck_winograd_long_chunks(monkeypatch, padding):
+    """Chunks of at least conv_kernels._GATHER_BY_TILE_ROWS tile rows, where the F(4x4) transforms' gathers
+    and scatters run over the tile rows innermost (a chunk starts mid-image, the last one is shorter, tile
+    rows at the top and bottom edges have patch rows outside the input, and the width is off a multiple of
+    4): float64 finite differences for input, weight and bias, and the forward against the direct reference."""
+    from mpnn.core import conv_kernels, conv_winograd
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    n, c, h, w_, o = 7, 2, 13, 10, 3
+    oh, ow = h + 2 * padding - 2, w_ + 2 * padding - 2
+    slots = (ow + 3) // 4 + 1
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 17 * slots)  # 17 tile rows a chunk
+    _, _, chunks = conv_winograd._winograd_chunks(n, oh, ow, 17 * slots)
+    rows = [r for _, r in chunks]
+    assert rows[0] >= conv_kernels._GATHER_BY_TILE_ROWS and len(rows) >= 2 and rows[-1] < rows[0]
+    x, wt, b = randn(n, c, h, w_), randn(o, c, 3, 3), randn(o)
+    out = conv2d(leaf(x), leaf(wt), leaf(b), 1, padding)
+    ref = ref_conv2d(x, wt, b, (1, 1), (padding, padding), (padding, padding), (1, 1), 1)
+    np.testing.assert_allclose(out.data, ref, atol=1e-10)
+    gradcheck(lambda a, ww, bb: conv2d(a, ww, bb, 1, padding), [leaf(x), leaf(wt), leaf(b)])
+
+
 def test_conv2d_gradcheck_noncontiguous_unbatched_and_size_one_dims():
     transposed = randn(2, 3, 6, 5).transpose(0, 1, 3, 2)  # (2, 3, 5, 6) strided view
     assert not transposed.flags.c_contiguous

@@ -415,7 +415,7 @@ def adaptive_avg_pool2d_backward(g, dx):
 # last `rows` of each channel's T, so the GEMMs leave them out as a plain strided operand. Row by row (the
 # junk slot beside each row, the GEMMs multiplying it too: a third of their work on 8x8 maps, a fifth on
 # 16x16, a ninth on 32x32), the loads and stores that meet the NCHW arrays were unit-stride; now they are
-# `rows` apart and scalar. ResNet-18, batch 32, forward / forward+backward mpnn/torch time, same process,
+# `rows` apart and scalar, or one input row apart on long chunks (_gather_phases). ResNet-18, batch 32, forward / forward+backward mpnn/torch time, same process,
 # two runs each, load 2-3: 256ch 8x8 0.96, 0.86 / 0.69, 0.71 -> 0.81, 0.80 / 0.66, 0.67; 128ch 16x16
 # 0.76, 0.70 / 0.81, 0.69 -> 0.69, 0.71 / 0.70, 0.71; 64ch 32x32 a wash (0.58 / 0.60 either way).
 # Rows are split into their four column phases (4k + r), so that a tile's six columns are phases 0-3 of
@@ -451,27 +451,84 @@ def _constants(dtype_of):
     return c[0], c[1], c[2], c[3]
 
 
-@njit(cache=True, fastmath=False, inline="always")
-def _load_phases(src, s, dst, d, stride, step, lo, hi, count, offset, size):
-    """dst[d + r*stride + k*step] = src[s + 4k + r] for k < count, r < 4, or 0 where column 4k + r + offset
-    falls outside [0, size): a row split into its four column phases, so that later passes are unit-stride
-    (step: the distance between a tile's slot and its right neighbour's, the chunk's tile rows).
-    [lo, hi) is _phase_bounds(offset, size, count)."""
-    # scalar: stores `step` apart (a unit step made the four loads one de-interleaving load)
-    for k in range(lo, hi):
-        e = d + k * step
-        dst[uint64(e)] = src[uint64(s + 4 * k)]
-        dst[uint64(e + stride)] = src[uint64(s + 4 * k + 1)]
-        dst[uint64(e + 2 * stride)] = src[uint64(s + 4 * k + 2)]
-        dst[uint64(e + 3 * stride)] = src[uint64(s + 4 * k + 3)]
-    for k in range(lo):
-        for r in range(4):
-            col = 4 * k + r + offset
-            dst[uint64(d + r * stride + k * step)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
-    for k in range(hi, count):
-        for r in range(4):
-            col = 4 * k + r + offset
-            dst[uint64(d + r * stride + k * step)] = src[uint64(s + 4 * k + r)] if 0 <= col < size else 0.0
+# A chunk's tile rows rr are unit-stride in its slots (slot(rr, k) = k*rows + rr), so the gather from NCHW rows
+# runs the other way round on chunks of many tile rows: for each (channel, patch row, column phase, slot),
+# one loop over the tile rows, unit-stride stores and loads one input row apart. ResNet-18, batch 32, one
+# conv's gathers, ms, row by row (4 phases x slots stores per input row) -> by tile rows: 128 channels
+# 16x16 (28 tile rows a chunk) 3.45 -> 0.84, 256 on 8x8 (64) 2.82 -> 1.70, 64 on 8x8 (24) 0.91 -> 0.25. With
+# fewer tile rows a chunk (wide maps: 8 for 64 channels on 32x32, 4 on 64x64) the loop is too short: those
+# keep the row order, without the per-element edge tests (3.89 -> 3.09, 8.44 -> 4.46). winograd_output's and
+# winograd_grad_input's scatters into NCHW rows do the same: 128 on 16x16 2.72 -> 2.16 and 6.92 -> 3.01 ms,
+# 256 on 8x8 3.19 -> 1.65 and 5.86 -> 5.56 (AMD Zen 4, one thread, medians of 15).
+_GATHER_BY_TILE_ROWS = 16
+
+
+@njit(cache=True, fastmath=False)
+def _tile_rows_inside(c_, h_, w_, top, tiles_h, r0, rows, patch):
+    """For each patch row a < patch, the chunk's tile rows rr whose row 4*th + top + a lies inside the
+    (c_, h_, w_) images: (base, pos, count) with pos[a, :count[a]] those rr and base[a, m] the flat offset of
+    that row of channel 0 ((n, th) = divmod(r0 + rr, tiles_h))."""
+    base = np.empty((patch, rows), np.int64)
+    pos = np.empty((patch, rows), np.int64)
+    count = np.zeros(patch, np.int64)
+    for a in range(patch):
+        for rr in range(rows):
+            n, th = divmod(r0 + rr, tiles_h)
+            ih = 4 * th + top + a
+            if 0 <= ih < h_:
+                base[a, count[a]] = (n * c_ * h_ + ih) * w_
+                pos[a, count[a]] = rr
+                count[a] += 1
+    return base, pos, count
+
+
+@njit(cache=True, fastmath=False)
+def _gather_phases(src, n_, c_, h_, w_, top, left, tiles_h, r0, rows, slots, patch, dst, stride):
+    """dst[(4a + r)*stride + c*T + k*rows + rr] = src[n, c, 4*th + top + a, 4k + r + left], or 0 where that
+    lies outside the (n_, c_, h_, w_) array src (flat), for patch rows a < patch, column phases r < 4, slots
+    k < slots and the chunk's tile rows rr, (n, th) = divmod(r0 + rr, tiles_h); T = rows*slots."""
+    t_ = rows * slots
+    hw = h_ * w_
+    los = np.empty(4, np.int64)
+    his = np.empty(4, np.int64)
+    for r in range(4):  # slots whose column 4k + r + left lies inside the row
+        los[r], his[r] = _valid_range(r + left, 4, w_, slots)
+    if rows >= _GATHER_BY_TILE_ROWS:
+        base, pos, count = _tile_rows_inside(c_, h_, w_, top, tiles_h, r0, rows, patch)
+        for c in range(c_):
+            for a in range(patch):
+                d = 4 * a * stride + c * t_
+                na = count[a]
+                for r in range(4):
+                    for k in range(slots):
+                        e = d + r * stride + k * rows
+                        off = c * hw + 4 * k + r + left
+                        if na == rows and los[r] <= k < his[r]:
+                            # scalar on x86-64 (LLVM's gathers lost to it)
+                            for m in range(rows):
+                                dst[uint64(e + m)] = src[uint64(base[a, m] + off)]
+                        else:
+                            for m in range(rows):
+                                dst[uint64(e + m)] = 0.0
+                            if los[r] <= k < his[r]:
+                                for m in range(na):
+                                    dst[uint64(e + pos[a, m])] = src[uint64(base[a, m] + off)]
+        return
+    for i in range(4 * patch * stride):  # a memset (LLVM's), then only the inside columns
+        dst[uint64(i)] = 0.0
+    for c in range(c_):
+        for rr in range(rows):
+            n, th = divmod(r0 + rr, tiles_h)
+            for a in range(patch):
+                ih = 4 * th + top + a
+                if 0 <= ih < h_:
+                    d = 4 * a * stride + c * t_ + rr
+                    s = ((n * c_ + c) * h_ + ih) * w_ + left
+                    for r in range(4):
+                        e = d + r * stride
+                        # scalar: stores `rows` apart
+                        for k in range(los[r], his[r]):
+                            dst[uint64(e + k * rows)] = src[uint64(s + 4 * k + r)]
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -572,20 +629,7 @@ def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
     p = v.shape[1]
     two, four, five, _ = _constants(x)
     q = np.empty(24 * ln, x.dtype)  # q[(4a + r)*ln + j]: phase r of patch row a, slot j
-    lo, hi = _phase_bounds(-pw, w_, slots)
-    for c in range(c_):  # channel-major, so that the rows read follow each other in memory
-        for rr in range(rows):
-            n, th = divmod(r0 + rr, tiles_h)
-            j0 = c * t_ + rr * sr
-            for a in range(6):
-                ih = 4 * th - ph + a
-                d = 4 * a * ln + j0
-                if 0 <= ih < h_:
-                    _load_phases(xf, ((n * c_ + c) * h_ + ih) * w_ - pw, q, d, ln, sk, lo, hi, slots, -pw, w_)
-                else:
-                    for r in range(4):
-                        for k in range(slots):
-                            q[uint64(d + r * ln + k * sk)] = 0.0
+    _gather_phases(xf, n_, c_, h_, w_, -ph, -pw, tiles_h, r0, rows, slots, 6, q, ln)
     for r in range(24):
         for k in range(sk):
             q[r * ln + size + k] = 0.0
@@ -620,6 +664,29 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
             y[uint64((6 + b) * size + j)] = z[1]
             y[uint64((12 + b) * size + j)] = z[2]
             y[uint64((18 + b) * size + j)] = z[3]
+    if rows >= _GATHER_BY_TILE_ROWS:  # then A along the rows, tile rows innermost (see _gather_phases)
+        base, pos, count = _tile_rows_inside(o_, oh_, ow_, 0, tiles_h, r0, rows, 4)
+        z4 = np.empty(4 * rows, m.dtype)  # z4[r*rows + rr]: column phase r of tile row rr's output row
+        plane = oh_ * ow_
+        for o in range(o_):
+            bo = bias[o]
+            for i in range(4):
+                for k in range(tiles_w):
+                    q = 6 * i * size + o * t_ + k * sk
+                    for rr in range(rows):  # unit-stride in y and z4
+                        z = _at(_get6(y, q + rr, size), two, four, eight)
+                        z4[uint64(rr)] = z[0] + bo
+                        z4[uint64(rows + rr)] = z[1] + bo
+                        z4[uint64(2 * rows + rr)] = z[2] + bo
+                        z4[uint64(3 * rows + rr)] = z[3] + bo
+                    off = o * plane + 4 * k
+                    width = min(4, ow_ - 4 * k)
+                    for e in range(count[i]):  # scalar: a scatter into the output rows
+                        d = base[i, e] + off
+                        rr = pos[i, e]
+                        for r in range(width):
+                            of[uint64(d + r)] = z4[uint64(r * rows + rr)]
+        return
     full = ow_ // 4
     # then A along the rows, interleaving the four column phases into the output rows (in the scatter
     # itself: ~5% faster than a separate pass into a (16, T) array, measured)
@@ -658,20 +725,8 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     p = dm.shape[1]
     two, four, _, eight = _constants(g)
     q = np.empty(16 * size, g.dtype)  # q[(4i + r)*size + j]: phase r of the tile's output-gradient row i
-    lo, hi = _phase_bounds(0, ow_, slots)
-    for o in range(o_):
-        for rr in range(rows):
-            n, th = divmod(r0 + rr, tiles_h)
-            j0 = o * t_ + rr * sr
-            for i in range(4):
-                oh = 4 * th + i
-                d = 4 * i * size + j0
-                if oh < oh_:  # slot tiles_w reads past the row: 0, the junk slot
-                    _load_phases(gf, ((n * o_ + o) * oh_ + oh) * ow_, q, d, size, sk, lo, hi, slots, 0, ow_)
-                else:
-                    for r in range(4):
-                        for k in range(slots):
-                            q[uint64(d + r * size + k * sk)] = 0.0
+    # (0 past the edge: the junk slot tiles_w reads past the row)
+    _gather_phases(gf, n_, o_, oh_, ow_, 0, 0, tiles_h, r0, rows, slots, 4, q, size)
     # A along the rows into z, then down the columns (measured: recomputing z inside the column pass, or
     # the columns first, was no faster)
     z = np.empty(24 * size, g.dtype)  # z[(6i + b)*size + j] = (dY A^T)[i, b]
@@ -746,6 +801,8 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
             _put6(y, b * ln + sk + j, 6 * ln, _b(_get6(vf, b * p + j, 6 * p), two, four, five))
     acc = np.empty(4 * size, dv.dtype)
     lo, hi = _phase_bounds(-pw, w_, slots)
+    base, pos, count = _tile_rows_inside(c_, h_, w_, -ph, tiles_h, r0, rows, 6)
+    plane = h_ * w_
     for a in range(6):
         r = 6 * a * ln
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
@@ -756,6 +813,18 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
             acc[uint64(size + j)] = cur[1] + prev[5]
             acc[uint64(2 * size + j)] = cur[2]
             acc[uint64(3 * size + j)] = cur[3]
+        if rows >= _GATHER_BY_TILE_ROWS:  # tile rows innermost (see _gather_phases)
+            for c in range(c_):
+                for k in range(slots):
+                    for b in range(4):
+                        col = 4 * k + b - pw
+                        if 0 <= col < w_:
+                            src = b * size + c * t_ + k * sk
+                            off = c * plane + col
+                            # scalar: a scatter into the input gradient's rows
+                            for e in range(count[a]):
+                                xf[uint64(base[a, e] + off)] += acc[uint64(src + pos[a, e])]
+            continue
         for c in range(c_):
             for rr in range(rows):
                 n, th = divmod(r0 + rr, tiles_h)
