@@ -139,3 +139,84 @@ def test_adam_update_all_equals_adam_update_per_parameter():
             for got, exp in zip((ps, ms, vs), want):
                 for a, b in zip(got, exp):
                     assert a.tobytes() == b.tobytes()
+
+
+# ----- leaf gradients handed over without a copy ----------------------------------------------------------------
+def _mlp_run(compiled, keep="none", zero="none", steps=5, fuse=False):
+    """A 3-layer MLP with Adam; keep: what the caller holds from each step's .grad ("none", "tensor", "view");
+    zero: zero_grad() with set_to_none ("none"), with zeros in place ("zeros"), or never ("never": .grad
+    accumulates over the steps)."""
+    mpnn.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = mpnn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(x, y):
+        if zero == "none":
+            opt.zero_grad()
+        elif zero == "zeros":
+            opt.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step, fuse=fuse) if compiled else step
+    held, values = [], []
+    for x, y in _batches(steps, seed=4):
+        fn(x, y)
+        values.append([p.grad.data.copy() for p in model.parameters()])
+        if keep == "tensor":
+            held.append([p.grad for p in model.parameters()])
+        elif keep == "view":
+            held.append([p.grad.data[1:] for p in model.parameters()])
+    return values, held, [p.data.copy() for p in model.parameters()], fn
+
+
+@pytest.mark.parametrize("keep", ["none", "tensor", "view"])
+@pytest.mark.parametrize("zero", ["none", "zeros", "never"])
+def test_leaf_gradients_handed_over_stay_the_callers(keep, zero):
+    """A linear form's weight and bias gradient buffers become the parameters' .grad without a copy; at the next
+    backward a buffer still referenced (the .grad itself when zero_grad kept it, a tensor or a view the caller
+    kept) is left to its holder and the form writes a fresh one. Every step's gradients, what the caller kept of
+    earlier steps, and the parameters equal eager's bit for bit."""
+    eager = _mlp_run(False, keep, zero)
+    compiled = _mlp_run(True, keep, zero)
+    assert compiled[3].eager_reason is None and compiled[3].stats["hits"] == 4
+    for ga, gb in zip(eager[0], compiled[0]):
+        for a, b in zip(ga, gb):
+            assert a.tobytes() == b.tobytes()
+    for ha, hb in zip(eager[1], compiled[1]):  # what was kept still holds its own step's values
+        for a, b in zip(ha, hb):
+            a, b = getattr(a, "data", a), getattr(b, "data", b)
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(eager[2], compiled[2]):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_leaf_gradients_are_handed_over_without_a_copy(monkeypatch):
+    """The usual step (zero_grad, backward, step; nothing kept): no parameter's gradient goes through
+    accumulate_leaf's copy in replay, and each .grad is the same buffer from step to step."""
+    from mpnn.capture import program
+
+    copies = []
+    real = program.accumulate_leaf
+    monkeypatch.setattr(program, "accumulate_leaf", lambda t, g: (copies.append(t), real(t, g))[1])
+    mpnn.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step)
+    addresses = []
+    for x, y in _batches(5):
+        fn(x, y)
+        addresses.append([p.grad.data.ctypes.data for p in model.parameters()])
+    assert fn.stats["hits"] == 4
+    assert copies == []  # (the capture's own backward is eager's: autograd.accumulate_leaf)
+    assert all(a == addresses[1] for a in addresses[2:])

@@ -14,6 +14,8 @@ buckets among them, fire there as in eager).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from mpnn import hooks
@@ -37,6 +39,7 @@ class Program:
         self.steps = []  # callables, in order
         self.guards = []  # (tensor, its array, requires_grad) of every tensor read that the step did not make
         self.grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
+        self._lent = []  # buffers of backward forms handed to leaves as their .grad (see _reclaim)
         self._build(rec, proxies)
         self.result_spec = self._spec(result, rec)
 
@@ -134,25 +137,35 @@ class Program:
                     last_consumer[k] = i
                 targets.append((j, k))
             plan.append((i, id(r.out), r.replay_bwd, targets))
-        finals = {}
-        for k, i in last_consumer.items():
-            finals.setdefault(i, []).append(k)
+        edges = {}  # leaf id -> how many edges reach it
+        for _, _, _, targets in plan:
+            for _, k in targets:
+                if k in leaves:
+                    edges[k] = edges.get(k, 0) + 1
         steps = []
         for i, key, bwd, targets in plan:
-            fin = [(k, leaves[k]) for j, k in targets if k in leaves and last_consumer.get(k) == i]
+            lendable = getattr(bwd, "lendable", None) or {}
+            fin = [
+                (k, leaves[k], lendable.get(j) if edges[k] == 1 else None)
+                for j, k in targets
+                if k in leaves and last_consumer.get(k) == i
+            ]
             # one leaf finalized once, in edge order
             uniq, seen = [], set()
-            for k, leaf in fin:
+            for k, leaf, holder in fin:
                 if k not in seen:
                     seen.add(k)
-                    uniq.append((k, leaf))
+                    uniq.append((k, leaf, holder))
             steps.append((key, bwd, tuple(targets), tuple(uniq)))
         steps = tuple(steps)
         root_key = id(root)
+        lent = self._lent
 
         sums = {}  # target -> the buffer its contributions are summed into (planned at the first step that sums)
 
         def reverse():
+            if lent:
+                _reclaim(lent)
             grads = {root_key: seed}
             owned = set()
             for key, bwd, targets, fin in steps:
@@ -186,9 +199,23 @@ class Program:
                                     sums[k] = buf
                             grads[k] = buf
                             owned.add(k)
-                for k, leaf in fin:
+                for k, leaf, holder in fin:
                     gl = grads.pop(k, None)
-                    if gl is not None:
+                    if gl is None:
+                        continue
+                    if (
+                        holder is not None
+                        and gl is holder[0]
+                        and leaf.grad is None
+                        and not leaf._grad_hooks
+                        and not leaf._hooks
+                        and gl.dtype == leaf.data.dtype
+                    ):
+                        # the form's buffer becomes the .grad, as accumulate_leaf's copy would (no copy: the MLP's
+                        # 79k gradient entries, 30 us a step); reclaimed or replaced at the next backward
+                        leaf.grad = from_array(gl)
+                        lent.append(holder)
+                    else:
                         accumulate_leaf(leaf, _dense(gl))
 
         def backward():
@@ -251,6 +278,18 @@ class Program:
         if self.grad_inputs:
             transfer_input_grads(self.grad_inputs, args)
         return self._result(self.result_spec)
+
+
+def _reclaim(lent):
+    """Before a backward writes its forms' buffers again: a buffer handed to a leaf as its .grad that anything
+    still references (the .grad itself when zero_grad did not drop it, a tensor or view the caller kept) stays
+    theirs, and its form gets a fresh array, as eager makes a fresh .grad each step. Otherwise (the usual step:
+    zero_grad dropped the .grad and nothing else holds it) the form writes it again, which nobody can see.
+    The count: the holder's slot and getrefcount's argument; any view of the buffer holds it as its base."""
+    for holder in lent:
+        if sys.getrefcount(holder[0]) > 2:
+            holder[0] = np.empty_like(holder[0])
+    lent.clear()
 
 
 def transfer_input_grads(grad_inputs, args):

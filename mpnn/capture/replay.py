@@ -338,8 +338,10 @@ def _linear(r):
     # and, for the bias, the same row-by-row float sum as NumPy's g2.sum(axis=0) (kernels.column_sum)
     gx2 = np.empty(x2.shape, o2.dtype)
     gx = gx2.reshape(xd.shape)
-    gw = np.empty(wd.shape, o2.dtype)
-    gb = None if bias is None else np.empty(bd.shape, o2.dtype)
+    # the weight and bias gradients' buffers, read at each call: the program may hand one to the leaf as its .grad
+    # (no copy) and put a fresh array here when that .grad is still held at the next backward (see lendable)
+    wbuf = [np.empty(wd.shape, o2.dtype)]
+    bbuf = None if bias is None else [np.empty(bd.shape, o2.dtype)]
     oshape = o.shape
 
     def backward(g):
@@ -351,15 +353,16 @@ def _linear(r):
             _mm(g2, wd, out=gx2, work=_gemm_work())
             rx = gx
         if weight.requires_grad:
-            rw = _mm(g2.T, x2, out=gw, work=_gemm_work())
+            rw = _mm(g2.T, x2, out=wbuf[0], work=_gemm_work())
         if bias is None:
             return (rx, rw)
         rb = None
         if bias.requires_grad:
-            column_sum(g2, gb)
-            rb = gb
+            rb = bbuf[0]
+            column_sum(g2, rb)
         return (rx, rw, rb)
 
+    backward.lendable = {1: wbuf} if bias is None else {1: wbuf, 2: bbuf}
     return forward, backward
 
 
