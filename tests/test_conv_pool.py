@@ -470,15 +470,18 @@ def test_conv2d_gradcheck_winograd_multirow_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("padding", [0, 1, 2])
-def test_conv2d_gradcheck_winograd_long_chunks(monkeypatch, padding):
+@pytest.mark.parametrize("n, h", [(7, 13), (20, 6)])
+def test_conv2d_gradcheck_winograd_long_chunks(monkeypatch, padding, n, h):
     """Chunks of at least conv_kernels._GATHER_BY_TILE_ROWS tile rows, where the F(4x4) transforms' gathers
     and scatters run over the tile rows innermost (a chunk starts mid-image, the last one is shorter, tile
     rows at the top and bottom edges have patch rows outside the input, and the width is off a multiple of
-    4): float64 finite differences for input, weight and bias, and the forward against the direct reference."""
+    4), in one pass (13 rows high: 4 tile rows an image) or in blocks of 8 tile rows (6 high, 2 tile rows an
+    image: more than 8 images a chunk): float64 finite differences for input, weight and bias, and the
+    forward against the direct reference."""
     from mpnn.core import conv_kernels, conv_winograd
 
     monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
-    n, c, h, w_, o = 7, 2, 13, 10, 3
+    c, w_, o = 2, 10, 3
     oh, ow = h + 2 * padding - 2, w_ + 2 * padding - 2
     slots = (ow + 3) // 4 + 1
     monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 17 * slots)  # 17 tile rows a chunk

@@ -483,6 +483,15 @@ def _tile_rows_inside(c_, h_, w_, top, tiles_h, r0, rows, patch):
 
 
 @njit(cache=True, fastmath=False)
+def _tile_row_block(rows, tiles_h):
+    """How many of a chunk's tile rows one pass over the tile rows takes: all of them, or 8 where the chunk
+    holds more than 8 images. The images' planes lie a multiple of 4 KiB apart (ResNet-18's), so their rows
+    share L1 sets, and L1 has 8 ways: 256 channels on 8x8 maps, batch 32 (32 images a chunk), grad-input
+    scatter 5.8 -> 2.4 ms, input gather 2.4 -> 2.0 ms in blocks of 8 tile rows (Zen 4)."""
+    return rows if rows <= 8 * tiles_h else 8
+
+
+@njit(cache=True, fastmath=False)
 def _gather_phases(src, n_, c_, h_, w_, top, left, tiles_h, r0, rows, slots, patch, dst, stride):
     """dst[(4a + r)*stride + c*T + k*rows + rr] = src[n, c, 4*th + top + a, 4k + r + left], or 0 where that
     lies outside the (n_, c_, h_, w_) array src (flat), for patch rows a < patch, column phases r < 4, slots
@@ -495,24 +504,26 @@ def _gather_phases(src, n_, c_, h_, w_, top, left, tiles_h, r0, rows, slots, pat
         los[r], his[r] = _valid_range(r + left, 4, w_, slots)
     if rows >= _GATHER_BY_TILE_ROWS:
         base, pos, count = _tile_rows_inside(c_, h_, w_, top, tiles_h, r0, rows, patch)
+        blk = _tile_row_block(rows, tiles_h)
         for c in range(c_):
             for a in range(patch):
                 d = 4 * a * stride + c * t_
                 na = count[a]
                 for r in range(4):
                     for k in range(slots):
-                        e = d + r * stride + k * rows
-                        off = c * hw + 4 * k + r + left
-                        if na == rows and los[r] <= k < his[r]:
-                            # scalar on x86-64 (LLVM's gathers lost to it)
-                            for m in range(rows):
-                                dst[uint64(e + m)] = src[uint64(base[a, m] + off)]
-                        else:
+                        if na < rows or not los[r] <= k < his[r]:
+                            e = d + r * stride + k * rows
                             for m in range(rows):
                                 dst[uint64(e + m)] = 0.0
-                            if los[r] <= k < his[r]:
-                                for m in range(na):
-                                    dst[uint64(e + pos[a, m])] = src[uint64(base[a, m] + off)]
+                for m0 in range(0, na, blk):
+                    m1 = min(m0 + blk, na)
+                    for r in range(4):
+                        for k in range(los[r], his[r]):
+                            e = d + r * stride + k * rows
+                            off = c * hw + 4 * k + r + left
+                            # scalar on x86-64 (LLVM's gathers lost to it)
+                            for m in range(m0, m1):
+                                dst[uint64(e + pos[a, m])] = src[uint64(base[a, m] + off)]
         return
     for i in range(4 * patch * stride):  # a memset (LLVM's), then only the inside columns
         dst[uint64(i)] = 0.0
@@ -666,26 +677,31 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
             y[uint64((18 + b) * size + j)] = z[3]
     if rows >= _GATHER_BY_TILE_ROWS:  # then A along the rows, tile rows innermost (see _gather_phases)
         base, pos, count = _tile_rows_inside(o_, oh_, ow_, 0, tiles_h, r0, rows, 4)
-        z4 = np.empty(4 * rows, m.dtype)  # z4[r*rows + rr]: column phase r of tile row rr's output row
+        zz = np.empty(4 * tiles_w * rows, m.dtype)  # zz[(4k + r)*rows + rr]: column 4k + r of tile row rr
+        blk = _tile_row_block(rows, tiles_h)
         plane = oh_ * ow_
         for o in range(o_):
             bo = bias[o]
             for i in range(4):
                 for k in range(tiles_w):
                     q = 6 * i * size + o * t_ + k * sk
-                    for rr in range(rows):  # unit-stride in y and z4
+                    d = 4 * k * rows
+                    for rr in range(rows):  # unit-stride in y and zz
                         z = _at(_get6(y, q + rr, size), two, four, eight)
-                        z4[uint64(rr)] = z[0] + bo
-                        z4[uint64(rows + rr)] = z[1] + bo
-                        z4[uint64(2 * rows + rr)] = z[2] + bo
-                        z4[uint64(3 * rows + rr)] = z[3] + bo
-                    off = o * plane + 4 * k
-                    width = min(4, ow_ - 4 * k)
-                    for e in range(count[i]):  # scalar: a scatter into the output rows
-                        d = base[i, e] + off
-                        rr = pos[i, e]
-                        for r in range(width):
-                            of[uint64(d + r)] = z4[uint64(r * rows + rr)]
+                        zz[uint64(d + rr)] = z[0] + bo
+                        zz[uint64(d + rows + rr)] = z[1] + bo
+                        zz[uint64(d + 2 * rows + rr)] = z[2] + bo
+                        zz[uint64(d + 3 * rows + rr)] = z[3] + bo
+                ni = count[i]
+                for m0 in range(0, ni, blk):
+                    m1 = min(m0 + blk, ni)
+                    for k in range(tiles_w):
+                        for r in range(min(4, ow_ - 4 * k)):
+                            src = (4 * k + r) * rows
+                            off = o * plane + 4 * k + r
+                            # scalar: a scatter into the output rows
+                            for e in range(m0, m1):
+                                of[uint64(base[i, e] + off)] = zz[uint64(src + pos[i, e])]
         return
     full = ow_ // 4
     # then A along the rows, interleaving the four column phases into the output rows (in the scatter
@@ -802,7 +818,12 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
     acc = np.empty(4 * size, dv.dtype)
     lo, hi = _phase_bounds(-pw, w_, slots)
     base, pos, count = _tile_rows_inside(c_, h_, w_, -ph, tiles_h, r0, rows, 6)
+    blk = _tile_row_block(rows, tiles_h)
     plane = h_ * w_
+    los = np.empty(4, np.int64)
+    his = np.empty(4, np.int64)
+    for b in range(4):  # slots whose column 4k + b - pw lies inside the row
+        los[b], his[b] = _valid_range(b - pw, 4, w_, slots)
     for a in range(6):
         r = 6 * a * ln
         # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes)
@@ -814,15 +835,16 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
             acc[uint64(2 * size + j)] = cur[2]
             acc[uint64(3 * size + j)] = cur[3]
         if rows >= _GATHER_BY_TILE_ROWS:  # tile rows innermost (see _gather_phases)
+            na = count[a]
             for c in range(c_):
-                for k in range(slots):
+                for m0 in range(0, na, blk):
+                    m1 = min(m0 + blk, na)
                     for b in range(4):
-                        col = 4 * k + b - pw
-                        if 0 <= col < w_:
+                        for k in range(los[b], his[b]):
                             src = b * size + c * t_ + k * sk
-                            off = c * plane + col
+                            off = c * plane + 4 * k + b - pw
                             # scalar: a scatter into the input gradient's rows
-                            for e in range(count[a]):
+                            for e in range(m0, m1):
                                 xf[uint64(base[a, e] + off)] += acc[uint64(src + pos[a, e])]
             continue
         for c in range(c_):
