@@ -220,3 +220,73 @@ def test_leaf_gradients_are_handed_over_without_a_copy(monkeypatch):
     assert fn.stats["hits"] == 4
     assert copies == []  # (the capture's own backward is eager's: autograd.accumulate_leaf)
     assert all(a == addresses[1] for a in addresses[2:])
+
+
+# ----- a linear layer's backward applies the ReLU's mask ------------------------------------------------------------
+class _Branchy(nn.Module):
+    """linear -> relu in three settings: the usual one; a linear output also read by a second op (no mask fusion:
+    the ReLU keeps its own backward); a bias that does not require grad (the mask without the column sums)."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+        if case == "frozen_bias":
+            self.b.bias.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        z = self.b(h)
+        r = z.relu()
+        if self.case == "shared":
+            r = r + z * 0.5
+        return self.c(r * 1.0 + h[:, :16])
+
+
+def _branchy_run(case, compiled, steps=4):
+    mpnn.manual_seed(0)
+    model = _Branchy(case)
+    opt = mpnn.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    out = []
+    for x, y in _batches(steps, seed=5):
+        loss = fn(x, y)
+        out.append([loss.data.copy()] + [p.grad.data.copy() for p in model.parameters() if p.requires_grad])
+    return out, [p.data.copy() for p in model.parameters()], fn
+
+
+def _replayed_backward_forms(fn):
+    forms = []
+    for prog in fn._cache.values():
+        for step in prog.steps:
+            if step.__qualname__.endswith("_backward_step.<locals>.backward"):
+                reverse = dict(zip(step.__code__.co_freevars, step.__closure__))["reverse"].cell_contents
+                cells = dict(zip(reverse.__code__.co_freevars, reverse.__closure__))
+                forms += [bwd.__qualname__ for _, bwd, _, _ in cells["steps"].cell_contents]
+    return forms
+
+
+@pytest.mark.parametrize("case", ["usual", "shared", "frozen_bias"])
+def test_linear_backward_with_the_relu_mask_gives_eager_bits(case):
+    eager = _branchy_run(case, False)
+    compiled = _branchy_run(case, True)
+    fn = compiled[2]
+    assert fn.eager_reason is None and fn.stats["hits"] == 3
+    for a, b in zip(eager[0], compiled[0]):
+        for x, y in zip(a, b):
+            assert x.tobytes() == y.tobytes()
+    for a, b in zip(eager[1], compiled[1]):
+        assert a.tobytes() == b.tobytes()
+    forms = _replayed_backward_forms(fn)
+    # the ReLU after layer a always passes through; the one after b only where b's output has one reader
+    assert forms.count("_pass_through") == (1 if case == "shared" else 2)

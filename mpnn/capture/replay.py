@@ -34,11 +34,14 @@ from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels, _log_softmax_rows
 
 from .kernels import (
+    bias_add,
     bias_relu,
     column_sum,
     cross_entropy_forward,
     matmul_abt,
+    pack_weight_bias,
     relu_backward,
+    relu_backward_colsum,
     relu_forward,
     scale_into,
     swap_relu,
@@ -331,6 +334,11 @@ def _linear(r):
             np.add(o2, bd, out=o2)
 
     if bd is not None and o2.dtype in _FLOATS and bd.dtype == o2.dtype and bd.flags.c_contiguous:
+
+        def forward():  # the bias add in one Numba pass (kernels.bias_add: np.add's additions)
+            _mm(x2, wt, out=o2, work=_gemm_work())
+            bias_add(o2, bd)
+
         forward.linear_parts = (x2, wt, o2, bd)
     if o2.dtype not in _FLOATS or wd.dtype != o2.dtype or not (x2.flags.c_contiguous and wd.flags.c_contiguous):
         return forward, r.backward  # reads x2 and the weight: a buffer and a parameter
@@ -344,10 +352,24 @@ def _linear(r):
     bbuf = None if bias is None else [np.empty(bd.shape, o2.dtype)]
     oshape = o.shape
 
+    relu_act = [None]  # (fuse) the ReLU output whose mask this backward applies first, as o2's 2-d shape
+    masked = np.empty(o2.shape, o2.dtype)
+
     def backward(g):
+        act = relu_act[0]
         if g.dtype != o2.dtype or g.shape != oshape or not g.flags.c_contiguous or g.size == 0:
+            if act is not None:  # the ReLU's backward, as its eager closure computes it
+                g = g * (act.reshape(oshape) > 0)
             return r.backward(g)
         g2 = g.reshape(o2.shape)
+        rb = None
+        if act is not None:  # the ReLU's mask, with the bias gradient's column sums in the same pass
+            if bias is not None and bias.requires_grad:
+                rb = bbuf[0]
+                relu_backward_colsum(g2, act, masked, rb)
+            else:
+                relu_backward(g2.reshape(-1), act.reshape(-1), masked.reshape(-1))
+            g2 = masked
         rx = rw = None
         if x.requires_grad:
             _mm(g2, wd, out=gx2, work=_gemm_work())
@@ -356,13 +378,17 @@ def _linear(r):
             rw = _mm(g2.T, x2, out=wbuf[0], work=_gemm_work())
         if bias is None:
             return (rx, rw)
-        rb = None
-        if bias.requires_grad:
+        if bias.requires_grad and rb is None:
             rb = bbuf[0]
             column_sum(g2, rb)
         return (rx, rw, rb)
 
+    def mask_with(act):
+        """(fuse) The ReLU after this layer passes its gradient through; this backward applies its mask."""
+        relu_act[0] = act.reshape(o2.shape)
+
     backward.lendable = {1: wbuf} if bias is None else {1: wbuf, 2: bbuf}
+    backward.mask_with = mask_with
     return forward, backward
 
 
@@ -516,6 +542,10 @@ def fuse(rec):
 
             out[k] = forward
             out[k + 1] = None
+            mask = getattr(a.replay_bwd, "mask_with", None)
+            if mask is not None and consumers.get(id(a.out)) == 1 and id(a.out) not in roots and b.needs[0]:
+                mask(dst)  # the ReLU's backward goes into the linear layer's (kernels.relu_backward_colsum)
+                b.replay_bwd = _pass_through
             continue
         conv = getattr(a.forward, "fuse_relu", None)
         if conv is None or rel[1].dtype != a.out.data.dtype:
@@ -569,12 +599,20 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         gemm_out = res
     x_tile = x4[n0:n1]
 
-    def forward():
+    def pack():
+        """_grouped_weight's concatenation into wg: the weight, then the bias column."""
         if b2 is None:
             np.copyto(wg, w3)
+        elif packed_by_kernel:
+            pack_weight_bias(w3, b2, wg)
         else:
             wg[:, :, :taps] = w3
             wg[:, :, taps] = b2
+
+    packed_by_kernel = b2 is not None and dtype in _FLOATS and b2.dtype == dtype and w3.flags.c_contiguous
+
+    def forward():
+        pack()
         CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
         np.matmul(wg, cols3, out=gemm_out)
         if res is not None:
@@ -594,11 +632,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             return forward_relu
 
         def forward_gemm():
-            if b2 is None:
-                np.copyto(wg, w3)
-            else:
-                wg[:, :, :taps] = w3
-                wg[:, :, taps] = b2
+            pack()
             CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
             np.matmul(wg, cols3, out=gemm_out)
 
