@@ -124,7 +124,9 @@ def capture_probe(name):
 
 PROFILED = {
     "replay": ("swap_relu", "swap_relu_backward", "matmul_abt", "bias_relu", "relu_backward", "relu_forward",
-               "cross_entropy_forward", "scale_into", "column_sum", "_mm"),
+               "cross_entropy_forward", "scale_into", "column_sum", "_mm", "bias_add", "relu_backward_colsum",
+               "pack_weight_bias"),
+    "optim": ("adam_update", "adam_update_all"),
 }  # fmt: skip
 
 
@@ -156,7 +158,7 @@ def profile(name, steps=2000):
 
     names = [n for n in PROFILED["replay"] if hasattr(replay, n)]  # (an older mpnn may lack some)
     saved = {k: getattr(replay, k) for k in ("np", "CK", *names)}
-    saved_adam = capture_optim.adam_update
+    saved_optim = {k: getattr(capture_optim, k) for k in PROFILED["optim"] if hasattr(capture_optim, k)}
     mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
 
     def program():
@@ -175,7 +177,8 @@ def profile(name, steps=2000):
         replay.CK = namespace(replay.CK, ["im2col", "col2im", "swap_leading_axes"], "CK.")
         for n in names:
             setattr(replay, n, timed(n, saved[n]))
-        capture_optim.adam_update = timed("adam_update", saved_adam)
+        for k, v in saved_optim.items():
+            setattr(capture_optim, k, timed(k, v))
         prog = program()
         run(prog, 200)
         best = None
@@ -193,7 +196,8 @@ def profile(name, steps=2000):
             setattr(replay, n, noop)
         replay._mm = lambda a, b, out=None, work=None: out
         replay.cross_entropy_forward = lambda *a: (1.0, 1, -1)
-        capture_optim.adam_update = noop
+        for k in saved_optim:
+            setattr(capture_optim, k, noop)
         with np.errstate(all="ignore"):
             glue_prog = program()
             run(glue_prog, 200)
@@ -201,7 +205,8 @@ def profile(name, steps=2000):
     finally:
         for k, v in saved.items():
             setattr(replay, k, v)
-        capture_optim.adam_update = saved_adam
+        for k, v in saved_optim.items():
+            setattr(capture_optim, k, v)
     total, acc, calls = best
     per = total / steps * 1e6
     print(f"{name}: replayed step {per:.1f} us (best of 3 x {steps} steps); load {os.getloadavg()[0]:.2f}")
