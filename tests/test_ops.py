@@ -120,8 +120,31 @@ def test_unary_gradients(name, fn, kw, shape):
 
 
 def test_unary_noncontiguous():
-    for fn in (ops.exp, ops.tanh, ops.sigmoid, ops.gelu):
+    for fn in (ops.exp, ops.tanh, ops.sigmoid, ops.gelu, ops.relu):
         assert gradcheck(fn, [T(3, 4, noncontig=True)])
+
+
+@pytest.mark.arm64
+@pytest.mark.parametrize("dtype, bits", [(np.float32, np.uint32), (np.float64, np.uint64)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+def test_relu_kernels_keep_numpys_bits(dtype, bits):
+    """relu's one-pass loops give np.maximum(x, 0)'s bits (-0.0 to 0.0, NaN kept, infinities, subnormals) and the
+    backward g * (out > 0)'s (a gradient of -0.0 or NaN where the output is 0 or NaN); strided inputs and
+    gradients, and integer inputs, take NumPy's path with the same results."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, tiny, -tiny, 3.0, -2.0, 0.5, -7.0], dtype)
+    g = np.array([1.0, -0.0, 2.0, np.nan, -3.0, 4.0, -0.0, np.nan, 5.0, np.inf, -1.0, 6.0], dtype)
+    for shape, strided in (((12,), False), ((3, 4), False), ((4, 3), True)):  # inf * 0: NaN, as intended
+        xs = x.reshape(3, 4).T if strided else x.reshape(shape)
+        gs = g.reshape(3, 4).T if strided else g.reshape(shape)
+        t = mpnn.from_numpy(xs).requires_grad_()
+        assert t.data.flags.c_contiguous != strided
+        out = ops.relu(t)
+        assert out.data.view(bits).tolist() == np.maximum(xs, 0).view(bits).tolist()
+        out.backward(mpnn.from_numpy(gs))
+        assert t.grad.data.view(bits).tolist() == (gs * (np.maximum(xs, 0) > 0)).view(bits).tolist()
+    ints = mpnn.tensor(np.array([-2, 0, 3]))
+    assert ops.relu(ints).data.tolist() == [0, 0, 3] and ops.relu(ints).data.dtype == np.int64
 
 
 @pytest.mark.arm64

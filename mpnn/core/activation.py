@@ -61,10 +61,25 @@ def dropout(a: TensorBase, p: float = 0.5, training: bool = True) -> TensorBase:
     return make_result(a.data * mask, (a,), backward, "dropout", saved=())
 
 
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def relu(a):
-    out = np.maximum(a.data, 0)
+    """max(x, 0); float arrays through activation_kernels' one-pass loops (the same bits as NumPy's)."""
+    from mpnn.core import activation_kernels as K
+
+    ad = a.data
+    if ad.dtype in _FLOATS and ad.flags.c_contiguous:
+        out = np.empty_like(ad)
+        K.relu_forward(ad.reshape(-1), out.reshape(-1))
+    else:
+        out = np.maximum(ad, 0)
 
     def backward(g):
+        if g.dtype == out.dtype and out.dtype in _FLOATS and g.flags.c_contiguous and out.flags.c_contiguous:
+            dx = np.empty_like(out)
+            K.relu_backward(g.reshape(-1), out.reshape(-1), dx.reshape(-1))
+            return (dx,)
         return (g * (out > 0),)
 
     # the output, not the input, as torch saves: in a conv-BN-ReLU chain the next conv keeps that same array,

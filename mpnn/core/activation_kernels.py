@@ -1,4 +1,4 @@
-"""Numba kernels for GELU, the one activation NumPy makes slow (it has no erf).
+"""Numba kernels for GELU, the one activation NumPy makes slow (it has no erf), and for ReLU.
 
 Composed from NumPy ufuncs plus a scalar erf, a GPT block's (768, 512) float32 GELU took 2.2 ms forward and 2.0 ms
 backward; a fused loop calling math.erf took 2.0 / 3.8 ms, because math.erf and math.exp do not vectorize in
@@ -113,6 +113,27 @@ def gelu_tanh_backward(x, t, g, out):
         v = x[i]
         dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v)
         out[i] = g[i] * (0.5 * (1.0 + t[i]) + 0.5 * v * (1.0 - t[i] * t[i]) * dinner)
+
+
+@njit(cache=True, error_model="numpy")
+def relu_forward(a, o):
+    """o = np.maximum(a, 0) over flat arrays, bit for bit (-0.0 -> 0.0, NaN kept). NumPy's maximum with the int 0
+    runs a mixed-dtype loop that keeps NaNs: ResNet-18's maps at batch 32, float32, one thread, ms, NumPy -> this:
+    (64, 32, 32) 0.78 -> 0.25, (256, 8, 8) 0.22 -> 0.05 (torch 0.53, 0.06); (100, 25, 19) 16 -> 8 us."""
+    zero = o.dtype.type(0)
+    for i in range(a.size):
+        v = a[i]
+        o[i] = v if (v > 0 or v != v) else zero
+
+
+@njit(cache=True, error_model="numpy")
+def relu_backward(g, out, dx):
+    """dx = g * (out > 0) over flat arrays: the same float multiply by 1 or 0 as g * (out > 0) (so -0.0 and NaN
+    come out alike), in one pass without the bool temporary and NumPy's mixed-dtype loop."""
+    one = g.dtype.type(1)
+    zero = g.dtype.type(0)
+    for i in range(g.size):
+        dx[i] = g[i] * (one if out[i] > 0 else zero)
 
 
 def flat(a: np.ndarray) -> np.ndarray:
