@@ -415,9 +415,10 @@ def adaptive_avg_pool2d_backward(g, dx):
 # last `rows` of each channel's T, so the GEMMs leave them out as a plain strided operand. Row by row (the
 # junk slot beside each row, the GEMMs multiplying it too: a third of their work on 8x8 maps, a fifth on
 # 16x16, a ninth on 32x32), the loads and stores that meet the NCHW arrays were unit-stride; now they are
-# `rows` apart and scalar, or one input row apart on long chunks (_gather_phases). ResNet-18, batch 32, forward / forward+backward mpnn/torch time, same process,
-# two runs each, load 2-3: 256ch 8x8 0.96, 0.86 / 0.69, 0.71 -> 0.81, 0.80 / 0.66, 0.67; 128ch 16x16
-# 0.76, 0.70 / 0.81, 0.69 -> 0.69, 0.71 / 0.70, 0.71; 64ch 32x32 a wash (0.58 / 0.60 either way).
+# `rows` apart and scalar, or one input row apart on long chunks (_gather_phases). ResNet-18, batch 32,
+# forward / forward+backward mpnn/torch time, same process, two runs each, load 2-3: 256ch 8x8 0.96, 0.86 /
+# 0.69, 0.71 -> 0.81, 0.80 / 0.66, 0.67; 128ch 16x16 0.76, 0.70 / 0.81, 0.69 -> 0.69, 0.71 / 0.70, 0.71; 64ch
+# 32x32 a wash (0.58 / 0.60 either way).
 # Rows are split into their four column phases (4k + r), so that a tile's six columns are phases 0-3 of
 # its slot and 0-1 of the next.
 # v/m/dm/dv are (36, P) buffers: row 6a + b holds entry (a, b) of every tile's 6x6 block as a
@@ -631,7 +632,7 @@ def winograd_input(x, ph, pw, tiles_h, tiles_w, r0, rows, v):
     values in the junk slots k = tiles_w, the last `rows` of each channel's T: the GEMM leaves them out)."""
     n_, c_, h_, w_ = x.shape
     slots = tiles_w + 1
-    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
+    sk = rows  # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = c_ * t_
     ln = size + sk
@@ -733,7 +734,7 @@ def winograd_grad_output(g, tiles_h, tiles_w, r0, rows, dm, sums):
     is the sum of the float64 sums[o, :] that it is also added into."""
     n_, o_, oh_, ow_ = g.shape
     slots = tiles_w + 1
-    sk, sr = rows, 1  # slot(rr, k) = k*rows + rr: column by column (see above)
+    # slot(rr, k) = k*rows + rr: column by column (see above)
     t_ = rows * slots
     size = o_ * t_
     gf = g.reshape(-1)
