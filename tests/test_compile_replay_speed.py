@@ -69,6 +69,7 @@ def test_adam_group_in_one_call_gives_eager_bits(monkeypatch, fuse):
     def count_all(*a):
         calls["all"] += 1
         assert all(len(t) == CK.ADAM_CHUNK for t in a[:4])
+        assert a[-1] is fuse  # the reciprocal bias correction under fuse=True only
         return real_all(*a)
 
     def count_one(*a):
@@ -134,9 +135,21 @@ def test_adam_update_all_equals_adam_update_per_parameter():
                 adam_update(want[0][i], gs[i], want[1][i], want[2][i], np.empty(0, dt), *scal, decoupled, False,
                             maximize, t(0.05), t(0.03))  # fmt: skip
             pad = (np.empty(0, dt),) * (CK.ADAM_CHUNK - len(sizes))
+            before = [a.copy() for a in ps]
+            rec = [a.copy() for a in ps], [a.copy() for a in ms], [a.copy() for a in vs]
             CK.adam_update_all(tuple(ps) + pad, tuple(gs) + pad, tuple(ms) + pad, tuple(vs) + pad, *scal, decoupled,
-                               maximize, t(0.05), t(0.03))  # fmt: skip
+                               maximize, t(0.05), t(0.03), False)  # fmt: skip
             for got, exp in zip((ps, ms, vs), want):
+                for a, b in zip(got, exp):
+                    assert a.tobytes() == b.tobytes()
+            # fuse=True's form: the reciprocal of the bias correction, within an ulp or two of each update
+            CK.adam_update_all(tuple(rec[0]) + pad, tuple(gs) + pad, tuple(rec[1]) + pad, tuple(rec[2]) + pad, *scal,
+                               decoupled, maximize, t(0.05), t(1 / 0.03), True)  # fmt: skip
+            for a, b, p0 in zip(rec[0], want[0], before):
+                step_got, step_want = a.astype(np.float64) - p0, b.astype(np.float64) - p0
+                tol = 4 * np.finfo(dt).eps * (np.abs(step_want) + np.abs(p0))
+                assert np.all(np.abs(step_got - step_want) <= tol)
+            for got, exp in zip(rec[1:], want[1:]):  # the moments do not depend on it
                 for a, b in zip(got, exp):
                     assert a.tobytes() == b.tobytes()
 

@@ -62,7 +62,7 @@ def _plan(opt):
     return groups
 
 
-def _adam_at_once(opt, plan):
+def _adam_at_once(opt, plan, reciprocal):
     """The usual Adam step, one kernels.adam_update_all call per group and ADAM_CHUNK parameters: ``prepare()``
     checks what the plan assumed (as gather does, all before anything moves) and returns ``apply``, or None when a
     group mixes dtypes or step counts, uses AMSGrad, or anything moved (the general path then decides). The scalars
@@ -147,7 +147,7 @@ def _adam_at_once(opt, plan):
         for group, step, grads, arrays, scalars in work:
             (lr_f, beta1, beta2, _, _), t, lr, b1, b2, eps, wd = scalars
             step_size = t(lr_f / (1.0 - beta1**step))  # Adam.step's arithmetic
-            bc2_sqrt = t(math.sqrt(1.0 - beta2**step))
+            bc2_sqrt = t(1.0 / math.sqrt(1.0 - beta2**step)) if reciprocal else t(math.sqrt(1.0 - beta2**step))
             decoupled = bool(group["decoupled_weight_decay"])
             maximize = bool(group["maximize"])
             params, avgs, sqs, states, versions, _ = arrays
@@ -155,7 +155,7 @@ def _adam_at_once(opt, plan):
                 e = c + ADAM_CHUNK
                 adam_update_all(
                     params[c:e], grads[c:e], avgs[c:e], sqs[c:e], lr, b1, b2, eps, wd, decoupled, maximize, step_size,
-                    bc2_sqrt,
+                    bc2_sqrt, reciprocal,
                 )  # fmt: skip
             for st in states:
                 st["step"] = step
@@ -165,8 +165,10 @@ def _adam_at_once(opt, plan):
     return prepare, apply
 
 
-def replay_step(opt):
-    """A callable that replays ``opt.step()`` (for Adam, AdamW and SGD), or None for other optimizers."""
+def replay_step(opt, fuse=False):
+    """A callable that replays ``opt.step()`` (for Adam, AdamW and SGD), or None for other optimizers. fuse
+    (mpnn.compile's): Adam's per-element bias correction as a multiply by its reciprocal (see
+    kernels.adam_update_all), within an ulp of Adam.step's update instead of its bits."""
     kind = type(opt)
     if kind not in (Adam, AdamW, SGD):
         return None
@@ -272,7 +274,7 @@ def replay_step(opt):
                 q.p._ver.value += 1
 
     body = adam_body if adam else sgd_body
-    prepare, apply = _adam_at_once(opt, plan) if adam else (None, None)
+    prepare, apply = _adam_at_once(opt, plan, bool(fuse)) if adam else (None, None)
 
     def run():
         work = prepare() if prepare is not None else None

@@ -94,7 +94,7 @@ class Program:
                 _, fn, obj, a, k = ev
                 self.steps.append(_bind(fn, obj, a, k))
             elif kind == "step":
-                self.steps.append(replay_step(ev[1]) or ev[1].step)
+                self.steps.append(replay_step(ev[1], rec.fuse) or ev[1].step)
 
     def _check_versions(self, rec):
         """Every tensor the ops read must be at the version it had when first read, but for optimizer updates."""
