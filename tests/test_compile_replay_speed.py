@@ -303,3 +303,60 @@ def test_linear_backward_with_the_relu_mask_gives_eager_bits(case):
     forms = _replayed_backward_forms(fn)
     # the ReLU after layer a always passes through; the one after b only where b's output has one reader
     assert forms.count("_pass_through") == (1 if case == "shared" else 2)
+
+
+# ----- a residual add fused into the linear layer's epilogue --------------------------------------------------------
+class _Residual(nn.Module):
+    """h + relu(linear(h)) with the ReLU's output as the add's first or second operand, or an op between the ReLU
+    and the add (not fused), and a second residual block reading the first's sum."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.inp = nn.Linear(8, 16)
+        self.b1 = nn.Linear(16, 16)
+        self.b2 = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x).relu()
+        r = self.b1(h).relu()
+        if self.order == "relu_first":
+            h = r + h
+        elif self.order == "relu_second":
+            h = h + r
+        else:
+            h = h + r * 1.0
+        h = h + self.b2(h).relu()
+        return self.out(h)
+
+
+@pytest.mark.parametrize("order", ["relu_first", "relu_second", "op_between"])
+def test_residual_add_fused_into_the_epilogue_gives_eager_bits(order):
+    mpnn.manual_seed(0)
+    model_e, model_c = _Residual(order), None
+    mpnn.manual_seed(0)
+    model_c = _Residual(order)
+
+    def make(model):
+        opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    se, fn = make(model_e), mpnn.compile(make(model_c), fuse=False)
+    for x, y in _batches(4, seed=6):
+        assert se(x, y).data.tobytes() == fn(x, y).data.tobytes()
+        for a, b in zip(model_e.parameters(), model_c.parameters()):
+            assert a.grad.data.tobytes() == b.grad.data.tobytes()
+            assert a.data.tobytes() == b.data.tobytes()
+    assert fn.eager_reason is None and fn.stats["hits"] == 3
+    prog = next(iter(fn._cache.values()))
+    fused = [s for s in prog.steps if "bias_relu_add" in s.__code__.co_names]
+    assert len(fused) == (1 if order == "op_between" else 2)

@@ -45,6 +45,23 @@ def bias_relu(o2, b, out):
 
 
 @njit(cache=True, error_model="numpy")
+def bias_relu_add(o2, b, out, other, total, relu_first):
+    """bias_relu, then the residual add of its output that follows: total = out + other (or other + out, the
+    operands in eager's order) in the same pass, the same float operations as bias_relu and np.add. Measured on the
+    MNIST-1D MLP's (100, 256) block, warm: bias_relu 3.3 us + np.add 3.6 us, this 5.3 us (a pass and a NumPy call
+    less)."""
+    n, m = o2.shape
+    zero = out.dtype.type(0)
+    for i in range(n):
+        for j in range(m):
+            v = o2[i, j] + b[j]
+            o2[i, j] = v
+            a = v if (v > 0 or v != v) else zero
+            out[i, j] = a
+            total[i, j] = a + other[i, j] if relu_first else other[i, j] + a
+
+
+@njit(cache=True, error_model="numpy")
 def bias_add(o2, b):
     """o2 += b row-wise, as np.add(o2, b, out=o2): the same float additions. A linear layer's epilogue without a
     ReLU after it; measured on the MNIST-1D models' last layer ((100, 10)), warm: NumPy's broadcast add 1.7 us,
@@ -288,6 +305,7 @@ def warmup() -> None:
         column_sum(m, np.empty(4, dt))
         bias_relu(m.copy(), np.ones(4, dt), np.empty_like(m))
         bias_add(m.copy(), np.ones(4, dt))
+        bias_relu_add(m.copy(), np.ones(4, dt), np.empty_like(m), m, np.empty_like(m), True)
         relu_backward_colsum(m, m, np.empty_like(m), np.empty(4, dt))
         cross_entropy_forward(m, np.array([0, 3, -100]), -100, np.empty_like(m))
         c = a.reshape(2, 3, 2)

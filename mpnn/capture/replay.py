@@ -36,6 +36,7 @@ from mpnn.core.loss import _check_labels, _log_softmax_rows
 from .kernels import (
     bias_add,
     bias_relu,
+    bias_relu_add,
     column_sum,
     cross_entropy_forward,
     matmul_abt,
@@ -115,6 +116,7 @@ def _binary(ufunc):
         def forward():
             ufunc(ad, bd, out=o)
 
+        forward.binary_parts = (ufunc, ad, bd, o)
         return forward, r.backward
 
     return build
@@ -540,6 +542,15 @@ def fuse(rec):
                 _mm(x2, wt, out=o2, work=_gemm_work())
                 bias_relu(o2, bd, dst2)
 
+            add = _residual_add(ops, k + 2, b, dst, position)
+            if add is not None:  # and a residual add of the ReLU's output right after (kernels.bias_relu_add)
+                other, total, relu_first = add
+
+                def forward(x2=x2, wt=wt, o2=o2, bd=bd, dst2=dst2, other=other, total=total, first=relu_first):
+                    _mm(x2, wt, out=o2, work=_gemm_work())
+                    bias_relu_add(o2, bd, dst2, other, total, first)
+
+                out[k + 2] = None
             out[k] = forward
             out[k + 1] = None
             mask = getattr(a.replay_bwd, "mask_with", None)
@@ -557,6 +568,30 @@ def fuse(rec):
             mask(rel[1])
             b.replay_bwd = _pass_through
     return out
+
+
+def _residual_add(ops, i, relu, act, position):
+    """(the other operand, the sum's array, whether the ReLU's output is the first operand) as 2-d arrays of the
+    linear layer's shape when ops[i] is an add of the ReLU's output and another array of its shape and dtype that
+    ran right after the ReLU (a residual block's h + relu(linear(h))), else None."""
+    if i >= len(ops):
+        return None
+    c = ops[i]
+    parts = getattr(c.forward, "binary_parts", None)
+    if parts is None or parts[0] is not np.add or position[id(c)] != position[id(relu)] + 1:
+        return None
+    _, ad, bd, o = parts
+    if ad is act and c.parents[0] is relu.out:
+        other, first = bd, True
+    elif bd is act and c.parents[1] is relu.out:
+        other, first = ad, False
+    else:
+        return None
+    if other is act or not all(
+        x.shape == act.shape and x.dtype == act.dtype and x.flags.c_contiguous for x in (other, o)
+    ):
+        return None
+    return other.reshape(-1, act.shape[-1]), o.reshape(-1, act.shape[-1]), first
 
 
 def _pass_through(g):
