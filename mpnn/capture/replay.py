@@ -644,7 +644,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             wg[:, :, :taps] = w3
             wg[:, :, taps] = b2
 
-    packed_by_kernel = b2 is not None and dtype in _FLOATS and b2.dtype == dtype and w3.flags.c_contiguous
+    packed_by_kernel = b2 is not None and dtype in _FLOATS and b2.dtype == w3.dtype == dtype and w3.flags.c_contiguous
 
     def forward():
         pack()
