@@ -360,3 +360,37 @@ def test_residual_add_fused_into_the_epilogue_gives_eager_bits(order):
     prog = next(iter(fn._cache.values()))
     fused = [s for s in prog.steps if "bias_relu_add" in s.__code__.co_names]
     assert len(fused) == (1 if order == "op_between" else 2)
+
+
+# ----- the fused cross-entropy's exponentials ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_cross_entropy_exponentials_over_wide_logits(dtype):
+    """kernels.cross_entropy_forward's flat pass of exponentials (exp(z / 256) ** 256 in float64): over logits
+    spread up to 300 apart (z down to -300: float32's exp is 0 below -104, denormal above), the loss and
+    softmax - onehot within 1e-6 relative of a float64 reference; a NaN logit makes its row's loss and gradient
+    NaN as eager's; -inf logits give 0 probability; ignored rows give zero gradients."""
+    rng = np.random.default_rng(7)
+    n, c = 64, 13
+    x = (rng.standard_normal((n, c)) * rng.choice([0.1, 3.0, 60.0, 300.0], size=(n, 1))).astype(dtype)
+    labels = rng.integers(0, c, n)
+    grad = np.empty_like(x)
+    total, count, bad = CK.cross_entropy_forward(x, labels, -100, grad)
+    x64 = x.astype(np.float64)
+    z = x64 - x64.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    want = -logp[np.arange(n), labels].sum()
+    onehot = np.eye(c)[labels]
+    assert bad == -1 and count == n
+    assert abs(total - want) <= 1e-6 * abs(want)
+    assert np.abs(grad - (np.exp(logp) - onehot)).max() <= 1e-6
+    x[0, 2], x[1, 4], x[2, :] = np.nan, -np.inf, -np.inf
+    x[2, 1] = 0.5
+    labels[3] = -100
+    total, count, bad = CK.cross_entropy_forward(x, labels, -100, grad)
+    assert np.isnan(total) and count == n - 1 and bad == -1
+    assert np.isnan(grad[0]).all()
+    assert grad[1, 4] == 0.0 and np.isfinite(grad[1]).all()
+    assert grad[2].tolist() == (np.eye(c)[1] - np.eye(c)[labels[2]]).tolist()
+    assert not grad[3].any()
+    eager = mpnn.nn.functional.cross_entropy(mpnn.from_numpy(x[:1]), mpnn.from_numpy(labels[:1]))
+    assert np.isnan(eager.data)

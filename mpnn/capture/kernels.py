@@ -94,20 +94,22 @@ def relu_backward_colsum(g, act, dx, colsum):
 
 @njit(cache=True, error_model="numpy")
 def cross_entropy_forward(rows, labels, ignore_index, grad):
-    """Softmax cross-entropy of (N, C) logits against integer labels in one pass per row: returns (the summed loss
-    in float64, the count of labels not ignored, the first row whose label is out of range or -1) and leaves
-    softmax - onehot in grad (zero rows for ignored labels), the gradient of the summed loss.
+    """Softmax cross-entropy of (N, C) logits against integer labels: returns (the summed loss in float64, the
+    count of labels not ignored, the first row whose label is out of range or -1) and leaves softmax - onehot in
+    grad (zero rows for ignored labels), the gradient of the summed loss.
 
     Eager computes the same quantities in float32 NumPy passes (max, exp, sum, log, a pairwise sum over rows); this
-    sums in float64, so the loss and gradients agree to ~1e-7 relative, not bit for bit."""
+    sums in float64, so the loss and gradients agree to ~1e-7 relative, not bit for bit. The exponentials of z =
+    x - max (float32, as eager's) run as one flat pass over all rows (_exp_nonpositive, float64, ~1e-12 relative,
+    then rounded to float32) that LLVM vectorizes: a call of math's exp per entry kept it scalar. Measured on the
+    MNIST-1D step's (100, 10) logits, warm: 6.9 -> 3.7 us."""
     n, c = rows.shape
     total = 0.0
     count = 0
-    for i in range(n):
+    zero = grad.dtype.type(0)
+    for i in range(n):  # labels, row maxima, z into grad
         lab = labels[i]
         if lab == ignore_index:
-            for j in range(c):
-                grad[i, j] = 0
             continue
         if lab < 0 or lab >= c:
             return total, count, i
@@ -115,17 +117,46 @@ def cross_entropy_forward(rows, labels, ignore_index, grad):
         for j in range(1, c):
             if rows[i, j] > m:
                 m = rows[i, j]
+        for j in range(c):
+            grad[i, j] = rows[i, j] - m
+    flat = grad.reshape(-1)
+    for q in range(n * c):  # LLVM vectorizes this loop (float64 lanes)
+        flat[q] = _exp_nonpositive(np.float64(flat[q]))
+    for i in range(n):
+        lab = labels[i]
+        if lab == ignore_index:
+            for j in range(c):
+                grad[i, j] = zero
+            continue
         s = 0.0
         for j in range(c):
-            e = np.exp(rows[i, j] - m)  # in the logits' dtype, as eager's np.exp(z); the sum in float64
-            grad[i, j] = e
-            s += e
+            s += np.float64(grad[i, j])  # each e in the logits' dtype, as eager's np.exp(z); the sum in float64
+        m = rows[i, 0]
+        for j in range(1, c):
+            if rows[i, j] > m:
+                m = rows[i, j]
         total += math.log(s) - np.float64(rows[i, lab] - m)
         inv = 1.0 / s
         for j in range(c):  # softmax - onehot in float64, rounded once
             grad[i, j] = np.float64(grad[i, j]) * inv - (1.0 if j == lab else 0.0)
         count += 1
     return total, count, -1
+
+
+@njit(cache=True, inline="always")
+def _exp_nonpositive(z):
+    """exp(z) for the z = x - max of a softmax (z <= 0, or NaN), in float64 without a libm call, so that a loop of
+    it vectorizes: exp(z / 256) by its Taylor polynomial to the 12th power (|z / 256| <= 0.43: truncation under
+    3e-15), squared 8 times (relative error ~1e-12 at the end); 0 below -110 (float32's exp is 0 there), NaN kept."""
+    y = max(z, -110.0) * 0.00390625
+    p = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6 + y * (1.0 / 24 + y * (1.0 / 120 + y * (1.0 / 720 + y * (
+        1.0 / 5040 + y * (1.0 / 40320 + y * (1.0 / 362880 + y * (1.0 / 3628800 + y * (1.0 / 39916800 + y * (
+            1.0 / 479001600))))))))))))  # fmt: skip
+    for _ in range(8):
+        p = p * p
+    if z != z:
+        return z
+    return p if not (z < -110.0) else 0.0
 
 
 @njit(cache=True, error_model="numpy")
