@@ -13,7 +13,9 @@ warm), and tracemalloc's peak and net per block of eager and of compiled steps (
 net flat = nothing accumulates).
 
 --profile times every kernel call a replayed step makes (the replay modules' kernel names wrapped with timers,
-~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them.
+~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them; then,
+in a third, each entry of the program (forward forms, each backward form inside the reverse pass, the optimizer
+step) on its own.
 """
 
 import os
@@ -219,6 +221,66 @@ def profile(name, steps=2000):
     print(f"  {'Python + NumPy glue':24s} {glue / steps * 1e6:7.1f} us (every kernel a no-op)")
 
 
+def _label(fn):
+    """A replay entry's name without the closure scaffolding: '_conv_im2col.<locals>.backward' -> 'conv_im2col
+    backward'."""
+    q = getattr(fn, "__qualname__", type(fn).__name__)
+    parts = [x for x in q.split(".") if x != "<locals>"]
+    return " ".join([parts[0].strip("_")] + parts[-1:]) if len(parts) > 1 else parts[0].strip("_")
+
+
+def entries(name, steps=2000):
+    """Each entry of a replayed step's program (forward forms, the reverse pass with each backward form in it, the
+    optimizer step) timed on its own, in program order: the best of 3 runs of `steps`, us a step."""
+    import mpnn
+
+    mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
+    comp = mpnn_step(name, True)
+    comp(*mb[0])
+    prog = next(iter(comp._cache.values()))
+    acc = {}
+
+    def timed(key, fn):
+        def wrapper(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    rows = []
+    for i, step in enumerate(prog.steps):
+        rows.append(((i,), _label(step), 0))
+        prog.steps[i] = timed((i,), step)
+        if step.__qualname__.endswith("_backward_step.<locals>.backward"):
+            reverse = dict(zip(step.__code__.co_freevars, step.__closure__))["reverse"].cell_contents
+            cell = dict(zip(reverse.__code__.co_freevars, reverse.__closure__))["steps"]
+            forms = []
+            for j, (key, bwd, targets, fin) in enumerate(cell.cell_contents):
+                rows.append(((i, j), _label(bwd), 1))
+                forms.append((key, timed((i, j), bwd), targets, fin))
+            cell.cell_contents = tuple(forms)
+    for i in range(200):
+        prog.run(mb[i % 10])
+    best = None
+    for _ in range(3):
+        acc.clear()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            prog.run(mb[i % 10])
+        total = time.perf_counter() - t0
+        if best is None or total < best[0]:
+            best = (total, dict(acc))
+    total, acc = best
+    print(f"{name}: per program entry, us a step (the entries' own timers included), step {total / steps * 1e6:.1f}")
+    for key, label, depth in rows:
+        inner = sum(v for k, v in acc.items() if len(k) == 2 and k[0] == key[0]) if depth == 0 else 0.0
+        us = acc.get(key, 0.0) / steps * 1e6
+        note = f"   (the reverse pass's own {us - inner / steps * 1e6:.1f})" if inner else ""
+        print(f"  {'  ' * depth}{label:36s} {us:7.1f}{note}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="+", default=["mlp", "cnn"])
@@ -234,6 +296,7 @@ def main():
     if args.profile:
         for name in args.model:
             profile(name)
+            entries(name)
         return
     import torch
 
