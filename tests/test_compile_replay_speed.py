@@ -155,12 +155,18 @@ def test_adam_update_all_equals_adam_update_per_parameter():
 
 
 # ----- leaf gradients handed over without a copy ----------------------------------------------------------------
-def _mlp_run(compiled, keep="none", zero="none", steps=5, fuse=False):
-    """A 3-layer MLP with Adam; keep: what the caller holds from each step's .grad ("none", "tensor", "view");
-    zero: zero_grad() with set_to_none ("none"), with zeros in place ("zeros"), or never ("never": .grad
-    accumulates over the steps)."""
+def _mlp_run(compiled, keep="none", zero="none", steps=5, fuse=False, kind="mlp"):
+    """A 3-layer MLP (kind "mlp") or two strided conv1d + ReLU and a linear layer ("cnn") with SGD; keep: what the
+    caller holds from each step's .grad ("none", "tensor", "view"); zero: zero_grad() with set_to_none ("none"),
+    with zeros in place ("zeros"), or never ("never": .grad accumulates over the steps)."""
     mpnn.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    else:
+        model = nn.Sequential(
+            nn.Conv1d(1, 5, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(5, 6, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(12, 4),
+        )  # fmt: skip
     opt = mpnn.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     def step(x, y):
@@ -168,6 +174,8 @@ def _mlp_run(compiled, keep="none", zero="none", steps=5, fuse=False):
             opt.zero_grad()
         elif zero == "zeros":
             opt.zero_grad(set_to_none=False)
+        if kind == "cnn":
+            x = x.reshape(x.shape[0], 1, 8)
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -185,15 +193,16 @@ def _mlp_run(compiled, keep="none", zero="none", steps=5, fuse=False):
     return values, held, [p.data.copy() for p in model.parameters()], fn
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("keep", ["none", "tensor", "view"])
 @pytest.mark.parametrize("zero", ["none", "zeros", "never"])
-def test_leaf_gradients_handed_over_stay_the_callers(keep, zero):
-    """A linear form's weight and bias gradient buffers become the parameters' .grad without a copy; at the next
-    backward a buffer still referenced (the .grad itself when zero_grad kept it, a tensor or a view the caller
-    kept) is left to its holder and the form writes a fresh one. Every step's gradients, what the caller kept of
-    earlier steps, and the parameters equal eager's bit for bit."""
-    eager = _mlp_run(False, keep, zero)
-    compiled = _mlp_run(True, keep, zero)
+def test_leaf_gradients_handed_over_stay_the_callers(keep, zero, kind):
+    """A linear or conv form's weight and bias gradient buffers become the parameters' .grad without a copy; at
+    the next backward a buffer still referenced (the .grad itself when zero_grad kept it, a tensor or a view the
+    caller kept) is left to its holder and the form writes a fresh one. Every step's gradients, what the caller
+    kept of earlier steps, and the parameters equal eager's bit for bit."""
+    eager = _mlp_run(False, keep, zero, kind=kind)
+    compiled = _mlp_run(True, keep, zero, kind=kind)
     assert compiled[3].eager_reason is None and compiled[3].stats["hits"] == 4
     for ga, gb in zip(eager[0], compiled[0]):
         for a, b in zip(ga, gb):
@@ -206,7 +215,8 @@ def test_leaf_gradients_handed_over_stay_the_callers(keep, zero):
         assert a.tobytes() == b.tobytes()
 
 
-def test_leaf_gradients_are_handed_over_without_a_copy(monkeypatch):
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_leaf_gradients_are_handed_over_without_a_copy(monkeypatch, kind):
     """The usual step (zero_grad, backward, step; nothing kept): no parameter's gradient goes through
     accumulate_leaf's copy in replay, and each .grad is the same buffer from step to step."""
     from mpnn.capture import program
@@ -215,11 +225,16 @@ def test_leaf_gradients_are_handed_over_without_a_copy(monkeypatch):
     real = program.accumulate_leaf
     monkeypatch.setattr(program, "accumulate_leaf", lambda t, g: (copies.append(t), real(t, g))[1])
     mpnn.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    else:
+        model = nn.Sequential(nn.Conv1d(1, 5, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(20, 4))
     opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
 
     def step(x, y):
         opt.zero_grad()
+        if kind == "cnn":
+            x = x.reshape(x.shape[0], 1, 8)
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
