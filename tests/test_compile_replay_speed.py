@@ -1,6 +1,8 @@
 """mpnn.compile's faster replay paths give the same answers as eager: the Adam step of a whole group in one Numba call
 (capture/optim.py's _adam_at_once over kernels.adam_update_all)."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -444,3 +446,107 @@ def test_leaf_gradients_handed_over_with_two_backward_passes_in_a_step():
             assert a.tobytes() == b.tobytes()
     for a, b in zip(eager[1], compiled[1]):
         assert a.tobytes() == b.tobytes()
+
+
+# ----- 1-d convs: the gather and scatter with the samples innermost ------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_im2col_and_col2im_equal_the_core_kernels(seed):
+    """kernels.im2col_rows / col2im_rows against conv_kernels.im2col / col2im over random 1-d geometries (stride,
+    padding, dilation, groups, a bias row or not): the same columns and the same sums, bit for bit."""
+    from mpnn.core import conv_kernels
+
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        groups = int(rng.choice([1, 2, 3]))
+        c = groups * int(rng.integers(1, 4))
+        k, s, d, p = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(0, 3))
+        n, length = int(rng.integers(1, 6)), int(rng.integers(d * (k - 1) + 1, 20))
+        t = (length + 2 * p - d * (k - 1) - 1) // s + 1
+        if t < 1:
+            continue
+        x = rng.standard_normal((n, c, 1, length)).astype(np.float32)
+        for bias in (0, 1):
+            rows = (c // groups * k + bias) * groups
+            want, got = np.full((rows, n, t), 7, np.float32), np.full((rows, n, t), 9, np.float32)
+            conv_kernels.im2col(x, 1, k, 1, s, 0, p, 1, d, groups, 0, t, want)
+            CK.im2col_rows(x.reshape(n, c, length), k, s, p, d, groups, got)
+            assert want.tobytes() == got.tobytes()
+        dcols = rng.standard_normal((c // groups * k * groups, n, t)).astype(np.float32)
+        want, got = np.zeros((n, c, 1, length), np.float32), np.zeros((n, c, length), np.float32)
+        conv_kernels.col2im(dcols, 1, k, 1, s, 0, p, 1, d, groups, 0, t, want)
+        CK.col2im_rows(dcols, k, s, p, d, groups, got)
+        assert want.tobytes() == got.tobytes()
+
+
+def test_pick_times_both_then_keeps_the_faster():
+    from mpnn.capture.replay import _pick
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 2e-4:
+            pass
+
+    def fast():
+        calls.append("fast")
+
+    for first in (slow, fast):
+        calls.clear()
+        pick = _pick(first, fast if first is slow else slow, trials=3)
+        for _ in range(20):
+            pick()
+        assert calls[:8].count("slow") == calls[:8].count("fast") == 4  # alternating while timing
+        assert calls[8:] == ["fast"] * 12
+
+
+@pytest.mark.parametrize("choice", ["core", "rows"])
+@pytest.mark.parametrize("geometry", [(2, 1, 1, 1), (1, 2, 2, 1), (3, 0, 1, 2), (2, 1, 1, 3)])
+def test_conv1d_replay_with_either_gather_gives_eager_bits(geometry, choice, monkeypatch):
+    """A conv1d -> ReLU -> conv1d -> ReLU -> linear net (stride, padding, dilation, groups of the second conv),
+    input requiring grad: 14 Adam steps (past the timing calls), with the replay's gather and scatter forced to the
+    core kernels or to the rows kernels; losses, gradients (the input's too) and parameters bit for bit with eager."""
+    from mpnn.capture import replay
+
+    stride, pad, dil, groups = geometry
+    picked = []
+    monkeypatch.setattr(replay, "_pick", lambda a, b, trials=4: picked.append(b) or (a if choice == "core" else b))
+
+    def run(compiled):
+        mpnn.manual_seed(0)
+        c1 = nn.Conv1d(2, 6, 3, stride=stride, padding=pad, dilation=dil)
+        c2 = nn.Conv1d(6, 6, 3, stride=stride, padding=pad, dilation=dil, groups=groups)
+        length = 40
+        for _ in range(2):
+            length = (length + 2 * pad - dil * 2 - 1) // stride + 1
+        head = nn.Linear(6 * length, 4)
+        params = list(c1.parameters()) + list(c2.parameters()) + list(head.parameters())
+        opt = mpnn.optim.Adam(params, lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            h = c2(c1(x).relu()).relu()
+            loss = nn.functional.cross_entropy(head(h.reshape(h.shape[0], -1)), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = mpnn.compile(step, fuse=False) if compiled else step
+        rng = np.random.default_rng(9)
+        out = []
+        for _ in range(14):
+            x = mpnn.from_numpy(rng.standard_normal((5, 2, 40)).astype(np.float32)).requires_grad_()
+            y = mpnn.from_numpy(rng.integers(0, 4, 5))
+            loss = fn(x, y)
+            out.append([loss.data.copy(), x.grad.data.copy()] + [p.grad.data.copy() for p in params])
+        return out, [p.data.copy() for p in params], fn
+
+    eager, compiled = run(False), run(True)
+    assert compiled[2].eager_reason is None and compiled[2].stats["hits"] == 13
+    for a, b in zip(eager[0], compiled[0]):
+        for u, v in zip(a, b):
+            assert u.tobytes() == v.tobytes()
+    for a, b in zip(eager[1], compiled[1]):
+        assert a.tobytes() == b.tobytes()
+    assert len(picked) == 4  # both convs' gather and scatter were eligible

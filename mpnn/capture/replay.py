@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -37,8 +38,10 @@ from .kernels import (
     bias_add,
     bias_relu,
     bias_relu_add,
+    col2im_rows,
     column_sum,
     cross_entropy_forward,
+    im2col_rows,
     matmul_abt,
     pack_weight_bias,
     relu_backward,
@@ -598,6 +601,32 @@ def _pass_through(g):
     return (g,)
 
 
+def _pick(a, b, trials=4):
+    """A call of a() or b(), two kernels that compute the same values (so either gives eager's bits): the first
+    2 * (trials + 1) calls alternate between them and time each (a first call of each left out), after that the
+    one with the shorter best time runs. For kernels whose speed turns on shapes and strides in ways a rule would
+    miss (kernels.im2col_rows)."""
+    times = ([], [])
+    state = [None, 0]
+
+    def call():
+        fn = state[0]
+        if fn is not None:
+            return fn()
+        i = state[1] % 2
+        state[1] += 1
+        f = b if i else a
+        t0 = time.perf_counter()
+        f()
+        times[i].append(time.perf_counter() - t0)
+        if state[1] >= 2 * (trials + 1):
+            state[0] = a if min(times[0][1:]) <= min(times[1][1:]) else b
+
+    call.times = times
+    call.choice = state
+    return call
+
+
 # ----- convolution through im2col, one tile ---------------------------------------------------------------------
 def _im2col_plan(problem, settings):
     """Im2colGemm.forward's tiling of this conv (the same arithmetic, so the same tiles)."""
@@ -633,6 +662,25 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         res = np.empty((groups, og, nb * t), dtype)
         gemm_out = res
     x_tile = x4[n0:n1]
+    # a 1-d conv over whole rows: the gather and scatter may go through kernels.im2col_rows / col2im_rows (the same
+    # values and sums; faster on short rows, slower where rows lie 4 KiB apart): the first calls time both
+    rows = (
+        dtype in _FLOATS
+        and kh == 1
+        and x4.shape[2] == 1
+        and oh == 1
+        and ph == 0
+        and p0 == 0
+        and t == ow
+        and (n0, n1) == (0, x4.shape[0])
+        and x4.flags.c_contiguous
+    )
+    x3 = x4.reshape(x4.shape[0], x4.shape[1], x4.shape[3]) if rows else None
+
+    def gather_core():
+        CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
+
+    gather = _pick(gather_core, lambda: im2col_rows(x3, kw, sw, pw, dw, groups, cols)) if rows else gather_core
 
     def pack():
         """_grouped_weight's concatenation into wg: the weight, then the bias column."""
@@ -648,7 +696,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
 
     def forward():
         pack()
-        CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
+        gather()
         np.matmul(wg, cols3, out=gemm_out)
         if res is not None:
             CK.swap_leading_axes(res.reshape(out_ch, nb, t), out3[n0:n1])
@@ -668,7 +716,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
 
         def forward_gemm():
             pack()
-            CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
+            gather()
             np.matmul(wg, cols3, out=gemm_out)
 
         forward.fuse_relu = fuse_relu
@@ -745,7 +793,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         if need_x0:
             dx.fill(0)
             np.matmul(wt, gc, out=dcols)
-            CK.col2im(dcols3, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, dx_tile)
+            scatter()
         if dw_copy is not None:  # the weight's part of the GEMM result, into the buffer lent as its .grad
             gw = wbuf[0]
             np.copyto(gw.reshape(groups, og, taps), dw_copy[1])
@@ -755,6 +803,17 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         return (gx, gw) if not has_bias else (gx, gw, gb)
 
     gsize = n * out_ch * oh * ow
+    scatter = None
+    if dcols is not None:
+        dcols_rows = dcols.reshape(groups * taps, nb, t)
+
+        def scatter_core():
+            CK.col2im(dcols_rows, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, dx_tile)
+
+        scatter = scatter_core
+        if rows:
+            dx3 = dx.reshape(x3.shape)
+            scatter = _pick(scatter_core, lambda: col2im_rows(dcols_rows, kw, sw, pw, dw, groups, dx3))
     # the fast path's weight and bias gradients, contiguous, read at each call: the program may hand them to the
     # leaves as their .grad without accumulate_leaf's copy (see Program._reclaim). MNIST-1D CNN: 6 copies and
     # tensors in accumulate_leaf, 10.6 us of the reverse pass
