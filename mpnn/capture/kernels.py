@@ -7,28 +7,8 @@ import math
 import numpy as np
 from numba import njit, uint64
 
+from mpnn.core.activation_kernels import relu_backward, relu_forward  # eager relu's own loops, shared
 from mpnn.core.fpenv import flush_denormals_begin, flush_denormals_end
-
-
-@njit(cache=True, error_model="numpy")
-def relu_backward(g, out, dx):
-    """dx = g * (out > 0) over flat arrays: the same float multiply by 1 or 0 as eager's g * (out > 0) (so -0.0 and
-    NaN come out alike), in one pass without the bool temporary and NumPy's mixed-dtype loop (50 us -> a few on the
-    CNN's (100, 25, 19) maps)."""
-    one = g.dtype.type(1)
-    zero = g.dtype.type(0)
-    for i in range(g.size):
-        dx[i] = g[i] * (one if out[i] > 0 else zero)
-
-
-@njit(cache=True, error_model="numpy")
-def relu_forward(a, o):
-    """o = np.maximum(a, 0) over flat arrays, bit for bit (-0.0 -> 0.0, NaN kept), without NumPy's mixed-dtype loop
-    (the int 0): 16 us -> 8 on a (100, 25, 19) map."""
-    zero = o.dtype.type(0)
-    for i in range(a.size):
-        v = a[i]
-        o[i] = v if (v > 0 or v != v) else zero
 
 
 @njit(cache=True, error_model="numpy")

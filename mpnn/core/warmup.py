@@ -23,7 +23,7 @@ def warmup(progress=None) -> None:
 
 def kernel_ops() -> list:
     """One thunk per kernel-backed op (and per path of it: Winograd F4/F2, im2col, GEMM) returning its output."""
-    from mpnn.core.activation import gelu, log_softmax
+    from mpnn.core.activation import gelu, log_softmax, relu
     from mpnn.core.attention import scaled_dot_product_attention
     from mpnn.core.conv import conv1d, conv2d
     from mpnn.core.indexing import embedding
@@ -49,6 +49,7 @@ def kernel_ops() -> list:
         lambda: max_pool2d(x2, 2),
         lambda: avg_pool2d(x2, 2),
         lambda: adaptive_avg_pool2d(x2, 3),
+        lambda: relu(x1),
         lambda: gelu(x1),
         lambda: gelu(x1, approximate="tanh"),
         lambda: log_softmax(x1, 1),
