@@ -12,6 +12,19 @@ from mpnn.capture import kernels as CK
 from mpnn.capture import optim as capture_optim
 
 
+def _train_step(model, opt):
+    """The usual step: zero_grad, cross-entropy of model(x) against y, backward, optimizer step; returns the loss."""
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def _batches(n, seed=0, batch=12, features=8, classes=4):
     rng = np.random.default_rng(seed)
     return [
@@ -47,12 +60,7 @@ def _adam_run(compiled, fuse, late_param=False, steps=7):
         opt.state[p] = {"step": 2, "exp_avg": np.full(p.data.shape, 0.01, np.float32),
                         "exp_avg_sq": np.full(p.data.shape, 1e-4, np.float32)}  # fmt: skip
 
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = _train_step(model, opt)
 
     fn = mpnn.compile(step, fuse=fuse) if compiled else step
     losses = [fn(x, y).data.copy() for x, y in _batches(steps)]
@@ -280,12 +288,7 @@ def _branchy_run(case, compiled, steps=4):
     model = _Branchy(case)
     opt = mpnn.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    step = _train_step(model, opt)
 
     fn = mpnn.compile(step, fuse=False) if compiled else step
     out = []
@@ -358,12 +361,7 @@ def test_residual_add_fused_into_the_epilogue_gives_eager_bits(order):
     def make(model):
         opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
 
-        def step(x, y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+        step = _train_step(model, opt)
 
         return step
 
