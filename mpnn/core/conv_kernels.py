@@ -458,7 +458,8 @@ def _constants(dtype_of):
 # conv's gathers, ms, row by row (4 phases x slots stores per input row) -> by tile rows: 128 channels
 # 16x16 (28 tile rows a chunk) 3.45 -> 0.84, 256 on 8x8 (64) 2.82 -> 1.70, 64 on 8x8 (24) 0.91 -> 0.25. With
 # fewer tile rows a chunk (wide maps: 8 for 64 channels on 32x32, 4 on 64x64) the loop is too short: those
-# keep the row order, without the per-element edge tests (3.89 -> 3.09, 8.44 -> 4.46). winograd_output's and
+# keep the row order, without the per-element edge tests (64 on 32x32, the whole input transform: 4.65 -> 3.20 ms,
+# 5.86 -> 4.21 in a second run; by tile rows it was slower there). winograd_output's and
 # winograd_grad_input's scatters into NCHW rows do the same: 128 on 16x16 2.72 -> 2.16 and 6.92 -> 3.01 ms,
 # 256 on 8x8 3.19 -> 1.65 and 5.86 -> 5.56 (AMD Zen 4, one thread, medians of 15).
 _GATHER_BY_TILE_ROWS = 16
@@ -522,11 +523,11 @@ def _gather_phases(src, n_, c_, h_, w_, top, left, tiles_h, r0, rows, slots, pat
                         for k in range(los[r], his[r]):
                             e = d + r * stride + k * rows
                             off = c * hw + 4 * k + r + left
-                            # scalar on x86-64 (LLVM's gathers lost to it)
+                            # one load an input row apart and one unit-stride store per tile row
                             for m in range(m0, m1):
                                 dst[uint64(e + pos[a, m])] = src[uint64(base[a, m] + off)]
         return
-    for i in range(4 * patch * stride):  # a memset (LLVM's), then only the inside columns
+    for i in range(4 * patch * stride):  # all zero first, then only the inside columns are written
         dst[uint64(i)] = 0.0
     for c in range(c_):
         for rr in range(rows):
