@@ -701,7 +701,7 @@ def winograd_output(m, bias, tiles_h, tiles_w, r0, rows, out):
                         for r in range(min(4, ow_ - 4 * k)):
                             src = (4 * k + r) * rows
                             off = o * plane + 4 * k + r
-                            # scalar: a scatter into the output rows
+                            # a scatter into the output rows, one row apart per tile row
                             for e in range(m0, m1):
                                 of[uint64(base[i, e] + off)] = zz[uint64(src + pos[i, e])]
         return
@@ -845,7 +845,7 @@ def winograd_grad_input(dv, ph, pw, tiles_h, tiles_w, r0, rows, dx):
                         for k in range(los[b], his[b]):
                             src = b * size + c * t_ + k * sk
                             off = c * plane + 4 * k + b - pw
-                            # scalar: a scatter into the input gradient's rows
+                            # a scatter-add into the input gradient's rows, one row apart per tile row
                             for e in range(m0, m1):
                                 xf[uint64(base[a, e] + off)] += acc[uint64(src + pos[a, e])]
             continue
