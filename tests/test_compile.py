@@ -1527,3 +1527,73 @@ def test_tensors_made_off_the_tape_from_values_run_eagerly(make):
             assert got[1].data.tobytes() == want[1].data.tobytes()
             got, want = got[0], want[0]
         assert got.data.tobytes() == want.data.tobytes()
+
+
+class _PoolNet(mpnn.nn.Module):
+    """conv2d -> ReLU -> max_pool2d (overlapping 3x3 windows, stride 2, padding 1) -> conv1d over the rows ->
+    max_pool1d (ceil_mode: a partial last window) -> linear: both max pools between ops with gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = mpnn.nn.Conv2d(2, 4, 3, padding=1)
+        self.conv1d = mpnn.nn.Conv1d(4, 3, 3, padding=1)
+        self.head = mpnn.nn.Linear(3 * 10, 5)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(self.conv(x).relu(), 3, stride=2, padding=1)  # (N, 4, 5, 5)
+        h = h.reshape(h.shape[0], 4, 25)
+        h = nn.functional.max_pool1d(self.conv1d(h), 2, ceil_mode=True)  # (N, 3, 25) -> 13, the last window partial
+        return self.head(h[:, :, :10].reshape(h.shape[0], -1))
+
+
+def _pool_run(compiled, batches):
+    mpnn.manual_seed(3)
+    model = _PoolNet()
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    got = []
+    for x, y in batches:
+        got.append(fn(x, y).data.copy())
+        got += [p.grad.data.copy() for p in model.parameters()]
+    got += [p.data.copy() for p in model.parameters()]
+    if compiled:
+        assert fn.eager_reason is None and fn.stats["hits"] == len(batches) - 1
+    return got
+
+
+def test_max_pool_replays_bit_for_bit():
+    """max_pool2d and max_pool1d replay through pool_kernels over eager's arrays: losses, gradients and parameters
+    over 5 Adam steps equal eager's bit for bit. The inputs repeat values, so windows have ties, which eager breaks
+    by its argmax; replay must break them the same way."""
+    rng = np.random.default_rng(8)
+    batches = [
+        (
+            mpnn.from_numpy(rng.integers(-2, 3, (6, 2, 9, 9)).astype(np.float32)),
+            mpnn.from_numpy(rng.integers(0, 5, 6)),
+        )
+        for _ in range(5)
+    ]
+    eager, compiled = _pool_run(False, batches), _pool_run(True, batches)
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_max_pool_with_indices_runs_eagerly():
+    def step(x):
+        out, idx = nn.functional.max_pool2d(x, 2, return_indices=True)
+        return out.sum()
+
+    fn = mpnn.compile(step)
+    x = mpnn.from_numpy(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)).requires_grad_()
+    with pytest.warns(CompileWarning, match="return_indices"):
+        fn(x)
+    assert fn.stats["eager"] == 1 and fn(x).item() == 5.0 + 7 + 13 + 15

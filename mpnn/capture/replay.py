@@ -1096,6 +1096,33 @@ def _adaptive_avg_pool2d(r):
     return forward, backward
 
 
+@register("max_pool1d", "max_pool2d")
+def _max_pool(r):
+    """pool_kernels' window max over eager's arrays (the input as contiguous (N, C, H, W), the result and its argmax
+    planes), so the same values and the same argmax ties; backward scatters through that argmax into a buffer
+    planned once. return_indices hands the argmax out as a tensor made off the tape: not replayed."""
+    loc = r.locals
+    if loc["return_indices"]:
+        raise Unsupported("max pooling with return_indices")
+    x, out, argmax = loc["x"], loc["out"], loc["argmax"]
+    (a,) = r.parents
+    if not np.shares_memory(x, a.data) or not np.shares_memory(out, r.out.data) or x.size != a.data.size:
+        raise Unsupported("max pooling of a strided input")
+    geom = tuple(loc[k] for k in ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"))
+    dx = np.empty(x.shape, x.dtype)
+    gx = dx.reshape(a.data.shape)
+    oshape = out.shape
+
+    def forward():
+        CK.max_pool2d_forward(x, *geom, out, argmax)
+
+    def backward(g):
+        CK.max_pool2d_backward(np.ascontiguousarray(g).reshape(oshape), argmax, dx)
+        return (gx,)
+
+    return forward, backward
+
+
 @register("gelu")
 def _gelu(r):
     """activation_kernels' GELU loops (erf, or the tanh approximation) over eager's arrays: the input as a flat
