@@ -1597,3 +1597,53 @@ def test_max_pool_with_indices_runs_eagerly():
     with pytest.warns(CompileWarning, match="return_indices"):
         fn(x)
     assert fn.stats["eager"] == 1 and fn(x).item() == 5.0 + 7 + 13 + 15
+
+
+def _dropout_run(compiled, p, steps=5, extra_draw=False):
+    """An MLP with dropout after each hidden layer (and a dropout of p on the input), Adam, from one seed: every
+    loss, gradient and parameter."""
+    mpnn.manual_seed(11)
+    model = nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 10))
+    opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        opt.zero_grad()
+        h = nn.functional.dropout(x, p) if p is not None else x
+        if extra_draw:
+            h = h + 0.0 * mpnn.randn(*h.shape)
+        loss = nn.functional.cross_entropy(model(h), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    got = []
+    for x, y in _batches(steps, seed=9):
+        got.append(fn(x, y).data.copy())
+        got += [q.grad.data.copy() for q in model.parameters()]
+    got += [q.data.copy() for q in model.parameters()]
+    return got, fn
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, None])
+def test_dropout_replays_the_masks_eager_draws(p):
+    """Dropout draws its masks again on each replay, from mpnn's generator, in eager's order: from one seed the
+    compiled run's losses, gradients and parameters over 5 Adam steps equal eager's bit for bit (a replay that kept
+    the capture's masks, or drew in another order, fails it), with an input dropout of 0.5, of 1.0 (no draw) or
+    none besides the model's."""
+    eager, _ = _dropout_run(False, p)
+    compiled, fn = _dropout_run(True, p)
+    assert fn.eager_reason is None and fn.stats["hits"] == 4
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert not np.array_equal(eager[0], eager[1 + 4])  # the steps saw different masks (and batches)
+
+
+def test_dropout_with_another_random_draw_runs_eagerly():
+    eager, _ = _dropout_run(False, 0.5, extra_draw=True)
+    with pytest.warns(CompileWarning, match="other than dropout"):
+        compiled, fn = _dropout_run(True, 0.5, extra_draw=True)
+    assert fn.stats["eager"] == 5
+    for a, b in zip(eager, compiled):
+        assert a.tobytes() == b.tobytes()

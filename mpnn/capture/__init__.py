@@ -22,8 +22,9 @@ Optimizer steps (Adam, AdamW, SGD) replay with their own kernels minus the per-p
 What is replayed is the tensor work, backward, zero_grad and optimizer.step(); other Python side effects of ``fn``
 happen at capture only (as with a CUDA graph). Returned tensors are detached copies. A step that cannot be captured
 runs eagerly from then on, after one ``CompileWarning`` saying why: it reads a tensor value into Python (``.item()``,
-``bool(t)``, ``.numpy()``, ... : it may branch on it), uses an op without a replay form, draws random numbers,
-writes in place to a tensor it reads, reads a parameter's ``.grad``, or passes a closure to ``optimizer.step``.
+``bool(t)``, ``.numpy()``, ... : it may branch on it), uses an op without a replay form, draws random numbers
+other than dropout's (dropout draws its mask again each replay, consuming mpnn's generator as eager does), writes
+in place to a tensor it reads, reads a parameter's ``.grad``, or passes a closure to ``optimizer.step``.
 
 A captured program is dropped and the step captured again when a parameter's array is replaced, or when a public
 attribute, parameter, buffer or child of a module the step reaches was assigned, added or deleted since the capture
@@ -42,6 +43,8 @@ from __future__ import annotations
 import collections
 import functools
 import warnings
+
+import numpy as np
 
 from mpnn.core import random as _random
 from mpnn.core.grad_mode import is_grad_enabled
@@ -260,8 +263,8 @@ class CompiledFunction:
             result = self.fn(*call_args, **kwargs)
         grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
         try:
-            if _random.generator().bit_generator.state != rng:
-                raise CaptureError("the step draws random numbers (dropout, randn, ...)")
+            if _random.generator().bit_generator.state != _state_after_replayed_draws(rng, rec):
+                raise CaptureError("the step draws random numbers (randn, shuffling, ...) other than dropout's")
             prog = Program(rec, proxies, args, result)
         except CaptureError as exc:
             self.eager_reason = str(exc)
@@ -310,3 +313,15 @@ def _unproxy(result, proxies, args):
     if isinstance(result, (tuple, list)):
         return type(result)(_unproxy(x, proxies, args) for x in result)
     return result
+
+
+def _state_after_replayed_draws(state, rec):
+    """The generator's state after the draws the recorded ops make again in replay (dropout's masks), from
+    `state`: equal to the state the step left only if it drew nothing else, so that replay consumes the stream
+    exactly as eager does and the same seed gives the same masks."""
+    sim = np.random.Generator(np.random.PCG64())
+    sim.bit_generator.state = state
+    for r in rec.ops:
+        for shape in getattr(r.forward, "draws", ()):
+            sim.random(shape, dtype=np.float32)
+    return sim.bit_generator.state

@@ -33,6 +33,7 @@ from mpnn.core.conv_im2col import Im2colGemm
 from mpnn.core.conv_im2col import _plan as _im2col_tiles
 from mpnn.core.linalg import _mm
 from mpnn.core.loss import _check_labels, _log_softmax_rows
+from mpnn.core.random import generator as random_generator
 
 from .kernels import (
     bias_add,
@@ -1094,6 +1095,41 @@ def _adaptive_avg_pool2d(r):
         return (gx,)
 
     return forward, backward
+
+
+@register("dropout")
+def _dropout(r):
+    """Inverted dropout drawing its mask again each replay from mpnn's generator, as eager draws it: the same
+    float32 uniforms (Generator.random into a buffer planned once), the same >= p test, cast and scale, so that
+    from one seed replay and eager draw the same masks in the same order (capture checks that the step draws
+    nothing else: mpnn.capture). Backward is eager's g * mask over the mask array this form rewrites."""
+    loc = r.locals
+    (a,) = r.parents
+    ad, o, mask, p = a.data, r.out.data, loc["mask"], loc["p"]
+    _same_result(o, o.dtype, ad.shape)
+    if mask.shape != ad.shape or not mask.flags.c_contiguous:
+        raise Unsupported("dropout with a broadcast mask")
+    if p == 1.0:  # no draw: the mask stays zeros
+
+        def forward():
+            np.multiply(ad, mask, out=o)
+
+        forward.draws = ()
+        return forward, r.backward
+    uniform = np.empty(ad.shape, np.float32)
+    keep = np.empty(ad.shape, bool)
+    scale = ad.dtype.type(1.0 / (1.0 - p))
+    draw = random_generator().random
+
+    def forward():
+        draw(dtype=np.float32, out=uniform)
+        np.greater_equal(uniform, p, out=keep)
+        np.copyto(mask, keep)
+        np.multiply(mask, scale, out=mask)
+        np.multiply(ad, mask, out=o)
+
+    forward.draws = (ad.shape,)
+    return forward, r.backward
 
 
 @register("max_pool1d", "max_pool2d")
