@@ -1102,20 +1102,26 @@ def _dropout(r):
     """Inverted dropout drawing its mask again each replay from mpnn's generator, as eager draws it: the same
     float32 uniforms (Generator.random into a buffer planned once), the same >= p test, cast and scale, so that
     from one seed replay and eager draw the same masks in the same order (capture checks that the step draws
-    nothing else: mpnn.capture). Backward is eager's g * mask over the mask array this form rewrites."""
+    nothing else: mpnn.capture). Backward is eager's g * mask into a buffer planned once."""
     loc = r.locals
     (a,) = r.parents
     ad, o, mask, p = a.data, r.out.data, loc["mask"], loc["p"]
     _same_result(o, o.dtype, ad.shape)
     if mask.shape != ad.shape or not mask.flags.c_contiguous:
         raise Unsupported("dropout with a broadcast mask")
+    dx = np.empty(ad.shape, np.result_type(o.dtype, mask.dtype))
+
+    def backward(g):
+        np.multiply(g, mask, out=dx)
+        return (dx,)
+
     if p == 1.0:  # no draw: the mask stays zeros
 
         def forward():
             np.multiply(ad, mask, out=o)
 
         forward.draws = ()
-        return forward, r.backward
+        return forward, backward
     uniform = np.empty(ad.shape, np.float32)
     keep = np.empty(ad.shape, bool)
     scale = ad.dtype.type(1.0 / (1.0 - p))
@@ -1129,7 +1135,7 @@ def _dropout(r):
         np.multiply(ad, mask, out=o)
 
     forward.draws = (ad.shape,)
-    return forward, r.backward
+    return forward, backward
 
 
 @register("max_pool1d", "max_pool2d")
