@@ -17,6 +17,7 @@ from mpnn import nn
 from mpnn.capture import CompiledFunction, CompileWarning
 from mpnn.core import tensor_base
 from mpnn.core.tensor import Tensor
+from steps import train_step
 
 _EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
 
@@ -1655,7 +1656,7 @@ def test_replayed_dropout_allocates_nothing_per_step():
     mpnn.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
     opt = mpnn.optim.Adam(model.parameters(), lr=1e-3)
-    fn = mpnn.compile(_train_step_of(model, opt))
+    fn = mpnn.compile(train_step(model, opt))
     x, y = _batches(1, batch=50)[0]
     for _ in range(500):
         fn(x, y)
@@ -1668,14 +1669,3 @@ def test_replayed_dropout_allocates_nothing_per_step():
     finally:
         tracemalloc.stop()
     assert fn.eager_reason is None and peak < 8 * 1024, peak
-
-
-def _train_step_of(model, opt):
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step

@@ -10,19 +10,7 @@ import mpnn
 from mpnn import nn
 from mpnn.capture import kernels as CK
 from mpnn.capture import optim as capture_optim
-
-
-def _train_step(model, opt):
-    """The usual step: zero_grad, cross-entropy of model(x) against y, backward, optimizer step; returns the loss."""
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+from steps import train_step
 
 
 def _batches(n, seed=0, batch=12, features=8, classes=4):
@@ -60,7 +48,7 @@ def _adam_run(compiled, fuse, late_param=False, steps=7):
         opt.state[p] = {"step": 2, "exp_avg": np.full(p.data.shape, 0.01, np.float32),
                         "exp_avg_sq": np.full(p.data.shape, 1e-4, np.float32)}  # fmt: skip
 
-    step = _train_step(model, opt)
+    step = train_step(model, opt)
 
     fn = mpnn.compile(step, fuse=fuse) if compiled else step
     losses = [fn(x, y).data.copy() for x, y in _batches(steps)]
@@ -288,7 +276,7 @@ def _branchy_run(case, compiled, steps=4):
     model = _Branchy(case)
     opt = mpnn.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
-    step = _train_step(model, opt)
+    step = train_step(model, opt)
 
     fn = mpnn.compile(step, fuse=False) if compiled else step
     out = []
@@ -361,7 +349,7 @@ def test_residual_add_fused_into_the_epilogue_gives_eager_bits(order):
     def make(model):
         opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
 
-        step = _train_step(model, opt)
+        step = train_step(model, opt)
 
         return step
 
