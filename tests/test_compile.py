@@ -1669,3 +1669,17 @@ def test_replayed_dropout_allocates_nothing_per_step():
     finally:
         tracemalloc.stop()
     assert fn.eager_reason is None and peak < 8 * 1024, peak
+
+
+def test_an_op_without_a_replay_form_is_named_even_before_a_dropout():
+    """Recording stops at the first op without a replay form, so the dropout after it is not recorded: the warning
+    names that op, not the dropout's draw."""
+    mpnn.manual_seed(0)
+
+    def step(x):
+        return nn.functional.dropout(x.leaky_relu(), 0.5).sum()
+
+    fn = mpnn.compile(step)
+    with pytest.warns(CompileWarning, match="leaky_relu"):
+        fn(mpnn.ones(4, 6, requires_grad=True))
+    assert fn.stats["eager"] == 1

@@ -263,7 +263,10 @@ class CompiledFunction:
             result = self.fn(*call_args, **kwargs)
         grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
         try:
-            if _random.generator().bit_generator.state != _state_after_replayed_draws(rng, rec):
+            # (after an op without a replay form nothing more was recorded, dropouts included: Program names that op)
+            if rec.unsupported is None and _random.generator().bit_generator.state != _state_after_replayed_draws(
+                rng, rec
+            ):
                 raise CaptureError("the step draws random numbers (randn, shuffling, ...) other than dropout's")
             prog = Program(rec, proxies, args, result)
         except CaptureError as exc:
