@@ -9,6 +9,7 @@ from numba import njit, uint64
 
 from mpnn.core.activation_kernels import relu_backward, relu_forward  # eager relu's own loops, shared
 from mpnn.core.fpenv import flush_denormals_begin, flush_denormals_end
+from mpnn.optim.kernels import adam_moments
 
 
 @njit(cache=True, error_model="numpy")
@@ -354,14 +355,8 @@ def adam_update_all(
         one = param.dtype.type(1)
         decay = one - lr * weight_decay
         for i in range(param.size):
-            g = -grad[i] if maximize else grad[i]
-            p = param[i]
-            if decoupled:
-                p = p * decay
-            elif weight_decay != 0:
-                g = g + weight_decay * p
-            m = beta1 * exp_avg[i] + (one - beta1) * g
-            v = beta2 * exp_avg_sq[i] + (one - beta2) * g * g
+            p, m, v = adam_moments(param[i], grad[i], exp_avg[i], exp_avg_sq[i], one, decay, beta1, beta2,
+                                   weight_decay, decoupled, maximize)  # fmt: skip
             exp_avg[i] = m
             exp_avg_sq[i] = v
             if reciprocal:

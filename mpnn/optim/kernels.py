@@ -42,6 +42,21 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_dec
     flush_denormals_end(fp_control)
 
 
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+def adam_moments(p, g, m, v, one, decay, beta1, beta2, weight_decay, decoupled, maximize):
+    """One entry's Adam step before the division: (the decayed parameter, the new first and second moments), with
+    torch's weight decay (L2: g += wd p; decoupled: p *= 1 - lr wd) and maximize. Shared by adam_update and the
+    replay's adam_update_all (mpnn.capture.kernels), so that both make the same float operations; inlined, the loops
+    still vectorize (1M float32 entries: 0.39 ms before and after)."""
+    if maximize:
+        g = -g
+    if decoupled:
+        p = p * decay
+    elif weight_decay != 0:
+        g = g + weight_decay * p
+    return p, beta1 * m + (one - beta1) * g, beta2 * v + (one - beta2) * g * g
+
+
 @njit(cache=True, fastmath=False, error_model="numpy")
 def adam_update(
     param,
@@ -71,14 +86,8 @@ def adam_update(
     # LLVM vectorizes this loop (packed sqrt and div) on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes),
     # except its AMSGrad version (max), scalar on both
     for i in range(param.size):
-        g = -grad[i] if maximize else grad[i]
-        p = param[i]
-        if decoupled:
-            p = p * decay
-        elif weight_decay != 0:
-            g = g + weight_decay * p
-        m = beta1 * exp_avg[i] + (one - beta1) * g
-        v = beta2 * exp_avg_sq[i] + (one - beta2) * g * g
+        p, m, v = adam_moments(param[i], grad[i], exp_avg[i], exp_avg_sq[i], one, decay, beta1, beta2, weight_decay,
+                               decoupled, maximize)  # fmt: skip
         exp_avg[i] = m
         exp_avg_sq[i] = v
         if amsgrad:
