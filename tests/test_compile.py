@@ -1551,14 +1551,7 @@ def _pool_run(compiled, batches):
     mpnn.manual_seed(3)
     model = _PoolNet()
     opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
+    step = train_step(model, opt)
     fn = mpnn.compile(step, fuse=False) if compiled else step
     got = []
     for x, y in batches:
