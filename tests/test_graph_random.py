@@ -704,6 +704,34 @@ def test_residual_block_through_both_winograd_algorithms_with_reuse_views_and_br
     assert {"WinogradF4x4", "WinogradF2x2"} <= set(used), used
 
 
+def test_residual_block_through_long_winograd_chunks_with_reuse_and_broadcasting(monkeypatch):
+    """The same residual composition over chunks of 17 tile rows, where F(4x4)'s gathers and scatters run with the
+    tile rows innermost in blocks of 8 (20 images 6 high: more than 8 images a chunk), the last chunk short (6
+    rows, the row-by-row path): x reused at three depths, the first conv's output after its ReLU, a strided view
+    and a 0-d mean broadcast; float64 gradcheck."""
+    from mpnn.core import conv as conv_module
+    from mpnn.core import conv_kernels, conv_winograd
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_TILES", 17 * 4)  # 9 wide: 3 tiles + the junk slot a tile row
+    _, _, chunks = conv_winograd._winograd_chunks(20, 6, 9, 17 * 4)
+    assert [r for _, r in chunks] == [17, 17, 6] and 17 >= conv_kernels._GATHER_BY_TILE_ROWS
+    rng = np.random.default_rng(12)
+
+    def tensor(*shape, scale=1.0):
+        return mpnn.tensor(rng.standard_normal(shape) * scale, dtype=mpnn.float64, requires_grad=True)
+
+    x, w1, w2 = tensor(20, 2, 6, 9), tensor(2, 2, 3, 3, scale=0.3), tensor(2, 2, 3, 3, scale=0.3)
+    conv = mpnn.nn.functional.conv2d
+
+    def block(x, w1, w2):
+        a = conv(x, w1, padding=1)
+        h = conv(a.relu() + a * 0.5, w2, padding=1)
+        return (h + x).tanh() + x[:, :, ::2].mean()
+
+    assert gradcheck(block, [x, w1, w2])
+
+
 def test_pre_norm_attention_block_with_its_norm_weights_reused():
     """A pre-norm transformer block composed: layer_norm with weight and bias (their gradients summed in the row-sum
     pass), the same weight and bias reused by a second norm deeper in, causal attention over a strided view, a
