@@ -17,6 +17,8 @@ from mpnn import nn
 from mpnn.capture import CompiledFunction, CompileWarning
 from mpnn.core import tensor_base
 from mpnn.core.tensor import Tensor
+from steps import backward_fns as _backward_fns
+from steps import step_names as _step_names
 from steps import train_step
 
 _EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
@@ -74,8 +76,10 @@ def test_mnist1d_steps_replay_bit_for_bit(model_name, opt_name):
     assert fn.eager_reason is None
     if model_name == "mlp":  # linear + bias + ReLU in one Numba pass: the same float operations, so still the bits
         assert "fuse.<locals>.forward" in _step_names(fn)
-    else:  # each conv's epilogue with its ReLU, forward and backward
-        assert _step_names(fn).count("_conv_im2col.<locals>.fuse_relu.<locals>.forward_relu") == 3
+    else:  # each conv's epilogue with its ReLU; conv1 -> conv2 -> conv3 hand their activations over channel-major
+        names = _step_names(fn)
+        assert names.count("_conv_im2col.<locals>.relu_channel_major.<locals>.forward_relu_channel_major") == 2
+        assert names.count("_conv_im2col.<locals>.fuse_relu.<locals>.forward_relu") == 1
     assert "_cross_entropy_fused.<locals>.forward" not in _step_names(fn)
     assert fn.stats["captures"] == 1 and fn.stats["hits"] == 5
     for a, b in zip(eager[0], compiled[0]):
@@ -85,22 +89,6 @@ def test_mnist1d_steps_replay_bit_for_bit(model_name, opt_name):
             assert a.tobytes() == b.tobytes()
     for a, b in zip(eager[2], compiled[2]):
         assert a.tobytes() == b.tobytes()
-
-
-def _step_names(fn):
-    return [getattr(step, "__qualname__", "") for prog in fn._cache.values() for step in prog.steps]
-
-
-def _backward_fns(fn):
-    """The replayed backward forms of fn's programs (from the unrolled reverse passes), newest op first."""
-    forms = []
-    for prog in fn._cache.values():
-        for step in prog.steps:
-            if step.__qualname__.endswith("_backward_step.<locals>.backward"):
-                reverse = dict(zip(step.__code__.co_freevars, step.__closure__))["reverse"].cell_contents
-                cells = dict(zip(reverse.__code__.co_freevars, reverse.__closure__))
-                forms += [bwd for _, bwd, _, _ in cells["steps"].cell_contents]
-    return forms
 
 
 def _backward_forms(fn):

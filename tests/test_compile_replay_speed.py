@@ -10,7 +10,7 @@ import mpnn
 from mpnn import nn
 from mpnn.capture import kernels as CK
 from mpnn.capture import optim as capture_optim
-from steps import train_step
+from steps import backward_fns, step_names, train_step
 
 
 def _batches(n, seed=0, batch=12, features=8, classes=4):
@@ -536,3 +536,165 @@ def test_conv1d_replay_with_either_gather_gives_eager_bits(geometry, choice, mon
     for a, b in zip(eager[1], compiled[1]):
         assert a.tobytes() == b.tobytes()
     assert len(picked) == 4  # both convs' gather and scatter were eligible
+
+
+# ----- conv -> ReLU -> conv chains: the activation handed over channel-major ---------------------------------------
+_CHANNEL_MAJOR = "_conv_im2col.<locals>.relu_channel_major.<locals>.forward_relu_channel_major"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_channel_major_gather_and_scatter_equal_the_rows_kernels(seed):
+    """kernels.im2col_channel_major / col2im_channel_major over a (C, N, L) array against im2col_rows / col2im_rows
+    over its (N, C, L) transpose, random 1-d geometries with and without a bias row: the same columns, bit for bit,
+    and the same sums in the transposed layout."""
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        groups = int(rng.choice([1, 2, 3]))
+        c = groups * int(rng.integers(1, 4))
+        k, s, d, p = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(0, 3))
+        n, length = int(rng.integers(1, 6)), int(rng.integers(d * (k - 1) + 1, 20))
+        t = (length + 2 * p - d * (k - 1) - 1) // s + 1
+        if t < 1:
+            continue
+        x = rng.standard_normal((n, c, length))
+        x_cm = np.ascontiguousarray(x.transpose(1, 0, 2))
+        for bias in (0, 1):
+            rows = (c // groups * k + bias) * groups
+            want, got = np.full((rows, n, t), 7.0), np.full((rows, n, t), 9.0)
+            CK.im2col_rows(x, k, s, p, d, groups, want)
+            CK.im2col_channel_major(x_cm, k, s, p, d, groups, got)
+            assert want.tobytes() == got.tobytes()
+        dcols = rng.standard_normal((c // groups * k * groups, n, t))
+        want, got = np.zeros((n, c, length)), np.zeros((c, n, length))
+        CK.col2im_rows(dcols, k, s, p, d, groups, want)
+        CK.col2im_channel_major(dcols, k, s, p, d, groups, got)
+        assert np.ascontiguousarray(want.transpose(1, 0, 2)).tobytes() == got.tobytes()
+
+
+def _conv_chain_run(compiled, geometry, dtype, returns="loss", steps=6):
+    """conv1d -> ReLU -> conv1d -> ReLU -> conv1d -> ReLU -> linear (the middle conv with the given stride, padding,
+    dilation, groups; the last without bias), input requiring grad, SGD with momentum; returns per step the loss,
+    the input's and every parameter's gradient (and, per `returns`, the first ReLU's output or the first conv's),
+    then the final parameters and the step function."""
+    stride, pad, dil, groups = geometry
+    mpnn.manual_seed(0)
+    c1 = nn.Conv1d(2, 6, 3, stride=2, padding=1).to(dtype)
+    c2 = nn.Conv1d(6, 6, 3, stride=stride, padding=pad, dilation=dil, groups=groups).to(dtype)
+    c3 = nn.Conv1d(6, 4, 2, bias=False).to(dtype)
+    length = (40 + 2 - 3) // 2 + 1
+    length = (length + 2 * pad - dil * 2 - 1) // stride + 1
+    length -= 1
+    head = nn.Linear(4 * length, 3).to(dtype)
+    params = [p for m in (c1, c2, c3, head) for p in m.parameters()]
+    opt = mpnn.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    def step(x, y):
+        opt.zero_grad()
+        a1 = c1(x)
+        h1 = a1.relu()
+        h = c3(c2(h1).relu()).relu()
+        loss = nn.functional.cross_entropy(head(h.reshape(h.shape[0], -1)), y)
+        loss.backward()
+        opt.step()
+        return {"loss": loss, "relu": (loss, h1), "conv": (loss, a1)}[returns]
+
+    fn = mpnn.compile(step, fuse=False) if compiled else step
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(steps):
+        x = mpnn.from_numpy(rng.standard_normal((7, 2, 40)).astype(dtype)).requires_grad_()
+        y = mpnn.from_numpy(rng.integers(0, 3, 7))
+        res = fn(x, y)
+        res = res if isinstance(res, tuple) else (res,)
+        out.append([r.data.copy() for r in res] + [x.grad.data.copy()] + [p.grad.data.copy() for p in params])
+    return out, [p.data.copy() for p in params], fn
+
+
+def _assert_same_bits(eager, compiled):
+    for a, b in zip(eager[0], compiled[0]):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert u.dtype == v.dtype and u.shape == v.shape and u.tobytes() == v.tobytes()
+    for a, b in zip(eager[1], compiled[1]):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("geometry", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 3), (3, 1, 1, 1)])
+def test_conv_chain_hands_over_channel_major_with_eager_bits(geometry, dtype):
+    """The three convs hand their activations over channel-major (two hand-offs; the last ReLU feeds a reshape, so
+    it keeps the (N, O, L) layout): losses, the input's and every parameter's gradient and the parameters after 6
+    steps bit for bit with eager, fuse=False (the hand-off reorders no arithmetic)."""
+    eager, compiled = _conv_chain_run(False, geometry, dtype), _conv_chain_run(True, geometry, dtype)
+    fn = compiled[2]
+    assert fn.eager_reason is None and fn.stats["hits"] == 5
+    assert step_names(fn).count(_CHANNEL_MAJOR) == 2
+    _assert_same_bits(eager, compiled)
+
+
+@pytest.mark.parametrize("returns", ["relu", "conv"])
+def test_conv_chain_keeps_what_the_step_returns(returns):
+    """A step that returns the first ReLU's output (or the first conv's, which the ReLU reads) keeps that hand-off
+    in the (N, O, L) layout: the returned activation, like everything else, equals eager's bit for bit; the second
+    hand-off still runs channel-major."""
+    geometry = (1, 1, 1, 1)
+    eager = _conv_chain_run(False, geometry, np.float32, returns)
+    compiled = _conv_chain_run(True, geometry, np.float32, returns)
+    assert compiled[2].eager_reason is None
+    assert step_names(compiled[2]).count(_CHANNEL_MAJOR) == 1
+    _assert_same_bits(eager, compiled)
+
+
+def test_conv_chain_with_a_second_reader_stays_in_the_usual_layout():
+    """The first ReLU's output read twice (by the next conv and by a sum added to the loss): no hand-off there, the
+    same bits as eager."""
+
+    def run(compiled):
+        mpnn.manual_seed(0)
+        c1, c2 = nn.Conv1d(1, 4, 3, stride=2, padding=1), nn.Conv1d(4, 4, 3, stride=2, padding=1)
+        head = nn.Linear(40, 3)
+        params = [p for m in (c1, c2, head) for p in m.parameters()]
+        opt = mpnn.optim.Adam(params, lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            h1 = c1(x).relu()
+            h = c2(h1).relu()
+            loss = nn.functional.cross_entropy(head(h.reshape(h.shape[0], -1)), y) + 1e-3 * h1.sum()
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = mpnn.compile(step, fuse=False) if compiled else step
+        rng = np.random.default_rng(2)
+        out = []
+        for _ in range(5):
+            x = mpnn.from_numpy(rng.standard_normal((6, 1, 40)).astype(np.float32))
+            loss = fn(x, mpnn.from_numpy(rng.integers(0, 3, 6)))
+            out.append([loss.data.copy()] + [p.grad.data.copy() for p in params])
+        return out, [p.data.copy() for p in params], fn
+
+    eager, compiled = run(False), run(True)
+    assert compiled[2].eager_reason is None and _CHANNEL_MAJOR not in step_names(compiled[2])
+    _assert_same_bits(eager, compiled)
+
+
+def test_conv_chain_backward_takes_strided_gradients_alike():
+    """The two conv backward forms at a channel-major hand-off, called with their usual gradient and with a strided
+    copy of it (which their fast paths decline): the general paths convert to and from (N, O, L) and give the same
+    bits."""
+    compiled = _conv_chain_run(True, (1, 1, 1, 1), np.float64, steps=2)
+    fn = compiled[2]
+    convs = [f for f in backward_fns(fn) if f.__qualname__ == "_conv_im2col.<locals>.backward"]
+    assert len(convs) == 3  # newest first: conv3, conv2, conv1
+    rng = np.random.default_rng(0)
+    for bwd, out_ch, length in ((convs[1], 6, 20), (convs[2], 6, 20)):  # conv2, conv1: 6 channels, length 20
+        g = rng.standard_normal((out_ch, 7, length))  # channel-major, as the next conv hands it back
+        fast = [None if a is None else a.copy() for a in bwd(g.copy())]
+        strided = np.empty((out_ch, 7, 2 * length))[:, :, ::2]
+        strided[...] = g
+        general = bwd(strided)
+        for a, b in zip(fast, general):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == b.shape and a.tobytes() == b.tobytes()

@@ -40,11 +40,12 @@ class Program:
         self.guards = []  # (tensor, its array, requires_grad) of every tensor read that the step did not make
         self.grad_inputs = [(i, p) for i, p in proxies if p.requires_grad]
         self._lent = []  # buffers of backward forms handed to leaves as their .grad (see _reclaim)
-        self._build(rec, proxies)
+        self._build(rec, proxies, frozenset(_tensor_ids(result)) | rec.side_results)
         self.result_spec = self._spec(result, rec)
 
     # ----- build ---------------------------------------------------------------------------------------------
-    def _build(self, rec, proxies):
+    def _build(self, rec, proxies, returned):
+        """returned: ids of the tensors the step hands back (its result's, a clip_grad norm's): fuse keeps those."""
         if rec.reads:
             what, where = rec.reads[0]
             raise CaptureError(f"the step reads a tensor value ({_read_name(what)}) at {where}")
@@ -80,7 +81,7 @@ class Program:
         self._check_versions(rec)
 
         index = {id(r): i for i, r in enumerate(rec.ops)}
-        fused = fuse(rec)
+        fused = fuse(rec, returned)
         for ev in rec.events:
             kind = ev[0]
             if kind == "op":
@@ -308,6 +309,18 @@ def _refuse_derived(rec, t):
             f"{d[0]!r} at {d[1]} makes a tensor off the tape from tensor values (argmax, sign, an integer cast, "
             "index results, ...) that the step then uses or returns: replay would keep its first value"
         )
+
+
+def _tensor_ids(result):
+    """ids of the tensors in fn's return value (tensors, numbers and containers of them)."""
+    if isinstance(result, Tensor):
+        yield id(result)
+    elif isinstance(result, (tuple, list)):
+        for x in result:
+            yield from _tensor_ids(x)
+    elif isinstance(result, dict):
+        for x in result.values():
+            yield from _tensor_ids(x)
 
 
 def _bind(fn, obj, a, k):

@@ -20,6 +20,7 @@ it). Ops without a builder are not captured at all.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -39,15 +40,18 @@ from .kernels import (
     bias_add,
     bias_relu,
     bias_relu_add,
+    col2im_channel_major,
     col2im_rows,
     column_sum,
     cross_entropy_forward,
+    im2col_channel_major,
     im2col_rows,
     matmul_abt,
     pack_weight_bias,
     relu_backward,
     relu_backward_colsum,
     relu_forward,
+    relu_in_place,
     scale_into,
     swap_relu,
     swap_relu_backward,
@@ -512,13 +516,22 @@ def _cross_entropy_fused(r, rows, labels, c, ignore_index, mean, o):
     return forward, backward
 
 
-def fuse(rec):
+def fuse(rec, keep=frozenset()):
     """Fuse pairs of ops that ran one right after the other, where no arithmetic is reordered (so eager's bits):
     a linear layer's bias add and the ReLU after it (kernels.bias_relu); a one-tile conv's transposing epilogue and
     the ReLU after it (kernels.swap_relu), and in backward the ReLU's mask with the conv's transposing copy of the
     gradient (kernels.swap_relu_backward; the ReLU then passes its gradient through, which is exact only when the
-    ReLU is the conv result's one consumer). Returns {index in rec.ops: forward to run instead, None: nothing}; the
-    backward forms it changes are changed on the records."""
+    ReLU is the conv result's one consumer).
+
+    A conv -> ReLU -> conv chain of 1-d one-tile convs (the MNIST-1D CNN's) goes further when the first conv's
+    result and the ReLU's have no reader but the next op and are not among keep (ids of the tensors the step
+    returns): the activation stays channel-major (O, N, L), as the first GEMM leaves it, the ReLU applied in place;
+    the next conv gathers its columns from there and sends its input gradient back in that layout, so neither
+    transposing copy runs (MNIST-1D CNN, two of its three convs). The conv's and the ReLU's own (N, O, L) arrays
+    are then not written: nothing reads them.
+
+    Returns {index in rec.ops: forward to run instead, None: nothing}; the backward forms it changes are changed on
+    the records."""
     ops = rec.ops
     position = {id(ev[1]): n for n, ev in enumerate(rec.events) if ev[0] == "op"}
     consumers = {}
@@ -565,13 +578,52 @@ def fuse(rec):
         conv = getattr(a.forward, "fuse_relu", None)
         if conv is None or rel[1].dtype != a.out.data.dtype:
             continue
+        mask = getattr(a.replay_bwd, "mask_with", None)
+        masked = mask is not None and consumers.get(id(a.out)) == 1 and id(a.out) not in roots and b.needs[0]
+        c = _channel_major_consumer(ops, k, consumers, roots, keep, masked)
+        if c is not None:
+            forward, act = a.forward.relu_channel_major()
+            out[k] = forward
+            out[k + 1] = None
+            c.forward.take_channel_major(act)
+            if masked:
+                a.replay_bwd.mask_with_channel_major(act)
+                b.replay_bwd = _pass_through
+            continue
         out[k] = conv(rel[1])
         out[k + 1] = None
-        mask = getattr(a.replay_bwd, "mask_with", None)
-        if mask is not None and consumers.get(id(a.out)) == 1 and id(a.out) not in roots and b.needs[0]:
+        if masked:
             mask(rel[1])
             b.replay_bwd = _pass_through
     return out
+
+
+def _channel_major_consumer(ops, k, consumers, roots, keep, masked):
+    """The conv that reads ops[k + 1] (a ReLU of the conv ops[k]) when the three may hand the activation over
+    channel-major (see fuse), else None. masked: the ReLU's backward goes into the first conv's (a gradient
+    flows); then the second conv's backward must send it channel-major too."""
+    a, b = ops[k], ops[k + 1]
+    produce = getattr(a.forward, "relu_channel_major", None)
+    if produce is None or not all(
+        consumers.get(id(t)) == 1 and id(t) not in roots and id(t) not in keep for t in (a.out, b.out)
+    ):
+        return None
+    if b.needs[0] and not (masked and hasattr(a.replay_bwd, "mask_with_channel_major")):
+        return None
+    for c in ops[k + 2 :]:
+        if any(p is b.out for p in c.parents):
+            break
+    else:
+        return None
+    if c.parents[0] is not b.out or getattr(c.forward, "take_channel_major", None) is None:
+        return None
+    act_shape = (a.out.data.shape[1], a.out.data.shape[0], a.out.data.shape[-1])
+    x = b.out.data
+    if x.ndim != 3 or (x.shape[1], x.shape[0], x.shape[2]) != act_shape or x.dtype != a.out.data.dtype:
+        return None
+    if c.needs[0] != b.needs[0]:
+        return None
+    return c
 
 
 def _residual_add(ops, i, relu, act, position):
@@ -682,6 +734,16 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
         CK.im2col(x_tile, kh, kw, sh, sw, ph, pw, dh, dw, groups, p0, ow, cols)
 
     gather = _pick(gather_core, lambda: im2col_rows(x3, kw, sw, pw, dw, groups, cols)) if rows else gather_core
+    dx_channel_major = [None]  # (C, N, L): the input gradient, when the input arrives channel-major (see fuse)
+
+    def take_channel_major(src):
+        """fuse: this conv's input arrives channel-major, src (C, N, L) (the GEMM result of the conv before it,
+        ReLU applied), instead of in x4: the columns come from there (kernels.im2col_channel_major: the same
+        values), and the input gradient goes back channel-major too (kernels.col2im_channel_major)."""
+        nonlocal gather
+        gather = functools.partial(im2col_channel_major, src, kw, sw, pw, dw, groups, cols)
+        if need_x0:
+            dx_channel_major[0] = np.empty(src.shape, dtype)
 
     def pack():
         """_grouped_weight's concatenation into wg: the weight, then the bias column."""
@@ -720,7 +782,23 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             gather()
             np.matmul(wg, cols3, out=gemm_out)
 
+        def relu_channel_major():
+            """(forward, act): this conv's forward with the ReLU after it applied in place to the GEMM result,
+            which stays channel-major, act (O, N, T), for the next conv to read (see fuse); the conv's and the
+            ReLU's (N, O, T) arrays are not written."""
+            flat = res.reshape(-1)
+
+            def forward_relu_channel_major():
+                forward_gemm()
+                relu_in_place(flat)  # np.maximum(res, 0)'s bits
+
+            return forward_relu_channel_major, res.reshape(out_ch, nb, t)
+
         forward.fuse_relu = fuse_relu
+        if (n0, n1) == (0, x4.shape[0]) and oh == 1 and t == ow:
+            forward.relu_channel_major = relu_channel_major
+    if rows:
+        forward.take_channel_major = take_channel_major
 
     # backward, for the flags the capture saw (others: the algorithm's own backward over the same state)
     need_x0, need_w0 = bool(input.requires_grad), bool(weight.requires_grad)
@@ -755,6 +833,7 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
     )
 
     relu_act = [None]  # the ReLU output whose mask this backward applies (fuse), as (N, O, L)
+    act_channel_major = [None]  # or that output channel-major (O, N, L), the gradient arriving so too (see fuse)
     fast = [None]  # with a ReLU's mask: every view the usual case reads, made once (backward's Python, not its work)
 
     def mask_with(act):
@@ -780,11 +859,22 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             gb,
         )
 
+    def mask_with_channel_major(act):
+        """fuse: the ReLU after this conv kept its output channel-major, act (O, N, L) (relu_channel_major), and
+        the gradient arrives in that layout: the mask is then one elementwise pass (kernels.relu_backward, the
+        same multiply by 1 or 0), no transposing copy."""
+        mask_with(act)
+        relu_act[0] = None
+        act_channel_major[0] = act
+
     def backward_fast(g, f):
         """The usual case's work, as the general path below does it, over the views of mask_with."""
         a_tile, whole, gc, groups_abt, cols_wt, dcols3, dw_copy, gx, gw, gb = f
-        g3 = g.reshape(n, out_ch, oh * ow)
-        swap_relu_backward(g3 if whole else g3[n0:n1], a_tile, gc_buf)
+        if act_channel_major[0] is not None:
+            relu_backward(g.reshape(-1), a_tile.reshape(-1), gc_buf.reshape(-1))
+        else:
+            g3 = g.reshape(n, out_ch, oh * ow)
+            swap_relu_backward(g3 if whole else g3[n0:n1], a_tile, gc_buf)
         if need_w0:
             if groups_abt is not None:
                 for gg, cw, dw_g in groups_abt:
@@ -792,9 +882,15 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             else:
                 np.matmul(gc, cols_wt, out=dwo)
         if need_x0:
-            dx.fill(0)
             np.matmul(wt, gc, out=dcols)
-            scatter()
+            gxc = dx_channel_major[0]
+            if gxc is not None:
+                gxc.fill(0)
+                col2im_channel_major(dcols3, kw, sw, pw, dw, groups, gxc)
+                gx = gxc
+            else:
+                dx.fill(0)
+                scatter()
         if dw_copy is not None:  # the weight's part of the GEMM result, into the buffer lent as its .grad
             gw = wbuf[0]
             np.copyto(gw.reshape(groups, og, taps), dw_copy[1])
@@ -834,8 +930,11 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             and g.flags.c_contiguous
         ):
             return backward_fast(g, f)
-        g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
         act = relu_act[0]
+        if act_channel_major[0] is not None:  # (a gradient the fast path does not take) back to (N, O, L)
+            g = _from_channel_major(g.reshape(out_ch, n, oh * ow))
+            act = _from_channel_major(act_channel_major[0])
+        g4 = np.ascontiguousarray(g).reshape(n, out_ch, oh, ow)
         if need_x != need_x0 or need_w != need_w0 or g4.dtype != dtype:
             if act is not None:  # the ReLU's backward, as its eager closure computes it
                 g4 = g4 * (act.reshape(g4.shape) > 0)
@@ -878,13 +977,25 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
                 if need_b:
                     gb = dwo[:, :, taps].reshape(out_ch)
         gx = None if gx is None else gx.reshape(xshape)
+        if gx is not None and dx_channel_major[0] is not None:  # the conv before reads it channel-major
+            CK.swap_leading_axes(gx.reshape(x3.shape), dx_channel_major[0])
+            gx = dx_channel_major[0]
         gw = None if gw is None else gw.reshape(wshape)
         return (gx, gw) if not has_bias else (gx, gw, gb)
 
     if gc_buf is not None and dtype in _FLOATS:
         backward.mask_with = mask_with
+        if (n0, n1) == (0, n):
+            backward.mask_with_channel_major = mask_with_channel_major
         backward.lendable = {k: v for k, v in ((1, wbuf), (2, bbuf)) if v is not None}
     return forward, backward
+
+
+def _from_channel_major(a):
+    """A (C, N, L) array as a new (N, C, L) one."""
+    out = np.empty((a.shape[1], a.shape[0], a.shape[2]), a.dtype)
+    CK.swap_leading_axes(np.ascontiguousarray(a), out)
+    return out
 
 
 # ----- views -------------------------------------------------------------------------------------------------
