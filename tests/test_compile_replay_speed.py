@@ -645,6 +645,59 @@ def test_conv_chain_keeps_what_the_step_returns(returns):
     _assert_same_bits(eager, compiled)
 
 
+@pytest.mark.parametrize("where", ["module attribute", "list", "closure"])
+def test_conv_chain_keeps_activations_the_step_stores(where):
+    """A step that stores the first ReLU's output (on a module, in a list, in a closure's cell) reads it after each
+    replay as after each eager step: that hand-off keeps the (N, O, L) layout (whose array replay refreshes), the
+    second still runs channel-major; the stored activation equals eager's, step by step, bit for bit."""
+
+    def run(compiled):
+        mpnn.manual_seed(0)
+        c1, c2, c3 = (nn.Conv1d(i, 4, 3, stride=2, padding=1) for i in (1, 4, 4))
+        head = nn.Linear(20, 3)
+        params = [p for m in (c1, c2, c3, head) for p in m.parameters()]
+        opt = mpnn.optim.SGD(params, lr=0.1)
+        stored, cell = [], [None]
+
+        def keep(h):
+            if where == "module attribute":
+                c1.last = h
+            elif where == "list":
+                stored.append(h)
+            else:
+                cell[0] = h
+
+        def last():
+            return {"module attribute": lambda: c1.last, "list": lambda: stored[-1], "closure": lambda: cell[0]}[
+                where
+            ]()
+
+        def step(x, y):
+            opt.zero_grad()
+            h1 = c1(x).relu()
+            keep(h1)
+            h = c3(c2(h1).relu()).relu()
+            loss = nn.functional.cross_entropy(head(h.reshape(h.shape[0], -1)), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = mpnn.compile(step) if compiled else step
+        rng = np.random.default_rng(4)
+        out = []
+        for _ in range(4):
+            x = mpnn.from_numpy(rng.standard_normal((6, 1, 40)).astype(np.float32))
+            loss = fn(x, mpnn.from_numpy(rng.integers(0, 3, 6)))
+            out.append([loss.data.copy(), last().data.copy()])
+        return out, [p.data.copy() for p in params], fn
+
+    eager, compiled = run(False), run(True)
+    assert compiled[2].eager_reason is None and step_names(compiled[2]).count(_CHANNEL_MAJOR) == 1
+    for a, b in zip(eager[0], compiled[0]):
+        assert a[1].tobytes() == b[1].tobytes()  # the stored activation, refreshed by each replay
+    assert np.allclose(eager[0][-1][0], compiled[0][-1][0], rtol=1e-5)  # (fuse=True: matmul_abt reassociates)
+
+
 def test_conv_chain_with_a_second_reader_stays_in_the_usual_layout():
     """The first ReLU's output read twice (by the next conv and by a sum added to the loss): no hand-off there, the
     same bits as eager."""

@@ -598,6 +598,9 @@ def fuse(rec, keep=frozenset()):
     return out
 
 
+_CHAIN_REFS = (5, 7)
+
+
 def _channel_major_consumer(ops, k, consumers, roots, keep, masked):
     """The conv that reads ops[k + 1] (a ReLU of the conv ops[k]) when the three may hand the activation over
     channel-major (see fuse), else None. masked: the ReLU's backward goes into the first conv's (a gradient
@@ -616,6 +619,12 @@ def _channel_major_consumer(ops, k, consumers, roots, keep, masked):
     else:
         return None
     if c.parents[0] is not b.out or getattr(c.forward, "take_channel_major", None) is None:
+        return None
+    # a result stored by the step (a module attribute, a list, a hook's closure) is read after replay too: its
+    # array must be refreshed, so no hand-off. The capture's own references (the op records, the forms' and the
+    # autograd nodes' closures; getrefcount's argument) are 5 for the conv's result and 7 for the ReLU's, fewer
+    # without gradients (tests/test_compile_replay_speed.py checks both ways)
+    if sys.getrefcount(a.out) > _CHAIN_REFS[0] or sys.getrefcount(b.out) > _CHAIN_REFS[1]:
         return None
     act_shape = (a.out.data.shape[1], a.out.data.shape[0], a.out.data.shape[-1])
     x = b.out.data
