@@ -164,10 +164,12 @@ UNARY = [
 BINARY = ["add", "sub", "mul", "div_safe", "linear", "attention", "attention_causal"]
 # comparisons (made off the tape, recorded with a replay form), float casts, where, masked_fill, matmul, cat: in the
 # bit-for-bit chains only (the fused-loss test keeps its own draws)
-MORE = ["mask_gt", "where_mask", "masked_fill", "matmul", "cat", "where_ab"]
+# conv1d -> ReLU -> conv1d -> ReLU over the rows (the activation handed over channel-major at replay, unless the
+# first ReLU's output has a second reader)
+MORE = ["mask_gt", "where_mask", "masked_fill", "matmul", "cat", "where_ab", "conv_chain", "conv_chain_shared"]
 
 
-def _apply(kind, a, b, lin):
+def _apply(kind, a, b, lin, convs=None):
     if kind == "relu":
         return a.relu()
     if kind == "tanh":
@@ -225,6 +227,10 @@ def _apply(kind, a, b, lin):
         return a / (b * b + 1.0)
     if kind == "linear":
         return lin(a)
+    if kind in ("conv_chain", "conv_chain_shared"):  # (4, 6) as 4 rows of 1 channel; 2 channels between the convs
+        h = convs[0](a.reshape(4, 1, 6)).relu()
+        out = convs[1](h).relu().reshape(4, 6) + b
+        return out + h.sum(1) * 0.5 if kind == "conv_chain_shared" else out
     raise AssertionError(kind)
 
 
@@ -244,7 +250,8 @@ def _run_chain(recipe, compiled, steps=3, ce=False):
     mpnn.manual_seed(1)
     lin = nn.Linear(6, 6)
     w = nn.Parameter(mpnn.randn(4, 6))
-    params = [w] + list(lin.parameters())
+    convs = (nn.Conv1d(1, 2, 3, padding=1), nn.Conv1d(2, 1, 3, stride=1, padding=2, dilation=2))
+    params = [w] + list(lin.parameters()) + [p for c in convs for p in c.parameters()]
     opt = mpnn.optim.Adam(params, lr=1e-2)
     labels = mpnn.from_numpy(np.array([0, 5, 2, 3]))
 
@@ -254,7 +261,7 @@ def _run_chain(recipe, compiled, steps=3, ce=False):
         for kind, i, j in recipe:
             a = vals[i % len(vals)]
             b = vals[j % len(vals)]
-            vals.append(_apply(kind, a, b, lin))
+            vals.append(_apply(kind, a, b, lin, convs))
         out = vals[-1]
         loss = (out * out).mean() + vals[len(vals) // 2].sum() * 0.01
         if ce:
@@ -289,6 +296,8 @@ def _assert_chain_replays_bit_for_bit(recipe):
         got_e, params_e, _ = _run_chain(recipe, False)
         got_c, params_c, fn = _run_chain(recipe, True)
     assert fn.stats["hits"] == 2
+    handed_over = _step_names(fn).count("_conv_im2col.<locals>.relu_channel_major.<locals>.forward_relu_channel_major")
+    assert handed_over == sum(kind == "conv_chain" for kind, _, _ in recipe)
     for (le, oe, ge), (lc, oc, gc) in zip(got_e, got_c):
         np.testing.assert_array_equal(le, lc)
         np.testing.assert_array_equal(oe, oc)
