@@ -751,3 +751,30 @@ def test_conv_chain_backward_takes_strided_gradients_alike():
             assert (a is None) == (b is None)
             if a is not None:
                 assert a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_conv_chain_in_a_forward_without_gradients():
+    """A compiled no_grad forward of the MNIST-1D CNN (an evaluation step): both hand-offs channel-major, the logits
+    bit for bit with eager's on new inputs each call."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch", "mnist1d.py")
+    spec = importlib.util.spec_from_file_location("mnist1d_example_chain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mpnn.manual_seed(0)
+    model = module.MODELS["cnn"]()
+    model.eval()
+
+    def evaluate(x):
+        with mpnn.no_grad():
+            return model(x)
+
+    fn = mpnn.compile(evaluate)
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        x = mpnn.from_numpy(rng.standard_normal((30, 40)).astype(np.float32))
+        assert fn(x).data.tobytes() == evaluate(x).data.tobytes()
+    assert fn.eager_reason is None and fn.stats["hits"] == 3
+    assert step_names(fn).count(_CHANNEL_MAJOR) == 2
