@@ -128,7 +128,8 @@ PROFILED = {
     "replay": ("swap_relu", "swap_relu_backward", "matmul_abt", "bias_relu", "relu_backward", "relu_forward",
                "cross_entropy_forward", "scale_into", "column_sum", "_mm", "bias_add", "relu_backward_colsum",
                "pack_weight_bias", "im2col_rows", "col2im_rows", "im2col_channel_major",
-               "col2im_channel_major", "relu_in_place"),
+               "col2im_channel_major", "relu_in_place",
+               "im2col_channel_major_s2", "col2im_channel_major_s2"),
     "optim": ("adam_update", "adam_update_all"),
 }  # fmt: skip
 

@@ -571,6 +571,45 @@ def test_channel_major_gather_and_scatter_equal_the_rows_kernels(seed):
         assert np.ascontiguousarray(want.transpose(1, 0, 2)).tobytes() == got.tobytes()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_stride_two_channel_major_kernels_by_phases_equal_the_general_ones(seed):
+    """kernels.im2col_channel_major_s2 / col2im_channel_major_s2 (stride 2, rows of 2T or 2T - 1) against the general
+    channel-major kernels over random taps, dilations, paddings, groups and bias rows, with signed zeros in the
+    input and in the column gradients: the same columns and the same sums, bit for bit (the phase scratch and dx
+    start as garbage; the scatter writes dx whole)."""
+    rng = np.random.default_rng(seed)
+    cases = 0
+    while cases < 25:
+        groups, n = int(rng.choice([1, 2])), int(rng.integers(1, 5))
+        c = groups * int(rng.integers(1, 4))
+        k, d, p, length = (
+            int(rng.integers(1, 5)),
+            int(rng.integers(1, 3)),
+            int(rng.integers(0, 4)),
+            int(rng.integers(1, 16)),
+        )
+        if length + 2 * p < d * (k - 1) + 1:
+            continue
+        t = (length + 2 * p - d * (k - 1) - 1) // 2 + 1
+        if length not in (2 * t, 2 * t - 1):
+            continue
+        cases += 1
+        x = rng.standard_normal((c, n, length))
+        x[np.abs(x) < 0.3] = -0.0
+        for bias in (0, 1):
+            rows = (c // groups * k + bias) * groups
+            want, got = np.full((rows, n, t), 7.0), np.full((rows, n, t), 9.0)
+            CK.im2col_channel_major(x, k, 2, p, d, groups, want)
+            CK.im2col_channel_major_s2(x, k, p, d, groups, got, np.full((2, n * t), 5.0))
+            assert want.tobytes() == got.tobytes()
+        dcols = rng.standard_normal((c // groups * k * groups, n, t))
+        dcols[np.abs(dcols) < 0.5] = -0.0
+        want, got = np.zeros((c, n, length)), np.full((c, n, length), 3.0)
+        CK.col2im_channel_major(dcols, k, 2, p, d, groups, want)
+        CK.col2im_channel_major_s2(dcols.copy(), k, p, d, groups, got, np.full((2, n * t), 5.0))
+        assert want.tobytes() == got.tobytes()
+
+
 def _conv_chain_run(compiled, geometry, dtype, returns="loss", steps=6):
     """conv1d -> ReLU -> conv1d -> ReLU -> conv1d -> ReLU -> linear (the middle conv with the given stride, padding,
     dilation, groups; the last without bias), input requiring grad, SGD with momentum; returns per step the loss,
@@ -620,7 +659,9 @@ def _assert_same_bits(eager, compiled):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("geometry", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 3), (3, 1, 1, 1)])
+@pytest.mark.parametrize(
+    "geometry", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 3), (3, 1, 1, 1), (2, 1, 1, 2), (2, 2, 2, 1)]
+)
 def test_conv_chain_hands_over_channel_major_with_eager_bits(geometry, dtype):
     """The three convs hand their activations over channel-major (two hand-offs; the last ReLU feeds a reshape, so
     it keeps the (N, O, L) layout): losses, the input's and every parameter's gradient and the parameters after 6

@@ -41,10 +41,12 @@ from .kernels import (
     bias_relu,
     bias_relu_add,
     col2im_channel_major,
+    col2im_channel_major_s2,
     col2im_rows,
     column_sum,
     cross_entropy_forward,
     im2col_channel_major,
+    im2col_channel_major_s2,
     im2col_rows,
     matmul_abt,
     pack_weight_bias,
@@ -744,13 +746,19 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
 
     gather = _pick(gather_core, lambda: im2col_rows(x3, kw, sw, pw, dw, groups, cols)) if rows else gather_core
     dx_channel_major = [None]  # (C, N, L): the input gradient, when the input arrives channel-major (see fuse)
+    phases = [None]  # (2, N * T) scratch of the stride-2 channel-major kernels, when they apply
 
     def take_channel_major(src):
         """fuse: this conv's input arrives channel-major, src (C, N, L) (the GEMM result of the conv before it,
         ReLU applied), instead of in x4: the columns come from there (kernels.im2col_channel_major: the same
-        values), and the input gradient goes back channel-major too (kernels.col2im_channel_major)."""
+        values), and the input gradient goes back channel-major too (kernels.col2im_channel_major); by phases
+        for stride 2 over rows of twice the output length (kernels.*_channel_major_s2, the same values and sums)."""
         nonlocal gather
-        gather = functools.partial(im2col_channel_major, src, kw, sw, pw, dw, groups, cols)
+        if sw == 2 and src.shape[2] in (2 * t, 2 * t - 1):
+            phases[0] = np.empty((2, nb * t), dtype)
+            gather = functools.partial(im2col_channel_major_s2, src, kw, pw, dw, groups, cols, phases[0])
+        else:
+            gather = functools.partial(im2col_channel_major, src, kw, sw, pw, dw, groups, cols)
         if need_x0:
             dx_channel_major[0] = np.empty(src.shape, dtype)
 
@@ -894,8 +902,11 @@ def _conv_im2col(r, problem, tile, o4, input, weight, bias, need_b):
             np.matmul(wt, gc, out=dcols)
             gxc = dx_channel_major[0]
             if gxc is not None:
-                gxc.fill(0)
-                col2im_channel_major(dcols3, kw, sw, pw, dw, groups, gxc)
+                if phases[0] is not None:  # writes every entry (and zeroes dcols's unused ones, scratch)
+                    col2im_channel_major_s2(dcols3, kw, pw, dw, groups, gxc, phases[0])
+                else:
+                    gxc.fill(0)
+                    col2im_channel_major(dcols3, kw, sw, pw, dw, groups, gxc)
                 gx = gxc
             else:
                 dx.fill(0)
