@@ -526,8 +526,9 @@ def fuse(rec, keep=frozenset()):
     ReLU is the conv result's one consumer).
 
     A conv -> ReLU -> conv chain of 1-d one-tile convs (the MNIST-1D CNN's) goes further when the first conv's
-    result and the ReLU's have no reader but the next op and are not among keep (ids of the tensors the step
-    returns): the activation stays channel-major (O, N, L), as the first GEMM leaves it, the ReLU applied in place;
+    result and the ReLU's have no reader but the next op, are not among keep (ids of the tensors the step returns)
+    and are not stored by the step: the activation stays channel-major (O, N, L), as the first GEMM leaves it, the
+    ReLU applied in place;
     the next conv gathers its columns from there and sends its input gradient back in that layout, so neither
     transposing copy runs (MNIST-1D CNN, two of its three convs). The conv's and the ReLU's own (N, O, L) arrays
     are then not written: nothing reads them.
@@ -584,7 +585,7 @@ def fuse(rec, keep=frozenset()):
         masked = mask is not None and consumers.get(id(a.out)) == 1 and id(a.out) not in roots and b.needs[0]
         c = _channel_major_consumer(ops, k, consumers, roots, keep, masked)
         if c is not None:
-            forward, act = a.forward.relu_channel_major()
+            forward, act = a.forward.relu_channel_major()  # (the forward replaces conv + ReLU, as fuse_relu's does)
             out[k] = forward
             out[k + 1] = None
             c.forward.take_channel_major(act)
