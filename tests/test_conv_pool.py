@@ -132,7 +132,7 @@ def _problem(x_shape, w_shape, geom, out_hw):
 def test_algorithm_registry_order_and_selection():
     """ALGORITHMS is the selection order: Winograd F(4x4) where it applies, F(2x2) on wide channels and narrow
     maps, im2col (which always applies) last."""
-    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "winograd-f2x2", "im2col"]
+    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "winograd-f2x2", "winograd-s2", "im2col"]
     im2col, f2 = conv_module.ALGORITHMS[-1], conv_module.ALGORITHMS[1]
     resnet_last = _problem((32, 512, 4, 4), (512, 512, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (4, 4))
     assert conv_module.select(resnet_last) is f2
@@ -150,7 +150,7 @@ def test_algorithm_registry_order_and_selection():
     assert conv_module.select(benchmark_layer, conv_module.settings_now()._replace(winograd_min_width=65)) is im2col
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 3])  # 2, the stride-2 Winograd, has tests/test_conv_winograd_s2.py
 def test_each_algorithm_alone_matches_reference(monkeypatch, index):
     """Each algorithm, made the only one, computes a conv all can take (forward and all three gradients)."""
     algorithm = conv_module.ALGORITHMS[index]

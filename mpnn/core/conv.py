@@ -13,7 +13,10 @@ input only, as torch's does. Selection order, first match wins:
     2. WinogradF2x2 (conv_winograd2.py): the 3x3 stride-1 ungrouped convs narrower than _WINOGRAD_MIN_WIDTH,
        from _WINOGRAD2_MIN_CHANNELS channels (ResNet-18's 512 channels on 4x4 maps): 2.25x fewer multiplies,
        no junk slots, the whole batch in one chunk.
-    3. Im2colGemm (conv_im2col.py): any geometry. The kernel taps of a tile of output positions become the
+    3. WinogradS2 (conv_winograd_s2.py): 3x3 stride-2 padding-1 ungrouped undilated convs from
+       _WINOGRAD_S2_MIN_CHANNELS input channels and _WINOGRAD_S2_MIN_WIDTH output columns: the four phases of the
+       input as 4C channels of a 2x2 stride-1 conv, run as F(4x4, 2x2), 0.56x the multiplies of im2col.
+    4. Im2colGemm (conv_im2col.py): any geometry. The kernel taps of a tile of output positions become the
        columns of one GEMM; a bias rides in it as a row of ones; a weight larger than the tile budget gets
        tiles of up to twice its bytes, so that it streams once.
 The tunables below stay module constants (tests patch them); SETTINGS hands them to the algorithms live.
@@ -27,6 +30,7 @@ from mpnn.core.conv_algorithm import ConvProblem, ConvSettings
 from mpnn.core.conv_im2col import Im2colGemm
 from mpnn.core.conv_winograd import WinogradF4x4
 from mpnn.core.conv_winograd2 import WinogradF2x2
+from mpnn.core.conv_winograd_s2 import WinogradS2
 from mpnn.core.errors import OpError
 from mpnn.core.tensor import as_tensor, is_grad_enabled, make_result
 
@@ -47,11 +51,22 @@ _WINOGRAD_MIN_WIDTH = 8
 # F(2x2, 3x3) on maps narrower than that, from 64 channels (conv_winograd2.py: ResNet-18's 512-channel layer on
 # 4x4 maps, batch 32, forward+backward ~40 ms against im2col's ~57; torch 51)
 _WINOGRAD2_MIN_CHANNELS = 64
+# The stride-2 Winograd (conv_winograd_s2.py) in chunks of about 256 tile slots (16 images of ResNet-18's 32x32
+# input, the whole batch of 32 on 16x16). It takes ResNet-18's 64->128 32x32 and 128->256 16x16 convs (batch 32,
+# benchmarks/resnet18.py --layers, two runs each, thread CPU ms, im2col -> it: forward 14.8/14.7 -> 14.2/14.0 and
+# 14.1/13.8 -> 15.7/13.6, backward 31.6/32.8 -> 26.1/25.1 and 28.6/30.2 -> 21.3/24.4; side by side in one
+# process, medians of 11: forward 14.6 -> 13.6, 13.9 -> 12.7) but not its 256->512 conv on 8x8 inputs: a 4x4
+# output is one tile an image, and the transformed weight (81/16 x the weight's 4.7 MB) is read for 32 GEMM
+# columns (forward 19.9 against im2col's 14.2, backward 46.8 against 27.6), hence the width of 8.
+_WINOGRAD_S2_TILES = 256
+_WINOGRAD_S2_MIN_CHANNELS = 64
+_WINOGRAD_S2_MIN_WIDTH = 8
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 WINOGRAD = WinogradF4x4()
 ALGORITHMS = (
     WINOGRAD,
     WinogradF2x2(),
+    WinogradS2(),
     Im2colGemm(),
 )  # the selection order: the first that applies runs; the last always does
 _new_problem = tuple.__new__  # ConvProblem without a Python-level __new__ frame (see conv_algorithm)
@@ -81,6 +96,18 @@ class _LiveSettings:
     @property
     def winograd2_min_channels(self):
         return _WINOGRAD2_MIN_CHANNELS
+
+    @property
+    def winograd_s2_tiles(self):
+        return _WINOGRAD_S2_TILES
+
+    @property
+    def winograd_s2_min_channels(self):
+        return _WINOGRAD_S2_MIN_CHANNELS
+
+    @property
+    def winograd_s2_min_width(self):
+        return _WINOGRAD_S2_MIN_WIDTH
 
 
 SETTINGS = _LiveSettings()
@@ -226,7 +253,14 @@ def select(problem, settings=SETTINGS):
 def settings_now():
     """The tunables as they are now, fixed in a ConvSettings."""
     return ConvSettings(
-        _TILE_BYTES, _WINOGRAD_TILES, _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_WIDTH, _WINOGRAD2_MIN_CHANNELS
+        _TILE_BYTES,
+        _WINOGRAD_TILES,
+        _WINOGRAD_MIN_CHANNELS,
+        _WINOGRAD_MIN_WIDTH,
+        _WINOGRAD2_MIN_CHANNELS,
+        _WINOGRAD_S2_TILES,
+        _WINOGRAD_S2_MIN_CHANNELS,
+        _WINOGRAD_S2_MIN_WIDTH,
     )
 
 

@@ -37,8 +37,9 @@ class ConvProblem(NamedTuple):
 
 class ConvSettings(NamedTuple):
     """The tunables: the im2col tile budget in bytes, the Winograd tile slots per chunk, and the fewest
-    channels and output columns Winograd F(4x4, 3x3) takes on, and the fewest channels F(2x2, 3x3) takes on
-    (on maps narrower than that). conv.SETTINGS has the same attributes, read live from
+    channels and output columns Winograd F(4x4, 3x3) takes on, the fewest channels F(2x2, 3x3) takes on
+    (on maps narrower than that), and the stride-2 Winograd's tiles per chunk, fewest input channels and output
+    columns. conv.SETTINGS has the same attributes, read live from
     conv.py's module constants (which tests patch); a ConvSettings fixes them, e.g. for conv.select."""
 
     tile_bytes: int
@@ -46,6 +47,9 @@ class ConvSettings(NamedTuple):
     winograd_min_channels: int
     winograd_min_width: int
     winograd2_min_channels: int = 64
+    winograd_s2_tiles: int = 256
+    winograd_s2_min_channels: int = 64
+    winograd_s2_min_width: int = 8
 
 
 class ConvAlgorithm:

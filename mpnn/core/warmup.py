@@ -44,6 +44,7 @@ def kernel_ops() -> list:
         lambda: conv2d(x2, w2, leaf(8), padding=1),  # the Winograd path
         lambda: conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
         lambda: conv2d(leaf(1, 64, 3, 3), leaf(64, 64, 3, 3), None, padding=1),  # Winograd F(2x2): narrow, 64 ch
+        lambda: conv2d(leaf(1, 64, 16, 16), leaf(4, 64, 3, 3), None, stride=2, padding=1),  # the stride-2 Winograd
         lambda: max_pool1d(x1, 2),
         lambda: avg_pool1d(x1, 2),
         lambda: max_pool2d(x2, 2),
