@@ -50,7 +50,7 @@ class WinogradS2(ConvAlgorithm):
         nb = max(1, settings.winograd_s2_tiles // per_image)
         # U is as large as the weight times 9 x 4 x 81/144 (10.6 MB at 256 x 128 channels): a fresh array each call
         # faulted its pages in (~0.7 ms of that layer's forward); backward makes it again (0.2-0.6 ms)
-        u = scratch("us2", (81 * o * c,), dtype)
+        u = scratch("du2", (81 * o * c,), dtype)
         K.weight_transform(np.ascontiguousarray(w4), _SLOT, _ROWS, _TAPS, _COEF, u)
         bias = problem.b if problem.b is not None else np.zeros(o, dtype)
         # a backward that wants the weight's gradient reads V again: keep each chunk's (the whole batch's V is as
@@ -61,9 +61,9 @@ class WinogradS2(ConvAlgorithm):
             n1 = min(n, n0 + nb)
             t = (n1 - n0) * per_image
             # 81 C rows and one junk row (conv_winograd_s2_kernels.input_transform)
-            v = np.empty((81 * c + 1, t), dtype) if kept is not None else scratch("vs2", (81 * c + 1, t), dtype)
+            v = np.empty((81 * c + 1, t), dtype) if kept is not None else scratch("v2", (81 * c + 1, t), dtype)
             K.input_transform(x4[n0:n1], 1, 1, tiles_h, tiles_w, _SLOT, _ROWS, v)
-            m = scratch("ms2", (25, o, t), dtype)
+            m = scratch("m2", (25, o, t), dtype)
             for pt, (r, k) in enumerate(_POINTS):
                 linalg._mm(u[o * c * r : o * c * (r + k)].reshape(o, c * k), v[c * r : c * (r + k)], out=m[pt])
             K.output_transform(m, bias, tiles_h, tiles_w, out[n0:n1])
@@ -78,7 +78,7 @@ class WinogradS2(ConvAlgorithm):
         o = g4.shape[1]
         u = None
         if need_x:
-            u = scratch("us2", (81 * o * c,), dtype)
+            u = scratch("du2", (81 * o * c,), dtype)
             K.weight_transform(np.ascontiguousarray(w4), _SLOT, _ROWS, _TAPS, _COEF, u)
         per_image = tiles_h * tiles_w
         db = g4.sum(axis=(0, 2, 3)) if need_b else None
@@ -89,24 +89,24 @@ class WinogradS2(ConvAlgorithm):
         for n0 in range(0, n, nb):
             n1 = min(n, n0 + nb)
             t = (n1 - n0) * per_image
-            dm = scratch("dms2", (25, o, t), dtype)
+            dm = scratch("dm2", (25, o, t), dtype)
             K.grad_output(g4[n0:n1], tiles_h, tiles_w, dm)
             if need_w:
                 if kept is not None:
                     v = kept[n0 // nb]
                 else:
-                    v = scratch("vs2", (81 * c + 1, t), dtype)
+                    v = scratch("v2", (81 * c + 1, t), dtype)
                     K.input_transform(x4[n0:n1], 1, 1, tiles_h, tiles_w, _SLOT, _ROWS, v)
                 for pt, (r, k) in enumerate(_POINTS):
                     dst = du[o * c * r : o * c * (r + k)].reshape(o, c * k)
                     if n0 == 0:
                         linalg._mm(dm[pt], v[c * r : c * (r + k)].T, out=dst)
                     else:
-                        part = scratch("dus2", (o, c * k), dtype)
+                        part = scratch("du", (o, c * k), dtype)
                         linalg._mm(dm[pt], v[c * r : c * (r + k)].T, out=part)
                         dst += part
             if need_x:
-                dv = scratch("dvs2", (81 * c, t), dtype)
+                dv = scratch("dv2", (81 * c, t), dtype)
                 for pt, (r, k) in enumerate(_POINTS):
                     linalg._mm(u[o * c * r : o * c * (r + k)].reshape(o, c * k).T, dm[pt], out=dv[c * r : c * (r + k)])
                 K.grad_input(dv, 1, 1, tiles_h, tiles_w, _SLOT, _ROWS, dx[n0:n1])
