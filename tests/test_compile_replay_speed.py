@@ -287,14 +287,7 @@ def _branchy_run(case, compiled, steps=4):
 
 
 def _replayed_backward_forms(fn):
-    forms = []
-    for prog in fn._cache.values():
-        for step in prog.steps:
-            if step.__qualname__.endswith("_backward_step.<locals>.backward"):
-                reverse = dict(zip(step.__code__.co_freevars, step.__closure__))["reverse"].cell_contents
-                cells = dict(zip(reverse.__code__.co_freevars, reverse.__closure__))
-                forms += [bwd.__qualname__ for _, bwd, _, _ in cells["steps"].cell_contents]
-    return forms
+    return [f.__qualname__ for f in backward_fns(fn)]
 
 
 @pytest.mark.parametrize("case", ["usual", "shared", "frozen_bias"])
@@ -436,9 +429,10 @@ def test_leaf_gradients_handed_over_with_two_backward_passes_in_a_step():
 
 # ----- 1-d convs: the gather and scatter with the samples innermost ------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
-def test_rows_im2col_and_col2im_equal_the_core_kernels(seed):
-    """kernels.im2col_rows / col2im_rows against conv_kernels.im2col / col2im over random 1-d geometries (stride,
-    padding, dilation, groups, a bias row or not): the same columns and the same sums, bit for bit."""
+def test_rows_and_channel_major_im2col_and_col2im_equal_the_core_kernels(seed):
+    """kernels.im2col_rows / col2im_rows, and im2col_channel_major / col2im_channel_major over the (C, N, L)
+    transpose, against conv_kernels.im2col / col2im over random 1-d geometries (stride, padding, dilation, groups, a
+    bias row or not): the same columns and the same sums, bit for bit."""
     from mpnn.core import conv_kernels
 
     rng = np.random.default_rng(seed)
@@ -451,17 +445,24 @@ def test_rows_im2col_and_col2im_equal_the_core_kernels(seed):
         if t < 1:
             continue
         x = rng.standard_normal((n, c, 1, length)).astype(np.float32)
+        x_cm = np.ascontiguousarray(x.reshape(n, c, length).transpose(1, 0, 2))
         for bias in (0, 1):
             rows = (c // groups * k + bias) * groups
             want, got = np.full((rows, n, t), 7, np.float32), np.full((rows, n, t), 9, np.float32)
             conv_kernels.im2col(x, 1, k, 1, s, 0, p, 1, d, groups, 0, t, want)
             CK.im2col_rows(x.reshape(n, c, length), k, s, p, d, groups, got)
             assert want.tobytes() == got.tobytes()
+            got = np.full((rows, n, t), 9, np.float32)
+            CK.im2col_channel_major(x_cm, k, s, p, d, groups, got)
+            assert want.tobytes() == got.tobytes()
         dcols = rng.standard_normal((c // groups * k * groups, n, t)).astype(np.float32)
         want, got = np.zeros((n, c, 1, length), np.float32), np.zeros((n, c, length), np.float32)
         conv_kernels.col2im(dcols, 1, k, 1, s, 0, p, 1, d, groups, 0, t, want)
         CK.col2im_rows(dcols, k, s, p, d, groups, got)
         assert want.tobytes() == got.tobytes()
+        got = np.zeros((c, n, length), np.float32)
+        CK.col2im_channel_major(dcols, k, s, p, d, groups, got)
+        assert np.ascontiguousarray(want.reshape(n, c, length).transpose(1, 0, 2)).tobytes() == got.tobytes()
 
 
 def test_pick_times_both_then_keeps_the_faster():
@@ -540,35 +541,6 @@ def test_conv1d_replay_with_either_gather_gives_eager_bits(geometry, choice, mon
 
 # ----- conv -> ReLU -> conv chains: the activation handed over channel-major ---------------------------------------
 _CHANNEL_MAJOR = "_conv_im2col.<locals>.relu_channel_major.<locals>.forward_relu_channel_major"
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_channel_major_gather_and_scatter_equal_the_rows_kernels(seed):
-    """kernels.im2col_channel_major / col2im_channel_major over a (C, N, L) array against im2col_rows / col2im_rows
-    over its (N, C, L) transpose, random 1-d geometries with and without a bias row: the same columns, bit for bit,
-    and the same sums in the transposed layout."""
-    rng = np.random.default_rng(seed)
-    for _ in range(10):
-        groups = int(rng.choice([1, 2, 3]))
-        c = groups * int(rng.integers(1, 4))
-        k, s, d, p = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(0, 3))
-        n, length = int(rng.integers(1, 6)), int(rng.integers(d * (k - 1) + 1, 20))
-        t = (length + 2 * p - d * (k - 1) - 1) // s + 1
-        if t < 1:
-            continue
-        x = rng.standard_normal((n, c, length))
-        x_cm = np.ascontiguousarray(x.transpose(1, 0, 2))
-        for bias in (0, 1):
-            rows = (c // groups * k + bias) * groups
-            want, got = np.full((rows, n, t), 7.0), np.full((rows, n, t), 9.0)
-            CK.im2col_rows(x, k, s, p, d, groups, want)
-            CK.im2col_channel_major(x_cm, k, s, p, d, groups, got)
-            assert want.tobytes() == got.tobytes()
-        dcols = rng.standard_normal((c // groups * k * groups, n, t))
-        want, got = np.zeros((n, c, length)), np.zeros((c, n, length))
-        CK.col2im_rows(dcols, k, s, p, d, groups, want)
-        CK.col2im_channel_major(dcols, k, s, p, d, groups, got)
-        assert np.ascontiguousarray(want.transpose(1, 0, 2)).tobytes() == got.tobytes()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -250,24 +250,17 @@ def pack_weight_bias(w3, b2, wg):
             wg[g, o, nt] = b2[g, o]
 
 
-@njit(cache=True, fastmath=False)
-def im2col_rows(x, kw, sw, pw, dw, groups, cols):
-    """conv_kernels.im2col for a 1-d conv over whole rows (kh = 1, one input row, p0 = 0, T = the output length),
-    x as (N, C, L), cols (R, N, T), the same values: with the loops over taps and output positions outside and the
-    samples inside, so the innermost loop runs N long instead of T (a few positions: the core's loop pays its setup
-    per run of T). Measured, warm, float32, core -> this: the MNIST-1D CNN's (100, 25, 19) -> T 10: 35 -> 25 us,
-    (100, 25, 10) -> T 5: 30 -> 12 us, (100, 1, 40) -> T 19: 6.1 -> 3.3 us; but (100, 25, 19) stride 1 (T 19):
-    31 -> 48, and rows 4 KiB apart 5-10x slower (cache-set conflicts): the replay times both on its first calls and
-    keeps the faster (see replay._pick)."""
-    n_, c_, l_ = x.shape
+@njit(cache=True, fastmath=False, inline="always")
+def _gather_rows(xf, c_, n_, l_, c_step, n_step, kw, sw, pw, dw, groups, cols):
+    """The columns (R, N, T) of a 1-d conv over whole rows from the flat input xf, whose row of channel c and sample n
+    starts at c * c_step + n * n_step: the taps and output positions outside, the samples inside (im2col_rows and
+    im2col_channel_major, one loop nest)."""
     t_ = cols.shape[2]
     cg = c_ // groups
     taps = cg * kw
     group_rows = cols.shape[0] // groups
-    xf = x.reshape(-1)
     cf = cols.reshape(-1)
     zero = cols.dtype.type(0)
-    cl = c_ * l_
     nt = n_ * t_
     for c in range(c_):
         grp = c // cg
@@ -277,9 +270,9 @@ def im2col_rows(x, kw, sw, pw, dw, groups, cols):
                 pos = t * sw - pw + j * dw
                 d = r * nt + t
                 if 0 <= pos < l_:
-                    src = c * l_ + pos
+                    src = c * c_step + pos
                     for n in range(n_):
-                        cf[uint64(d + n * t_)] = xf[uint64(src + n * cl)]
+                        cf[uint64(d + n * t_)] = xf[uint64(src + n * n_step)]
                 else:
                     for n in range(n_):
                         cf[uint64(d + n * t_)] = zero
@@ -291,19 +284,14 @@ def im2col_rows(x, kw, sw, pw, dw, groups, cols):
                 cf[uint64(row + q)] = one
 
 
-@njit(cache=True, fastmath=False)
-def col2im_rows(cols, kw, sw, pw, dw, groups, dx):
-    """conv_kernels.col2im for the same 1-d convs as im2col_rows (dx as (N, C, L), accumulated into), samples
-    innermost. Every element of dx gets its contributions in the core's order (by tap), so the same sums. Measured,
-    warm, float32, core -> this: (75, 100, 10) columns into (100, 25, 19): 33 -> 31 us; (75, 100, 5) into
-    (100, 25, 10): 24.5 -> 16 us; rows 4 KiB apart up to 40x slower: chosen by timing, as im2col_rows."""
-    n_, c_, l_ = dx.shape
+@njit(cache=True, fastmath=False, inline="always")
+def _scatter_rows(cols, c_, n_, l_, c_step, n_step, kw, sw, pw, dw, groups, df):
+    """The adjoint of _gather_rows: each column entry added into the flat df at the input element it came from,
+    by tap within each element (conv_kernels.col2im's order, so its sums)."""
     t_ = cols.shape[2]
     cg = c_ // groups
     group_rows = cols.shape[0] // groups
     cf = cols.reshape(-1)
-    df = dx.reshape(-1)
-    cl = c_ * l_
     nt = n_ * t_
     for c in range(c_):
         grp = c // cg
@@ -312,10 +300,33 @@ def col2im_rows(cols, kw, sw, pw, dw, groups, dx):
             for t in range(t_):
                 pos = t * sw - pw + j * dw
                 if 0 <= pos < l_:
-                    d = c * l_ + pos
+                    d = c * c_step + pos
                     s0 = r * nt + t
                     for n in range(n_):
-                        df[uint64(d + n * cl)] += cf[uint64(s0 + n * t_)]
+                        df[uint64(d + n * n_step)] += cf[uint64(s0 + n * t_)]
+
+
+@njit(cache=True, fastmath=False)
+def im2col_rows(x, kw, sw, pw, dw, groups, cols):
+    """conv_kernels.im2col for a 1-d conv over whole rows (kh = 1, one input row, p0 = 0, T = the output length),
+    x as (N, C, L), cols (R, N, T), the same values: with the loops over taps and output positions outside and the
+    samples inside, so the innermost loop runs N long instead of T (a few positions: the core's loop pays its setup
+    per run of T). Measured, warm, float32, core -> this: the MNIST-1D CNN's (100, 25, 19) -> T 10: 35 -> 25 us,
+    (100, 25, 10) -> T 5: 30 -> 12 us, (100, 1, 40) -> T 19: 6.1 -> 3.3 us; but (100, 25, 19) stride 1 (T 19):
+    31 -> 48, and rows 4 KiB apart 5-10x slower (cache-set conflicts): the replay times both on its first calls and
+    keeps the faster (see replay._pick)."""
+    n_, c_, l_ = x.shape
+    _gather_rows(x.reshape(-1), c_, n_, l_, l_, c_ * l_, kw, sw, pw, dw, groups, cols)
+
+
+@njit(cache=True, fastmath=False)
+def col2im_rows(cols, kw, sw, pw, dw, groups, dx):
+    """conv_kernels.col2im for the same 1-d convs as im2col_rows (dx as (N, C, L), accumulated into), samples
+    innermost. Every element of dx gets its contributions in the core's order (by tap), so the same sums. Measured,
+    warm, float32, core -> this: (75, 100, 10) columns into (100, 25, 19): 33 -> 31 us; (75, 100, 5) into
+    (100, 25, 10): 24.5 -> 16 us; rows 4 KiB apart up to 40x slower: chosen by timing, as im2col_rows."""
+    n_, c_, l_ = dx.shape
+    _scatter_rows(cols, c_, n_, l_, l_, c_ * l_, kw, sw, pw, dw, groups, dx.reshape(-1))
 
 
 @njit(cache=True, error_model="numpy")
@@ -332,40 +343,10 @@ def relu_in_place(a):
 def im2col_channel_major(x, kw, sw, pw, dw, groups, cols):
     """im2col_rows's columns (R, N, T) from a channel-major input x (C, N, L): the same values, read from the
     layout a one-tile conv's GEMM leaves its result in (replay.fuse hands a conv -> ReLU -> conv chain's middle
-    activation over in it, without the transposing copies to and from (N, C, L)). Each (channel, tap, sample)
-    copies one strided run of x into one contiguous run of cols (flat indices: views per run cost more than
-    the runs of 5-19)."""
+    activation over in it, without the transposing copies to and from (N, C, L)); the samples' rows lie one row
+    apart instead of C rows."""
     c_, n_, l_ = x.shape
-    t_ = cols.shape[2]
-    cg = c_ // groups
-    taps = cg * kw
-    group_rows = cols.shape[0] // groups
-    xf = x.reshape(-1)
-    cf = cols.reshape(-1)
-    zero = cols.dtype.type(0)
-    nl = n_ * l_
-    nt = n_ * t_
-    for c in range(c_):
-        grp = c // cg
-        for j in range(kw):
-            r = grp * group_rows + (c - grp * cg) * kw + j
-            off = j * dw - pw
-            for t in range(t_):
-                pos = t * sw + off
-                d = r * nt + t
-                if 0 <= pos < l_:
-                    src = c * nl + pos
-                    for n in range(n_):
-                        cf[uint64(d + n * t_)] = xf[uint64(src + n * l_)]
-                else:
-                    for n in range(n_):
-                        cf[uint64(d + n * t_)] = zero
-    one = cols.dtype.type(1)
-    for grp in range(groups):
-        for r in range(taps, group_rows):
-            row = (grp * group_rows + r) * nt
-            for q in range(nt):
-                cf[uint64(row + q)] = one
+    _gather_rows(x.reshape(-1), c_, n_, l_, n_ * l_, l_, kw, sw, pw, dw, groups, cols)
 
 
 @njit(cache=True, fastmath=False)
@@ -373,25 +354,7 @@ def col2im_channel_major(cols, kw, sw, pw, dw, groups, dx):
     """col2im_rows into a channel-major dx (C, N, L), accumulated into: every element gets its contributions in
     the core col2im's order (by tap), so the same sums in the layout im2col_channel_major reads."""
     c_, n_, l_ = dx.shape
-    t_ = cols.shape[2]
-    cg = c_ // groups
-    group_rows = cols.shape[0] // groups
-    cf = cols.reshape(-1)
-    df = dx.reshape(-1)
-    nl = n_ * l_
-    nt = n_ * t_
-    for c in range(c_):
-        grp = c // cg
-        for j in range(kw):
-            r = grp * group_rows + (c - grp * cg) * kw + j
-            off = j * dw - pw
-            for t in range(t_):
-                pos = t * sw + off
-                if 0 <= pos < l_:
-                    d = c * nl + pos
-                    s0 = r * nt + t
-                    for n in range(n_):
-                        df[uint64(d + n * l_)] += cf[uint64(s0 + n * t_)]
+    _scatter_rows(cols, c_, n_, l_, n_ * l_, l_, kw, sw, pw, dw, groups, dx.reshape(-1))
 
 
 @njit(cache=True, fastmath=False, inline="always")
