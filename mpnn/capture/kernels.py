@@ -368,6 +368,18 @@ def _phase_tap(off, t_):
     return p, s, lo, hi
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _zero_row_ends(cf, d0, n_, t_, lo, hi):
+    """Zero positions [0, lo) and [hi, T) of each of the N rows of T that start at cf[d0]."""
+    zero = cf.dtype.type(0)
+    for n in range(n_):
+        d = d0 + n * t_
+        for t in range(lo):
+            cf[uint64(d + t)] = zero
+        for t in range(hi, t_):
+            cf[uint64(d + t)] = zero
+
+
 @njit(cache=True, fastmath=False)
 def im2col_channel_major_s2(x, kw, pw, dw, groups, cols, phases):
     """im2col_channel_major for stride 2 over rows of twice the output length or one less (L = 2T or 2T - 1: the
@@ -410,12 +422,7 @@ def im2col_channel_major_s2(x, kw, pw, dw, groups, cols, phases):
             d0 = r * nt
             for q in range(max(0, -s), min(nt, nt - s)):
                 cf[uint64(d0 + q)] = src[uint64(q + s)]
-            for n in range(n_):
-                d = d0 + n * t_
-                for t in range(lo):
-                    cf[uint64(d + t)] = zero
-                for t in range(hi, t_):
-                    cf[uint64(d + t)] = zero
+            _zero_row_ends(cf, d0, n_, t_, lo, hi)
     one = cols.dtype.type(1)
     for grp in range(groups):
         for r in range(taps, group_rows):
@@ -452,12 +459,7 @@ def col2im_channel_major_s2(cols, kw, pw, dw, groups, dx, phases):
             p, s, lo, hi = _phase_tap(j * dw - pw, t_)
             dst = even if p == 0 else odd
             d0 = r * nt
-            for n in range(n_):
-                d = d0 + n * t_
-                for t in range(lo):
-                    cf[uint64(d + t)] = zero
-                for t in range(hi, t_):
-                    cf[uint64(d + t)] = zero
+            _zero_row_ends(cf, d0, n_, t_, lo, hi)
             for q in range(max(0, -s), min(nt, nt - s)):
                 dst[uint64(q + s)] += cf[uint64(d0 + q)]
         base = c * n_ * l_
