@@ -1,5 +1,7 @@
 """mpnn.compile's faster replay paths give the same answers as eager: the Adam step of a whole group in one Numba call
-(capture/optim.py's _adam_at_once over kernels.adam_update_all)."""
+(capture/optim.py's _adam_at_once over kernels.adam_update_all), the fused linear and conv epilogues, gradient
+buffers handed to .grad, the 1-d gathers with the samples innermost, and conv -> ReLU -> conv chains that hand their
+activation over channel-major (replay.fuse)."""
 
 import time
 
