@@ -251,6 +251,17 @@ def pack_weight_bias(w3, b2, wg):
 
 
 @njit(cache=True, fastmath=False, inline="always")
+def _fill_bias_rows(cf, groups, taps, group_rows, nt):
+    """Ones in each group's rows past its taps (the bias rows) of the flat columns cf, rows of nt."""
+    one = cf.dtype.type(1)
+    for grp in range(groups):
+        for r in range(taps, group_rows):
+            row = (grp * group_rows + r) * nt
+            for q in range(nt):
+                cf[uint64(row + q)] = one
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def _gather_rows(xf, c_, n_, l_, c_step, n_step, kw, sw, pw, dw, groups, cols):
     """The columns (R, N, T) of a 1-d conv over whole rows from the flat input xf, whose row of channel c and sample n
     starts at c * c_step + n * n_step: the taps and output positions outside, the samples inside (im2col_rows and
@@ -276,12 +287,7 @@ def _gather_rows(xf, c_, n_, l_, c_step, n_step, kw, sw, pw, dw, groups, cols):
                 else:
                     for n in range(n_):
                         cf[uint64(d + n * t_)] = zero
-    one = cols.dtype.type(1)
-    for grp in range(groups):
-        for r in range(taps, group_rows):
-            row = (grp * group_rows + r) * nt
-            for q in range(nt):
-                cf[uint64(row + q)] = one
+    _fill_bias_rows(cf, groups, taps, group_rows, nt)
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -423,12 +429,7 @@ def im2col_channel_major_s2(x, kw, pw, dw, groups, cols, phases):
             for q in range(max(0, -s), min(nt, nt - s)):
                 cf[uint64(d0 + q)] = src[uint64(q + s)]
             _zero_row_ends(cf, d0, n_, t_, lo, hi)
-    one = cols.dtype.type(1)
-    for grp in range(groups):
-        for r in range(taps, group_rows):
-            row = (grp * group_rows + r) * nt
-            for q in range(nt):
-                cf[uint64(row + q)] = one
+    _fill_bias_rows(cf, groups, taps, group_rows, nt)
 
 
 @njit(cache=True, fastmath=False)
