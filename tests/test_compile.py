@@ -766,14 +766,7 @@ def _dp_worker(compiled, steps, batch):
         return real(*a, **k)
 
     comm.allreduce_async = spy
-
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
+    step = train_step(model, opt)
     fn = mpnn.compile(step, fuse=False) if compiled else step
     rng = np.random.default_rng(11)
     losses = []

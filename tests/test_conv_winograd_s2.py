@@ -5,18 +5,13 @@ shapes and chunk seams, float64 finite-difference gradients, the weight transfor
 import numpy as np
 import pytest
 
-from mpnn.core import Tensor, conv_winograd_s2, conv_winograd_s2_kernels, gradcheck, no_grad
 from mpnn.core import conv as conv_module
+from mpnn.core import conv_winograd_s2, conv_winograd_s2_kernels, gradcheck, no_grad
 from mpnn.core.conv import conv2d
+from test_conv_pool import leaf
 
 RNG = np.random.default_rng(11)
 GEOM = (3, 3, 2, 2, 1, 1, 1, 1, 1)
-
-
-def leaf(arr, requires_grad=True):
-    t = Tensor(np.zeros(1), requires_grad=requires_grad)
-    t.data = arr
-    return t
 
 
 def randn(*shape, dtype=np.float64):
