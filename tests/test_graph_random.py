@@ -732,6 +732,45 @@ def test_residual_block_through_long_winograd_chunks_with_reuse_and_broadcasting
     assert gradcheck(block, [x, w1, w2])
 
 
+def test_downsampling_block_through_the_stride_two_winograd_with_reuse_views_and_broadcasting(monkeypatch):
+    """A downsampling residual block as ResNet's, with its 3x3 stride-2 convs on the stride-2 Winograd (thresholds
+    lowered so that 2-channel float64 convs take it; chunks of one image, so the batch crosses chunk seams): the
+    main branch's stride-2 conv feeds a stride-1 conv after its ReLU, and its output is reused; x reaches the
+    output through a second stride-2 conv (the shortcut), a strided view and a 0-d mean broadcast; a second
+    stride-2 conv of the block's own output stacks one on another. Float64 gradcheck of input and weights."""
+    from mpnn.core import conv as conv_module
+    from mpnn.core.conv_winograd_s2 import WinogradS2
+
+    monkeypatch.setattr(conv_module, "_WINOGRAD_S2_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_S2_MIN_WIDTH", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_S2_TILES", 1)
+    used = []
+    original = WinogradS2.backward
+
+    def spy(self, *args):
+        used.append(args[0][0].shape)
+        return original(self, *args)
+
+    monkeypatch.setattr(WinogradS2, "backward", spy)
+    rng = np.random.default_rng(13)
+
+    def tensor(*shape, scale=1.0):
+        return mpnn.tensor(rng.standard_normal(shape) * scale, dtype=mpnn.float64, requires_grad=True)
+
+    x = tensor(3, 2, 9, 10)
+    w1, w2, ws, w3 = (tensor(2, 2, 3, 3, scale=0.3) for _ in range(4))
+    conv = mpnn.nn.functional.conv2d
+
+    def block(x, w1, w2, ws, w3):
+        a = conv(x, w1, stride=2, padding=1)  # 5x5
+        h = conv(a.relu() + a * 0.5, w2, padding=1)
+        out = (h + conv(x, ws, stride=2, padding=1)).tanh() + x[:, :, ::3, 1::2].mean()
+        return conv(out, w3, stride=2, padding=1).sum() * 0.1 + out
+
+    assert gradcheck(block, [x, w1, w2, ws, w3])
+    assert len(used) >= 3, used  # both stride-2 convs of the block and the stacked one
+
+
 def test_pre_norm_attention_block_with_its_norm_weights_reused():
     """A pre-norm transformer block composed: layer_norm with weight and bias (their gradients summed in the row-sum
     pass), the same weight and bias reused by a second norm deeper in, causal attention over a strided view, a
