@@ -16,6 +16,7 @@ import platform
 import numpy as np
 
 from mpnn.core import conv_kernels as K
+from mpnn.core import conv_weight_cache
 from mpnn.core.conv_algorithm import ConvAlgorithm, scratch
 
 _WINOGRAD_GEOMETRY = (3, 3, 1, 1, 1, 1, 1)  # (kh, kw, sh, sw, dh, dw, groups) it computes
@@ -51,7 +52,7 @@ class WinogradF4x4(ConvAlgorithm):
         # ResNet-18, batch 32, forward+backward ms with 72 / 144 / 288 slots: 64 channels 32x32 45 / 44 / 51,
         # 128 on 16x16 46 / 40 / 40, 256 on 8x8 51 / 45 / 43.5 (torch 50-60, one loaded run each)
         tiles = settings.winograd_tiles * max(1, min(4, max(x4.shape[1], problem.w4.shape[0]) // 64))
-        u = _winograd_weight(problem.w4)
+        u = conv_weight_cache.transformed(problem.w4, self.name, _winograd_weight, problem.weight_grad)
         _winograd_forward(x4, u, problem.b, geom[4], geom[5], out, tiles)
         return x4, u, geom[4], geom[5], tiles
 

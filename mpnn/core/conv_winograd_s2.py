@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpnn.core import conv_weight_cache, linalg
 from mpnn.core import conv_winograd_s2_kernels as K
-from mpnn.core import linalg
 from mpnn.core.conv_algorithm import ConvAlgorithm, scratch
 
 _GEOMETRY = (3, 3, 2, 2, 1, 1, 1, 1, 1)  # geom (kh, kw, sh, sw, ph, pw, dh, dw, groups) it computes
@@ -49,9 +49,12 @@ class WinogradS2(ConvAlgorithm):
         per_image = tiles_h * tiles_w
         nb = max(1, settings.winograd_s2_tiles // per_image)
         # U is as large as the weight times 9 x 4 x 81/144 (10.6 MB at 256 x 128 channels): a fresh array each call
-        # faulted its pages in (~0.7 ms of that layer's forward); backward makes it again (0.2-0.6 ms)
-        u = scratch("du2", (81 * o * c,), dtype)
-        K.weight_transform(np.ascontiguousarray(w4), _SLOT, _ROWS, _TAPS, _COEF, u)
+        # faulted its pages in (~0.7 ms of that layer's forward), so a training forward makes it in scratch and
+        # its backward makes it again (0.2-0.6 ms); one that does not train the weight takes it from the cache
+        train = problem.weight_grad
+        make = _weight_in_scratch if train else _transform_weight
+        u = conv_weight_cache.transformed(w4, self.name, make, train)
+        cached = None if train else u
         bias = problem.b if problem.b is not None else np.zeros(o, dtype)
         # a backward that wants the weight's gradient reads V again: keep each chunk's (the whole batch's V is as
         # large as the input times 81/16 x 4/(oh ow / tiles), 10.6 MB for ResNet-18's 64->128 layer at batch 32)
@@ -69,17 +72,15 @@ class WinogradS2(ConvAlgorithm):
             K.output_transform(m, bias, tiles_h, tiles_w, out[n0:n1])
             if kept is not None:
                 kept.append(v)
-        return x4, w4, tiles_h, tiles_w, nb, kept
+        return x4, w4, tiles_h, tiles_w, nb, kept, cached
 
     def backward(self, state, g4, need_x, need_w, need_b):
-        x4, w4, tiles_h, tiles_w, nb, kept = state
+        x4, w4, tiles_h, tiles_w, nb, kept, u = state
         dtype = x4.dtype
         n, c = x4.shape[:2]
         o = g4.shape[1]
-        u = None
-        if need_x:
-            u = scratch("du2", (81 * o * c,), dtype)
-            K.weight_transform(np.ascontiguousarray(w4), _SLOT, _ROWS, _TAPS, _COEF, u)
+        if need_x and u is None:
+            u = _weight_in_scratch(w4)
         per_image = tiles_h * tiles_w
         db = g4.sum(axis=(0, 2, 3)) if need_b else None
         if not (need_x or need_w):
@@ -115,3 +116,18 @@ class WinogradS2(ConvAlgorithm):
             dw = np.empty((o, c, 3, 3), dtype)
             K.weight_grad(du, _SLOT, _ROWS, _TAPS, _COEF, dw)
         return dx, dw, db
+
+
+def _transform_weight(w4, u=None):
+    """U (81 O C,): the weight's F(4x4, 2x2) transform per phase point (conv_winograd_s2_kernels.weight_transform),
+    into u or a fresh array."""
+    o, c = w4.shape[:2]
+    if u is None:
+        u = np.empty(81 * o * c, w4.dtype)
+    K.weight_transform(np.ascontiguousarray(w4), _SLOT, _ROWS, _TAPS, _COEF, u)
+    return u
+
+
+def _weight_in_scratch(w4):
+    o, c = w4.shape[:2]
+    return _transform_weight(w4, scratch("du2", (81 * o * c,), w4.dtype))
