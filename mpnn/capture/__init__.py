@@ -322,9 +322,11 @@ def _state_after_replayed_draws(state, rec):
     """The generator's state after the draws the recorded ops make again in replay (dropout's masks), from
     `state`: equal to the state the step left only if it drew nothing else, so that replay consumes the stream
     exactly as eager does and the same seed gives the same masks."""
-    sim = np.random.Generator(np.random.PCG64())
+    draws = [shape for r in rec.ops for shape in getattr(r.forward, "draws", ())]
+    if not draws:  # the usual step: no dropout (a PCG64() seeds itself from the OS: ~100 us of a ~2.5 ms capture)
+        return state
+    sim = np.random.Generator(np.random.PCG64(0))
     sim.bit_generator.state = state
-    for r in rec.ops:
-        for shape in getattr(r.forward, "draws", ()):
-            sim.random(shape, dtype=np.float32)
+    for shape in draws:
+        sim.random(shape, dtype=np.float32)
     return sim.bit_generator.state
