@@ -4,6 +4,10 @@ F(2x2, 3x3), the stride-2 Winograd); writes that bypass the version counter, opt
 training forwards, dead weights and the byte budget are each checked against a forward with the cache off."""
 
 import gc
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -231,3 +235,25 @@ def test_model_eval_matches_without_cache():
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("", 512 << 20), ("  ", 512 << 20), ("0", 0), ("64", 64 << 20), ("0.5", 1 << 19)]
+)
+def test_budget_from_env(value, expected):
+    assert conv_weight_cache.budget_from_env(value) == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "1e400", "12MB"])
+def test_a_malformed_budget_names_the_variable_and_the_value(value):
+    with pytest.raises(ValueError, match=r"MPNN_CONV_CACHE_MB='" + re.escape(value) + "'"):
+        conv_weight_cache.budget_from_env(value)
+
+
+def test_a_malformed_budget_stops_the_import_with_one_clear_error():
+    env = dict(os.environ, MPNN_CONV_CACHE_MB="lots")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mpnn"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode != 0
+    assert "MPNN_CONV_CACHE_MB='lots': must be a number of MiB >= 0" in proc.stderr

@@ -10,20 +10,42 @@ compared in full. A write through ``.data`` (which bumps no version counter) is 
 optimizer's step, and NaN payloads and signed zeros count as the bits they are.
 
 Bounded: an entry lives while its weight array does (a weakref), is dropped when a forward trains that weight
-(the next eval makes it again), and is added only while all entries stay under _BUDGET_BYTES (U and the copy),
-so a model larger than the budget caches its first layers and recomputes the rest, with no eviction churn.
+(the next eval makes it again), and is added only while all entries (U and the copy) stay under the budget
+(MPNN_CONV_CACHE_MB, 512 by default), so a model larger than the budget caches its first layers and recomputes
+the rest, with no eviction churn.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import weakref
 
 import numpy as np
 from numba import njit
 
-# ResNet-18 at batch 32 holds ~150 MB of entries (U is 16/9 to 9x the weight, plus the copy)
-_BUDGET_BYTES = 512 << 20
+
+def budget_from_env(value=None):
+    """MPNN_CONV_CACHE_MB in bytes: the MiB all entries may hold (default 512; 0 keeps none). ResNet-18 at batch 32
+    holds ~140 MB (U is 16/9 to 9x the weight, plus the copy). A malformed value raises, naming it."""
+    if value is None:
+        value = os.environ.get("MPNN_CONV_CACHE_MB", "")
+    if not value.strip():
+        return 512 << 20
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb >= 0):
+        raise ValueError(
+            f"MPNN_CONV_CACHE_MB={value!r}: must be a number of MiB >= 0 (the transformed conv weights kept for "
+            f"forwards that do not train them; 0 keeps none)"
+        )
+    return int(mb * (1 << 20))
+
+
+_BUDGET_BYTES = budget_from_env()
 
 # reentrant: an allocation under the lock may run the garbage collector, whose weakref callbacks (_forget) take it
 _lock = threading.RLock()
