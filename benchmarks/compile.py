@@ -9,8 +9,10 @@ each figure is the median over repeats of a block's mean step time (and, per blo
 mpnn eager block of the same repeat). Also printed: the capture call's cost against an eager step, in this process
 (the first capture, and the median of 5 more on fresh models: one call of ~2.5 ms is often preempted on a loaded
 machine and read 7 ms at load 5, with the garbage collector off too) and in two fresh ones (Numba's on-disk cache
-warm), and tracemalloc's peak and net per block of eager and of compiled steps (peak: what a step allocates at once;
-net flat = nothing accumulates).
+warm; against a warm eager step and against a fresh model's first eager step, which also makes Adam's state and the
+first .grad arrays; with the time Numba spends inside the capture call and the first replay), and tracemalloc's
+peak and net per block of eager and of compiled steps (peak: what a step allocates at once; net flat = nothing
+accumulates).
 
 --profile times every kernel call a replayed step makes (the replay modules' kernel names wrapped with timers,
 ~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them; then,
@@ -107,21 +109,34 @@ def eager_step_time(eager, mb):
     return statistics.median(times)
 
 
+def _timed_with_numba(fn):
+    """(wall seconds of fn(), seconds of it in Numba's compiler lock: loading kernels from its cache or compiling)."""
+    from numba.core import event
+
+    spent = [0.0]
+    with event.install_timer("numba:compiler_lock", lambda d: spent.__setitem__(0, d)):
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    return wall, spent[0]
+
+
 def capture_probe(name):
-    """In a fresh process: a warm eager step, then the compiled step's first call (capture, Numba from its cache)."""
+    """In a fresh process: a warm eager step, a fresh model's first eager step (it makes Adam's state and the first
+    .grad arrays, as a capture does), then the compiled step's first call (capture) and its first replay (Numba's
+    kernels from its cache), each with the time Numba took inside it."""
     import mpnn
 
     mb = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
     eager = mpnn_step(name, False)
     t_eager = eager_step_time(eager, mb)
+    first = mpnn_step(name, False)
+    t_first, _ = _timed_with_numba(lambda: first(*mb[0]))
     comp = mpnn_step(name, True)
-    t0 = time.perf_counter()
-    comp(*mb[0])
-    t_capture = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    comp(*mb[1])
-    t_replay = time.perf_counter() - t0
-    print(f"{t_capture * 1e3:.2f} {t_eager * 1e3:.2f} {t_replay * 1e3:.2f}")
+    t_capture, numba_capture = _timed_with_numba(lambda: comp(*mb[0]))
+    t_replay, numba_replay = _timed_with_numba(lambda: comp(*mb[1]))
+    values = (t_capture, t_eager, t_replay, t_first, numba_capture, numba_replay)
+    print(" ".join(f"{v * 1e3:.2f}" for v in values))
 
 
 PROFILED = {
@@ -368,10 +383,11 @@ def main():
                 text=True,
                 check=True,
             ).stdout.split()
-            cap, eag, rep = (float(v) for v in out[-3:])
+            cap, eag, rep, first, numba_cap, numba_rep = (float(v) for v in out[-6:])
             print(
-                f"  fresh process {k}: capture call {cap:.2f} ms = {cap / eag:.2f}x its eager step ({eag:.2f} ms), "
-                f"first replay {rep:.2f} ms"
+                f"  fresh process {k}: capture call {cap:.2f} ms (Numba {numba_cap:.2f}) = {cap / eag:.2f}x its eager "
+                f"step ({eag:.2f} ms), {cap / first:.2f}x a fresh model's first eager step ({first:.2f} ms); "
+                f"first replay {rep:.2f} ms (Numba {numba_rep:.2f})"
             )
         # Python's free lists (tuples, floats) keep up to a few thousand freed objects that tracemalloc still counts:
         # they fill over the first ~2,000 steps, so measure after those
