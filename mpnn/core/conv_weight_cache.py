@@ -9,10 +9,11 @@ Exact: an entry is used only when the weight's bytes equal the private copy take
 compared in full. A write through ``.data`` (which bumps no version counter) is caught as surely as an
 optimizer's step, and NaN payloads and signed zeros count as the bits they are.
 
-Bounded: an entry lives while its weight array does (a weakref), is dropped when a forward trains that weight
-(the next eval makes it again), and is added only while all entries (U and the copy) stay under the budget
-(MPNN_CONV_CACHE_MB, 512 by default), so a model larger than the budget caches its first layers and recomputes
-the rest, with no eviction churn.
+Bounded: an entry is made at the second forward that meets the same weight array (a weight computed afresh each
+call, standardized or merged, is never copied), lives while that array does (a weakref), is dropped when a forward
+trains the weight (the eval after makes it again), and is added only while all entries (U and the copy) stay under
+the budget (MPNN_CONV_CACHE_MB, 512 by default), so a model larger than the budget caches its first layers and
+recomputes the rest, with no eviction churn.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _BUDGET_BYTES = budget_from_env()
 # reentrant: an allocation under the lock may run the garbage collector, whose weakref callbacks (_forget) take it
 _lock = threading.RLock()
 _entries: dict = {}  # (id(weight array), kind) -> _Entry
+_sighted: dict = {}  # (id(weight array), kind) -> weakref of an array met once (no entry made yet)
 _counts = {"hits": 0, "misses": 0, "stale": 0, "dropped": 0}
 
 
@@ -84,11 +86,13 @@ def _same_bits(a, copy):
 
 
 def _forget(key, ref):
-    """The weight array died: drop its entry (unless a newer array under a reused id owns the key by now)."""
+    """The weight array died: drop its entry or sighting (unless a newer array under a reused id owns the key now)."""
     with _lock:
         e = _entries.get(key)
         if e is not None and e.ref is ref:
             del _entries[key]
+        if _sighted.get(key) is ref:
+            del _sighted[key]
 
 
 def transformed(w, kind, make, train):
@@ -112,13 +116,21 @@ def transformed(w, kind, make, train):
             _counts["hits"] += 1
             return e.u
         _counts["stale"] += 1
+        again = True  # a lasting weight whose bits changed: keep the new ones
+    else:
+        seen = _sighted.get(key)
+        again = seen is not None and seen() is w
     _counts["misses"] += 1
     u = make(w)
     with _lock:
+        ref = weakref.ref(w, lambda r, key=key: _forget(key, r))
+        if not again:  # met once: remember the array, copy nothing yet
+            _sighted[key] = ref
+            return u
+        _sighted.pop(key, None)
         old = _entries.pop(key, None)
         used = sum(x.nbytes for x in _entries.values())
         if used + w.nbytes + u.nbytes <= _BUDGET_BYTES:
-            ref = weakref.ref(w, lambda r, key=key: _forget(key, r))
             _entries[key] = _Entry(ref, w.copy(), u)
         del old
     return u
@@ -139,5 +151,6 @@ def clear():
     """Drop every entry and zero the counts."""
     with _lock:
         _entries.clear()
+        _sighted.clear()
         for k in _counts:
             _counts[k] = 0
