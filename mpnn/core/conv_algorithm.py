@@ -38,9 +38,10 @@ class ConvProblem(NamedTuple):
 class ConvSettings(NamedTuple):
     """The tunables: the im2col tile budget in bytes, the Winograd tile slots per chunk, and the fewest
     channels and output columns Winograd F(4x4, 3x3) takes on, the fewest channels F(2x2, 3x3) takes on
-    (on maps narrower than that), and the stride-2 Winograd's tiles per chunk, fewest input channels and output
-    columns. conv.SETTINGS has the same attributes, read live from
-    conv.py's module constants (which tests patch); a ConvSettings fixes them, e.g. for conv.select."""
+    (on maps narrower than that), the stride-2 Winograd's tiles per chunk, fewest input channels and output
+    columns, and the fewest output positions per sample the 1x1 algorithm takes on. conv.SETTINGS has the same
+    attributes, read live from conv.py's module constants (which tests patch); a ConvSettings fixes them, e.g.
+    for conv.select."""
 
     tile_bytes: int
     winograd_tiles: int
@@ -50,6 +51,7 @@ class ConvSettings(NamedTuple):
     winograd_s2_tiles: int = 256
     winograd_s2_min_channels: int = 64
     winograd_s2_min_width: int = 8
+    pointwise_min_positions: int = 256
 
 
 class ConvAlgorithm:
