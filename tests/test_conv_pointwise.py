@@ -141,11 +141,12 @@ def test_two_pointwise_convs_in_a_chain_gradcheck(forced):
 
 
 def test_selection_rule():
-    """Default threshold: 1x1 convs with >= 256 output positions a sample, unpadded, ungrouped take pointwise
-    (ResNet-18's 64->128 shortcut on 32x32 input, a ResNet-50 bottleneck's 256->64 56x56 stride 1); other geometries
-    and smaller maps (ResNet-18's 128->256 shortcut on 16x16 input: 64 positions) do not."""
+    """Default threshold: 1x1 convs with >= 64 output positions a sample, unpadded, ungrouped take pointwise
+    (ResNet-18's 64->128 and 128->256 shortcuts, a ResNet-50 bottleneck's 256->64 56x56 stride 1); other geometries
+    and smaller maps (ResNet-18's 256->512 shortcut on 8x8 input: 16 positions) do not."""
     takes = {
         "resnet18 shortcut 64->128": ((32, 64, 32, 32), (128, 64, 1, 1), _geom(2, 2), (16, 16)),
+        "resnet18 shortcut 128->256": ((32, 128, 16, 16), (256, 128, 1, 1), _geom(2, 2), (8, 8)),
         "bottleneck 256->64": ((8, 256, 56, 56), (64, 256, 1, 1), _geom(1, 1), (56, 56)),
         "conv1d": ((4, 8, 1, 300), (8, 8, 1, 1), _geom(1, 1), (1, 300)),
         "dilation 2": ((2, 4, 32, 32), (8, 4, 1, 1), (1, 1, 1, 1, 0, 0, 2, 2, 1), (32, 32)),
@@ -162,13 +163,13 @@ def test_selection_rule():
         "groups 2": ((2, 4, 32, 32), (8, 2, 1, 1), (1, 1, 1, 1, 0, 0, 1, 1, 2), (32, 32)),
         "kernel 3": ((2, 4, 32, 32), (8, 4, 3, 3), (3, 3, 1, 1, 0, 0, 1, 1, 1), (30, 30)),
         "kernel 1x3": ((2, 4, 32, 32), (8, 4, 1, 3), (1, 3, 1, 1, 0, 0, 1, 1, 1), (32, 30)),
-        "resnet18 shortcut 128->256": ((32, 128, 16, 16), (256, 128, 1, 1), _geom(2, 2), (8, 8)),
         "resnet18 shortcut 256->512": ((32, 256, 8, 8), (512, 256, 1, 1), _geom(2, 2), (4, 4)),
+        "63 positions": ((2, 4, 9, 7), (8, 4, 1, 1), _geom(1, 1), (9, 7)),
     }
     for label, args in others.items():
         assert conv_module.select(_problem(*args)).name != "pointwise", label
-    settings = conv_module.settings_now()._replace(pointwise_min_positions=64)
-    assert conv_module.select(_problem(*others["resnet18 shortcut 128->256"]), settings).name == "pointwise"
+    settings = conv_module.settings_now()._replace(pointwise_min_positions=16)
+    assert conv_module.select(_problem(*others["resnet18 shortcut 256->512"]), settings).name == "pointwise"
 
 
 class _Net(nn.Module):

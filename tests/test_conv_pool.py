@@ -131,8 +131,9 @@ def _problem(x_shape, w_shape, geom, out_hw):
 
 def test_algorithm_registry_order_and_selection():
     """ALGORITHMS is the selection order: Winograd F(4x4) where it applies, F(2x2) on wide channels and narrow
-    maps, im2col (which always applies) last."""
-    assert [a.name for a in conv_module.ALGORITHMS] == ["winograd-f4x4", "winograd-f2x2", "winograd-s2", "im2col"]
+    maps, the stride-2 Winograd, Pointwise for unpadded 1x1 convs on large maps, im2col (which always applies) last."""
+    names = ["winograd-f4x4", "winograd-f2x2", "winograd-s2", "pointwise", "im2col"]
+    assert [a.name for a in conv_module.ALGORITHMS] == names
     im2col, f2 = conv_module.ALGORITHMS[-1], conv_module.ALGORITHMS[1]
     resnet_last = _problem((32, 512, 4, 4), (512, 512, 3, 3), (3, 3, 1, 1, 1, 1, 1, 1, 1), (4, 4))
     assert conv_module.select(resnet_last) is f2
@@ -150,7 +151,7 @@ def test_algorithm_registry_order_and_selection():
     assert conv_module.select(benchmark_layer, conv_module.settings_now()._replace(winograd_min_width=65)) is im2col
 
 
-@pytest.mark.parametrize("index", [0, 1, 3])  # 2, the stride-2 Winograd, has tests/test_conv_winograd_s2.py
+@pytest.mark.parametrize("index", [0, 1, 4])  # 2 and 3 (stride-2 Winograd, Pointwise) have files of their own
 def test_each_algorithm_alone_matches_reference(monkeypatch, index):
     """Each algorithm, made the only one, computes a conv all can take (forward and all three gradients)."""
     algorithm = conv_module.ALGORITHMS[index]
@@ -277,10 +278,12 @@ def test_winograd_weight_transforms_match_the_kron_product_and_are_adjoint(o, c,
 
 def test_resnet_shapes_each_path_matches_reference_float32():
     """ResNet-18's strided and small-map shapes (channels scaled down, batch 4) by the default rule, float32,
-    against the float64 reference: 3x3 stride 2, 1x1 stride 2 (a strided GEMM), F(2x2) on 4x4 maps."""
+    against the float64 reference: 3x3 stride 2, 1x1 stride 2 (Pointwise on 8x8 outputs, im2col on 4x4), F(2x2) on
+    4x4 maps."""
     cases = [  # (C, O, H, kernel, stride, padding, expected algorithm)
         (16, 32, 16, 3, 2, 1, "im2col"),
-        (16, 32, 16, 1, 2, 0, "im2col"),
+        (16, 32, 16, 1, 2, 0, "pointwise"),
+        (16, 32, 8, 1, 2, 0, "im2col"),
         (64, 64, 4, 3, 1, 1, "winograd-f2x2"),
         (64, 64, 8, 3, 1, 1, "winograd-f4x4"),
     ]

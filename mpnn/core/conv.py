@@ -73,8 +73,8 @@ _WINOGRAD_S2_MIN_WIDTH = 8
 # (ResNet-18's 256->512 shortcut on 8x8 input, batch 32) took 1.86 ms against im2col's 1.82 for the whole layer.
 # Side by side later (AMD EPYC Zen 4, one thread, medians of 15, two runs, im2col -> pointwise, ms): that 8x8 layer
 # (16 positions) forward+backward 6.03 -> 7.69 and 6.97 -> 8.18, but the 128->256 shortcut on 16x16 input (64
-# positions) forward 2.63 -> 1.96 and 2.20 -> 1.64, forward+backward 8.32 -> 6.74 and 9.68 -> 7.41: 64 would do.
-_POINTWISE_MIN_POSITIONS = 256
+# positions) forward 2.63 -> 1.96 and 2.20 -> 1.64, forward+backward 8.32 -> 6.74 and 9.68 -> 7.41: hence 64.
+_POINTWISE_MIN_POSITIONS = 64
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 WINOGRAD = WinogradF4x4()
 ALGORITHMS = (

@@ -51,7 +51,7 @@ class ConvSettings(NamedTuple):
     winograd_s2_tiles: int = 256
     winograd_s2_min_channels: int = 64
     winograd_s2_min_width: int = 8
-    pointwise_min_positions: int = 256
+    pointwise_min_positions: int = 64
 
 
 class ConvAlgorithm:

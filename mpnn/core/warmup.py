@@ -19,6 +19,10 @@ def warmup(progress=None) -> None:
         run_op().sum().backward()
         if progress is not None:
             progress(done, len(ops))
+    from mpnn.core import conv_weight_cache
+
+    for words in (np.uint64, np.uint32):  # the kept Winograd weights' comparison (no-grad forwards only)
+        conv_weight_cache._differ(np.zeros(2, words), np.zeros(2, words))
 
 
 def kernel_ops() -> list:
@@ -45,6 +49,7 @@ def kernel_ops() -> list:
         lambda: conv2d(x2, w3, None, stride=2, padding=1),  # the im2col path
         lambda: conv2d(leaf(1, 64, 3, 3), leaf(64, 64, 3, 3), None, padding=1),  # Winograd F(2x2): narrow, 64 ch
         lambda: conv2d(leaf(1, 64, 16, 16), leaf(4, 64, 3, 3), None, stride=2, padding=1),  # the stride-2 Winograd
+        lambda: conv2d(leaf(1, 4, 32, 32), leaf(4, 4, 1, 1), None, stride=2),  # Pointwise: 1x1, 256 positions
         lambda: max_pool1d(x1, 2),
         lambda: avg_pool1d(x1, 2),
         lambda: max_pool2d(x2, 2),
