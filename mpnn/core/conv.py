@@ -3,9 +3,10 @@
 This module validates the arguments, brings every conv to one NCHW problem (conv_algorithm.ConvProblem;
 conv1d is conv2d with a height of 1: same kernels, same specializations) and runs the first algorithm of
 ALGORITHMS that applies, forward now and backward when the tape asks. Each algorithm is a class beside this
-file; both cut their work into chunks whose arrays fit in L2, so that the Numba writes and the GEMM reads
-stay in cache, and both recompute in backward what they gathered in forward, so that a conv holds on to its
-input only, as torch's does. Selection order, first match wins:
+file. im2col and the Winograd ones cut their work into chunks whose arrays fit in L2, so that the Numba writes
+and the GEMM reads stay in cache, and mostly recompute in backward what they gathered in forward, so that a conv
+holds on to little beyond its input (what each keeps is said below and in its file). Selection order, first
+match wins:
     1. WinogradF4x4 (conv_winograd.py): 3x3, stride 1, dilation 1, ungrouped, at least _WINOGRAD_MIN_CHANNELS
        input and output channels and _WINOGRAD_MIN_WIDTH output columns. 4x fewer multiplies than im2col
        (the benchmark layer: ~17 ms forward+backward against im2col's ~27 ms of GEMMs alone), at the price
