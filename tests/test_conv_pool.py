@@ -745,3 +745,42 @@ def test_pool_and_pad_bad_input_errors():
     raises(lambda: pad(x, (1, 1, 1, 1), "reflect", 2.0), "pad", "value")
     raises(lambda: pad(leaf(randn(5)), (1, 1), "replicate"), "pad", "replicate", "(5,)")
     raises(lambda: pad(x, (-4, -3)), "pad", "size -1")
+
+
+@pytest.mark.parametrize(
+    "c, k, s, p",
+    [
+        (64, 3, 1, 1),  # Winograd F(4x4) (its backward indexed the first of no chunks)
+        (64, 3, 2, 1),  # the stride-2 Winograd (its weight gradient was left unwritten)
+        (4, 3, 1, 1),  # im2col (likewise)
+        (64, 1, 2, 0),  # Pointwise
+    ],
+)
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(c, k, s, p):
+    """A batch of 0 samples, as torch: an empty output, zero weight and bias gradients, an empty input gradient;
+    nothing left unwritten (the gradients are checked to be exact zeros, not whatever np.empty held)."""
+    x = leaf(np.zeros((0, c, 16, 16), np.float32))
+    w = leaf(RNG.standard_normal((8, c, k, k)).astype(np.float32))
+    b = leaf(RNG.standard_normal(8).astype(np.float32))
+    out = conv2d(x, w, b, s, p)
+    oh = (16 + 2 * p - k) // s + 1
+    assert out.shape == (0, 8, oh, oh)
+    (out * 2.0).sum().backward()
+    assert x.grad.shape == x.shape
+    np.testing.assert_array_equal(w.grad.data, np.zeros(w.shape, np.float32))
+    np.testing.assert_array_equal(b.grad.data, np.zeros(8, np.float32))
+
+
+def test_no_input_channels_gives_the_bias():
+    """A conv over zero input channels sums nothing: its output is the bias, its bias gradient the summed output
+    gradient; conv1d too."""
+    x = leaf(np.zeros((2, 0, 5, 6)))
+    w, b = leaf(np.zeros((3, 0, 3, 3))), leaf(np.array([1.0, -2.0, 0.5]))
+    out = conv2d(x, w, b, 1, 1)
+    np.testing.assert_array_equal(out.data, np.broadcast_to(b.data.reshape(1, 3, 1, 1), (2, 3, 5, 6)))
+    g = RNG.standard_normal(out.shape)
+    out.backward(g)
+    np.testing.assert_allclose(b.grad.data, g.sum(axis=(0, 2, 3)))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and not np.abs(w.grad.data).any()
+    out1 = conv1d(leaf(np.zeros((0, 2, 7))), leaf(np.ones((4, 2, 3))), None, 1, 1)
+    assert out1.shape == (0, 4, 7)

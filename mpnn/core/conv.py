@@ -241,6 +241,8 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
         oh, ow = out_sizes
     x4 = np.ascontiguousarray(x4)
     out = np.empty((x4.shape[0], out_ch, oh, ow), x4.dtype)
+    if x4.size == 0 or out.size == 0:
+        return _empty_conv(op, input, weight, bias, x4, out, out_sizes, batched)
     problem = _new_problem(ConvProblem, (x4, w4, b, geom, oh, ow, weight.requires_grad and is_grad_enabled()))
     algorithm = select(problem)
     state = algorithm.forward(problem, out, SETTINGS)
@@ -259,6 +261,27 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
 
     # backward reads the input and weight (through the algorithm's state), never the output: an in-place write
     # to the result (out += identity in a residual block) is fine, as in torch
+    return make_result(out, parents, backward, op, saved=(input, weight))
+
+
+def _empty_conv(op, input, weight, bias, x4, out, out_sizes, batched):
+    """A conv over an empty batch (or no channels): every product is an empty sum, so the output is the bias and
+    the input and weight gradients are zeros, as torch's. No algorithm runs: their chunk loops assume a sample (an
+    empty batch crashed F(4x4)'s backward and left im2col's and the stride-2 Winograd's weight gradients unwritten)."""
+    out_ch = out.shape[1]
+    out[...] = 0.0 if bias is None else bias.data.reshape(1, out_ch, 1, 1)
+    out = out.reshape((x4.shape[0], out_ch, *out_sizes) if batched else (out_ch, *out_sizes))
+    parents = (input, weight) if bias is None else (input, weight, bias)
+
+    def backward(g):
+        dx = np.zeros(input.data.shape, input.data.dtype) if input.requires_grad else None
+        dw = np.zeros(weight.data.shape, weight.data.dtype) if weight.requires_grad else None
+        if bias is None:
+            return (dx, dw)
+        g3 = np.asarray(g).reshape(x4.shape[0], out_ch, out.size // max(1, x4.shape[0] * out_ch))
+        db = g3.sum(axis=(0, 2)).astype(bias.data.dtype) if bias.requires_grad else None
+        return (dx, dw, db)
+
     return make_result(out, parents, backward, op, saved=(input, weight))
 
 

@@ -55,7 +55,7 @@ class Pointwise(ConvAlgorithm):
         out3 = out.reshape(n, o, problem.oh * problem.ow)
         # one batched GEMM straight into NCHW; conv_algorithm.gemm (per-sample calls of mpnn's own kernel) measured
         # the same here (64->128 shortcut 1.59 vs 1.65 ms, the 256->64 56x56 one 10.4 vs 10.1)
-        np.matmul(w4.reshape(o, c), xs.reshape(n, c, -1), out=out3)
+        np.matmul(w4.reshape(o, c), xs.reshape(n, c, problem.oh * problem.ow), out=out3)
         if b is not None:
             np.add(out3, b.reshape(1, o, 1), out=out3)
         return x4, w4, sh, sw, problem.oh, problem.ow, xs if problem.weight_grad else None
