@@ -46,14 +46,16 @@ def _constants(dtype_of):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _bt(d0, d1, d2, d3, d4, two, three):
+def _bt(d, two, three):
     """B^T times one column (or row) of 5."""
+    d0, d1, d2, d3, d4 = d
     return two * (d0 - d2) - d1 + d3, d3 - d2 - two * d1, two * d1 - three * d2 + d3, d3 - d1, two * (d1 - d3) - d2 + d4
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _b(v0, v1, v2, v3, v4, two, three):
+def _b(v, two, three):
     """B times one column (or row) of 5: the adjoint of _bt."""
+    v0, v1, v2, v3, v4 = v
     return (
         two * v0,
         two * (v2 + v4 - v1) - v0 - v3,
@@ -64,15 +66,52 @@ def _b(v0, v1, v2, v3, v4, two, three):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _at(m0, m1, m2, m3, m4, two, four, eight):
+def _at(m, two, four, eight):
     """A^T times one column (or row) of 5."""
+    m0, m1, m2, m3, m4 = m
     return m0 + m1 + m2 + m3, m1 - m2 + two * m3, m1 + m2 + four * m3, m1 - m2 + eight * m3 + m4
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _a(y0, y1, y2, y3, two, four, eight):
+def _a(y, two, four, eight):
     """A times one column (or row) of 4: the adjoint of _at."""
+    y0, y1, y2, y3 = y
     return y0, y0 + y1 + y2 + y3, y0 - y1 + y2 - y3, y0 + two * y1 + four * y2 + eight * y3, y3
+
+
+# Strided reads and writes of 4 or 5 entries, one each from rows `stride` apart (conv_kernels' _get6 and _put6 for
+# F(4x4)): inlined, so each transform step stays one loop over the slots that LLVM vectorizes.
+@njit(cache=True, fastmath=False, inline="always")
+def _get4(f, i, stride):
+    return f[uint64(i)], f[uint64(i + stride)], f[uint64(i + 2 * stride)], f[uint64(i + 3 * stride)]
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _get5(f, i, stride):
+    return (
+        f[uint64(i)],
+        f[uint64(i + stride)],
+        f[uint64(i + 2 * stride)],
+        f[uint64(i + 3 * stride)],
+        f[uint64(i + 4 * stride)],
+    )
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _put4(f, i, stride, t):
+    f[uint64(i)] = t[0]
+    f[uint64(i + stride)] = t[1]
+    f[uint64(i + 2 * stride)] = t[2]
+    f[uint64(i + 3 * stride)] = t[3]
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _put5(f, i, stride, t):
+    f[uint64(i)] = t[0]
+    f[uint64(i + stride)] = t[1]
+    f[uint64(i + 2 * stride)] = t[2]
+    f[uint64(i + 3 * stride)] = t[3]
+    f[uint64(i + 4 * stride)] = t[4]
 
 
 # The transforms run on vectors of a chunk's images and tile columns: a chunk's slots are (tile row, tile column,
@@ -139,20 +178,7 @@ def input_transform(x, ph, pw, tiles_h, tiles_w, slot, rows, v):
                     e = q + 2 * j
                     o = p * rl + ((e % 8) * bw + e // 8) * n_
                     for i in range(L):  # LLVM vectorizes these loops over the slots on x86-64
-                        d0, d1, d2, d3, d4 = _bt(
-                            pl[uint64(o + i)],
-                            pl[uint64(o + 2 * rl + i)],
-                            pl[uint64(o + 4 * rl + i)],
-                            pl[uint64(o + 6 * rl + i)],
-                            pl[uint64(o + 8 * rl + i)],
-                            two,
-                            three,
-                        )
-                        d[uint64(j * L + i)] = d0
-                        d[uint64((5 + j) * L + i)] = d1
-                        d[uint64((10 + j) * L + i)] = d2
-                        d[uint64((15 + j) * L + i)] = d3
-                        d[uint64((20 + j) * L + i)] = d4
+                        _put5(d, j * L + i, 5 * L, _bt(_get5(pl, o + i, 2 * rl), two, three))
                 for a in range(5):  # then B along the rows, into v
                     r0 = 5 * a * L
                     k = 25 * f + 5 * a
@@ -164,15 +190,7 @@ def input_transform(x, ph, pw, tiles_h, tiles_w, slot, rows, v):
                         dst[k + 4] + th * L,
                     )
                     for i in range(L):
-                        e0, e1, e2, e3, e4 = _bt(
-                            d[uint64(r0 + i)],
-                            d[uint64(r0 + L + i)],
-                            d[uint64(r0 + 2 * L + i)],
-                            d[uint64(r0 + 3 * L + i)],
-                            d[uint64(r0 + 4 * L + i)],
-                            two,
-                            three,
-                        )
+                        e0, e1, e2, e3, e4 = _bt(_get5(d, r0 + i, L), two, three)
                         vf[uint64(o0 + i)] = e0
                         vf[uint64(o1 + i)] = e1
                         vf[uint64(o2 + i)] = e2
@@ -205,36 +223,11 @@ def output_transform(m, bias, tiles_h, tiles_w, out):
                 s = (5 * a * o_ + o) * t_ + th * L
                 st = o_ * t_
                 for i in range(L):
-                    y0, y1, y2, y3 = _at(
-                        mf[uint64(s + i)],
-                        mf[uint64(s + st + i)],
-                        mf[uint64(s + 2 * st + i)],
-                        mf[uint64(s + 3 * st + i)],
-                        mf[uint64(s + 4 * st + i)],
-                        two,
-                        four,
-                        eight,
-                    )
-                    u[uint64(4 * a * L + i)] = y0
-                    u[uint64((4 * a + 1) * L + i)] = y1
-                    u[uint64((4 * a + 2) * L + i)] = y2
-                    u[uint64((4 * a + 3) * L + i)] = y3
+                    _put4(u, 4 * a * L + i, L, _at(_get5(mf, s + i, st), two, four, eight))
             for j in range(4):  # then A^T down the columns
                 for i in range(L):
-                    y0, y1, y2, y3 = _at(
-                        u[uint64(j * L + i)],
-                        u[uint64((4 + j) * L + i)],
-                        u[uint64((8 + j) * L + i)],
-                        u[uint64((12 + j) * L + i)],
-                        u[uint64((16 + j) * L + i)],
-                        two,
-                        four,
-                        eight,
-                    )
-                    y[uint64(j * L + i)] = y0 + bo
-                    y[uint64((4 + j) * L + i)] = y1 + bo
-                    y[uint64((8 + j) * L + i)] = y2 + bo
-                    y[uint64((12 + j) * L + i)] = y3 + bo
+                    y0, y1, y2, y3 = _at(_get5(u, j * L + i, 4 * L), two, four, eight)
+                    _put4(y, j * L + i, 4 * L, (y0 + bo, y1 + bo, y2 + bo, y3 + bo))
             nr = min(4, oh_ - 4 * th)
             for n in range(n_):  # into NCHW rows (scalar)
                 for r in range(nr):
@@ -273,37 +266,11 @@ def grad_output(g, tiles_h, tiles_w, dm):
                         y[uint64(dst + pos[col])] = gf[uint64(src + col)]
             for r in range(4):  # A along the rows of dY: z[r, b] = (dY A^T)[r, b] (vectorized over the slots)
                 for i in range(L):
-                    e0, e1, e2, e3, e4 = _a(
-                        y[uint64(4 * r * L + i)],
-                        y[uint64((4 * r + 1) * L + i)],
-                        y[uint64((4 * r + 2) * L + i)],
-                        y[uint64((4 * r + 3) * L + i)],
-                        two,
-                        four,
-                        eight,
-                    )
-                    z[uint64(5 * r * L + i)] = e0
-                    z[uint64((5 * r + 1) * L + i)] = e1
-                    z[uint64((5 * r + 2) * L + i)] = e2
-                    z[uint64((5 * r + 3) * L + i)] = e3
-                    z[uint64((5 * r + 4) * L + i)] = e4
+                    _put5(z, 5 * r * L + i, L, _a(_get4(y, 4 * r * L + i, L), two, four, eight))
             for b in range(5):  # then A down the columns
                 dst = b * t_ + th * L
                 for i in range(L):
-                    e0, e1, e2, e3, e4 = _a(
-                        z[uint64(b * L + i)],
-                        z[uint64((5 + b) * L + i)],
-                        z[uint64((10 + b) * L + i)],
-                        z[uint64((15 + b) * L + i)],
-                        two,
-                        four,
-                        eight,
-                    )
-                    tb[uint64(dst + i)] = e0
-                    tb[uint64(dst + 5 * t_ + i)] = e1
-                    tb[uint64(dst + 10 * t_ + i)] = e2
-                    tb[uint64(dst + 15 * t_ + i)] = e3
-                    tb[uint64(dst + 20 * t_ + i)] = e4
+                    _put5(tb, dst + i, 5 * t_, _a(_get4(z, b * L + i, 5 * L), two, four, eight))
         for t in range(25):  # then the channel's 25 rows out one at a time (they lie O * T floats apart)
             dst = (t * o_ + o) * t_
             for i in range(t_):
@@ -347,30 +314,20 @@ def grad_input(dv, ph, pw, tiles_h, tiles_w, slot, rows, dx):
                     src = (25 * f + 5 * a) * t_ + th * L
                     r0 = 5 * a * L
                     for i in range(L):
-                        e0, e1, e2, e3, e4 = _b(
-                            tb[uint64(src + i)],
-                            tb[uint64(src + t_ + i)],
-                            tb[uint64(src + 2 * t_ + i)],
-                            tb[uint64(src + 3 * t_ + i)],
-                            tb[uint64(src + 4 * t_ + i)],
-                            two,
-                            three,
-                        )
-                        d[uint64(r0 + i)] = e0
-                        d[uint64(r0 + L + i)] = e1
-                        d[uint64(r0 + 2 * L + i)] = e2
-                        d[uint64(r0 + 3 * L + i)] = e3
-                        d[uint64(r0 + 4 * L + i)] = e4
+                        _put5(d, r0 + i, L, _b(_get5(tb, src + i, t_), two, three))
                 for j in range(5):  # then B down the columns, added into the padded plane
                     e = q + 2 * j
                     o = (8 * th + p) * rl + ((e % 8) * bw + e // 8) * n_
                     for i in range(L):
+                        # the five loads written out: through _get5 this loop ran 1.27 -> 1.91 ms
                         e0, e1, e2, e3, e4 = _b(
-                            d[uint64(j * L + i)],
-                            d[uint64((5 + j) * L + i)],
-                            d[uint64((10 + j) * L + i)],
-                            d[uint64((15 + j) * L + i)],
-                            d[uint64((20 + j) * L + i)],
+                            (
+                                d[uint64(j * L + i)],
+                                d[uint64((5 + j) * L + i)],
+                                d[uint64((10 + j) * L + i)],
+                                d[uint64((15 + j) * L + i)],
+                                d[uint64((20 + j) * L + i)],
+                            ),
                             two,
                             three,
                         )
