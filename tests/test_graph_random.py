@@ -771,6 +771,56 @@ def test_downsampling_block_through_the_stride_two_winograd_with_reuse_views_and
     assert len(used) >= 3, used  # both stride-2 convs of the block and the stacked one
 
 
+def test_bottleneck_block_through_pointwise_and_a_kept_winograd_weight_with_reuse_views_and_broadcasting(monkeypatch):
+    """A bottleneck block as ResNet-50's, on the paths a small float64 block would not take by default (thresholds
+    lowered): 1x1 convs on Pointwise (stride 1: no copy; stride 2: the subsample and its scatter back), and a frozen
+    3x3 conv on Winograd F(4x4) whose transformed weight comes from conv_weight_cache once gradcheck has met it
+    twice. The reduced input reaches the 3x3 conv twice (through its ReLU and directly), x reaches the output at
+    two depths (the residual and a strided view), and a 0-d mean broadcasts. Float64 gradcheck of input and the
+    1x1 weights."""
+    from mpnn.core import conv as conv_module
+    from mpnn.core import conv_weight_cache
+    from mpnn.core.conv_pointwise import Pointwise
+
+    monkeypatch.setattr(conv_module, "_POINTWISE_MIN_POSITIONS", 1)
+    monkeypatch.setattr(conv_module, "_WINOGRAD_MIN_CHANNELS", 1)
+    conv_weight_cache.clear()
+    strides = []
+    original = Pointwise.backward
+
+    def spy(self, *args):
+        strides.append(args[0][2:4])
+        return original(self, *args)
+
+    monkeypatch.setattr(Pointwise, "backward", spy)
+    rng = np.random.default_rng(17)
+
+    def tensor(*shape, scale=1.0, grad=True):
+        return mpnn.tensor(rng.standard_normal(shape) * scale, dtype=mpnn.float64, requires_grad=grad)
+
+    x = tensor(3, 2, 9, 10)
+    w_in, w_out, w_down = tensor(3, 2, 1, 1, scale=0.5), tensor(2, 3, 1, 1, scale=0.5), tensor(4, 2, 1, 1, scale=0.5)
+    w_mid = tensor(3, 3, 3, 3, scale=0.3, grad=False)  # frozen: its forward never trains it, so U is kept
+    conv = mpnn.nn.functional.conv2d
+
+    def block(x, w_in, w_out, w_down):
+        a = conv(x, w_in)
+        h = conv(a.relu() + a * 0.5, w_mid, padding=1)
+        b = (conv(h, w_out) + x).tanh()
+        return conv(b, w_down, stride=2) + x[:, :1, ::2, 1::2] + b.mean()
+
+    assert gradcheck(block, [x, w_in, w_out, w_down])
+    assert (
+        conv_module.select(
+            conv_module.ConvProblem(x.data, w_mid.data, None, (3, 3, 1, 1, 1, 1, 1, 1, 1), 9, 10, False)
+        ).name
+        == "winograd-f4x4"
+    )
+    assert {(1, 1), (2, 2)} <= set(strides), strides
+    assert conv_weight_cache.info()["hits"] > 0
+    conv_weight_cache.clear()
+
+
 def test_pre_norm_attention_block_with_its_norm_weights_reused():
     """A pre-norm transformer block composed: layer_norm with weight and bias (their gradients summed in the row-sum
     pass), the same weight and bias reused by a second norm deeper in, causal attention over a strided view, a
