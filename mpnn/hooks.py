@@ -51,7 +51,15 @@ class RemovableHandle:
 
 backward_hooks: list = []  # (pre, post) pairs, called around every Tensor.backward
 
-_pending = threading.local()  # per thread: callbacks queued by the backward running on that thread
+
+class _Pending(threading.local):
+    """Per thread: callbacks queued by the backward running on that thread (None: none yet; a class default, so
+    that a read on a thread that never queued one does not raise and catch AttributeError inside getattr)."""
+
+    queue = None
+
+
+_pending = _Pending()
 
 
 def register_backward_hooks(pre=None, post=None) -> RemovableHandle:
@@ -63,7 +71,7 @@ def register_backward_hooks(pre=None, post=None) -> RemovableHandle:
 
 def queue_callback(fn, on_error=None) -> None:
     """Run ``fn()`` when the backward in progress on this thread ends; ``on_error(exc)`` instead if it raises."""
-    queue = getattr(_pending, "queue", None)
+    queue = _pending.queue
     if queue is None:
         queue = _pending.queue = []
     queue.append((fn, on_error))
@@ -71,7 +79,7 @@ def queue_callback(fn, on_error=None) -> None:
 
 def take_queued_callbacks() -> list:
     """The engine's side: the (fn, on_error) pairs queued during this thread's backward, emptied."""
-    queue = getattr(_pending, "queue", None)
+    queue = _pending.queue
     if not queue:
         return []
     _pending.queue = []

@@ -556,6 +556,32 @@ def test_grad_mode_is_thread_local_new_thread_starts_enabled():
     assert seen == {"enabled": True, "records": True}
 
 
+def test_queued_backward_callbacks_are_per_thread():
+    """A callback queued by a backward on one thread runs at the end of that thread's backward, never another's;
+    a thread that never queued one takes nothing (hooks' per-thread queue with a class default)."""
+    from mpnn import hooks
+
+    ran = []
+    taken = {}
+
+    def worker():
+        taken["fresh"] = hooks.take_queued_callbacks()
+        x = mpnn.tensor([1.0, 2.0], requires_grad=True)
+        y = (x * 3).sum()
+        hooks.queue_callback(lambda: ran.append(threading.current_thread().name))
+        y.backward()
+        taken["after"] = hooks.take_queued_callbacks()
+
+    hooks.queue_callback(lambda: ran.append("main"))  # pending on this thread until its next backward
+    th = threading.Thread(target=worker, name="worker")
+    th.start()
+    th.join(10)
+    assert taken == {"fresh": [], "after": []} and ran == ["worker"]
+    x = mpnn.tensor([1.0], requires_grad=True)
+    (x * 2).sum().backward()
+    assert ran == ["worker", "main"] and hooks.take_queued_callbacks() == []
+
+
 # ----- g. 0-d tensors through the tape --------------------------------------------------------------------------
 S2 = sigmoid(2.0)
 ZERO_DIM = [
