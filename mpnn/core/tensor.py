@@ -284,8 +284,8 @@ class Tensor(
     def __index__(self):
         return int(self.data.__index__())
 
-    def __hash__(self):
-        return id(self)
+    # by identity, as object's (tensors are dict keys: optimizer state, hooks); C-level, no Python frame per lookup
+    __hash__ = object.__hash__
 
     def __array__(self, dtype=None, copy=None):
         return self.data if dtype is None else self.data.astype(dtype)
