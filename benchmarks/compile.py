@@ -2,6 +2,7 @@
 
     python benchmarks/compile.py [--model mlp cnn] [--steps 50] [--repeats 15] [--no-torch-compile]
     python benchmarks/compile.py --profile [--model cnn]     # where a replayed step's time goes, kernel by kernel
+    python benchmarks/compile.py --floor                     # the MLP's compiled step against its kernels alone
 
 Each step is the whole recipe on pre-cut batches of 100: zero_grad, forward, cross-entropy, backward, Adam. The four
 variants run interleaved (block of steps of one, then the next, ...), so load on a shared machine hits them alike;
@@ -18,6 +19,11 @@ accumulates).
 ~0.2 us each) and, in a second program whose kernels are all no-ops, the Python and NumPy glue around them; then,
 in a third, each entry of the program (forward forms, each backward form inside the reverse pass, the optimizer
 step) on its own.
+
+--floor runs the MLP's step three ways interleaved: eager, compiled, and its floor: the replay's own kernel calls
+on the same arrays written out as straight-line Python (mlp_floor_step), checked first to train bit for bit as
+the compiled step does. The floor's ratio to eager is the best any replay of these kernels can reach; the compiled
+step's distance from it is what the replay's Python costs.
 """
 
 import os
@@ -27,6 +33,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -137,6 +144,124 @@ def capture_probe(name):
     t_replay, numba_replay = _timed_with_numba(lambda: comp(*mb[1]))
     values = (t_capture, t_eager, t_replay, t_first, numba_capture, numba_replay)
     print(" ".join(f"{v * 1e3:.2f}" for v in values))
+
+
+def mlp_floor_step(model, opt):
+    """The MNIST-1D MLP's training step as the replay runs it (fuse=True), written out as straight-line calls of
+    the same kernels on the model's own arrays: no signature, guards, hooks, .grad tensors, version counts or
+    reverse-pass bookkeeping. What a replay with no Python of its own around its kernels would cost: the floor
+    of mpnn.compile's step time with these kernels (see floor())."""
+    from mpnn.capture.kernels import (
+        ADAM_CHUNK,
+        adam_update_all,
+        bias_add,
+        bias_relu,
+        bias_relu_add,
+        column_sum,
+        cross_entropy_forward,
+        relu_backward_colsum,
+        scale_into,
+    )
+
+    l1, l2, l3 = model.linear1, model.linear2, model.linear3
+    w1, b1, w2, b2, w3, b3 = (t.data for t in (l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias))
+    params = [l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias]
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in params]
+    f32 = np.float32
+    n, hidden = 100, w1.shape[0]
+    a = {k: np.empty((n, hidden), f32) for k in ("o1", "h1", "o2", "r2", "h", "d3", "m2", "dx2", "s", "m1")}
+    logits, grad, d = np.empty((n, 10), f32), np.empty((n, 10), f32), np.empty((n, 10), f32)
+    grads = [np.empty_like(p.data) for p in params]
+    state = [opt.state[p] for p in params]
+    pad = (np.empty(0, f32),) * (-len(params) % ADAM_CHUNK)
+    flat = lambda arrays: tuple(x.reshape(-1) for x in arrays) + pad  # noqa: E731
+    pf, gf = flat([p.data for p in params]), flat(grads)
+    mf, vf = flat([st["exp_avg"] for st in state]), flat([st["exp_avg_sq"] for st in state])
+    group = opt.param_groups[0]
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    hyper = (f32(lr), f32(beta1), f32(beta2), f32(eps), f32(group["weight_decay"]))
+    count = [state[0]["step"]]
+
+    def step(x, y):
+        xd, yd = x.data, y.data
+        np.matmul(xd, w1.T, out=a["o1"])
+        bias_relu(a["o1"], b1, a["h1"])
+        np.matmul(a["h1"], w2.T, out=a["o2"])
+        bias_relu_add(a["o2"], b2, a["r2"], a["h1"], a["h"], False)
+        np.matmul(a["h"], w3.T, out=logits)
+        bias_add(logits, b3)
+        total, labelled, _ = cross_entropy_forward(logits, yd, -100, grad)
+        scale_into(grad.reshape(-1), f32(1.0 / labelled), d.reshape(-1))
+        np.matmul(d, w3, out=a["d3"])
+        np.matmul(d.T, a["h"], out=grads[4])
+        column_sum(d, grads[5])
+        relu_backward_colsum(a["d3"], a["r2"], a["m2"], grads[3])
+        np.matmul(a["m2"], w2, out=a["dx2"])
+        np.matmul(a["m2"].T, a["h1"], out=grads[2])
+        np.add(a["d3"], a["dx2"], out=a["s"])
+        relu_backward_colsum(a["s"], a["h1"], a["m1"], grads[1])
+        np.matmul(a["m1"].T, xd, out=grads[0])
+        count[0] += 1
+        t = count[0]
+        step_size, bc2 = f32(lr / (1.0 - beta1**t)), f32(1.0 / math.sqrt(1.0 - beta2**t))
+        adam_update_all(pf, gf, mf, vf, *hyper, False, False, step_size, bc2, True)
+        return total / labelled
+
+    return step
+
+
+def floor(steps=50, repeats=21):
+    """The MLP's eager, compiled and floor steps (mlp_floor_step) interleaved in one process: how close the
+    replay is to what its kernels alone cost, and the best compiled/eager ratio those kernels allow. First checks
+    that the floor step computes the compiled step's training: 20 steps from the same start, the same parameters."""
+    import mpnn
+
+    batches = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
+
+    def fresh():
+        mpnn.manual_seed(0)
+        model = load_models()["mlp"]()
+        opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = mpnn.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        step(*batches[0])  # Adam's state exists from here on
+        return model, opt, step
+
+    model_c, _, eager_c = fresh()
+    compiled = mpnn.compile(eager_c)
+    compiled(*batches[1])  # the capture: an eager step
+    model_f, opt_f, eager_f = fresh()
+    eager_f(*batches[1])
+    floor_step = mlp_floor_step(model_f, opt_f)
+    for i in range(20):
+        compiled(*batches[i % 10])
+        floor_step(*batches[i % 10])
+    same = all(np.array_equal(pc.data, pf.data) for pc, pf in zip(model_c.parameters(), model_f.parameters()))
+    if not same:  # the same kernels on the same arrays in the same order: anything else is a different step
+        raise SystemExit("mlp floor: the floor step does not train bit for bit as the compiled step: no figures")
+    print("mlp floor: after 20 steps from one start, the compiled and the floor step's parameters are the same bits")
+    eager = fresh()[2]
+    variants = {"mpnn eager": eager, "mpnn compiled": compiled, "floor (kernels only)": floor_step}
+    for fn in variants.values():
+        for i in range(20):
+            fn(*batches[i % 10])
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(*batches[i % 10])
+            times[k].append((time.perf_counter() - t0) / steps)
+    print(f"mlp: median step over {repeats} blocks of {steps} steps, one thread; load {os.getloadavg()[0]:.2f}")
+    for k, v in times.items():
+        ratio = statistics.median([a / b for a, b in zip(v, times["mpnn eager"])])
+        print(f"  {k:22s} {statistics.median(v) * 1e3:7.3f} ms   {ratio:5.3f}x mpnn eager (per block)")
 
 
 PROFILED = {
@@ -305,8 +430,12 @@ def main():
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-torch-compile", action="store_true")
     p.add_argument("--profile", action="store_true", help="where a replayed step's time goes, kernel by kernel")
+    p.add_argument("--floor", action="store_true", help="the MLP's step against its kernels alone (mlp_floor_step)")
     p.add_argument("--capture-probe", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.floor:
+        floor(args.steps, args.repeats)
+        return
     if args.capture_probe:
         capture_probe(args.capture_probe)
         return
