@@ -67,7 +67,8 @@ def data(n=10, batch=100, seed=0):
     ]
 
 
-def mpnn_step(name, compiled):
+def mpnn_training(name):
+    """(model, Adam, the eager step) for an MNIST-1D model, seeded."""
     import mpnn
 
     mpnn.manual_seed(0)
@@ -81,6 +82,13 @@ def mpnn_step(name, compiled):
         opt.step()
         return loss
 
+    return model, opt, step
+
+
+def mpnn_step(name, compiled):
+    import mpnn
+
+    step = mpnn_training(name)[2]
     return mpnn.compile(step) if compiled else step
 
 
@@ -210,26 +218,14 @@ def mlp_floor_step(model, opt):
     return step
 
 
-def floor(steps=50, repeats=21):
-    """The MLP's eager, compiled and floor steps (mlp_floor_step) interleaved in one process: how close the
-    replay is to what its kernels alone cost, and the best compiled/eager ratio those kernels allow. First checks
-    that the floor step computes the compiled step's training: 20 steps from the same start, the same parameters."""
+def floor_trains_alike(batches, steps=20):
+    """(whether the floor step trains bit for bit as the compiled step, the compiled step, the floor step): both
+    from one start (a seeded MLP after one eager step, then the capture on one side and an eager step, which a
+    capture is, on the other), compared after `steps` steps on `batches`."""
     import mpnn
 
-    batches = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
-
     def fresh():
-        mpnn.manual_seed(0)
-        model = load_models()["mlp"]()
-        opt = mpnn.optim.Adam(model.parameters(), lr=1e-2)
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = mpnn.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-
+        model, opt, step = mpnn_training("mlp")
         step(*batches[0])  # Adam's state exists from here on
         return model, opt, step
 
@@ -239,14 +235,25 @@ def floor(steps=50, repeats=21):
     model_f, opt_f, eager_f = fresh()
     eager_f(*batches[1])
     floor_step = mlp_floor_step(model_f, opt_f)
-    for i in range(20):
-        compiled(*batches[i % 10])
-        floor_step(*batches[i % 10])
+    for i in range(steps):
+        compiled(*batches[i % len(batches)])
+        floor_step(*batches[i % len(batches)])
     same = all(np.array_equal(pc.data, pf.data) for pc, pf in zip(model_c.parameters(), model_f.parameters()))
+    return same, compiled, floor_step
+
+
+def floor(steps=50, repeats=21):
+    """The MLP's eager, compiled and floor steps (mlp_floor_step) interleaved in one process: how close the
+    replay is to what its kernels alone cost, and the best compiled/eager ratio those kernels allow. First checks
+    that the floor step computes the compiled step's training (floor_trains_alike), else prints no figures."""
+    import mpnn
+
+    batches = [(mpnn.from_numpy(x), mpnn.from_numpy(y)) for x, y in data()]
+    same, compiled, floor_step = floor_trains_alike(batches)
     if not same:  # the same kernels on the same arrays in the same order: anything else is a different step
         raise SystemExit("mlp floor: the floor step does not train bit for bit as the compiled step: no figures")
     print("mlp floor: after 20 steps from one start, the compiled and the floor step's parameters are the same bits")
-    eager = fresh()[2]
+    eager = mpnn_training("mlp")[2]
     variants = {"mpnn eager": eager, "mpnn compiled": compiled, "floor (kernels only)": floor_step}
     for fn in variants.values():
         for i in range(20):
