@@ -42,3 +42,21 @@ def test_floor_check_sees_a_floor_that_trains_differently(monkeypatch):
     monkeypatch.setattr(compile_bench, "mlp_floor_step", off_by_an_ulp)
     same, _, _ = compile_bench.floor_trains_alike(_batches(), steps=3)
     assert not same
+
+
+def test_matmuls_alone_are_the_floor_steps_matmuls(monkeypatch):
+    """The 'matmuls alone' line times the floor step's products and nothing else: the same operand shapes,
+    strides and output arrays, in the same order, as one floor step makes."""
+    _, _, floor_step = compile_bench.floor_trains_alike(_batches(), steps=1)
+    real, calls = np.matmul, []
+
+    def recording(a, b, out):
+        calls.append((a.shape, a.strides, b.shape, b.strides, id(out)))
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(np, "matmul", recording)
+    x, y = _batches(1)[0]
+    floor_step(x, y)
+    in_step, calls[:] = list(calls), []
+    floor_step.matmuls_only(x, y)
+    assert len(in_step) == 8 and calls == in_step
