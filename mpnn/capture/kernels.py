@@ -143,7 +143,7 @@ def _exp_nonpositive(z):
 @njit(cache=True, error_model="numpy")
 def scale_into(src, s, dst):
     """dst = src * s over flat arrays."""
-    for i in range(src.size):
+    for i in range(src.shape[0]):
         dst[i] = src[i] * s
 
 
@@ -340,7 +340,7 @@ def relu_in_place(a):
     """a = np.maximum(a, 0) over a flat array, relu_forward's bits. relu_forward(a, a) runs its scalar loop (LLVM's
     vector loop is guarded by a no-overlap check, which the same array fails): (50000,) float32 16 -> 2.1 us."""
     zero = a.dtype.type(0)
-    for i in range(a.size):
+    for i in range(a.shape[0]):
         v = a[i]
         a[i] = v if (v > 0 or v != v) else zero
 
@@ -514,7 +514,7 @@ def adam_update_all(
         param, grad, exp_avg, exp_avg_sq = params[k], grads[k], exp_avgs[k], exp_avg_sqs[k]
         one = param.dtype.type(1)
         decay = one - lr * weight_decay
-        for i in range(param.size):
+        for i in range(param.shape[0]):
             p, m, v = adam_moments(param[i], grad[i], exp_avg[i], exp_avg_sq[i], one, decay, beta1, beta2,
                                    weight_decay, decoupled, maximize)  # fmt: skip
             exp_avg[i] = m

@@ -62,7 +62,7 @@ def erf_float32(v):
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_forward_float32(x, out, cdf):
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         c = _HALF32 * (_ONE32 + erf_float32(x[i] * _S32))
         cdf[i] = c
         out[i] = x[i] * c
@@ -70,7 +70,7 @@ def gelu_forward_float32(x, out, cdf):
 
 @njit(cache=True, fastmath=False)
 def gelu_forward_exact(x, out, cdf):
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         c = 0.5 * (1.0 + math.erf(x[i] * _INV_SQRT2))
         cdf[i] = c
         out[i] = x[i] * c
@@ -82,7 +82,7 @@ _NEG_HALF32, _INV_SQRT_2PI32 = np.float32(-0.5), np.float32(_INV_SQRT_2PI)
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_backward_float32(x, g, cdf, out):
     """out = g * (cdf + x * pdf) in one pass, the Gaussian by the attention kernels' vectorising float32 exp."""
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         v = x[i]
         out[i] = g[i] * (cdf[i] + v * exp_f32(_NEG_HALF32 * v * v) * _INV_SQRT_2PI32)
 
@@ -90,26 +90,26 @@ def gelu_backward_float32(x, g, cdf, out):
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_backward(x, g, cdf, gauss, out):
     """gauss holds exp(-x^2 / 2) (from NumPy's SIMD exp); out = g * (cdf + x * pdf)."""
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         out[i] = g[i] * (cdf[i] + x[i] * gauss[i] * _INV_SQRT_2PI)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_tanh_inner(x, inner):
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         v = x[i]
         inner[i] = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_tanh_forward(x, t, out):
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         out[i] = 0.5 * x[i] * (1.0 + t[i])
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_tanh_backward(x, t, g, out):
-    for i in range(x.size):
+    for i in range(x.shape[0]):
         v = x[i]
         dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v)
         out[i] = g[i] * (0.5 * (1.0 + t[i]) + 0.5 * v * (1.0 - t[i] * t[i]) * dinner)
@@ -121,7 +121,7 @@ def relu_forward(a, o):
     runs a mixed-dtype loop that keeps NaNs: ResNet-18's maps at batch 32, float32, one thread, ms, NumPy -> this:
     (64, 32, 32) 0.78 -> 0.25, (256, 8, 8) 0.22 -> 0.05 (torch 0.53, 0.06); (100, 25, 19) 16 -> 8 us."""
     zero = o.dtype.type(0)
-    for i in range(a.size):
+    for i in range(a.shape[0]):
         v = a[i]
         o[i] = v if (v > 0 or v != v) else zero
 
@@ -132,7 +132,7 @@ def relu_backward(g, out, dx):
     come out alike), in one pass without the bool temporary and NumPy's mixed-dtype loop."""
     one = g.dtype.type(1)
     zero = g.dtype.type(0)
-    for i in range(g.size):
+    for i in range(g.shape[0]):
         dx[i] = g[i] * (one if out[i] > 0 else zero)
 
 

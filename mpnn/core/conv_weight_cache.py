@@ -67,10 +67,10 @@ class _Entry:
 def _differ(a, b):
     """Whether the unsigned words a and b differ anywhere (one OR-reduced pass, no early exit, so LLVM
     vectorizes it: 0.25 ms for 9.4 MB against 4.4 ms with an exit test per block of 4096)."""
-    if a.size == 0:
+    if a.shape[0] == 0:
         return False
     d = a[0] ^ b[0]
-    for i in range(1, a.size):
+    for i in range(1, a.shape[0]):
         d |= a[i] ^ b[i]
     return d != 0
 

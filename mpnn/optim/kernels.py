@@ -30,7 +30,7 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, weight_dec
     fp_control = flush_denormals_begin()
     # LLVM vectorizes this loop on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes; one of its flag versions
     # stays scalar there, by the cost model)
-    for i in range(param.size):
+    for i in range(param.shape[0]):
         g = -grad[i] if maximize else grad[i]
         if weight_decay != 0:
             g = g + weight_decay * param[i]
@@ -85,7 +85,7 @@ def adam_update(
     fp_control = flush_denormals_begin()  # see mpnn.core.fpenv: denormal moments cost ~25x here
     # LLVM vectorizes this loop (packed sqrt and div) on x86-64 (8 float32 lanes) and aarch64 (NEON, 4 lanes),
     # except its AMSGrad version (max), scalar on both
-    for i in range(param.size):
+    for i in range(param.shape[0]):
         p, m, v = adam_moments(param[i], grad[i], exp_avg[i], exp_avg_sq[i], one, decay, beta1, beta2, weight_decay,
                                decoupled, maximize)  # fmt: skip
         exp_avg[i] = m
