@@ -1,5 +1,6 @@
 """Numba kernels written for flat arrays stay inside the arrays they are given: one handed a 2-d array (a contract
-slip by a caller) either computes row by row or fails to compile, never writes past its last row. Numba checks no
+slip by a caller) either computes row by row or refuses it (at compile time or at its first row), never writes past
+its last row. Numba checks no
 bounds: a loop over `x.size` indexing rows wrote size - rows rows beyond the array (heap corruption, then crashes
 elsewhere). Each 2-d array here is the head of a larger one whose tail rows hold a sentinel."""
 
@@ -14,11 +15,10 @@ from mpnn.optim import kernels as optim_kernels
 ROWS, COLS, SENTINEL = 3, 4, 7.25
 
 
-def _head(values=None):
-    """A (ROWS, COLS) float32 view over the first rows of a (ROWS * COLS + ROWS, COLS) array of sentinels."""
+def _head(values):
+    """(base, head): `values` as the first ROWS rows of a (ROWS * COLS + ROWS, COLS) float32 array of sentinels."""
     base = np.full((ROWS * COLS + ROWS, COLS), SENTINEL, np.float32)
-    if values is not None:
-        base[:ROWS] = values
+    base[:ROWS] = values
     return base, base[:ROWS]
 
 
